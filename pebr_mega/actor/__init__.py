@@ -1,0 +1,1 @@
+"""The training actor: Megatron forward/backward, log-probs, optimizer."""

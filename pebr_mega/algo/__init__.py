@@ -1,0 +1,1 @@
+"""GRPO math in plain torch: advantages, KL estimators, policy loss, aggregation (the reference)."""

@@ -1,0 +1,1 @@
+"""HF <-> Megatron name/shard mapping; distributed checkpoint save/load."""

@@ -1,0 +1,114 @@
+"""The `pebr` command: thin subcommands over the library.
+
+Each subcommand is an `_add_<name>` function that declares its arguments and a handler that imports the
+library lazily (so `pebr --help` is fast) and returns an exit code. Library errors that are the user's to fix
+(`ConfigError`, `DataError`, ...) are printed as one line and exit with status 2, never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UserError(Exception):
+    """An error the user can fix (bad path, bad config); printed without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------- tiny-model
+def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tiny-model", help="build a tiny Qwen2.5-VL in HF format, offline",
+                       description="Build a tiny Qwen2.5-VL (config, safetensors, tokenizer trained locally, "
+                                   "image processor, generation config) that loads with transformers offline.")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden-size", type=int, default=None)
+    p.add_argument("--intermediate-size", type=int, default=None)
+    p.add_argument("--layers", type=int, default=None, help="language model layers")
+    p.add_argument("--heads", type=int, default=None, help="attention heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA groups)")
+    p.add_argument("--vision-depth", type=int, default=None)
+    p.add_argument("--vision-window-size", type=int, default=None, help="window attention size in pixels")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary size before special tokens")
+    p.add_argument("--tie-embeddings", action="store_true", help="tie lm_head to the token embedding")
+    p.set_defaults(handler=_cmd_tiny_model)
+
+
+def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
+    from pebr_mega.data.corpus import tokenizer_corpus
+
+    cfg = TinyModelConfig(seed=args.seed, tie_word_embeddings=args.tie_embeddings)
+    for arg, name in [("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
+                      ("layers", "num_layers"), ("heads", "num_heads"), ("kv_heads", "num_kv_heads"),
+                      ("vision_depth", "vision_depth"), ("vision_window_size", "vision_window_size"),
+                      ("vocab_size", "vocab_size")]:
+        if getattr(args, arg) is not None:
+            setattr(cfg, name, getattr(args, arg))
+    try:
+        out = build_tiny_model(args.out, cfg, tokenizer_corpus())
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote tiny Qwen2.5-VL to {out} ({count_parameters(out) / 1e6:.2f} M parameters)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- config
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="print the resolved configuration",
+                       description="Load a YAML config, apply key=value overrides and print the result.")
+    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.set_defaults(handler=_cmd_config)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from pebr_mega.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_tiny_model,
+    _add_config,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `pebr` argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="pebr", description="PeBR-R1 on Megatron-Core: SFT, sampling, "
+                                     "two-stage GRPO for Qwen2.5-VL, checkpoints and tools.")
+    from pebr_mega import __version__
+
+    parser.add_argument("--version", action="version", version=f"pebr-mega {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `pebr` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 1
+    from pebr_mega.config import ConfigError
+
+    try:
+        return int(args.handler(args) or 0)
+    except (UserError, ConfigError, FileNotFoundError) as e:
+        print(f"pebr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pebr {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

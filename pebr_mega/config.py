@@ -1,0 +1,128 @@
+"""The configuration tree: dataclasses, loaded from YAML plus `key=value` overrides.
+
+Each component owns its config dataclass in its own module and is handed only that; this module only
+composes them into the root `PebrConfig` and validates what the user wrote:
+
+- an unknown key is an error naming the key and the keys that are valid at that level;
+- a value of the wrong type is an error naming the key, the value and the expected type;
+- a field declared with ``field(metadata={"choices": [...]})`` must take one of those values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value the user wrote is invalid; the message names the key."""
+
+
+def choice(default: Any, choices: Sequence[Any], help: str = "") -> Any:
+    """A dataclass field restricted to `choices` (validated by `load_config`)."""
+    return field(default=default, metadata={"choices": tuple(choices), "help": help})
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it is seeded."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = choice("auto", ["auto", "cpu", "cuda"], "where tensors live; auto = cuda when present")
+
+
+def _root_schema() -> type:
+    # Imported here so that `pebr --help` stays fast and components stay importable on their own.
+
+    @dataclass
+    class PebrConfig:
+        """The root of the tree; every section is one component's own config."""
+
+        run: RunConfig = field(default_factory=RunConfig)
+
+    return PebrConfig
+
+
+def _valid_keys(schema: Any, dotted: str) -> list[str]:
+    node = schema
+    for part in [p for p in dotted.split(".")[:-1] if p]:
+        node = getattr(node, part, None)
+        if node is None:
+            return []
+    if dataclasses.is_dataclass(node):
+        return [f.name for f in dataclasses.fields(node)]
+    return []
+
+
+def _check_choices(obj: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"config key '{key}' = {value!r} is not one of {list(choices)}")
+        if dataclasses.is_dataclass(value):
+            _check_choices(value, key + ".")
+
+
+def _raise_readable(err: OmegaConfBaseException, schema_obj: Any, source: str) -> None:
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError):
+        valid = _valid_keys(schema_obj, key)
+        near = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ConfigError(f"unknown config key '{key}' in {source}{hint}; valid keys here: {valid}") from None
+    if isinstance(err, ValidationError):
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"config key '{key}' in {source}: {first}") from None
+    raise ConfigError(f"config error at '{key}' in {source}: {str(err).splitlines()[0]}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type | None = None) -> Any:
+    """Load `schema` (default: the root `PebrConfig`) from an optional YAML file, then apply overrides.
+
+    Overrides are `dotted.key=value` strings, applied in order after the file.
+    """
+    schema = schema or _root_schema()
+    base = OmegaConf.structured(schema)
+    layers: list[tuple[Any, str]] = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            layers.append((OmegaConf.load(p), str(p)))
+        except Exception as e:  # yaml errors come in several classes
+            raise ConfigError(f"cannot parse config file {p}: {e}") from None
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override '{ov}' is not of the form key=value")
+        layers.append((OmegaConf.from_dotlist([ov]), f"override '{ov}'"))
+    merged = base
+    schema_obj = schema()
+    for layer, source in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as e:
+            _raise_readable(e, schema_obj, source)
+    cfg = OmegaConf.to_object(merged)
+    _check_choices(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain dicts and lists (for printing, saving next to a run, or wandb)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    """The config as YAML text."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,1 @@
+"""Rewards: format, accuracy, keyword, CLIP alignment, length, and the stage presets."""

@@ -1,0 +1,1 @@
+"""Rollout engines (SGLang on GPU, HF generate on CPU) and weight sync."""

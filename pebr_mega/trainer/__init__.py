@@ -1,0 +1,1 @@
+"""Trainers: one GRPO stage, SFT, and the whole recipe."""

@@ -1,0 +1,58 @@
+"""Packaging for pebr-mega.
+
+`kernels/` is installed as `pebr_mega.kernels`: a top-level `kernels` package would collide with the
+unrelated `kernels` distribution on PyPI.
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    "torch>=2.4",
+    "transformers>=4.57",
+    "megatron-core>=0.16",
+    "triton>=3.4",
+    "safetensors>=0.4",
+    "tokenizers>=0.21",
+    "pillow>=10.0",
+    "numpy>=1.26",
+    "omegaconf>=2.3",
+    "pyyaml>=6.0",
+    # MathRuler imports pylatexenc and sympy without declaring them.
+    "mathruler>=0.1.0",
+    "pylatexenc>=2.10",
+    "sympy>=1.12",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "wandb>=0.18",
+    # Megatron's async checkpoint writer needs psutil; einops is used by megatron-core's vision code.
+    "psutil>=5.9",
+    "einops>=0.7",
+]
+
+EXTRAS = {
+    # nvidia-dali-cuda130 is for CUDA 13 drivers; use nvidia-dali-cuda120 on CUDA 12 (see README).
+    "gpu": [
+        "transformer-engine[pytorch]>=2.0",
+        "sglang>=0.5",
+        "nvidia-dali-cuda130>=1.50",
+        "flash-attn>=2.6",
+    ],
+    "dali-cuda120": ["nvidia-dali-cuda120>=1.50"],
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "nvidia-dali-cuda120>=1.50"],
+}
+
+packages = find_packages(include=["pebr_mega", "pebr_mega.*"]) + ["pebr_mega.kernels"]
+
+setup(
+    name="pebr-mega",
+    version="0.1.0",
+    description="Megatron-scale trainer for the PeBR-R1 recipe (Perception Before Reasoning) on Qwen2.5-VL",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"pebr_mega.kernels": "kernels"},
+    package_data={"pebr_mega": ["configs/*.yaml"]},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["pebr=pebr_mega.cli:main"]},
+)

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny model built once per session, offline, on CPU."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The default tiny Qwen2.5-VL (untied embeddings), built once per test session."""
+    from pebr_mega.data.corpus import tokenizer_corpus
+    from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), TinyModelConfig(seed=0), tokenizer_corpus())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_alt(tmp_path_factory) -> Path:
+    """A differently shaped tiny model: other head counts, KV groups, window size, tied embeddings."""
+    from pebr_mega.data.corpus import tokenizer_corpus
+    from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model
+
+    cfg = TinyModelConfig(seed=1, hidden_size=96, intermediate_size=160, num_layers=3, num_heads=6,
+                          num_kv_heads=3, tie_word_embeddings=True, vision_depth=3, vision_heads=4,
+                          vision_hidden_size=48, vision_window_size=112, vision_fullatt_blocks=[0, 2])
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_alt"), cfg, tokenizer_corpus())
