@@ -6,6 +6,25 @@ from pathlib import Path
 
 import pytest
 
+# `kernels/` is installed as `pebr_mega.kernels` through setup.py's package_dir. When another checkout of this
+# repository is the one pip-installed in editable mode (git worktrees), that mapping would point there: bind
+# `pebr_mega.kernels` to this checkout's folder so the tests always exercise the code beside them.
+_ROOT = Path(__file__).resolve().parents[1]
+if (_ROOT / "kernels" / "__init__.py").is_file():
+    import importlib.util
+    import sys
+
+    import pebr_mega
+
+    if Path(pebr_mega.__file__).resolve().parent == _ROOT / "pebr_mega":
+        _spec = importlib.util.spec_from_file_location(
+            "pebr_mega.kernels", _ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(_ROOT / "kernels")]
+        )
+        _mod = importlib.util.module_from_spec(_spec)
+        sys.modules["pebr_mega.kernels"] = _mod
+        _spec.loader.exec_module(_mod)
+        pebr_mega.kernels = _mod
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
