@@ -98,11 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 1
-    from pebr_mega.config import ConfigError
+    from pebr_mega.errors import PebrError
 
     try:
         return int(args.handler(args) or 0)
-    except (UserError, ConfigError, FileNotFoundError) as e:
+    except (UserError, PebrError, FileNotFoundError) as e:
         print(f"pebr {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

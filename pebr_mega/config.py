@@ -21,7 +21,10 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+from pebr_mega.errors import PebrError
+
+
+class ConfigError(PebrError, ValueError):
     """A configuration value the user wrote is invalid; the message names the key."""
 
 
