@@ -1,0 +1,178 @@
+"""Metrics: a progress bar with ETA, one readable console line per step, `metrics.jsonl`, wandb, plots.
+
+`MetricsLogger` is the only sink trainers write to. wandb is optional: `mode: disabled` (default),
+`offline` (writes a local run directory, needs no network, sync later with `wandb sync`) or `online`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from pebr_mega.config import choice
+from pebr_mega.errors import BackendUnavailableError
+
+# The keys shown on the console line, in order, with their format; everything goes to metrics.jsonl.
+CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
+    ("reward/mean", "reward {:.3f}"),
+    ("reward/accuracy", "acc {:.3f}"),
+    ("loss", "loss {:.4f}"),
+    ("kl", "kl {:.4f}"),
+    ("entropy", "ent {:.3f}"),
+    ("clip_frac", "clip {:.3f}"),
+    ("grad_norm", "gnorm {:.3f}"),
+    ("response_length/mean", "len {:.0f}"),
+    ("tokens_per_s", "{:.0f} tok/s"),
+    ("time/step", "{:.1f}s/step"),
+)
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go."""
+
+    wandb_mode: str = choice("disabled", ["disabled", "offline", "online"])
+    wandb_project: str = "pebr-mega"
+    wandb_run_name: str = ""
+    progress_bar: bool = True
+    console_every: int = 1
+    extra_console_keys: list[str] = field(default_factory=list)
+
+
+def format_metrics_line(step: int, total: int | None, metrics: Mapping[str, Any], extra_keys: Sequence[str] = ()) -> str:
+    """One readable line: `step 3/10 | reward 0.512 | acc 0.375 | ...` with the keys that are present."""
+    head = f"step {step}/{total}" if total else f"step {step}"
+    parts = [head]
+    for key, fmt in CONSOLE_KEYS:
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            parts.append(fmt.format(v))
+    for key in extra_keys:
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.4g}" if isinstance(metrics[key], float) else f"{key} {metrics[key]}")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Writes each step's metrics to the console, `run_dir/metrics.jsonl` and wandb when enabled."""
+
+    def __init__(self, cfg: LoggingConfig, run_dir: str | Path, total_steps: int | None = None,
+                 run_config: Mapping[str, Any] | None = None, desc: str = "train", resume: bool = False,
+                 start_step: int = 0) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.total = total_steps
+        self.path = self.run_dir / "metrics.jsonl"
+        if not resume and self.path.exists():
+            self.path.unlink()
+        self._file = self.path.open("a", encoding="utf-8")
+        self._t0 = time.time()
+        self._bar = None
+        if cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, file=sys.stderr)
+        self._wandb = self._init_wandb(run_config) if cfg.wandb_mode != "disabled" else None
+
+    def _init_wandb(self, run_config: Mapping[str, Any] | None):
+        try:
+            import wandb
+        except ImportError as e:
+            raise BackendUnavailableError(f"logging.wandb_mode={self.cfg.wandb_mode} but wandb does not import "
+                                          f"({e}); pip install wandb") from None
+        return wandb.init(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name or None,
+                          mode=self.cfg.wandb_mode, dir=str(self.run_dir), config=dict(run_config or {}),
+                          reinit="finish_previous")
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Record one step's metrics (numbers; non-finite values are written as null)."""
+        clean = {k: _jsonable(v) for k, v in metrics.items()}
+        self._file.write(json.dumps({"step": step, "wall": round(time.time() - self._t0, 3), **clean}) + "\n")
+        self._file.flush()
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
+        line = format_metrics_line(step, self.total, metrics, self.cfg.extra_console_keys)
+        if self._bar is not None:
+            self._bar.update(1)
+            if step % max(1, self.cfg.console_every) == 0:
+                self._bar.write(line)
+        elif step % max(1, self.cfg.console_every) == 0:
+            print(line, flush=True)
+
+    def message(self, text: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        """Flush and close every sink."""
+        if self._bar is not None:
+            self._bar.close()
+        self._file.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _jsonable(v: Any) -> Any:
+    if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file; a torn last line (a crash mid-write) is skipped."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+DEFAULT_PLOT_KEYS = ("reward/mean", "reward/accuracy", "response_length/mean", "kl", "entropy", "grad_norm")
+
+
+def plot_metrics(metrics_files: Iterable[str | Path], out_png: str | Path, keys: Sequence[str] = DEFAULT_PLOT_KEYS,
+                 labels: Sequence[str] | None = None) -> Path:
+    """Draw each key's curve against step (one panel per key, one line per file) into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = [Path(f) for f in metrics_files]
+    runs = [read_metrics(f) for f in files]
+    present = [k for k in keys if any(k in r for rows in runs for r in rows)]
+    if not present:
+        raise ValueError(f"none of the keys {list(keys)} appear in {[str(f) for f in files]}")
+    cols = min(3, len(present))
+    rows_n = math.ceil(len(present) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.2 * rows_n), squeeze=False)
+    for ax, key in zip(axes.flat, present):
+        for i, rows in enumerate(runs):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                label = labels[i] if labels else files[i].parent.name
+                ax.plot(*zip(*pts), marker=".", label=label)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    if len(files) > 1:
+        axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out_png)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

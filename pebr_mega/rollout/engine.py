@@ -1,0 +1,80 @@
+"""The rollout-engine contract, and the choice of backend.
+
+Every engine (SGLang on GPU, transformers `generate` on CPU or GPU) implements `RolloutEngine`. Trainers see
+only this protocol; the weight-sync path (`weight_sync.py`) produces the buckets `update_weights` takes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
+
+import torch
+
+from pebr_mega.config import choice
+from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
+
+WeightBucket = list[tuple[str, torch.Tensor]]
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """Generates n samples per request and takes fresh weights by HF checkpoint name."""
+
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> list[Sample]:
+        """Return `sampling.n` samples per request, grouped by request, in request order."""
+        ...
+
+    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        """Load weights given as buckets of (HF checkpoint name, full tensor)."""
+        ...
+
+    def release_memory(self) -> None:
+        """Free the engine's GPU memory (weights and KV cache) while training runs; no-op where meaningless."""
+        ...
+
+    def resume_memory(self) -> None:
+        """Take the memory back before the next rollout; no-op where meaningless."""
+        ...
+
+
+@dataclass
+class RolloutConfig:
+    """Which engine generates, and how (the rollout-time settings of PEBR_FACTS are the defaults)."""
+
+    engine: str = choice("auto", ["auto", "hf", "sglang"], "auto = sglang when installed with CUDA, else hf")
+    n: int = 8
+    temperature: float = 1.2
+    top_p: float = 0.99
+    top_k: int = -1
+    max_new_tokens: int = 2048
+    val_temperature: float = 0.5
+    val_n: int = 1
+    batch_size: int = 64  # prompts per generate call of the HF engine
+    weight_bucket_mb: int = 512
+    # SGLang's own server arguments, passed through unchanged (e.g. {"mem_fraction_static": 0.6}).
+    sglang_args: dict = field(default_factory=dict)
+    sglang_tp_size: int = 1
+
+    def sampling(self, stop_token_ids: Sequence[int], seed: int | None = None, validation: bool = False) -> SamplingParams:
+        """The SamplingParams for training rollouts, or for validation when `validation`."""
+        return SamplingParams(
+            n=self.val_n if validation else self.n,
+            temperature=self.val_temperature if validation else self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            stop_token_ids=list(stop_token_ids),
+            seed=seed,
+        )
+
+
+def group_samples(samples: Sequence[Sample]) -> Iterator[list[Sample]]:
+    """Yield consecutive runs of samples that answer the same record (the GRPO groups)."""
+    group: list[Sample] = []
+    for s in samples:
+        if group and s.record_id != group[0].record_id:
+            yield group
+            group = []
+        group.append(s)
+    if group:
+        yield group
