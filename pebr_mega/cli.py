@@ -71,10 +71,41 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- plot
+def _add_plot(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plot", help="draw a run's metric curves to PNG",
+                       description="Read RUN_DIR/metrics.jsonl (several run dirs overlay) and write a PNG.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/curves.png of the first run)")
+    p.add_argument("--keys", nargs="*", default=None, help="metric keys to draw")
+    p.set_defaults(handler=_cmd_plot)
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pebr_mega.logging import DEFAULT_PLOT_KEYS, plot_metrics
+
+    files = []
+    for d in args.run_dirs:
+        f = Path(d) / "metrics.jsonl" if Path(d).is_dir() else Path(d)
+        if not f.is_file():
+            raise UserError(f"no metrics.jsonl in {d}")
+        files.append(f)
+    out = args.out or str(files[0].parent / "curves.png")
+    try:
+        png = plot_metrics(files, out, args.keys or DEFAULT_PLOT_KEYS)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote {png}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_tiny_model,
     _add_config,
+    _add_plot,
 ]
 
 

@@ -7,7 +7,7 @@ composes them into the root `PebrConfig` and validates what the user wrote:
 - a value of the wrong type is an error naming the key, the value and the expected type;
 - a field declared with ``field(metadata={"choices": [...]})`` must take one of those values.
 """
-from __future__ import annotations
+# No `from __future__ import annotations`: OmegaConf resolves the root schema's field types at run time.
 
 import dataclasses
 import difflib
@@ -44,12 +44,15 @@ class RunConfig:
 
 def _root_schema() -> type:
     # Imported here so that `pebr --help` stays fast and components stay importable on their own.
-
+    from pebr_mega.logging import LoggingConfig
+    from pebr_mega.rollout.engine import RolloutConfig
     @dataclass
     class PebrConfig:
         """The root of the tree; every section is one component's own config."""
 
         run: RunConfig = field(default_factory=RunConfig)
+        rollout: RolloutConfig = field(default_factory=RolloutConfig)
+        logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     return PebrConfig
 

@@ -1,0 +1,52 @@
+"""Metrics logger: one readable line per step, metrics.jsonl, plots, wandb offline without network."""
+from __future__ import annotations
+
+import json
+import math
+
+from pebr_mega.logging import LoggingConfig, MetricsLogger, format_metrics_line, plot_metrics, read_metrics
+
+
+def test_line_shows_present_keys_in_order():
+    line = format_metrics_line(3, 10, {"loss": 0.25, "reward/mean": 0.5, "kl": float("nan"), "time/step": 2.0})
+    assert line == "step 3/10 | reward 0.500 | loss 0.2500 | 2.0s/step"
+
+
+def test_jsonl_written_and_torn_line_skipped(tmp_path, capsys):
+    log = MetricsLogger(LoggingConfig(progress_bar=False), tmp_path, total_steps=2)
+    log.log(1, {"reward/mean": 0.1, "kl": float("inf")})
+    log.log(2, {"reward/mean": 0.3})
+    log.close()
+    out = capsys.readouterr().out
+    assert "step 1/2 | reward 0.100" in out and "step 2/2 | reward 0.300" in out
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "rew')
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl"] is None
+
+
+def test_resume_appends_and_fresh_run_truncates(tmp_path):
+    for resume, expect in ((False, 1), (True, 2), (False, 1)):
+        log = MetricsLogger(LoggingConfig(progress_bar=False), tmp_path, resume=resume)
+        log.log(1, {"loss": 1.0})
+        log.close()
+        assert len(read_metrics(tmp_path / "metrics.jsonl")) == expect
+
+
+def test_plot_writes_png(tmp_path):
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": scale * math.sin(s)}) + "\n"
+                                                 for s in range(5)))
+    png = plot_metrics([tmp_path / "a" / "metrics.jsonl", tmp_path / "b" / "metrics.jsonl"], tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_wandb_offline_writes_local_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    log = MetricsLogger(LoggingConfig(wandb_mode="offline", progress_bar=False), tmp_path, run_config={"x": 1})
+    log.log(1, {"loss": 0.5})
+    log.close()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
