@@ -1,0 +1,84 @@
+"""Training checkpoints on disk: atomic saves, keep-last-M pruning, finding the newest complete one.
+
+A checkpoint is a directory `step_<N>/` under the run's `checkpoints/` folder. It is written as
+`.tmp-step_<N>/` and renamed into place only when everything inside is written, and a `COMPLETE` marker
+is the last file written before the rename, so a crash mid-save leaves only a temporary directory (removed
+at the next save) and never corrupts or hides the last good checkpoint. What goes inside (the actor's
+distributed checkpoint, the trainer state: step, data position, RNG states) is the caller's business.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from pebr_mega.errors import CheckpointError
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+COMPLETE = "COMPLETE"
+
+
+class CheckpointManager:
+    """Manages `root/step_<N>` checkpoint directories of one run."""
+
+    def __init__(self, root: str | Path, keep_last: int = 2) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self.root = Path(root)
+        self.keep_last = keep_last
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for p in self.root.iterdir():
+            m = _STEP_DIR.match(p.name)
+            if m and (p / COMPLETE).is_file():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint directory, or None."""
+        steps = self.steps()
+        return self.path(steps[-1]) if steps else None
+
+    def path(self, step: int) -> Path:
+        """Directory of the checkpoint of `step` (whether or not it exists)."""
+        return self.root / f"step_{step}"
+
+    def save(self, step: int, write: Callable[[Path], None], meta: dict | None = None) -> Path:
+        """Call `write(tmp_dir)` to fill a fresh directory, then publish it atomically as `step_<step>`."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = self.root / f".tmp-step_{step}"
+        tmp.mkdir()
+        write(tmp)
+        (tmp / COMPLETE).write_text(json.dumps({"step": step, **(meta or {})}) + "\n")
+        final = self.path(step)
+        if final.exists():
+            # Re-saving a step (e.g. after a resume): move the old one aside first so that a crash between
+            # the two renames still leaves one complete copy.
+            old = self.root / f".old-step_{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for step in self.steps()[: -self.keep_last]:
+            shutil.rmtree(self.path(step), ignore_errors=True)
+
+    def require(self, path: str | Path) -> Path:
+        """Validate a checkpoint directory given by the user; CheckpointError if it is not complete."""
+        p = Path(path)
+        if not (p / COMPLETE).is_file():
+            raise CheckpointError(f"{p} is not a complete checkpoint (no {COMPLETE} marker)")
+        return p
