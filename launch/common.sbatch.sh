@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Shared body of the pebr_*.sbatch scripts: one torchrun per node under srun, rendezvous on the first node.
+# Expects SUBCOMMAND and CONFIG; extra key=value overrides come from the sbatch command line ("$@").
+set -euo pipefail
+: "${SUBCOMMAND:?}" "${CONFIG:?}"
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+NNODES=${SLURM_JOB_NUM_NODES:-1}
+HEAD=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1 || hostname)
+PORT=${MASTER_PORT:-29500}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8} CUDA_DEVICE_MAX_CONNECTIONS=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+cmd=(torchrun --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --rdzv-backend c10d
+     --rdzv-endpoint "$HEAD:$PORT" --rdzv-id "${SLURM_JOB_ID:-local}"
+     -m pebr_mega "$SUBCOMMAND" --config "$CONFIG" "$@")
+if [[ "${DRY_RUN:-0}" != 0 ]]; then
+  echo "srun --ntasks-per-node 1 ${cmd[*]}"
+  exec python3 -m pebr_mega config --config "$CONFIG" "$@"
+fi
+exec srun --ntasks-per-node 1 --kill-on-bad-exit=1 "${cmd[@]}"

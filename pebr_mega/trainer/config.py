@@ -1,0 +1,90 @@
+"""Settings of the trainers: one GRPO stage, the SFT warm-up, sampling, and the whole recipe.
+
+Stage-dependent upstream values are `None` by default and resolved by `resolve_stage_defaults`:
+stage 1 uses 560 prompts per rollout step and 112 per update (5 updates), 1 epoch; stage 2 uses
+512 and 128 (4 updates), 2 epochs (PEBR_FACTS).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from pebr_mega.config import choice
+
+STAGE_DEFAULTS = {
+    "stage1": {"rollout_batch_size": 560, "mini_batch_size": 112, "epochs": 1},
+    "stage2": {"rollout_batch_size": 512, "mini_batch_size": 128, "epochs": 2},
+}
+
+
+@dataclass
+class GRPOTrainerConfig:
+    """One GRPO stage: data sizes, epochs, checkpointing and evaluation."""
+
+    stage: str = choice("stage1", ["stage1", "stage2"])
+    init_model: str = ""  # HF dir or Megatron checkpoint the stage starts from (also the frozen reference)
+    train_file: str = ""  # GRPO records (easycase.json for stage 1, mediumcase.json for stage 2)
+    rollout_batch_size: Optional[int] = None  # prompts per rollout step
+    mini_batch_size: Optional[int] = None  # prompts per optimizer update
+    ppo_epochs: int = 1
+    epochs: Optional[int] = None
+    max_steps: int = -1  # -1 = floor(#prompts / rollout_batch_size) x epochs
+    shuffle: bool = True
+    save_every: int = 50
+    keep_last: int = 2
+    eval_every: int = 0  # 0 = only before and after
+    eval_file: str = ""
+    eval_max_samples: int = 0  # 0 = all
+    skip_nonfinite: bool = True
+
+    def resolved(self) -> "GRPOTrainerConfig":
+        """A copy with the stage's upstream values filled where the user left `None`."""
+        import dataclasses
+
+        values = {k: v for k, v in STAGE_DEFAULTS[self.stage].items() if getattr(self, k) is None}
+        return dataclasses.replace(self, **values)
+
+
+@dataclass
+class SFTConfig:
+    """The SFT warm-up (upstream: full fine-tune, lr 1e-5, warmup 0.1, cosine, 2 epochs, cutoff 4096)."""
+
+    init_model: str = ""
+    train_file: str = ""
+    lr: float = 1e-5
+    warmup_ratio: float = 0.1
+    lr_schedule: str = choice("cosine", ["constant", "cosine", "linear"])
+    epochs: int = 2
+    cutoff_len: int = 4096
+    batch_size: int = 32  # conversations per optimizer step
+    freeze_vision: bool = True
+    freeze_projector: bool = True
+    save_every: int = 0
+    keep_last: int = 1
+
+
+@dataclass
+class SampleConfig:
+    """Difficulty sampling: n answers per GRPO question with the warm-up model."""
+
+    model: str = ""
+    dataset: str = ""
+    output: str = ""  # rollouts JSONL (overwritten, never appended)
+    n: int = 8
+    temperature: float = 1.2
+    top_p: float = 0.99
+    batch_size: int = 64
+    correct_threshold: float = 1.0
+
+
+@dataclass
+class PipelineConfig:
+    """The whole recipe: sft -> sample -> split -> stage 1 -> stage 2 -> export, in one work directory."""
+
+    work_dir: str = "runs/pipeline"
+    base_model: str = ""
+    sft_file: str = ""
+    grpo_file: str = ""
+    eval_file: str = ""
+    image_root: str = ""
+    stages: list[str] = field(default_factory=lambda: ["sft", "sample", "split", "stage1", "stage2", "export"])
