@@ -1,0 +1,364 @@
+"""The SGLang rollout engine: SGLang's offline `Engine`, colocated with training, one per rollout-TP group.
+
+In a torchrun job of W ranks with rollout TP size t, ranks [g*t, (g+1)*t) form rollout group g; its first
+rank owns an `sglang.Engine(tp_size=t, base_gpu_id=<its GPU>)` whose t scheduler processes run on the
+group's t GPUs, beside the training processes. Every rank calls `generate` with the same requests: each
+group answers a contiguous share, and the answers are all-gathered so every rank returns the full list.
+
+Written against SGLang's source and docs (see docs/ROLLOUT.md, "What has been executed where"); it has not
+run on a GPU yet. The pure translation functions below are unit-tested on CPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from pebr_mega.errors import BackendUnavailableError, CheckpointError, DataError, PebrError
+from pebr_mega.rollout.engine import RolloutConfig, WeightBucket
+from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
+
+INSTALL_HINT = 'pip install "sglang[all]>=0.5"'
+WEIGHTS = "weights"  # SGLang's memory tags (sglang/srt/constants.py)
+KV_CACHE = "kv_cache"
+OWNED_SERVER_ARGS = ("model_path", "tp_size", "base_gpu_id", "random_seed")
+
+
+@dataclass
+class EngineOutput:
+    """One generated response as it crosses ranks: plain data, no tensors."""
+
+    record_id: str
+    response_ids: list[int]
+    response_text: str
+    finish_reason: str
+    logprobs: list[float]
+
+
+# ---------------------------------------------------------------------------------------- layout (pure)
+def rollout_group_count(world_size: int, tp_size: int) -> int:
+    """Number of rollout groups: every `tp_size` consecutive ranks form one."""
+    if tp_size < 1 or world_size % tp_size:
+        raise ValueError(f"rollout.sglang_tp_size={tp_size} must be >= 1 and divide the world size {world_size}")
+    return world_size // tp_size
+
+
+def shard_bounds(num_requests: int, num_groups: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) request ranges per group; the first `num_requests % num_groups` get one more."""
+    base, extra = divmod(num_requests, num_groups)
+    bounds, start = [], 0
+    for g in range(num_groups):
+        stop = start + base + (1 if g < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+# ------------------------------------------------------------------------------ request translation (pure)
+def sglang_sampling_params(sampling: SamplingParams, seed: int | None) -> dict:
+    """SGLang's per-request `sampling_params` dict (n = 1: we repeat requests to keep the order ours).
+
+    Temperature 0 is passed as is: SGLang turns it into top_k = 1 (greedy). `sampling_seed` only changes
+    sampling with the server argument `enable_deterministic_inference`; the model's EOS ids always stop.
+    """
+    params: dict[str, Any] = {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k if sampling.top_k > 0 else -1,
+        "max_new_tokens": sampling.max_new_tokens,
+        "skip_special_tokens": True,
+    }
+    if sampling.stop_token_ids:
+        params["stop_token_ids"] = [int(t) for t in sampling.stop_token_ids]
+    if seed is not None:
+        params["sampling_seed"] = int(seed)
+    return params
+
+
+def expand_image_pads(prompt_ids: Sequence[int], image_grid_thw: torch.Tensor | None, image_token_id: int,
+                      merge_size: int, where: str = "prompt") -> list[int]:
+    """Prompt ids with one image pad per merged vision token, as SGLang's `processor_output` path needs.
+
+    With `processor_output` image data SGLang keeps our input_ids, finds each image at a contiguous run of
+    pad tokens and builds M-RoPE positions from them, so each run must hold t*h*w/merge^2 pads. Runs that
+    already have that length (our pipeline) pass through; a single pad per image is expanded.
+    """
+    ids = list(prompt_ids)
+    runs: list[tuple[int, int]] = []  # (start, length) of each run of pads
+    for i, tok in enumerate(ids):
+        if tok == image_token_id:
+            if runs and runs[-1][0] + runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((i, 1))
+    expected = [] if image_grid_thw is None else [int(t * h * w) // merge_size ** 2 for t, h, w in image_grid_thw.tolist()]
+    if len(runs) != len(expected):
+        raise DataError(f"{where}: {len(runs)} image-pad runs in the prompt but {len(expected)} images")
+    if all(n == e for (_, n), e in zip(runs, expected)):
+        return ids
+    if all(n == 1 for _, n in runs):
+        for (start, _), e in reversed(list(zip(runs, expected))):
+            ids[start:start + 1] = [image_token_id] * e
+        return ids
+    raise DataError(f"{where}: image-pad runs of lengths {[n for _, n in runs]} match neither the expected "
+                    f"{expected} nor one pad per image")
+
+
+def processor_output(request: RolloutRequest) -> list:
+    """The request's image data for SGLang: one `processor_output` dict holding all its images, or [None]."""
+    if request.pixel_values is None:
+        return [None]
+    # SGLang accepts exactly one processor_output item per request; its tokenizer process ships it to the
+    # scheduler by pickling, so host tensors are the safe form.
+    return [{"format": "processor_output", "pixel_values": request.pixel_values.detach().cpu(),
+             "image_grid_thw": request.image_grid_thw.detach().cpu()}]
+
+
+def generate_inputs(shard: Sequence[RolloutRequest], sampling: SamplingParams, first_index: int,
+                    image_token_id: int, merge_size: int) -> dict:
+    """Keyword arguments of `Engine.generate` for a shard: each request repeated n times, in order.
+
+    Sample k of global request i gets seed `sampling.seed + i*n + k`, so the n samples differ and no two
+    groups share a seed. (SGLang's own `n` would order the batch sample-major; repeating keeps ours.)
+    """
+    input_ids, image_data, params = [], [], []
+    for i, req in enumerate(shard):
+        ids = expand_image_pads(req.prompt_ids, req.image_grid_thw, image_token_id, merge_size, f"record '{req.record_id}'")
+        images = processor_output(req)
+        for k in range(sampling.n):
+            seed = None if sampling.seed is None else sampling.seed + (first_index + i) * sampling.n + k
+            input_ids.append(ids)
+            image_data.append(images)
+            params.append(sglang_sampling_params(sampling, seed))
+    has_images = any(item != [None] for item in image_data)
+    return {"input_ids": input_ids, "image_data": image_data if has_images else None, "sampling_params": params}
+
+
+# ------------------------------------------------------------------------------- output translation (pure)
+def parse_output(out: dict, record_id: str) -> EngineOutput:
+    """Read one `Engine.generate` result: ids and log-probs from meta_info.output_token_logprobs.
+
+    SGLang appends the sampled stop token to the output and records its log-prob, but trims it from
+    "text"; the ids taken from output_token_logprobs therefore include it, as the actor needs (it learns to
+    stop). The log-probs are log softmax(logits / T) of the sampling step, before top-p/top-k.
+    """
+    meta = out["meta_info"]
+    reason = meta.get("finish_reason") or {}
+    kind = reason.get("type")
+    if kind not in ("stop", "length"):
+        raise PebrError(f"SGLang did not finish record '{record_id}': finish_reason={reason!r}")
+    token_logprobs = meta.get("output_token_logprobs")
+    if token_logprobs is None:
+        raise PebrError(f"SGLang returned no output_token_logprobs for record '{record_id}'")
+    ids = [int(entry[1]) for entry in token_logprobs]
+    logprobs = [float(entry[0]) for entry in token_logprobs]
+    matched = reason.get("matched")
+    if kind == "stop" and isinstance(matched, int) and (not ids or ids[-1] != matched):
+        raise PebrError(f"record '{record_id}': SGLang stopped on token {matched} but it is not the last output token")
+    return EngineOutput(record_id, ids, out.get("text", ""), kind, logprobs)
+
+
+def regroup_outputs(requests: Sequence[RolloutRequest], n: int, bounds: Sequence[tuple[int, int]],
+                    outputs_by_group: Sequence[Sequence[EngineOutput] | str | None]) -> list[Sample]:
+    """Samples in request order (n per request) from each group's outputs (or error message) for its shard."""
+    samples: list[Sample] = []
+    for g, ((start, stop), outs) in enumerate(zip(bounds, outputs_by_group, strict=True)):
+        if isinstance(outs, str):
+            raise PebrError(f"rollout group {g} failed to generate: {outs}")
+        if outs is None or len(outs) != (stop - start) * n:
+            got = "none" if outs is None else len(outs)
+            raise PebrError(f"rollout group {g} returned {got} outputs for {stop - start} requests x n={n}")
+        for j, o in enumerate(outs):
+            req = requests[start + j // n]
+            if o.record_id != req.record_id:
+                raise PebrError(f"rollout group {g} answered record '{o.record_id}' where this rank has "
+                                f"'{req.record_id}': generate() must get the same requests on every rank")
+            samples.append(Sample(request=req, index=j % n, response_ids=o.response_ids, response_text=o.response_text,
+                                  finish_reason=o.finish_reason, rollout_logprobs=o.logprobs))
+    return samples
+
+
+def engine_server_args(model_dir: str | Path, tp_size: int, base_gpu_id: int, random_seed: int,
+                       passthrough: dict | None) -> dict:
+    """ServerArgs for `sglang.Engine`: SGLang's own names passed through, plus the four this engine owns."""
+    passthrough = dict(passthrough or {})
+    clash = sorted(set(passthrough) & set(OWNED_SERVER_ARGS))
+    if clash:
+        raise ValueError(f"rollout.sglang_args may not set {clash}: the SGLang engine derives them")
+    # release/resume_memory only free memory with the memory saver on.
+    args = {"enable_memory_saver": True, **passthrough}
+    args.update(model_path=str(model_dir), tp_size=tp_size, base_gpu_id=base_gpu_id, random_seed=random_seed)
+    return args
+
+
+def resume_phases(released: set[str], tags: Sequence[str] | None) -> list[list[str]]:
+    """The `resume_memory_occupation` calls that take back `tags` (None: all released), weights first.
+
+    Only released tags are resumed, so resuming twice is harmless; the weights come in their own call before
+    the rest (KV cache, CUDA graphs) because the weight sync must run between the two (see resume_memory).
+    """
+    wanted = set(released) if tags is None else set(tags) & set(released)
+    phases = [[WEIGHTS]] if WEIGHTS in wanted else []
+    rest = sorted(wanted - {WEIGHTS})
+    return phases + ([rest] if rest else [])
+
+
+def require_sglang():
+    """Import sglang and check for CUDA; raise BackendUnavailableError naming every missing piece."""
+    reasons, sglang = [], None
+    try:
+        import sglang
+    except (ImportError, OSError) as exc:
+        reasons.append(f"the sglang package cannot be imported ({exc})")
+    if not torch.cuda.is_available():
+        reasons.append("no CUDA device is visible (SGLang runs on NVIDIA GPUs only)")
+    if reasons:
+        raise BackendUnavailableError("rollout engine 'sglang' is unavailable: " + "; ".join(reasons) +
+                                      f". Install it with: {INSTALL_HINT} (on a CUDA machine), or set rollout.engine=hf")
+    return sglang
+
+
+def read_vision_ids(model_dir: str | Path) -> tuple[int, int]:
+    """(image pad token id, spatial merge size) from the model's config.json."""
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+        return int(cfg["image_token_id"]), int(cfg["vision_config"]["spatial_merge_size"])
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read image_token_id / vision_config.spatial_merge_size ({exc})") from exc
+
+
+# ------------------------------------------------------------------------------------------------ engine
+class SGLangRolloutEngine:
+    """`RolloutEngine` over SGLang's offline Engine; construct it on every rank of the job."""
+
+    def __init__(self, model_dir: str | Path, tp_size: int = 1, server_args: dict | None = None,
+                 base_gpu_id: int | None = None, seed: int = 0) -> None:
+        sglang = require_sglang()
+        if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true"):
+            raise PebrError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: SGLang would return log-probs before "
+                            "temperature, which the actor does not compare against; unset it")
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if initialized else 0
+        self.world_size = dist.get_world_size() if initialized else 1
+        self.tp_size = tp_size
+        self.num_groups = rollout_group_count(self.world_size, tp_size)
+        self.group = self.rank // tp_size
+        self.image_token_id, self.merge_size = read_vision_ids(model_dir)
+        self.engine = None
+        self._memory_tags = [WEIGHTS, KV_CACHE]
+        self._released: set[str] = set()
+        if self.rank % tp_size == 0:
+            gpu = torch.cuda.current_device() if base_gpu_id is None else base_gpu_id
+            # In a job, a group's GPUs are its ranks' GPUs only if groups do not straddle nodes.
+            if (self.world_size > 1 and gpu % tp_size) or gpu + tp_size > torch.cuda.device_count():
+                raise ValueError(f"rank {self.rank}: a rollout TP group of {tp_size} from GPU {gpu} does not fit the "
+                                 f"{torch.cuda.device_count()} local GPUs; sglang_tp_size must divide GPUs per node")
+            self.gpu = gpu
+            try:  # the tags this SGLang knows (newer ones add cuda_graph, weights_drafter)
+                from sglang.srt.constants import GPU_MEMORY_ALL_TYPES
+                self._memory_tags = list(GPU_MEMORY_ALL_TYPES)
+            except ImportError:
+                pass
+            self.engine = sglang.Engine(**engine_server_args(model_dir, tp_size, gpu, seed + self.group, server_args))
+
+    @classmethod
+    def from_config(cls, model_dir: str | Path, cfg: RolloutConfig, seed: int = 0) -> "SGLangRolloutEngine":
+        """Build from the rollout config section (`sglang_tp_size`, `sglang_args`)."""
+        return cls(model_dir, tp_size=cfg.sglang_tp_size, server_args=cfg.sglang_args, seed=seed)
+
+    def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> list[Sample]:
+        """n samples per request, grouped, in request order, on every rank (call it on all ranks)."""
+        sampling.validate()
+        self._require_resident("generate", self._released)
+        bounds = shard_bounds(len(requests), self.num_groups)
+        mine: list[EngineOutput] | str | None = None
+        if self.engine is not None:
+            start, stop = bounds[self.group]
+            try:
+                mine = self._generate_shard(requests[start:stop], sampling, start)
+            except Exception as exc:
+                if self.world_size == 1:
+                    raise
+                # Sent to every rank instead of raising here, so no rank waits forever in the all-gather.
+                mine = f"{type(exc).__name__}: {exc}"
+        return regroup_outputs(requests, sampling.n, bounds, self._gather(mine))
+
+    def _generate_shard(self, shard: Sequence[RolloutRequest], sampling: SamplingParams, first: int) -> list[EngineOutput]:
+        if not shard:
+            return []
+        inputs = generate_inputs(shard, sampling, first, self.image_token_id, self.merge_size)
+        outs = self.engine.generate(**inputs, return_logprob=True)
+        record_ids = [r.record_id for r in shard for _ in range(sampling.n)]
+        return [parse_output(o, rid) for o, rid in zip(outs, record_ids, strict=True)]
+
+    def _gather(self, mine: list[EngineOutput] | str | None) -> list:
+        if self.world_size == 1:
+            return [mine]
+        everyone: list = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, mine)
+        return [everyone[g * self.tp_size] for g in range(self.num_groups)]
+
+    def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
+        """Load (HF checkpoint name, full tensor) buckets, then flush the prefix cache once.
+
+        Every rank iterates the buckets (the sync path may run collectives while producing them); owners pass
+        each bucket to SGLang, which sends CUDA-IPC handles to its TP schedulers. The call returns after the
+        schedulers have copied the bucket, so the tensors may be freed afterwards.
+        """
+        self._require_resident("update_weights", self._released & {WEIGHTS})
+        for bucket in buckets:
+            if self.engine is None:
+                continue
+            # SGLang's colocated path shares CUDA tensors by IPC handle; host tensors are moved to our GPU.
+            named = [(name, t if t.is_cuda else t.to(f"cuda:{self.gpu}")) for name, t in bucket]
+            ok, message = self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False)
+            if not ok:
+                raise CheckpointError(f"SGLang rejected a weight bucket ({[n for n, _ in named][:3]}...): {message}")
+        if self.engine is not None:
+            self.engine.flush_cache()  # cached prefixes were computed with the old weights
+        self._barrier()
+
+    def release_memory(self) -> None:
+        """Release all of SGLang's GPU memory (weights, KV cache, CUDA graphs) so training can use it."""
+        held = [t for t in self._memory_tags if t not in self._released]
+        if self.engine is not None and held:
+            self.engine.release_memory_occupation(tags=held)
+        self._released = set(self._memory_tags)
+        self._barrier()
+
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Take back the released memory named by `tags` (default: all of it, weights first).
+
+        The trainer splits it: `resume_memory([WEIGHTS])` -> `update_weights` -> `resume_memory()`, so the KV
+        cache is only allocated once the sync buffers are gone. Resumed weights hold garbage until
+        `update_weights` runs (unless SGLang's `enable_weights_cpu_backup` is passed).
+        """
+        phases = resume_phases(self._released, tags)
+        if self.engine is not None:
+            for phase in phases:
+                self.engine.resume_memory_occupation(tags=phase)
+        for phase in phases:
+            self._released -= set(phase)
+        self._barrier()
+
+    def shutdown(self) -> None:
+        """Stop SGLang's subprocesses."""
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def _require_resident(self, what: str, released: set[str]) -> None:
+        # The same state on every rank, so all ranks raise together rather than some waiting in a collective.
+        if released:
+            raise PebrError(f"{what}() while SGLang's {sorted(released)} memory is released: call resume_memory() first")
+
+    def _barrier(self) -> None:
+        # Training ranks share GPUs with the group's SGLang TP schedulers: none may allocate before all are done.
+        if self.world_size > 1:
+            torch.distributed.barrier()
