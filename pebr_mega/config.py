@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -44,13 +45,18 @@ class RunConfig:
 
 def _root_schema() -> type:
     # Imported here so that `pebr --help` stays fast and components stay importable on their own.
+    from pebr_mega.data.images import ImageConfig
 
     @dataclass
     class PebrConfig:
         """The root of the tree; every section is one component's own config."""
 
         run: RunConfig = field(default_factory=RunConfig)
+        images: ImageConfig = field(default_factory=ImageConfig)
 
+    # `from __future__ import annotations` leaves the section types as strings, which OmegaConf resolves in
+    # this module's globals, where the locally imported section classes are not: resolve them here.
+    PebrConfig.__annotations__ = typing.get_type_hints(PebrConfig, localns=locals())
     return PebrConfig
 
 
