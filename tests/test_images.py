@@ -208,3 +208,17 @@ def test_dali_backend_names_the_truncated_file_and_enforces_rules(tmp_path):
         dali.decode_and_preprocess([str(tmp_path / "missing.png")])
     # The decoder recovers after a failed run.
     assert dali.decode_and_preprocess([full]).image_grid_thw.tolist() == [[1, 6, 8]]
+
+
+@pytest.mark.gpu
+def test_dali_backend_on_gpu_matches_its_cpu_pipeline_grid_and_pixels():
+    pytest.importorskip("nvidia.dali")
+    sources = [_encode(_noise(w, h, i)) for i, (w, h) in enumerate(ODD_SIZES)] + [_shapes(173, 101)]
+    cfg = ImageConfig(backend="dali", dali_batch_size=4)
+    gpu = make_image_decoder(cfg)  # auto device: the current GPU, nvJPEG/"mixed" decode
+    out = gpu.decode_and_preprocess(sources)
+    assert out.pixel_values.device.type == "cuda"
+    ref = PilImageDecoder(cfg).decode_and_preprocess(sources)
+    assert torch.equal(out.image_grid_thw.cpu(), ref.image_grid_thw)
+    assert (out.pixel_values.cpu() - ref.pixel_values).abs().mean().item() < DALI_MEAN_ABS_BOUND
+    assert resolve_backend(ImageConfig(backend="auto")) == "dali"
