@@ -98,6 +98,33 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"wrote {png}")
+# ---------------------------------------------------------------------------------------------- synth
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("synth", help="render the synthetic shapes dataset (GRPO, SFT and eval sets)",
+                       description="Render shapes images with counting, colour and CLEVR-style questions: "
+                                   "grpo.json, sft.json (PeBR-format answers), eval.json (held out), images/.")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--num", type=int, default=256, help="GRPO questions (default 256)")
+    p.add_argument("--num-sft", type=int, default=None, help="SFT examples (default: --num)")
+    p.add_argument("--num-eval", type=int, default=None, help="held-out questions (default: max(32, num/4))")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=int, default=112, help="image width in pixels")
+    p.add_argument("--height", type=int, default=112, help="image height in pixels")
+    p.add_argument("--min-objects", type=int, default=1)
+    p.add_argument("--max-objects", type=int, default=6)
+    p.set_defaults(handler=_cmd_synth)
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
+
+    cfg = SynthConfig(num=args.num, num_sft=args.num_sft, num_eval=args.num_eval, seed=args.seed,
+                      width=args.width, height=args.height, min_objects=args.min_objects,
+                      max_objects=args.max_objects)
+    try:
+        print(write_synthetic_dataset(args.out, cfg))
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return 0
 
 
@@ -106,6 +133,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_tiny_model,
     _add_config,
     _add_plot,
+    _add_synth,
 ]
 
 

@@ -46,6 +46,8 @@ def _root_schema() -> type:
     # Imported here so that `pebr --help` stays fast and components stay importable on their own.
     from pebr_mega.logging import LoggingConfig
     from pebr_mega.rollout.engine import RolloutConfig
+    from pebr_mega.data.images import ImageConfig
+
     @dataclass
     class PebrConfig:
         """The root of the tree; every section is one component's own config."""
@@ -53,6 +55,7 @@ def _root_schema() -> type:
         run: RunConfig = field(default_factory=RunConfig)
         rollout: RolloutConfig = field(default_factory=RolloutConfig)
         logging: LoggingConfig = field(default_factory=LoggingConfig)
+        images: ImageConfig = field(default_factory=ImageConfig)
 
     return PebrConfig
 

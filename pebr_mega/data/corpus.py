@@ -1,29 +1,34 @@
 """Text used to train the tiny model's tokenizer: the PeBR template plus the synthetic data's vocabulary.
 
-A byte-level BPE encodes any text; training it on the words the demo uses keeps sequences short.
+A byte-level BPE encodes any text; training it on the sentences the demo uses (the synthetic dataset's own
+prompts and PeBR-format responses, rendered by `pebr_mega.data.synthetic`) keeps sequences short.
 """
 from __future__ import annotations
 
 from typing import Iterator
 
-from pebr_mega.data.template import INSTRUCTION, format_response
+from pebr_mega.data.synthetic import COLORS, SHAPES, WORDS, corpus_texts, plural
+from pebr_mega.data.template import INSTRUCTION, build_prompt_text, format_response
 
-_WORDS = (
-    "red green blue yellow purple orange gray brown cyan white black circle circles square squares "
-    "triangle triangles shape shapes object objects image picture there is are how many what color "
-    "remove all the of and left after removing count counts total difference more than fewer number "
-    "answer question step describe description rationale rationales first then so we have minus plus "
-    "equals is a an in on with which one two three four five six seven eight nine ten zero"
-)
+_GENERIC = ("image picture shape shapes describe description rationale rationales step answer question first "
+            "then so we have plus equals a an with which one two three four five six seven eight nine ten zero")
+
+
+def vocabulary() -> list[str]:
+    """Every word the synthetic data uses, plus a few generic ones, each once."""
+    words = list(COLORS) + list(SHAPES) + [plural(s) for s in SHAPES] + WORDS + _GENERIC.split()
+    return list(dict.fromkeys(words))
 
 
 def tokenizer_corpus() -> Iterator[str]:
-    """Sentences covering the template, the answer format, digits and the synthetic vocabulary."""
-    words = _WORDS.split()
+    """Sentences covering the template, the answer format, digits and the synthetic data's phrasing."""
+    words = vocabulary()
     for rep in range(4):
         yield INSTRUCTION
         yield format_response("There are 3 red circles and 2 blue squares.", "Count each kind of shape.",
                               ["3 + 2 = 5.", "So there are 5 shapes."], "5")
         for i, w in enumerate(words):
-            yield f"{w} {words[(i * 7 + rep) % len(words)]} {i % 10} {w.capitalize()}s: {i} - {rep} = {i - rep}"
+            yield f"{w} {words[(i * 7 + rep) % len(words)]} {i % 10} {w.capitalize()}: {i} - {rep} = {i - rep}"
+    for text in corpus_texts(num=200, seed=0):
+        yield build_prompt_text(text) if text.startswith("<image>") else text
     yield "0123456789 + - * / = ( ) . , ? ! : ; ' \" \\frac{1}{2} \\sqrt{2} x^2 \\pi"

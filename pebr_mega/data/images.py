@@ -1,0 +1,301 @@
+"""Qwen2.5-VL image preprocessing: load, smart-resize, normalise and patchify, behind one decoder contract.
+
+What the vision tower expects (the semantics of transformers' `Qwen2VLImageProcessor`, reimplemented here):
+
+1. RGB, with any transparency composited onto white.
+2. A bicubic resize to (h, w), both multiples of `factor` = patch 14 x merge 2 = 28, chosen by `smart_resize`
+   so that h * w lies in [min_pixels, max_pixels] and the aspect ratio is kept as closely as possible.
+3. uint8 -> [0, 1] (x * (1/255) in float64, then float32), then (x - mean) / std with the OpenAI CLIP mean and
+   std, in float32, channel by channel.
+4. Patchify: the (C, h, w) image is cut into 14 x 14 patches, ordered so that the 2 x 2 patches merged into
+   one LLM token are adjacent, and each patch is repeated `temporal_patch_size` = 2 times (a still image is a
+   one-frame video whose frame is duplicated). Row i of `pixel_values` is one patch, flattened as
+   (C, T, P, P); `image_grid_thw` holds (1, h / 14, w / 14) per image.
+
+Two backends implement the `ImageDecoder` contract: `PilImageDecoder` (CPU; bit-for-bit the transformers
+output) and `pebr_mega.data.dali_backend.DaliImageDecoder` (nvImageCodec decode + DALI cubic resize, then the
+same torch normalise/patchify on the GPU). `make_image_decoder` picks one.
+
+Data rules (PEBR_FACTS, "SFT warm-up data"): an image with a side < 28 px (one merged patch), one that cannot
+be opened, or one that is missing is rejected with an `ImageError` naming it; so is an aspect ratio > 200 (which
+transformers refuses with a ValueError) and an image whose smart-resized size falls outside the pixel bounds
+(`smart_resize` clamps a side to `factor`, which can exceed `max_pixels` for extreme aspect ratios).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pebr_mega.config import ConfigError, choice
+from pebr_mega.errors import ImageError
+
+# OpenAI CLIP statistics, used by every Qwen2-VL / Qwen2.5-VL image processor.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Transformers refuses more elongated images than this (max side / min side).
+MAX_ASPECT_RATIO = 200
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image]
+
+
+@dataclass
+class ImageConfig:
+    """How images become vision-tower inputs.
+
+    The pixel bounds default to PEBR_FACTS' RL settings: "image pixels in [576, 802816] (= 1024 x 28 x 28)",
+    i.e. min_pixels = 576 and max_pixels = 802816. (Transformers' own defaults are 56*56 and 28*28*1280.)
+    """
+
+    backend: str = choice("auto", ["auto", "pil", "dali"],
+                          "auto = DALI when nvidia.dali imports and CUDA is present, else PIL")
+    min_pixels: int = 576
+    max_pixels: int = 802816
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    dali_batch_size: int = 32  # images per DALI pipeline run (its max_batch_size)
+    dali_threads: int = 2  # CPU threads of the DALI pipeline
+
+
+def check_image_config(cfg: ImageConfig) -> None:
+    """Raise `ConfigError` naming the key when `cfg` cannot describe a valid preprocessing."""
+    for key in ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size",
+                "dali_batch_size", "dali_threads"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"config key 'images.{key}' = {getattr(cfg, key)} must be >= 1")
+    if cfg.min_pixels > cfg.max_pixels:
+        raise ConfigError(f"config key 'images.min_pixels' = {cfg.min_pixels} exceeds "
+                          f"'images.max_pixels' = {cfg.max_pixels}")
+
+
+@dataclass
+class ProcessedImages:
+    """A batch of images as Qwen2.5-VL takes them.
+
+    pixel_values: float32 [sum of h*w/14^2 over images, C * T * P * P]; image_grid_thw: int64 [num_images, 3].
+    """
+
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "ProcessedImages":
+        """The same batch on `device`."""
+        return ProcessedImages(self.pixel_values.to(device), self.image_grid_thw.to(device))
+
+
+class ImageDecoder(Protocol):
+    """The backend contract: sources in, vision-tower inputs out (one `ImageError` names a bad source)."""
+
+    name: str
+    device: torch.device
+
+    def decode_and_preprocess(self, sources: Sequence[ImageSource]) -> ProcessedImages:
+        """Decode, smart-resize, normalise and patchify `sources`, in order."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
+    """The (height, width) Qwen2-VL resizes an image to, with transformers' rounding rules.
+
+    Each side is rounded to the nearest multiple of `factor`. If the area then exceeds `max_pixels`, both sides
+    are scaled by 1/beta with beta = sqrt(h*w / max_pixels) and floored to a multiple of `factor` (but kept
+    >= `factor`); if it falls below `min_pixels`, they are scaled by beta = sqrt(min_pixels / (h*w)) and
+    ceiled. Raises ValueError (as transformers does) for an aspect ratio above 200 or an empty side.
+    """
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {height}x{width}")
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise ValueError(f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, "
+                         f"got {max(height, width) / min(height, width)}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def target_size(height: int, width: int, cfg: ImageConfig, name: str = "<image>") -> tuple[int, int]:
+    """`smart_resize` under the data rules: `ImageError` naming `name` when the image must be rejected."""
+    factor = cfg.patch_size * cfg.merge_size
+    if min(height, width) < factor:
+        raise ImageError(f"image {name} is {width}x{height} px; both sides must be >= {factor} px "
+                         f"(patch {cfg.patch_size} x merge {cfg.merge_size})")
+    try:
+        h, w = smart_resize(height, width, factor, cfg.min_pixels, cfg.max_pixels)
+    except ValueError as e:
+        raise ImageError(f"image {name} ({width}x{height} px): {e}") from None
+    if not cfg.min_pixels <= h * w <= cfg.max_pixels:
+        raise ImageError(f"image {name} ({width}x{height} px) resizes to {w}x{h} = {h * w} px, outside "
+                         f"[min_pixels={cfg.min_pixels}, max_pixels={cfg.max_pixels}]")
+    return h, w
+
+
+def num_image_tokens(grid_thw: torch.Tensor | Sequence[Sequence[int]], merge_size: int = 2) -> list[int]:
+    """LLM tokens per image: t * h * w patches, merged merge_size x merge_size into one token."""
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else [list(r) for r in grid_thw]
+    return [int(t) * int(h) * int(w) // (merge_size * merge_size) for t, h, w in rows]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def source_name(source: ImageSource, index: int | None = None) -> str:
+    """How error messages name a source: its path, or its position for in-memory images."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    kind = "bytes" if isinstance(source, (bytes, bytearray, memoryview)) else "PIL image"
+    return f"<{kind} #{index}>" if index is not None else f"<{kind}>"
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether the image carries transparency (an alpha band or a transparent palette/colour key)."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, compositing any transparency onto white (what the transformers processor does)."""
+    if has_alpha(image):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
+    """Open `source` lazily (header only, no pixel decode); `ImageError` naming it when missing or unreadable."""
+    name = name or source_name(source)
+    if isinstance(source, Image.Image):
+        return source
+    try:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return Image.open(io.BytesIO(bytes(source)))
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"image file not found: {name}")
+        return Image.open(path)
+    except ImageError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageError(f"cannot open image {name}: not a recognised image format (corrupt?)") from None
+    except Exception as e:  # PIL raises OSError, ValueError, DecompressionBombError, ... on bad input
+        raise ImageError(f"cannot open image {name}: {type(e).__name__}: {e}") from None
+
+
+def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
+    """Decode `source` (path, encoded bytes or PIL image) to an RGB PIL image.
+
+    Raises `ImageError` naming the file for a missing, corrupt or truncated image.
+    """
+    name = name or source_name(source)
+    image = open_image(source, name)
+    try:
+        image.load()  # decode now: a truncated file only fails here
+        return to_rgb(image)  # always a new image (convert copies), so closing the opened one is safe
+    except Exception as e:
+        raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
+    finally:
+        if image is not source:
+            image.close()
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+def normalize_and_patchify(image: torch.Tensor, cfg: ImageConfig) -> tuple[torch.Tensor, list[int]]:
+    """A resized uint8 [H, W, C] image (on any device) -> (patches [H*W/P^2, C*T*P*P] float32, [1, H/P, W/P]).
+
+    The rescale runs in float64 and is rounded once to float32, as transformers does, so the PIL backend
+    matches it bit for bit.
+    """
+    height, width, channels = image.shape
+    p, m, t = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    if height % (p * m) or width % (p * m):
+        raise ValueError(f"resized image {width}x{height} is not a multiple of {p * m} px")
+    x = (image.permute(2, 0, 1).to(torch.float64) * (1 / 255)).to(torch.float32)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+    x = (x - mean) / std
+    gh, gw = height // p, width // p
+    # (C, gh/m, m, P, gw/m, m, P) -> (gh/m, gw/m, m, m, C, P, P): the m x m patches of one LLM token are adjacent.
+    x = x.reshape(channels, gh // m, m, p, gw // m, m, p).permute(1, 4, 2, 5, 0, 3, 6)
+    # Repeat each patch along a new temporal axis after C: rows flatten as (C, T, P, P).
+    x = x.unsqueeze(5).expand(-1, -1, -1, -1, -1, t, -1, -1)
+    return x.reshape(gh * gw, channels * t * p * p), [1, gh, gw]
+
+
+def stack_processed(patches: list[torch.Tensor], grids: list[list[int]], cfg: ImageConfig,
+                    device: torch.device) -> ProcessedImages:
+    """Concatenate per-image patches and grids into one `ProcessedImages` (empty inputs give empty tensors)."""
+    dim = 3 * cfg.temporal_patch_size * cfg.patch_size ** 2
+    pixel_values = torch.cat(patches) if patches else torch.empty(0, dim, dtype=torch.float32, device=device)
+    grid = torch.tensor(grids, dtype=torch.long, device=device).reshape(-1, 3)
+    return ProcessedImages(pixel_values, grid)
+
+
+# ---------------------------------------------------------------------------------------------- PIL backend
+class PilImageDecoder:
+    """CPU backend: PIL decode and bicubic resize; equal to transformers' Qwen2-VL processor output."""
+
+    name = "pil"
+
+    def __init__(self, cfg: ImageConfig, device: torch.device | str | None = None) -> None:
+        check_image_config(cfg)
+        self.cfg = cfg
+        self.device = torch.device(device or "cpu")
+
+    def resize(self, image: Image.Image, name: str) -> Image.Image:
+        """Bicubic resize of an RGB image to its smart-resize target (`ImageError` when it breaks the rules)."""
+        h, w = target_size(image.height, image.width, self.cfg, name)
+        return image.resize((w, h), resample=Image.Resampling.BICUBIC)
+
+    def decode_and_preprocess(self, sources: Sequence[ImageSource]) -> ProcessedImages:
+        """Decode, resize, normalise and patchify `sources` in order; `ImageError` names the first bad one."""
+        patches, grids = [], []
+        for i, source in enumerate(sources):
+            name = source_name(source, i)
+            image = self.resize(load_image(source, name), name)
+            pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).to(self.device)
+            rows, grid = normalize_and_patchify(pixels, self.cfg)
+            patches.append(rows)
+            grids.append(grid)
+        return stack_processed(patches, grids, self.cfg, self.device)
+
+
+# ---------------------------------------------------------------------------------------------- choice
+def resolve_backend(cfg: ImageConfig, device: torch.device | str | None = None) -> str:
+    """The backend `make_image_decoder` builds: `cfg.backend`, or for `auto` DALI when it imports and the
+    target device is CUDA (or unspecified with CUDA present), else PIL."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    from pebr_mega.data.dali_backend import dali_import_error
+
+    wants_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return "dali" if wants_cuda and torch.cuda.is_available() and dali_import_error() is None else "pil"
+
+
+def make_image_decoder(cfg: ImageConfig, device: torch.device | str | None = None) -> ImageDecoder:
+    """Build the decoder `cfg.backend` names (see `resolve_backend`).
+
+    A backend named explicitly that cannot load raises `BackendUnavailableError` with the reason and the
+    install command; it never falls back silently. `device` is where the output tensors live (default: the
+    GPU for DALI when CUDA is present, else the CPU).
+    """
+    check_image_config(cfg)
+    if resolve_backend(cfg, device) == "dali":
+        from pebr_mega.data.dali_backend import DaliImageDecoder
+
+        return DaliImageDecoder(cfg, device)
+    return PilImageDecoder(cfg, device)

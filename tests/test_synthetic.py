@@ -1,0 +1,205 @@
+"""The synthetic shapes dataset: deterministic, held-out eval, correct answers, valid records, PeBR format."""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pebr_mega.cli import main as cli_main
+from pebr_mega.data.images import ImageConfig, PilImageDecoder
+from pebr_mega.data.synthetic import COLORS, SHAPES, SynthConfig, write_synthetic_dataset
+from pebr_mega.data.template import INSTRUCTION
+
+HEADERS = [r"###\s*image\s+description\s*:", r"###\s*rationales\s*:", r"###\s*step\s*1\s*:",
+           r"###\s*the\s+final\s+answer\s+is\s*:"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    write_synthetic_dataset(out, SynthConfig(num=48, seed=7))
+    return out
+
+
+def _load(out: Path, name: str):
+    return json.loads((out / name).read_text(encoding="utf-8"))
+
+
+def _digest(out: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(out.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(out)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- independent checks
+def _count(objects: list[dict], color: str | None = None, shape: str | None = None) -> int:
+    return sum(1 for o in objects if (color is None or o["color"] == color) and (shape is None or o["shape"] == shape))
+
+
+def _group_count(objects: list[dict], phrase: str) -> int:
+    """Count for "red objects" / "circles"."""
+    m = re.fullmatch(r"(\w+) objects", phrase)
+    if m:
+        return _count(objects, color=m.group(1))
+    m = re.fullmatch(r"(circle|square|triangle)s", phrase)
+    assert m, phrase
+    return _count(objects, shape=m.group(1))
+
+
+def _expected_answer(problem: str, objects: list[dict]) -> str:
+    """The answer recomputed from the question text and the scene's objects, without the generator's code."""
+    q = problem.replace("<image>", "")
+    if q == "How many objects are there?":
+        return str(len(objects))
+    if m := re.fullmatch(r"What color is the (\w+)\?", q):
+        (obj,) = [o for o in objects if o["shape"] == m.group(1)]
+        return obj["color"]
+    if m := re.fullmatch(r"Remove all (.+)\. How many objects are left\?", q):
+        return str(len(objects) - _group_count(objects, m.group(1)))
+    if m := re.fullmatch(r"How many more (.+) than (.+) are there\?", q):
+        a, b = _group_count(objects, m.group(1)), _group_count(objects, m.group(2))
+        assert a >= b, q
+        return str(a - b)
+    if m := re.fullmatch(r"How many (\w+) (circle|square|triangle)s are there\?", q):
+        return str(_count(objects, color=m.group(1), shape=m.group(2)))
+    if m := re.fullmatch(r"How many (.+) are there\?", q):
+        return str(_group_count(objects, m.group(1)))
+    raise AssertionError(f"unexpected question {q!r}")
+
+
+def _description(objects: list[dict]) -> str:
+    counts = Counter((o["color"], o["shape"]) for o in objects)
+    parts = [f"{counts[(c, s)]} {c} {s}{'' if counts[(c, s)] == 1 else 's'}"
+             for c in COLORS for s in SHAPES if counts[(c, s)]]
+    return ", ".join(parts) + "."
+
+
+def _objects_in_pixels(path: Path) -> Counter:
+    """(color, shape) of each connected blob of one palette colour; shape from how much of its box it fills."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    names = {tuple(rgb): name for name, rgb in COLORS.items()}
+    todo = {(y, x): names[tuple(pixels[y, x])] for y, x in zip(*np.nonzero((pixels != (245, 245, 245)).any(-1)))}
+    found = Counter()
+    while todo:
+        start, color = todo.popitem()
+        blob, stack = [start], [start]
+        while stack:
+            y, x = stack.pop()
+            for nb in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if todo.get(nb) == color:
+                    del todo[nb]
+                    blob.append(nb)
+                    stack.append(nb)
+        ys, xs = zip(*blob)
+        fill = len(blob) / ((max(ys) - min(ys) + 1) * (max(xs) - min(xs) + 1))
+        shape = "square" if fill > 0.95 else "circle" if fill > 0.7 else "triangle"
+        found[(color, shape)] += 1
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- tests
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path, dataset):
+    cfg = SynthConfig(num=48, seed=7)
+    write_synthetic_dataset(tmp_path / "again", cfg)
+    assert _digest(tmp_path / "again") == _digest(dataset)
+    write_synthetic_dataset(tmp_path / "other", SynthConfig(num=48, seed=8))
+    assert _load(tmp_path / "other", "grpo.json") != _load(dataset, "grpo.json")
+
+
+def test_split_sizes_and_eval_is_held_out(dataset):
+    grpo, sft, held = _load(dataset, "grpo.json"), _load(dataset, "sft.json"), _load(dataset, "eval.json")
+    assert (len(grpo), len(sft), len(held)) == (48, 48, 32)  # eval = max(32, 48 // 4)
+    assert SynthConfig(num=400).split_sizes() == {"grpo": 400, "sft": 400, "eval": 100}
+    assert not {r["qid"] for r in grpo} & {r["qid"] for r in held}
+    image_sets = [{p for r in recs for p in r["images"]} for recs in (grpo, sft, held)]
+    assert sum(map(len, image_sets)) == len(set().union(*image_sets)) == 48 + 48 + 32
+    # Disjoint in content too, not only in file names.
+    contents = [hashlib.sha256((dataset / p).read_bytes()).hexdigest() for s in image_sets for p in s]
+    assert len(set(contents)) == len(contents)
+
+
+def test_every_answer_matches_the_scene_and_the_pixels(dataset):
+    scenes = _load(dataset, "scenes.json")
+    for name in ("grpo.json", "eval.json"):
+        for rec in _load(dataset, name):
+            objects = scenes[rec["images"][0]]["objects"]
+            assert rec["answer"] == _expected_answer(rec["problem"], objects), rec
+            assert rec["description"] == _description(objects)
+    kinds = Counter()
+    for path, scene in scenes.items():
+        objects = scene["objects"]
+        assert 1 <= len(objects) <= 6
+        assert _objects_in_pixels(dataset / path) == Counter((o["color"], o["shape"]) for o in objects), path
+        kinds[len(objects)] += 1
+    assert len(kinds) >= 5  # object counts vary
+
+
+def test_grpo_records_are_valid(dataset):
+    for name in ("grpo.json", "eval.json"):
+        for rec in _load(dataset, name):
+            assert set(rec) >= {"qid", "problem", "answer", "images", "key_words"}
+            assert rec["problem"].count("<image>") == 1
+            assert isinstance(rec["answer"], str) and (rec["answer"].isdigit() or rec["answer"] in COLORS)
+            assert rec["answer"] in COLORS or 0 <= int(rec["answer"]) <= 6
+            assert len(rec["images"]) == 1 and (dataset / rec["images"][0]).is_file()
+            assert rec["key_words"] and all(isinstance(k, str) and k for k in rec["key_words"])
+            # A correct answer mentions every key word (keyword reward 1): each is in the description or question.
+            text = (rec["description"] + " " + rec["problem"]).lower()
+            assert all(k.lower() in text for k in rec["key_words"]), rec
+    problems = Counter(re.sub(r"\b(red|green|blue|yellow|circle|square|triangle)s?\b", "X", r["problem"])
+                       for r in _load(dataset, "grpo.json"))
+    assert len(problems) >= 7  # perception and reasoning templates both occur
+
+
+def test_sft_responses_follow_the_pebr_format_and_are_correct(dataset):
+    scenes = _load(dataset, "scenes.json")
+    for rec in _load(dataset, "sft.json"):
+        user, assistant = rec["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        assert user["content"].startswith(INSTRUCTION) and user["content"].count("<image>") == 1
+        response = assistant["content"]
+        for header in HEADERS:
+            assert re.search(header, response, flags=re.IGNORECASE), (header, response)
+        assert "### Let's think step by step." in response
+        objects = scenes[rec["images"][0]]["objects"]
+        problem = user["content"][len(INSTRUCTION):]
+        answer = re.search(r"### The final answer is:(.*)$", response, flags=re.IGNORECASE).group(1).strip()
+        assert answer == _expected_answer(problem, objects)
+        assert re.search(r"### Image Description:(.*)", response).group(1).strip() == _description(objects)
+        steps = re.findall(r"^### Step (\d+):", response, flags=re.MULTILINE)
+        assert 1 <= len(steps) <= 3 and steps == [str(i) for i in range(1, len(steps) + 1)]
+        assert len(response) < 400  # compact enough for a tiny model
+
+
+def test_images_pass_the_image_pipeline(dataset):
+    grpo = _load(dataset, "grpo.json")[:4]
+    out = PilImageDecoder(ImageConfig()).decode_and_preprocess([dataset / r["images"][0] for r in grpo])
+    assert out.image_grid_thw.tolist() == [[1, 8, 8]] * 4  # 112 x 112 -> 8 x 8 patches, 16 LLM tokens
+
+
+def test_cli_synth_and_bad_sizes(tmp_path, capsys):
+    assert cli_main(["synth", "--out", str(tmp_path / "d"), "--num", "5", "--num-eval", "3", "--width", "168"]) == 0
+    assert "grpo 5, sft 5, eval 3" in capsys.readouterr().out
+    assert Image.open(tmp_path / "d" / "images" / "grpo_00000.png").size == (168, 112)
+    assert cli_main(["synth", "--out", str(tmp_path / "e"), "--height", "20"]) == 2
+    assert ">= 28 px" in capsys.readouterr().err
+    assert cli_main(["synth", "--out", str(tmp_path / "e"), "--max-objects", "40"]) == 2
+
+
+def test_tokenizer_corpus_covers_the_synthetic_vocabulary(dataset):
+    from pebr_mega.data.corpus import tokenizer_corpus, vocabulary
+    from pebr_mega.models.tiny import train_tokenizer
+
+    tok = train_tokenizer(tokenizer_corpus(), 1024)
+    for word in vocabulary():
+        assert len(tok.tokenize(" " + word)) == 1, word
+    response = _load(dataset, "sft.json")[0]["messages"][1]["content"]
+    assert len(tok(response)["input_ids"]) < len(response) / 2.5
