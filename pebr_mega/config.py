@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -44,13 +45,18 @@ class RunConfig:
 
 def _root_schema() -> type:
     # Imported here so that `pebr --help` stays fast and components stay importable on their own.
+    from pebr_mega.data.records import DataConfig
 
     @dataclass
     class PebrConfig:
         """The root of the tree; every section is one component's own config."""
 
         run: RunConfig = field(default_factory=RunConfig)
+        data: DataConfig = field(default_factory=DataConfig)
 
+    # With `from __future__ import annotations` the annotations above are strings, which OmegaConf resolves
+    # in this module's globals, where the section classes imported locally are not: resolve them here.
+    PebrConfig.__annotations__ = typing.get_type_hints(PebrConfig, localns=locals())
     return PebrConfig
 
 
