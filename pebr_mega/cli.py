@@ -71,10 +71,59 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- filter-sft
+def _add_filter_sft(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("filter-sft", help="filter ShareGPT SFT records with the Mulberry rules",
+                       description="Drop records whose assistant turns contain 'let me rethink it' or whose images "
+                                   "are missing, corrupt or smaller than 28 px on a side; malformed records are "
+                                   "dropped too. Writes the kept records and <output stem>.dropped.json.")
+    p.add_argument("--input", required=True, help="ShareGPT JSON list or JSONL")
+    p.add_argument("--output", required=True, help="filtered JSON list to write")
+    p.add_argument("--image-root", "--image_root", dest="image_root", required=True,
+                   help="folder the records' image paths are relative to")
+    p.add_argument("--no-decode", action="store_true",
+                   help="only open and verify images, do not decode them (faster; misses truncated JPEGs)")
+    p.add_argument("--workers", type=int, default=4, help="threads checking images")
+    p.set_defaults(handler=_cmd_filter_sft)
+
+
+def _cmd_filter_sft(args: argparse.Namespace) -> int:
+    from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
+
+    res = filter_sft_file(args.input, args.output, args.image_root, decode=not args.no_decode,
+                          workers=args.workers, progress=sys.stderr.isatty())
+    print(f"filter-sft: {args.input} ({res.images_checked} distinct images checked)")
+    for line in res.summary_lines():
+        print("  " + line)
+    print(f"wrote {args.output} ({len(res.kept)} records); dropped records listed in {sidecar_path(args.output)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- register-llamafactory
+def _add_register_llamafactory(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("register-llamafactory", help="register an SFT file in LLaMA-Factory's dataset_info.json",
+                       description="Add or replace a ShareGPT entry (messages/images columns, role/content tags) "
+                                   "in dataset_info.json, creating the file if absent and keeping other entries.")
+    p.add_argument("--dataset-info", required=True, help="path of dataset_info.json")
+    p.add_argument("--name", default="pebr_r1_warm_up", help="dataset name (default: pebr_r1_warm_up)")
+    p.add_argument("--file", required=True, help="file_name as LLaMA-Factory should see it (relative to dataset_dir)")
+    p.set_defaults(handler=_cmd_register_llamafactory)
+
+
+def _cmd_register_llamafactory(args: argparse.Namespace) -> int:
+    from pebr_mega.data.llamafactory import register_dataset
+
+    replaced = register_dataset(args.dataset_info, args.name, args.file)
+    print(f"{'updated' if replaced else 'added'} '{args.name}' -> {args.file} in {args.dataset_info}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_tiny_model,
     _add_config,
+    _add_filter_sft,
+    _add_register_llamafactory,
 ]
 
 
