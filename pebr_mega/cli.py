@@ -118,12 +118,40 @@ def _cmd_register_llamafactory(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- split
+def _add_split(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("split", help="split GRPO questions into easy/medium/hard from sampled rollouts",
+                       description="Count, per question, the rollouts scoring >= the threshold: n/n -> easy, "
+                                   "1..n-1 -> medium, 0 -> hard. Questions with a sample count other than n, "
+                                   "without rollouts, unknown qids and malformed lines are reported, never "
+                                   "filed silently. Writes easycase/mediumcase/hardcase.json and summary.json.")
+    p.add_argument("--rollouts", required=True, help="JSONL, one line per sample: qid, response, ground_truth, "
+                                                     "score (a number, or an object with 'accuracy')")
+    p.add_argument("--dataset", required=True, help="GRPO records (JSON list or JSONL)")
+    p.add_argument("--out-dir", required=True, help="folder for the split files and summary.json")
+    p.add_argument("--n", type=int, default=8, help="samples per question (default 8)")
+    p.add_argument("--correct-threshold", type=float, default=1.0, help="a sample is correct if score >= this")
+    p.set_defaults(handler=_cmd_split)
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from pebr_mega.data.split import format_summary, split_files
+
+    res = split_files(args.rollouts, args.dataset, args.out_dir, args.n, args.correct_threshold)
+    total = sum(res.counts().values())
+    print(f"split: {total} questions from {args.dataset}, n={args.n}, correct if score >= {args.correct_threshold}")
+    for line in format_summary(res, args.out_dir):
+        print("  " + line)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_tiny_model,
     _add_config,
     _add_filter_sft,
     _add_register_llamafactory,
+    _add_split,
 ]
 
 
