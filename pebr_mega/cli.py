@@ -145,6 +145,35 @@ def _cmd_split(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- make-tiny-clip
+def _add_make_tiny_clip(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-tiny-clip", help="build a tiny random CLIP in HF format, offline",
+                       description="Build a tiny CLIPModel with a locally trained tokenizer and a CLIP image "
+                                   "processor, for rewards.clip_model_dir in tests and the demo. Its weights are "
+                                   "random: the CLIP reward it gives is deterministic but meaningless.")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=336, help="vision input size in pixels (multiple of the patch)")
+    p.add_argument("--patch-size", type=int, default=28)
+    p.add_argument("--hidden-size", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.set_defaults(handler=_cmd_make_tiny_clip)
+
+
+def _cmd_make_tiny_clip(args: argparse.Namespace) -> int:
+    from pebr_mega.data.corpus import tokenizer_corpus
+    from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
+
+    cfg = TinyClipConfig(seed=args.seed, image_size=args.image_size, patch_size=args.patch_size,
+                         hidden_size=args.hidden_size, num_layers=args.layers)
+    try:
+        out = build_tiny_clip(args.out, tokenizer_corpus(), cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote tiny CLIP to {out} (image {cfg.image_size} px, text up to {cfg.max_text_tokens} tokens)")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_tiny_model,
@@ -152,6 +181,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_filter_sft,
     _add_register_llamafactory,
     _add_split,
+    _add_make_tiny_clip,
 ]
 
 

@@ -46,6 +46,7 @@ class RunConfig:
 def _root_schema() -> type:
     # Imported here so that `pebr --help` stays fast and components stay importable on their own.
     from pebr_mega.data.records import DataConfig
+    from pebr_mega.rewards.model import RewardConfig
 
     @dataclass
     class PebrConfig:
@@ -53,6 +54,7 @@ def _root_schema() -> type:
 
         run: RunConfig = field(default_factory=RunConfig)
         data: DataConfig = field(default_factory=DataConfig)
+        rewards: RewardConfig = field(default_factory=RewardConfig)
 
     # With `from __future__ import annotations` the annotations above are strings, which OmegaConf resolves
     # in this module's globals, where the section classes imported locally are not: resolve them here.
