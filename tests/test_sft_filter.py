@@ -108,6 +108,9 @@ def test_unreadable_input_is_data_error_naming_file(tmp_path, image_root):
     with pytest.raises(DataError, match="broken.json"):
         filter_sft_file(inp, tmp_path / "o.json", image_root, progress=False)
     assert not (tmp_path / "o.json").exists()
+    inp.write_text("[]")
+    with pytest.raises(DataError, match="image root .*nowhere"):
+        filter_sft_file(inp, tmp_path / "o.json", tmp_path / "nowhere", progress=False)
 
 
 def test_cli_filter_sft_summary_and_exit_codes(tmp_path, image_root, capsys):

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pebr_mega.data.records import IMAGE_TOKEN, read_json_items, write_json_atomic
+from pebr_mega.errors import DataError
 
 REFLECTION_MARKER = "let me rethink it"
 MIN_IMAGE_SIDE = 28
@@ -193,8 +194,11 @@ def filter_sft_file(input_path: str | Path, output_path: str | Path, image_root:
                     decode: bool = True, workers: int = 1, progress: bool = True) -> FilterResult:
     """Read a ShareGPT JSON/JSONL file, filter it, write the kept records (JSON list) and the dropped sidecar.
 
-    Malformed JSONL lines are dropped as `malformed_json`; a file that does not parse at all is a `DataError`.
+    Malformed JSONL lines are dropped as `malformed_json`; a file that does not parse at all, or an image root
+    that is not a folder, is a `DataError`.
     """
+    if not Path(image_root).is_dir():
+        raise DataError(f"image root {image_root} is not a directory (every image would count as missing)")
     items, bad_lines = read_json_items(input_path)
     result = filter_records([(it.location, it.value) for it in items], image_root, decode, workers, progress)
     result.dropped = sorted([Dropped(s.location, "malformed_json", s.detail) for s in bad_lines] + result.dropped,
