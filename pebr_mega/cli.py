@@ -125,6 +125,106 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         print(write_synthetic_dataset(args.out, cfg))
     except ValueError as e:
         raise UserError(str(e)) from None
+# ---------------------------------------------------------------------------------------------- filter-sft
+def _add_filter_sft(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("filter-sft", help="filter ShareGPT SFT records with the Mulberry rules",
+                       description="Drop records whose assistant turns contain 'let me rethink it' or whose images "
+                                   "are missing, corrupt or smaller than 28 px on a side; malformed records are "
+                                   "dropped too. Writes the kept records and <output stem>.dropped.json.")
+    p.add_argument("--input", required=True, help="ShareGPT JSON list or JSONL")
+    p.add_argument("--output", required=True, help="filtered JSON list to write")
+    p.add_argument("--image-root", "--image_root", dest="image_root", required=True,
+                   help="folder the records' image paths are relative to")
+    p.add_argument("--no-decode", action="store_true",
+                   help="only open and verify images, do not decode them (faster; misses truncated JPEGs)")
+    p.add_argument("--workers", type=int, default=4, help="threads checking images")
+    p.set_defaults(handler=_cmd_filter_sft)
+
+
+def _cmd_filter_sft(args: argparse.Namespace) -> int:
+    from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
+
+    res = filter_sft_file(args.input, args.output, args.image_root, decode=not args.no_decode,
+                          workers=args.workers, progress=sys.stderr.isatty())
+    print(f"filter-sft: {args.input} ({res.images_checked} distinct images checked)")
+    for line in res.summary_lines():
+        print("  " + line)
+    print(f"wrote {args.output} ({len(res.kept)} records); dropped records listed in {sidecar_path(args.output)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- register-llamafactory
+def _add_register_llamafactory(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("register-llamafactory", help="register an SFT file in LLaMA-Factory's dataset_info.json",
+                       description="Add or replace a ShareGPT entry (messages/images columns, role/content tags) "
+                                   "in dataset_info.json, creating the file if absent and keeping other entries.")
+    p.add_argument("--dataset-info", required=True, help="path of dataset_info.json")
+    p.add_argument("--name", default="pebr_r1_warm_up", help="dataset name (default: pebr_r1_warm_up)")
+    p.add_argument("--file", required=True, help="file_name as LLaMA-Factory should see it (relative to dataset_dir)")
+    p.set_defaults(handler=_cmd_register_llamafactory)
+
+
+def _cmd_register_llamafactory(args: argparse.Namespace) -> int:
+    from pebr_mega.data.llamafactory import register_dataset
+
+    replaced = register_dataset(args.dataset_info, args.name, args.file)
+    print(f"{'updated' if replaced else 'added'} '{args.name}' -> {args.file} in {args.dataset_info}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- split
+def _add_split(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("split", help="split GRPO questions into easy/medium/hard from sampled rollouts",
+                       description="Count, per question, the rollouts scoring >= the threshold: n/n -> easy, "
+                                   "1..n-1 -> medium, 0 -> hard. Questions with a sample count other than n, "
+                                   "without rollouts, unknown qids and malformed lines are reported, never "
+                                   "filed silently. Writes easycase/mediumcase/hardcase.json and summary.json.")
+    p.add_argument("--rollouts", required=True, help="JSONL, one line per sample: qid, response, ground_truth, "
+                                                     "score (a number, or an object with 'accuracy')")
+    p.add_argument("--dataset", required=True, help="GRPO records (JSON list or JSONL)")
+    p.add_argument("--out-dir", required=True, help="folder for the split files and summary.json")
+    p.add_argument("--n", type=int, default=8, help="samples per question (default 8)")
+    p.add_argument("--correct-threshold", type=float, default=1.0, help="a sample is correct if score >= this")
+    p.set_defaults(handler=_cmd_split)
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from pebr_mega.data.split import format_summary, split_files
+
+    res = split_files(args.rollouts, args.dataset, args.out_dir, args.n, args.correct_threshold)
+    total = sum(res.counts().values())
+    print(f"split: {total} questions from {args.dataset}, n={args.n}, correct if score >= {args.correct_threshold}")
+    for line in format_summary(res, args.out_dir):
+        print("  " + line)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- make-tiny-clip
+def _add_make_tiny_clip(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-tiny-clip", help="build a tiny random CLIP in HF format, offline",
+                       description="Build a tiny CLIPModel with a locally trained tokenizer and a CLIP image "
+                                   "processor, for rewards.clip_model_dir in tests and the demo. Its weights are "
+                                   "random: the CLIP reward it gives is deterministic but meaningless.")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=336, help="vision input size in pixels (multiple of the patch)")
+    p.add_argument("--patch-size", type=int, default=28)
+    p.add_argument("--hidden-size", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.set_defaults(handler=_cmd_make_tiny_clip)
+
+
+def _cmd_make_tiny_clip(args: argparse.Namespace) -> int:
+    from pebr_mega.data.corpus import tokenizer_corpus
+    from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
+
+    cfg = TinyClipConfig(seed=args.seed, image_size=args.image_size, patch_size=args.patch_size,
+                         hidden_size=args.hidden_size, num_layers=args.layers)
+    try:
+        out = build_tiny_clip(args.out, tokenizer_corpus(), cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(f"wrote tiny CLIP to {out} (image {cfg.image_size} px, text up to {cfg.max_text_tokens} tokens)")
     return 0
 
 
@@ -134,6 +234,10 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config,
     _add_plot,
     _add_synth,
+    _add_filter_sft,
+    _add_register_llamafactory,
+    _add_split,
+    _add_make_tiny_clip,
 ]
 
 

@@ -47,6 +47,8 @@ def _root_schema() -> type:
     from pebr_mega.logging import LoggingConfig
     from pebr_mega.rollout.engine import RolloutConfig
     from pebr_mega.data.images import ImageConfig
+    from pebr_mega.data.records import DataConfig
+    from pebr_mega.rewards.model import RewardConfig
 
     @dataclass
     class PebrConfig:
@@ -56,6 +58,8 @@ def _root_schema() -> type:
         rollout: RolloutConfig = field(default_factory=RolloutConfig)
         logging: LoggingConfig = field(default_factory=LoggingConfig)
         images: ImageConfig = field(default_factory=ImageConfig)
+        data: DataConfig = field(default_factory=DataConfig)
+        rewards: RewardConfig = field(default_factory=RewardConfig)
 
     return PebrConfig
 

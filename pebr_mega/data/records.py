@@ -1,0 +1,258 @@
+"""GRPO records: the data config, reading JSON/JSONL datasets, and validating every record at the boundary.
+
+A GRPO record (PEBR_FACTS, "Data records") is
+
+    {"qid": "...", "problem": "... <image> ...", "answer": "...", "images": ["rel/path.png"], "key_words": [...]}
+
+`load_grpo_records` reads a JSON list or a JSONL file and returns the good records together with a counted
+report of every record it skipped (reason, line or index, qid), so no record disappears silently. A file
+that cannot be parsed at all is a `DataError` naming the file (and the line, for JSONL).
+
+Leniencies, each lossless: an integer `qid` becomes its decimal string; a numeric `answer` becomes its
+string; a missing `key_words` becomes `[]` and is counted as a note (the keyword reward then warns per
+sample). Keys other than the five are kept in `GRPORecord.extra` and written back by `save_records`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from pebr_mega.data.template import IMAGE_TOKEN
+from pebr_mega.errors import DataError
+
+
+
+@dataclass
+class DataConfig:
+    """Where the datasets live and the length/size limits applied when building prompts."""
+
+    grpo_file: str | None = None  # JSON list or JSONL of GRPO records (the stage's training set)
+    image_root: str | None = None  # images are resolved against this; default: the dataset file's folder
+    sft_file: str | None = None  # ShareGPT SFT records (the warm-up set)
+    eval_file: str | None = None  # GRPO-format validation set
+    max_prompt_length: int = 2048  # tokens; longer prompts are filtered out (and counted)
+    # Response length is `rollout.max_new_tokens`; image pixel bounds are `images.min_pixels/max_pixels`.
+    filter_overlong_prompts: bool = True
+    require_images: bool = True  # a record whose image file is missing is skipped at load time
+
+
+@dataclass
+class GRPORecord:
+    """One GRPO question: the problem text (with one `<image>` per image), its answer and key words."""
+
+    qid: str
+    problem: str
+    answer: str
+    images: list[str]
+    key_words: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # any other keys of the source record, kept as-is
+
+    def image_paths(self, image_root: str | Path) -> list[Path]:
+        """The record's images resolved against `image_root` (absolute paths are kept)."""
+        return [Path(image_root) / p for p in self.images]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as it is written to JSON: the five fields, then the extra keys."""
+        d: dict[str, Any] = {"qid": self.qid, "problem": self.problem, "answer": self.answer,
+                             "images": list(self.images), "key_words": list(self.key_words)}
+        d.update({k: v for k, v in self.extra.items() if k not in d})
+        return d
+
+
+@dataclass
+class Skip:
+    """A record (or JSONL line) that was not loaded, and why."""
+
+    reason: str
+    location: str  # "line 7" (JSONL) or "index 3" (JSON list)
+    qid: str | None = None
+    detail: str = ""
+
+    def __str__(self) -> str:
+        who = f" qid={self.qid}" if self.qid is not None else ""
+        return f"{self.location}{who}: {self.reason}" + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class LoadResult:
+    """The records that passed validation, plus every skip and note, counted by reason."""
+
+    path: str
+    records: list[GRPORecord]
+    skipped: list[Skip]
+    total: int  # records (or JSONL lines holding something) read from the file
+    notes: Counter = field(default_factory=Counter)  # lossless fixes applied, e.g. "key_words missing -> []"
+
+    @property
+    def counts(self) -> Counter:
+        """Number of skipped records per reason."""
+        return Counter(s.reason for s in self.skipped)
+
+    def report(self, max_examples: int = 5) -> str:
+        """A readable multi-line report: totals, skips per reason with a few examples, notes."""
+        lines = [f"{self.path}: {len(self.records)} of {self.total} records loaded"]
+        for reason, n in sorted(self.counts.items()):
+            examples = [str(s) for s in self.skipped if s.reason == reason][:max_examples]
+            lines.append(f"  skipped {n:>6}  {reason}: " + "; ".join(examples) + (" ..." if n > max_examples else ""))
+        for note, n in sorted(self.notes.items()):
+            lines.append(f"  note    {n:>6}  {note}")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ reading JSON
+@dataclass
+class RawItem:
+    """One object read from a JSON list or a JSONL line, with where it came from."""
+
+    location: str
+    value: Any
+
+
+def read_json_items(path: str | Path) -> tuple[list[RawItem], list[Skip]]:
+    """Read a JSON list or a JSONL file into items; malformed JSONL lines come back as skips.
+
+    A file whose first non-blank character is `[` is one JSON list; anything else is JSONL (blank lines are
+    ignored). Raises `DataError` naming the file when it is missing or unparseable as a whole (a broken JSON
+    list, or a JSONL file in which no line parses).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {p}: {e}") from None
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+        return [RawItem(f"index {i}", v) for i, v in enumerate(data)], []
+    items: list[RawItem] = []
+    bad: list[Skip] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append(RawItem(f"line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            bad.append(Skip("malformed_json", f"line {lineno}", detail=e.msg))
+    if bad and not items:
+        raise DataError(f"{p} is neither a JSON list nor JSONL: line {bad[0].location.split()[1]} "
+                        f"does not parse ({bad[0].detail})")
+    return items, bad
+
+
+def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    """Write `obj` as JSON to `path` through a temporary file and a rename (no half-written file on a crash)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, ensure_ascii=False, indent=indent)
+            f.write("\n")
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+# ------------------------------------------------------------------------------------------ validation
+_REQUIRED = ("qid", "problem", "answer", "images")
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def parse_grpo_record(raw: Any, notes: Counter | None = None) -> GRPORecord:
+    """Validate one raw JSON value as a GRPO record; raises `ValueError("<reason>: <detail>")` when unusable."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"not_an_object: got {type(raw).__name__}")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise ValueError(f"missing_field: {', '.join(missing)}")
+    qid = raw["qid"]
+    if isinstance(qid, int) and not isinstance(qid, bool):
+        qid = str(qid)
+    if not isinstance(qid, str) or not qid:
+        raise ValueError(f"bad_field: qid must be a non-empty string, got {raw['qid']!r}")
+    if not isinstance(raw["problem"], str):
+        raise ValueError(f"bad_field: problem must be a string, got {type(raw['problem']).__name__}")
+    answer = raw["answer"]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        raise ValueError(f"bad_field: answer must be a string, got {type(raw['answer']).__name__}")
+    if not _is_str_list(raw["images"]):
+        raise ValueError("bad_field: images must be a list of strings")
+    key_words = raw.get("key_words")
+    if key_words is None:
+        key_words = []
+        if notes is not None:
+            notes["key_words missing (set to [])"] += 1
+    elif not _is_str_list(key_words):
+        raise ValueError("bad_field: key_words must be a list of strings")
+    n_tokens = raw["problem"].count(IMAGE_TOKEN)
+    if n_tokens == 0:
+        raise ValueError(f"no_image_token: problem has no {IMAGE_TOKEN}")
+    if n_tokens != len(raw["images"]):
+        raise ValueError(f"image_count_mismatch: {n_tokens} {IMAGE_TOKEN} in problem, {len(raw['images'])} images")
+    extra = {k: v for k, v in raw.items() if k not in (*_REQUIRED, "key_words")}
+    return GRPORecord(qid=qid, problem=raw["problem"], answer=answer, images=list(raw["images"]),
+                      key_words=list(key_words), extra=extra)
+
+
+def _raw_qid(raw: Any) -> str | None:
+    if isinstance(raw, dict) and isinstance(raw.get("qid"), (str, int)) and not isinstance(raw.get("qid"), bool):
+        return str(raw["qid"])
+    return None
+
+
+def load_grpo_records(path: str | Path, image_root: str | Path | None = None,
+                      require_images: bool = False) -> LoadResult:
+    """Load and validate GRPO records from a JSON list or JSONL file.
+
+    Skipped (counted, with location and qid): malformed JSONL lines, non-objects, missing or ill-typed fields,
+    a problem without `<image>` or whose `<image>` count differs from `len(images)`, a repeated qid (the
+    first one is kept) and, when `require_images`, a record with an image file that does not exist under
+    `image_root` (default: the dataset file's folder).
+    """
+    items, skipped = read_json_items(path)
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    notes: Counter = Counter()
+    records: list[GRPORecord] = []
+    seen: dict[str, str] = {}
+    for item in items:
+        qid = _raw_qid(item.value)
+        try:
+            rec = parse_grpo_record(item.value, notes)
+        except ValueError as e:
+            reason, _, detail = str(e).partition(": ")
+            skipped.append(Skip(reason, item.location, qid, detail))
+            continue
+        if rec.qid in seen:
+            skipped.append(Skip("duplicate_qid", item.location, rec.qid, f"first seen at {seen[rec.qid]}"))
+            continue
+        seen[rec.qid] = item.location
+        if require_images:
+            absent = [str(p) for p in rec.image_paths(root) if not p.is_file()]
+            if absent:
+                skipped.append(Skip("missing_image", item.location, rec.qid, ", ".join(absent)))
+                continue
+        records.append(rec)
+    total = len(items) + sum(1 for s in skipped if s.reason == "malformed_json")
+    return LoadResult(str(path), records, skipped, total, notes)
+
+
+def save_records(path: str | Path, records: Sequence[GRPORecord]) -> Path:
+    """Write records as a JSON list (atomically); `load_grpo_records` reads it back unchanged."""
+    return write_json_atomic(path, [r.to_dict() for r in records])
+

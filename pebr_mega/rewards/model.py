@@ -1,0 +1,217 @@
+"""Stage presets and the reward model that scores a batch of responses (PEBR_FACTS, "Rewards").
+
+    stage1 (perception RL) = 0.4 clip + 0.4 keyword + 0.1 format + 0.1 length   (accuracy logged, weight 0)
+    stage2 (reasoning RL)  = 0.9 accuracy + 0.1 format
+
+Which components are computed: every one with a non-zero weight, plus accuracy and format always (both are
+cheap and are the numbers to watch in either stage). A component that is not computed is absent from the
+result, never reported as 0.
+
+Robustness: a reward function that raises scores 0 for that sample and is counted as a failure of that
+component; it never kills the step. Data problems that are not the model's fault are counted as warnings:
+`keyword_empty` (a record without key words), `description_missing` (no `### Image Description:` text to
+compare with the image: CLIP reward 0) and `image_missing` (a sample with no image: CLIP reward 0).
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from pebr_mega.config import choice
+from pebr_mega.errors import PebrError
+from pebr_mega.rewards.text import (accuracy_reward, extract_description, format_reward, keyword_reward,
+                                    length_reward, normalize_key_words)
+
+COMPONENTS = ("clip", "keyword", "format", "length", "accuracy")
+STAGE_WEIGHTS: dict[str, dict[str, float]] = {
+    "stage1": {"clip": 0.4, "keyword": 0.4, "format": 0.1, "length": 0.1, "accuracy": 0.0},
+    "stage2": {"clip": 0.0, "keyword": 0.0, "format": 0.1, "length": 0.0, "accuracy": 0.9},
+}
+ALWAYS_COMPUTED = ("accuracy", "format")
+
+
+@dataclass
+class RewardConfig:
+    """Which stage preset to use, optional weight overrides, and the CLIP scorer's settings."""
+
+    stage: str = choice("stage1", ["stage1", "stage2"], "stage1 = perception RL, stage2 = reasoning RL")
+    weights: dict[str, float] = field(default_factory=dict)  # overrides of the preset, e.g. {clip: 0.5}
+    clip_model_dir: str | None = None  # a local CLIP-family checkpoint (FG-CLIP large upstream)
+    clip_threshold: float = 0.4  # similarity at which the CLIP reward saturates at 1
+    clip_device: str = "auto"  # auto = cuda when present; or "cpu", "cuda:1", ...
+    clip_image_size: int = 336
+    clip_max_text_tokens: int = 248
+    clip_batch_size: int = 32
+    clip_trust_remote_code: bool = True  # FG-CLIP ships its own modelling code
+    length_limit: int = 512  # responses up to this many tokens get the full length reward
+
+
+@dataclass
+class RewardSample:
+    """What the rewards need from one response: its text and length, and the record's answer and key words."""
+
+    response: str
+    response_tokens: int
+    answer: str
+    key_words: list[str] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)  # PIL images of the prompt; only CLIP reads them
+    qid: str | None = None
+
+
+@dataclass
+class RewardResult:
+    """The weighted total and every computed component (unweighted, in [0, 1])."""
+
+    total: float
+    components: dict[str, float]
+    failures: list[str] = field(default_factory=list)  # components whose function raised (scored 0)
+    warnings: list[str] = field(default_factory=list)  # data problems noticed while scoring
+
+
+def preset_weights(cfg: RewardConfig) -> dict[str, float]:
+    """The stage preset with `cfg.weights` applied; unknown or non-finite weights are a PebrError."""
+    weights = dict(STAGE_WEIGHTS[cfg.stage])
+    for name, w in cfg.weights.items():
+        if name not in weights:
+            raise PebrError(f"unknown reward component in rewards.weights.{name}; valid: {list(COMPONENTS)}")
+        if not math.isfinite(w):
+            raise PebrError(f"rewards.weights.{name} must be a finite number, got {w}")
+        weights[name] = float(w)
+    return weights
+
+
+class RewardModel:
+    """Scores batches of `RewardSample`s with one stage's weights."""
+
+    def __init__(self, cfg: RewardConfig, weights: dict[str, float], clip_scorer: Any = None) -> None:
+        self.cfg = cfg
+        self.weights = weights
+        self.clip_scorer = clip_scorer
+        self.components = [c for c in COMPONENTS if weights[c] != 0 or c in ALWAYS_COMPUTED]
+        if "clip" in self.components and clip_scorer is None:
+            raise PebrError("the CLIP reward has a non-zero weight but no CLIP scorer was given")
+        self.last_errors: dict[str, str] = {}  # component -> the latest exception text, for the log
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def score(self, batch: Sequence[RewardSample]) -> list[RewardResult]:
+        """Score every sample; never raises because of one sample (failures are counted in the results)."""
+        text_fns: dict[str, Callable[[RewardSample], float]] = {
+            "format": lambda s: format_reward(s.response),
+            "accuracy": lambda s: accuracy_reward(s.response, s.answer),
+            "keyword": lambda s: keyword_reward(s.response, s.key_words),
+            "length": lambda s: length_reward(s.response_tokens, self.cfg.length_limit),
+        }
+        results = [RewardResult(0.0, {}) for _ in batch]
+        for name in self.components:
+            if name == "clip":
+                continue
+            for sample, res in zip(batch, results):
+                res.components[name] = self._guarded(name, text_fns[name], sample, res)
+                if name == "keyword" and not normalize_key_words(sample.key_words):
+                    res.warnings.append("keyword_empty")
+        if "clip" in self.components:
+            self._score_clip(batch, results)
+        for res in results:
+            res.total = sum(self.weights[c] * v for c, v in res.components.items())
+        return results
+
+    def _guarded(self, name: str, fn: Callable[[RewardSample], float], sample: RewardSample,
+                 res: RewardResult) -> float:
+        try:
+            value = float(fn(sample))
+            if not math.isfinite(value):
+                raise ValueError(f"{name} reward is {value}")
+            return value
+        except Exception as e:  # one bad sample must not kill the step: score 0, count it, keep the reason
+            self.last_errors[name] = f"{type(e).__name__}: {e}"
+            res.failures.append(name)
+            return 0.0
+
+    def _score_clip(self, batch: Sequence[RewardSample], results: list[RewardResult]) -> None:
+        """CLIP rewards: one similarity per (image, description) pair, averaged over a sample's images."""
+        from pebr_mega.rewards.clip import similarity_to_reward
+
+        pairs: list[tuple[int, Any, str]] = []
+        for i, (sample, res) in enumerate(zip(batch, results)):
+            res.components["clip"] = 0.0
+            desc = extract_description(sample.response)
+            if desc is None:
+                res.warnings.append("description_missing")
+            elif not sample.images:
+                res.warnings.append("image_missing")
+            else:
+                pairs += [(i, im, desc) for im in sample.images]
+        if not pairs:
+            return
+        sims = self._similarities_guarded(pairs, results)
+        per_sample: dict[int, list[float]] = {}
+        for (i, _, _), sim in zip(pairs, sims):
+            if sim is not None:
+                per_sample.setdefault(i, []).append(sim)
+        for i, values in per_sample.items():
+            if len(values) == sum(1 for j, _, _ in pairs if j == i):
+                results[i].components["clip"] = similarity_to_reward(sum(values) / len(values),
+                                                                     self.cfg.clip_threshold)
+
+    def _similarities_guarded(self, pairs: list[tuple[int, Any, str]],
+                              results: list[RewardResult]) -> list[float | None]:
+        """The batched similarities; if the batch fails, retry sample by sample so only bad samples score 0."""
+        try:
+            return list(self.clip_scorer.similarities([p[1] for p in pairs], [p[2] for p in pairs]))
+        except Exception as e:
+            self.last_errors["clip_batch"] = f"{type(e).__name__}: {e}"
+        sims: list[float | None] = []
+        failed: set[int] = set()
+        for i, im, desc in pairs:
+            try:
+                sims.append(float(self.clip_scorer.similarities([im], [desc])[0]))
+            except Exception as e:
+                self.last_errors["clip"] = f"{type(e).__name__}: {e}"
+                sims.append(None)
+                if i not in failed:
+                    failed.add(i)
+                    results[i].failures.append("clip")
+        return sims
+
+
+def summarize(results: Sequence[RewardResult]) -> dict[str, float]:
+    """Step metrics: mean total and mean of each component, failures per component, warnings per kind."""
+    out: dict[str, float] = {"reward/count": float(len(results))}
+    if not results:
+        return out
+    out["reward/total"] = sum(r.total for r in results) / len(results)
+    names = [c for c in COMPONENTS if any(c in r.components for r in results)]
+    for c in names:
+        values = [r.components[c] for r in results if c in r.components]
+        out[f"reward/{c}"] = sum(values) / len(values)
+    failures = Counter(f for r in results for f in r.failures)
+    for c in names:
+        out[f"reward_failures/{c}"] = float(failures.get(c, 0))
+    for w, n in sorted(Counter(w for r in results for w in r.warnings).items()):
+        out[f"reward_warnings/{w}"] = float(n)
+    return out
+
+
+def build_reward(cfg: RewardConfig, clip_scorer: Any = None) -> RewardModel:
+    """The reward model for `cfg`. Loads the CLIP scorer when the preset needs it and none is passed in.
+
+    A preset that needs CLIP with no `rewards.clip_model_dir` fails here, at start-up, not mid-run.
+    """
+    weights = preset_weights(cfg)
+    if weights["clip"] != 0 and clip_scorer is None:
+        if not cfg.clip_model_dir:
+            raise PebrError(f"rewards.stage={cfg.stage} gives the CLIP reward weight {weights['clip']} but "
+                            "rewards.clip_model_dir is not set: point it at a local CLIP-family checkpoint "
+                            "(FG-CLIP large upstream; `pebr make-tiny-clip --out DIR` for a tiny random one), "
+                            "or set rewards.weights.clip=0")
+        from pebr_mega.rewards.clip import ClipAlignmentScorer
+
+        try:
+            clip_scorer = ClipAlignmentScorer(cfg.clip_model_dir, cfg.clip_device, cfg.clip_image_size,
+                                              cfg.clip_max_text_tokens, cfg.clip_batch_size,
+                                              cfg.clip_trust_remote_code)
+        except PebrError as e:
+            raise PebrError(f"rewards.clip_model_dir={cfg.clip_model_dir}: {e}") from None
+    return RewardModel(cfg, weights, clip_scorer)

@@ -1,0 +1,127 @@
+"""GRPO records: JSON/JSONL reading, boundary validation with counted skips, round trip, and the data config."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pebr_mega.config import load_config
+from pebr_mega.data.records import GRPORecord, load_grpo_records, save_records
+from pebr_mega.errors import DataError
+
+
+def _rec(qid, n_images=1, **kw):
+    d = {"qid": qid, "problem": "Q " + "<image> " * n_images + "how many?", "answer": "3",
+         "images": [f"img/{qid}_{i}.png" for i in range(n_images)], "key_words": ["red", "circle"]}
+    d.update(kw)
+    return d
+
+
+def _write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_json_list_loads_all_good_records_in_order(tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([_rec("a"), _rec("b", n_images=2), _rec("c")]))
+    res = load_grpo_records(f)
+    assert [r.qid for r in res.records] == ["a", "b", "c"]
+    assert res.records[1].images == ["img/b_0.png", "img/b_1.png"]
+    assert res.skipped == [] and res.total == 3
+    assert res.records[0].key_words == ["red", "circle"]
+
+
+def test_every_bad_record_is_skipped_with_reason_location_and_qid(tmp_path):
+    recs = [
+        _rec("ok1"),
+        "just a string",
+        {k: v for k, v in _rec("noanswer").items() if k != "answer"},
+        _rec("badimg", images="img/x.png"),
+        _rec("badkw", key_words="red"),
+        _rec("notoken", problem="how many circles?"),
+        _rec("mismatch", problem="<image> <image> count"),
+        _rec("ok1"),  # duplicate qid
+        _rec(7),  # integer qid -> "7"
+        _rec("numans", answer=5),
+        _rec("badans", answer=None),
+        _rec(True),  # a bool is not a qid
+    ]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(recs))
+    res = load_grpo_records(f)
+    assert [r.qid for r in res.records] == ["ok1", "7", "numans"]
+    assert res.records[2].answer == "5"
+    assert res.counts == {"not_an_object": 1, "missing_field": 1, "bad_field": 4, "no_image_token": 1,
+                          "image_count_mismatch": 1, "duplicate_qid": 1}
+    by_qid = {s.qid: s for s in res.skipped}
+    assert by_qid["noanswer"].detail == "answer" and by_qid["noanswer"].location == "index 2"
+    assert "first seen at index 0" in by_qid["ok1"].detail and by_qid["ok1"].location == "index 7"
+    assert by_qid["mismatch"].reason == "image_count_mismatch"
+    assert len(res.records) + len(res.skipped) == res.total == len(recs)
+    report = res.report()
+    assert "3 of 12 records loaded" in report and "duplicate_qid" in report and "index 7 qid=ok1" in report
+
+
+def test_jsonl_malformed_lines_are_counted_not_fatal(tmp_path):
+    f = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(_rec("a")), "{not json", "", json.dumps(_rec("b")),
+                                            '{"qid": "c", "problem": "<image>"'])
+    res = load_grpo_records(f)
+    assert [r.qid for r in res.records] == ["a", "b"]
+    bad = [s for s in res.skipped if s.reason == "malformed_json"]
+    assert [s.location for s in bad] == ["line 2", "line 5"]
+    assert res.total == 4
+
+
+def test_unreadable_files_raise_data_error_naming_file(tmp_path):
+    f = tmp_path / "broken.json"
+    f.write_text('[{"qid": "a",\n "problem": }]')
+    with pytest.raises(DataError, match=r"broken\.json.*line 2"):
+        load_grpo_records(f)
+    g = _write_jsonl(tmp_path / "garbage.jsonl", ["not json", "neither"])
+    with pytest.raises(DataError, match=r"garbage\.jsonl.*line 1"):
+        load_grpo_records(g)
+    with pytest.raises(DataError, match=r"not found.*nope\.json"):
+        load_grpo_records(tmp_path / "nope.json")
+
+
+def test_missing_key_words_defaults_to_empty_and_is_noted(tmp_path):
+    d = _rec("a")
+    del d["key_words"]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([d, _rec("b")]))
+    res = load_grpo_records(f)
+    assert res.records[0].key_words == [] and len(res.records) == 2
+    assert sum(res.notes.values()) == 1 and "key_words" in res.report()
+
+
+def test_require_images_checks_files_under_image_root(tmp_path):
+    root = tmp_path / "images"
+    (root / "img").mkdir(parents=True)
+    (root / "img" / "a_0.png").write_bytes(b"x")
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([_rec("a"), _rec("b")]))
+    res = load_grpo_records(f, image_root=root, require_images=True)
+    assert [r.qid for r in res.records] == ["a"]
+    (skip,) = res.skipped
+    assert (skip.reason, skip.qid) == ("missing_image", "b") and "b_0.png" in skip.detail
+    # Without require_images nothing is checked; without image_root paths resolve next to the file.
+    assert len(load_grpo_records(f).records) == 2
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "b_0.png").write_bytes(b"x")
+    assert [r.qid for r in load_grpo_records(f, require_images=True).records] == ["b"]
+
+
+def test_save_then_load_round_trips_including_extra_keys(tmp_path):
+    recs = [GRPORecord("q1", "<image> a?", "\\frac{1}{2}", ["a.png"], ["red"], {"source": "geo3k"}),
+            GRPORecord("q2", "<image><image> b?", "x", ["b.png", "c.png"], [])]
+    out = save_records(tmp_path / "sub" / "r.json", recs)
+    back = load_grpo_records(out)
+    assert back.records == recs
+    assert json.loads(out.read_text())[0]["source"] == "geo3k"
+
+
+def test_data_config_is_part_of_root_schema():
+    cfg = load_config(None, ["data.grpo_file=g.json", "data.max_prompt_length=1024"])
+    assert (cfg.data.grpo_file, cfg.data.max_prompt_length, cfg.data.max_response_length) == ("g.json", 1024, 2048)
+    assert cfg.data.image_root is None and cfg.data.max_prompt_length == 2048

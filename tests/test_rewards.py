@@ -1,0 +1,183 @@
+"""Text rewards (format, accuracy vs MathRuler, keyword, length), stage presets, failure counting, config."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from mathruler.grader import grade_answer
+
+from pebr_mega.config import ConfigError, load_config
+from pebr_mega.errors import PebrError
+from pebr_mega.rewards import (RewardConfig, RewardSample, accuracy_reward, build_reward, extract_description,
+                               extract_final_answer, format_reward, keyword_reward, length_reward, summarize)
+
+
+def _response(answer_line="### The final answer is: 3", desc="There are 3 red circles."):
+    return (f"### Image Description: {desc}\n### Rationales: count them.\n### Let's think step by step.\n"
+            f"### Step 1: one, two, three.\n{answer_line}")
+
+
+# ---------------------------------------------------------------------------------------------- format
+@pytest.mark.parametrize("text", [
+    _response(),
+    "###  image description : x\n### RATIONALES: y\n###Step 1: z\n### the final answer is: 1",
+    "### Image  Description:x ###Rationales :y ### step1: z ###The Final Answer Is:1",
+])
+def test_format_accepts_case_and_spacing_variants(text):
+    assert format_reward(text) == 1.0
+
+
+@pytest.mark.parametrize("text", [
+    _response().replace("### Rationales:", "Rationales:"),
+    _response().replace("### Step 1:", "### Step 10:"),
+    _response().replace("### The final answer is:", "The answer:"),
+    "### Image Description: x",
+    "",
+])
+def test_format_rejects_missing_headers(text):
+    assert format_reward(text) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- accuracy
+ACCURACY_CASES = [  # (what follows the header, what extraction must give, ground truth)
+    ("\\frac{1}{2}", "\\frac{1}{2}", "0.5"),
+    ("0.5", "0.5", "\\frac{1}{2}"),
+    ("\\boxed{3}", "3", "3"),
+    ("$\\boxed{3}$.", "3", "3"),
+    ("3.", "3", "3"),
+    ("**0.75**", "0.75", "\\frac{3}{4}"),
+    ("\\(\\frac{3}{4}\\)", "\\frac{3}{4}", "0.75"),
+    ("4", "4", "3"),
+    ("12 cm", "12 cm", "12"),
+    ("\\frac{\\sqrt{2}}{2}", "\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"),
+    ("(A)", "(A)", "A"),
+    ("B", "B", "b"),
+    ("\\boxed{1}+\\boxed{2}", "\\boxed{1}+\\boxed{2}", "3"),
+    ("$x$ and $y$", "$x$ and $y$", "x"),
+    ("", "", "3"),
+]
+
+
+@pytest.mark.parametrize("after, extracted, truth", ACCURACY_CASES)
+def test_accuracy_matches_mathruler_reference(after, extracted, truth):
+    resp = _response(f"### The final answer is: {after}")
+    assert extract_final_answer(resp) == extracted
+    assert accuracy_reward(resp, truth) == float(grade_answer(extracted, truth))
+
+
+def test_accuracy_known_values_and_header_variants():
+    for header in ("### The final answer is:", "### the FINAL answer IS :", "###The  final answer is:"):
+        assert accuracy_reward(_response(f"{header} \\frac{{1}}{{2}}"), "0.5") == 1.0
+    assert accuracy_reward(_response("### The final answer is: \\boxed{3}"), "3") == 1.0
+    assert accuracy_reward(_response("### The final answer is: 4"), "3") == 0.0
+    # No header: 0 even when the right number is in the text (upstream fell back to the whole response).
+    assert accuracy_reward("3", "3") == 0.0 and extract_final_answer("the answer is 3") is None
+    # The answer on the next line, and the last header wins.
+    assert accuracy_reward("### The final answer is:\n3\n", "3") == 1.0
+    assert accuracy_reward("### The final answer is: 2\n... wait ...\n### The final answer is: 3", "3") == 1.0
+
+
+def test_description_extraction():
+    assert extract_description(_response(desc="Two  blue squares.")) == "Two  blue squares."
+    assert extract_description("###  image description :\nmulti\nline\n### rationales: x") == "multi\nline"
+    assert extract_description("### Image Description:   \n### Rationales: x") is None
+    assert extract_description("no sections at all") is None
+    assert extract_description("### Image Description: only this") == "only this"
+
+
+# ---------------------------------------------------------------------------------------------- keyword, length
+def test_keyword_fraction_case_insensitive():
+    text = "There are three RED circles and a Blue square."
+    assert keyword_reward(text, ["red", "blue", "green", "Circle"]) == 0.75
+    assert keyword_reward(text, ["  red ", ""]) == 1.0  # blank key words are ignored, not free matches
+    assert keyword_reward(text, []) == 0.0 and keyword_reward(text, ["", " "]) == 0.0
+
+
+def test_length_reward():
+    assert length_reward(0) == 1.0 and length_reward(512) == 1.0
+    assert length_reward(513) == pytest.approx(512 / 513) and length_reward(2048) == 0.25
+    assert length_reward(200, limit=100) == 0.5
+    with pytest.raises(ValueError):
+        length_reward(-1)
+
+
+# ---------------------------------------------------------------------------------------------- presets
+def _sample(rng, **kw):
+    answer = str(rng.randint(0, 9))
+    given = answer if rng.random() < 0.5 else str(rng.randint(10, 20))
+    words = rng.sample(["red", "blue", "circle", "square", "three", "green"], 3)
+    desc = " ".join(rng.sample(["red", "blue", "circle", "square", "three", "big"], 3))
+    text = _response(f"### The final answer is: {given}", desc=desc)
+    if rng.random() < 0.3:
+        text = text.replace("### Rationales:", "Rationales:")
+    base = dict(response=text, response_tokens=rng.randint(100, 1500), answer=answer, key_words=words)
+    base.update(kw)
+    return RewardSample(**base)
+
+
+def test_stage2_total_is_0p9_accuracy_plus_0p1_format():
+    rng = random.Random(0)
+    batch = [_sample(rng) for _ in range(24)]
+    model = build_reward(RewardConfig(stage="stage2"))
+    results = model.score(batch)
+    for s, r in zip(batch, results):
+        acc, fmt = accuracy_reward(s.response, s.answer), format_reward(s.response)
+        assert r.components == {"accuracy": acc, "format": fmt}
+        assert r.total == pytest.approx(0.9 * acc + 0.1 * fmt)
+    assert {r.total for r in results} >= {1.0, 0.0}  # the random batch covers both ends
+    m = summarize(results)
+    assert m["reward/accuracy"] == pytest.approx(sum(r.components["accuracy"] for r in results) / 24)
+    assert m["reward/total"] == pytest.approx(sum(r.total for r in results) / 24)
+    assert m["reward_failures/accuracy"] == 0 and "reward/clip" not in m
+
+
+def test_stage1_without_clip_weight_and_with_overrides():
+    rng = random.Random(1)
+    batch = [_sample(rng) for _ in range(16)]
+    cfg = RewardConfig(stage="stage1", weights={"clip": 0.0, "keyword": 0.5, "length": 0.4})
+    results = build_reward(cfg).score(batch)
+    for s, r in zip(batch, results):
+        kw, fmt = keyword_reward(s.response, s.key_words), format_reward(s.response)
+        ln = length_reward(s.response_tokens, 512)
+        assert set(r.components) == {"keyword", "format", "length", "accuracy"}
+        assert r.components["accuracy"] == accuracy_reward(s.response, s.answer)  # logged, not rewarded
+        assert r.total == pytest.approx(0.5 * kw + 0.1 * fmt + 0.4 * ln)
+
+
+def test_failures_and_warnings_are_counted_never_raised():
+    rng = random.Random(2)
+    batch = [_sample(rng) for _ in range(5)]
+    batch[1].answer = None  # a record without an answer: accuracy raises inside
+    batch[2].response_tokens = -3  # a broken token count: length raises
+    batch[3].key_words = []
+    batch[4].key_words = [" "]
+    cfg = RewardConfig(stage="stage1", weights={"clip": 0.0})
+    model = build_reward(cfg)
+    results = model.score(batch)
+    assert results[1].components["accuracy"] == 0.0 and results[1].failures == ["accuracy"]
+    assert results[2].components["length"] == 0.0 and results[2].failures == ["length"]
+    assert results[3].warnings == ["keyword_empty"] and results[4].warnings == ["keyword_empty"]
+    assert results[3].components["keyword"] == 0.0
+    assert "AttributeError" in model.last_errors["accuracy"]
+    m = summarize(results)
+    assert (m["reward_failures/accuracy"], m["reward_failures/length"], m["reward_failures/keyword"]) == (1, 1, 0)
+    assert m["reward_warnings/keyword_empty"] == 2 and m["reward/count"] == 5
+
+
+def test_clip_preset_without_model_dir_fails_at_build():
+    with pytest.raises(PebrError, match=r"rewards\.clip_model_dir"):
+        build_reward(RewardConfig(stage="stage1"))
+    with pytest.raises(PebrError, match=r"rewards\.weights\.kw"):
+        build_reward(RewardConfig(stage="stage2", weights={"kw": 1.0}))
+    with pytest.raises(PebrError, match=r"rewards\.clip_model_dir=.*nowhere"):
+        build_reward(RewardConfig(stage="stage1", clip_model_dir="/nowhere/clip"))
+
+
+def test_reward_config_in_root_schema():
+    cfg = load_config(None, ["rewards.stage=stage2", "rewards.weights.format=0.2", "rewards.length_limit=256"])
+    assert (cfg.rewards.stage, cfg.rewards.weights, cfg.rewards.length_limit) == ("stage2", {"format": 0.2}, 256)
+    assert (cfg.rewards.clip_threshold, cfg.rewards.clip_image_size, cfg.rewards.clip_max_text_tokens) == (0.4, 336, 248)
+    with pytest.raises(ConfigError, match=r"rewards\.stage"):
+        load_config(None, ["rewards.stage=stage3"])
+    with pytest.raises(ConfigError, match=r"rewards\.weights\.clip"):
+        load_config(None, ["rewards.weights.clip=high"])
