@@ -1,0 +1,85 @@
+"""Records -> rollout requests: prompt token ids with expanded image pads, and preprocessed images.
+
+Every record is checked here, at the boundary between data and generation: one whose image is missing,
+unreadable or outside the pixel bounds, or whose prompt is longer than `max_prompt_length` tokens, is
+skipped with its reason counted and its qid kept for the report; nothing else stops the batch.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from pebr_mega.data.images import ImageDecoder, load_image, num_image_tokens
+from pebr_mega.data.prompts import render_prompt_ids
+from pebr_mega.data.records import GRPORecord
+from pebr_mega.errors import DataError, ImageError
+from pebr_mega.rollout.types import RolloutRequest
+
+
+@dataclass
+class RequestReport:
+    """How many records became requests, and why the others did not (reason -> qids)."""
+
+    built: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=lambda: defaultdict(list))
+
+    def skip(self, reason: str, qid: str, detail: str = "") -> None:
+        """Count one skipped record."""
+        self.skipped[reason] += 1
+        self.examples[reason].append(f"{qid}: {detail}" if detail else qid)
+
+    def metrics(self, prefix: str = "requests") -> dict[str, float]:
+        """Counts as step metrics: `requests/built`, `requests/skipped_<reason>`."""
+        out = {f"{prefix}/built": float(self.built)}
+        out.update({f"{prefix}/skipped_{r}": float(n) for r, n in self.skipped.items()})
+        return out
+
+    def summary(self, max_examples: int = 3) -> str:
+        """One line per skip reason with a few qids."""
+        lines = [f"built {self.built} requests, skipped {sum(self.skipped.values())}"]
+        for reason, n in sorted(self.skipped.items()):
+            ex = "; ".join(self.examples[reason][:max_examples])
+            lines.append(f"  {reason}: {n} (e.g. {ex})")
+        return "\n".join(lines)
+
+
+def build_request(record: GRPORecord, tokenizer, decoder: ImageDecoder, image_root: str | Path,
+                  merge_size: int = 2) -> RolloutRequest:
+    """One record's request; raises ImageError / DataError naming the record when it cannot be built."""
+    images = [load_image(p) for p in record.image_paths(image_root)]
+    if images:
+        processed = decoder.decode_and_preprocess(images).to("cpu")
+        tokens = num_image_tokens(processed.image_grid_thw, merge_size)
+        pixel_values, grid = processed.pixel_values, processed.image_grid_thw
+    else:
+        tokens, pixel_values, grid = [], None, None
+    ids = render_prompt_ids(tokenizer, record.problem, tokens, where=f"record {record.qid}")
+    return RolloutRequest(record_id=record.qid, prompt_ids=ids, pixel_values=pixel_values,
+                          image_grid_thw=grid, images=images, record=record)
+
+
+def build_requests(records: Sequence[GRPORecord], tokenizer, decoder: ImageDecoder, image_root: str | Path,
+                   max_prompt_length: int, filter_overlong: bool = True,
+                   merge_size: int = 2) -> tuple[list[RolloutRequest], RequestReport]:
+    """Requests for every usable record, in order, and the report of those skipped."""
+    report = RequestReport()
+    requests = []
+    for record in records:
+        try:
+            req = build_request(record, tokenizer, decoder, image_root, merge_size)
+        except ImageError as e:
+            report.skip("image", record.qid, str(e))
+            continue
+        except DataError as e:
+            report.skip("record", record.qid, str(e))
+            continue
+        if len(req.prompt_ids) > max_prompt_length:
+            if filter_overlong:
+                report.skip("prompt_too_long", record.qid, f"{len(req.prompt_ids)} > {max_prompt_length} tokens")
+                continue
+        requests.append(req)
+    report.built = len(requests)
+    return requests, report
