@@ -228,12 +228,111 @@ def _cmd_make_tiny_clip(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- eval / infer
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy and format rate of an HF model on a GRPO-format dataset",
+                       description="Generate one answer per question (greedy by default) and grade it with the "
+                                   "PeBR accuracy (MathRuler) and format rewards.")
+    p.add_argument("--model", required=True, help="HF model directory")
+    p.add_argument("--dataset", required=True, help="GRPO-format JSON/JSONL (qid, problem, answer, images)")
+    p.add_argument("--image-root", default=None, help="default: the dataset's folder")
+    p.add_argument("--max-samples", type=int, default=0, help="0 = all")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--results", default=None, help="write one JSON line per question here")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_eval)
+
+
+def _stop_token_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    return [i for i in ids if i is not None and i >= 0]
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pebr_mega.data.images import ImageConfig, make_image_decoder
+    from pebr_mega.data.records import load_grpo_records
+    from pebr_mega.rollout.hf_engine import HFRolloutEngine
+    from pebr_mega.rollout.requests import build_requests
+    from pebr_mega.rollout.types import SamplingParams
+    from pebr_mega.trainer.evaluate import evaluate
+
+    loaded = load_grpo_records(args.dataset, args.image_root)
+    if loaded.skipped:
+        print(loaded.report())
+    records = loaded.records[: args.max_samples or None]
+    engine = HFRolloutEngine.from_pretrained(args.model, batch_size=args.batch_size)
+    image_root = args.image_root or str(Path(args.dataset).parent)
+    proc = _image_config_from_model(args.model)
+    requests, report = build_requests(records, engine.tokenizer, make_image_decoder(proc), image_root,
+                                      max_prompt_length=1 << 30)
+    if report.skipped:
+        print(report.summary())
+    sampling = SamplingParams(n=1, temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
+                              stop_token_ids=_stop_token_ids(engine.tokenizer), seed=args.seed)
+    m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results)
+    print(f"eval {args.model} on {args.dataset}: {int(m['eval/count'])} questions | accuracy {m['eval/accuracy']:.3f}"
+          f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens")
+    return 0
+
+
+def _image_config_from_model(model_dir: str):
+    """Pixel bounds from the model's own preprocessor_config.json (what it was trained with), else defaults."""
+    import json
+    from pathlib import Path
+
+    from pebr_mega.data.images import ImageConfig
+
+    f = Path(model_dir) / "preprocessor_config.json"
+    cfg = ImageConfig()
+    if f.is_file():
+        pc = json.loads(f.read_text())
+        size = pc.get("size") or {}
+        cfg.min_pixels = int(pc.get("min_pixels") or size.get("shortest_edge") or cfg.min_pixels)
+        cfg.max_pixels = int(pc.get("max_pixels") or size.get("longest_edge") or cfg.max_pixels)
+    return cfg
+
+
+def _add_infer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("infer", help="answer one question about one image with an HF model",
+                       description="Upstream's inference.py: the PeBR prompt, one image, one answer.")
+    p.add_argument("--model", required=True, help="HF model directory")
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_cmd_infer)
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from pebr_mega.data.images import make_image_decoder
+    from pebr_mega.data.records import GRPORecord
+    from pebr_mega.rollout.hf_engine import HFRolloutEngine
+    from pebr_mega.rollout.requests import build_request
+    from pebr_mega.rollout.types import SamplingParams
+
+    engine = HFRolloutEngine.from_pretrained(args.model, batch_size=1)
+    question = args.question if "<image>" in args.question else "<image>" + args.question
+    record = GRPORecord(qid="infer", problem=question, answer="", images=[args.image])
+    req = build_request(record, engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)), ".")
+    sampling = SamplingParams(n=1, temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
+                              stop_token_ids=_stop_token_ids(engine.tokenizer), seed=args.seed)
+    print(engine.generate([req], sampling)[0].response_text)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_tiny_model,
     _add_config,
     _add_plot,
     _add_synth,
+    _add_eval,
+    _add_infer,
     _add_filter_sft,
     _add_register_llamafactory,
     _add_split,

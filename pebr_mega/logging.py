@@ -18,7 +18,7 @@ from pebr_mega.errors import BackendUnavailableError
 
 # The keys shown on the console line, in order, with their format; everything goes to metrics.jsonl.
 CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
-    ("reward/mean", "reward {:.3f}"),
+    ("reward/total", "reward {:.3f}"),
     ("reward/accuracy", "acc {:.3f}"),
     ("loss", "loss {:.4f}"),
     ("kl", "kl {:.4f}"),
@@ -139,7 +139,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     return rows
 
 
-DEFAULT_PLOT_KEYS = ("reward/mean", "reward/accuracy", "response_length/mean", "kl", "entropy", "grad_norm")
+DEFAULT_PLOT_KEYS = ("reward/total", "reward/accuracy", "response_length/mean", "kl", "entropy", "grad_norm")
 
 
 def plot_metrics(metrics_files: Iterable[str | Path], out_png: str | Path, keys: Sequence[str] = DEFAULT_PLOT_KEYS,

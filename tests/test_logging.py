@@ -8,14 +8,14 @@ from pebr_mega.logging import LoggingConfig, MetricsLogger, format_metrics_line,
 
 
 def test_line_shows_present_keys_in_order():
-    line = format_metrics_line(3, 10, {"loss": 0.25, "reward/mean": 0.5, "kl": float("nan"), "time/step": 2.0})
+    line = format_metrics_line(3, 10, {"loss": 0.25, "reward/total": 0.5, "kl": float("nan"), "time/step": 2.0})
     assert line == "step 3/10 | reward 0.500 | loss 0.2500 | 2.0s/step"
 
 
 def test_jsonl_written_and_torn_line_skipped(tmp_path, capsys):
     log = MetricsLogger(LoggingConfig(progress_bar=False), tmp_path, total_steps=2)
-    log.log(1, {"reward/mean": 0.1, "kl": float("inf")})
-    log.log(2, {"reward/mean": 0.3})
+    log.log(1, {"reward/total": 0.1, "kl": float("inf")})
+    log.log(2, {"reward/total": 0.3})
     log.close()
     out = capsys.readouterr().out
     assert "step 1/2 | reward 0.100" in out and "step 2/2 | reward 0.300" in out
@@ -37,7 +37,7 @@ def test_plot_writes_png(tmp_path):
     for name, scale in (("a", 1.0), ("b", 2.0)):
         d = tmp_path / name
         d.mkdir()
-        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": scale * math.sin(s)}) + "\n"
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/total": scale * math.sin(s)}) + "\n"
                                                  for s in range(5)))
     png = plot_metrics([tmp_path / "a" / "metrics.jsonl", tmp_path / "b" / "metrics.jsonl"], tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,38 @@
+"""`pebr eval` / `pebr infer` and the evaluation function: grading agrees with the reward functions."""
+from __future__ import annotations
+
+import json
+
+from pebr_mega.cli import main
+from pebr_mega.rewards import accuracy_reward, format_reward
+
+
+def test_eval_cli_grades_each_answer(tiny_model_dir, tmp_path, capsys):
+    from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "synth", SynthConfig(num=4, num_sft=1, num_eval=5, seed=1)).out_dir
+    results = tmp_path / "res.jsonl"
+    rc = main(["eval", "--model", str(tiny_model_dir), "--dataset", str(data / "eval.json"), "--max-samples", "3",
+               "--max-new-tokens", "6", "--results", str(results)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "3 questions | accuracy" in out
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["accuracy"] == accuracy_reward(r["response"], r["ground_truth"])
+        assert r["format"] == format_reward(r["response"])
+
+
+def test_infer_cli_prints_an_answer_and_rejects_missing_image(tiny_model_dir, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(img)
+    assert main(["infer", "--model", str(tiny_model_dir), "--image", str(img), "--question", "How many?",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
+    assert main(["infer", "--model", str(tiny_model_dir), "--image", str(tmp_path / "nope.png"),
+                 "--question", "How many?"]) == 2
+    assert "nope.png" in capsys.readouterr().err
