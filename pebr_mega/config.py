@@ -44,12 +44,17 @@ class RunConfig:
 
 def _root_schema() -> type:
     # Imported here so that `pebr --help` stays fast and components stay importable on their own.
+    # Bound as module globals: with postponed annotations OmegaConf resolves the field types in this
+    # module's namespace, where function locals are invisible.
+    global AlgoConfig
+    from pebr_mega.algo.grpo import AlgoConfig
 
     @dataclass
     class PebrConfig:
         """The root of the tree; every section is one component's own config."""
 
         run: RunConfig = field(default_factory=RunConfig)
+        algo: AlgoConfig = field(default_factory=AlgoConfig)
 
     return PebrConfig
 
