@@ -1,1 +1,95 @@
-"""Triton kernels, installed as `pebr_mega.kernels`."""
+"""Triton kernels, installed as `pebr_mega.kernels`: fused log-probs/entropy and the fused GRPO loss.
+
+Public functions (each differentiable):
+
+- ``logprobs(logits, token_ids, ...)``: per-token log-probs (and entropy) from logits, one pass, no
+  ``[N, V]`` float32 intermediate; vocab-parallel with ``tp_group``.
+- ``linear_logprobs(hidden, weight, token_ids, ...)``: the same straight from hidden states and the
+  lm_head weight, chunked over rows so the full logits never exist.
+- ``grpo_loss(logprobs, old_logprobs, advantages, mask, ...)``: PPO-clip + dual-clip + KL + masking +
+  aggregation fused; matches `pebr_mega.algo.grpo.grpo_loss`.
+
+Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels in Triton's interpreter
+when ``TRITON_INTERPRET=1`` is set (the tests), otherwise the torch references of `reference.py` (the CPU
+demo); float64 inputs always take the references. Triton is imported only when a kernel runs, so this
+package imports on machines without it.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .reference import logprobs_reference
+
+__all__ = ["logprobs", "use_triton"]
+
+KL_TYPES = ("k1", "k2", "low_var_kl")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+
+def use_triton(t: Tensor) -> bool:
+    """Whether the Triton kernels handle tensors like ``t`` (see the module docstring)."""
+    if t.dtype == torch.float64:
+        return False
+    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _check_token_ids(token_ids: Tensor, n_vocab: int) -> None:
+    if token_ids.is_floating_point():
+        raise TypeError(f"token_ids must be integers, got {token_ids.dtype}")
+    if token_ids.is_cuda:  # no host sync: the check fails the stream instead
+        torch._assert_async(((token_ids >= 0) & (token_ids < n_vocab)).all(), "token_ids outside [0, V)")
+        return
+    bad = ((token_ids < 0) | (token_ids >= n_vocab)).nonzero()
+    if len(bad):
+        where = tuple(bad[0].tolist())
+        raise ValueError(f"token_ids{list(where)} = {int(token_ids[where])} is outside the vocabulary [0, {n_vocab})")
+
+
+def _vocab_size(n_local: int, tp_group) -> int:
+    if tp_group is None:
+        return n_local
+    import torch.distributed as dist
+
+    return n_local * dist.get_world_size(tp_group)
+
+
+def logprobs(
+    logits: Tensor,
+    token_ids: Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    tp_group=None,
+    *,
+    inplace_backward: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """log softmax(logits / temperature) at ``token_ids``, and the entropy of that distribution if asked.
+
+    logits: ``[..., V]`` bf16/fp16/fp32 (last dim contiguous); with ``tp_group`` this rank's equal,
+        contiguous vocabulary slice ``[..., V / world]`` (Megatron's vocab-parallel layout).
+    token_ids: ``[...]`` integer ids into the full vocabulary.
+    Returns float32 ``[...]`` log-probs and entropy (None unless ``return_entropy``). Gradients flow to
+    ``logits`` from both outputs. With ``tp_group``, every rank must use the outputs identically (they are
+    replicated) and each gets the gradient of its own slice.
+    ``inplace_backward=True`` writes the logits gradient over the logits' storage instead of allocating
+    another ``[N, V]`` tensor: only for logits nothing else reads afterwards (e.g. a fresh lm_head output).
+    """
+    if logits.dim() < 1 or token_ids.shape != logits.shape[:-1]:
+        raise ValueError(f"token_ids shape {tuple(token_ids.shape)} must be logits shape {tuple(logits.shape)} "
+                         "without its last (vocabulary) dimension")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_token_ids(token_ids, _vocab_size(logits.shape[-1], tp_group))
+    if not use_triton(logits):
+        return logprobs_reference(logits, token_ids, temperature, return_entropy, tp_group)
+    from ._logprobs_triton import FusedLogprobs
+
+    flat = logits.reshape(-1, logits.shape[-1])
+    if flat.stride(-1) != 1:
+        flat = flat.contiguous()
+    logp, ent = FusedLogprobs.apply(flat, token_ids.reshape(-1).contiguous(), float(temperature), return_entropy,
+                                    tp_group, inplace_backward)
+    shape = token_ids.shape
+    return logp.view(shape), (ent.view(shape) if ent is not None else None)
