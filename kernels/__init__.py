@@ -21,9 +21,9 @@ import os
 import torch
 from torch import Tensor
 
-from .reference import logprobs_reference
+from .reference import METRIC_NAMES, grpo_loss_reference, logprobs_reference
 
-__all__ = ["logprobs", "use_triton"]
+__all__ = ["grpo_loss", "logprobs", "use_triton"]
 
 KL_TYPES = ("k1", "k2", "low_var_kl")
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
@@ -93,3 +93,49 @@ def logprobs(
                                     tp_group, inplace_backward)
     shape = token_ids.shape
     return logp.view(shape), (ent.view(shape) if ent is not None else None)
+
+
+def grpo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    ref_logprobs: Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.3,
+    clip_dual: float = 3.0,
+    kl_coef: float = 0.01,
+    kl_type: str = "low_var_kl",
+    agg: str = "token-mean",
+    *,
+    entropy: Tensor | None = None,
+    denominator: float | Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The GRPO loss, fused: see `pebr_mega.algo.grpo.grpo_loss` for the formulas and the metrics.
+
+    All tensors ``[B, T]`` (advantages broadcast per token, mask nonzero on response tokens). Only
+    ``logprobs`` receives a gradient. ``denominator`` replaces the batch's own token (token-mean) or
+    sequence (seq-mean-*) count, for a loss normalised over several micro-batches or ranks. Returns the
+    scalar loss (float32) and metrics as 0-dim float32 tensors (no host sync).
+    """
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
+    named = {"old_logprobs": old_logprobs, "advantages": advantages, "mask": mask, "ref_logprobs": ref_logprobs,
+             "entropy": entropy}
+    for name, t in named.items():
+        if t is not None and t.shape != logprobs.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} != logprobs shape {tuple(logprobs.shape)}")
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"kl_type {kl_type!r} is not one of {list(KL_TYPES)}")
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg {agg!r} is not one of {list(AGG_MODES)}")
+    if not use_triton(logprobs):
+        return grpo_loss_reference(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
+                                   clip_dual, kl_coef, kl_type, agg, entropy, denominator)
+    from ._grpo_loss_triton import FusedGrpoLoss
+
+    params = (clip_low, clip_high, clip_dual, kl_coef, kl_type, agg, denominator)
+    loss, packed = FusedGrpoLoss.apply(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, params)
+    absent = {"kl_loss"} if ref_logprobs is None else set()
+    absent |= {"entropy"} if entropy is None else set()
+    return loss, {n: v for n, v in zip(METRIC_NAMES, packed.unbind(0)) if n not in absent}
