@@ -21,9 +21,9 @@ import os
 import torch
 from torch import Tensor
 
-from .reference import METRIC_NAMES, grpo_loss_reference, logprobs_reference
+from .reference import METRIC_NAMES, grpo_loss_reference, linear_logprobs_reference, logprobs_reference
 
-__all__ = ["grpo_loss", "logprobs", "use_triton"]
+__all__ = ["grpo_loss", "linear_logprobs", "logprobs", "use_triton"]
 
 KL_TYPES = ("k1", "k2", "low_var_kl")
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
@@ -91,6 +91,45 @@ def logprobs(
         flat = flat.contiguous()
     logp, ent = FusedLogprobs.apply(flat, token_ids.reshape(-1).contiguous(), float(temperature), return_entropy,
                                     tp_group, inplace_backward)
+    shape = token_ids.shape
+    return logp.view(shape), (ent.view(shape) if ent is not None else None)
+
+
+def linear_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    token_ids: Tensor,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    tp_group=None,
+    *,
+    chunk_rows: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``logprobs(hidden @ weight.T, token_ids, ...)`` without ever holding the full logits.
+
+    hidden: ``[..., H]``; weight: ``[V, H]`` (with ``tp_group``: this rank's vocabulary slice
+    ``[V / world, H]``, hidden replicated). Rows are processed ``chunk_rows`` at a time (default: about
+    2^28 logits per chunk); backward recomputes each chunk's logits. With ``tp_group`` the hidden-state
+    gradient is all-reduced over the group inside backward (the full gradient on every rank, as a
+    ColumnParallelLinear with all-reduced input gradient): do not reduce it again.
+    """
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    if token_ids.shape != hidden.shape[:-1]:
+        raise ValueError(f"token_ids shape {tuple(token_ids.shape)} must be hidden shape {tuple(hidden.shape)} "
+                         "without its last dimension")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_token_ids(token_ids, _vocab_size(weight.shape[0], tp_group))
+    if not use_triton(hidden):
+        return linear_logprobs_reference(hidden, weight, token_ids, temperature, return_entropy, tp_group)
+    from ._linear_triton import FusedLinearLogprobs, default_chunk_rows
+
+    flat = hidden.reshape(-1, hidden.shape[-1]).contiguous()
+    rows = chunk_rows or default_chunk_rows(weight.shape[0])
+    logp, ent = FusedLinearLogprobs.apply(flat, weight, token_ids.reshape(-1).contiguous(), float(temperature),
+                                          return_entropy, tp_group, rows)
     shape = token_ids.shape
     return logp.view(shape), (ent.view(shape) if ent is not None else None)
 
