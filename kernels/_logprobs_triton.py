@@ -36,8 +36,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Vocabulary chunk per loop iteration (a power of two). The tests lower it to cross chunk boundaries.
+# Vocabulary chunk per loop iteration (a power of two) and warps per program (None: 4 up to 1024, else 8).
+# Untuned first choices; tools/bench_kernels.py --sweep times alternatives. The tests lower MAX_BLOCK_V to
+# cross chunk boundaries.
 MAX_BLOCK_V = 4096
+NUM_WARPS: int | None = None
 
 
 @triton.jit
@@ -123,7 +126,7 @@ def _block_v(n_vocab: int) -> int:
 
 
 def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8
+    return NUM_WARPS or (4 if block <= 1024 else 8)
 
 
 def vocab_layout(n_local: int, tp_group) -> tuple[int, int]:

@@ -266,6 +266,39 @@ def bench_grpo_loss(k, size: dict, copy_bw: float, rows: list[Row]) -> Row:
     return result
 
 
+def sweep_blocks(k, size: dict, copy_bw: float) -> list[Row]:
+    """Our log-probs + entropy forward and forward+backward at several (BLOCK_V, warps) settings."""
+    import importlib
+
+    fused = importlib.import_module("pebr_mega.kernels._logprobs_triton")
+    n, v = size["n"], size["v"]
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    logits = (torch.randn(n, v, device=DEVICE, dtype=torch.bfloat16, generator=gen) * 2).requires_grad_()
+    ids = torch.randint(0, v, (n,), device=DEVICE, generator=gen)
+    w = torch.randn(n, device=DEVICE, generator=gen)
+    logits_bytes = n * v * logits.element_size()
+    saved = fused.MAX_BLOCK_V, fused.NUM_WARPS
+    rows = []
+    try:
+        for block in (1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                fused.MAX_BLOCK_V, fused.NUM_WARPS = block, warps
+                label = f"sweep BLOCK_V={block} warps={warps}"
+                with torch.no_grad():
+                    ms, gb = measure(lambda: k.logprobs(logits, ids, return_entropy=True))
+                rows.append(bandwidth_row(Row(label, "ours", "fwd", ms, gb), logits_bytes, copy_bw))
+
+                def fwd_bwd():
+                    logp, ent = k.logprobs(logits, ids, return_entropy=True)
+                    return torch.autograd.grad((logp * w).sum() + (ent * w).sum(), logits)[0]
+
+                ms, gb = measure(fwd_bwd)
+                rows.append(bandwidth_row(Row(label, "ours", "fwd+bwd", ms, gb), 3 * logits_bytes, copy_bw))
+    finally:
+        fused.MAX_BLOCK_V, fused.NUM_WARPS = saved
+    return rows
+
+
 def targets(size_name: str, logprobs: dict, linear: dict, loss: Row) -> list[str]:
     """The issue's targets, each with the measured figure and met / NOT met."""
     out = []
@@ -324,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="full", help="full: the issue's sizes; small: smoke")
     parser.add_argument("--write-docs", action="store_true", help="append the results to docs/PERFORMANCE.md")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the log-prob kernel at several BLOCK_V / warps settings")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device on this machine; these benchmarks need an NVIDIA GPU "
@@ -339,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     logprobs = bench_logprobs(k, size, copy_bw, rows)
     linear = bench_linear(k, size, mm, rows)
     loss = bench_grpo_loss(k, size, copy_bw, rows)
+    if args.sweep:
+        rows += sweep_blocks(k, size, copy_bw)
     table = format_table(rows)
     goals = targets(args.size, logprobs, linear, loss)
     print(table)
