@@ -67,8 +67,10 @@ def logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """log softmax(logits / temperature) at ``token_ids``, and the entropy of that distribution if asked.
 
-    logits: ``[..., V]`` bf16/fp16/fp32 (last dim contiguous); with ``tp_group`` this rank's equal,
-        contiguous vocabulary slice ``[..., V / world]`` (Megatron's vocab-parallel layout).
+    logits: ``[..., V]`` bf16/fp16/fp32; with ``tp_group`` this rank's equal, contiguous vocabulary
+        slice ``[..., V / world]`` (Megatron's vocab-parallel layout). Rows may have any common stride;
+        logits whose rows cannot be flattened to one stride (e.g. ``x[:, :-1]`` of a ``[B, T, V]``
+        batch) are copied first, so select rows after flattening instead.
     token_ids: ``[...]`` integer ids into the full vocabulary.
     Returns float32 ``[...]`` log-probs and entropy (None unless ``return_entropy``). Gradients flow to
     ``logits`` from both outputs. With ``tp_group``, every rank must use the outputs identically (they are
