@@ -70,7 +70,8 @@ def logprobs(
     logits: ``[..., V]`` bf16/fp16/fp32; with ``tp_group`` this rank's equal, contiguous vocabulary
         slice ``[..., V / world]`` (Megatron's vocab-parallel layout). Rows may have any common stride;
         logits whose rows cannot be flattened to one stride (e.g. ``x[:, :-1]`` of a ``[B, T, V]``
-        batch) are copied first, so select rows after flattening instead.
+        batch) are copied first: rather pass every position (any valid id where unused) and slice
+        the output.
     token_ids: ``[...]`` integer ids into the full vocabulary.
     Returns float32 ``[...]`` log-probs and entropy (None unless ``return_entropy``). Gradients flow to
     ``logits`` from both outputs. With ``tp_group``, every rank must use the outputs identically (they are
