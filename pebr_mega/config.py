@@ -49,6 +49,7 @@ def _root_schema() -> type:
     from pebr_mega.data.images import ImageConfig
     from pebr_mega.data.records import DataConfig
     from pebr_mega.rewards.model import RewardConfig
+    from pebr_mega.algo.grpo import AlgoConfig
 
     @dataclass
     class PebrConfig:
@@ -60,6 +61,7 @@ def _root_schema() -> type:
         images: ImageConfig = field(default_factory=ImageConfig)
         data: DataConfig = field(default_factory=DataConfig)
         rewards: RewardConfig = field(default_factory=RewardConfig)
+        algo: AlgoConfig = field(default_factory=AlgoConfig)
 
     return PebrConfig
 
