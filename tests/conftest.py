@@ -5,6 +5,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton decides between its compiler and its interpreter when it is first imported (and transformers'
+# Qwen2.5-VL imports triton), so the interpreter must be chosen before any test module imports anything:
+# on a machine without CUDA the kernel tests run the very same Triton code under TRITON_INTERPRET=1.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # `kernels/` is installed as `pebr_mega.kernels` through setup.py's package_dir. When another checkout of this
 # repository is the one pip-installed in editable mode (git worktrees), that mapping would point there: bind
