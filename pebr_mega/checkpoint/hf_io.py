@@ -1,0 +1,176 @@
+"""Reading and writing HF model directories: lazy safetensors access, sharded writes, aux files, atomic dirs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from pebr_mega.checkpoint.hf_mapping import normalize_hf_name
+from pebr_mega.errors import CheckpointError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class HFWeights:
+    """Lazy, name-normalised access to the safetensors files of an HF model directory."""
+
+    def __init__(self, hf_dir: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.dir = Path(hf_dir)
+        if not self.dir.is_dir():
+            raise CheckpointError(f"{self.dir}: HF model directory not found")
+        files = self._files()
+        self._where: dict[str, tuple[Path, str]] = {}
+        self._handles = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), "pt")
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot open safetensors file ({e})") from None
+            self._handles[f] = h
+            for key in h.keys():
+                self._where[normalize_hf_name(key)] = (f, key)
+        self.key_style = "transformers5" if any(k.startswith("model.language_model.") for _, k in self._where.values()) else "qwen"
+
+    def _files(self) -> list[Path]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            files = [self.dir / n for n in names]
+            missing = [str(f) for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists shard(s) that do not exist: {missing}")
+            return files
+        files = sorted(self.dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.dir}: no *.safetensors weights (only safetensors checkpoints are supported)")
+        return files
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return normalize_hf_name(name) in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name` (normalised HF name); a missing key is a CheckpointError naming it."""
+        n = normalize_hf_name(name)
+        if n not in self._where:
+            raise CheckpointError(f"{self.dir}: HF checkpoint has no tensor '{name}'")
+        f, key = self._where[n]
+        return self._handles[f].get_tensor(key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        f, key = self._where[normalize_hf_name(name)]
+        return tuple(self._handles[f].get_slice(key).get_shape())
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the floating-point weights (the most common one, by tensor count)."""
+        counts: dict[torch.dtype, int] = {}
+        for n in list(self._where)[:64]:
+            d = self.get(n).dtype
+            if d.is_floating_point:
+                counts[d] = counts.get(d, 0) + 1
+        return max(counts, key=counts.get) if counts else torch.float32
+
+
+def is_weight_file(path: Path) -> bool:
+    return path.name.endswith(WEIGHT_SUFFIXES) or path.name in WEIGHT_INDEXES
+
+
+def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy every non-weight file (config, tokenizer, processor, chat template, generation config, ...)."""
+    src, dst = Path(src), Path(dst)
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.is_file() and not is_weight_file(p):
+            shutil.copy2(p, dst / p.name)
+            copied.append(p.name)
+    return copied
+
+
+def write_safetensors(out_dir: str | Path, tensors: Iterable[tuple[str, torch.Tensor]],
+                      max_shard_bytes: int = 5 * 2**30, progress=None) -> list[str]:
+    """Write (name, tensor) pairs as HF safetensors shards (+ index when more than one); returns file names.
+
+    Tensors are consumed one by one and a shard is flushed when it would exceed `max_shard_bytes`, so memory
+    stays near one shard.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    tmp_names: list[str] = []
+
+    def flush() -> None:
+        name = f"shard-{len(tmp_names):05d}.tmp.safetensors"
+        save_file(shards[-1], str(out / name), metadata={"format": "pt"})
+        tmp_names.append(name)
+
+    weight_map_tmp: dict[str, int] = {}
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            flush()
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().cpu().contiguous()
+        weight_map_tmp[name] = len(shards) - 1
+        size += nbytes
+        if progress is not None:
+            progress.update(1)
+    flush()
+    total = len(tmp_names)
+    if total == 1:
+        os.replace(out / tmp_names[0], out / "model.safetensors")
+        return ["model.safetensors"]
+    finals = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    for tmp, final in zip(tmp_names, finals):
+        os.replace(out / tmp, out / final)
+    total_size = sum((out / f).stat().st_size for f in finals)
+    index = {"metadata": {"total_size": total_size}, "weight_map": {n: finals[i] for n, i in sorted(weight_map_tmp.items())}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return finals
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a fresh temporary directory beside `final`; on success it replaces `final` by renames.
+
+    A crash before the end leaves `final` untouched (the temp dir is removed on an exception). When `final`
+    exists it is renamed aside first and deleted only after the new directory is in place.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Rename `new` to `final`, moving an existing `final` aside first and deleting it afterwards."""
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{int(time.time())}-{uuid.uuid4().hex[:6]}"
+        os.replace(final, old)
+    os.replace(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,55 @@
+"""`ModelConfig`: how the Megatron Qwen2.5-VL is built (backend spec, precision, parallel layout, recompute).
+
+The architecture itself (sizes, heads, token ids) is not configured here: it is read from the HF
+`config.json` (`pebr_mega.models.arch`). Fields with `metadata["choices"]` are validated by the config
+loader (`pebr_mega.config.load_config`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _choice(default: Any, choices: tuple, help: str) -> Any:
+    # Same metadata shape as pebr_mega.config.choice; redeclared so models/ does not import the loader.
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    """Build options of the Megatron model; the architecture comes from the HF checkpoint."""
+
+    spec: str = _choice("auto", ("auto", "te", "torch", "local"),
+                        "layer spec: te (Transformer Engine), torch (SDPA attention), local; auto = te if present")
+    fp8: str = _choice("none", ("none", "hybrid", "e4m3"), "FP8 recipe (te spec only)")
+    tp: int = 1
+    pp: int = 1
+    params_dtype: str = _choice("bfloat16", DTYPES, "dtype of parameters and activations")
+    sequence_parallel: bool = False
+    recompute_granularity: str = _choice("none", ("none", "selective", "full"), "activation recompute")
+    recompute_method: str = _choice("uniform", ("uniform", "block"), "how full recompute picks layers")
+    recompute_num_layers: int = 1
+    vision_recompute: bool = False
+    seed: int = 1234
+
+    def validate(self) -> None:
+        """Cross-field checks the loader cannot express; raises ValueError naming the field."""
+        if self.tp < 1 or self.pp < 1:
+            raise ValueError(f"model.tp={self.tp} and model.pp={self.pp} must be >= 1")
+        if self.fp8 != "none" and self.spec not in ("te", "auto"):
+            raise ValueError(f"model.fp8={self.fp8!r} needs model.spec=te (got {self.spec!r})")
+        if self.sequence_parallel and self.spec in ("torch", "local"):
+            raise ValueError("model.sequence_parallel needs model.spec=te (torch.nn.RMSNorm cannot run sequence-parallel)")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("model.sequence_parallel needs model.tp > 1")
+        if self.params_dtype not in DTYPES:
+            raise ValueError(f"model.params_dtype={self.params_dtype!r} is not one of {list(DTYPES)}")
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.params_dtype)

@@ -1,0 +1,233 @@
+"""Qwen2.5-VL on Megatron-Core: a `GPTModel` decoder with M-RoPE, fed by a replicated vision tower.
+
+Mapping onto Megatron:
+- decoder: `GPTModel(position_embedding_type="mrope")` with GQA (`num_query_groups`), qkv bias
+  (`add_qkv_bias`), SwiGLU (`gated_linear_unit` + silu), RMSNorm, tied or untied output layer
+  (`share_embeddings_and_output_weights`), layers split over pipeline stages;
+- vision: `VisionTower` (plain torch, `pebr_mega.models.vision`) on the first pipeline stage only,
+  replicated on every TP rank (see that module for why), its grads averaged over TP by Megatron;
+- merge: on the first stage the token embeddings are computed by GPTModel's own embedding, the image
+  embeddings are written into the `<|image_pad|>` positions, and the result is passed as `decoder_input`;
+- positions: 3-D M-RoPE ids [3, b, s] (`pebr_mega.models.rope_index`) are given to every stage, since each
+  stage applies the rotary embedding in its own layers.
+
+`model_provider(arch, cfg)` returns Megatron's `(pre_process, post_process, vp_stage) -> model` callable.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+
+from pebr_mega.models.arch import QwenVLArch
+from pebr_mega.models.config import ModelConfig
+from pebr_mega.models.specs import layer_spec, resolve_spec
+from pebr_mega.models.vision import VisionTower
+
+
+def _pipeline_split(num_layers: int, pp: int) -> dict:
+    """Megatron needs explicit first/last stage sizes when layers do not divide evenly over stages.
+
+    With base = L // pp and rem = L % pp, the last stage takes base + rem layers and the others base each
+    (the first stage already carries the vision tower and the embedding).
+    """
+    if pp == 1 or num_layers % pp == 0:
+        return {}
+    base, rem = divmod(num_layers, pp)
+    if base == 0:
+        raise ValueError(f"{num_layers} decoder layers cannot fill {pp} pipeline stages")
+    return {"num_layers_in_first_pipeline_stage": base, "num_layers_in_last_pipeline_stage": base + rem}
+
+
+def transformer_config(arch: QwenVLArch, cfg: ModelConfig, perform_initialization: bool = False):
+    """The Megatron `TransformerConfig` of the Qwen2 decoder for this build configuration."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg.validate()
+    t = arch.text
+    resolve_spec(cfg.spec)  # fail at start-up when the backend cannot load
+    if t.num_kv_heads % cfg.tp:
+        raise ValueError(f"model.tp={cfg.tp} must divide the {t.num_kv_heads} key/value heads")
+    if t.vocab_size % cfg.tp:
+        raise ValueError(f"model.tp={cfg.tp} must divide the vocabulary size {t.vocab_size}")
+    dtype = cfg.torch_dtype
+    cuda = torch.cuda.is_available()
+    recompute = None if cfg.recompute_granularity == "none" else cfg.recompute_granularity
+    return TransformerConfig(
+        num_layers=t.num_layers,
+        hidden_size=t.hidden_size,
+        ffn_hidden_size=t.intermediate_size,
+        num_attention_heads=t.num_heads,
+        num_query_groups=t.num_kv_heads,
+        kv_channels=t.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=t.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        mrope_section=list(t.mrope_section),
+        rotary_interleaved=False,
+        # TE's fused RoPE does not handle M-RoPE with batch > 1; the unfused path is exact everywhere.
+        apply_rope_fusion=False,
+        bias_activation_fusion=cuda,
+        bias_dropout_fusion=cuda,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=cfg.tp,
+        pipeline_model_parallel_size=cfg.pp,
+        sequence_parallel=cfg.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        fp8=None if cfg.fp8 == "none" else cfg.fp8,
+        use_cpu_initialization=not cuda,
+        perform_initialization=perform_initialization,
+        init_method_std=0.02,
+        # Sequence lengths vary per micro-batch (images, packing). Megatron rejects that flag with its default
+        # MoE dispatcher even for dense models, so name the (unused) dispatcher that accepts it.
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",
+        recompute_granularity=recompute,
+        recompute_method=cfg.recompute_method if recompute == "full" else None,
+        recompute_num_layers=cfg.recompute_num_layers if recompute == "full" else None,
+        **_pipeline_split(t.num_layers, cfg.pp),
+    )
+
+
+class Qwen25VLModel(MegatronModule):
+    """One pipeline stage of Qwen2.5-VL (the whole model when pp == 1).
+
+    `forward(input_ids [b, s], position_ids [3, b, s], attention_mask=None, pixel_values=None,
+    image_grid_thw=None, labels=None, packed_seq_params=None)` returns logits [b, s, vocab / tp] on the last
+    stage (vocab-parallel unless `runtime_gather_output`), the per-token loss [b, s] when `labels` are given,
+    and the hidden states [s, b, h] on other stages.
+    """
+
+    def __init__(self, config, arch: QwenVLArch, spec: str, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: int | None = None, parallel_output: bool = True, vision_recompute: bool = False) -> None:
+        from megatron.core.models.gpt import GPTModel
+
+        from megatron.core.transformer.enums import ModelType
+
+        super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
+        self.arch = arch
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vision_model: VisionTower | None = None
+        if pre_process:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            self.vision_model = VisionTower(arch.vision, recompute=vision_recompute).to(
+                device=device, dtype=config.params_dtype)
+        self.language_model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(spec),
+            vocab_size=arch.text.vocab_size,
+            max_sequence_length=arch.text.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=arch.text.tie_word_embeddings,
+            position_embedding_type="mrope",
+            rotary_base=arch.text.rope_theta,
+            # Image embeddings are merged first; the merged sequence is scattered for SP afterwards.
+            scatter_embedding_sequence_parallel=False,
+            vp_stage=vp_stage,
+        )
+        if self.vision_model is not None and config.perform_initialization:
+            self._init_vision(config.init_method)
+
+    def _init_vision(self, init) -> None:
+        """Random init of the tower (only used when training from scratch, e.g. the benchmark)."""
+        for name, p in self.vision_model.named_parameters():
+            if name.endswith("norm1.weight") or name.endswith("norm2.weight") or name.endswith("ln_q.weight"):
+                torch.nn.init.ones_(p)
+            elif name.endswith("bias"):
+                torch.nn.init.zeros_(p)
+            else:
+                init(p)
+
+    # ------------------------------------------------------------------------------------ Megatron hooks
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand the previous stage's activations here."""
+        self.language_model.set_input_tensor(input_tensor)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron's distributed-checkpoint view: GPTModel's own, plus the tower replicated over TP."""
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        sd = self.language_model.sharded_state_dict(f"{prefix}language_model.", sharded_offsets, metadata)
+        if self.vision_model is not None:
+            # Replicated over TP: the TP rank goes into replica_id, so only TP rank 0 writes the tower.
+            sd.update(sharded_state_dict_default(self.vision_model, f"{prefix}vision_model.", sharded_offsets, metadata,
+                                                 tp_group=self.language_model.pg_collection.tp))
+        return sd
+
+    def global_name(self, name: str) -> str:
+        """Parameter name with this stage's local decoder-layer index replaced by the global one."""
+        key = "language_model.decoder.layers."
+        if not name.startswith(key):
+            return name
+        local, rest = name[len(key):].split(".", 1)
+        layer = self.language_model.decoder.layers[int(local)]
+        return f"{key}{layer.layer_number - 1}.{rest}"
+
+    # ------------------------------------------------------------------------------------------- forward
+    def embed(self, input_ids: Tensor, pixel_values: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
+        """Token embeddings [s, b, h] with the image embeddings written into the image-pad positions."""
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            image = self.vision_model(pixel_values, image_grid_thw).to(emb.dtype)
+            mask = input_ids == self.arch.image_token_id  # [b, s]
+            if int(mask.sum()) != image.shape[0]:
+                raise ValueError(f"{int(mask.sum())} <|image_pad|> tokens but the images give {image.shape[0]} embeddings")
+            # Fill in batch-major order (row 0's images first), the order in which the processor lays them out.
+            emb = emb.transpose(0, 1).masked_scatter(mask[..., None], image).transpose(0, 1)
+        if self.config.sequence_parallel:
+            from megatron.core import tensor_parallel
+
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb.contiguous()
+
+    def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
+                pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
+                labels: Tensor | None = None, packed_seq_params=None,
+                runtime_gather_output: bool | None = None) -> Tensor:
+        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        if labels is not None:
+            # The loss is computed on vocab-parallel logits (Megatron's cross entropy edits them in place).
+            runtime_gather_output = None
+        return self.language_model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+            decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params,
+            runtime_gather_output=runtime_gather_output,
+        )
+
+
+def build_model(arch: QwenVLArch, cfg: ModelConfig, pre_process: bool = True, post_process: bool = True,
+                vp_stage: int | None = None, parallel_output: bool = True,
+                perform_initialization: bool = False) -> Qwen25VLModel:
+    """Build this rank's stage (call after `pebr_mega.parallel.init_parallel(cfg.tp, cfg.pp)`)."""
+    config = transformer_config(arch, cfg, perform_initialization=perform_initialization)
+    return Qwen25VLModel(config, arch, resolve_spec(cfg.spec), pre_process, post_process, vp_stage,
+                         parallel_output, vision_recompute=cfg.vision_recompute)
+
+
+def model_provider(arch: QwenVLArch, cfg: ModelConfig, parallel_output: bool = True,
+                   perform_initialization: bool = False) -> Callable[..., Qwen25VLModel]:
+    """Megatron's model-provider contract: `(pre_process, post_process, vp_stage=None) -> model`."""
+
+    def provide(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> Qwen25VLModel:
+        return build_model(arch, cfg, pre_process, post_process, vp_stage, parallel_output, perform_initialization)
+
+    return provide

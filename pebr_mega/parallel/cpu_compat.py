@@ -1,0 +1,137 @@
+"""The narrow CPU compatibility layer that lets Megatron-Core run on CPU over gloo.
+
+WHY this exists: Megatron-Core 0.16 assumes CUDA in a handful of places that are not about the math:
+`torch.cuda.current_device()` as the device of new tensors (rotary `inv_freq`, pipeline shape buffers,
+`device="cuda"` counters in the schedules), `torch.cuda.synchronize()` after p2p sends, and the CUDA RNG
+tracker (`torch.cuda.get_rng_state()`) used by TP-region dropout and activation recompute. Tests and the
+embedded CPU demo run the very same Megatron model on CPU, so instead of forking Megatron we:
+
+1. patch `torch.cuda.current_device` (-> 0) and `torch.cuda.synchronize` (-> no-op);
+2. install a `torch.overrides.TorchFunctionMode` that rewrites any CUDA device argument (`"cuda"`,
+   `"cuda:0"`, `torch.device("cuda")`, a bare GPU index) to CPU, and turns `Tensor.cuda()` into a no-op;
+3. replace the CUDA RNG tracker by one that tracks *CPU* generator states (on CPU the CPU generator is
+   the one dropout draws from, so forking it is the faithful translation), and point Megatron's
+   `_get/_set_cuda_rng_state` (used by activation recompute) at the CPU generator.
+
+Attention masks: Megatron's local core attention builds its default causal mask on CUDA; our model passes
+an explicit mask where that path is used (see `pebr_mega.models.specs`), so nothing is patched for it.
+
+`enable_cpu_compat()` is called once by `parallel.init_parallel` and only when CUDA is absent; it is a no-op
+on a machine with a GPU and idempotent otherwise. Nothing else in the package touches these internals.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_ACTIVE = False
+_MODE: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(dev: Any) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    # A bare int is how Megatron passes `torch.cuda.current_device()`: an index into the GPUs.
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments of torch calls to CPU (Megatron allocates buffers on 'cuda')."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda_device(dev):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    class CpuRNGStatesTracker(CudaRNGStatesTracker):
+        """Megatron's named RNG-state tracker, keeping CPU generator states instead of CUDA ones."""
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name: str = "model-parallel-rng"):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    return CpuRNGStatesTracker
+
+
+def _install_cpu_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Activation recompute saves/restores "the CUDA RNG state"; on CPU that is the CPU generator.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def cpu_compat_active() -> bool:
+    """Whether the CPU compatibility layer is installed in this process."""
+    return _ACTIVE
+
+
+def enable_cpu_compat() -> bool:
+    """Install the CPU compatibility layer when CUDA is absent; returns whether it is active."""
+    global _ACTIVE, _MODE
+    if torch.cuda.is_available():
+        return False
+    if _ACTIVE:
+        return True
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda *a, **k: None
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()
+    _install_cpu_rng_tracker()
+    _ACTIVE = True
+    return True
+
+
+def seed_model_parallel_rng(seed: int) -> None:
+    """Seed Megatron's tracked RNG streams (`model_parallel_cuda_manual_seed`) on CPU or GPU."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    if _ACTIVE:
+        from megatron.core.parallel_state import get_tensor_model_parallel_rank
+        from megatron.core.tensor_parallel import random as mrandom
+
+        tracker = mrandom._CUDA_RNG_STATE_TRACKER
+        tracker.reset()
+        tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+        tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + get_tensor_model_parallel_rank())
+        tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+        return
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)

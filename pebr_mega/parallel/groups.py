@@ -1,0 +1,99 @@
+"""Process groups: torch.distributed plus Megatron's tensor/pipeline/data-parallel groups, on GPU or CPU.
+
+`init_parallel(tp, pp)` is the one entry point. It reads the usual launcher environment (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), picks NCCL with CUDA and gloo without, installs the CPU
+compatibility layer when CUDA is absent (the only place it is activated), builds Megatron's groups and seeds
+Megatron's RNG streams. `destroy_parallel()` undoes the Megatron part so a process can re-initialise with
+another TP/PP (the tests reuse two workers for several layouts).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pebr_mega.parallel.cpu_compat import enable_cpu_compat, seed_model_parallel_rng
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """Where this rank sits: its global rank and its TP / PP / DP coordinates."""
+
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> None:
+    """Initialise torch.distributed from the environment (a single-rank world when no launcher set it)."""
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        from pebr_mega.parallel.launch import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        # Without CUDA, Megatron needs the compatibility layer before it builds anything.
+        enable_cpu_compat()
+    dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"), timeout=timedelta(minutes=timeout_minutes))
+
+
+def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None) -> ParallelState:
+    """Initialise torch.distributed (if needed) and Megatron's model-parallel groups for (tp, pp)."""
+    from megatron.core import parallel_state as mpu
+
+    init_distributed(backend)
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    seed_model_parallel_rng(seed)
+    return current_state()
+
+
+def current_state() -> ParallelState:
+    """This rank's coordinates in the current Megatron layout."""
+    from megatron.core import parallel_state as mpu
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return ParallelState(
+        rank=dist.get_rank(), world_size=dist.get_world_size(),
+        tp=mpu.get_tensor_model_parallel_world_size(), pp=mpu.get_pipeline_model_parallel_world_size(),
+        dp=mpu.get_data_parallel_world_size(), tp_rank=mpu.get_tensor_model_parallel_rank(),
+        pp_rank=mpu.get_pipeline_model_parallel_rank(), dp_rank=mpu.get_data_parallel_rank(), device=device,
+    )
+
+
+def destroy_parallel(process_group: bool = False) -> None:
+    """Tear down Megatron's groups (and the default process group when `process_group`)."""
+    from megatron.core import parallel_state as mpu
+
+    if mpu.model_parallel_is_initialized():
+        mpu.destroy_model_parallel()
+    if process_group and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,282 @@
+"""Megatron Qwen2.5-VL vs transformers on image+text input: logits, gradients, packing, at TP/PP 1 and 2.
+
+One launch of two gloo ranks (CPU) runs every layout in turn and reports back; the tests below check the
+pieces. References are computed here with transformers' Qwen2_5_VLForConditionalGeneration in float32.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pebr_mega.parallel.launch import spawn
+
+pytestmark = pytest.mark.slow
+LOGIT_TOL = 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _make_batch(hf_dir, seed: int) -> dict:
+    """Three right-padded samples: one image, two images (different sizes), text only."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    proc = AutoImageProcessor.from_pretrained(hf_dir)
+    rng = np.random.default_rng(seed)
+    specs = [[(84, 140)], [(112, 56), (56, 84)], []]
+    prompts = ["How many circles?", "Compare the two pictures and count the red squares.", "What is 12 + 30?"]
+    rows, pixels, grids = [], [], []
+    for sizes, prompt in zip(specs, prompts):
+        content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": prompt}]
+        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        for h, w in sizes:
+            vis = proc(images=[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))], return_tensors="pt")
+            n = int(vis["image_grid_thw"].prod()) // 4
+            text = text.replace("<|vision_start|><|image_pad|>", "<|vision_start|>" + "<|IMG|>" * n, 1)
+            pixels.append(vis["pixel_values"])
+            grids.append(vis["image_grid_thw"])
+        ids = tok(text.replace("<|IMG|>", "<|image_pad|>"))["input_ids"]
+        ids += rng.integers(0, 700, 5).tolist()  # a short "response"
+        rows.append(ids)
+    s = max(map(len, rows))
+    pad = tok.convert_tokens_to_ids("<|endoftext|>")
+    input_ids = torch.full((len(rows), s), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), s, dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    labels = torch.from_numpy(rng.integers(0, len(tok), input_ids.shape)).long()
+    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.cat(pixels).float(),
+            "image_grid_thw": torch.cat(grids), "labels": labels}
+
+
+def _hf_reference(hf_dir, batch) -> dict:
+    """Logits and vision-tower gradients of sum(CE(logits, labels)) over valid tokens, from transformers."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
+    model.train()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(ids == model.config.image_token_id).int())
+    ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
+    (ce * mask.flatten()).sum().backward()
+    grads = {"vision_model." + k[len("model.visual."):]: p.grad.clone()
+             for k, p in model.named_parameters() if k.startswith("model.visual.")}
+    return {"logits": out.logits.detach(), "vision_grads": grads}
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def _model(hf_dir, tp, pp, spec="torch"):
+    from megatron.core import parallel_state as mpu
+
+    from pebr_mega.checkpoint.hf_load import load_hf_weights
+    from pebr_mega.models.arch import arch_from_hf_dir
+    from pebr_mega.models.config import ModelConfig
+    from pebr_mega.models.qwen25_vl import build_model
+
+    cfg = ModelConfig(spec=spec, tp=tp, pp=pp, params_dtype="float32")
+    model = build_model(arch_from_hf_dir(hf_dir), cfg, mpu.is_pipeline_first_stage(), mpu.is_pipeline_last_stage())
+    load_hf_weights(model, hf_dir)
+    return model
+
+
+def _inputs(model, batch, with_labels=False):
+    from pebr_mega.checkpoint.compare import position_ids_for
+
+    out = {"input_ids": batch["input_ids"], "position_ids": position_ids_for(model.arch, batch),
+           "pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
+    if with_labels:
+        out["labels"] = batch["labels"]
+    return out
+
+
+def _schedule(model, batch, forward_only):
+    """One micro-batch through Megatron's schedule; returns per-token losses (last stage) or logits."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    mask = batch["attention_mask"].float()
+    inputs = _inputs(getattr(model, "module", model), batch, with_labels=not forward_only)
+    out_store = {}
+
+    def step(it, m):
+        mb = next(it)
+        out = m(**mb, runtime_gather_output=True)
+
+        def loss_fn(o, non_loss_data=False):
+            if forward_only:
+                return o.detach()
+            out_store["token_loss"] = o.detach()
+            return (o * mask).sum(), {"loss": (o * mask).sum().detach()}
+
+        return out, loss_fn
+
+    got = get_forward_backward_func()(forward_step_func=step, data_iterator=iter([inputs]), model=[model],
+                                      num_microbatches=1, seq_length=inputs["input_ids"].shape[1],
+                                      micro_batch_size=inputs["input_ids"].shape[0], forward_only=forward_only,
+                                      collect_non_loss_data=forward_only)
+    return got[0] if forward_only and got else out_store.get("token_loss")
+
+
+def _vision_grads(model):
+    if model.vision_model is None:
+        return None
+    return {"vision_model." + n: (getattr(p, "main_grad", None) if p.grad is None else p.grad).clone()
+            for n, p in model.vision_model.named_parameters()}
+
+
+def _packed_vs_padded(model, batch):
+    """Per-token losses and logits of the padded batch and of the same samples packed into one THD row."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from pebr_mega.checkpoint.compare import position_ids_for
+
+    with torch.no_grad():
+        padded = _inputs(model, batch, with_labels=True)
+        padded_loss = model(**padded)
+        padded_logits = model(**{k: v for k, v in padded.items() if k != "labels"}, runtime_gather_output=True)
+        mask = batch["attention_mask"].bool()
+        lens = mask.sum(1)
+        cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).int()
+        pos = position_ids_for(model.arch, batch)
+        packed = {
+            "input_ids": batch["input_ids"][mask][None], "labels": batch["labels"][mask][None],
+            "position_ids": pos[:, mask][:, None, :],  # positions restart at 0 for every sample
+            "pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"],
+            "packed_seq_params": PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                                 max_seqlen_q=int(lens.max()), max_seqlen_kv=int(lens.max())),
+        }
+        packed_loss = model(**packed)
+        packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}, runtime_gather_output=True)
+    return {"padded_loss": padded_loss[mask], "packed_loss": packed_loss[0],
+            "padded_logits": padded_logits[mask], "packed_logits": packed_logits[0]}
+
+
+def _parity_worker(rank, tiny, alt, batch_tiny, batch_alt):
+    from megatron.core import parallel_state as mpu
+
+    from pebr_mega.parallel.groups import init_parallel
+
+    batches = {"tiny": {k: torch.as_tensor(v) for k, v in batch_tiny.items()},
+               "alt": {k: torch.as_tensor(v) for k, v in batch_alt.items()}}
+    dirs = {"tiny": tiny, "alt": alt}
+    out = {}
+
+    # Layout 1: TP=1, PP=1 (two data-parallel replicas): rank 0 checks the tiny model, rank 1 the tied one.
+    init_parallel(1, 1)
+    name = "tiny" if rank == 0 else "alt"
+    b = batches[name]
+    for spec in ("torch", "local"):
+        model = _model(dirs[name], 1, 1, spec).eval()
+        with torch.no_grad():
+            out[f"tp1_{spec}_{name}_logits"] = model(**_inputs(model, b), runtime_gather_output=True)
+    model = _model(dirs[name], 1, 1)
+    out[f"packing_{name}"] = _packed_vs_padded(model.eval(), b)
+    model.train()
+    loss = (model(**_inputs(model, b, with_labels=True)) * b["attention_mask"]).sum()
+    loss.backward()
+    out[f"tp1_{name}_vision_grads"] = _vision_grads(model)
+
+    # Layout 2: TP=2 on the tiny model, wrapped in Megatron's DDP so finalize_model_grads does the TP averaging.
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    init_parallel(2, 1)
+    model = _model(tiny, 2, 1).eval()
+    out["tp2_tiny_logits"] = _schedule(model, batches["tiny"], forward_only=True)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model.train())
+    ddp.zero_grad_buffer()
+    _schedule(ddp, batches["tiny"], forward_only=False)
+    finalize_model_grads([ddp])
+    out["tp2_tiny_vision_grads"] = _vision_grads(model)
+    out["tp_rank"] = mpu.get_tensor_model_parallel_rank()
+
+    # Layout 3: PP=2 through the pipeline schedule, both models (alt has 3 layers: an uneven 1 + 2 split).
+    init_parallel(1, 2)
+    for name in ("tiny", "alt"):
+        model = _model(dirs[name], 1, 2).eval()
+        out[f"pp2_{name}_logits"] = _schedule(model, batches[name], forward_only=True)
+        model.train()
+        _schedule(model, batches[name], forward_only=False)
+        out[f"pp2_{name}_vision_grads"] = _vision_grads(model)
+    out["pp_rank"] = mpu.get_pipeline_model_parallel_rank()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- tests
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tiny_model_dir_alt):
+    batches = {"tiny": _make_batch(tiny_model_dir, 0), "alt": _make_batch(tiny_model_dir_alt, 1)}
+    refs = {"tiny": _hf_reference(tiny_model_dir, batches["tiny"]), "alt": _hf_reference(tiny_model_dir_alt, batches["alt"])}
+    plain = {k: {n: t.numpy() for n, t in b.items()} for k, b in batches.items()}
+    results = spawn(_parity_worker, 2, str(tiny_model_dir), str(tiny_model_dir_alt), plain["tiny"], plain["alt"])
+    return batches, refs, results
+
+
+def _max_diff_on_valid(ref, out, mask):
+    return float((ref - torch.as_tensor(out))[mask.bool()].abs().max())
+
+
+@pytest.mark.parametrize("spec", ["torch", "local"])
+@pytest.mark.parametrize("name,rank", [("tiny", 0), ("alt", 1)])
+def test_tp1_logits_match_transformers(run, name, rank, spec):
+    batches, refs, results = run
+    diff = _max_diff_on_valid(refs[name]["logits"], results[rank][f"tp1_{spec}_{name}_logits"], batches[name]["attention_mask"])
+    assert diff < LOGIT_TOL, f"{name} {spec}: max |logit diff| {diff:.2e}"
+
+
+def test_tp2_logits_match_transformers(run):
+    batches, refs, results = run
+    r0 = next(r for r in results if r["tp_rank"] == 0)
+    diff = _max_diff_on_valid(refs["tiny"]["logits"], r0["tp2_tiny_logits"], batches["tiny"]["attention_mask"])
+    assert diff < LOGIT_TOL, f"TP=2 max |logit diff| {diff:.2e}"
+
+
+@pytest.mark.parametrize("name", ["tiny", "alt"])
+def test_pp2_logits_match_transformers(run, name):
+    batches, refs, results = run
+    last = next(r for r in results if r["pp_rank"] == 1)
+    diff = _max_diff_on_valid(refs[name]["logits"], last[f"pp2_{name}_logits"], batches[name]["attention_mask"])
+    assert diff < LOGIT_TOL, f"PP=2 {name}: max |logit diff| {diff:.2e}"
+
+
+def _assert_grads_close(ref: dict, got: dict, what: str):
+    assert set(ref) == set(got), what
+    for k, g in ref.items():
+        mine = torch.as_tensor(got[k])
+        assert float(g.abs().max()) > 0, f"{what}: reference grad of {k} is zero"
+        err = float((mine - g).abs().max()) / float(g.abs().max())
+        assert err < 1e-4, f"{what}: {k} relative grad error {err:.2e}"
+
+
+@pytest.mark.parametrize("name,rank", [("tiny", 0), ("alt", 1)])
+def test_gradients_reach_the_vision_tower(run, name, rank):
+    _, refs, results = run
+    _assert_grads_close(refs[name]["vision_grads"], results[rank][f"tp1_{name}_vision_grads"], f"TP=1 {name}")
+
+
+def test_tp2_vision_grads_equal_on_both_ranks_after_finalize(run):
+    _, refs, results = run
+    for r in results:
+        _assert_grads_close(refs["tiny"]["vision_grads"], r["tp2_tiny_vision_grads"], f"TP=2 rank {r['tp_rank']}")
+
+
+@pytest.mark.parametrize("name", ["tiny", "alt"])
+def test_pp2_vision_grads_through_the_schedule(run, name):
+    _, refs, results = run
+    first = next(r for r in results if r["pp_rank"] == 0)
+    assert next(r for r in results if r["pp_rank"] == 1)[f"pp2_{name}_vision_grads"] is None  # tower on stage 0 only
+    _assert_grads_close(refs[name]["vision_grads"], first[f"pp2_{name}_vision_grads"], f"PP=2 {name}")
+
+
+@pytest.mark.parametrize("name,rank", [("tiny", 0), ("alt", 1)])
+def test_packed_equals_padded(run, name, rank):
+    batches, refs, results = run
+    p = results[rank][f"packing_{name}"]
+    n_valid = int(batches[name]["attention_mask"].sum())
+    assert p["packed_loss"].shape == (n_valid,) and p["padded_loss"].shape == (n_valid,)
+    assert np.abs(p["packed_loss"] - p["padded_loss"]).max() < 1e-5
+    assert np.abs(p["packed_logits"] - p["padded_logits"]).max() < LOGIT_TOL
+    # and both equal transformers on the valid tokens
+    ref = refs[name]["logits"][batches[name]["attention_mask"].bool()]
+    assert float((torch.as_tensor(p["packed_logits"]) - ref).abs().max()) < LOGIT_TOL

@@ -1,0 +1,80 @@
+"""Layer-spec selection and the SDPA core attention against a float64 reference."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pebr_mega.errors import BackendUnavailableError
+from pebr_mega.models.config import ModelConfig
+from pebr_mega.models.specs import TE_INSTALL, SDPACoreAttention, resolve_spec, te_available
+
+
+def test_te_spec_fails_at_startup_with_install_command():
+    if te_available() and torch.cuda.is_available():
+        pytest.skip("Transformer Engine is usable here")
+    with pytest.raises(BackendUnavailableError) as err:
+        resolve_spec("te")
+    assert "transformer" in str(err.value).lower() and ("install" in str(err.value) or "CUDA" in str(err.value))
+    if not te_available():
+        assert TE_INSTALL in str(err.value)
+
+
+def test_auto_resolves_to_torch_without_te_and_cuda():
+    expected = "te" if te_available() and torch.cuda.is_available() else "torch"
+    assert resolve_spec("auto") == expected
+    assert resolve_spec("local") == "local" and resolve_spec("torch") == "torch"
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_spec("flash")
+
+
+def test_model_config_cross_checks():
+    with pytest.raises(ValueError, match="fp8"):
+        ModelConfig(spec="torch", fp8="hybrid").validate()
+    with pytest.raises(ValueError, match="sequence_parallel"):
+        ModelConfig(spec="torch", tp=2, sequence_parallel=True).validate()
+    ModelConfig(spec="te", fp8="e4m3", tp=2).validate()
+
+
+def _reference(q, k, v, allowed):
+    """float64 softmax attention; q [s, b, np, hn], k/v [s, b, ng, hn], allowed [b or 1, 1, sq, sk] bool."""
+    rep = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+    scores = torch.einsum("qbhd,kbhd->bhqk", q, k) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("bhqk,kbhd->qbhd", torch.softmax(scores, -1), v).reshape(q.shape[0], q.shape[1], -1)
+
+
+def _attn():
+    cfg = SimpleNamespace(context_parallel_size=1, attention_dropout=0.0, kv_channels=8)
+    return SDPACoreAttention(cfg, layer_number=1, attn_mask_type=None, attention_type="self").eval()
+
+
+def test_sdpa_core_attention_causal_and_masked_with_gqa():
+    torch.manual_seed(0)
+    s, b, np_, ng, hn = 7, 2, 4, 2, 8
+    q = torch.randn(s, b, np_, hn, dtype=torch.float64)
+    k, v = (torch.randn(s, b, ng, hn, dtype=torch.float64) for _ in range(2))
+    causal = torch.ones(s, s, dtype=torch.bool).tril()[None, None]
+    assert torch.allclose(_attn()(q, k, v, None), _reference(q, k, v, causal), atol=1e-12)
+    # Megatron's mask convention: True = masked out. Mask out key 2 in batch row 1 on top of causality.
+    meg_mask = ~causal.expand(b, 1, s, s).clone()
+    meg_mask[1, :, 3:, 2] = True
+    assert torch.allclose(_attn()(q, k, v, meg_mask), _reference(q, k, v, ~meg_mask), atol=1e-12)
+
+
+def test_sdpa_core_attention_packed_thd_is_block_diagonal_causal():
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    torch.manual_seed(1)
+    lens = [3, 6, 2]
+    t, np_, ng, hn = sum(lens), 4, 1, 8
+    q = torch.randn(t, np_, hn, dtype=torch.float64)
+    k, v = (torch.randn(t, ng, hn, dtype=torch.float64) for _ in range(2))
+    cu = torch.tensor([0, 3, 9, 11], dtype=torch.int32)
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=6, max_seqlen_kv=6)
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor(lens))
+    allowed = (seg[:, None] == seg[None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
+    ref = _reference(q[:, None], k[:, None], v[:, None], allowed[None, None])[:, 0]
+    assert torch.allclose(_attn()(q, k, v, None, packed_seq_params=params), ref, atol=1e-12)

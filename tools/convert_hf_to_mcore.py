@@ -1,0 +1,40 @@
+#!/usr/bin/env python
+"""Convert an HF Qwen2.5-VL directory into a Megatron distributed checkpoint (loads at any TP/PP).
+
+    python tools/convert_hf_to_mcore.py --hf-dir DIR --out DIR
+
+Runs on CPU (one process); the output also records the HF config and non-weight files, so
+tools/export_to_hf.py needs no template. Bad input is reported as one line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
+    p.add_argument("--out", required=True, help="output checkpoint directory (replaced atomically)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    import warnings
+
+    # Megatron warns at import about optional accelerators (Apex, TE) and deprecations: noise for a CLI tool.
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    from pebr_mega.checkpoint.convert import convert_hf_to_mcore
+    from pebr_mega.errors import PebrError
+
+    try:
+        convert_hf_to_mcore(args.hf_dir, args.out, progress=not args.quiet)
+    except PebrError as e:
+        print(f"convert_hf_to_mcore: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # the guard matters: Megatron's checkpoint writer may spawn a process
+    raise SystemExit(main())
