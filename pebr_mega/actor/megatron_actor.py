@@ -121,7 +121,8 @@ class MegatronActor:
             optimizer, init_lr=0.0 if warmup else lr, max_lr=lr, min_lr=self.cfg.min_lr, lr_warmup_steps=warmup,
             lr_decay_steps=max(total_updates, 1), lr_decay_style=self.cfg.lr_schedule,
             start_wd=self.cfg.weight_decay, end_wd=self.cfg.weight_decay, wd_incr_steps=max(total_updates, 1),
-            wd_incr_style="constant", override_opt_param_scheduler=True)
+            wd_incr_style="constant", override_opt_param_scheduler=True,
+            use_checkpoint_opt_param_scheduler=False)
         return optimizer, scheduler
 
     @property
@@ -283,12 +284,20 @@ class MegatronActor:
         if not loss_ok or found_inf or not math.isfinite(grad_norm):
             self.optimizer.zero_grad()
             return {"grad_norm": grad_norm, "skipped": 1.0, "lr": self.lr}
-        if self.cfg.clip_grad > 0:
-            self.optimizer.clip_grad_norm(self.cfg.clip_grad)
+        if self.cfg.clip_grad > 0 and grad_norm > self.cfg.clip_grad:
+            self._scale_grads(self.cfg.clip_grad / (grad_norm + 1e-6))
         self.optimizer.step_with_ready_grads()
         self.scheduler.step(increment=1)
         self.updates += 1
         return {"grad_norm": grad_norm, "skipped": 0.0, "lr": self.lr}
+
+    @torch.no_grad()
+    def _scale_grads(self, coef: float) -> None:
+        # Clipping by the global norm already computed above (over every model-parallel rank). Megatron's own
+        # `clip_grad_norm` recomputes that norm and asserts CUDA tensors, so the scaling is done here.
+        for p in self.optimizer.get_parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
 
     @property
     def lr(self) -> float:
