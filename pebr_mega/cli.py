@@ -246,8 +246,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _stop_token_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    return [i for i in ids if i is not None and i >= 0]
+    from pebr_mega.trainer.hf_io import stop_token_ids
+
+    return stop_token_ids(tokenizer)
+
+
+def vision_token_ids(tokenizer) -> list[int]:
+    from pebr_mega.trainer.hf_io import vision_token_ids as ids
+
+    return ids(tokenizer)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -272,7 +279,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if report.skipped:
         print(report.summary())
     sampling = SamplingParams(n=1, temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                              stop_token_ids=_stop_token_ids(engine.tokenizer), seed=args.seed)
+                              stop_token_ids=_stop_token_ids(engine.tokenizer), seed=args.seed,
+                              banned_token_ids=vision_token_ids(engine.tokenizer))
     m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results)
     print(f"eval {args.model} on {args.dataset}: {int(m['eval/count'])} questions | accuracy {m['eval/accuracy']:.3f}"
           f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens")
@@ -320,8 +328,80 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     record = GRPORecord(qid="infer", problem=question, answer="", images=[args.image])
     req = build_request(record, engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)), ".")
     sampling = SamplingParams(n=1, temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                              stop_token_ids=_stop_token_ids(engine.tokenizer), seed=args.seed)
+                              stop_token_ids=_stop_token_ids(engine.tokenizer), seed=args.seed,
+                              banned_token_ids=vision_token_ids(engine.tokenizer))
     print(engine.generate([req], sampling)[0].response_text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def _load(args: argparse.Namespace):
+    from pebr_mega.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
+    return cfg
+
+
+def _add_sft(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sft", help="SFT warm-up on the Megatron actor (sft.* settings)",
+                       description="Full fine-tune on ShareGPT conversations, loss on assistant tokens; writes "
+                                   "run.output_dir/hf. Launch with torchrun for several GPUs.")
+    _add_config_args(p)
+    p.set_defaults(handler=_cmd_sft)
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.dry_run:
+        return 0
+    from pebr_mega.trainer.sft import SFTTrainer
+
+    res = SFTTrainer(cfg).train()
+    print(f"sft done: model {res.model_dir}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="one GRPO stage (grpo.stage=stage1|stage2) on the Megatron actor",
+                       description="GRPO from grpo.init_model on grpo.train_file with the stage's reward preset; "
+                                   "writes run.output_dir/{metrics.jsonl,checkpoints,hf}. Resumes automatically.")
+    _add_config_args(p)
+    p.set_defaults(handler=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.dry_run:
+        return 0
+    from pebr_mega.trainer.grpo import GRPOTrainer
+
+    res = GRPOTrainer(cfg).train()
+    print(f"{cfg.grpo.stage} done: model {res.model_dir}")
+    return 0
+
+
+def _add_sample(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="difficulty sampling: n answers per GRPO question (sample.* settings)",
+                       description="Writes sample.output (JSONL: qid, response, ground_truth, score), overwriting it.")
+    _add_config_args(p)
+    p.set_defaults(handler=_cmd_sample)
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.dry_run:
+        return 0
+    from pebr_mega.trainer.sample import run_sampling
+
+    run_sampling(cfg)
     return 0
 
 
@@ -333,6 +413,9 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth,
     _add_eval,
     _add_infer,
+    _add_sft,
+    _add_sample,
+    _add_train,
     _add_filter_sft,
     _add_register_llamafactory,
     _add_split,

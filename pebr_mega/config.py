@@ -40,6 +40,7 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = choice("auto", ["auto", "cpu", "cuda"], "where tensors live; auto = cuda when present")
+    peak_tflops: float = 0.0  # the card's dense peak for MFU; 0 = known cards (H100/H200/A100) only
 
 
 def _root_schema() -> type:
@@ -50,6 +51,9 @@ def _root_schema() -> type:
     from pebr_mega.data.records import DataConfig
     from pebr_mega.rewards.model import RewardConfig
     from pebr_mega.algo.grpo import AlgoConfig
+    from pebr_mega.actor.config import ActorConfig
+    from pebr_mega.models.config import ModelConfig
+    from pebr_mega.trainer.config import GRPOTrainerConfig, PipelineConfig, SampleConfig, SFTConfig
 
     @dataclass
     class PebrConfig:
@@ -62,6 +66,12 @@ def _root_schema() -> type:
         data: DataConfig = field(default_factory=DataConfig)
         rewards: RewardConfig = field(default_factory=RewardConfig)
         algo: AlgoConfig = field(default_factory=AlgoConfig)
+        model: ModelConfig = field(default_factory=ModelConfig)
+        actor: ActorConfig = field(default_factory=ActorConfig)
+        grpo: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
+        sft: SFTConfig = field(default_factory=SFTConfig)
+        sample: SampleConfig = field(default_factory=SampleConfig)
+        pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     return PebrConfig
 

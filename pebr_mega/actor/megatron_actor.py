@@ -291,6 +291,43 @@ class MegatronActor:
         self.updates += 1
         return {"grad_norm": grad_norm, "skipped": 0.0, "lr": self.lr}
 
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _sharded_state(self) -> dict:
+        model_sd = self.module.sharded_state_dict()
+        state = {"model": model_sd}
+        if self.optimizer is not None:
+            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd)
+        return state
+
+    def save(self, ckpt_dir: str | Path) -> None:
+        """Model, optimizer, scheduler and update count as a Megatron distributed checkpoint (collective)."""
+        from megatron.core import dist_checkpointing
+
+        ckpt_dir = Path(ckpt_dir)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+        dist_checkpointing.save(self._sharded_state(), str(ckpt_dir))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            extra = {"updates": self.updates, "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+            torch.save(extra, ckpt_dir / "actor_state.pt")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load(self, ckpt_dir: str | Path) -> None:
+        """Restore what `save` wrote (at any TP/PP for the model part)."""
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load(self._sharded_state(), str(ckpt_dir))
+        self.module.load_state_dict(state["model"], strict=False)
+        if self.optimizer is not None and "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        extra = torch.load(Path(ckpt_dir) / "actor_state.pt", weights_only=False)
+        self.updates = int(extra["updates"])
+        if self.scheduler is not None and extra.get("scheduler"):
+            self.scheduler.load_state_dict(extra["scheduler"])
+
     @torch.no_grad()
     def _scale_grads(self, coef: float) -> None:
         # Clipping by the global norm already computed above (over every model-parallel rank). Megatron's own
@@ -303,3 +340,11 @@ class MegatronActor:
     def lr(self) -> float:
         """The current learning rate (0 for a frozen actor)."""
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
+
+
+def build_actor(path: str, model_cfg, cfg: ActorConfig, trainable: bool, total_updates: int = 1,
+                lr: float | None = None) -> MegatronActor:
+    """This rank's actor, with weights from an HF model directory (after `init_parallel`)."""
+    from pebr_mega.checkpoint.hf_load import build_from_hf
+
+    return MegatronActor(build_from_hf(path, model_cfg), model_cfg, cfg, trainable, total_updates, lr)

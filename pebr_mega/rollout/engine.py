@@ -55,7 +55,8 @@ class RolloutConfig:
     sglang_args: dict = field(default_factory=dict)
     sglang_tp_size: int = 1
 
-    def sampling(self, stop_token_ids: Sequence[int], seed: int | None = None, validation: bool = False) -> SamplingParams:
+    def sampling(self, stop_token_ids: Sequence[int], seed: int | None = None, validation: bool = False,
+                 banned_token_ids: Sequence[int] = ()) -> SamplingParams:
         """The SamplingParams for training rollouts, or for validation when `validation`."""
         return SamplingParams(
             n=self.val_n if validation else self.n,
@@ -65,6 +66,7 @@ class RolloutConfig:
             max_new_tokens=self.max_new_tokens,
             stop_token_ids=list(stop_token_ids),
             seed=seed,
+            banned_token_ids=list(banned_token_ids),
         )
 
 

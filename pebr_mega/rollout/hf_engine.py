@@ -83,6 +83,8 @@ class HFRolloutEngine:
             return_dict_in_generate=True,
             output_logits=True,
         )
+        if sampling.banned_token_ids:
+            kwargs["suppress_tokens"] = list(sampling.banned_token_ids)
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p,
                           top_k=sampling.top_k if sampling.top_k > 0 else 0)

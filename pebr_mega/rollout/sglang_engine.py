@@ -76,6 +76,9 @@ def sglang_sampling_params(sampling: SamplingParams, seed: int | None) -> dict:
         params["stop_token_ids"] = [int(t) for t in sampling.stop_token_ids]
     if seed is not None:
         params["sampling_seed"] = int(seed)
+    if sampling.banned_token_ids:
+        # SGLang's OpenAI-style logit bias (token id as a string -> additive bias): effectively a ban.
+        params["logit_bias"] = {str(int(t)): -1e4 for t in sampling.banned_token_ids}
     return params
 
 

@@ -22,6 +22,9 @@ class SamplingParams:
     max_new_tokens: int = 2048
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
+    # Tokens that may never be generated: the vision special tokens (an `<|image_pad|>` in a response would
+    # be taken for an image by the actor's embedding and M-RoPE positions).
+    banned_token_ids: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         """Raise ValueError naming the field if a value is out of range."""

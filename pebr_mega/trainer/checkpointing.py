@@ -51,12 +51,29 @@ class CheckpointManager:
 
     def save(self, step: int, write: Callable[[Path], None], meta: dict | None = None) -> Path:
         """Call `write(tmp_dir)` to fill a fresh directory, then publish it atomically as `step_<step>`."""
+        tmp = self.prepare(step)
+        write(tmp)
+        return self.commit(step, meta)
+
+    def prepare(self, step: int) -> Path:
+        """Create (empty) the temporary directory of `step`'s checkpoint; stale temporaries are removed.
+
+        Multi-rank savers call `prepare` on one rank, let every rank write into `tmp_path(step)`, then `commit`.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         for stale in self.root.glob(".tmp-step_*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = self.root / f".tmp-step_{step}"
+        tmp = self.tmp_path(step)
         tmp.mkdir()
-        write(tmp)
+        return tmp
+
+    def tmp_path(self, step: int) -> Path:
+        """Where `step`'s checkpoint is written before it is published."""
+        return self.root / f".tmp-step_{step}"
+
+    def commit(self, step: int, meta: dict | None = None) -> Path:
+        """Mark `step`'s temporary directory complete and publish it as `step_<step>`; prune old ones."""
+        tmp = self.tmp_path(step)
         (tmp / COMPLETE).write_text(json.dumps({"step": step, **(meta or {})}) + "\n")
         final = self.path(step)
         if final.exists():

@@ -1,0 +1,68 @@
+"""Difficulty sampling: the warm-up model answers every GRPO question n times (upstream: 8, temperature
+1.2, top_p 0.99); each answer is graded for accuracy and written as one JSONL line
+`{"qid", "response", "ground_truth", "score"}` that `pebr split` reads.
+
+Unlike upstream, the output is overwritten (never appended: a re-run would double the count per question
+and turn easy questions into medium ones) and every question is sampled, the last partial batch included.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pebr_mega.data.images import make_image_decoder
+from pebr_mega.data.records import load_grpo_records
+from pebr_mega.rewards import accuracy_reward
+from pebr_mega.rollout.requests import build_requests
+from pebr_mega.rollout.types import SamplingParams
+from pebr_mega.trainer.hf_io import make_rollout_engine, stop_token_ids, vision_token_ids
+
+
+def run_sampling(cfg: Any, progress: bool = True) -> dict:
+    """Sample `cfg.sample.n` answers per question of `cfg.sample.dataset` with `cfg.sample.model`; returns a summary."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    sc = cfg.sample
+    out = Path(sc.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    loaded = load_grpo_records(sc.dataset, cfg.data.image_root, require_images=cfg.data.require_images)
+    if loaded.skipped:
+        print(loaded.report())
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(sc.model)
+    decoder = make_image_decoder(cfg.images, device)
+    image_root = cfg.data.image_root or str(Path(sc.dataset).parent)
+    requests, report = build_requests(loaded.records, tokenizer, decoder, image_root, cfg.data.max_prompt_length,
+                                      cfg.data.filter_overlong_prompts, cfg.images.merge_size)
+    if report.skipped:
+        print(report.summary())
+    engine = make_rollout_engine(cfg.rollout, sc.model, device, seed=cfg.run.seed)
+    tmp = out.with_name(out.name + ".tmp")
+    correct = Counter()
+    bar = tqdm(total=len(requests), desc="sample", disable=not progress)
+    with tmp.open("w", encoding="utf-8") as f:
+        for start in range(0, len(requests), sc.batch_size):
+            chunk = requests[start:start + sc.batch_size]
+            sampling = SamplingParams(n=sc.n, temperature=sc.temperature, top_p=sc.top_p,
+                                      max_new_tokens=cfg.rollout.max_new_tokens,
+                                      stop_token_ids=stop_token_ids(tokenizer), seed=cfg.run.seed + start,
+                                      banned_token_ids=vision_token_ids(tokenizer))
+            for s in engine.generate(chunk, sampling):
+                score = accuracy_reward(s.response_text, s.request.record.answer)
+                correct[s.record_id] += int(score >= sc.correct_threshold)
+                f.write(json.dumps({"qid": s.record_id, "response": s.response_text,
+                                    "ground_truth": s.request.record.answer, "score": score}) + "\n")
+            bar.update(len(chunk))
+    bar.close()
+    os.replace(tmp, out)
+    hist = Counter(correct[r.record_id] for r in requests)
+    summary = {"questions": len(requests), "samples": len(requests) * sc.n, "output": str(out),
+               "skipped": dict(report.skipped), "correct_histogram": {str(k): hist[k] for k in sorted(hist)}}
+    print(f"sampled {summary['samples']} answers for {summary['questions']} questions -> {out}; "
+          f"correct-of-{sc.n} histogram {summary['correct_histogram']}")
+    return summary
