@@ -405,6 +405,56 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="the whole recipe: sft -> sample -> split -> stage1 -> stage2 -> export",
+                       description="Runs pipeline.stages in pipeline.work_dir, skipping finished stages and "
+                                   "resuming an interrupted one.")
+    _add_config_args(p)
+    p.set_defaults(handler=_cmd_pipeline)
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.dry_run:
+        return 0
+    from pebr_mega.trainer.pipeline import run_pipeline
+
+    res = run_pipeline(cfg)
+    print(f"pipeline done: {res.get('export', {}).get('model_dir', cfg.pipeline.work_dir)}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole recipe on the embedded tiny model and synthetic data (CPU, offline)",
+                       description="Tiny Qwen2.5-VL + synthetic shapes: SFT, sampling, split, stage 1, stage 2, "
+                                   "export and an inference; writes summary.json and curves.png.")
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-grpo", type=int, default=256, help="GRPO questions to synthesise")
+    p.add_argument("--num-sft", type=int, default=1024, help="SFT examples to synthesise")
+    p.add_argument("--num-eval", type=int, default=64, help="held-out questions")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the demo config")
+    p.set_defaults(handler=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from pebr_mega.trainer.demo import run_demo
+
+    summary = run_demo(args.out, args.seed, args.num_grpo, args.num_sft, args.num_eval, args.overrides)
+    final = summary.get("final_model")
+    if final:
+        first = json.loads((Path(args.out) / "data" / "eval.json").read_text())[0]
+        image = Path(args.out) / "data" / first["images"][0]
+        print(f"[demo] pebr infer --model {final} --image {image} --question {first['problem']!r}")
+        _cmd_infer(argparse.Namespace(model=final, image=str(image), question=first["problem"], temperature=0.0,
+                                      max_new_tokens=160, seed=0))
+        print(f"[demo] ground truth: {first['answer']}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_tiny_model,
@@ -416,6 +466,8 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_sft,
     _add_sample,
     _add_train,
+    _add_pipeline,
+    _add_demo,
     _add_filter_sft,
     _add_register_llamafactory,
     _add_split,

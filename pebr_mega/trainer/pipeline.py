@@ -1,0 +1,154 @@
+"""The whole recipe as one command: sft -> sample -> split -> stage 1 -> stage 2 -> export.
+
+Every stage writes into `pipeline.work_dir/<stage>/` and, when it has finished, a `DONE` file holding its
+result. A re-run skips the stages that are done and resumes an interrupted one from its newest checkpoint
+(the trainers resume by themselves). Each stage starts from the previous one's HF directory:
+
+    sft/hf  --sample-->  sample/rollouts.jsonl  --split-->  split/{easy,medium,hard}case.json
+    stage1 (easy, from sft/hf) -> stage1/hf;  stage2 (medium, from stage1/hf) -> stage2/hf -> final/
+
+Upstream sends the hard questions back to the SFT warm-up; here they are written out (`split/hardcase.json`)
+for the user to add to the SFT set of a next round.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pebr_mega.checkpoint.hf_io import atomic_dir
+from pebr_mega.errors import PebrError
+
+STAGES = ("sft", "sample", "split", "stage1", "stage2", "export")
+
+
+def _done_file(work: Path, stage: str) -> Path:
+    return work / stage / "DONE"
+
+
+def stage_result(work: str | Path, stage: str) -> dict | None:
+    """The recorded result of a finished stage, or None."""
+    f = _done_file(Path(work), stage)
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _mark_done(work: Path, stage: str, result: dict) -> dict:
+    _done_file(work, stage).parent.mkdir(parents=True, exist_ok=True)
+    _done_file(work, stage).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+def _count(path: Path) -> int:
+    return len(json.loads(path.read_text())) if path.is_file() else 0
+
+
+def run_pipeline(cfg: Any, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Run the stages listed in `cfg.pipeline.stages` in order; returns each stage's result."""
+    p = cfg.pipeline
+    unknown = [s for s in p.stages if s not in STAGES]
+    if unknown:
+        raise PebrError(f"pipeline.stages has unknown stages {unknown}; valid: {list(STAGES)}")
+    work = Path(p.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    for key in ("base_model", "sft_file", "grpo_file"):
+        if not getattr(p, key):
+            raise PebrError(f"pipeline.{key} is not set")
+    results: dict[str, dict] = {}
+    runners = {"sft": _run_sft, "sample": _run_sample, "split": _run_split, "stage1": _run_stage1,
+               "stage2": _run_stage2, "export": _run_export}
+    for stage in STAGES:
+        if stage not in p.stages:
+            continue
+        done = stage_result(work, stage)
+        if done is not None:
+            log(f"[pipeline] {stage}: already done, skipping")
+            results[stage] = done
+            continue
+        log(f"[pipeline] {stage}: starting")
+        t0 = time.time()
+        res = runners[stage](cfg, work, results)
+        res["seconds"] = round(time.time() - t0, 1)
+        results[stage] = _mark_done(work, stage, res)
+        log(f"[pipeline] {stage}: done in {res['seconds']:.0f}s")
+    return results
+
+
+def _stage_cfg(cfg: Any, out_dir: Path) -> Any:
+    c = copy.deepcopy(cfg)
+    c.run.output_dir = str(out_dir)
+    return c
+
+
+def _model_of(work: Path, stage: str, results: dict, fallback: str) -> str:
+    res = results.get(stage) or stage_result(work, stage)
+    return res["model_dir"] if res and res.get("model_dir") else fallback
+
+
+def _run_sft(cfg: Any, work: Path, results: dict) -> dict:
+    from pebr_mega.trainer.sft import SFTTrainer
+
+    c = _stage_cfg(cfg, work / "sft")
+    c.sft.init_model, c.sft.train_file = cfg.pipeline.base_model, cfg.pipeline.sft_file
+    c.data.eval_file = cfg.pipeline.eval_file or c.data.eval_file
+    c.data.image_root = cfg.pipeline.image_root or c.data.image_root
+    return SFTTrainer(c).train().to_dict()
+
+
+def _run_sample(cfg: Any, work: Path, results: dict) -> dict:
+    from pebr_mega.trainer.sample import run_sampling
+
+    c = _stage_cfg(cfg, work / "sample")
+    c.sample.model = _model_of(work, "sft", results, cfg.pipeline.base_model)
+    c.sample.dataset = cfg.pipeline.grpo_file
+    c.sample.output = str(work / "sample" / "rollouts.jsonl")
+    c.data.image_root = cfg.pipeline.image_root or c.data.image_root
+    return run_sampling(c, progress=cfg.logging.progress_bar)
+
+
+def _run_split(cfg: Any, work: Path, results: dict) -> dict:
+    from pebr_mega.data.split import format_summary, split_files
+
+    out = work / "split"
+    res = split_files(work / "sample" / "rollouts.jsonl", cfg.pipeline.grpo_file, out, n=cfg.sample.n,
+                      threshold=cfg.sample.correct_threshold)
+    for line in format_summary(res, out):
+        print(line)
+    return {"counts": res.counts(), "dir": str(out)}
+
+
+def _run_grpo(cfg: Any, work: Path, results: dict, stage: str, data_file: str, init: str) -> dict:
+    from pebr_mega.trainer.grpo import GRPOTrainer
+
+    path = work / "split" / data_file
+    if _count(path) == 0:
+        print(f"[pipeline] {stage}: {path} holds no questions; the stage is skipped and passes {init} on")
+        return {"model_dir": init, "skipped": f"no questions in {path}"}
+    c = _stage_cfg(cfg, work / stage)
+    c.grpo.stage, c.rewards.stage = stage, stage
+    c.grpo.init_model, c.grpo.train_file = init, str(path)
+    c.grpo.eval_file = cfg.pipeline.eval_file or c.grpo.eval_file
+    c.data.image_root = cfg.pipeline.image_root or c.data.image_root
+    return GRPOTrainer(c).train().to_dict()
+
+
+def _run_stage1(cfg: Any, work: Path, results: dict) -> dict:
+    return _run_grpo(cfg, work, results, "stage1", "easycase.json",
+                     _model_of(work, "sft", results, cfg.pipeline.base_model))
+
+
+def _run_stage2(cfg: Any, work: Path, results: dict) -> dict:
+    init = _model_of(work, "stage1", results, _model_of(work, "sft", results, cfg.pipeline.base_model))
+    return _run_grpo(cfg, work, results, "stage2", "mediumcase.json", init)
+
+
+def _run_export(cfg: Any, work: Path, results: dict) -> dict:
+    src = Path(_model_of(work, "stage2", results, _model_of(work, "stage1", results,
+                                                             _model_of(work, "sft", results, cfg.pipeline.base_model))))
+    with atomic_dir(work / "final") as tmp:
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    return {"model_dir": str(work / "final"), "source": str(src)}

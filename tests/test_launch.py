@@ -1,0 +1,55 @@
+"""Launch scripts parse, and their dry-run mode prints the resolved command and config without running."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "launch").glob("*.sbatch")) + sorted((ROOT / "launch").glob("*.sh"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    subprocess.run(["bash", "-n", str(script)], check=True)
+
+
+def _dry(script: str, *args: str, **env: str) -> str:
+    e = {**os.environ, "DRY_RUN": "1", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
+    out = subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=ROOT, env=e, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_stage2_sbatch_dry_run_resolves_stage_and_overrides():
+    out = _dry("pebr_stage2.sbatch", "actor.lr=2e-6", WORK="ckpt/w")
+    first = out.splitlines()[0]
+    assert first.startswith("srun ") and "torchrun --nnodes 1 --nproc-per-node 8" in first
+    assert "-m pebr_mega train --config launch/configs/qwen2_5_vl_7b.yaml grpo.stage=stage2" in first
+    assert "stage: stage2" in out and "init_model: ckpt/w/stage1/hf" in out and "lr: 2.0e-06" in out
+
+
+def test_torchrun_dry_run_and_config_errors_surface():
+    out = _dry("torchrun.sh", "sft", "--config", "launch/configs/qwen2_5_vl_3b.yaml", GPUS="2")
+    assert out.splitlines()[0].startswith("torchrun --standalone --nnodes 1 --nproc-per-node 2")
+    assert "tp: 2" in out and "lr: 1.0e-05" in out
+    e = {**os.environ, "DRY_RUN": "1", "GPUS": "1"}
+    bad = subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), "train", "--config",
+                          "launch/configs/qwen2_5_vl_7b.yaml", "grpo.stages=1"], cwd=ROOT, env=e,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "grpo.stages" in bad.stderr
+
+
+def test_shipped_configs_load_with_upstream_values():
+    from pebr_mega.config import load_config
+    from pebr_mega.trainer.demo import demo_config_path
+
+    cfg = load_config(ROOT / "launch/configs/qwen2_5_vl_7b.yaml", ["grpo.stage=stage2"])
+    g = cfg.grpo.resolved()
+    assert (g.rollout_batch_size, g.mini_batch_size, g.epochs) == (512, 128, 2)
+    assert (cfg.actor.lr, cfg.algo.kl_coef, cfg.algo.clip_high, cfg.rollout.n, cfg.rollout.temperature) == (1e-6, 0.01, 0.3, 8, 1.2)
+    assert load_config(demo_config_path()).model.spec == "torch"
