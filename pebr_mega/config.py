@@ -45,11 +45,14 @@ class RunConfig:
 def _root_schema() -> type:
     # Imported here so that `pebr --help` stays fast and components stay importable on their own.
 
+    from pebr_mega.models.config import ModelConfig
+
     @dataclass
     class PebrConfig:
         """The root of the tree; every section is one component's own config."""
 
         run: RunConfig = field(default_factory=RunConfig)
+        model: ModelConfig = field(default_factory=ModelConfig)
 
     return PebrConfig
 

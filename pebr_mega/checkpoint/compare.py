@@ -110,6 +110,11 @@ def logit_stats(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
 def compare_worker(rank: int, hf_dir: str, mcore_dir: str | None, tp: int, pp: int,
                    inputs: dict, dtype: str = "float32", spec: str = "auto") -> np.ndarray | None:
     """One rank of `compare_logits`: build the stage, load weights, return logits on (last stage, TP rank 0)."""
+    import warnings
+
+    # Megatron and torch.distributed.checkpoint warn about optional accelerators and deprecations on every rank.
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     from megatron.core import parallel_state as mpu
 
     from pebr_mega.checkpoint.dist import load_checkpoint
