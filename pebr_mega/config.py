@@ -22,6 +22,9 @@ T = TypeVar("T")
 
 
 from pebr_mega.errors import PebrError
+# Section dataclasses are imported at module level: `from __future__ import annotations` makes the root
+# schema's field types strings that OmegaConf resolves in this module's globals. These modules are light.
+from pebr_mega.models.config import ModelConfig
 
 
 class ConfigError(PebrError, ValueError):
@@ -44,8 +47,6 @@ class RunConfig:
 
 def _root_schema() -> type:
     # Imported here so that `pebr --help` stays fast and components stay importable on their own.
-
-    from pebr_mega.models.config import ModelConfig
 
     @dataclass
     class PebrConfig:
