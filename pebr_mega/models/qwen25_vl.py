@@ -120,6 +120,7 @@ class Qwen25VLModel(MegatronModule):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.arch = arch
+        self.spec = spec
         self.pre_process = pre_process
         self.post_process = post_process
         self.vision_model: VisionTower | None = None
@@ -203,6 +204,8 @@ class Qwen25VLModel(MegatronModule):
                 pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
                 labels: Tensor | None = None, packed_seq_params=None,
                 runtime_gather_output: bool | None = None) -> Tensor:
+        if packed_seq_params is not None and self.spec == "local":
+            raise ValueError("packed sequences need the torch or te spec (Megatron's local attention has no THD path)")
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         if labels is not None:
             # The loss is computed on vocab-parallel logits (Megatron's cross entropy edits them in place).
@@ -219,8 +222,14 @@ def build_model(arch: QwenVLArch, cfg: ModelConfig, pre_process: bool = True, po
                 perform_initialization: bool = False) -> Qwen25VLModel:
     """Build this rank's stage (call after `pebr_mega.parallel.init_parallel(cfg.tp, cfg.pp)`)."""
     config = transformer_config(arch, cfg, perform_initialization=perform_initialization)
-    return Qwen25VLModel(config, arch, resolve_spec(cfg.spec), pre_process, post_process, vp_stage,
-                         parallel_output, vision_recompute=cfg.vision_recompute)
+    model = Qwen25VLModel(config, arch, resolve_spec(cfg.spec), pre_process, post_process, vp_stage,
+                          parallel_output, vision_recompute=cfg.vision_recompute)
+    # Megatron's local/torch specs build torch.nn.RMSNorm in float32 whatever params_dtype says (Megatron-LM
+    # relies on its Float16Module to cast later); cast every parameter here so a bf16 model is bf16 throughout.
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != config.params_dtype:
+            p.data = p.data.to(config.params_dtype)
+    return model
 
 
 def model_provider(arch: QwenVLArch, cfg: ModelConfig, parallel_output: bool = True,
