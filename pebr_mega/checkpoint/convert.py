@@ -75,7 +75,9 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, progress: bool 
         load_hf_weights(model, weights, on_param=lambda name: bar.update(1))
         bar.close()
         meta = {"hf_config": hf_config, "hf_key_style": weights.key_style, "dtype": cfg.params_dtype,
-                "source": str(hf_dir.resolve())}
+                "source": str(hf_dir.resolve()),
+                # a tied checkpoint that nevertheless stores lm_head.weight gets it back on export
+                "hf_stores_tied_lm_head": arch.text.tie_word_embeddings and "lm_head.weight" in weights}
         out = save_checkpoint(model, out_dir, meta, template_dir=hf_dir)
     if progress:
         print(f"wrote Megatron checkpoint {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
@@ -109,6 +111,8 @@ def export_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, hf_template: 
                 seen.add(name)
                 for hf_name, t in mapping.mcore_to_hf_tensors(name, tensor):
                     yield _style(hf_name, meta.get("hf_key_style", "qwen")), t
+                    if hf_name == "model.embed_tokens.weight" and meta.get("hf_stores_tied_lm_head"):
+                        yield "lm_head.weight", t.clone()
                 bar.update(1)
 
     with atomic_dir(out_dir) as tmp:
