@@ -93,7 +93,13 @@ def _cmd_compare_logits(args: argparse.Namespace) -> int:
     from pebr_mega.checkpoint.compare import DEFAULT_PROMPT, compare_logits, sample_inputs
     from pebr_mega.models.specs import resolve_spec
 
+    import torch
+
     resolve_spec(args.spec)  # an unusable backend fails here, before any rank starts
+    if args.tp < 1 or args.pp < 1:
+        raise UserError(f"--tp {args.tp} and --pp {args.pp} must be >= 1")
+    if torch.cuda.is_available() and args.tp * args.pp > torch.cuda.device_count():
+        raise UserError(f"--tp {args.tp} x --pp {args.pp} ranks need that many GPUs; {torch.cuda.device_count()} visible")
     inputs = sample_inputs(args.hf_dir, image=args.image, prompt=args.prompt or DEFAULT_PROMPT)
     s = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, inputs=inputs, spec=args.spec)
     print(f"tokens={s['tokens']} vocab={s['vocab']} tp={args.tp} pp={args.pp}")

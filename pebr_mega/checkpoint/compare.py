@@ -46,13 +46,17 @@ def hf_logits(hf_dir: str | Path, inputs: dict[str, torch.Tensor]) -> torch.Tens
     """transformers' Qwen2_5_VLForConditionalGeneration logits [b, s, V] in float32 on CPU."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    import inspect
+
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = inputs["input_ids"]
-    # transformers builds 3-D positions only when told which tokens are image tokens.
-    types = (ids == model.config.image_token_id).int()
+    extra = {}
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        # transformers 5 builds 3-D positions only when told which tokens are image tokens.
+        extra["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
     with torch.no_grad():
-        out = model(input_ids=ids, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                    mm_token_type_ids=types).logits
+        out = model(input_ids=ids, attention_mask=inputs.get("attention_mask"), pixel_values=inputs["pixel_values"],
+                    image_grid_thw=inputs["image_grid_thw"], **extra).logits
     return out.float()
 
 
