@@ -453,6 +453,43 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                       max_new_tokens=160, seed=0))
         print(f"[demo] ground truth: {first['answer']}")
     return 0
+# ---------------------------------------------------------------------------------------------- compare-logits
+def _add_compare_logits(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare-logits", help="Megatron vs transformers logits on one image+text input",
+                       description="Run the Megatron model (its own ranks: gloo on CPU, NCCL on GPU) and "
+                                   "transformers' Qwen2_5_VLForConditionalGeneration on the same image+text input; "
+                                   "print max/mean |logit diff|, cosine similarity and top-1 agreement; exit 1 "
+                                   "when the max difference exceeds --tolerance.")
+    p.add_argument("--hf-dir", required=True, help="HF model directory (weights, tokenizer, processor)")
+    p.add_argument("--mcore-dir", default=None, help="Megatron checkpoint (default: load the HF weights directly)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--image", default=None, help="image file (default: a random image)")
+    p.add_argument("--prompt", default=None, help="user text after the image")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| allowed (fp32)")
+    p.add_argument("--spec", default="auto", choices=["auto", "te", "torch", "local"], help="Megatron layer spec")
+    p.set_defaults(handler=_cmd_compare_logits)
+
+
+def _cmd_compare_logits(args: argparse.Namespace) -> int:
+    from pebr_mega.checkpoint.compare import DEFAULT_PROMPT, compare_logits, sample_inputs
+    from pebr_mega.models.specs import resolve_spec
+
+    import torch
+
+    resolve_spec(args.spec)  # an unusable backend fails here, before any rank starts
+    if args.tp < 1 or args.pp < 1:
+        raise UserError(f"--tp {args.tp} and --pp {args.pp} must be >= 1")
+    if torch.cuda.is_available() and args.tp * args.pp > torch.cuda.device_count():
+        raise UserError(f"--tp {args.tp} x --pp {args.pp} ranks need that many GPUs; {torch.cuda.device_count()} visible")
+    inputs = sample_inputs(args.hf_dir, image=args.image, prompt=args.prompt or DEFAULT_PROMPT)
+    s = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, inputs=inputs, spec=args.spec)
+    print(f"tokens={s['tokens']} vocab={s['vocab']} tp={args.tp} pp={args.pp}")
+    print(f"max_abs_diff={s['max_abs_diff']:.3e} mean_abs_diff={s['mean_abs_diff']:.3e} "
+          f"cosine={s['cosine']:.8f} top1_agreement={s['top1_agreement']:.4f}")
+    ok = s["max_abs_diff"] <= args.tolerance
+    print("PASS" if ok else f"FAIL: max_abs_diff {s['max_abs_diff']:.3e} > tolerance {args.tolerance:.1e}")
+    return 0 if ok else 1
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -472,6 +509,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_register_llamafactory,
     _add_split,
     _add_make_tiny_clip,
+    _add_compare_logits,
 ]
 
 

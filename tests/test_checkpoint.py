@@ -279,3 +279,13 @@ def test_checkpoint_saved_at_tp2_exports_bit_exact(layouts, tmp_path, tiny_model
     assert _digests(tmp_path / "hf") == _digests(tiny_model_dir)
     a, b = _hf_state(tiny_model_dir), _hf_state(tmp_path / "hf")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tied_checkpoint_with_a_stored_lm_head(tiny_model_dir_alt):
+    hf = _hf_state(tiny_model_dir_alt)
+    m = HFMapping(arch_from_hf_dir(tiny_model_dir_alt))
+    with_head = dict(hf, **{"lm_head.weight": hf["model.embed_tokens.weight"].clone()})
+    assert set(m.hf_to_mcore_state(with_head)) == set(m.hf_to_mcore_state(hf))  # accepted, nothing extra
+    with_head["lm_head.weight"] = with_head["lm_head.weight"] + 1
+    with pytest.raises(CheckpointError, match="lm_head.weight differs"):
+        m.hf_to_mcore_state(with_head)

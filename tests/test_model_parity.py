@@ -48,7 +48,8 @@ def _make_batch(hf_dir, seed: int) -> dict:
         mask[i, : len(r)] = 1
     labels = torch.from_numpy(rng.integers(0, len(tok), input_ids.shape)).long()
     return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.cat(pixels).float(),
-            "image_grid_thw": torch.cat(grids), "labels": labels}
+            "image_grid_thw": torch.cat(grids), "labels": labels,
+            "images_per_row": torch.tensor([len(sizes) for sizes in specs])}
 
 
 def _hf_reference(hf_dir, batch) -> dict:
@@ -128,29 +129,24 @@ def _vision_grads(model):
 
 def _packed_vs_padded(model, batch):
     """Per-token losses and logits of the padded batch and of the same samples packed into one THD row."""
-    from megatron.core.packed_seq_params import PackedSeqParams
+    from pebr_mega.models.packing import pack_sequences
 
-    from pebr_mega.checkpoint.compare import position_ids_for
-
+    mask = batch["attention_mask"].bool()
+    grids = list(torch.split(batch["image_grid_thw"], batch["images_per_row"].tolist()))
+    pixels = list(torch.split(batch["pixel_values"], [int(g.prod(-1).sum()) for g in grids]))
+    # a multiple 5 tokens above the total forces a 5-token trailing pad segment
+    packed = pack_sequences(model.arch, [r[m] for r, m in zip(batch["input_ids"], mask)], pixels, grids,
+                            labels=[r[m] for r, m in zip(batch["labels"], mask)], pad_to_multiple=int(mask.sum()) + 5)
     with torch.no_grad():
         padded = _inputs(model, batch, with_labels=True)
         padded_loss = model(**padded)
         padded_logits = model(**{k: v for k, v in padded.items() if k != "labels"}, runtime_gather_output=True)
-        mask = batch["attention_mask"].bool()
-        lens = mask.sum(1)
-        cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).int()
-        pos = position_ids_for(model.arch, batch)
-        packed = {
-            "input_ids": batch["input_ids"][mask][None], "labels": batch["labels"][mask][None],
-            "position_ids": pos[:, mask][:, None, :],  # positions restart at 0 for every sample
-            "pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"],
-            "packed_seq_params": PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                                 max_seqlen_q=int(lens.max()), max_seqlen_kv=int(lens.max())),
-        }
-        packed_loss = model(**packed)
-        packed_logits = model(**{k: v for k, v in packed.items() if k != "labels"}, runtime_gather_output=True)
-    return {"padded_loss": padded_loss[mask], "packed_loss": packed_loss[0],
-            "padded_logits": padded_logits[mask], "packed_logits": packed_logits[0]}
+        packed_loss = model(**packed.model_inputs(with_labels=True))
+        packed_logits = model(**packed.model_inputs(), runtime_gather_output=True)
+    return {"padded_loss": padded_loss[mask], "packed_loss": torch.cat(packed.unpack(packed_loss)),
+            "padded_logits": padded_logits[mask], "packed_logits": torch.cat(packed.unpack(packed_logits)),
+            "pad": packed.pad, "first_positions": [int(packed.position_ids[0, 0, s]) for s in
+                                                   packed.packed_seq_params.cu_seqlens_q[:-1].tolist()]}
 
 
 def _parity_worker(rank, tiny, alt, batch_tiny, batch_alt):
@@ -275,6 +271,7 @@ def test_packed_equals_padded(run, name, rank):
     p = results[rank][f"packing_{name}"]
     n_valid = int(batches[name]["attention_mask"].sum())
     assert p["packed_loss"].shape == (n_valid,) and p["padded_loss"].shape == (n_valid,)
+    assert p["pad"] == 5 and p["first_positions"] == [0] * len(p["first_positions"])  # positions restart per sample
     assert np.abs(p["packed_loss"] - p["padded_loss"]).max() < 1e-5
     assert np.abs(p["packed_logits"] - p["padded_logits"]).max() < LOGIT_TOL
     # and both equal transformers on the valid tokens

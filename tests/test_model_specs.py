@@ -78,3 +78,14 @@ def test_sdpa_core_attention_packed_thd_is_block_diagonal_causal():
     allowed = (seg[:, None] == seg[None, :]) & torch.ones(t, t, dtype=torch.bool).tril()
     ref = _reference(q[:, None], k[:, None], v[:, None], allowed[None, None])[:, 0]
     assert torch.allclose(_attn()(q, k, v, None, packed_seq_params=params), ref, atol=1e-12)
+
+
+def test_model_section_in_the_root_config():
+    from pebr_mega.config import ConfigError, load_config
+
+    cfg = load_config(None, ["model.tp=2", "model.pp=2", "model.spec=torch", "model.params_dtype=float32"])
+    assert (cfg.model.tp, cfg.model.pp, cfg.model.spec, cfg.model.torch_dtype) == (2, 2, "torch", torch.float32)
+    with pytest.raises(ConfigError, match="model.spec"):
+        load_config(None, ["model.spec=flash"])
+    with pytest.raises(ConfigError, match="model.fp8"):
+        load_config(None, ["model.fp8=e5m2"])

@@ -46,13 +46,17 @@ def hf_logits(hf_dir: str | Path, inputs: dict[str, torch.Tensor]) -> torch.Tens
     """transformers' Qwen2_5_VLForConditionalGeneration logits [b, s, V] in float32 on CPU."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    import inspect
+
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = inputs["input_ids"]
-    # transformers builds 3-D positions only when told which tokens are image tokens.
-    types = (ids == model.config.image_token_id).int()
+    extra = {}
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        # transformers 5 builds 3-D positions only when told which tokens are image tokens.
+        extra["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
     with torch.no_grad():
-        out = model(input_ids=ids, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                    mm_token_type_ids=types).logits
+        out = model(input_ids=ids, attention_mask=inputs.get("attention_mask"), pixel_values=inputs["pixel_values"],
+                    image_grid_thw=inputs["image_grid_thw"], **extra).logits
     return out.float()
 
 
@@ -110,6 +114,11 @@ def logit_stats(ref: torch.Tensor, out: torch.Tensor) -> dict[str, float]:
 def compare_worker(rank: int, hf_dir: str, mcore_dir: str | None, tp: int, pp: int,
                    inputs: dict, dtype: str = "float32", spec: str = "auto") -> np.ndarray | None:
     """One rank of `compare_logits`: build the stage, load weights, return logits on (last stage, TP rank 0)."""
+    import warnings
+
+    # Megatron and torch.distributed.checkpoint warn about optional accelerators and deprecations on every rank.
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning)
     from megatron.core import parallel_state as mpu
 
     from pebr_mega.checkpoint.dist import load_checkpoint

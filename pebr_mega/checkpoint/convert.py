@@ -31,10 +31,12 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 @contextmanager
 def single_rank_world():
-    """A one-rank gloo world with Megatron's TP=1/PP=1 groups, unless the caller already set one up."""
+    """A one-rank gloo world with Megatron's TP=1/PP=1 groups (or the caller's, if it is one rank already)."""
     from pebr_mega.parallel.groups import destroy_parallel, init_parallel
 
     owned = not dist.is_initialized()
+    if not owned and dist.get_world_size() != 1:
+        raise RuntimeError("checkpoint conversion runs in a single process; call it outside a multi-rank job")
     if owned:
         import os
 
@@ -67,32 +69,19 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, progress: bool 
     cfg = ModelConfig(spec="torch", params_dtype=_DTYPE_NAMES.get(dtype, "float32"))
     hf_config = json.loads((hf_dir / "config.json").read_text())
     with single_rank_world():
-        # Build on CPU even on a GPU machine: conversion is I/O bound and must not need GPU memory.
-        with _cpu_only():
-            model = build_model(arch, cfg)
-            bar = _progress(len(list(model.parameters())), "HF -> Megatron", progress)
-            load_hf_weights(model, weights, on_param=lambda name: bar.update(1))
-            bar.close()
-            meta = {"hf_config": hf_config, "hf_key_style": weights.key_style, "dtype": cfg.params_dtype,
-                    "source": str(hf_dir.resolve())}
-            out = save_checkpoint(model, out_dir, meta, template_dir=hf_dir)
+        # Built on CPU even on a GPU machine: conversion is I/O bound and must not need GPU memory.
+        model = build_model(arch, cfg, use_cpu_initialization=True)
+        bar = _progress(len(list(model.parameters())), "HF -> Megatron", progress)
+        load_hf_weights(model, weights, on_param=lambda name: bar.update(1))
+        bar.close()
+        meta = {"hf_config": hf_config, "hf_key_style": weights.key_style, "dtype": cfg.params_dtype,
+                "source": str(hf_dir.resolve()),
+                # a tied checkpoint that nevertheless stores lm_head.weight gets it back on export
+                "hf_stores_tied_lm_head": arch.text.tie_word_embeddings and "lm_head.weight" in weights}
+        out = save_checkpoint(model, out_dir, meta, template_dir=hf_dir)
     if progress:
         print(f"wrote Megatron checkpoint {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
     return out
-
-
-@contextmanager
-def _cpu_only():
-    """Make Megatron build parameters on CPU for the duration (conversion never needs a GPU)."""
-    if not torch.cuda.is_available():
-        yield
-        return
-    orig = torch.cuda.is_available
-    torch.cuda.is_available = lambda: False  # read by transformer_config: use_cpu_initialization
-    try:
-        yield
-    finally:
-        torch.cuda.is_available = orig
 
 
 def export_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, hf_template: str | Path | None = None,
@@ -122,6 +111,8 @@ def export_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, hf_template: 
                 seen.add(name)
                 for hf_name, t in mapping.mcore_to_hf_tensors(name, tensor):
                     yield _style(hf_name, meta.get("hf_key_style", "qwen")), t
+                    if hf_name == "model.embed_tokens.weight" and meta.get("hf_stores_tied_lm_head"):
+                        yield "lm_head.weight", t.clone()
                 bar.update(1)
 
     with atomic_dir(out_dir) as tmp:

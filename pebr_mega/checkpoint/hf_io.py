@@ -77,11 +77,12 @@ class HFWeights:
         return tuple(self._handles[f].get_slice(key).get_shape())
 
     def dtype(self) -> torch.dtype:
-        """The dtype of the floating-point weights (the most common one, by tensor count)."""
+        """The dtype of the floating-point weights (the most common one, by tensor count; read from headers)."""
+        names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
         counts: dict[torch.dtype, int] = {}
-        for n in list(self._where)[:64]:
-            d = self.get(n).dtype
-            if d.is_floating_point:
+        for f, key in self._where.values():
+            d = names.get(self._handles[f].get_slice(key).get_dtype())
+            if d is not None:
                 counts[d] = counts.get(d, 0) + 1
         return max(counts, key=counts.get) if counts else torch.float32
 

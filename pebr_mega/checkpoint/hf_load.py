@@ -54,6 +54,7 @@ def load_hf_weights(model, hf: str | Path | HFWeights, strict: bool = True,
                 on_param(name)
     full_model = model.pre_process and model.post_process
     if strict and full_model:
+        used |= mapping.check_tied_lm_head(lambda n: weights.get(n) if n in weights else None)
         unused = sorted(set(weights.keys()) - used)
         if unused:
             raise CheckpointError(f"{weights.dir}: tensors not used by the model: {unused[:8]}"

@@ -250,6 +250,20 @@ class HFMapping:
             })
         return shapes
 
+    def check_tied_lm_head(self, get: Callable[[str], torch.Tensor | None]) -> set[str]:
+        """With tied embeddings a checkpoint may still store `lm_head.weight`; it must equal the embedding.
+
+        Returns {"lm_head.weight"} when such a (redundant) tensor is present, else an empty set.
+        """
+        if not self.tied:
+            return set()
+        head = get(HF_LM_HEAD)
+        if head is None:
+            return set()
+        if not torch.equal(head, get(HF_EMBED)):
+            raise CheckpointError("tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight")
+        return {HF_LM_HEAD}
+
     # ------------------------------------------------------------------------------------ whole states
     def hf_to_mcore_state(self, hf_state: Mapping[str, torch.Tensor],
                           vision_names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -271,8 +285,8 @@ class HFMapping:
             vision_names = [MC_VISION + k[len(HF_VISION):] for k in hf if k.startswith(HF_VISION)]
         names = self.mcore_names() + list(vision_names)
         out = {n: self.hf_to_mcore_tensor(n, get) for n in names}
-        used = {h for n in names for h in self.hf_names(n)}
-        unused = sorted(set(hf) - used - ({HF_LM_HEAD} if self.tied else set()))
+        used = {h for n in names for h in self.hf_names(n)} | self.check_tied_lm_head(hf.get)
+        unused = sorted(set(hf) - used)
         if unused:
             raise CheckpointError(f"HF checkpoint has tensors this architecture does not use: {unused[:8]}")
         return out

@@ -42,8 +42,12 @@ def _pipeline_split(num_layers: int, pp: int) -> dict:
     return {"num_layers_in_first_pipeline_stage": base, "num_layers_in_last_pipeline_stage": base + rem}
 
 
-def transformer_config(arch: QwenVLArch, cfg: ModelConfig, perform_initialization: bool = False):
-    """The Megatron `TransformerConfig` of the Qwen2 decoder for this build configuration."""
+def transformer_config(arch: QwenVLArch, cfg: ModelConfig, perform_initialization: bool = False,
+                       use_cpu_initialization: bool | None = None):
+    """The Megatron `TransformerConfig` of the Qwen2 decoder for this build configuration.
+
+    `use_cpu_initialization` (default: when CUDA is absent) makes Megatron allocate parameters on CPU.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     cfg.validate()
@@ -55,6 +59,8 @@ def transformer_config(arch: QwenVLArch, cfg: ModelConfig, perform_initializatio
         raise ValueError(f"model.tp={cfg.tp} must divide the vocabulary size {t.vocab_size}")
     dtype = cfg.torch_dtype
     cuda = torch.cuda.is_available()
+    if use_cpu_initialization is None:
+        use_cpu_initialization = not cuda
     recompute = None if cfg.recompute_granularity == "none" else cfg.recompute_granularity
     return TransformerConfig(
         num_layers=t.num_layers,
@@ -88,7 +94,7 @@ def transformer_config(arch: QwenVLArch, cfg: ModelConfig, perform_initializatio
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         fp8=None if cfg.fp8 == "none" else cfg.fp8,
-        use_cpu_initialization=not cuda,
+        use_cpu_initialization=use_cpu_initialization,
         perform_initialization=perform_initialization,
         init_method_std=0.02,
         # Sequence lengths vary per micro-batch (images, packing). Megatron rejects that flag with its default
@@ -120,11 +126,12 @@ class Qwen25VLModel(MegatronModule):
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.arch = arch
+        self.spec = spec
         self.pre_process = pre_process
         self.post_process = post_process
         self.vision_model: VisionTower | None = None
         if pre_process:
-            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
             self.vision_model = VisionTower(arch.vision, recompute=vision_recompute).to(
                 device=device, dtype=config.params_dtype)
         self.language_model = GPTModel(
@@ -203,6 +210,8 @@ class Qwen25VLModel(MegatronModule):
                 pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
                 labels: Tensor | None = None, packed_seq_params=None,
                 runtime_gather_output: bool | None = None) -> Tensor:
+        if packed_seq_params is not None and self.spec == "local":
+            raise ValueError("packed sequences need the torch or te spec (Megatron's local attention has no THD path)")
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         if labels is not None:
             # The loss is computed on vocab-parallel logits (Megatron's cross entropy edits them in place).
@@ -216,11 +225,21 @@ class Qwen25VLModel(MegatronModule):
 
 def build_model(arch: QwenVLArch, cfg: ModelConfig, pre_process: bool = True, post_process: bool = True,
                 vp_stage: int | None = None, parallel_output: bool = True,
-                perform_initialization: bool = False) -> Qwen25VLModel:
-    """Build this rank's stage (call after `pebr_mega.parallel.init_parallel(cfg.tp, cfg.pp)`)."""
-    config = transformer_config(arch, cfg, perform_initialization=perform_initialization)
-    return Qwen25VLModel(config, arch, resolve_spec(cfg.spec), pre_process, post_process, vp_stage,
-                         parallel_output, vision_recompute=cfg.vision_recompute)
+                perform_initialization: bool = False, use_cpu_initialization: bool | None = None) -> Qwen25VLModel:
+    """Build this rank's stage (call after `pebr_mega.parallel.init_parallel(cfg.tp, cfg.pp)`).
+
+    Parameters are left uninitialised unless `perform_initialization` (weights are normally loaded next).
+    """
+    config = transformer_config(arch, cfg, perform_initialization=perform_initialization,
+                                use_cpu_initialization=use_cpu_initialization)
+    model = Qwen25VLModel(config, arch, resolve_spec(cfg.spec), pre_process, post_process, vp_stage,
+                          parallel_output, vision_recompute=cfg.vision_recompute)
+    # Megatron's local/torch specs build torch.nn.RMSNorm in float32 whatever params_dtype says (Megatron-LM
+    # relies on its Float16Module to cast later); cast every parameter here so a bf16 model is bf16 throughout.
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != config.params_dtype:
+            p.data = p.data.to(config.params_dtype)
+    return model
 
 
 def model_provider(arch: QwenVLArch, cfg: ModelConfig, parallel_output: bool = True,

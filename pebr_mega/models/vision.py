@@ -210,20 +210,22 @@ class VisionTower(nn.Module):
         self.patch_embed = PatchEmbed(arch)
         self.blocks = nn.ModuleList(VisionBlock(arch) for _ in range(arch.depth))
         self.merger = PatchMerger(arch)
-        # 2-D rotary: head_dim/2 channels for rows and head_dim/2 for columns, each with head_dim/4 freqs.
-        quarter = arch.head_dim // 2
-        inv_freq = 1.0 / (arch.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float) / quarter))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.fullatt = set(arch.fullatt_block_indexes)
         self.window_merged = arch.window_size // arch.spatial_merge_size // arch.patch_size
         for p in self.parameters():
             # Read by Megatron's finalize_model_grads: average these grads over the TP group (see module doc).
             p.average_gradients_across_tp_domain = True
 
-    def rotary(self, grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin [N, head_dim] in float32 for every patch, in processor order."""
-        rc = patch_rc_coordinates(grid_thw, self.arch.spatial_merge_size).to(self.inv_freq.device)
-        freqs = (rc[..., None].float() * self.inv_freq).flatten(1)  # [N, 2 * head_dim/4] = (rows, cols)
+    def rotary(self, grid_thw: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [N, head_dim] in float32 for every patch, in processor order.
+
+        2-D rotary: head_dim/2 channels rotate with the row, head_dim/2 with the column, each with head_dim/4
+        frequencies. Computed in float32 on every call (cheap) so a bf16 model keeps exact angles.
+        """
+        quarter = self.arch.head_dim // 2
+        inv_freq = 1.0 / (self.arch.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float, device=device) / quarter))
+        rc = patch_rc_coordinates(grid_thw, self.arch.spatial_merge_size).to(device)
+        freqs = (rc[..., None].float() * inv_freq).flatten(1)  # [N, 2 * head_dim/4] = (rows, cols)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos(), emb.sin()
 
@@ -236,7 +238,7 @@ class VisionTower(nn.Module):
         order, window_lens = window_order(grid_thw.cpu(), self.arch.spatial_merge_size, self.window_merged)
         order = order.to(x.device)
         full_lens = frame_lengths(grid_thw)
-        cos, sin = self.rotary(grid_thw)
+        cos, sin = self.rotary(grid_thw, x.device)
 
         def by_window(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(n // unit, unit, -1)[order].reshape(n, -1)

@@ -128,6 +128,7 @@ def seed_model_parallel_rng(seed: int) -> None:
         from megatron.core.parallel_state import get_tensor_model_parallel_rank
         from megatron.core.tensor_parallel import random as mrandom
 
+        # The same streams and seed offsets as Megatron's model_parallel_cuda_manual_seed.
         tracker = mrandom._CUDA_RNG_STATE_TRACKER
         tracker.reset()
         tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
