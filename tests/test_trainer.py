@@ -128,3 +128,15 @@ def test_pipeline_skips_finished_stages(tiny_model_dir, data, tmp_path, capsys):
     capsys.readouterr()
     again = run_pipeline(cfg)
     assert "sft: already done" in capsys.readouterr().out and again["split"]["counts"] == counts
+
+    # Stage 2 on a medium set written by the split (its images resolve against the source data's folder),
+    # stage 1 skipped when the easy set is empty, and the final export.
+    split = tmp_path / "work" / "split"
+    (split / "easycase.json").write_text("[]")
+    (split / "mediumcase.json").write_text(json.dumps(json.loads((data / "grpo.json").read_text())[:2]))
+    cfg.pipeline.stages = ["sft", "sample", "split", "stage1", "stage2", "export"]
+    cfg.grpo.max_steps, cfg.grpo.rollout_batch_size, cfg.grpo.mini_batch_size = 1, 2, 2
+    res = run_pipeline(cfg)
+    assert "skipped" in res["stage1"] and res["stage2"]["steps"] == 1
+    assert Path(res["export"]["model_dir"], "model.safetensors").is_file()
+    assert res["export"]["source"] == res["stage2"]["model_dir"]

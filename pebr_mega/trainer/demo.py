@@ -34,7 +34,8 @@ def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: 
     if not (model / "config.json").is_file():
         build_tiny_model(model, TinyModelConfig(seed=seed), tokenizer_corpus())
     if not (data / "eval.json").is_file():
-        write_synthetic_dataset(data, SynthConfig(num=num_grpo, num_sft=num_sft, num_eval=num_eval, seed=seed))
+        write_synthetic_dataset(data, SynthConfig(num=num_grpo, num_sft=num_sft, num_eval=num_eval, seed=seed,
+                                                  max_objects=4))
     if not (clip / "config.json").is_file():
         build_tiny_clip(clip, tokenizer_corpus(), TinyClipConfig(image_size=112, patch_size=28, seed=seed))
     return {"model": model, "data": data, "clip": clip}

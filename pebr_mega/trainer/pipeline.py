@@ -76,9 +76,13 @@ def run_pipeline(cfg: Any, log: Callable[[str], None] = print) -> dict[str, dict
     return results
 
 
-def _stage_cfg(cfg: Any, out_dir: Path) -> Any:
+def _stage_cfg(cfg: Any, out_dir: Path, data_file: str | None = None) -> Any:
+    """A copy of `cfg` writing into `out_dir`, whose images resolve against `pipeline.image_root`, else the
+    folder of the stage's source data file (the split files live elsewhere but name the same images)."""
     c = copy.deepcopy(cfg)
     c.run.output_dir = str(out_dir)
+    if data_file is not None:
+        c.data.image_root = cfg.pipeline.image_root or cfg.data.image_root or str(Path(data_file).parent)
     return c
 
 
@@ -90,21 +94,19 @@ def _model_of(work: Path, stage: str, results: dict, fallback: str) -> str:
 def _run_sft(cfg: Any, work: Path, results: dict) -> dict:
     from pebr_mega.trainer.sft import SFTTrainer
 
-    c = _stage_cfg(cfg, work / "sft")
+    c = _stage_cfg(cfg, work / "sft", cfg.pipeline.sft_file)
     c.sft.init_model, c.sft.train_file = cfg.pipeline.base_model, cfg.pipeline.sft_file
     c.data.eval_file = cfg.pipeline.eval_file or c.data.eval_file
-    c.data.image_root = cfg.pipeline.image_root or c.data.image_root
     return SFTTrainer(c).train().to_dict()
 
 
 def _run_sample(cfg: Any, work: Path, results: dict) -> dict:
     from pebr_mega.trainer.sample import run_sampling
 
-    c = _stage_cfg(cfg, work / "sample")
+    c = _stage_cfg(cfg, work / "sample", cfg.pipeline.grpo_file)
     c.sample.model = _model_of(work, "sft", results, cfg.pipeline.base_model)
     c.sample.dataset = cfg.pipeline.grpo_file
     c.sample.output = str(work / "sample" / "rollouts.jsonl")
-    c.data.image_root = cfg.pipeline.image_root or c.data.image_root
     return run_sampling(c, progress=cfg.logging.progress_bar)
 
 
@@ -126,11 +128,10 @@ def _run_grpo(cfg: Any, work: Path, results: dict, stage: str, data_file: str, i
     if _count(path) == 0:
         print(f"[pipeline] {stage}: {path} holds no questions; the stage is skipped and passes {init} on")
         return {"model_dir": init, "skipped": f"no questions in {path}"}
-    c = _stage_cfg(cfg, work / stage)
+    c = _stage_cfg(cfg, work / stage, cfg.pipeline.grpo_file)
     c.grpo.stage, c.rewards.stage = stage, stage
     c.grpo.init_model, c.grpo.train_file = init, str(path)
     c.grpo.eval_file = cfg.pipeline.eval_file or c.grpo.eval_file
-    c.data.image_root = cfg.pipeline.image_root or c.data.image_root
     return GRPOTrainer(c).train().to_dict()
 
 
