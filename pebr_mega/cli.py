@@ -335,92 +335,64 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, help="YAML config file")
-    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+# The config-driven commands share one shape: `--config C [k=v ...] [--dry-run]`, then one library call.
+def _run_sft(cfg) -> str:
+    from pebr_mega.trainer.sft import SFTTrainer
+
+    return f"sft done: model {SFTTrainer(cfg).train().model_dir}"
 
 
-def _load(args: argparse.Namespace):
+def _run_train(cfg) -> str:
+    from pebr_mega.trainer.grpo import GRPOTrainer
+
+    return f"{cfg.grpo.stage} done: model {GRPOTrainer(cfg).train().model_dir}"
+
+
+def _run_sample(cfg) -> str:
+    from pebr_mega.trainer.sample import run_sampling
+
+    return f"sampling done: {run_sampling(cfg)['output']}"
+
+
+def _run_pipeline(cfg) -> str:
+    from pebr_mega.trainer.pipeline import run_pipeline
+
+    res = run_pipeline(cfg)
+    return f"pipeline done: {res.get('export', {}).get('model_dir', cfg.pipeline.work_dir)}"
+
+
+CONFIG_COMMANDS = {
+    "sft": (_run_sft, "SFT warm-up on the Megatron actor (sft.* settings)",
+            "Full fine-tune on ShareGPT conversations, loss on assistant tokens; writes run.output_dir/hf. "
+            "Resumes from its checkpoints. Launch with torchrun for several GPUs."),
+    "sample": (_run_sample, "difficulty sampling: n answers per GRPO question (sample.* settings)",
+               "Writes sample.output (JSONL: qid, response, ground_truth, score), overwriting it."),
+    "train": (_run_train, "one GRPO stage (grpo.stage=stage1|stage2) on the Megatron actor",
+              "GRPO from grpo.init_model on grpo.train_file with the stage's reward preset; writes "
+              "run.output_dir/{metrics.jsonl,checkpoints,hf}. Resumes from its checkpoints."),
+    "pipeline": (_run_pipeline, "the whole recipe: sft -> sample -> split -> stage1 -> stage2 -> export",
+                 "Runs pipeline.stages in pipeline.work_dir, skipping finished stages and resuming an "
+                 "interrupted one."),
+}
+
+
+def _add_config_commands(sub: argparse._SubParsersAction) -> None:
+    for name, (run, help_, description) in CONFIG_COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=description)
+        p.add_argument("--config", default=None, help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+        p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        p.set_defaults(handler=_cmd_config_command, run=run)
+
+
+def _cmd_config_command(args: argparse.Namespace) -> int:
     from pebr_mega.config import load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         print(to_yaml(cfg), end="")
-    return cfg
-
-
-def _add_sft(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sft", help="SFT warm-up on the Megatron actor (sft.* settings)",
-                       description="Full fine-tune on ShareGPT conversations, loss on assistant tokens; writes "
-                                   "run.output_dir/hf. Launch with torchrun for several GPUs.")
-    _add_config_args(p)
-    p.set_defaults(handler=_cmd_sft)
-
-
-def _cmd_sft(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    if args.dry_run:
         return 0
-    from pebr_mega.trainer.sft import SFTTrainer
-
-    res = SFTTrainer(cfg).train()
-    print(f"sft done: model {res.model_dir}")
-    return 0
-
-
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="one GRPO stage (grpo.stage=stage1|stage2) on the Megatron actor",
-                       description="GRPO from grpo.init_model on grpo.train_file with the stage's reward preset; "
-                                   "writes run.output_dir/{metrics.jsonl,checkpoints,hf}. Resumes automatically.")
-    _add_config_args(p)
-    p.set_defaults(handler=_cmd_train)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    if args.dry_run:
-        return 0
-    from pebr_mega.trainer.grpo import GRPOTrainer
-
-    res = GRPOTrainer(cfg).train()
-    print(f"{cfg.grpo.stage} done: model {res.model_dir}")
-    return 0
-
-
-def _add_sample(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="difficulty sampling: n answers per GRPO question (sample.* settings)",
-                       description="Writes sample.output (JSONL: qid, response, ground_truth, score), overwriting it.")
-    _add_config_args(p)
-    p.set_defaults(handler=_cmd_sample)
-
-
-def _cmd_sample(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    if args.dry_run:
-        return 0
-    from pebr_mega.trainer.sample import run_sampling
-
-    run_sampling(cfg)
-    return 0
-
-
-def _add_pipeline(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pipeline", help="the whole recipe: sft -> sample -> split -> stage1 -> stage2 -> export",
-                       description="Runs pipeline.stages in pipeline.work_dir, skipping finished stages and "
-                                   "resuming an interrupted one.")
-    _add_config_args(p)
-    p.set_defaults(handler=_cmd_pipeline)
-
-
-def _cmd_pipeline(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    if args.dry_run:
-        return 0
-    from pebr_mega.trainer.pipeline import run_pipeline
-
-    res = run_pipeline(cfg)
-    print(f"pipeline done: {res.get('export', {}).get('model_dir', cfg.pipeline.work_dir)}")
+    print(args.run(cfg))
     return 0
 
 
@@ -500,10 +472,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_synth,
     _add_eval,
     _add_infer,
-    _add_sft,
-    _add_sample,
-    _add_train,
-    _add_pipeline,
+    _add_config_commands,
     _add_demo,
     _add_filter_sft,
     _add_register_llamafactory,
