@@ -292,11 +292,12 @@ class MegatronActor:
         return {"grad_norm": grad_norm, "skipped": 0.0, "lr": self.lr}
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _sharded_state(self) -> dict:
+    def _sharded_state(self, is_loading: bool = False) -> dict:
         model_sd = self.module.sharded_state_dict()
         state = {"model": model_sd}
         if self.optimizer is not None:
-            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd)
+            # is_loading lets Megatron create the (lazily initialised) Adam moments to load into.
+            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
         return state
 
     def save(self, ckpt_dir: str | Path) -> None:
@@ -319,7 +320,7 @@ class MegatronActor:
         """Restore what `save` wrote (at any TP/PP for the model part)."""
         from megatron.core import dist_checkpointing
 
-        state = dist_checkpointing.load(self._sharded_state(), str(ckpt_dir))
+        state = dist_checkpointing.load(self._sharded_state(is_loading=True), str(ckpt_dir))
         self.module.load_state_dict(state["model"], strict=False)
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
