@@ -495,8 +495,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_known_fallback_warnings() -> None:
+    """Megatron warns at import for every optional fused backend it falls back from (apex, TE) and for a
+    deprecated default of its own; on CPU these are expected, and the backends in use are our choice
+    (`model.spec`, see the README), so they are not repeated on every run."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed", category=UserWarning)
+    warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pebr` console script; returns the process exit code."""
+    _quiet_known_fallback_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
