@@ -8,7 +8,7 @@ from PIL import Image
 
 from pebr_mega.data.prompts import render_prompt_ids
 from pebr_mega.rollout.engine import group_samples
-from pebr_mega.rollout.hf_engine import HFRolloutEngine, checkpoint_to_module_name
+from pebr_mega.rollout.hf_engine import HFRolloutEngine, checkpoint_to_module_name, mm_token_type_ids
 from pebr_mega.rollout.mismatch import token_mult_prob_error
 from pebr_mega.rollout.types import RolloutRequest, SamplingParams
 
@@ -60,8 +60,8 @@ def test_engine_logprobs_match_actor_recompute(tiny_model_dir):
     with torch.no_grad():
         for s in samples:
             ids = torch.tensor([s.request.prompt_ids + s.response_ids])
-            logits = eng.model(input_ids=ids, pixel_values=s.request.pixel_values,
-                               image_grid_thw=s.request.image_grid_thw).logits[0].double()
+            logits = eng.model(input_ids=ids, pixel_values=s.request.pixel_values, image_grid_thw=s.request.image_grid_thw,
+                               mm_token_type_ids=mm_token_type_ids(ids, eng.model.config)).logits[0].double()
             p = len(s.request.prompt_ids)
             lp = torch.log_softmax(logits[p - 1:-1] / sp.temperature, -1)
             actor.append(lp.gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1))
@@ -96,6 +96,25 @@ def test_update_weights_rejects_unknown_names_and_shapes(tiny_model_dir):
         eng.update_weights([[("model.layers.99.mlp.up_proj.weight", torch.zeros(1))]])
     with pytest.raises(CheckpointError, match="shape"):
         eng.update_weights([[("model.norm.weight", torch.zeros(3))]])
+
+
+def test_generation_uses_3d_mrope_positions(tiny_model_dir):
+    """transformers 5 builds M-RoPE positions only from `mm_token_type_ids`: the engine must pass them, or its
+    prompts would be encoded with 1-D positions unlike the actor's. Greedy continuation equals the argmax of
+    a forward with the token types, and differs from one without them on some prompt."""
+    tok, reqs = _requests(tiny_model_dir, n_req=3)
+    eng = HFRolloutEngine.from_pretrained(tiny_model_dir)
+    out = eng.generate(reqs, SamplingParams(n=1, temperature=0.0, max_new_tokens=1, stop_token_ids=[-1]))
+    differs = False
+    with torch.no_grad():
+        for r, s in zip(reqs, out):
+            ids = torch.tensor([r.prompt_ids])
+            kw = dict(input_ids=ids, pixel_values=r.pixel_values, image_grid_thw=r.image_grid_thw)
+            typed = eng.model(**kw, mm_token_type_ids=mm_token_type_ids(ids, eng.model.config)).logits[0, -1]
+            plain = eng.model(**kw).logits[0, -1]
+            assert s.response_ids[0] == int(typed.argmax())
+            differs |= not torch.allclose(typed, plain)
+    assert differs
 
 
 def test_checkpoint_names_map_to_both_module_layouts():

@@ -47,6 +47,7 @@ class HFRolloutEngine:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.token_types = mm_token_types_supported(self.model)
         self._params = dict(self.model.named_parameters())
         self._params.update({k: v for k, v in self.model.named_buffers() if k not in self._params})
 
@@ -120,6 +121,8 @@ class HFRolloutEngine:
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
         inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if self.token_types:
+            inputs["mm_token_type_ids"] = mm_token_type_ids(ids, self.model.config).to(self.device)
         pixels = [r.pixel_values for r in batch if r.pixel_values is not None]
         if pixels:
             inputs["pixel_values"] = torch.cat(pixels).to(self.device, self.model.dtype)
@@ -152,6 +155,25 @@ class HFRolloutEngine:
         """Move the weights back to the device before generating."""
         if self.device.type == "cuda":
             self.model.to(self.device)
+
+
+def mm_token_types_supported(model) -> bool:
+    """Whether this transformers version's Qwen2.5-VL takes `mm_token_type_ids` (5.x does)."""
+    import inspect
+
+    return "mm_token_type_ids" in inspect.signature(model.forward).parameters
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, config) -> torch.Tensor:
+    """0 for text, 1 for image-pad, 2 for video-pad tokens.
+
+    transformers 5.x builds the 3-D M-RoPE positions only when it is given these types; without them it falls
+    back to 1-D positions for every token, which is not the model the actor trains (nor the released one).
+    """
+    types = torch.zeros_like(input_ids, dtype=torch.int32)
+    types[input_ids == config.image_token_id] = 1
+    types[input_ids == config.video_token_id] = 2
+    return types
 
 
 def _cut_at_stop(ids: list[int], stop_ids: set[int]) -> tuple[list[int], str]:
