@@ -7,9 +7,23 @@ trainers need and nothing else:
 - `compute_logprobs(seqs, temperature)`: per-target log-probs (and entropies), no gradient;
 - `train_step(seqs, loss)`: one optimizer update over a mini-batch (forward/backward through Megatron's
   pipeline schedule, gradient clipping, a non-finite loss or gradient skips the update);
-- `named_full_weights()`: the weights as full (TP-merged, all-stage) Megatron tensors, for weight sync and
-  export;
-- `save(dir)` / `load(dir)`: Megatron distributed checkpoints (model + optimizer + scheduler).
+- `save(dir)` / `load(dir)`: actor checkpoints (model + optimizer + scheduler + update counter) in Megatron's
+  distributed format, loadable at another TP/PP layout; `build_actor(path, ...)` builds an actor from an HF
+  directory, a Megatron checkpoint or an actor checkpoint.
+
+The weights go to the rollout engine through `pebr_mega.rollout.weight_sync.sync_weights(actor.module, ...)`.
+
+An actor checkpoint directory:
+
+    <dir>/model/       a `pebr_mega.checkpoint.dist` checkpoint of the weights (pebr_mcore.json, hf_template/):
+                       `tools/export_to_hf.py --mcore-dir <dir>/model` exports it, `build_actor(<dir>/model)`
+                       starts a fresh optimizer from it
+    <dir>/optimizer/   Megatron's distributed checkpoint of `optimizer.sharded_state_dict(...)` (Adam moments
+                       and step, keyed by the model's global tensors, so it reshards to another TP/PP too)
+    <dir>/actor.json   format tag, update counter, learning-rate scheduler state, the layout that saved it
+
+It is written into `.<dir>.tmp` by all ranks and renamed into place by rank 0 after a barrier, so a crash
+mid-save leaves the previous checkpoint untouched.
 
 Results of `compute_logprobs` and the loss are produced on the last pipeline stage and broadcast to every
 rank of the pipeline, so every rank of the trainer sees the same numbers.
@@ -20,7 +34,9 @@ optimizer (`FP32Optimizer`) is used there.
 """
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,6 +49,12 @@ from torch import Tensor
 from pebr_mega.actor.config import ActorConfig
 from pebr_mega.actor.losses import LossScale, grpo_microbatch_loss, sft_microbatch_loss, target_logprobs
 from pebr_mega.actor.packing import ActorSequence, MicroBatch, pack_micro_batches
+from pebr_mega.errors import CheckpointError
+
+ACTOR_META = "actor.json"
+ACTOR_FORMAT = "pebr-actor/1"
+MODEL_DIR = "model"
+OPTIMIZER_DIR = "optimizer"
 
 
 @dataclass
@@ -43,17 +65,28 @@ class LossSpec:
     algo: object = None
     temperature: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.kind not in ("grpo", "sft"):
+            raise ValueError(f"LossSpec.kind must be 'grpo' or 'sft', got {self.kind!r}")
+        if self.kind == "grpo" and self.algo is None:
+            raise ValueError("LossSpec('grpo') needs the AlgoConfig (algo=...)")
+
 
 class MegatronActor:
-    """This rank's stage of the policy (or of the frozen reference when `trainable` is False)."""
+    """This rank's stage of the policy (or of the frozen reference when `trainable` is False).
+
+    `source` is where the weights came from (an HF directory, a Megatron checkpoint or an actor checkpoint);
+    `save` reads the HF config and the tokenizer/processor files to record beside the weights from it.
+    """
 
     def __init__(self, model, model_cfg, cfg: ActorConfig, trainable: bool, total_updates: int = 1,
-                 lr: float | None = None) -> None:
+                 lr: float | None = None, source: str | Path | None = None) -> None:
         from megatron.core import parallel_state as mpu
 
         self.model_cfg = model_cfg
         self.cfg = cfg
         self.trainable = trainable
+        self.source = Path(source) if source is not None else None
         self.arch = model.arch
         self.tp_size = mpu.get_tensor_model_parallel_world_size()
         self.pp_size = mpu.get_pipeline_model_parallel_world_size()
@@ -68,6 +101,7 @@ class MegatronActor:
         self.optimizer = self.scheduler = None
         if trainable:
             self._freeze(model)
+            _mark_tensor_parallel_params(model)
             self.model = self._wrap_ddp(model)
             self.optimizer, self.scheduler = self._build_optimizer(total_updates, lr if lr is not None else cfg.lr)
         else:
@@ -114,8 +148,9 @@ class MegatronActor:
         opt_cfg = OptimizerConfig(optimizer="adam", lr=lr, min_lr=self.cfg.min_lr, weight_decay=self.cfg.weight_decay,
                                   adam_beta1=self.cfg.adam_beta1, adam_beta2=self.cfg.adam_beta2, adam_eps=self.cfg.adam_eps,
                                   clip_grad=self.cfg.clip_grad, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-                                  params_dtype=dtype, use_distributed_optimizer=self._distributed_optimizer())
-        optimizer = get_megatron_optimizer(opt_cfg, [self.model])
+                                  params_dtype=dtype, use_distributed_optimizer=self._distributed_optimizer(),
+                                  decoupled_weight_decay=True)
+        optimizer = get_megatron_optimizer(opt_cfg, [self.model], **self._weight_decay_kwargs(get_megatron_optimizer))
         warmup = int(round(self.cfg.warmup_ratio * total_updates))
         scheduler = OptimizerParamScheduler(
             optimizer, init_lr=0.0 if warmup else lr, max_lr=lr, min_lr=self.cfg.min_lr, lr_warmup_steps=warmup,
@@ -124,6 +159,22 @@ class MegatronActor:
             wd_incr_style="constant", override_opt_param_scheduler=True,
             use_checkpoint_opt_param_scheduler=False)
         return optimizer, scheduler
+
+    def _weight_decay_kwargs(self, get_megatron_optimizer) -> dict:
+        """Arguments of `get_megatron_optimizer` that choose which parameters get weight decay.
+
+        Without them Megatron exempts biases and 1-D parameters. Megatron-Core >= 0.15 takes
+        `config_overrides` (an empty dict = no override = decay everywhere); older releases take
+        `no_weight_decay_cond(name, param)`.
+        """
+        import inspect
+
+        if not self.cfg.decay_all_params:
+            return {}
+        params = inspect.signature(get_megatron_optimizer).parameters
+        if "config_overrides" in params:
+            return {"config_overrides": {}}
+        return {"no_weight_decay_cond": lambda name, param: False}
 
     @property
     def module(self):
@@ -145,11 +196,8 @@ class MegatronActor:
         return pack_micro_batches(seqs, self.cfg.micro_batch_tokens, self.positions)
 
     def dp_share(self, seqs: Sequence[ActorSequence]) -> list[ActorSequence]:
-        """The sequences this data-parallel rank processes (round robin; each rank has at least one)."""
-        share = list(seqs[self.dp_rank::self.dp_size])
-        if not share:
-            raise ValueError(f"{len(seqs)} sequences cannot feed {self.dp_size} data-parallel ranks")
-        return share
+        """The sequences this data-parallel rank processes (round robin: rank r takes r, r + dp, ...)."""
+        return list(seqs[self.dp_rank::self.dp_size])
 
     def _model_inputs(self, mb: MicroBatch) -> dict:
         from megatron.core.packed_seq_params import PackedSeqParams
@@ -204,7 +252,12 @@ class MegatronActor:
     @torch.no_grad()
     def compute_logprobs(self, seqs: Sequence[ActorSequence], temperature: float = 1.0,
                          with_entropy: bool = False) -> list[tuple[Tensor, Tensor | None]]:
-        """(log-probs, entropies) of every sequence's targets, in the order of `seqs`, on every rank."""
+        """(log-probs, entropies) of every sequence's targets, in the order of `seqs`, on every rank.
+
+        Log-probs are log softmax(logits / temperature) of the target tokens (float32, on CPU); entropies are
+        those of the same distribution (None unless `with_entropy`). Collective over all ranks, which must
+        pass the same list; a data-parallel rank left without sequences just takes part in the exchange.
+        """
         indexed = [ActorSequence(**{**s.__dict__, "index": i}) for i, s in enumerate(seqs)]
         mbs = self.micro_batches(self.dp_share(indexed))
         self.model.eval()
@@ -217,7 +270,7 @@ class MegatronActor:
                 rows[idx] = (lp[r, :n].float().cpu(), ent[r, :n].float().cpu() if ent is not None else None)
             return logits.new_zeros(()), rows
 
-        outs = self._run(mbs, loss_fn, forward_only=True)
+        outs = self._run(mbs, loss_fn, forward_only=True) if mbs else []
         local = {}
         if self.is_last_stage:
             for rows in outs:
@@ -229,9 +282,18 @@ class MegatronActor:
         return [merged[i] for i in range(len(seqs))]
 
     def train_step(self, seqs: Sequence[ActorSequence], loss: LossSpec) -> dict[str, float]:
-        """One optimizer update on the mini-batch `seqs` (all ranks pass the same list)."""
+        """One optimizer update on the mini-batch `seqs` (all ranks pass the same list); returns metrics.
+
+        Metrics: `loss` (and `pg_loss`, `kl_loss` for GRPO) normalised over the whole mini-batch, token means
+        `clip_frac`, `clip_frac_dual`, `approx_kl`, `entropy`, the pre-clip `grad_norm`, `lr`, `train_tokens`
+        and `skipped` (1 when a non-finite loss or gradient left the weights, the optimizer state and the
+        schedule untouched).
+        """
         if not self.trainable:
             raise RuntimeError("this actor is frozen (the reference model)")
+        if len(seqs) < self.dp_size:
+            raise ValueError(f"{len(seqs)} sequences cannot feed {self.dp_size} data-parallel ranks")
+        self._check_loss_inputs(seqs, loss)
         denominator = self._denominator(seqs, loss)
         mbs = self.micro_batches(self.dp_share(seqs))
         scale = LossScale(denominator, len(mbs), self.dp_size)
@@ -247,15 +309,27 @@ class MegatronActor:
         sums = self._sum_metrics(outs)
         metrics = self._step_optimizer(sums)
         tokens = max(sums.get("tokens", 0.0), 1.0)
-        metrics["loss"] = sums.get("loss_sum", float("nan")) / denominator
+        norm = max(denominator, 1.0)
+        metrics["loss"] = sums.get("loss_sum", float("nan")) / norm
         for k in ("pg_loss", "kl_loss"):
             if f"{k}_sum" in sums:
-                metrics[k] = sums[f"{k}_sum"] / denominator
+                metrics[k] = sums[f"{k}_sum"] / norm
         for k in ("clip_frac", "clip_frac_dual", "approx_kl", "entropy"):
             if f"{k}_tok" in sums:
                 metrics[k] = sums[f"{k}_tok"] / tokens
         metrics["train_tokens"] = sums.get("tokens", 0.0)
         return metrics
+
+    @staticmethod
+    def _check_loss_inputs(seqs: Sequence[ActorSequence], loss: LossSpec) -> None:
+        if loss.kind != "grpo":
+            return
+        need_ref = getattr(loss.algo, "kl_coef", 0.0) > 0
+        for i, s in enumerate(seqs):
+            if s.old_logprobs is None:
+                raise ValueError(f"sequence {i}: GRPO needs old_logprobs (compute_logprobs before the update)")
+            if need_ref and s.ref_logprobs is None:
+                raise ValueError(f"sequence {i}: algo.kl_coef > 0 needs ref_logprobs (from the reference actor)")
 
     def _denominator(self, seqs: Sequence[ActorSequence], loss: LossSpec) -> float:
         agg = getattr(loss.algo, "agg", "token-mean") if loss.kind == "grpo" else "token-mean"
@@ -284,50 +358,14 @@ class MegatronActor:
         if not loss_ok or found_inf or not math.isfinite(grad_norm):
             self.optimizer.zero_grad()
             return {"grad_norm": grad_norm, "skipped": 1.0, "lr": self.lr}
-        if self.cfg.clip_grad > 0 and grad_norm > self.cfg.clip_grad:
-            self._scale_grads(self.cfg.clip_grad / (grad_norm + 1e-6))
+        # torch.nn.utils.clip_grad_norm_'s (and Megatron's) rule, with the norm computed once above.
+        coef = self.cfg.clip_grad / (grad_norm + 1e-6)
+        if self.cfg.clip_grad > 0 and coef < 1.0:
+            self._scale_grads(coef)
         self.optimizer.step_with_ready_grads()
         self.scheduler.step(increment=1)
         self.updates += 1
         return {"grad_norm": grad_norm, "skipped": 0.0, "lr": self.lr}
-
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def _sharded_state(self, is_loading: bool = False) -> dict:
-        model_sd = self.module.sharded_state_dict()
-        state = {"model": model_sd}
-        if self.optimizer is not None:
-            # is_loading lets Megatron create the (lazily initialised) Adam moments to load into.
-            state["optimizer"] = self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
-        return state
-
-    def save(self, ckpt_dir: str | Path) -> None:
-        """Model, optimizer, scheduler and update count as a Megatron distributed checkpoint (collective)."""
-        from megatron.core import dist_checkpointing
-
-        ckpt_dir = Path(ckpt_dir)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if dist.is_initialized():
-            dist.barrier()
-        dist_checkpointing.save(self._sharded_state(), str(ckpt_dir))
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            extra = {"updates": self.updates, "scheduler": self.scheduler.state_dict() if self.scheduler else None}
-            torch.save(extra, ckpt_dir / "actor_state.pt")
-        if dist.is_initialized():
-            dist.barrier()
-
-    def load(self, ckpt_dir: str | Path) -> None:
-        """Restore what `save` wrote (at any TP/PP for the model part)."""
-        from megatron.core import dist_checkpointing
-
-        state = dist_checkpointing.load(self._sharded_state(is_loading=True), str(ckpt_dir))
-        self.module.load_state_dict(state["model"], strict=False)
-        if self.optimizer is not None and "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-        extra = torch.load(Path(ckpt_dir) / "actor_state.pt", weights_only=False)
-        self.updates = int(extra["updates"])
-        if self.scheduler is not None and extra.get("scheduler"):
-            self.scheduler.load_state_dict(extra["scheduler"])
 
     @torch.no_grad()
     def _scale_grads(self, coef: float) -> None:
@@ -342,10 +380,188 @@ class MegatronActor:
         """The current learning rate (0 for a frozen actor)."""
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
 
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def save(self, ckpt_dir: str | Path) -> Path:
+        """Write an actor checkpoint (layout in the module docstring) to `ckpt_dir`; collective over all ranks.
 
-def build_actor(path: str, model_cfg, cfg: ActorConfig, trainable: bool, total_updates: int = 1,
+        A frozen actor writes the weights only.
+        """
+        from megatron.core import dist_checkpointing
+
+        from pebr_mega.checkpoint.dist import save_checkpoint
+        from pebr_mega.checkpoint.hf_io import replace_dir
+
+        meta, template = self._checkpoint_meta()
+        final = Path(ckpt_dir)
+        tmp = final.parent / f".{final.name}.tmp"
+        if _rank() == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            (tmp / OPTIMIZER_DIR).mkdir(parents=True)
+        _barrier()
+        save_checkpoint(self.module, tmp / MODEL_DIR, meta, template_dir=template)
+        if self.optimizer is not None:
+            dist_checkpointing.save(self._optimizer_sharded_state(is_loading=False), str(tmp / OPTIMIZER_DIR))
+        _barrier()
+        if _rank() == 0:
+            if self.optimizer is None:
+                (tmp / OPTIMIZER_DIR).rmdir()
+            record = {"format": ACTOR_FORMAT, "updates": self.updates, "trainable": self.trainable,
+                      "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                      "saved_tp": self.tp_size, "saved_pp": self.pp_size, "saved_dp": self.dp_size,
+                      "distributed_optimizer": self._distributed_optimizer() if self.trainable else None}
+            (tmp / ACTOR_META).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            replace_dir(tmp, final)
+        _barrier()
+        return final
+
+    def load(self, ckpt_dir: str | Path) -> dict:
+        """Load an actor checkpoint (weights, and optimizer + schedule + update counter when trainable).
+
+        Works at any TP/PP layout; collective over all ranks. Returns the checkpoint's `actor.json` record.
+        """
+        from pebr_mega.checkpoint.dist import load_checkpoint
+
+        record = read_actor_meta(ckpt_dir)
+        load_checkpoint(self.module, Path(ckpt_dir) / MODEL_DIR)
+        self._load_training_state(ckpt_dir, record)
+        return record
+
+    def _load_training_state(self, ckpt_dir: str | Path, record: dict) -> None:
+        from megatron.core import dist_checkpointing
+
+        self.updates = int(record["updates"])
+        if self.optimizer is None:
+            return
+        opt_dir = Path(ckpt_dir) / OPTIMIZER_DIR
+        if not opt_dir.is_dir() or record.get("scheduler") is None:
+            raise CheckpointError(f"{ckpt_dir}: no optimizer state (saved by a frozen actor); "
+                                  f"build a trainable actor from {Path(ckpt_dir) / MODEL_DIR} to start a fresh optimizer")
+        if record.get("distributed_optimizer") not in (None, self._distributed_optimizer()):
+            raise CheckpointError(f"{ckpt_dir}: optimizer state was saved with distributed_optimizer="
+                                  f"{record['distributed_optimizer']}, this actor runs with {self._distributed_optimizer()}")
+        try:
+            state = dist_checkpointing.load(self._optimizer_sharded_state(is_loading=True), str(opt_dir))
+        except Exception as e:  # Megatron raises several exception types for missing keys and shape mismatches
+            raise CheckpointError(f"{opt_dir}: cannot load the optimizer state: {e}") from None
+        self.optimizer.load_state_dict(state)
+        # After the optimizer (whose param groups carry the saved lr): the schedule sets the lr of its step.
+        self.scheduler.load_state_dict(record["scheduler"])
+
+    def _optimizer_sharded_state(self, is_loading: bool) -> dict:
+        return self.optimizer.sharded_state_dict(self.module.sharded_state_dict(), is_loading=is_loading)
+
+    def _checkpoint_meta(self) -> tuple[dict, Path | None]:
+        """The `pebr_mcore.json` record and HF template directory for the weights, from `self.source`."""
+        if self.source is None:
+            raise CheckpointError("the actor does not know its HF config: build it with build_actor(path, ...) "
+                                  "or pass source=<HF dir or checkpoint> to MegatronActor")
+        kind = checkpoint_kind(self.source)
+        if kind == "hf":
+            from pebr_mega.checkpoint.hf_io import HFWeights
+
+            hf_config = json.loads((self.source / "config.json").read_text())
+            return ({"hf_config": hf_config, "hf_key_style": HFWeights(self.source).key_style,
+                     "dtype": self.model_cfg.params_dtype, "source": str(self.source.resolve())}, self.source)
+        from pebr_mega.checkpoint.dist import TEMPLATE_DIR, read_meta
+
+        mcore = self.source / MODEL_DIR if kind == "actor" else self.source
+        meta = {k: v for k, v in read_meta(mcore).items() if k not in ("format", "saved_tp", "saved_pp")}
+        meta["dtype"] = self.model_cfg.params_dtype
+        template = mcore / TEMPLATE_DIR
+        return meta, template if template.is_dir() else None
+
+
+# ---------------------------------------------------------------------------------------------- building
+def _mark_tensor_parallel_params(model) -> None:
+    """Tag TP-sharded weights with Megatron's `tensor_model_parallel` attributes where Megatron did not.
+
+    WHY: Megatron-Core (0.16) sets `tensor_model_parallel` on a column/row-parallel *weight* only inside its
+    random initialisers, which do not run when the model is built with `perform_initialization=False` to
+    be filled from a checkpoint (biases are tagged either way). Megatron's grad-norm then takes an untagged
+    shard for a TP replica and counts it on TP rank 0 only: at TP=2 the norm, and so the clipping, came out
+    wrong (2.24 instead of 2.95 on the tiny model). The split dims come from the one HF mapping.
+    """
+    from pebr_mega.checkpoint.hf_mapping import canonical_mcore_name, tp_split_dim
+
+    for name, p in model.named_parameters():
+        dim = tp_split_dim(canonical_mcore_name(model.global_name(name)))
+        if dim is not None and not getattr(p, "tensor_model_parallel", False):
+            p.tensor_model_parallel = True
+            p.partition_dim = dim
+            p.partition_stride = 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def read_actor_meta(ckpt_dir: str | Path) -> dict:
+    """The `actor.json` record of an actor checkpoint; anything else is a CheckpointError naming the path."""
+    path = Path(ckpt_dir) / ACTOR_META
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; {ckpt_dir} is not an actor checkpoint")
+    record = json.loads(path.read_text())
+    if record.get("format") != ACTOR_FORMAT:
+        raise CheckpointError(f"{path}: format {record.get('format')!r}, expected {ACTOR_FORMAT!r}")
+    return record
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """`"actor"`, `"mcore"` or `"hf"`: what kind of model directory `path` is; CheckpointError otherwise."""
+    from pebr_mega.checkpoint.dist import META_FILE
+
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p}: model directory not found")
+    if (p / ACTOR_META).is_file():
+        return "actor"
+    if (p / META_FILE).is_file():
+        return "mcore"
+    if (p / "config.json").is_file() and (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()):
+        return "hf"
+    raise CheckpointError(f"{p}: neither an HF model directory (config.json + *.safetensors), a Megatron checkpoint "
+                          f"({META_FILE}) nor an actor checkpoint ({ACTOR_META})")
+
+
+def build_actor(path: str | Path, model_cfg, actor_cfg: ActorConfig, trainable: bool = True, total_updates: int = 1,
                 lr: float | None = None) -> MegatronActor:
-    """This rank's actor, with weights from an HF model directory (after `init_parallel`)."""
-    from pebr_mega.checkpoint.hf_load import build_from_hf
+    """An actor for this rank (TP/PP as initialised by `init_parallel`) from any kind of model directory.
 
-    return MegatronActor(build_from_hf(path, model_cfg), model_cfg, cfg, trainable, total_updates, lr)
+    - HF directory: the HF weights, a fresh optimizer;
+    - Megatron checkpoint (`convert_hf_to_mcore` output, or an actor checkpoint's `model/`): its weights, a
+      fresh optimizer;
+    - actor checkpoint: weights, and (when `trainable`) optimizer state, schedule and update counter, so
+      training resumes exactly where it stopped.
+    Collective over all ranks.
+    """
+    from megatron.core import parallel_state as mpu
+
+    from pebr_mega.checkpoint.dist import load_checkpoint, read_meta
+    from pebr_mega.checkpoint.hf_load import build_from_hf
+    from pebr_mega.models.arch import arch_from_hf_config
+    from pebr_mega.models.qwen25_vl import build_model
+
+    path = Path(path)
+    kind = checkpoint_kind(path)
+    if kind == "hf":
+        model = build_from_hf(path, model_cfg)
+    else:
+        layout = (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size())
+        if layout != (model_cfg.tp, model_cfg.pp):
+            raise ValueError(f"process groups are tp={layout[0]} pp={layout[1]} but the config asks "
+                             f"tp={model_cfg.tp} pp={model_cfg.pp}")
+        mcore = path / MODEL_DIR if kind == "actor" else path
+        arch = arch_from_hf_config(read_meta(mcore)["hf_config"], str(mcore))
+        model = build_model(arch, model_cfg, pre_process=mpu.is_pipeline_first_stage(),
+                            post_process=mpu.is_pipeline_last_stage())
+        load_checkpoint(model, mcore)
+    actor = MegatronActor(model, model_cfg, actor_cfg, trainable, total_updates, lr, source=path)
+    if kind == "actor":
+        actor._load_training_state(path, read_actor_meta(path))
+    return actor

@@ -167,6 +167,15 @@ class Qwen25VLModel(MegatronModule):
         """Pipeline schedules hand the previous stage's activations here."""
         self.language_model.set_input_tensor(input_tensor)
 
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        """Read by Megatron's `finalize_model_grads` to all-reduce a tied embedding's grads over PP stages."""
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        """The tied embedding / output weight of this stage (Megatron's `finalize_model_grads` reduces it)."""
+        return self.language_model.shared_embedding_or_output_weight()
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Megatron's distributed-checkpoint view: GPTModel's own, plus the tower replicated over TP."""
         from megatron.core.transformer.utils import sharded_state_dict_default

@@ -56,10 +56,23 @@ def _stage_manifest(model, tp_size: int) -> list[tuple[str, tuple[int, ...], tor
     return out
 
 
+def unwrap(model):
+    """The `Qwen25VLModel` stage inside a DDP wrapper or a `MegatronActor` (their `.module`)."""
+    while not hasattr(model, "global_name") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def iter_full_params(model) -> Iterator[tuple[str, Tensor]]:
-    """(canonical global Megatron name, full tensor) for every parameter of the whole model, on every rank."""
+    """(canonical global Megatron name, full tensor) for every parameter of the whole model, on every rank.
+
+    `model` is this rank's stage (or its DDP wrapper, or the actor). Collective over the TP and PP groups:
+    every rank must consume the whole iterator. A tied output layer's copy on the last stage (PP > 1) comes
+    out under its own name, `language_model.output_layer.weight`; the HF mapping drops it.
+    """
     from megatron.core import parallel_state as mpu
 
+    model = unwrap(model)
     tp_size = mpu.get_tensor_model_parallel_world_size()
     pp_size = mpu.get_pipeline_model_parallel_world_size()
     pp_rank = mpu.get_pipeline_model_parallel_rank()
@@ -81,7 +94,7 @@ def iter_full_params(model) -> Iterator[tuple[str, Tensor]]:
                 full = torch.empty(shape, dtype=dtype, device=next(iter(params.values())).device)
             if pp_size > 1:
                 dist.broadcast(full, src=pp_ranks[stage], group=mpu.get_pipeline_model_parallel_group())
-            if name in seen:  # a tied output layer's copy on the last stage
+            if name in seen:  # stages never share a name today; this guards a future shared parameter
                 continue
             seen.add(name)
             yield name, full
@@ -132,9 +145,18 @@ def bucketize(tensors: Iterator[tuple[str, Tensor]], bucket_bytes: int, stats: S
 
 
 def sync_weights(model, mapping: HFMapping, engine, bucket_mb: int = 512) -> SyncStats:
-    """Push this model's weights into `engine` (a RolloutEngine) and return what was moved, with timing."""
+    """Push this model's weights into `engine` (a RolloutEngine) and return what was moved, with timing.
+
+    Collective: every rank of the training job calls it; ranks that own no engine pass `engine=None` and
+    only take part in the gathers (their stats count the same bytes).
+    """
     stats = SyncStats()
     t0 = time.perf_counter()
-    engine.update_weights(bucketize(iter_hf_tensors(model, mapping), bucket_mb << 20, stats))
+    buckets = bucketize(iter_hf_tensors(model, mapping), bucket_mb << 20, stats)
+    if engine is None:
+        for _ in buckets:
+            pass
+    else:
+        engine.update_weights(buckets)
     stats.seconds = time.perf_counter() - t0
     return stats

@@ -1,0 +1,418 @@
+"""The Megatron actor against transformers + `algo.grpo`: log-probs, losses, gradient norms, AdamW updates,
+non-finite skips and freezing, at (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1) and (1,1,2).
+
+One launch of two gloo ranks (CPU) does all the Megatron work: first each rank runs alone in a one-rank
+world (the two ranks check different things at TP=PP=DP=1, side by side), then both join a two-rank world
+and go through DP=2, TP=2 and PP=2. The references are computed here, in float64, with transformers'
+`Qwen2_5_VLForConditionalGeneration`, `pebr_mega.algo.grpo.grpo_loss` and `torch.optim.AdamW`, on
+image+text sequences of different lengths packed several to a micro-batch (one longer than a micro-batch).
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from pebr_mega.parallel.launch import spawn
+
+pytestmark = pytest.mark.slow
+
+TEMPERATURE = 0.7
+MB_TOKENS = 160  # sequences of 61-161 tokens: 5 micro-batches at DP=1 (one packs two, one exceeds the bound), 2 + 3 at DP=2
+ALGO = dict(clip_low=0.2, clip_high=0.3, clip_dual=3.0, kl_coef=0.05, kl_type="low_var_kl")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+# A real step: lr 1e-3 moves every weight by ~1e-3; weight decay 0.1 moves a norm weight of 1 by 1e-4, so a
+# wrong decay rule shows. eps 1e-6 keeps Adam's first step (g / (|g| + eps)) from amplifying float32 noise
+# of gradients that are exactly zero in exact arithmetic (the key bias: softmax ignores it).
+OPT = dict(lr=1e-3, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6, weight_decay=0.1, clip_grad=1.0)
+LP_TOL = 1e-5
+WEIGHT_TOL = 1e-5
+
+# (image sizes (H, W), prompt, response tokens)
+SPECS = [
+    ([(56, 84)], "How many circles?", 9),
+    ([], "What is 12 + 30? Think step by step and answer with a number.", 70),
+    ([(84, 56), (56, 56)], "Compare the two pictures.", 6),
+    ([(112, 84)], "Count the red squares, then the blue ones, and add them up.", 11),
+    ([], "Name a colour.", 5),
+    ([(56, 56)], "Which shape is the largest one in the picture?", 8),
+]
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def make_sequences(hf_dir, seed: int) -> list[dict]:
+    """Chat-formatted image+text prompts with random responses, as plain ActorSequence fields."""
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    proc = AutoImageProcessor.from_pretrained(hf_dir)
+    rng = np.random.default_rng(seed)
+    out = []
+    for sizes, prompt, n_resp in SPECS:
+        content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": prompt}]
+        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        pixels, grids = [], []
+        for h, w in sizes:
+            vis = proc(images=[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))], return_tensors="pt")
+            n = int(vis["image_grid_thw"].prod()) // 4
+            text = text.replace("<|vision_start|><|image_pad|>", "<|vision_start|>" + "<|IMG|>" * n, 1)
+            pixels.append(vis["pixel_values"].float().numpy())
+            grids.append(vis["image_grid_thw"].numpy())
+        prompt_ids = tok(text.replace("<|IMG|>", "<|image_pad|>"))["input_ids"]
+        response = rng.integers(0, 300, n_resp).tolist()  # plain BPE ids, never an image pad
+        out.append({"input_ids": prompt_ids + response, "target_mask": [0] * len(prompt_ids) + [1] * n_resp,
+                    "pixel_values": np.concatenate(pixels) if pixels else None,
+                    "image_grid_thw": np.concatenate(grids) if grids else None})
+    return out
+
+
+def add_grpo_inputs(seqs: list[dict], logprobs: list[torch.Tensor], seed: int) -> None:
+    """Old / reference log-probs scattered around the current ones, and advantages of both signs."""
+    rng = np.random.default_rng(seed)
+    for i, (s, lp) in enumerate(zip(seqs, logprobs)):
+        base = lp.detach().numpy()
+        s["old_logprobs"] = (base + rng.normal(0, 0.6, base.shape)).astype(np.float32)  # clips and dual clips
+        s["ref_logprobs"] = (base + rng.normal(0, 0.3, base.shape)).astype(np.float32)
+        s["advantage"] = float(rng.normal(0, 1.0)) if i != 3 else -1.7
+
+
+def actor_sequences(seqs: list[dict]):
+    from pebr_mega.actor.packing import ActorSequence
+
+    def t(x):
+        return None if x is None else torch.as_tensor(x)
+
+    return [ActorSequence(s["input_ids"], s["target_mask"], t(s["pixel_values"]), t(s["image_grid_thw"]),
+                          s.get("advantage", 0.0), t(s.get("old_logprobs")), t(s.get("ref_logprobs")))
+            for s in seqs]
+
+
+# --------------------------------------------------------------------------------------------- reference
+def hf_model(hf_dir):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float64).eval()
+
+
+def hf_target_logprobs(model, seqs: list[dict], temperature: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(log softmax(logits / T)[target], entropy) at every target position, float64, differentiable."""
+    out = []
+    for s in seqs:
+        ids = torch.tensor([s["input_ids"]])
+        extra = {}
+        if s["pixel_values"] is not None:
+            extra = {"pixel_values": torch.as_tensor(s["pixel_values"]).double(),
+                     "image_grid_thw": torch.as_tensor(s["image_grid_thw"])}
+        logits = model(input_ids=ids, mm_token_type_ids=(ids == model.config.image_token_id).int(), **extra).logits[0]
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        tgt = torch.tensor([j for j, m in enumerate(s["target_mask"]) if m])
+        out.append((logp[tgt - 1, ids[0, tgt]], -(logp.exp() * logp).sum(-1)[tgt - 1]))
+    return out
+
+
+def _layout(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of different lengths -> left-aligned [n, T] values and mask (the GRPO math's layout)."""
+    width = max(len(r) for r in rows)
+    vals = torch.zeros(len(rows), width, dtype=torch.float64)
+    mask = torch.zeros(len(rows), width, dtype=torch.float64)
+    out = []
+    for i, r in enumerate(rows):
+        mask[i, : len(r)] = 1
+        out.append(torch.cat([r.double(), r.new_zeros(width - len(r), dtype=torch.float64)]))
+    return torch.stack(out), mask
+
+
+def _frozen(name: str, freeze: str) -> bool:
+    visual = ".visual." in f".{name}"
+    merger = ".merger." in name
+    return visual and ((freeze == "all") or (freeze == "vision" and not merger))
+
+
+def reference_step(hf_dir, seqs: list[dict], kind: str = "grpo", agg: str = "token-mean", freeze: str = "none",
+                   opt: dict | None = None, decay_all: bool = True) -> dict:
+    """Loss, total grad norm and (with `opt`) the weights after one clipped AdamW step, all in float64."""
+    from pebr_mega.algo.grpo import grpo_loss
+    from pebr_mega.checkpoint.hf_mapping import normalize_hf_name
+
+    model = hf_model(hf_dir)
+    named = [(n, p) for n, p in model.named_parameters() if not _frozen(n, freeze)]
+    for n, p in model.named_parameters():
+        p.requires_grad_(not _frozen(n, freeze))
+    temperature = TEMPERATURE if kind == "grpo" else 1.0
+    lp, mask = _layout([lp for lp, _ in hf_target_logprobs(model, seqs, temperature)])
+    if kind == "grpo":
+        old, _ = _layout([torch.as_tensor(s["old_logprobs"]) for s in seqs])
+        ref, _ = _layout([torch.as_tensor(s["ref_logprobs"]) for s in seqs])
+        adv = torch.tensor([s["advantage"] for s in seqs], dtype=torch.float64)[:, None].expand_as(lp)
+        loss, _ = grpo_loss(lp, old, adv, mask, ref, agg=agg, **ALGO)
+    else:
+        loss = -(lp * mask).sum() / mask.sum()
+    loss.backward()
+    params = [p for _, p in named]  # named_parameters lists a tied embedding once
+    out = {"loss": float(loss), "grad_norm": float(torch.sqrt(sum((p.grad ** 2).sum() for p in params)))}
+    if opt is not None:
+        torch.nn.utils.clip_grad_norm_(params, opt["clip_grad"])
+        if decay_all:
+            groups = [{"params": params}]
+        else:  # Megatron's default exemption: biases and 1-D parameters
+            no_decay = [p for n, p in named if p.ndim == 1 or n.endswith(".bias")]
+            groups = [{"params": [p for p in params if all(p is not q for q in no_decay)]},
+                      {"params": no_decay, "weight_decay": 0.0}]
+        torch.optim.AdamW(groups, lr=opt["lr"], betas=(opt["adam_beta1"], opt["adam_beta2"]), eps=opt["adam_eps"],
+                          weight_decay=opt["weight_decay"]).step()
+        out["weights"] = {normalize_hf_name(k): v.detach() for k, v in model.state_dict().items()}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def solo_world() -> None:
+    """A one-rank gloo world inside a spawned rank (an in-memory store: no port, no other process)."""
+    import torch.distributed as dist
+
+    from pebr_mega.parallel.cpu_compat import enable_cpu_compat
+
+    enable_cpu_compat()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _actor(hf_dir, tp: int, pp: int, **overrides):
+    from pebr_mega.actor.config import ActorConfig
+    from pebr_mega.actor.megatron_actor import build_actor
+    from pebr_mega.models.config import ModelConfig
+
+    mc = ModelConfig(spec="torch", tp=tp, pp=pp, params_dtype="float32")
+    return build_actor(hf_dir, mc, ActorConfig(micro_batch_tokens=MB_TOKENS, kernels="torch", **overrides),
+                       trainable=True, total_updates=10)
+
+
+def _grpo(agg: str = "token-mean"):
+    from pebr_mega.actor.megatron_actor import LossSpec
+    from pebr_mega.algo.grpo import AlgoConfig
+
+    return LossSpec("grpo", AlgoConfig(agg=agg, **ALGO), TEMPERATURE)
+
+
+def _hf_weights(actor) -> dict[str, torch.Tensor]:
+    from pebr_mega.checkpoint.hf_mapping import HFMapping
+    from pebr_mega.rollout.weight_sync import iter_hf_tensors
+
+    return {n: t.clone() for n, t in iter_hf_tensors(actor.module, HFMapping(actor.arch))}
+
+
+def _step_with_weights(actor, seqs, loss, keep: bool) -> dict:
+    metrics = actor.train_step(seqs, loss)
+    weights = _hf_weights(actor)  # collective: every rank takes part
+    return {"metrics": metrics, "weights": weights if keep else None}
+
+
+def _solo_checks_rank0(tiny, seqs, initial) -> dict:
+    """TP=PP=DP=1: log-probs, two skipped updates then a real one, freezing."""
+    from pebr_mega.actor.packing import ActorSequence
+
+    out = {}
+    actor = _actor(tiny, 1, 1, **OPT)
+    out["lp_111"] = actor.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
+    nan_old = [ActorSequence(**s.__dict__) for s in seqs]
+    nan_old[2].old_logprobs = nan_old[2].old_logprobs.clone()
+    nan_old[2].old_logprobs[1] = float("nan")
+    inf_adv = [ActorSequence(**s.__dict__) for s in seqs]
+    inf_adv[4].advantage = float("inf")
+    out["skipped"] = [actor.train_step(bad, _grpo()) for bad in (nan_old, inf_adv)]
+    out["unchanged_after_skips"] = all(torch.equal(t, initial[n]) for n, t in _hf_weights(actor).items())
+    out["updates_after_skips"] = actor.updates
+    out["grpo_111"] = _step_with_weights(actor, seqs, _grpo(), keep=True)
+    out["updates_after_step"] = actor.updates
+    for freeze, kw in (("all", dict(freeze_vision=True, freeze_projector=True)), ("vision", dict(freeze_vision=True))):
+        a = _actor(tiny, 1, 1, **OPT, **kw)
+        metrics = a.train_step(seqs, _grpo())
+        out[f"freeze_{freeze}"] = {"metrics": metrics,
+                                   "changed": {n: not torch.equal(t, initial[n]) for n, t in _hf_weights(a).items()}}
+    return out
+
+
+def _solo_checks_rank1(tiny, alt, seqs, seqs_alt) -> dict:
+    """TP=PP=DP=1: every aggregation mode and SFT (lr 0: the weights stay), Megatron's decay rule, tied model."""
+    from pebr_mega.actor.megatron_actor import LossSpec
+
+    out = {}
+    actor = _actor(tiny, 1, 1, lr=0.0)
+    for agg in AGG_MODES:
+        out[f"agg_{agg}_111"] = actor.train_step(seqs, _grpo(agg))
+    out["sft_111"] = actor.train_step(seqs, LossSpec("sft"))
+    out["wd_megatron_111"] = _step_with_weights(_actor(tiny, 1, 1, **OPT, decay_all_params=False), seqs, _grpo(), True)
+    out["alt_111"] = _step_with_weights(_actor(alt, 1, 1, **OPT), seqs_alt, _grpo(), True)
+    return out
+
+
+def _actor_worker(rank, tiny, alt, seqs_plain, alt_plain):
+    import torch
+    from safetensors.torch import load_file
+
+    from pebr_mega.actor.megatron_actor import LossSpec
+    from pebr_mega.parallel.groups import destroy_parallel, init_parallel
+
+    torch.set_num_threads(1)  # two ranks share two cores
+    seqs, seqs_alt = actor_sequences(seqs_plain), actor_sequences(alt_plain)
+    initial = load_file(f"{tiny}/model.safetensors")
+    keep = rank == 0
+
+    solo_world()
+    init_parallel(1, 1)
+    out = _solo_checks_rank0(tiny, seqs, initial) if rank == 0 else _solo_checks_rank1(tiny, alt, seqs, seqs_alt)
+    destroy_parallel(process_group=True)
+
+    init_parallel(1, 1)  # DP = 2
+    actor = _actor(tiny, 1, 1, lr=0.0)
+    out["lp_112"] = actor.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
+    out["lp_112_one_seq"] = actor.compute_logprobs(seqs[:1], TEMPERATURE)  # rank 1 has nothing to do
+    for agg in AGG_MODES:
+        out[f"agg_{agg}_112"] = actor.train_step(seqs, _grpo(agg))
+    out["sft_112"] = actor.train_step(seqs, LossSpec("sft"))
+    out["grpo_112"] = _step_with_weights(_actor(tiny, 1, 1, **OPT), seqs, _grpo(), keep)
+
+
+    init_parallel(2, 1)
+    actor = _actor(tiny, 2, 1, **OPT)
+    out["lp_211"] = actor.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
+    out["grpo_211"] = _step_with_weights(actor, seqs, _grpo(), keep)
+
+
+    init_parallel(1, 2)
+    out["lp_121"] = _actor(tiny, 1, 2, lr=0.0).compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
+    out["alt_121"] = _step_with_weights(_actor(alt, 1, 2, **OPT), seqs_alt, _grpo(), keep)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ fixture
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tiny_model_dir_alt):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls beside two busy ranks: one thread is far faster than two contending
+    try:
+        return _run(tiny_model_dir, tiny_model_dir_alt)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(tiny_model_dir, tiny_model_dir_alt) -> dict:
+    seqs, seqs_alt = make_sequences(tiny_model_dir, 0), make_sequences(tiny_model_dir_alt, 1)
+    with torch.no_grad():
+        lp_ref = hf_target_logprobs(hf_model(tiny_model_dir), seqs, TEMPERATURE)
+        lp_alt = hf_target_logprobs(hf_model(tiny_model_dir_alt), seqs_alt, TEMPERATURE)
+    add_grpo_inputs(seqs, [lp for lp, _ in lp_ref], seed=2)
+    add_grpo_inputs(seqs_alt, [lp for lp, _ in lp_alt], seed=3)
+    with ThreadPoolExecutor(1) as pool:  # the references are computed while the ranks work
+        job = pool.submit(spawn, _actor_worker, 2, str(tiny_model_dir), str(tiny_model_dir_alt), seqs, seqs_alt)
+        refs = {"lp": lp_ref, "grpo": reference_step(tiny_model_dir, seqs, opt=OPT),
+                "alt": reference_step(tiny_model_dir_alt, seqs_alt, opt=OPT),
+                "wd_megatron": reference_step(tiny_model_dir, seqs, opt=OPT, decay_all=False),
+                "sft": reference_step(tiny_model_dir, seqs, kind="sft"),
+                "freeze_all": reference_step(tiny_model_dir, seqs, freeze="all"),
+                "freeze_vision": reference_step(tiny_model_dir, seqs, freeze="vision")}
+        for agg in AGG_MODES:
+            refs[f"agg_{agg}"] = reference_step(tiny_model_dir, seqs, agg=agg)
+        results = job.result()
+    return {"seqs": seqs, "refs": refs, "results": results}
+
+
+# ------------------------------------------------------------------------------------------------- tests
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / max(abs(b), 1e-12)
+
+
+def _assert_weights(got: dict, ref: dict, what: str, tied: bool = False) -> None:
+    expected = {n for n in ref if not (tied and n == "lm_head.weight")}
+    assert set(got) == expected, f"{what}: names differ: {sorted(set(got) ^ expected)[:6]}"
+    worst = max(((float((torch.as_tensor(got[n]).double() - ref[n]).abs().max()), n) for n in got))
+    assert worst[0] < WEIGHT_TOL, f"{what}: max |weight diff| {worst[0]:.2e} at {worst[1]}"
+
+
+@pytest.mark.parametrize("layout,rank", [("111", 0), ("211", 0), ("211", 1), ("121", 0), ("121", 1),
+                                         ("112", 0), ("112", 1)])
+def test_logprobs_and_entropies_match_transformers(run, layout, rank):
+    got = run["results"][rank][f"lp_{layout}"]
+    assert len(got) == len(run["refs"]["lp"])
+    for i, ((lp, ent), (ref_lp, ref_ent)) in enumerate(zip(got, run["refs"]["lp"])):
+        assert lp.shape == ref_lp.shape == (sum(run["seqs"][i]["target_mask"]),)
+        assert float((torch.as_tensor(lp).double() - ref_lp).abs().max()) < LP_TOL, f"seq {i} log-probs"
+        assert float((torch.as_tensor(ent).double() - ref_ent).abs().max()) < LP_TOL, f"seq {i} entropies"
+
+
+def test_logprobs_when_a_data_parallel_rank_has_no_sequence(run):
+    for r in run["results"]:
+        (lp, ent), = r["lp_112_one_seq"]
+        assert ent is None and float((torch.as_tensor(lp).double() - run["refs"]["lp"][0][0]).abs().max()) < LP_TOL
+
+
+@pytest.mark.parametrize("case,ref,tied", [("grpo_111", "grpo", False), ("grpo_112", "grpo", False),
+                                           ("grpo_211", "grpo", False), ("alt_111", "alt", True),
+                                           ("alt_121", "alt", True), ("wd_megatron_111", "wd_megatron", False)])
+def test_grpo_step_loss_grad_norm_and_adamw_update(run, case, ref, tied):
+    """One real step: loss and global grad norm (before clipping) as the reference's, weights as AdamW's."""
+    rank = 1 if case in ("alt_111", "wd_megatron_111") else 0
+    got, want = run["results"][rank][case], run["refs"][ref]
+    m = got["metrics"]
+    assert m["skipped"] == 0.0 and m["lr"] == pytest.approx(OPT["lr"])
+    assert abs(m["loss"] - want["loss"]) < 1e-5, (m["loss"], want["loss"])
+    assert _rel(m["grad_norm"], want["grad_norm"]) < 1e-5, (m["grad_norm"], want["grad_norm"])
+    assert m["grad_norm"] > OPT["clip_grad"]  # the clipping path is taken
+    _assert_weights(got["weights"], want["weights"], case, tied)
+
+
+def test_grpo_step_results_agree_on_every_rank(run):
+    for case in ("grpo_112", "grpo_211", "alt_121"):
+        a, b = (r[case]["metrics"] for r in run["results"])
+        assert a == b, case
+
+
+def test_decay_rule_matters(run):
+    """Megatron's default (no decay on biases and norms) and the recipe's (decay everywhere) differ."""
+    a = run["refs"]["grpo"]["weights"]["model.norm.weight"]
+    b = run["refs"]["wd_megatron"]["weights"]["model.norm.weight"]
+    assert float((a - b).abs().max()) > 5 * WEIGHT_TOL
+
+
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_aggregation_modes_normalise_over_micro_batches_and_dp(run, agg):
+    want = run["refs"][f"agg_{agg}"]
+    single = run["results"][1][f"agg_{agg}_111"]
+    for r in run["results"]:
+        dp2 = r[f"agg_{agg}_112"]
+        for m, what in ((single, "DP=1"), (dp2, "DP=2")):
+            assert abs(m["loss"] - want["loss"]) < 1e-5, (what, m["loss"], want["loss"])
+            assert _rel(m["grad_norm"], want["grad_norm"]) < 1e-5, (what, m["grad_norm"], want["grad_norm"])
+        assert _rel(dp2["grad_norm"], single["grad_norm"]) < 1e-6 and abs(dp2["loss"] - single["loss"]) < 1e-6
+    losses = {a: run["refs"][f"agg_{a}"]["loss"] for a in AGG_MODES}
+    assert len({round(v, 6) for v in losses.values()}) == 3  # the modes are really different numbers
+
+
+def test_sft_loss_is_token_mean_nll(run):
+    want = run["refs"]["sft"]
+    for m in (run["results"][1]["sft_111"], run["results"][0]["sft_112"], run["results"][1]["sft_112"]):
+        assert abs(m["loss"] - want["loss"]) < 1e-5 and _rel(m["grad_norm"], want["grad_norm"]) < 1e-5
+        assert m["train_tokens"] == sum(sum(s["target_mask"]) for s in run["seqs"])
+
+
+def test_non_finite_loss_skips_the_update_and_training_goes_on(run):
+    r = run["results"][0]
+    for m in r["skipped"]:
+        assert m["skipped"] == 1.0 and not math.isfinite(m["loss"])
+    assert r["unchanged_after_skips"] and r["updates_after_skips"] == 0
+    # the next, finite step is exactly a first step (same as a fresh actor's, checked against AdamW above)
+    assert r["grpo_111"]["metrics"]["skipped"] == 0.0 and r["updates_after_step"] == 1
+
+
+@pytest.mark.parametrize("freeze", ["all", "vision"])
+def test_frozen_parts_stay_bit_identical(run, freeze):
+    got = run["results"][0][f"freeze_{freeze}"]
+    changed = got["changed"]
+    for name, c in changed.items():
+        frozen = name.startswith("visual.") and (freeze == "all" or ".merger." not in f".{name}")
+        assert c != frozen, f"{name}: changed={c} with freeze={freeze}"
+    want = run["refs"][f"freeze_{freeze}"]
+    assert _rel(got["metrics"]["grad_norm"], want["grad_norm"]) < 1e-5  # frozen parts are not in the norm
+    assert abs(got["metrics"]["loss"] - want["loss"]) < 1e-5
