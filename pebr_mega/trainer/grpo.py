@@ -63,7 +63,6 @@ class GRPOTrainer:
         s.build_engine()
         s.build_rewards(cfg.rewards)
         self.step = 0
-        self.rewards_seen: list[float] = []
 
     def _total_steps(self) -> int:
         """floor(#prompts / rollout batch) x epochs (PEBR_FACTS), at least 1; `max_steps` caps it."""
@@ -157,7 +156,6 @@ class GRPOTrainer:
         metrics["tokens_per_s"] = tokens / step_time
         metrics.update(s.flops_metrics(train_tokens=tokens * self.stage.ppo_epochs, forward_tokens=tokens *
                                        (2 if s.ref_actor is not None else 1), seconds=step_time))
-        self.rewards_seen.append(metrics.get("reward/total", float("nan")))
         return metrics
 
     def _assign_advantages(self, samples: list[Sample], metrics: dict[str, float]) -> None:
