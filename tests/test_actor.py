@@ -179,13 +179,13 @@ def solo_world() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def _actor(hf_dir, tp: int, pp: int, **overrides):
+def _actor(hf_dir, tp: int, pp: int, kernels: str = "torch", **overrides):
     from pebr_mega.actor.config import ActorConfig
     from pebr_mega.actor.megatron_actor import build_actor
     from pebr_mega.models.config import ModelConfig
 
     mc = ModelConfig(spec="torch", tp=tp, pp=pp, params_dtype="float32")
-    return build_actor(hf_dir, mc, ActorConfig(micro_batch_tokens=MB_TOKENS, kernels="torch", **overrides),
+    return build_actor(hf_dir, mc, ActorConfig(micro_batch_tokens=MB_TOKENS, kernels=kernels, **overrides),
                        trainable=True, total_updates=10)
 
 
@@ -279,6 +279,10 @@ def _actor_worker(rank, tiny, alt, seqs_plain, alt_plain):
     actor = _actor(tiny, 2, 1, **OPT)
     out["lp_211"] = actor.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
     out["grpo_211"] = _step_with_weights(actor, seqs, _grpo(), keep)
+    # The GPU code path: the Triton log-prob (vocab-parallel) and GRPO-loss kernels, here in Triton's interpreter.
+    triton = _actor(tiny, 2, 1, kernels="triton", lr=0.0)
+    out["lp_211_triton"] = triton.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
+    out["agg_token-mean_211_triton"] = triton.train_step(seqs, _grpo())
 
 
     init_parallel(1, 2)
@@ -332,7 +336,7 @@ def _assert_weights(got: dict, ref: dict, what: str, tied: bool = False) -> None
 
 
 @pytest.mark.parametrize("layout,rank", [("111", 0), ("211", 0), ("211", 1), ("121", 0), ("121", 1),
-                                         ("112", 0), ("112", 1)])
+                                         ("112", 0), ("112", 1), ("211_triton", 0), ("211_triton", 1)])
 def test_logprobs_and_entropies_match_transformers(run, layout, rank):
     got = run["results"][rank][f"lp_{layout}"]
     assert len(got) == len(run["refs"]["lp"])
@@ -388,6 +392,14 @@ def test_aggregation_modes_normalise_over_micro_batches_and_dp(run, agg):
         assert _rel(dp2["grad_norm"], single["grad_norm"]) < 1e-6 and abs(dp2["loss"] - single["loss"]) < 1e-6
     losses = {a: run["refs"][f"agg_{a}"]["loss"] for a in AGG_MODES}
     assert len({round(v, 6) for v in losses.values()}) == 3  # the modes are really different numbers
+
+
+def test_triton_kernels_in_the_actor_match_the_reference(run):
+    """TP=2 with the fused kernels (interpreted on CPU): the loss and gradient norm of the token-mean GRPO."""
+    want = run["refs"]["agg_token-mean"]
+    for r in run["results"]:
+        m = r["agg_token-mean_211_triton"]
+        assert abs(m["loss"] - want["loss"]) < 1e-5 and _rel(m["grad_norm"], want["grad_norm"]) < 1e-5
 
 
 def test_sft_loss_is_token_mean_nll(run):

@@ -3,8 +3,8 @@ HF, atomic saves and clear errors.
 
 One launch of two gloo ranks: at TP=2 an actor trains two steps, saves, trains two more (weights W); a
 second actor built from the checkpoint trains the same two steps and must reach W bit for bit. Then at
-TP=1 (DP=2) the checkpoint is loaded again (same log-probs; training continues with the restored Adam
-state) and its `model/` part starts a fresh optimizer. Finally rank 0 exports `model/` to HF with the
+TP=1 (DP=2) and at PP=2 the checkpoint is loaded again (same log-probs; training continues with the
+restored Adam state) and its `model/` part starts a fresh optimizer. Finally rank 0 exports `model/` to HF with the
 function `tools/export_to_hf.py` runs.
 """
 from __future__ import annotations
@@ -26,12 +26,12 @@ TEMPERATURE = 0.9
 BATCHES = [[0, 1, 2], [3, 4, 5], [1, 3, 4], [0, 2, 5, 4]]
 
 
-def _actor(path, tp: int, trainable: bool = True):
+def _actor(path, tp: int, trainable: bool = True, pp: int = 1):
     from pebr_mega.actor.config import ActorConfig
     from pebr_mega.actor.megatron_actor import build_actor
     from pebr_mega.models.config import ModelConfig
 
-    mc = ModelConfig(spec="torch", tp=tp, pp=1, params_dtype="float32")
+    mc = ModelConfig(spec="torch", tp=tp, pp=pp, params_dtype="float32")
     return build_actor(path, mc, ActorConfig(micro_batch_tokens=200, kernels="torch", **OPT), trainable=trainable,
                        total_updates=8)
 
@@ -116,6 +116,12 @@ def _ckpt_worker(rank, tiny, seqs_plain, root):
     out["w_fresh"] = _weights(fresh, keep)
     frozen = _actor(ckpt, 1, trainable=False)
     out["lp_frozen"] = frozen.compute_logprobs(seqs, TEMPERATURE)
+
+    init_parallel(1, 2)  # and at PP=2: each stage holds half the parameters and their Adam state
+    at_pp2 = _actor(ckpt, 1, pp=2)
+    out["lp_pp2"] = at_pp2.compute_logprobs(seqs, TEMPERATURE)
+    _train(at_pp2, seqs, BATCHES[2:])
+    out["w_pp2"] = _weights(at_pp2, keep)
     destroy_parallel(process_group=True)
 
     if rank == 0:  # a one-rank world, as the export tool runs
@@ -154,15 +160,15 @@ def test_resume_reproduces_training_bit_for_bit(run):
     assert _max_diff(w, r["w_saved"]) > 1e-3  # the two steps did move the weights
 
 
-def test_checkpoint_saved_at_tp2_loads_at_tp1(run):
+def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(run):
     for r in run["results"]:
-        assert _lp_diff(r["lp_tp1"], r["lp_saved"]) < 1e-5
-        assert _lp_diff(r["lp_fresh"], r["lp_saved"]) < 1e-5
-        assert _lp_diff(r["lp_frozen"], r["lp_saved"]) < 1e-5
+        for key in ("lp_tp1", "lp_fresh", "lp_frozen", "lp_pp2"):
+            assert _lp_diff(r[key], r["lp_saved"]) < 1e-5, key
     r = run["results"][0]
     assert r["updates_tp1"] == 2 and r["updates_fresh"] == 0
-    # With the restored Adam moments, training at TP=1 follows the TP=2 run; a fresh optimizer does not.
+    # With the restored Adam moments, training at TP=1 or PP=2 follows the TP=2 run; a fresh optimizer does not.
     assert _max_diff(r["w_tp1"], r["w_straight"]) < 1e-5
+    assert _max_diff(r["w_pp2"], r["w_straight"]) < 1e-5
     assert _max_diff(r["w_fresh"], r["w_straight"]) > 1e-4
 
 

@@ -55,9 +55,10 @@ def target_logprobs(logits: Tensor, mb: MicroBatch, temperature: float, kernels_
     targets = next_token_targets(mb.input_ids).to(row_logits.device)
     lp, ent = fn(row_logits, targets, temperature, return_entropy=with_entropy, tp_group=tp_group)
     pos = mb.target_pos.to(lp.device)
-    mask = mb.target_mask.to(lp.device)
-    lp_t = lp[pos] * mask
-    ent_t = ent[pos] * mask if ent is not None else None
+    keep = mb.target_mask.to(lp.device) != 0
+    # `where`, not `* mask`: a non-finite value at the gathered slot 0 must not leak into masked slots.
+    lp_t = torch.where(keep, lp[pos], lp.new_zeros(()))
+    ent_t = torch.where(keep, ent[pos], ent.new_zeros(())) if ent is not None else None
     return lp_t, ent_t
 
 
