@@ -13,6 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The test models are tiny: one intra-op thread avoids thread start-up and oversubscription costs that
+# dominate small matmuls on a 2-core machine (spawned ranks set the same in their workers).
+torch.set_num_threads(1)
+
 # `kernels/` is installed as `pebr_mega.kernels` through setup.py's package_dir. When another checkout of this
 # repository is the one pip-installed in editable mode (git worktrees), that mapping would point there: bind
 # `pebr_mega.kernels` to this checkout's folder so the tests always exercise the code beside them.
