@@ -88,13 +88,15 @@ def _stage_summary(res: dict | None) -> dict:
         "mean_reward": res.get("mean_reward"),
         "first_step_reward": res.get("first_reward"),
         "last_step_reward": res.get("last_reward"),
+        "first_step_loss": res.get("first_loss"),
+        "last_step_loss": res.get("last_loss"),
         "steps": res.get("steps"),
         "seconds": res.get("seconds"),
         "model_dir": res.get("model_dir"),
     }
     if res.get("skipped"):
         out["skipped"] = res["skipped"]
-    return out
+    return {k: v for k, v in out.items() if not (isinstance(v, float) and v != v)}  # drop NaN (n/a) entries
 
 
 def summarize(results: dict, wall: float) -> dict:

@@ -40,6 +40,8 @@ class StageResult:
     mean_reward: float = float("nan")
     first_reward: float = float("nan")
     last_reward: float = float("nan")
+    first_loss: float = float("nan")  # SFT: the loss of the first and the last step
+    last_loss: float = float("nan")
 
     def to_dict(self) -> dict:
         """JSON-friendly."""

@@ -120,7 +120,7 @@ class SFTTrainer:
             logger.message(_eval_line("after", result.eval_after))
         losses = [r["loss"] for r in _rows(s.out_dir / "metrics.jsonl") if r.get("loss") is not None]
         if losses:
-            result.first_reward, result.last_reward = losses[0], losses[-1]  # for SFT: first/last loss
+            result.first_loss, result.last_loss = losses[0], losses[-1]
         logger.close()
         s.export(result.model_dir)
         (s.out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
