@@ -260,7 +260,7 @@ def vision_token_ids(tokenizer) -> list[int]:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pebr_mega.data.images import ImageConfig, make_image_decoder
+    from pebr_mega.data.images import make_image_decoder
     from pebr_mega.data.records import load_grpo_records
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import build_requests
@@ -425,6 +425,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                       max_new_tokens=160, seed=0))
         print(f"[demo] ground truth: {first['answer']}")
     return 0
+
+
 # ---------------------------------------------------------------------------------------------- compare-logits
 def _add_compare_logits(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare-logits", help="Megatron vs transformers logits on one image+text input",

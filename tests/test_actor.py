@@ -117,7 +117,6 @@ def hf_target_logprobs(model, seqs: list[dict], temperature: float) -> list[tupl
 def _layout(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of different lengths -> left-aligned [n, T] values and mask (the GRPO math's layout)."""
     width = max(len(r) for r in rows)
-    vals = torch.zeros(len(rows), width, dtype=torch.float64)
     mask = torch.zeros(len(rows), width, dtype=torch.float64)
     out = []
     for i, r in enumerate(rows):
