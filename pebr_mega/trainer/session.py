@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pebr_mega.config import ConfigError
 from pebr_mega.data.images import make_image_decoder
 from pebr_mega.data.records import GRPORecord, load_grpo_records
 from pebr_mega.errors import DataError, PebrError
@@ -45,12 +46,15 @@ class Session:
 
         self.cfg = cfg
         self.stage = stage
+        try:
+            cfg.model.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not init_model or not (Path(init_model) / "config.json").is_file():
             raise PebrError(f"{stage}: init_model {init_model!r} is not an HF model directory (no config.json)")
         self.init_model = Path(init_model)
         self.out_dir = Path(cfg.run.output_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.model.validate()
         self.state = init_parallel(cfg.model.tp, cfg.model.pp, seed=cfg.run.seed)
         self.device = self.state.device
         _seed_everything(cfg.run.seed)
