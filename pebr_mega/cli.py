@@ -245,18 +245,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_cmd_eval)
 
 
-def _stop_token_ids(tokenizer) -> list[int]:
-    from pebr_mega.trainer.hf_io import stop_token_ids
-
-    return stop_token_ids(tokenizer)
-
-
-def vision_token_ids(tokenizer) -> list[int]:
-    from pebr_mega.trainer.hf_io import vision_token_ids as ids
-
-    return ids(tokenizer)
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -264,7 +252,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pebr_mega.data.records import load_grpo_records
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import build_requests
-    from pebr_mega.rollout.types import SamplingParams
+    from pebr_mega.trainer.hf_io import sampling_params
     from pebr_mega.trainer.evaluate import evaluate
 
     loaded = load_grpo_records(args.dataset, args.image_root)
@@ -278,9 +266,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                       max_prompt_length=1 << 30)
     if report.skipped:
         print(report.summary())
-    sampling = SamplingParams(n=1, temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                              stop_token_ids=_stop_token_ids(engine.tokenizer), seed=args.seed,
-                              banned_token_ids=vision_token_ids(engine.tokenizer))
+    sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
     m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results)
     print(f"eval {args.model} on {args.dataset}: {int(m['eval/count'])} questions | accuracy {m['eval/accuracy']:.3f}"
           f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens")
@@ -321,15 +307,13 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from pebr_mega.data.records import GRPORecord
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import build_request
-    from pebr_mega.rollout.types import SamplingParams
+    from pebr_mega.trainer.hf_io import sampling_params
 
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=1)
     question = args.question if "<image>" in args.question else "<image>" + args.question
     record = GRPORecord(qid="infer", problem=question, answer="", images=[args.image])
     req = build_request(record, engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)), ".")
-    sampling = SamplingParams(n=1, temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                              stop_token_ids=_stop_token_ids(engine.tokenizer), seed=args.seed,
-                              banned_token_ids=vision_token_ids(engine.tokenizer))
+    sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
     print(engine.generate([req], sampling)[0].response_text)
     return 0
 

@@ -14,7 +14,6 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ import torch
 from pebr_mega.actor.megatron_actor import LossSpec
 from pebr_mega.actor.packing import ActorSequence
 from pebr_mega.algo.grpo import group_advantages
+from pebr_mega.logging import read_metrics
 from pebr_mega.rollout.engine import group_samples
 from pebr_mega.rollout.mismatch import token_mult_prob_error
 from pebr_mega.rollout.types import Sample
@@ -103,7 +103,7 @@ class GRPOTrainer:
             logger.message(_eval_line("after", result.eval_after))
         logger.close()
         s.export(result.model_dir)
-        rewards = [r["reward/total"] for r in _read_jsonl(s.out_dir / "metrics.jsonl") if "reward/total" in r]
+        rewards = [r["reward/total"] for r in read_metrics(s.out_dir / "metrics.jsonl") if "reward/total" in r]
         if rewards:
             result.mean_reward = sum(rewards) / len(rewards)
             result.first_reward, result.last_reward = rewards[0], rewards[-1]
@@ -208,9 +208,3 @@ def _length_metrics(samples: list[Sample]) -> dict[str, float]:
 def _eval_line(when: str, m: dict) -> str:
     return (f"eval {when}: accuracy {m.get('eval/accuracy', float('nan')):.3f} | format {m.get('eval/format', float('nan')):.3f}"
             f" | reward {m.get('eval/reward', float('nan')):.3f} | n {int(m.get('eval/count', 0))}")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    from pebr_mega.logging import read_metrics
-
-    return read_metrics(path) if path.is_file() else []

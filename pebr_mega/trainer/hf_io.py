@@ -76,3 +76,13 @@ def vision_token_ids(tokenizer) -> list[int]:
     ids = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     unk = getattr(tokenizer, "unk_token_id", None)
     return [i for i in ids if i is not None and i >= 0 and i != unk]
+
+
+def sampling_params(tokenizer, n: int, temperature: float, top_p: float, max_new_tokens: int,
+                    seed: int | None):
+    """SamplingParams that stop at Qwen's end tokens and never emit vision tokens."""
+    from pebr_mega.rollout.types import SamplingParams
+
+    return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                          stop_token_ids=stop_token_ids(tokenizer), seed=seed,
+                          banned_token_ids=vision_token_ids(tokenizer))

@@ -17,8 +17,7 @@ from pebr_mega.data.images import make_image_decoder
 from pebr_mega.data.records import load_grpo_records
 from pebr_mega.rewards import accuracy_reward
 from pebr_mega.rollout.requests import build_requests
-from pebr_mega.rollout.types import SamplingParams
-from pebr_mega.trainer.hf_io import make_rollout_engine, stop_token_ids, vision_token_ids
+from pebr_mega.trainer.hf_io import make_rollout_engine, sampling_params
 
 
 def run_sampling(cfg: Any, progress: bool = True) -> dict:
@@ -48,10 +47,8 @@ def run_sampling(cfg: Any, progress: bool = True) -> dict:
     with tmp.open("w", encoding="utf-8") as f:
         for start in range(0, len(requests), sc.batch_size):
             chunk = requests[start:start + sc.batch_size]
-            sampling = SamplingParams(n=sc.n, temperature=sc.temperature, top_p=sc.top_p,
-                                      max_new_tokens=cfg.rollout.max_new_tokens,
-                                      stop_token_ids=stop_token_ids(tokenizer), seed=cfg.run.seed + start,
-                                      banned_token_ids=vision_token_ids(tokenizer))
+            sampling = sampling_params(tokenizer, sc.n, sc.temperature, sc.top_p, cfg.rollout.max_new_tokens,
+                                       seed=cfg.run.seed + start)
             for s in engine.generate(chunk, sampling):
                 score = accuracy_reward(s.response_text, s.request.record.answer)
                 correct[s.record_id] += int(score >= sc.correct_threshold)

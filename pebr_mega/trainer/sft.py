@@ -19,6 +19,7 @@ from pebr_mega.actor.packing import ActorSequence
 from pebr_mega.data.images import load_image, num_image_tokens
 from pebr_mega.data.prompts import render_conversation
 from pebr_mega.errors import DataError, ImageError
+from pebr_mega.logging import read_metrics
 from pebr_mega.trainer.data_order import EpochSampler
 from pebr_mega.trainer.grpo import StageResult, _eval_line
 from pebr_mega.trainer.session import Session
@@ -117,16 +118,10 @@ class SFTTrainer:
             s.sync_engine()
             result.eval_after = s.run_eval()
             logger.message(_eval_line("after", result.eval_after))
-        losses = [r["loss"] for r in _rows(s.out_dir / "metrics.jsonl") if r.get("loss") is not None]
+        losses = [r["loss"] for r in read_metrics(s.out_dir / "metrics.jsonl") if r.get("loss") is not None]
         if losses:
             result.first_loss, result.last_loss = losses[0], losses[-1]
         logger.close()
         s.export(result.model_dir)
         (s.out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         return result
-
-
-def _rows(path: Path) -> list[dict]:
-    from pebr_mega.logging import read_metrics
-
-    return read_metrics(path) if path.is_file() else []
