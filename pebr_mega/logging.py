@@ -89,13 +89,19 @@ class MetricsLogger:
                           mode=self.cfg.wandb_mode, dir=str(self.run_dir), config=dict(run_config or {}),
                           reinit="finish_previous")
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Record one step's metrics (numbers; non-finite values are written as null)."""
+    def log(self, step: int, metrics: Mapping[str, Any], console: bool = True) -> None:
+        """Record one step's metrics (numbers; non-finite values are written as null).
+
+        `console=False` records extra metrics of a step already logged (a periodic evaluation): file and
+        wandb only, without a console line or a progress-bar tick.
+        """
         clean = {k: _jsonable(v) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, "wall": round(time.time() - self._t0, 3), **clean}) + "\n")
         self._file.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
+        if not console:
+            return
         line = format_metrics_line(step, self.total, metrics, self.cfg.extra_console_keys)
         if self._bar is not None:
             self._bar.update(1)

@@ -25,6 +25,18 @@ def test_jsonl_written_and_torn_line_skipped(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["kl"] is None
 
 
+def test_extra_metrics_of_a_logged_step_skip_the_console_and_the_bar(tmp_path, capsys):
+    log = MetricsLogger(LoggingConfig(progress_bar=True), tmp_path, total_steps=2)
+    log.log(1, {"reward/total": 0.1})
+    log.log(1, {"eval/accuracy": 0.5}, console=False)
+    assert log._bar.n == 1
+    log.close()
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("step 1/2 |") == 1
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 1] and rows[1]["eval/accuracy"] == 0.5
+
+
 def test_resume_appends_and_fresh_run_truncates(tmp_path):
     for resume, expect in ((False, 1), (True, 2), (False, 1)):
         log = MetricsLogger(LoggingConfig(progress_bar=False), tmp_path, resume=resume)

@@ -88,7 +88,9 @@ class GRPOTrainer:
                 self.step += 1
                 logger.log(self.step, metrics)
                 if self.stage.eval_every and self.step % self.stage.eval_every == 0 and self.step < self.total_steps:
-                    logger.log(self.step, s.run_eval())
+                    evaluated = s.run_eval()
+                    logger.log(self.step, evaluated, console=False)
+                    logger.message(_eval_line(f"at step {self.step}", evaluated))
                 if self.stage.save_every and self.step % self.stage.save_every == 0:
                     s.save(self.step)
         except KeyboardInterrupt:
