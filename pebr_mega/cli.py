@@ -386,9 +386,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                                    "export and an inference; writes summary.json and curves.png.")
     p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-grpo", type=int, default=256, help="GRPO questions to synthesise")
+    p.add_argument("--num-grpo", type=int, default=512, help="GRPO questions to synthesise")
     p.add_argument("--num-sft", type=int, default=1024, help="SFT examples to synthesise")
-    p.add_argument("--num-eval", type=int, default=128, help="held-out questions")
+    p.add_argument("--num-eval", type=int, default=256, help="held-out questions")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the demo config")
     p.set_defaults(handler=_cmd_demo)
 

@@ -41,7 +41,7 @@ def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: 
     return {"model": model, "data": data, "clip": clip}
 
 
-def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 256, num_sft: int = 1024, num_eval: int = 128,
+def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: int = 1024, num_eval: int = 256,
              overrides: Sequence[str] = ()) -> dict:
     """Run the demo into `out_dir`; returns the summary (also written to `out_dir/summary.json`)."""
     from pebr_mega.config import load_config
