@@ -21,12 +21,11 @@ import os
 import torch
 from torch import Tensor
 
-from .reference import METRIC_NAMES, grpo_loss_reference, linear_logprobs_reference, logprobs_reference
+from .reference import (AGG_MODES, KL_TYPES, METRIC_NAMES, check_loss_inputs, grpo_loss_reference,
+                        linear_logprobs_reference, logprobs_reference)
 
 __all__ = ["grpo_loss", "linear_logprobs", "logprobs", "use_triton"]
 
-KL_TYPES = ("k1", "k2", "low_var_kl")
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 
 
 def use_triton(t: Tensor) -> bool:
@@ -160,17 +159,7 @@ def grpo_loss(
     sequence (seq-mean-*) count, for a loss normalised over several micro-batches or ranks. Returns the
     scalar loss (float32) and metrics as 0-dim float32 tensors (no host sync).
     """
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
-    named = {"old_logprobs": old_logprobs, "advantages": advantages, "mask": mask, "ref_logprobs": ref_logprobs,
-             "entropy": entropy}
-    for name, t in named.items():
-        if t is not None and t.shape != logprobs.shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} != logprobs shape {tuple(logprobs.shape)}")
-    if kl_type not in KL_TYPES:
-        raise ValueError(f"kl_type {kl_type!r} is not one of {list(KL_TYPES)}")
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg {agg!r} is not one of {list(AGG_MODES)}")
+    check_loss_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, kl_type, agg)
     if not use_triton(logprobs):
         return grpo_loss_reference(logprobs, old_logprobs, advantages, mask, ref_logprobs, clip_low, clip_high,
                                    clip_dual, kl_coef, kl_type, agg, entropy, denominator)

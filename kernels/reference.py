@@ -15,6 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+KL_TYPES = ("k1", "k2", "low_var_kl")
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+# exp() of a log-ratio beyond +-20 overflows nothing in float32 but gives ratios of e^20 ~ 5e8 that make
+# the gradient useless; EasyR1 clamps the log-ratio here (and the clamp also keeps autograd free of
+# inf * 0 = NaN in the clipped branches). The k3 estimate is then clamped to +-10 as in EasyR1.
 LOG_RATIO_CLAMP = 20.0
 LOW_VAR_KL_CLAMP = 10.0
 METRIC_NAMES = ("pg_loss", "kl_loss", "clip_frac", "clip_frac_dual", "approx_kl", "neg_logprob", "entropy")
@@ -87,6 +92,22 @@ def linear_logprobs_reference(
     dtype = compute_dtype(hidden.dtype)
     logits = hidden.to(dtype) @ weight.to(dtype).T if dtype == torch.float64 else hidden @ weight.T
     return logprobs_reference(logits, token_ids, temperature, return_entropy, tp_group)
+
+
+def check_loss_inputs(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                      ref_logprobs: Tensor | None, entropy: Tensor | None, kl_type: str, agg: str) -> None:
+    """Raise ValueError naming the argument when a GRPO loss input has the wrong shape or an unknown mode."""
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
+    named = {"old_logprobs": old_logprobs, "advantages": advantages, "mask": mask,
+             "ref_logprobs": ref_logprobs, "entropy": entropy}
+    for name, t in named.items():
+        if t is not None and t.shape != logprobs.shape:
+            raise ValueError(f"{name} shape {tuple(t.shape)} != logprobs shape {tuple(logprobs.shape)}")
+    if kl_type not in KL_TYPES:
+        raise ValueError(f"kl_type {kl_type!r} is not one of {list(KL_TYPES)}")
+    if agg not in AGG_MODES:
+        raise ValueError(f"agg {agg!r} is not one of {list(AGG_MODES)}")
 
 
 def grpo_loss_reference(

@@ -21,14 +21,9 @@ from torch import Tensor
 
 from pebr_mega.config import ConfigError, choice
 
-KL_TYPES = ("k1", "k2", "low_var_kl")
-AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
-
-# exp() of a log-ratio beyond +-20 overflows nothing in float32 but gives ratios of e^20 ~ 5e8 that make
-# the gradient useless; EasyR1 clamps the log-ratio here (and the clamp also keeps autograd free of
-# inf * 0 = NaN in the clipped branches). The k3 estimate is then clamped to +-10 as in EasyR1.
-LOG_RATIO_CLAMP = 20.0
-LOW_VAR_KL_CLAMP = 10.0
+# The modes and clamps (and why the clamps) live with the kernels, which sit below this module.
+from pebr_mega.kernels.reference import (AGG_MODES, KL_TYPES, LOG_RATIO_CLAMP,  # noqa: F401 (re-exported)
+                                        LOW_VAR_KL_CLAMP, check_loss_inputs)
 
 
 @dataclass
@@ -244,7 +239,7 @@ def grpo_loss(
     EasyR1's ppo_kl, on the clamped log-ratio), ``neg_logprob`` (-log pi, EasyR1's entropy estimate) and
     ``entropy`` (the true per-token entropy, when given, e.g. from `pebr_mega.kernels.logprobs`).
     """
-    _check_loss_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, kl_type, agg)
+    check_loss_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, kl_type, agg)
     pg, clipped, dual = policy_loss_per_token(logprobs, old_logprobs, advantages, clip_low, clip_high, clip_dual)
     per_token = pg
     metrics: dict[str, Tensor] = {"pg_loss": aggregate(pg, mask, agg, denominator).detach()}
@@ -261,17 +256,3 @@ def grpo_loss(
     if entropy is not None:
         metrics["entropy"] = masked_mean(entropy, mask).detach()
     return loss, metrics
-
-
-def _check_loss_inputs(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, kl_type, agg) -> None:
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
-    named = {"old_logprobs": old_logprobs, "advantages": advantages, "mask": mask,
-             "ref_logprobs": ref_logprobs, "entropy": entropy}
-    for name, t in named.items():
-        if t is not None and t.shape != logprobs.shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} != logprobs shape {tuple(logprobs.shape)}")
-    if kl_type not in KL_TYPES:
-        raise ValueError(f"kl_type {kl_type!r} is not one of {list(KL_TYPES)}")
-    if agg not in AGG_MODES:
-        raise ValueError(f"agg {agg!r} is not one of {list(AGG_MODES)}")
