@@ -79,6 +79,15 @@ def _ckpt_worker(rank, tiny, seqs_plain, root):
     out = {}
 
     init_parallel(2, 1)
+    try:  # Megatron's distributed optimizer cannot run here (CPU, torch AdamW): asking for it is an error
+        from pebr_mega.actor.config import ActorConfig
+        from pebr_mega.actor.megatron_actor import build_actor
+        from pebr_mega.models.config import ModelConfig
+
+        build_actor(tiny, ModelConfig(spec="torch", tp=2, params_dtype="float32"),
+                    ActorConfig(kernels="torch", distributed_optimizer="on"))
+    except ValueError as e:
+        out["distributed_optimizer_on"] = str(e)
     actor = _actor(tiny, 2)
     _train(actor, seqs, BATCHES[:2])
     actor.save(ckpt)
@@ -194,6 +203,11 @@ def test_a_crash_mid_save_keeps_the_last_checkpoint(run):
     assert json.loads((ckpt / "actor.json").read_text())["updates"] == 2  # still the 2-update checkpoint
     assert r["updates_tp1"] == 2  # and it was loaded intact after the crash
     assert sorted(p.name for p in ckpt.iterdir()) == ["actor.json", "model", "optimizer"]
+
+
+def test_distributed_optimizer_on_where_it_cannot_run_is_a_clear_error(run):
+    message = run["results"][0].get("distributed_optimizer_on", "")
+    assert "actor.distributed_optimizer=on needs CUDA and a fused Adam" in message, message
 
 
 def test_build_actor_names_a_directory_it_cannot_use(tmp_path, tiny_model_dir):

@@ -86,12 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     print(header + "\n" + row)
     print(json.dumps({k: m[k] for k in sorted(m) if k.startswith(("time/", "sync/", "mismatch"))}, indent=1))
     if args.record and not args.smoke:
-        path = Path(args.record)
-        text = path.read_text() if path.exists() else ""
-        marker = "### GRPO step results"
-        if marker not in text:
-            text = text.rstrip() + f"\n\n{marker}\n\n{header}\n"
-        path.write_text(text.rstrip() + "\n" + row + "\n")
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from perf_docs import add_table_row
+
+        add_table_row(args.record, "## GRPO step", header, row)
     return 0
 
 

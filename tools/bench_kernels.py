@@ -346,11 +346,11 @@ def versions() -> str:
 
 
 def write_docs(text: str) -> Path:
-    path = ROOT / "docs" / "PERFORMANCE.md"
-    path.parent.mkdir(exist_ok=True)
-    existing = path.read_text() if path.exists() else "# Performance\n\n## Kernels\n"
-    path.write_text(existing.rstrip("\n") + "\n\n" + text + "\n")
-    return path
+    """Append `text` to the Kernels section of docs/PERFORMANCE.md."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from perf_docs import append_to_section
+
+    return append_to_section(ROOT / "docs" / "PERFORMANCE.md", "## Kernels", text)
 
 
 def main(argv: list[str] | None = None) -> int:

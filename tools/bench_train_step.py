@@ -141,16 +141,11 @@ def table_row(r: dict) -> str:
 
 
 def record(path: Path, row: str) -> None:
-    """Append `row` to the '## Train step' table of `path`, creating the section (and file) if needed."""
-    text = path.read_text() if path.exists() else ""
-    if "## Train step" not in text:
-        text = text.rstrip() + ("\n\n" if text else "") + "## Train step\n\n" + HEADER + "\n"
-    head, _, tail = text.partition("## Train step")
-    lines = tail.split("\n")
-    # insert after the last table line of the section
-    last = max(i for i, ln in enumerate(lines) if ln.startswith("|"))
-    lines.insert(last + 1, row)
-    path.write_text((head + "## Train step" + "\n".join(lines)).rstrip("\n") + "\n")
+    """Add `row` to the table of the '## Train step' section of `path` (created if needed)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from perf_docs import add_table_row
+
+    add_table_row(path, "## Train step", HEADER, row)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,8 +35,10 @@ class ActorConfig:
     lr_schedule: str = choice("constant", ["constant", "cosine", "linear"])
     warmup_ratio: float = 0.0
     clip_grad: float = 1.0  # 0 disables clipping (the norm is still computed and reported)
-    # Megatron's distributed optimizer shards optimizer state over data-parallel ranks. auto = on with CUDA;
-    # on CPU Megatron's DistributedOptimizer refuses non-CUDA tensors, so the plain Megatron optimizer runs.
+    # Megatron's distributed optimizer shards optimizer state over data-parallel ranks. auto = on with CUDA and
+    # a fused Adam (Transformer Engine or Apex), else the plain Megatron optimizer: the distributed one refuses
+    # CPU tensors, and with torch's AdamW megatron-core 0.16 cannot reload its checkpoint (measured on an H100,
+    # docs/PERFORMANCE.md). "on" where it cannot run is an error.
     distributed_optimizer: str = choice("auto", ["auto", "on", "off"])
     # Sequence packing: samples are packed into micro-batches of at most this many tokens.
     micro_batch_tokens: int = 8192

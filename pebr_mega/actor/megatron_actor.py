@@ -72,6 +72,15 @@ class LossSpec:
             raise ValueError("LossSpec('grpo') needs the AlgoConfig (algo=...)")
 
 
+def fused_adam_available() -> bool:
+    """Whether Megatron builds its optimizers on Transformer Engine's or Apex's FusedAdam (not torch's AdamW)."""
+    try:
+        from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+    except ImportError:
+        return False
+    return bool(HAVE_APEX_OR_TE)
+
+
 class MegatronActor:
     """This rank's stage of the policy (or of the frozen reference when `trainable` is False).
 
@@ -136,8 +145,16 @@ class MegatronActor:
         return wrapped
 
     def _distributed_optimizer(self) -> bool:
+        """Whether Megatron's distributed optimizer runs (see `ActorConfig.distributed_optimizer`)."""
+        usable = self.device.type == "cuda" and fused_adam_available()
         if self.cfg.distributed_optimizer == "auto":
-            return self.device.type == "cuda"
+            return usable
+        if self.cfg.distributed_optimizer == "on" and not usable:
+            raise ValueError(
+                "actor.distributed_optimizer=on needs CUDA and a fused Adam (Transformer Engine or Apex): "
+                "Megatron's distributed optimizer refuses CPU tensors, and with torch's AdamW (no per-group "
+                "step) megatron-core 0.16 saves its state but cannot load it back. Use "
+                "actor.distributed_optimizer=auto or off, or install transformer-engine")
         return self.cfg.distributed_optimizer == "on"
 
     def _build_optimizer(self, total_updates: int, lr: float):
@@ -443,13 +460,19 @@ class MegatronActor:
         try:
             state = dist_checkpointing.load(self._optimizer_sharded_state(is_loading=True), str(opt_dir))
         except Exception as e:  # Megatron raises several exception types for missing keys and shape mismatches
-            raise CheckpointError(f"{opt_dir}: cannot load the optimizer state: {e}") from None
+            raise CheckpointError(f"{opt_dir}: cannot load the optimizer state: {type(e).__name__}: {e}") from None
         self.optimizer.load_state_dict(state)
         # After the optimizer (whose param groups carry the saved lr): the schedule sets the lr of its step.
         self.scheduler.load_state_dict(record["scheduler"])
 
     def _optimizer_sharded_state(self, is_loading: bool) -> dict:
-        return self.optimizer.sharded_state_dict(self.module.sharded_state_dict(), is_loading=is_loading)
+        # Megatron's default layout for the distributed optimizer ('fully_sharded_model_space') is deprecated
+        # and refused by megatron-core 0.16 on save ("flattened_range is not supported", seen on an H100);
+        # 'fully_reshardable' stores each parameter's Adam state in its model shape, so the checkpoint loads
+        # at any TP/PP/DP, as the plain optimizer's does. The non-distributed optimizers ignore the key.
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+        return self.optimizer.sharded_state_dict(self.module.sharded_state_dict(), is_loading=is_loading,
+                                                 metadata=metadata)
 
     def _checkpoint_meta(self) -> tuple[dict, Path | None]:
         """The `pebr_mcore.json` record and HF template directory for the weights, from `self.source`."""

@@ -243,8 +243,11 @@ def build_model(arch: QwenVLArch, cfg: ModelConfig, pre_process: bool = True, po
                                 use_cpu_initialization=use_cpu_initialization)
     model = Qwen25VLModel(config, arch, resolve_spec(cfg.spec), pre_process, post_process, vp_stage,
                           parallel_output, vision_recompute=cfg.vision_recompute)
-    # Megatron's local/torch specs build torch.nn.RMSNorm in float32 whatever params_dtype says (Megatron-LM
-    # relies on its Float16Module to cast later); cast every parameter here so a bf16 model is bf16 throughout.
+    # Megatron's local/torch specs build torch.nn.RMSNorm on the CPU and in float32 whatever the config says
+    # (Megatron-LM relies on its Float16Module and a later .cuda() to fix both); move and cast every parameter
+    # here so a bf16 GPU model is bf16 and on the GPU throughout.
+    device = torch.device("cpu") if config.use_cpu_initialization else torch.device("cuda", torch.cuda.current_device())
+    model.to(device=device)
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != config.params_dtype:
             p.data = p.data.to(config.params_dtype)

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark of the project in one pass, for one short lease of an H100/H200.
+#
+#     bash tools/gpu_checks.sh OUT_DIR
+#
+# Runs, each under its own time limit so that one hang does not lose the rest:
+#   1. the gpu-marked tests (compiled Triton kernels against float64 references, ...);
+#   2. tools/bench_kernels.py --write-docs        (log-probs, fused linear log-probs, GRPO loss);
+#   3. tools/bench_grpo_step.py --record ...      (one GRPO step of a ~100 M model with the HF engine);
+#   4. tools/bench_train_step.py --record ...     (7B-shaped Megatron layers, forward + backward).
+# The benchmarks append their rows to docs/PERFORMANCE.md; the file and every log are copied to OUT_DIR
+# after each step. Packages missing on the machine are expected as wheels in .whl/ (see docs/PERFORMANCE.md,
+# "Running the GPU checks"); they are installed into /tmp/site. ONLY="tests grpo_step" runs just those steps.
+set -u
+OUT_DIR=${1:?usage: bash tools/gpu_checks.sh OUT_DIR}
+mkdir -p "$OUT_DIR"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "gpu_checks: installing .whl/ failed"; exit 1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# This checkout on the path, with kernels/ bound as pebr_mega.kernels (setup.py's package_dir) through a link:
+# an editable install would need setuptools from an index, which such a machine cannot reach.
+[ -e pebr_mega/kernels ] || ln -s ../kernels pebr_mega/kernels
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c "import pebr_mega.kernels" || { echo "gpu_checks: cannot import pebr_mega.kernels"; exit 1; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 - <<'EOF'
+import importlib.metadata as md
+import torch
+names = ["torch", "triton", "transformers", "megatron-core", "liger-kernel"]
+def version(n):
+    try:
+        return md.version(n)
+    except md.PackageNotFoundError:
+        return "absent"
+print(torch.cuda.get_device_name(), "|", ", ".join(f"{n} {version(n)}" for n in names))
+EOF
+
+step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to OUT_DIR/NAME.log, print its tail
+    local name=$1 limit=$2 start rc
+    shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
+    start=$(date +%s)
+    echo "=== $name: $*"
+    timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+    rc=$?
+    echo "=== $name: rc $rc in $(( $(date +%s) - start )) s"
+    tail -n "${TAIL:-30}" "$OUT_DIR/$name.log"
+    cp docs/PERFORMANCE.md "$OUT_DIR/PERFORMANCE.md"
+}
+
+step tests 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests/
+TAIL=45 step kernels 170 python3 tools/bench_kernels.py --write-docs
+step grpo_step 130 python3 tools/bench_grpo_step.py --record docs/PERFORMANCE.md
+step train_step 100 python3 tools/bench_train_step.py --record docs/PERFORMANCE.md
