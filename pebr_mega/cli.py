@@ -112,6 +112,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, default=112, help="image height in pixels")
     p.add_argument("--min-objects", type=int, default=1)
     p.add_argument("--max-objects", type=int, default=6)
+    p.add_argument("--sft-teacher-error", type=float, default=0.0,
+                   help="fraction of the SFT reasoning answers the teacher gets wrong by one (default 0)")
     p.set_defaults(handler=_cmd_synth)
 
 
@@ -120,7 +122,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     cfg = SynthConfig(num=args.num, num_sft=args.num_sft, num_eval=args.num_eval, seed=args.seed,
                       width=args.width, height=args.height, min_objects=args.min_objects,
-                      max_objects=args.max_objects)
+                      max_objects=args.max_objects, sft_teacher_error=args.sft_teacher_error)
     try:
         print(write_synthetic_dataset(args.out, cfg))
     except ValueError as e:
@@ -389,6 +391,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-grpo", type=int, default=512, help="GRPO questions to synthesise")
     p.add_argument("--num-sft", type=int, default=1024, help="SFT examples to synthesise")
     p.add_argument("--num-eval", type=int, default=256, help="held-out questions")
+    p.add_argument("--teacher-error", type=float, default=None,
+                   help="fraction of the SFT teacher's reasoning answers that are off by one (default: the demo's, "
+                        "see docs/DEMO.md; 0 = a perfect teacher)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the demo config")
     p.set_defaults(handler=_cmd_demo)
 
@@ -397,9 +402,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from pebr_mega.trainer.demo import run_demo
+    from pebr_mega.trainer.demo import DEMO_TEACHER_ERROR, run_demo
 
-    summary = run_demo(args.out, args.seed, args.num_grpo, args.num_sft, args.num_eval, args.overrides)
+    teacher_error = DEMO_TEACHER_ERROR if args.teacher_error is None else args.teacher_error
+    summary = run_demo(args.out, args.seed, args.num_grpo, args.num_sft, args.num_eval, args.overrides, teacher_error)
     final = summary.get("final_model")
     if final:
         first = json.loads((Path(args.out) / "data" / "eval.json").read_text())[0]

@@ -179,6 +179,29 @@ def test_sft_responses_follow_the_pebr_format_and_are_correct(dataset):
         assert len(response) < 400  # compact enough for a tiny model
 
 
+def test_a_sloppy_teacher_errs_only_in_sft_reasoning_answers(dataset, tmp_path):
+    """sft_teacher_error: reasoning answers one above the teacher's own last step, at about the asked rate."""
+    sloppy = tmp_path / "sloppy"
+    write_synthetic_dataset(sloppy, SynthConfig(num=48, seed=7, sft_teacher_error=0.6))
+    for name in ("grpo.json", "eval.json", "scenes.json"):  # only the SFT answers differ
+        assert _load(sloppy, name) == _load(dataset, name), name
+    reasoning = wrong = 0
+    for clean, noisy in zip(_load(dataset, "sft.json"), _load(sloppy, "sft.json")):
+        a, b = clean["messages"][1]["content"], noisy["messages"][1]["content"]
+        head_a, answer_a = a.rsplit("### The final answer is: ", 1)
+        head_b, answer_b = b.rsplit("### The final answer is: ", 1)
+        assert head_a == head_b  # description, rationale and steps stay the teacher's correct ones
+        if re.search(r"Remove all|How many more", clean["messages"][0]["content"]):
+            reasoning += 1
+            wrong += answer_a != answer_b
+            assert answer_b in (answer_a, str(int(answer_a) + 1))
+        else:
+            assert answer_a == answer_b
+    assert reasoning >= 10 and 0.35 <= wrong / reasoning <= 0.85, (wrong, reasoning)
+    with pytest.raises(ValueError, match="sft_teacher_error"):
+        write_synthetic_dataset(tmp_path / "bad", SynthConfig(num=4, sft_teacher_error=1.5))
+
+
 def test_images_pass_the_image_pipeline(dataset):
     grpo = _load(dataset, "grpo.json")[:4]
     out = PilImageDecoder(ImageConfig()).decode_and_preprocess([dataset / r["images"][0] for r in grpo])
@@ -192,6 +215,8 @@ def test_cli_synth_and_bad_sizes(tmp_path, capsys):
     assert cli_main(["synth", "--out", str(tmp_path / "e"), "--height", "20"]) == 2
     assert ">= 28 px" in capsys.readouterr().err
     assert cli_main(["synth", "--out", str(tmp_path / "e"), "--max-objects", "40"]) == 2
+    assert cli_main(["synth", "--out", str(tmp_path / "e"), "--sft-teacher-error", "1.5"]) == 2
+    assert "sft_teacher_error must be in [0, 1]" in capsys.readouterr().err
 
 
 def test_tokenizer_corpus_covers_the_synthetic_vocabulary(dataset):

@@ -10,8 +10,9 @@ word, so a ~1 M-parameter model can learn part of it.
 
     images/<split>_<i>.png    one image per question (never shared between splits)
     grpo.json                 GRPO records: qid, problem (one "<image>"), answer, images, key_words, description
-    sft.json                  ShareGPT records: user turn = PeBR instruction + problem, assistant turn = a correct
-                              PeBR-format response (description, rationale, 1-3 steps, answer); images
+    sft.json                  ShareGPT records: user turn = PeBR instruction + problem, assistant turn = a
+                              PeBR-format response (description, rationale, 1-3 steps, answer), correct unless
+                              `cfg.sft_teacher_error` makes the teacher sloppy on reasoning questions; images
     eval.json                 held-out GRPO records (their own images and qids)
     scenes.json               the generator's scene per image: size and objects (shape, color, x, y, size)
 
@@ -72,9 +73,15 @@ class SynthConfig:
     height: int = 112
     min_objects: int = 1
     max_objects: int = 6
+    # A sloppy SFT teacher, as distilled SFT data has: on reasoning questions ("remove", "more than"), this
+    # fraction of the SFT answers ends one above what the teacher's own last step computed. The GRPO and
+    # held-out answers stay correct, so RL's verifiable reward can undo what SFT learnt from the teacher.
+    sft_teacher_error: float = 0.0
 
     def split_sizes(self) -> dict[str, int]:
         """Examples per split, with the defaults resolved."""
+        if not 0.0 <= self.sft_teacher_error <= 1.0:
+            raise ValueError(f"sft_teacher_error must be in [0, 1], got {self.sft_teacher_error}")
         sizes = {"grpo": self.num,
                  "sft": self.num if self.num_sft is None else self.num_sft,
                  "eval": max(32, self.num // 4) if self.num_eval is None else self.num_eval}
@@ -311,11 +318,20 @@ def grpo_record(example: Example) -> dict:
             "images": [example.image_path], "key_words": q.key_words, "description": describe_scene(example.scene)}
 
 
-def sft_record(example: Example) -> dict:
-    """The example as a ShareGPT record whose assistant turn is a correct PeBR response."""
+def teacher_response(example: Example, error_rate: float, seed: int) -> str:
+    """The SFT teacher's response: correct, except that on reasoning questions, with probability
+    `error_rate` (drawn per example from `seed` and the qid), the final answer is one above its last step."""
+    q = example.question
+    wrong = q.kind in REASONING_KINDS and random.Random(f"pebr-synth/{seed}/teacher/{example.qid}").random() < error_rate
+    answer = str(int(q.answer) + 1) if wrong else q.answer
+    return format_response(describe_scene(example.scene), q.rationale, q.steps, answer)
+
+
+def sft_record(example: Example, teacher_error: float = 0.0, seed: int = 0) -> dict:
+    """The example as a ShareGPT record whose assistant turn is the teacher's PeBR response (`teacher_response`)."""
     user = build_prompt_text(IMAGE_TOKEN + example.question.problem)
     return {"messages": [{"role": "user", "content": user},
-                         {"role": "assistant", "content": sft_response(example.scene, example.question)}],
+                         {"role": "assistant", "content": teacher_response(example, teacher_error, seed)}],
             "images": [example.image_path]}
 
 
@@ -385,7 +401,7 @@ def write_synthetic_dataset(out_dir: str | Path, cfg: SynthConfig) -> SynthSumma
             (out / ex.image_path).write_bytes(ex.png)
             scenes[ex.image_path] = asdict(ex.scene)
     _write_json(out / "grpo.json", [grpo_record(ex) for ex in splits["grpo"]])
-    _write_json(out / "sft.json", [sft_record(ex) for ex in splits["sft"]])
+    _write_json(out / "sft.json", [sft_record(ex, cfg.sft_teacher_error, cfg.seed) for ex in splits["sft"]])
     _write_json(out / "eval.json", [grpo_record(ex) for ex in splits["eval"]])
     _write_json(out / "scenes.json", scenes)
     kinds = Counter(ex.question.kind for examples in splits.values() for ex in examples)

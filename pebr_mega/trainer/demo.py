@@ -18,12 +18,18 @@ from typing import Sequence
 from importlib import resources
 
 
+# The demo's SFT teacher is sloppy on reasoning questions (see `SynthConfig.sft_teacher_error`): the
+# error stage 2's verifiable reward has to correct. docs/DEMO.md reports the demo with and without it.
+DEMO_TEACHER_ERROR = 0.6
+
+
 def demo_config_path() -> Path:
     """The packaged `tiny_cpu.yaml`."""
     return Path(str(resources.files("pebr_mega") / "configs" / "tiny_cpu.yaml"))
 
 
-def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: int) -> dict[str, Path]:
+def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: int,
+                   teacher_error: float = 0.0) -> dict[str, Path]:
     """Tiny model, synthetic data and tiny CLIP under `out` (reused when already there)."""
     from pebr_mega.data.corpus import tokenizer_corpus
     from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
@@ -35,14 +41,14 @@ def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: 
         build_tiny_model(model, TinyModelConfig(seed=seed), tokenizer_corpus())
     if not (data / "eval.json").is_file():
         write_synthetic_dataset(data, SynthConfig(num=num_grpo, num_sft=num_sft, num_eval=num_eval, seed=seed,
-                                                  max_objects=4))
+                                                  max_objects=4, sft_teacher_error=teacher_error))
     if not (clip / "config.json").is_file():
         build_tiny_clip(clip, tokenizer_corpus(), TinyClipConfig(image_size=112, patch_size=28, seed=seed))
     return {"model": model, "data": data, "clip": clip}
 
 
 def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: int = 1024, num_eval: int = 256,
-             overrides: Sequence[str] = ()) -> dict:
+             overrides: Sequence[str] = (), teacher_error: float = DEMO_TEACHER_ERROR) -> dict:
     """Run the demo into `out_dir`; returns the summary (also written to `out_dir/summary.json`)."""
     from pebr_mega.config import load_config
     from pebr_mega.logging import plot_metrics
@@ -52,7 +58,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(f"[demo] building the tiny model, the synthetic data and a tiny CLIP in {out}")
-    assets = prepare_assets(out, seed, num_grpo, num_sft, num_eval)
+    assets = prepare_assets(out, seed, num_grpo, num_sft, num_eval, teacher_error)
     data = assets["data"]
     cfg = load_config(demo_config_path(), [
         f"run.seed={seed}",
