@@ -26,3 +26,18 @@ def test_demo_writes_summary_and_curves(tmp_path, capsys):
     assert "what each stage changed" in printed and "ground truth:" in printed
     if any("skipped" not in summary[s] for s in ("stage1", "stage2")):
         assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_refuses_to_reuse_data_written_with_other_settings(tmp_path, capsys):
+    from pebr_mega.trainer.demo import SYNTH_RECORD, check_reused_data
+
+    data = tmp_path / "data"
+    data.mkdir()
+    check_reused_data(data, {"seed": 0})  # nothing there yet: fine
+    (data / "eval.json").write_text("[]")
+    (data / SYNTH_RECORD).write_text(json.dumps({"seed": 0, "sft_teacher_error": 0.6}))
+    check_reused_data(data, {"seed": 0, "sft_teacher_error": 0.6})  # same settings: reused
+    rc = main(["demo", "--out", str(tmp_path), "--teacher-error", "0", "--seed", "0"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "sft_teacher_error=0.6 (asked 0.0)" in err and str(data) in err and "choose another --out" in err

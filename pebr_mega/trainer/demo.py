@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 from importlib import resources
 
+from pebr_mega.errors import DataError
+
 
 # The demo's SFT teacher is sloppy on reasoning questions (see `SynthConfig.sft_teacher_error`): the
 # error stage 2's verifiable reward has to correct. docs/DEMO.md reports the demo with and without it.
 DEMO_TEACHER_ERROR = 0.6
+SYNTH_RECORD = "synth_config.json"  # the SynthConfig the demo's data were written with
 
 
 def demo_config_path() -> Path:
@@ -37,14 +41,30 @@ def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: 
     from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
 
     model, data, clip = out / "model", out / "data", out / "clip"
+    synth = SynthConfig(num=num_grpo, num_sft=num_sft, num_eval=num_eval, seed=seed, max_objects=4,
+                        sft_teacher_error=teacher_error)
+    check_reused_data(data, asdict(synth))
     if not (model / "config.json").is_file():
         build_tiny_model(model, TinyModelConfig(seed=seed), tokenizer_corpus())
     if not (data / "eval.json").is_file():
-        write_synthetic_dataset(data, SynthConfig(num=num_grpo, num_sft=num_sft, num_eval=num_eval, seed=seed,
-                                                  max_objects=4, sft_teacher_error=teacher_error))
+        write_synthetic_dataset(data, synth)
+        (data / SYNTH_RECORD).write_text(json.dumps(asdict(synth), indent=1) + "\n")
     if not (clip / "config.json").is_file():
         build_tiny_clip(clip, tokenizer_corpus(), TinyClipConfig(image_size=112, patch_size=28, seed=seed))
     return {"model": model, "data": data, "clip": clip}
+
+
+def check_reused_data(data: Path, wanted: dict) -> None:
+    """Refuse to reuse a demo's data written with other settings (seed, sizes, teacher error)."""
+    if not (data / "eval.json").is_file():
+        return
+    record = data / SYNTH_RECORD
+    saved = json.loads(record.read_text()) if record.is_file() else None
+    if saved != wanted:
+        diff = ("no record of its settings" if saved is None else
+                ", ".join(f"{k}={saved.get(k)!r} (asked {v!r})" for k, v in wanted.items() if saved.get(k) != v))
+        raise DataError(f"{data} holds synthetic data written with other settings: {diff}; "
+                         "choose another --out (or delete that directory)")
 
 
 def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: int = 1024, num_eval: int = 256,
