@@ -77,7 +77,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] building the tiny model, the synthetic data and a tiny CLIP in {out}")
+    print(f"[demo] building the tiny model, the synthetic data and a tiny CLIP in {out} (the SFT teacher gets "
+          f"{teacher_error:.0%} of its reasoning answers wrong by one: docs/DEMO.md)")
     assets = prepare_assets(out, seed, num_grpo, num_sft, num_eval, teacher_error)
     data = assets["data"]
     cfg = load_config(demo_config_path(), [
