@@ -27,7 +27,6 @@ from .reference import (AGG_MODES, KL_TYPES, METRIC_NAMES, check_loss_inputs, gr
 __all__ = ["grpo_loss", "linear_logprobs", "logprobs", "use_triton"]
 
 
-
 def use_triton(t: Tensor) -> bool:
     """Whether the Triton kernels handle tensors like ``t`` (see the module docstring)."""
     if t.dtype == torch.float64:

@@ -12,29 +12,18 @@ import pytest
 import torch
 
 from pebr_mega.parallel.launch import spawn
-from test_actor import (ALGO, OPT, TEMPERATURE, _hf_weights, actor_sequences, add_grpo_inputs, make_sequences,
+from test_actor import (OPT, _actor, _grpo, _hf_weights, actor_sequences, add_grpo_inputs, make_sequences,
                         reference_step)
+from test_actor_checkpoint import _max_diff
 
 pytestmark = pytest.mark.gpu
 
 BATCHES = [[0, 1, 2], [3, 4, 5], [1, 3, 4]]
 
 
-def _actor(path):
-    from pebr_mega.actor.config import ActorConfig
-    from pebr_mega.actor.megatron_actor import build_actor
-    from pebr_mega.models.config import ModelConfig
-
-    mc = ModelConfig(spec="torch", params_dtype="float32")
-    return build_actor(path, mc, ActorConfig(micro_batch_tokens=160, kernels="triton", distributed_optimizer="auto",
-                                             **OPT), trainable=True, total_updates=10)
-
-
-def _grpo():
-    from pebr_mega.actor.megatron_actor import LossSpec
-    from pebr_mega.algo.grpo import AlgoConfig
-
-    return LossSpec("grpo", AlgoConfig(**ALGO), TEMPERATURE)
+def _cuda_actor(path):
+    """The actor of test_actor.py, with the fused kernels and the optimizer `auto` picks on this machine."""
+    return _actor(path, 1, 1, kernels="triton", distributed_optimizer="auto", **OPT)
 
 
 def _worker(rank, tiny, seqs_plain, root):
@@ -44,7 +33,7 @@ def _worker(rank, tiny, seqs_plain, root):
     torch.backends.cudnn.allow_tf32 = False
     init_parallel(1, 1)
     seqs = actor_sequences(seqs_plain)
-    actor = _actor(tiny)
+    actor = _cuda_actor(tiny)
     out = {"optimizer": type(actor.optimizer).__name__ + "/" + "/".join(
         type(o).__name__ for o in getattr(actor.optimizer, "chained_optimizers", []))}
     out["first"] = actor.train_step(seqs, _grpo())
@@ -52,7 +41,7 @@ def _worker(rank, tiny, seqs_plain, root):
     actor.save(f"{root}/ckpt")
     out["straight"] = [actor.train_step([seqs[i] for i in b], _grpo()) for b in BATCHES[:2]]
     out["w_straight"] = {n: t.cpu() for n, t in _hf_weights(actor).items()}
-    resumed = _actor(f"{root}/ckpt")
+    resumed = _cuda_actor(f"{root}/ckpt")
     out["updates_loaded"] = resumed.updates
     out["resumed"] = [resumed.train_step([seqs[i] for i in b], _grpo()) for b in BATCHES[:2]]
     out["w_resumed"] = {n: t.cpu() for n, t in _hf_weights(resumed).items()}
@@ -66,11 +55,6 @@ def run(tiny_model_dir, tmp_path_factory):
     add_grpo_inputs(seqs, [-4 - torch.rand(sum(s["target_mask"]), generator=rng) for s in seqs], seed=6)
     got = spawn(_worker, 1, str(tiny_model_dir), seqs, str(tmp_path_factory.mktemp("actor_cuda")))[0]
     return got, reference_step(tiny_model_dir, seqs, opt=OPT)
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert set(a) == set(b), sorted(set(a) ^ set(b))[:6]
-    return max(float((torch.as_tensor(a[n]).double() - torch.as_tensor(b[n]).double()).abs().max()) for n in a)
 
 
 def test_grpo_step_on_cuda_matches_the_float64_reference(run):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout)
+from kernel_checks import check_logprobs_against_reference
 from pebr_mega import kernels
 from pebr_mega.kernels.reference import AGG_MODES, KL_TYPES, grpo_loss_reference, logprobs_reference
 
@@ -36,25 +37,6 @@ def random_logits(n: int, v: int, dtype: torch.dtype, seed: int, pad: int = 0) -
     return x.to(dtype).to(CUDA)
 
 
-def check_logprobs(x: torch.Tensor, ids: torch.Tensor, temperature: float, seed: int) -> None:
-    """Values and the gradient of sum(a * logp + b * entropy) against float64 autograd."""
-    g = torch.Generator().manual_seed(seed)
-    a, b = (torch.randn(len(ids), generator=g, dtype=torch.float64).to(CUDA) for _ in range(2))
-    xk = x.clone().requires_grad_()
-    logp, ent = kernels.logprobs(xk, ids, temperature, return_entropy=True)
-    xr = x.double().requires_grad_()
-    logp_ref, ent_ref = logprobs_reference(xr, ids, temperature, return_entropy=True)
-    scale = x.float().masked_fill(x.isinf(), 0).abs().amax(-1).double() / temperature
-    for got, want in ((logp, logp_ref), (ent, ent_ref)):
-        err = (got.double() - want.detach()).abs()
-        assert (err <= 2e-5 + 4e-7 * scale).all(), f"max error {err.max().item()}"
-    ((a * logp.double()).sum() + (b * ent.double()).sum()).backward()
-    ((a * logp_ref).sum() + (b * ent_ref).sum()).backward()
-    assert xk.grad.dtype == x.dtype and torch.isfinite(xk.grad).all()
-    tol = dict(rtol=1e-2, atol=2e-3) if x.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=2e-6)
-    torch.testing.assert_close(xk.grad.double(), xr.grad, **tol)
-
-
 @pytest.mark.parametrize("n, v, temperature, dtype, pad", [
     (64, 151_936, 1.0, torch.bfloat16, 0),       # Qwen2.5's vocabulary, many chunks
     (33, 50_000, 0.7, torch.float32, 112),       # partial last chunk, -inf padding
@@ -63,7 +45,7 @@ def check_logprobs(x: torch.Tensor, ids: torch.Tensor, temperature: float, seed:
 def test_compiled_logprobs_match_float64(n, v, temperature, dtype, pad):
     x = random_logits(n, v, dtype, seed=n + v, pad=pad)
     ids = torch.randint(0, v - pad, (n,), generator=torch.Generator().manual_seed(v)).to(CUDA)
-    check_logprobs(x, ids, temperature, seed=n)
+    check_logprobs_against_reference(x, ids, temperature, seed=n)
 
 
 def test_compiled_linear_logprobs_match_float64():

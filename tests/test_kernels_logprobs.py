@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout, also in spawned ranks)
 from pebr_mega import kernels
+from kernel_checks import check_logprobs_against_reference
 from pebr_mega.kernels.reference import logprobs_reference
 
 BLOCK_V = 128
@@ -70,30 +71,6 @@ def random_targets(n: int, high: int, seed: int) -> torch.Tensor:
     return torch.randint(0, high, (n,), generator=torch.Generator().manual_seed(seed))
 
 
-def check_against_reference(x: torch.Tensor, ids: torch.Tensor, temperature: float, seed: int,
-                            use_logp: bool = True, use_ent: bool = True) -> None:
-    """Forward values and the gradient of sum(a * logp + b * entropy) against float64 autograd."""
-    g = torch.Generator().manual_seed(seed)
-    a, b = (torch.randn(len(ids), generator=g, dtype=torch.float64) for _ in range(2))
-    xk = x.clone().requires_grad_()
-    logp, ent = kernels.logprobs(xk, ids, temperature, return_entropy=True)
-    xr = x.double().requires_grad_()
-    logp_ref, ent_ref = logprobs_reference(xr, ids, temperature, return_entropy=True)
-    assert logp.dtype == ent.dtype == torch.float32 and logp.shape == ent.shape == ids.shape
-    # float32 resolves z = x / T to ~6e-8 relative, so allow that much of the row's largest |z|.
-    scale = x.float().masked_fill(x.isinf(), 0).abs().amax(-1).double() / temperature
-    for got, want in ((logp, logp_ref), (ent, ent_ref)):
-        err = (got.double() - want.detach()).abs()
-        assert (err <= 2e-5 + 4e-7 * scale).all(), f"max error {err.max().item()}"
-    loss = (a * logp.double()).sum() * use_logp + (b * ent.double()).sum() * use_ent
-    loss_ref = (a * logp_ref).sum() * use_logp + (b * ent_ref).sum() * use_ent
-    loss.backward()
-    loss_ref.backward()
-    assert xk.grad.dtype == x.dtype and torch.isfinite(xk.grad).all()
-    tol = dict(rtol=1e-2, atol=2e-3) if x.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=2e-6)
-    torch.testing.assert_close(xk.grad.double(), xr.grad, **tol)
-
-
 @pytest.mark.parametrize(
     "n, v, temperature, dtype, pad, extreme",
     [
@@ -105,14 +82,14 @@ def check_against_reference(x: torch.Tensor, ids: torch.Tensor, temperature: flo
 def test_logprobs_and_entropy_match_reference_with_gradients(n, v, temperature, dtype, pad, extreme):
     x = make_logits(n, v, seed=n + v, pad=pad, extreme=extreme).to(dtype)
     ids = random_targets(n, v - pad, seed=v)
-    check_against_reference(x, ids, temperature, seed=n)
+    check_logprobs_against_reference(x, ids, temperature, seed=n)
 
 
 def test_gradient_when_only_one_output_is_used():
     x = make_logits(6, 260, seed=3, pad=5)
     ids = random_targets(6, 255, seed=4)
-    check_against_reference(x, ids, 0.9, seed=5, use_logp=False, use_ent=True)
-    check_against_reference(x, ids, 0.9, seed=6, use_logp=True, use_ent=False)
+    check_logprobs_against_reference(x, ids, 0.9, seed=5, use_logp=False, use_ent=True)
+    check_logprobs_against_reference(x, ids, 0.9, seed=6, use_logp=True, use_ent=False)
 
 
 def test_leading_dims_no_entropy_and_inplace_backward_give_the_same_gradient():

@@ -305,9 +305,10 @@ def make_question(scene: Scene, rng: random.Random, kind: str | None = None) -> 
     raise ValueError(f"unknown question kind {kind!r}; known: {QUESTION_KINDS}")
 
 
-def sft_response(scene: Scene, question: Question) -> str:
-    """The correct PeBR-format response to `question`."""
-    return format_response(describe_scene(scene), question.rationale, question.steps, question.answer)
+def sft_response(scene: Scene, question: Question, answer: str | None = None) -> str:
+    """The PeBR-format response to `question`: correct, or ending in `answer` instead of the right one."""
+    return format_response(describe_scene(scene), question.rationale, question.steps,
+                           question.answer if answer is None else answer)
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -323,8 +324,7 @@ def teacher_response(example: Example, error_rate: float, seed: int) -> str:
     `error_rate` (drawn per example from `seed` and the qid), the final answer is one above its last step."""
     q = example.question
     wrong = q.kind in REASONING_KINDS and random.Random(f"pebr-synth/{seed}/teacher/{example.qid}").random() < error_rate
-    answer = str(int(q.answer) + 1) if wrong else q.answer
-    return format_response(describe_scene(example.scene), q.rationale, q.steps, answer)
+    return sft_response(example.scene, q, str(int(q.answer) + 1) if wrong else None)
 
 
 def sft_record(example: Example, teacher_error: float = 0.0, seed: int = 0) -> dict:
