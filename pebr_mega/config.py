@@ -1,7 +1,8 @@
 """The configuration tree: dataclasses, loaded from YAML plus `key=value` overrides.
 
-Each component owns its config dataclass in its own module and is handed only that; this module only
-composes them into the root `PebrConfig` and validates what the user wrote:
+Each component owns its config dataclass in its own module (importing only the leaf
+`pebr_mega.config_fields`) and is handed only that; this module sits above the components, composes them
+into the root `PebrConfig` and validates what the user wrote:
 
 - an unknown key is an error naming the key and the keys that are valid at that level;
 - a value of the wrong type is an error naming the key, the value and the expected type;
@@ -13,24 +14,23 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-T = TypeVar("T")
+from pebr_mega.actor.config import ActorConfig
+from pebr_mega.algo.grpo import AlgoConfig
+from pebr_mega.config_fields import ConfigError, choice
+from pebr_mega.data.images import ImageConfig
+from pebr_mega.data.records import DataConfig
+from pebr_mega.logging import LoggingConfig
+from pebr_mega.models.config import ModelConfig
+from pebr_mega.rewards.model import RewardConfig
+from pebr_mega.rollout.engine import RolloutConfig
+from pebr_mega.trainer.config import GRPOTrainerConfig, PipelineConfig, SampleConfig, SFTConfig
 
-
-from pebr_mega.errors import PebrError
-
-
-class ConfigError(PebrError, ValueError):
-    """A configuration value the user wrote is invalid; the message names the key."""
-
-
-def choice(default: Any, choices: Sequence[Any], help: str = "") -> Any:
-    """A dataclass field restricted to `choices` (validated by `load_config`)."""
-    return field(default=default, metadata={"choices": tuple(choices), "help": help})
+__all__ = ["ConfigError", "PebrConfig", "RunConfig", "choice", "load_config", "to_dict", "to_yaml"]
 
 
 @dataclass
@@ -43,37 +43,23 @@ class RunConfig:
     peak_tflops: float = 0.0  # the card's dense peak for MFU; 0 = known cards (H100/H200/A100) only
 
 
-def _root_schema() -> type:
-    # Imported here so that `pebr --help` stays fast and components stay importable on their own.
-    from pebr_mega.logging import LoggingConfig
-    from pebr_mega.rollout.engine import RolloutConfig
-    from pebr_mega.data.images import ImageConfig
-    from pebr_mega.data.records import DataConfig
-    from pebr_mega.rewards.model import RewardConfig
-    from pebr_mega.algo.grpo import AlgoConfig
-    from pebr_mega.actor.config import ActorConfig
-    from pebr_mega.models.config import ModelConfig
-    from pebr_mega.trainer.config import GRPOTrainerConfig, PipelineConfig, SampleConfig, SFTConfig
+@dataclass
+class PebrConfig:
+    """The root of the tree; every section is one component's own config."""
 
-    @dataclass
-    class PebrConfig:
-        """The root of the tree; every section is one component's own config."""
-
-        run: RunConfig = field(default_factory=RunConfig)
-        rollout: RolloutConfig = field(default_factory=RolloutConfig)
-        logging: LoggingConfig = field(default_factory=LoggingConfig)
-        images: ImageConfig = field(default_factory=ImageConfig)
-        data: DataConfig = field(default_factory=DataConfig)
-        rewards: RewardConfig = field(default_factory=RewardConfig)
-        algo: AlgoConfig = field(default_factory=AlgoConfig)
-        model: ModelConfig = field(default_factory=ModelConfig)
-        actor: ActorConfig = field(default_factory=ActorConfig)
-        grpo: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
-        sft: SFTConfig = field(default_factory=SFTConfig)
-        sample: SampleConfig = field(default_factory=SampleConfig)
-        pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-
-    return PebrConfig
+    run: RunConfig = field(default_factory=RunConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    images: ImageConfig = field(default_factory=ImageConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    grpo: GRPOTrainerConfig = field(default_factory=GRPOTrainerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
 
 def _valid_keys(schema: Any, dotted: str) -> list[str]:
@@ -116,7 +102,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
 
     Overrides are `dotted.key=value` strings, applied in order after the file.
     """
-    schema = schema or _root_schema()
+    schema = schema or PebrConfig
     base = OmegaConf.structured(schema)
     layers: list[tuple[Any, str]] = []
     if path is not None:

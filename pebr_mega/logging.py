@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from pebr_mega.config import choice
+from pebr_mega.config_fields import choice
 from pebr_mega.errors import BackendUnavailableError
 
 # The keys shown on the console line, in order, with their format; everything goes to metrics.jsonl.

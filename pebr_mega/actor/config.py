@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pebr_mega.config import ConfigError, choice
+from pebr_mega.config_fields import ConfigError, choice
 
 
 @dataclass

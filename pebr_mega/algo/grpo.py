@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from pebr_mega.config import ConfigError, choice
+from pebr_mega.config_fields import ConfigError, choice
 
 # The modes and clamps (and why the clamps) live with the kernels, which sit below this module.
 from pebr_mega.kernels.reference import (AGG_MODES, KL_TYPES, LOG_RATIO_CLAMP,  # noqa: F401 (re-exported)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pebr_mega.config import ConfigError, choice
+from pebr_mega.config_fields import ConfigError, choice
 from pebr_mega.errors import ImageError
 
 # OpenAI CLIP statistics, used by every Qwen2-VL / Qwen2.5-VL image processor.

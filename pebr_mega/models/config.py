@@ -6,13 +6,9 @@ loader (`pebr_mega.config.load_config`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-
-def _choice(default: Any, choices: tuple, help: str) -> Any:
-    # Same metadata shape as pebr_mega.config.choice; redeclared so models/ does not import the loader.
-    return field(default=default, metadata={"choices": choices, "help": help})
+from pebr_mega.config_fields import choice as _choice
 
 
 DTYPES = ("float32", "bfloat16", "float16")

@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from pebr_mega.config import choice
+from pebr_mega.config_fields import choice
 from pebr_mega.errors import PebrError
 from pebr_mega.rewards.text import (accuracy_reward, extract_description, format_reward, keyword_reward,
                                     length_reward, normalize_key_words)

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from pebr_mega.config import choice
+from pebr_mega.config_fields import choice
 from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
 
 WeightBucket = list[tuple[str, torch.Tensor]]

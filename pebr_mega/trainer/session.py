@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pebr_mega.config import ConfigError
+from pebr_mega.config_fields import ConfigError
 from pebr_mega.data.images import make_image_decoder
 from pebr_mega.data.records import GRPORecord, load_grpo_records
 from pebr_mega.errors import DataError, PebrError
