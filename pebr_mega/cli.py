@@ -250,11 +250,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pebr_mega.data.images import make_image_decoder
+    from pebr_mega.data.decoders import make_image_decoder
     from pebr_mega.data.records import load_grpo_records
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import build_requests
-    from pebr_mega.trainer.hf_io import sampling_params
+    from pebr_mega.rollout.factory import sampling_params
     from pebr_mega.trainer.evaluate import evaluate
 
     loaded = load_grpo_records(args.dataset, args.image_root)
@@ -283,13 +283,13 @@ def _image_config_from_model(model_dir: str):
     from pebr_mega.data.images import ImageConfig
 
     f = Path(model_dir) / "preprocessor_config.json"
-    cfg = ImageConfig()
-    if f.is_file():
-        pc = json.loads(f.read_text())
-        size = pc.get("size") or {}
-        cfg.min_pixels = int(pc.get("min_pixels") or size.get("shortest_edge") or cfg.min_pixels)
-        cfg.max_pixels = int(pc.get("max_pixels") or size.get("longest_edge") or cfg.max_pixels)
-    return cfg
+    default = ImageConfig()
+    if not f.is_file():
+        return default
+    pc = json.loads(f.read_text())
+    size = pc.get("size") or {}
+    return ImageConfig(min_pixels=int(pc.get("min_pixels") or size.get("shortest_edge") or default.min_pixels),
+                       max_pixels=int(pc.get("max_pixels") or size.get("longest_edge") or default.max_pixels))
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
@@ -305,11 +305,11 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from pebr_mega.data.images import make_image_decoder
+    from pebr_mega.data.decoders import make_image_decoder
     from pebr_mega.data.records import GRPORecord
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import build_request
-    from pebr_mega.trainer.hf_io import sampling_params
+    from pebr_mega.rollout.factory import sampling_params
 
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=1)
     question = args.question if "<image>" in args.question else "<image>" + args.question

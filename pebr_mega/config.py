@@ -28,7 +28,7 @@ from pebr_mega.logging import LoggingConfig
 from pebr_mega.models.config import ModelConfig
 from pebr_mega.rewards.model import RewardConfig
 from pebr_mega.rollout.engine import RolloutConfig
-from pebr_mega.trainer.config import GRPOTrainerConfig, PipelineConfig, SampleConfig, SFTConfig
+from pebr_mega.stage_config import GRPOTrainerConfig, PipelineConfig, SampleConfig, SFTConfig
 
 __all__ = ["ConfigError", "PebrConfig", "RunConfig", "choice", "load_config", "to_dict", "to_yaml"]
 

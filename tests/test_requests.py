@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pebr_mega.data.images import ImageConfig, PilImageDecoder
+from pebr_mega.data.images import ImageConfig
+from pebr_mega.data.pil_backend import PilImageDecoder
 from pebr_mega.data.records import GRPORecord
 from pebr_mega.rollout.requests import build_requests
 

@@ -50,6 +50,7 @@ from pebr_mega.actor.config import ActorConfig
 from pebr_mega.actor.losses import LossScale, grpo_microbatch_loss, sft_microbatch_loss, target_logprobs
 from pebr_mega.actor.packing import ActorSequence, MicroBatch, pack_micro_batches
 from pebr_mega.errors import CheckpointError
+from pebr_mega.parallel.groups import barrier, rank
 
 ACTOR_META = "actor.json"
 ACTOR_FORMAT = "pebr-actor/1"
@@ -411,16 +412,16 @@ class MegatronActor:
         meta, template = self._checkpoint_meta()
         final = Path(ckpt_dir)
         tmp = final.parent / f".{final.name}.tmp"
-        if _rank() == 0:
+        if rank() == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
             (tmp / OPTIMIZER_DIR).mkdir(parents=True)
-        _barrier()
+        barrier()
         save_checkpoint(self.module, tmp / MODEL_DIR, meta, template_dir=template)
         if self.optimizer is not None:
             dist_checkpointing.save(self._optimizer_sharded_state(is_loading=False), str(tmp / OPTIMIZER_DIR))
-        _barrier()
-        if _rank() == 0:
+        barrier()
+        if rank() == 0:
             if self.optimizer is None:
                 (tmp / OPTIMIZER_DIR).rmdir()
             record = {"format": ACTOR_FORMAT, "updates": self.updates, "trainable": self.trainable,
@@ -429,7 +430,7 @@ class MegatronActor:
                       "distributed_optimizer": self._distributed_optimizer() if self.trainable else None}
             (tmp / ACTOR_META).write_text(json.dumps(record, indent=2, default=str) + "\n")
             replace_dir(tmp, final)
-        _barrier()
+        barrier()
         return final
 
     def load(self, ckpt_dir: str | Path) -> dict:
@@ -513,15 +514,6 @@ def _mark_tensor_parallel_params(model) -> None:
             p.tensor_model_parallel = True
             p.partition_dim = dim
             p.partition_stride = 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def read_actor_meta(ckpt_dir: str | Path) -> dict:

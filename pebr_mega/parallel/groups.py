@@ -89,6 +89,17 @@ def current_state() -> ParallelState:
     )
 
 
+def rank() -> int:
+    """This process's global rank (0 outside a distributed job)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    """Wait for every rank of the job (nothing to wait for outside a distributed job)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def destroy_parallel(process_group: bool = False) -> None:
     """Tear down Megatron's groups (and the default process group when `process_group`)."""
     from megatron.core import parallel_state as mpu

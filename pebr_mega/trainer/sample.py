@@ -13,11 +13,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from pebr_mega.data.images import make_image_decoder
+from pebr_mega.data.decoders import make_image_decoder
 from pebr_mega.data.records import load_grpo_records
 from pebr_mega.rewards import accuracy_reward
 from pebr_mega.rollout.requests import build_requests
-from pebr_mega.trainer.hf_io import make_rollout_engine, sampling_params
+from pebr_mega.rollout.factory import make_rollout_engine, sampling_params
 
 
 def run_sampling(cfg: Any, progress: bool = True) -> dict:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pebr_mega.config_fields import ConfigError
-from pebr_mega.data.images import make_image_decoder
+from pebr_mega.data.decoders import make_image_decoder
 from pebr_mega.data.records import GRPORecord, load_grpo_records
 from pebr_mega.errors import DataError, PebrError
 from pebr_mega.trainer.checkpointing import CheckpointManager
@@ -98,10 +98,9 @@ class Session:
 
     def sampling(self, seed: int, validation: bool = False):
         """The rollout (or validation) sampling parameters."""
-        from pebr_mega.trainer.hf_io import stop_token_ids, vision_token_ids
+        from pebr_mega.rollout.factory import rollout_sampling
 
-        return self.cfg.rollout.sampling(stop_token_ids(self.tokenizer), seed=seed, validation=validation,
-                                         banned_token_ids=vision_token_ids(self.tokenizer))
+        return rollout_sampling(self.cfg.rollout, self.tokenizer, seed=seed, validation=validation)
 
     # ------------------------------------------------------------------------------------------ models
     def build_actors(self, total_updates: int, with_reference: bool, lr: float, actor_cfg=None) -> None:
@@ -116,7 +115,7 @@ class Session:
 
     def build_engine(self) -> None:
         """The rollout engine, loaded from `init_model` (the actor's starting weights)."""
-        from pebr_mega.trainer.hf_io import make_rollout_engine
+        from pebr_mega.rollout.factory import make_rollout_engine
 
         self.engine = make_rollout_engine(self.cfg.rollout, self.init_model, self.device, seed=self.cfg.run.seed)
 
@@ -191,16 +190,9 @@ class Session:
     def num_parameters(self) -> int:
         """Parameters of the whole model (summed over pipeline stages, TP shards counted once)."""
         if not hasattr(self, "_num_params"):
-            from pebr_mega.rollout.weight_sync import _stage_manifest
+            from pebr_mega.checkpoint.gather import count_parameters
 
-            local = sum(int(np.prod(shape)) for _, shape, _ in _stage_manifest(self.actor.module, self.state.tp))
-            if self.state.pp > 1:
-                from megatron.core import parallel_state as mpu
-
-                t = torch.tensor([local], dtype=torch.float64)
-                dist.all_reduce(t, group=mpu.get_pipeline_model_parallel_group())
-                local = int(t.item())
-            self._num_params = local
+            self._num_params = count_parameters(self.actor.module)
         return self._num_params
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -237,9 +229,9 @@ class Session:
 
     def export(self, out_dir: str | Path) -> Path:
         """The actor as a complete HF directory (the template files come from `init_model`)."""
-        from pebr_mega.trainer.hf_io import export_actor_to_hf
+        from pebr_mega.checkpoint.export import export_to_hf
 
-        return export_actor_to_hf(self.actor.module, self.init_model, out_dir)
+        return export_to_hf(self.actor.module, self.init_model, out_dir)
 
 
 def _known_peak(device: torch.device) -> float:

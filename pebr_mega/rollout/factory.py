@@ -1,45 +1,27 @@
-"""The trainers' HF-side plumbing: exporting the actor as an HF directory and building the rollout engine.
+"""Building a rollout engine and its sampling parameters.
 
-Every stage of the recipe starts from and ends with a complete HF directory (weights, config, tokenizer,
-image processor, chat template, generation config), which is what the next stage, `pebr eval`, `pebr infer`
-and VLMEvalKit read.
+`make_rollout_engine` picks the engine `rollout.engine` names; `stop_token_ids`, `vision_token_ids` and
+`sampling_params` give every caller (trainers, evaluation, `pebr eval` / `pebr infer`) the same stop and
+banned tokens.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from pebr_mega.checkpoint.hf_io import atomic_dir, copy_aux_files, write_safetensors
-from pebr_mega.checkpoint.hf_mapping import HFMapping
 from pebr_mega.errors import BackendUnavailableError
-from pebr_mega.rollout.weight_sync import iter_hf_tensors
+from pebr_mega.rollout.engine import RolloutConfig, RolloutEngine
+from pebr_mega.rollout.types import SamplingParams
 
 
-def export_actor_to_hf(model, template_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the actor's current weights with `template_dir`'s non-weight files as an HF directory.
+def make_rollout_engine(rollout_cfg: RolloutConfig, hf_dir: str | Path, device: torch.device,
+                        seed: int = 0) -> RolloutEngine:
+    """The rollout engine named by `rollout.engine` (auto = SGLang with CUDA when installed, else HF).
 
-    Collective (every rank iterates the weights); rank 0 writes, atomically.
+    Only `pebr_mega.trainer.lifecycle.EngineLifecycle` (and the one-shot CLI commands) should hold the result:
+    it alone moves the engine's memory (see `RolloutEngine`).
     """
-    mapping = HFMapping(model.arch)
-    tensors = iter_hf_tensors(model, mapping)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank != 0:
-        for _ in tensors:
-            pass
-        dist.barrier()
-        return Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        write_safetensors(tmp, ((n, t.detach().cpu()) for n, t in tensors))
-        copy_aux_files(template_dir, tmp)
-    if dist.is_initialized():
-        dist.barrier()
-    return Path(out_dir)
-
-
-def make_rollout_engine(rollout_cfg, hf_dir: str | Path, device: torch.device, seed: int = 0):
-    """The rollout engine named by `rollout.engine` (auto = SGLang with CUDA when installed, else HF)."""
     name = rollout_cfg.engine
     if name == "auto":
         name = "sglang" if device.type == "cuda" and _sglang_importable() else "hf"
@@ -79,10 +61,16 @@ def vision_token_ids(tokenizer) -> list[int]:
 
 
 def sampling_params(tokenizer, n: int, temperature: float, top_p: float, max_new_tokens: int,
-                    seed: int | None):
+                    seed: int | None) -> SamplingParams:
     """SamplingParams that stop at Qwen's end tokens and never emit vision tokens."""
-    from pebr_mega.rollout.types import SamplingParams
-
     return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                           stop_token_ids=stop_token_ids(tokenizer), seed=seed,
                           banned_token_ids=vision_token_ids(tokenizer))
+
+
+def rollout_sampling(rollout_cfg: RolloutConfig, tokenizer, seed: int | None,
+                     validation: bool = False) -> SamplingParams:
+    """The training (or, with `validation`, the evaluation) sampling of `rollout_cfg` with Qwen's stop and
+    banned tokens."""
+    return rollout_cfg.sampling(stop_token_ids(tokenizer), seed=seed, validation=validation,
+                                banned_token_ids=vision_token_ids(tokenizer))

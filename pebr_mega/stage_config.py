@@ -1,4 +1,7 @@
-"""Settings of the trainers: one GRPO stage, the SFT warm-up, sampling, and the whole recipe.
+"""The stage sections of the config tree: one GRPO stage, the SFT warm-up, sampling, and the whole recipe.
+
+They are the trainers' own settings, declared here (a leaf importing only `config_fields`) rather than in
+`pebr_mega/trainer/`, because the root `pebr_mega.config` composes them and the trainers import the root.
 
 Stage-dependent upstream values are `None` by default and resolved by `resolve_stage_defaults`:
 stage 1 uses 560 prompts per rollout step and 112 per update (5 updates), 1 epoch; stage 2 uses
