@@ -248,13 +248,11 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from pebr_mega.data.decoders import make_image_decoder
-    from pebr_mega.data.records import load_grpo_records
-    from pebr_mega.rollout.hf_engine import HFRolloutEngine
-    from pebr_mega.rollout.requests import build_requests
+    from pebr_mega.data.records import image_root_for, load_grpo_records
     from pebr_mega.rollout.factory import sampling_params
+    from pebr_mega.rollout.hf_engine import HFRolloutEngine
+    from pebr_mega.rollout.requests import RequestBuilder
     from pebr_mega.trainer.evaluate import evaluate
 
     loaded = load_grpo_records(args.dataset, args.image_root)
@@ -262,10 +260,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(loaded.report())
     records = loaded.records[: args.max_samples or None]
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=args.batch_size)
-    image_root = args.image_root or str(Path(args.dataset).parent)
-    proc = _image_config_from_model(args.model)
-    requests, report = build_requests(records, engine.tokenizer, make_image_decoder(proc), image_root,
-                                      max_prompt_length=1 << 30)
+    builder = RequestBuilder(engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)))
+    requests, report = builder.build(records, image_root_for(args.dataset, args.image_root))
     if report.skipped:
         print(report.summary())
     sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
@@ -307,14 +303,15 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 def _cmd_infer(args: argparse.Namespace) -> int:
     from pebr_mega.data.decoders import make_image_decoder
     from pebr_mega.data.records import GRPORecord
-    from pebr_mega.rollout.hf_engine import HFRolloutEngine
-    from pebr_mega.rollout.requests import build_request
     from pebr_mega.rollout.factory import sampling_params
+    from pebr_mega.rollout.hf_engine import HFRolloutEngine
+    from pebr_mega.rollout.requests import RequestBuilder
 
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=1)
     question = args.question if "<image>" in args.question else "<image>" + args.question
     record = GRPORecord(qid="infer", problem=question, answer="", images=[args.image])
-    req = build_request(record, engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)), ".")
+    builder = RequestBuilder(engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)))
+    req = builder.build_one(record, ".")
     sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
     print(engine.generate([req], sampling)[0].response_text)
     return 0

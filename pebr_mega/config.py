@@ -6,7 +6,12 @@ into the root `PebrConfig` and validates what the user wrote:
 
 - an unknown key is an error naming the key and the keys that are valid at that level;
 - a value of the wrong type is an error naming the key, the value and the expected type;
-- a field declared with ``field(metadata={"choices": [...]})`` must take one of those values.
+- a field declared with ``field(metadata={"choices": [...]})`` must take one of those values;
+- every other rule on values (ranges, cross-field rules) is the section's `__post_init__`, which raises a
+  `ConfigError` naming the dotted key.
+
+Stage sections and shared sections: see `pebr_mega.stage_config` for the one precedence rule (a stage
+section's key wins over the `actor.*` key of the same name, for that stage only).
 """
 # No `from __future__ import annotations`: OmegaConf resolves the root schema's field types at run time.
 
@@ -39,7 +44,6 @@ class RunConfig:
 
     output_dir: str = "runs/default"
     seed: int = 0
-    device: str = choice("auto", ["auto", "cpu", "cuda"], "where tensors live; auto = cuda when present")
     peak_tflops: float = 0.0  # the card's dense peak for MFU; 0 = known cards (H100/H200/A100) only
 
 
@@ -97,7 +101,7 @@ def _raise_readable(err: OmegaConfBaseException, schema_obj: Any, source: str) -
     raise ConfigError(f"config error at '{key}' in {source}: {str(err).splitlines()[0]}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type | None = None) -> Any:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type | None = None) -> PebrConfig:
     """Load `schema` (default: the root `PebrConfig`) from an optional YAML file, then apply overrides.
 
     Overrides are `dotted.key=value` strings, applied in order after the file.
@@ -129,11 +133,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
     return cfg
 
 
-def to_dict(cfg: Any) -> dict:
+def to_dict(cfg: PebrConfig) -> dict:
     """The config as plain dicts and lists (for printing, saving next to a run, or wandb)."""
     return dataclasses.asdict(cfg)
 
 
-def to_yaml(cfg: Any) -> str:
+def to_yaml(cfg: PebrConfig) -> str:
     """The config as YAML text."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -97,7 +97,7 @@ def test_non_finite_reward_skips_the_update(tiny_model_dir, data, tmp_path, monk
 
     cfg = _grpo(tmp_path, tiny_model_dir, data, "grpo.max_steps=1", "grpo.save_every=0", "data.eval_file=")
     trainer = GRPOTrainer(cfg)
-    real_score = trainer.session.reward_model.score
+    real_score = trainer.reward_model.score
 
     def nan_scores(batch):
         out = real_score(batch)
@@ -105,11 +105,11 @@ def test_non_finite_reward_skips_the_update(tiny_model_dir, data, tmp_path, monk
             r.total = float("nan")
         return out
 
-    trainer.session.reward_model.score = nan_scores
-    before = [p.detach().clone() for p in trainer.session.actor.module.parameters()]
+    trainer.reward_model.score = nan_scores
+    before = [p.detach().clone() for p in trainer.actor.module.parameters()]
     m = trainer.train_step()
     assert m["skipped_updates"] == 2
-    assert all((a == p).all() for a, p in zip(before, trainer.session.actor.module.parameters()))
+    assert all((a == p).all() for a, p in zip(before, trainer.actor.module.parameters()))
 
 
 def test_pipeline_skips_finished_stages(tiny_model_dir, data, tmp_path, capsys):

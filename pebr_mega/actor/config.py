@@ -46,7 +46,6 @@ class ActorConfig:
     freeze_projector: bool = False  # the merger (the MLP from vision features to the LLM's hidden size)
     # Log-prob / loss implementation: triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or torch.
     kernels: str = choice("auto", ["auto", "triton", "torch"])
-    logprob_dtype: str = choice("float32", ["float32"])
 
     def __post_init__(self) -> None:
         checks = {

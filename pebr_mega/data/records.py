@@ -31,10 +31,8 @@ from pebr_mega.errors import DataError
 class DataConfig:
     """Where the datasets live and the length/size limits applied when building prompts."""
 
-    grpo_file: str | None = None  # JSON list or JSONL of GRPO records (the stage's training set)
     image_root: str | None = None  # images are resolved against this; default: the dataset file's folder
-    sft_file: str | None = None  # ShareGPT SFT records (the warm-up set)
-    eval_file: str | None = None  # GRPO-format validation set
+    eval_file: str | None = None  # GRPO-format validation set (a stage's own `eval_file` wins)
     max_prompt_length: int = 2048  # tokens; longer prompts are filtered out (and counted)
     # Response length is `rollout.max_new_tokens`; image pixel bounds are `images.min_pixels/max_pixels`.
     filter_overlong_prompts: bool = True
@@ -111,6 +109,11 @@ class RawItem:
 
     location: str
     value: Any
+
+
+def image_root_for(data_file: str | Path, image_root: str | Path | None = None) -> str:
+    """Where a dataset's images live: `image_root` when set, else the dataset file's folder."""
+    return str(image_root) if image_root else str(Path(data_file).parent)
 
 
 def read_json_items(path: str | Path) -> tuple[list[RawItem], list[Skip]]:

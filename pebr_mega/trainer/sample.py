@@ -11,43 +11,38 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-from pebr_mega.data.decoders import make_image_decoder
-from pebr_mega.data.records import load_grpo_records
+from tqdm.auto import tqdm
+
+from pebr_mega.config import PebrConfig
 from pebr_mega.rewards import accuracy_reward
-from pebr_mega.rollout.requests import build_requests
 from pebr_mega.rollout.factory import make_rollout_engine, sampling_params
+from pebr_mega.trainer.context import RunContext
+from pebr_mega.trainer.lifecycle import EngineLifecycle
 
 
-def run_sampling(cfg: Any, progress: bool = True) -> dict:
-    """Sample `cfg.sample.n` answers per question of `cfg.sample.dataset` with `cfg.sample.model`; returns a summary."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
+def run_sampling(cfg: PebrConfig, progress: bool = True) -> dict:
+    """Sample `cfg.sample.n` answers per question of `cfg.sample.dataset` with `cfg.sample.model`; returns a summary.
 
+    There is no actor: the engine's weights are the ones it loaded from `sample.model`, valid until its first
+    release, so every batch runs inside one rollout phase (which needs no sync).
+    """
     sc = cfg.sample
     out = Path(sc.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    loaded = load_grpo_records(sc.dataset, cfg.data.image_root, require_images=cfg.data.require_images)
-    if loaded.skipped:
-        print(loaded.report())
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(sc.model)
-    decoder = make_image_decoder(cfg.images, device)
-    image_root = cfg.data.image_root or str(Path(sc.dataset).parent)
-    requests, report = build_requests(loaded.records, tokenizer, decoder, image_root, cfg.data.max_prompt_length,
-                                      cfg.data.filter_overlong_prompts, cfg.images.merge_size)
+    ctx = RunContext.for_generation(cfg, sc.model, "sample")
+    records = ctx.load_records(sc.dataset, "GRPO")
+    requests, report = ctx.requests.build(records, ctx.image_root(sc.dataset))
     if report.skipped:
         print(report.summary())
-    engine = make_rollout_engine(cfg.rollout, sc.model, device, seed=cfg.run.seed)
+    lifecycle = EngineLifecycle(make_rollout_engine(cfg.rollout, sc.model, ctx.device, seed=cfg.run.seed))
     tmp = out.with_name(out.name + ".tmp")
     correct = Counter()
     bar = tqdm(total=len(requests), desc="sample", disable=not progress)
-    with tmp.open("w", encoding="utf-8") as f:
+    with tmp.open("w", encoding="utf-8") as f, lifecycle.rollout_phase() as engine:
         for start in range(0, len(requests), sc.batch_size):
             chunk = requests[start:start + sc.batch_size]
-            sampling = sampling_params(tokenizer, sc.n, sc.temperature, sc.top_p, cfg.rollout.max_new_tokens,
+            sampling = sampling_params(ctx.tokenizer, sc.n, sc.temperature, sc.top_p, cfg.rollout.max_new_tokens,
                                        seed=cfg.run.seed + start)
             for s in engine.generate(chunk, sampling):
                 score = accuracy_reward(s.response_text, s.request.record.answer)
