@@ -29,7 +29,7 @@ Results of `compute_logprobs` and the loss are produced on the last pipeline sta
 rank of the pipeline, so every rank of the trainer sees the same numbers.
 
 On CPU (tests, the demo) the very same code runs over gloo through `pebr_mega.parallel`'s compatibility
-layer, with one difference: Megatron's DistributedOptimizer refuses non-CUDA tensors, so the plain Megatron
+layer, entered by the public methods above (`megatron_on_cpu`) and left when they return, with one difference: Megatron's DistributedOptimizer refuses non-CUDA tensors, so the plain Megatron
 optimizer (`FP32Optimizer`) is used there.
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ from pebr_mega.actor.config import ActorConfig
 from pebr_mega.actor.losses import LossScale, grpo_microbatch_loss, sft_microbatch_loss, target_logprobs
 from pebr_mega.actor.packing import ActorSequence, MicroBatch, pack_micro_batches
 from pebr_mega.errors import CheckpointError
+from pebr_mega.parallel.cpu_compat import megatron_on_cpu
 from pebr_mega.parallel.groups import barrier, rank
 
 ACTOR_META = "actor.json"
@@ -267,6 +268,7 @@ class MegatronActor:
         return out
 
     # ------------------------------------------------------------------------------------------ API
+    @megatron_on_cpu
     @torch.no_grad()
     def compute_logprobs(self, seqs: Sequence[ActorSequence], temperature: float = 1.0,
                          with_entropy: bool = False) -> list[tuple[Tensor, Tensor | None]]:
@@ -299,6 +301,7 @@ class MegatronActor:
             merged.update(part)
         return [merged[i] for i in range(len(seqs))]
 
+    @megatron_on_cpu
     def train_step(self, seqs: Sequence[ActorSequence], loss: LossSpec) -> dict[str, float]:
         """One optimizer update on the mini-batch `seqs` (all ranks pass the same list); returns metrics.
 
@@ -399,6 +402,7 @@ class MegatronActor:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    @megatron_on_cpu
     def save(self, ckpt_dir: str | Path) -> Path:
         """Write an actor checkpoint (layout in the module docstring) to `ckpt_dir`; collective over all ranks.
 
@@ -433,6 +437,7 @@ class MegatronActor:
         barrier()
         return final
 
+    @megatron_on_cpu
     def load(self, ckpt_dir: str | Path) -> dict:
         """Load an actor checkpoint (weights, and optimizer + schedule + update counter when trainable).
 
@@ -544,6 +549,7 @@ def checkpoint_kind(path: str | Path) -> str:
                           f"({META_FILE}) nor an actor checkpoint ({ACTOR_META})")
 
 
+@megatron_on_cpu
 def build_actor(path: str | Path, model_cfg, actor_cfg: ActorConfig, trainable: bool = True, total_updates: int = 1,
                 lr: float | None = None) -> MegatronActor:
     """An actor for this rank (TP/PP as initialised by `init_parallel`) from any kind of model directory.
