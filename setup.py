@@ -37,7 +37,7 @@ EXTRAS = {
         "flash-attn>=2.6",
     ],
     "dali-cuda120": ["nvidia-dali-cuda120>=1.50"],
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "nvidia-dali-cuda120>=1.50"],
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "import-linter>=2.1", "nvidia-dali-cuda120>=1.50"],
 }
 
 packages = find_packages(include=["pebr_mega", "pebr_mega.*"]) + ["pebr_mega.kernels"]
