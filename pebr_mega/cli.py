@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:  # the library is imported lazily, so that `pebr --help` is fast
+    from pebr_mega.config import PebrConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -319,25 +322,25 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- training
 # The config-driven commands share one shape: `--config C [k=v ...] [--dry-run]`, then one library call.
-def _run_sft(cfg) -> str:
+def _run_sft(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.sft import SFTTrainer
 
     return f"sft done: model {SFTTrainer(cfg).train().model_dir}"
 
 
-def _run_train(cfg) -> str:
+def _run_train(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.grpo import GRPOTrainer
 
     return f"{cfg.grpo.stage} done: model {GRPOTrainer(cfg).train().model_dir}"
 
 
-def _run_sample(cfg) -> str:
+def _run_sample(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.sample import run_sampling
 
     return f"sampling done: {run_sampling(cfg)['output']}"
 
 
-def _run_pipeline(cfg) -> str:
+def _run_pipeline(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.pipeline import run_pipeline
 
     res = run_pipeline(cfg)
