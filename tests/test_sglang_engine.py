@@ -41,7 +41,7 @@ from pebr_mega.rollout.sglang_engine import (
     sglang_sampling_params,
     shard_bounds,
     start_sglang_engine,
-    torchrun_env_cleared,
+    sglang_env_cleared,
 )
 from pebr_mega.rollout.types import RolloutRequest, SamplingParams
 
@@ -296,7 +296,8 @@ class _StubSGLang:
     class Engine:
         def __init__(self, **kwargs):
             _StubSGLang.seen = {"args": kwargs, "store": os.environ.get("TORCHELASTIC_USE_AGENT_STORE"),
-                                "master_port": os.environ.get("MASTER_PORT")}
+                                "master_port": os.environ.get("MASTER_PORT"),
+                                "alloc": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
             child = _scheduler()  # inherits this process's environment, like a spawned scheduler
             _StubSGLang.seen["child_rc"] = child.wait(timeout=120)
             if kwargs.get("fail"):
@@ -305,14 +306,18 @@ class _StubSGLang:
 
 def test_torchrun_store_variable_is_cleared_around_the_engine_constructor(monkeypatch):
     """Under torchrun (TORCHELASTIC_USE_AGENT_STORE=True) a scheduler's tcp:// rendezvous builds a client-only
-    store and times out; inside start_sglang_engine the variable is gone, and it is back afterwards."""
+    store and times out; inside start_sglang_engine the variable is gone (and the allocator setting that
+    disables SGLang's memory saver), and both are back afterwards."""
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     monkeypatch.setenv("MASTER_PORT", "29500")
     control = _scheduler(env=dict(os.environ))  # a scheduler started with torchrun's environment as is
     start_sglang_engine(_StubSGLang, {"model_path": "/m"})
-    assert _StubSGLang.seen["store"] is None and _StubSGLang.seen["child_rc"] == 0
+    assert _StubSGLang.seen["store"] is None and _StubSGLang.seen["alloc"] is None
+    assert _StubSGLang.seen["child_rc"] == 0
     assert _StubSGLang.seen["master_port"] == "29500" and _StubSGLang.seen["args"] == {"model_path": "/m"}
     assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert control.wait(timeout=120) == 3 and "rendezvous failed" in control.stdout.read()
 
     with pytest.raises(RuntimeError, match="engine start failed"):
@@ -320,14 +325,14 @@ def test_torchrun_store_variable_is_cleared_around_the_engine_constructor(monkey
     assert _StubSGLang.seen["store"] is None and os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
 
 
-def test_torchrun_env_cleared_restores_the_state_before_it(monkeypatch):
+def test_sglang_env_cleared_restores_the_state_before_it(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
-    with torchrun_env_cleared():
+    with sglang_env_cleared():
         os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # set inside: gone afterwards
     assert "TORCHELASTIC_USE_AGENT_STORE" not in os.environ
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
     with pytest.raises(KeyError):
-        with torchrun_env_cleared():
+        with sglang_env_cleared():
             assert "TORCHELASTIC_USE_AGENT_STORE" not in os.environ
             raise KeyError("x")
     assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "False"

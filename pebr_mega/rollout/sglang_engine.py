@@ -28,8 +28,9 @@ INSTALL_HINT = 'pip install "sglang[all]>=0.5"'
 WEIGHTS = "weights"  # SGLang's memory tags (sglang/srt/constants.py)
 KV_CACHE = "kv_cache"
 OWNED_SERVER_ARGS = ("model_path", "tp_size", "base_gpu_id", "random_seed", "port")
-# torchrun sets these in every worker; SGLang's schedulers hang on them (see torchrun_env_cleared).
-TORCHRUN_VARS_UNSET_FOR_SGLANG = ("TORCHELASTIC_USE_AGENT_STORE",)
+# Inherited by SGLang's schedulers, these break them: torchrun's agent-store flag hangs their rendezvous,
+# expandable segments disable the memory saver (see sglang_env_cleared).
+ENV_UNSET_FOR_SGLANG = ("TORCHELASTIC_USE_AGENT_STORE", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 SGLANG_PORT_BASE = 30000  # SGLang's default `port`; each engine on a node gets its own (see engine_port)
 SGLANG_PORT_STRIDE = 100
 
@@ -238,21 +239,28 @@ def resume_phases(released: set[str], tags: Sequence[str] | None) -> list[list[s
 
 
 @contextlib.contextmanager
-def torchrun_env_cleared(names: Sequence[str] = TORCHRUN_VARS_UNSET_FOR_SGLANG) -> Iterator[None]:
+def sglang_env_cleared(names: Sequence[str] = ENV_UNSET_FOR_SGLANG) -> Iterator[None]:
     """Unset the environment variables `names` inside the block; put back what was there after it, also on error.
 
-    torchrun's agent sets TORCHELASTIC_USE_AGENT_STORE=True in every worker (torch
-    distributed/elastic/agent/server/local_elastic_agent.py, `_start_workers`; the c10d and static
-    rendezvous handlers report `use_agent_store` True). SGLang's scheduler processes inherit the environment
-    and call `init_process_group("tcp://127.0.0.1:<port>", rank=tp_rank, world_size=tp_size)`
-    (python/sglang/srt/distributed/parallel_state.py, `init_distributed_environment`); torch's tcp://
-    handler then builds its store in `_create_c10d_store` (torch/distributed/rendezvous.py), which, when
-    `_torchelastic_use_agent_store()` is true, makes every rank, rank 0 included, a TCPStore *client* of a
-    server that nobody starts: the schedulers wait until the store timeout. The other torchrun variables
-    (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT, ...) are read only by the env:// handler or when
-    local_rank is -1, neither of which SGLang's schedulers use, so they stay (verl's torchrun test of the
-    SGLang engine removed only this one, tests/workers/rollout/utils_sglang.py `clean_torchelastic_env`).
-    The schedulers are started inside the Engine constructor, so restoring afterwards is safe.
+    SGLang's constructor spawns its scheduler processes, which inherit the trainer's environment; two kinds
+    of variables there break them:
+
+    - TORCHELASTIC_USE_AGENT_STORE=True, which torchrun's agent sets in every worker (torch
+      distributed/elastic/agent/server/local_elastic_agent.py, `_start_workers`; the c10d and static
+      rendezvous handlers report `use_agent_store` True). Each scheduler calls `init_process_group(
+      "tcp://127.0.0.1:<port>", rank=tp_rank, world_size=tp_size)` (python/sglang/srt/distributed/
+      parallel_state.py, `init_distributed_environment`); torch's tcp:// handler builds the store in
+      `_create_c10d_store` (torch/distributed/rendezvous.py), which with `_torchelastic_use_agent_store()`
+      true makes every rank, rank 0 included, a TCPStore *client* of a server nobody starts: the schedulers
+      wait until the store times out. The other torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK,
+      MASTER_ADDR/PORT, ...) are read only by the env:// handler or when local_rank is -1, neither of which
+      the schedulers use, so they stay (verl's torchrun test of the SGLang engine removed only this one:
+      tests/workers/rollout/utils_sglang.py `clean_torchelastic_env`).
+    - PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF: with expandable segments torch_memory_saver refuses to
+      work (fzyzcjy/torch_memory_saver#24), so `release_memory_occupation` would free nothing; slime removes
+      both before it starts SGLang (slime/backends/sglang_utils/sglang_engine.py `launch_server_process`).
+
+    The schedulers are started inside the constructor, so restoring afterwards is safe.
     """
     saved = {name: os.environ.pop(name) for name in names if name in os.environ}
     try:
@@ -266,8 +274,8 @@ def torchrun_env_cleared(names: Sequence[str] = TORCHRUN_VARS_UNSET_FOR_SGLANG) 
 
 
 def start_sglang_engine(sglang, server_args: dict):
-    """`sglang.Engine(**server_args)` with the torchrun variables that would hang its schedulers unset."""
-    with torchrun_env_cleared():
+    """`sglang.Engine(**server_args)` with the variables that break its schedulers unset (sglang_env_cleared)."""
+    with sglang_env_cleared():
         return sglang.Engine(**server_args)
 
 
