@@ -41,9 +41,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true", default=False,
+                     help="run the tests in reverse order (checks that no test depends on an earlier one)")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    if config.getoption("--reverse"):
+        items.reverse()
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
