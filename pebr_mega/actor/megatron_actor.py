@@ -50,6 +50,7 @@ from pebr_mega.actor.config import ActorConfig
 from pebr_mega.actor.losses import LossScale, grpo_microbatch_loss, sft_microbatch_loss, target_logprobs
 from pebr_mega.actor.packing import ActorSequence, MicroBatch, pack_micro_batches
 from pebr_mega.errors import CheckpointError
+from pebr_mega.models.config import ModelConfig
 from pebr_mega.parallel.cpu_compat import megatron_on_cpu
 from pebr_mega.parallel.groups import barrier, rank
 
@@ -90,7 +91,7 @@ class MegatronActor:
     `save` reads the HF config and the tokenizer/processor files to record beside the weights from it.
     """
 
-    def __init__(self, model, model_cfg, cfg: ActorConfig, trainable: bool, total_updates: int = 1,
+    def __init__(self, model, model_cfg: ModelConfig, cfg: ActorConfig, trainable: bool, total_updates: int = 1,
                  lr: float | None = None, source: str | Path | None = None) -> None:
         from megatron.core import parallel_state as mpu
 
@@ -550,7 +551,7 @@ def checkpoint_kind(path: str | Path) -> str:
 
 
 @megatron_on_cpu
-def build_actor(path: str | Path, model_cfg, actor_cfg: ActorConfig, trainable: bool = True, total_updates: int = 1,
+def build_actor(path: str | Path, model_cfg: ModelConfig, actor_cfg: ActorConfig, trainable: bool = True, total_updates: int = 1,
                 lr: float | None = None) -> MegatronActor:
     """An actor for this rank (TP/PP as initialised by `init_parallel`) from any kind of model directory.
 

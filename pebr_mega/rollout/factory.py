@@ -12,6 +12,8 @@ import torch
 
 from pebr_mega.errors import BackendUnavailableError
 from pebr_mega.rollout.engine import RolloutConfig, RolloutEngine
+from pebr_mega.rollout.hf_engine import HFRolloutEngine
+from pebr_mega.rollout.sglang_engine import SGLangRolloutEngine
 from pebr_mega.rollout.types import SamplingParams
 
 
@@ -26,12 +28,8 @@ def make_rollout_engine(rollout_cfg: RolloutConfig, hf_dir: str | Path, device: 
     if name == "auto":
         name = "sglang" if device.type == "cuda" and _sglang_importable() else "hf"
     if name == "sglang":
-        from pebr_mega.rollout.sglang_engine import SGLangRolloutEngine
-
         return SGLangRolloutEngine.from_config(str(hf_dir), rollout_cfg, seed=seed)
     if name == "hf":
-        from pebr_mega.rollout.hf_engine import HFRolloutEngine
-
         return HFRolloutEngine.from_pretrained(hf_dir, device=str(device), batch_size=rollout_cfg.batch_size)
     raise BackendUnavailableError(f"unknown rollout engine {name!r}")
 
