@@ -1,33 +1,15 @@
 """`pebr demo` end to end at toy sizes: every stage runs (or is skipped with its reason) and the summary and
-curves are written in the documented shape. The demo runs in a spawned process, as `pebr demo` does."""
+curves are written in the documented shape. The demo runs in its own process (started by conftest), as `pebr demo` does."""
 from __future__ import annotations
 
 import json
 
 from pebr_mega.cli import main
-from pebr_mega.parallel.launch import spawn
 
 
-def _demo_worker(rank, out):
-    """`pebr demo` at toy sizes in its own process (as a user runs it); returns its exit code and output."""
-    import contextlib
-    import io
-
-    import torch
-
-    torch.set_num_threads(1)  # as in this process (conftest)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        rc = main(["demo", "--out", out, "--num-grpo", "8", "--num-sft", "16", "--num-eval", "4",
-                   "sft.epochs=1", "sft.batch_size=8", "sample.n=2", "rollout.n=2", "rollout.max_new_tokens=12",
-                   "grpo.rollout_batch_size=2", "grpo.mini_batch_size=2", "grpo.max_steps=1",
-                   "logging.progress_bar=false"])
-    return {"rc": rc, "printed": printed.getvalue()}
-
-
-def test_demo_writes_summary_and_curves(tmp_path):
-    out = tmp_path / "demo"
-    got = spawn(_demo_worker, 1, str(out), megatron_only=False)[0]
+def test_demo_writes_summary_and_curves(trainer_runs):
+    out, got = trainer_runs["tmp"] / "demo" / "demo", trainer_runs["demo"]
+    assert "error" not in got, got.get("error")
     assert got["rc"] == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"sft", "stage1", "stage2", "wall_seconds", "split", "final_model"}
