@@ -89,6 +89,7 @@ class StageParams:
     layers: int
     final_norm: int
     output: int
+    largest_layer_tensor: int  # elements of the largest weight in a decoder layer or the vision tower here
 
     @property
     def total(self) -> int:
@@ -97,11 +98,6 @@ class StageParams:
     def trainable(self, freeze_vision: bool, freeze_projector: bool) -> int:
         """Parameters with gradients and optimizer state."""
         return self.total - (self.vision_tower if freeze_vision else 0) - (self.merger if freeze_projector else 0)
-
-    @property
-    def largest_tensor(self) -> int:
-        """Elements of the largest single parameter (its gradient exists whole, briefly, in backward)."""
-        return max(self.embedding, self.output, self.layers // max(self.num_layers, 1) // 2, self.merger // 2)
 
 
 def stage_params(arch: QwenVLArch, tp: int, pp: int, stage: int) -> StageParams:
@@ -113,8 +109,14 @@ def stage_params(arch: QwenVLArch, tp: int, pp: int, stage: int) -> StageParams:
     shard = t.vocab_size * t.hidden_size // tp
     n = stage_layers(t.num_layers, pp)[stage]
     output = shard if last and (not t.tie_word_embeddings or pp > 1) else 0
+    h, v = t.hidden_size, arch.vision
+    qkv = (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
+    largest = max(h * 2 * t.intermediate_size // tp, h * qkv // tp, t.num_heads * t.head_dim * h // tp)
+    if first:
+        m = v.hidden_size * v.spatial_merge_size**2
+        largest = max(largest, v.hidden_size * v.intermediate_size, 3 * v.hidden_size**2, m * m, m * v.out_hidden_size)
     return StageParams(stage, tower, merger, shard if first else 0, n, n * layer_parameters(t, tp),
-                       t.hidden_size if last else 0, output)
+                       t.hidden_size if last else 0, output, largest)
 
 
 # ------------------------------------------------------------------------------------------------ activations
@@ -183,10 +185,12 @@ def _attention_bytes(v: VisionArch, b: int, lens: list[int]) -> float:
     return slots * (4 * b * c + 4 * nv + 8 + 2) + n * b * c
 
 
-def vision_bytes(v: VisionArch, grids: list[tuple[int, int, int]], b: int, recompute: bool) -> float:
-    """Bytes the vision tower keeps for backward for images of these patch grids (one micro-batch)."""
+def vision_bytes(v: VisionArch, grids: list[tuple[int, int, int]], b: int, recompute: bool) -> tuple[float, float]:
+    """(bytes the vision tower keeps for backward, bytes one recomputed block adds in backward) for images of
+    these patch grids (one micro-batch); with `recompute` (torch.utils.checkpoint per block) a block keeps only
+    its input."""
     if not grids:
-        return 0.0
+        return 0.0, 0.0
     c, fi = v.hidden_size, v.intermediate_size
     windows, frames = _segments(v, grids)
     n = sum(windows)
@@ -201,8 +205,8 @@ def vision_bytes(v: VisionArch, grids: list[tuple[int, int, int]], b: int, recom
     indices = n * 2 * 8 / v.spatial_merge_size**2  # window order and its inverse, int64 per merged token
     merger = n * (4 * c + 4 + 4 * b * c)
     if recompute:
-        return patch_in + rotary + indices + merger + v.depth * n * b * c + max(blocks)
-    return patch_in + rotary + indices + merger + sum(blocks)
+        return patch_in + rotary + indices + merger + v.depth * n * b * c, max(blocks)
+    return patch_in + rotary + indices + merger + sum(blocks), 0.0
 
 
 @dataclass(frozen=True)
@@ -216,7 +220,8 @@ class MicroBatch:
 def stage_activation_bytes(arch: QwenVLArch, sp: StageParams, mb: MicroBatch, tp: int, b: int, recompute: str,
                            recompute_num_layers: int, vision_recompute: bool, profile: KernelProfile,
                            last: bool, sequence_parallel: bool = False) -> dict[str, float]:
-    """Saved bytes of one micro-batch on one stage, by part: decoder layers, vision, embedding, head."""
+    """Bytes of one micro-batch on one stage, by part: saved by the decoder layers, the vision tower, the
+    embedding and the head; `recompute` / `vision recompute`: what one recomputed chunk adds during backward."""
     t, T = arch.text, mb.tokens
     out: dict[str, float] = {}
     if recompute == "full":
@@ -228,8 +233,10 @@ def stage_activation_bytes(arch: QwenVLArch, sp: StageParams, mb: MicroBatch, tp
     else:
         out["decoder"] = T * sp.num_layers * decoder_layer_bytes(t, tp, b, recompute, profile, sequence_parallel)
     if sp.stage == 0:
-        out["vision"] = vision_bytes(arch.vision, list(mb.grids), b, vision_recompute)
-        out["embedding"] = T * (8 + 1)  # token ids (int64) for the embedding backward, image-pad mask
+        out["vision"], extra = vision_bytes(arch.vision, list(mb.grids), b, vision_recompute)
+        if extra:
+            out["vision recompute"] = extra
+        out["embedding"] = T * (8 + 24 + 1)  # token ids and 3-D positions (int64), the image-pad mask
     if last:
         norm = (b * t.hidden_size + 4) if profile.fused_rms_norm else (8 * t.hidden_size + 4)
         out["head"] = T * (norm + b * t.hidden_size)  # final norm and the output layer's input
@@ -242,12 +249,19 @@ def logits_bytes(t: TextArch, tokens: int, tp: int, b: int) -> int:
 
 
 def backward_workspace_bytes(t: TextArch, sp: StageParams, tokens: int, tp: int, b: int, last: bool) -> float:
-    """Transient gradients at the start of backward: the logits' gradient (the Triton log-prob kernel writes a
-    [N, V/tp] gradient, docs/PERFORMANCE.md), a layer's widest activation gradients, the largest weight
-    gradient before DDP adds it into the fp32 buffer (no gradient-accumulation fusion in this actor)."""
-    widest = tokens * b * (3 * t.intermediate_size / tp + 2 * t.hidden_size)
-    head = logits_bytes(t, tokens, tp, b) if last else 0
-    return head + widest + sp.largest_tensor * b
+    """Gradients that exist at the peak of backward, beyond the saved activations and the logits.
+
+    On the last stage: the logits' gradient (the Triton log-prob kernel writes a [N, V/tp] gradient,
+    docs/PERFORMANCE.md) plus the larger of the output layer's weight gradient and a layer's largest weight
+    gradient (each whole for a moment before DDP adds it into the fp32 buffer: this actor has no
+    gradient-accumulation fusion), with the gradient of the hidden states. Other stages: the hidden-state
+    gradient received from the next stage and the largest weight gradient. Calibrated on CPU (tests/test_plan.py).
+    """
+    hidden = tokens * t.hidden_size * b
+    if not last:
+        return hidden + sp.largest_layer_tensor * b
+    output = t.vocab_size // tp * t.hidden_size
+    return logits_bytes(t, tokens, tp, b) + max(output, sp.largest_layer_tensor) * b + hidden
 
 
 # ------------------------------------------------------------------------------------------------ tables

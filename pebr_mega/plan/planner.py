@@ -215,11 +215,13 @@ def training_table(arch: QwenVLArch, cfg: Any, w: Workload, layout: Layout, gpu:
     if stage == 0:
         images = len(mb.grids)
         patches = sum(a * h * w_ for a, h, w_ in mb.grids)
-        t.add(f"activations: vision tower, vision_recompute={m.vision_recompute}", in_flight * acts["vision"],
-              f"{images} image(s) of {mb.grids[0][1]}x{mb.grids[0][2]} patches, {patches} patches" if images else "")
-        alt = mem.vision_bytes(arch.vision, list(mb.grids), b, not m.vision_recompute)
-        t.add(f"  (vision tower with vision_recompute={not m.vision_recompute})", in_flight * alt, "for comparison",
-              counted=False)
+        note = f"{images} image(s) of {mb.grids[0][1]}x{mb.grids[0][2]} patches, {patches} patches" if images else ""
+        if "vision recompute" in acts:  # at the end of backward, once the decoder's activations are gone
+            note += f"; +{acts['vision recompute'] / GIB:.2f} GiB while a block is recomputed, after the decoder's"
+        t.add(f"activations: vision tower, vision_recompute={m.vision_recompute}", in_flight * acts["vision"], note)
+        saved, _ = mem.vision_bytes(arch.vision, list(mb.grids), b, not m.vision_recompute)
+        t.add(f"  (vision tower with vision_recompute={not m.vision_recompute})", in_flight * saved,
+              "for comparison", counted=False)
         t.add("activations: embedding inputs", in_flight * acts["embedding"])
     if last:
         t.add("activations: final norm + output-layer input", acts["head"])
@@ -228,7 +230,8 @@ def training_table(arch: QwenVLArch, cfg: Any, w: Workload, layout: Layout, gpu:
         t.add("  (fused hidden-state path, one 2^28-logit chunk)", min(2**28, mb.tokens * arch.text.vocab_size // tp) * b,
               "kernels.linear_logprobs; not wired into the actor", counted=False)
     t.add("backward workspace", mem.backward_workspace_bytes(arch.text, sp, mb.tokens, tp, b, last),
-          "logit gradient, a layer's widest gradients, largest weight gradient")
+          "logit gradient + largest weight gradient + hidden-state gradient" if last else
+          "received hidden-state gradient + largest weight gradient")
     if rollout:
         t.add("SGLang CUDA graphs (kept)", mem.CUDA_GRAPH_BYTES, "assumed; released too by SGLangs that tag them")
     dynamic = sum(r.bytes for r in t.rows if r.counted and (r.name.startswith(("activations", "logits", "backward"))))
