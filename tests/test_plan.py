@@ -320,3 +320,29 @@ def test_config_commands_check_before_loading(tiny_model_dir, tmp_path, capsys, 
     assert main(["sample", f"sample.model={tiny_model_dir}", "rollout.max_new_tokens=5000",
                  f"sample.output={tmp_path / 'r.jsonl'}"]) == 2
     assert "max_position_embeddings 4096" in capsys.readouterr().err
+
+
+def test_gpu_memory_check_predicts_on_cpu():
+    """tools/check_plan_memory.py (run by tools/gpu_checks.sh on a GPU): its predictions are computed here, and are
+    at least what its static state must occupy (bf16 parameters and, at the end of backward, their gradients; for
+    the GRPO update the actor's 18 bytes per parameter and the bf16 reference), counted from transformers' model of
+    the same shapes."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import check_plan_memory as tool
+        from bench_train_step import qwen25_vl_7b_arch
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    arch = qwen25_vl_7b_arch(4, 4)
+    n = _hf_parameter_count(arch)
+    grid = (1, 72, 72)
+    bench = tool.bench_prediction(arch, 4096, grid)
+    assert 4 * n < bench < 2 * n + 12 * GIB_
+    grpo = tool.grpo_prediction(arch, tool.grpo_config(4096, 2), grid)
+    assert 20 * n < grpo < 20 * n + 24 * GIB_
+    assert tool.main([]) == 2  # no CUDA here: nothing measured, a clear message
+
+
+GIB_ = 2**30

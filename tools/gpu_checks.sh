@@ -59,3 +59,9 @@ step tests 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests/
 TAIL=45 step kernels 170 python3 tools/bench_kernels.py --write-docs
 step grpo_step 130 python3 tools/bench_grpo_step.py --record docs/PERFORMANCE.md
 step train_step 100 python3 tools/bench_train_step.py --record docs/PERFORMANCE.md
+
+# ---- pebr plan vs measured memory (issue 16) ----------------------------------------------------------------
+# The plan's memory model against torch.cuda.max_memory_allocated of bench_train_step's step and of one GRPO
+# update of the actor (7B widths, 4+4v layers); rows go to docs/PERFORMANCE.md, "Memory plan vs measured".
+step plan_memory 240 python3 tools/check_plan_memory.py --record docs/PERFORMANCE.md
+# ---- end: pebr plan vs measured memory ----------------------------------------------------------------------
