@@ -369,7 +369,8 @@ def evaluate_layout(arch: QwenVLArch, cfg: Any, w: Workload, cluster: Cluster, t
     plan.fits = not problems
     plan.short_reason = "; ".join(p[0] for p in problems)
     plan.reason = "; ".join(p[1] for p in problems)
-    plan.times = phase_times(arch, trial, w, layout, cluster, distributed, plan.concurrency)
+    if not rollout or plan.concurrency >= 1:  # no time for a rollout that cannot hold one sequence
+        plan.times = phase_times(arch, trial, w, layout, cluster, distributed, plan.concurrency)
     return plan
 
 
