@@ -178,7 +178,7 @@ def zero_step(actor) -> None:
 def measure_activations(model, arch: QwenVLArch, tp: int, images=TINY_IMAGES, text_tokens: int = 60,
                         backward: bool = True) -> dict:
     """Live bytes of one micro-batch through `model` (an actor's DDP model, or a bare stage), counted from before
-    its inputs reach the device: after the forward (inputs kept for backward, saved activations, the logits)
+    its inputs reach the device: after the forward (the inputs autograd kept, saved activations, the logits)
     and, with `backward`, at the peak of forward + backward, whose logit gradient is created inside too (as
     the actor's loss creates it)."""
     batch, grids = random_batch(arch, images, text_tokens)
@@ -192,8 +192,9 @@ def measure_activations(model, arch: QwenVLArch, tp: int, images=TINY_IMAGES, te
         inputs = {k: (v.to(dtype, copy=True) if k == "pixel_values" else v.clone()) if isinstance(v, torch.Tensor) else v
                   for k, v in host.items()}
         logits = model(**inputs)
+        del inputs  # as in the actor's schedule: what the graph did not save is freed after the forward
         after_forward = live.current
         if backward:
             logits.backward(torch.full_like(logits, 1e-3))
-        del logits, inputs
+        del logits
     return {"tokens": batch.total, "grids": grids, "after_forward": after_forward, "peak": live.peak}

@@ -89,6 +89,8 @@ def _calibration_worker(rank: int) -> dict:
             frozen = cal.build_actor(arch, tp, pp, freeze_vision=True)
             cal.zero_step(frozen)
             rec["state_frozen_vision"] = cal.state_bytes(frozen.model, frozen.optimizer)
+            if (name, tp, pp) == ("tiny", 1, 1):
+                rec["act_frozen_vision"] = cal.measure_activations(frozen.model, arch, tp)
             if pp == 1:
                 variants = {"none": {}, "bf16": {"dtype": "bfloat16"}}
                 if name == "tiny":
@@ -167,13 +169,13 @@ def test_activation_bytes_match_the_live_tensor_tracker(calibration):
             recompute = kind if kind in ("selective", "full") else "none"
             mb = mem.MicroBatch(m["tokens"], tuple(tuple(g) for g in m["grids"]))
             acts = mem.stage_activation_bytes(arch, sp, mb, tp, b, recompute, 1, kind == "vision_recompute", mem.CPU,
-                                              last=True)
+                                              last=True, freeze_vision=kind == "frozen_vision")
             saved = sum(v for k, v in acts.items() if k not in ("recompute", "vision recompute"))
             logits = mem.logits_bytes(arch.text, mb.tokens, tp, b)
             after = saved + logits
             peak = after + acts.get("recompute", 0) + mem.backward_workspace_bytes(arch.text, sp, mb.tokens, tp, b, True)
             errors[f"{key} {kind}"] = (after / m["after_forward"] - 1, peak / m["peak"] - 1)
-    assert len(errors) == 11  # tiny: 5 variants at TP 1, 3 at TP 2; alt: 2; the 7B shape: 1
+    assert len(errors) == 12  # tiny: 6 variants at TP 1, 3 at TP 2; alt: 2; the 7B shape: 1
     for case, (after_err, peak_err) in errors.items():
         assert abs(after_err) < AFTER_FORWARD_TOL, (case, after_err)
         assert abs(peak_err) < PEAK_TOL, (case, peak_err)

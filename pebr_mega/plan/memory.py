@@ -185,15 +185,19 @@ def _attention_bytes(v: VisionArch, b: int, lens: list[int]) -> float:
     return slots * (4 * b * c + 4 * nv + 8 + 2) + n * b * c
 
 
-def vision_bytes(v: VisionArch, grids: list[tuple[int, int, int]], b: int, recompute: bool) -> tuple[float, float]:
+def vision_bytes(v: VisionArch, grids: list[tuple[int, int, int]], b: int, recompute: bool,
+                 freeze_tower: bool = False, freeze_merger: bool = False) -> tuple[float, float]:
     """(bytes the vision tower keeps for backward, bytes one recomputed block adds in backward) for images of
     these patch grids (one micro-batch); with `recompute` (torch.utils.checkpoint per block) a block keeps only
-    its input."""
+    its input. A frozen tower keeps nothing (no input of it needs a gradient); a trainable merger behind it keeps
+    the inputs of its norm weight, its two linears and its GELU."""
     if not grids:
         return 0.0, 0.0
     c, fi = v.hidden_size, v.intermediate_size
     windows, frames = _segments(v, grids)
     n = sum(windows)
+    if freeze_tower:
+        return (0.0 if freeze_merger else n * 4 * b * c), 0.0
     norm = n * (4 * c + 4 + b * c)  # fp32 copy of the input, rstd, normalised value in the activation dtype
     mlp = n * (b * c + 4 * b * fi)  # MLP input; gate, up, silu(gate) and the product
     per_block = {False: 2 * norm + n * b * c + mlp + _attention_bytes(v, b, windows),
@@ -219,7 +223,8 @@ class MicroBatch:
 
 def stage_activation_bytes(arch: QwenVLArch, sp: StageParams, mb: MicroBatch, tp: int, b: int, recompute: str,
                            recompute_num_layers: int, vision_recompute: bool, profile: KernelProfile,
-                           last: bool, sequence_parallel: bool = False) -> dict[str, float]:
+                           last: bool, sequence_parallel: bool = False, freeze_vision: bool = False,
+                           freeze_projector: bool = False) -> dict[str, float]:
     """Bytes of one micro-batch on one stage, by part: saved by the decoder layers, the vision tower, the
     embedding and the head; `recompute` / `vision recompute`: what one recomputed chunk adds during backward."""
     t, T = arch.text, mb.tokens
@@ -233,10 +238,11 @@ def stage_activation_bytes(arch: QwenVLArch, sp: StageParams, mb: MicroBatch, tp
     else:
         out["decoder"] = T * sp.num_layers * decoder_layer_bytes(t, tp, b, recompute, profile, sequence_parallel)
     if sp.stage == 0:
-        out["vision"], extra = vision_bytes(arch.vision, list(mb.grids), b, vision_recompute)
+        out["vision"], extra = vision_bytes(arch.vision, list(mb.grids), b, vision_recompute, freeze_vision,
+                                            freeze_projector)
         if extra:
             out["vision recompute"] = extra
-        out["embedding"] = T * (8 + 24 + 1)  # token ids and 3-D positions (int64), the image-pad mask
+        out["embedding"] = T * (8 + 1)  # token ids (int64) for the embedding backward, the image-pad mask
     if last:
         norm = (b * t.hidden_size + 4) if profile.fused_rms_norm else (8 * t.hidden_size + 4)
         out["head"] = T * (norm + b * t.hidden_size)  # final norm and the output layer's input

@@ -168,7 +168,7 @@ class Plan:
 
 
 # ------------------------------------------------------------------------------------------------ memory
-def _optimizer(arch: QwenVLArch, w: Workload, sp: mem.StageParams, cfg: Any, dp: int, distributed: bool):
+def _optimizer(w: Workload, sp: mem.StageParams, cfg: Any, dp: int, distributed: bool) -> mem.OptimizerBytes:
     b = mem.DTYPE_BYTES[cfg.model.params_dtype]
     return mem.optimizer_bytes(sp, sp.trainable(w.freeze_vision, w.freeze_projector), b, distributed, dp)
 
@@ -181,8 +181,8 @@ def training_table(arch: QwenVLArch, cfg: Any, w: Workload, layout: Layout, gpu:
     b = mem.DTYPE_BYTES[m.params_dtype]
     sp = mem.stage_params(arch, tp, pp, stage)
     last = stage == pp - 1
-    opt = _optimizer(arch, w, sp, cfg, dp, distributed)
-    other = _optimizer(arch, w, sp, cfg, dp, not distributed)
+    opt = _optimizer(w, sp, cfg, dp, distributed)
+    other = _optimizer(w, sp, cfg, dp, not distributed)
     mb = w.micro_batch()
     per_rank = math.ceil(w.mini_batch_prompts * w.n / dp)
     in_flight = min(pp - stage, w.micro_batches(per_rank)) if pp > 1 else 1
@@ -200,8 +200,9 @@ def training_table(arch: QwenVLArch, cfg: Any, w: Workload, layout: Layout, gpu:
           other.main_params + other.adam, "for comparison", counted=False)
     if w.with_reference:
         t.add(f"reference model ({m.params_dtype}, frozen)", opt.params, "algo.kl_coef > 0")
+    frozen = dict(freeze_vision=w.freeze_vision, freeze_projector=w.freeze_projector)
     acts = mem.stage_activation_bytes(arch, sp, mb, tp, b, m.recompute_granularity, m.recompute_num_layers,
-                                      m.vision_recompute, profile, last, m.sequence_parallel)
+                                      m.vision_recompute, profile, last, m.sequence_parallel, **frozen)
     note = f"{in_flight} micro-batch(es) in flight x {mb.tokens} tokens"
     t.add(f"activations: decoder, recompute={m.recompute_granularity}", in_flight * acts["decoder"], note)
     if "recompute" in acts:
@@ -209,7 +210,7 @@ def training_table(arch: QwenVLArch, cfg: Any, w: Workload, layout: Layout, gpu:
     for mode in ("none", "selective", "full"):
         if mode != m.recompute_granularity:
             alt = mem.stage_activation_bytes(arch, sp, mb, tp, b, mode, m.recompute_num_layers, m.vision_recompute,
-                                             profile, last, m.sequence_parallel)
+                                             profile, last, m.sequence_parallel, **frozen)
             t.add(f"  (decoder with recompute={mode})", in_flight * (alt["decoder"] + alt.get("recompute", 0)),
                   "for comparison", counted=False)
     if stage == 0:
@@ -218,10 +219,13 @@ def training_table(arch: QwenVLArch, cfg: Any, w: Workload, layout: Layout, gpu:
         note = f"{images} image(s) of {mb.grids[0][1]}x{mb.grids[0][2]} patches, {patches} patches" if images else ""
         if "vision recompute" in acts:  # at the end of backward, once the decoder's activations are gone
             note += f"; +{acts['vision recompute'] / GIB:.2f} GiB while a block is recomputed, after the decoder's"
+        if w.freeze_vision:
+            note += "; tower frozen" + (" with the merger" if w.freeze_projector else ", merger trained")
         t.add(f"activations: vision tower, vision_recompute={m.vision_recompute}", in_flight * acts["vision"], note)
-        saved, _ = mem.vision_bytes(arch.vision, list(mb.grids), b, not m.vision_recompute)
-        t.add(f"  (vision tower with vision_recompute={not m.vision_recompute})", in_flight * saved,
-              "for comparison", counted=False)
+        if not w.freeze_vision:
+            saved, _ = mem.vision_bytes(arch.vision, list(mb.grids), b, not m.vision_recompute)
+            t.add(f"  (vision tower with vision_recompute={not m.vision_recompute})", in_flight * saved,
+                  "for comparison", counted=False)
         t.add("activations: embedding inputs", in_flight * acts["embedding"])
     if last:
         t.add("activations: final norm + output-layer input", acts["head"])
@@ -246,7 +250,7 @@ def rollout_table(arch: QwenVLArch, cfg: Any, w: Workload, layout: Layout, gpu: 
     memory free when the engine started."""
     m = cfg.model
     sp = mem.stage_params(arch, layout.tp, layout.pp, stage)
-    opt = _optimizer(arch, w, sp, cfg, layout.dp, distributed)
+    opt = _optimizer(w, sp, cfg, layout.dp, distributed)
     etp = cfg.rollout.sglang_tp_size
     ref = opt.params if w.with_reference else 0
     contexts = 2 * mem.CUDA_CONTEXT_BYTES

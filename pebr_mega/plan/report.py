@@ -15,15 +15,14 @@ def _gib(x: float) -> str:
 def _table(title: str, t: MemoryTable, card: int) -> list[str]:
     lines = [f"{title:<{WIDTH}} {'GiB':>7}   note"]
     for r in t.rows:
-        name = r.name if r.counted else r.name
-        lines.append(f"  {name:<{WIDTH - 2}} {_gib(r.bytes)}   {r.note}")
+        lines.append(f"  {r.name:<{WIDTH - 2}} {_gib(r.bytes)}   {r.note}".rstrip())
     verdict = "fits" if t.total <= card else f"DOES NOT FIT (over by {(t.total - card) / GIB:.2f} GiB)"
     lines.append(f"  {'peak (rows in parentheses not counted)':<{WIDTH - 2}} {_gib(t.total)}   of {card / GIB:.1f}: {verdict}")
     return lines
 
 
 def _model_name(plan: Plan) -> str:
-    for key, name in SHAPE_NAMES.items():
+    for name in SHAPE_NAMES.values():
         if name in plan.arch_source:
             return name
     t = plan.arch.text
