@@ -16,6 +16,7 @@ CORE = [
     "numpy>=1.26",
     "omegaconf>=2.3",
     "pyyaml>=6.0",
+    "jinja2>=3.1",  # prompt templates (data.format_prompt)
     # MathRuler imports pylatexenc and sympy without declaring them.
     "mathruler>=0.1.0",
     "pylatexenc>=2.10",
@@ -37,6 +38,9 @@ EXTRAS = {
         "flash-attn>=2.6",
     ],
     "dali-cuda120": ["nvidia-dali-cuda120>=1.50"],
+    # FG-CLIP (the CLIP reward's checkpoint upstream) ships modelling code that imports torchvision.ops; install
+    # the torchvision build that matches your torch.
+    "clip": ["torchvision>=0.19"],
     "test": ["pytest>=8.0", "pytest-timeout>=2.3", "nvidia-dali-cuda120>=1.50"],
 }
 
@@ -51,7 +55,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"pebr_mega.kernels": "kernels"},
-    package_data={"pebr_mega": ["configs/*.yaml"]},
+    package_data={"pebr_mega": ["configs/*.yaml", "templates/*.jinja"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["pebr=pebr_mega.cli:main"]},

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from pebr_mega.data.synthetic import COLORS, SHAPES, WORDS, corpus_texts, plural
-from pebr_mega.data.template import INSTRUCTION, build_prompt_text, format_response
+from pebr_mega.data.template import build_prompt_text, format_response
 
 _GENERIC = ("image picture shape shapes describe description rationale rationales step answer question first "
             "then so we have plus equals a an with which one two three four five six seven eight nine ten zero")
@@ -24,7 +24,7 @@ def tokenizer_corpus() -> Iterator[str]:
     """Sentences covering the template, the answer format, digits and the synthetic data's phrasing."""
     words = vocabulary()
     for rep in range(4):
-        yield INSTRUCTION
+        yield build_prompt_text("")
         yield format_response("There are 3 red circles and 2 blue squares.", "Count each kind of shape.",
                               ["3 + 2 = 5.", "So there are 5 shapes."], "5")
         for i, w in enumerate(words):

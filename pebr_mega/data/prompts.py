@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from pebr_mega.data.template import IMAGE_TOKEN, build_prompt_text
+from pebr_mega.data.template import IMAGE_TOKEN, PromptTemplate, build_prompt_text
 from pebr_mega.errors import DataError
 
 VISION_START = "<|vision_start|>"
@@ -30,9 +30,16 @@ def expand_image_placeholders(text: str, image_tokens: Sequence[int], where: str
     return "".join(out)
 
 
-def render_prompt_ids(tokenizer, problem: str, image_tokens: Sequence[int], where: str = "") -> list[int]:
-    """Token ids of a GRPO prompt: PeBR instruction + problem as the user turn, then the assistant header."""
-    content = expand_image_placeholders(build_prompt_text(problem), image_tokens, where)
+def render_prompt_ids(tokenizer, problem: str, image_tokens: Sequence[int], where: str = "",
+                      template: PromptTemplate | None = None) -> list[int]:
+    """Token ids of a GRPO prompt: the format-prompt template rendered with the problem as the user turn
+    (`template`, default: the packaged one), then the assistant header.
+
+    EasyR1 splits the rendered text at `<image>` into a list of text and image parts and lets the processor's
+    chat template print `<|vision_start|><|image_pad|><|vision_end|>` for each image; expanding the
+    placeholders in the text first gives the same string, so the same ids.
+    """
+    content = expand_image_placeholders(build_prompt_text(problem, template), image_tokens, where)
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                          add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

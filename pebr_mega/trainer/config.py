@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pebr_mega.config_fields import choice
+from pebr_mega.config_fields import check_fields, choice
 
 STAGE_DEFAULTS = {
     "stage1": {"rollout_batch_size": 560, "mini_batch_size": 112, "epochs": 1},
@@ -65,7 +65,8 @@ class SFTConfig:
 
 @dataclass
 class SampleConfig:
-    """Difficulty sampling: n answers per GRPO question with the warm-up model."""
+    """Difficulty sampling: n answers per GRPO question with the warm-up model (upstream's values:
+    `examples/pebr_sample.yaml`, which samples at a higher image pixel cap than the RL stages)."""
 
     model: str = ""
     dataset: str = ""
@@ -73,8 +74,18 @@ class SampleConfig:
     n: int = 8
     temperature: float = 1.2
     top_p: float = 0.99
+    max_pixels: int = 4194304  # image pixel cap while sampling (RL: images.max_pixels = 802816)
     batch_size: int = 64
     correct_threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_fields("sample", {
+            "n": (self.n >= 1, self.n, "must be >= 1"),
+            "temperature": (self.temperature >= 0, self.temperature, "must be >= 0"),
+            "top_p": (0 < self.top_p <= 1, self.top_p, "must be in (0, 1]"),
+            "max_pixels": (self.max_pixels >= 1, self.max_pixels, "must be >= 1"),
+            "batch_size": (self.batch_size >= 1, self.batch_size, "must be >= 1"),
+        })
 
 
 @dataclass

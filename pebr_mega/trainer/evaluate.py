@@ -23,8 +23,9 @@ def to_reward_sample(s: Sample) -> RewardSample:
 
 def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling: SamplingParams,
              reward_model: RewardModel | None = None, batch_size: int = 32, progress: bool = True,
-             results_path: str | Path | None = None) -> dict[str, float]:
-    """Accuracy, format rate, mean response length (and mean stage reward when a reward model is given).
+             results_path: str | Path | None = None, grading: str = "upstream") -> dict[str, float]:
+    """Accuracy (graded as `grading`: `rewards.answer_grading`), format rate, mean response length (and mean
+    stage reward when a reward model is given).
 
     Keys: `eval/accuracy`, `eval/format`, `eval/response_length`, `eval/count`, `eval/reward`.
     """
@@ -37,7 +38,7 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
         samples.extend(engine.generate(chunk, sampling))
         bar.update(len(chunk))
     bar.close()
-    acc = [accuracy_reward(s.response_text, getattr(s.request.record, "answer", "")) for s in samples]
+    acc = [accuracy_reward(s.response_text, getattr(s.request.record, "answer", ""), grading) for s in samples]
     fmt = [format_reward(s.response_text) for s in samples]
     n = max(len(samples), 1)
     out = {
