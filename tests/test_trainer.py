@@ -144,3 +144,36 @@ def test_pipeline_skips_finished_stages(tiny_model_dir, data, tmp_path, capsys):
     assert "skipped" in res["stage1"] and res["stage2"]["steps"] == 1
     assert Path(res["export"]["model_dir"], "model.safetensors").is_file()
     assert res["export"]["source"] == res["stage2"]["model_dir"]
+
+
+def test_sampling_uses_its_own_pixel_cap(tiny_model_dir, tmp_path):
+    """Upstream samples at a larger image cap than RL (examples/pebr_sample.yaml): with a prompt limit between
+    the two prompt lengths, the question is sampled under one cap and filtered as too long under the other."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from pebr_mega.data.images import ImageConfig, PilImageDecoder
+    from pebr_mega.data.records import GRPORecord
+    from pebr_mega.rollout.requests import build_requests
+    from pebr_mega.trainer.sample import run_sampling
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "grpo.json").write_text(json.dumps([{"qid": "q", "problem": "<image>How many?", "answer": "3",
+                                                     "images": ["a.png"], "key_words": []}]))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rec = [GRPORecord("q", "<image>How many?", "3", ["a.png"])]
+    small, large = (len(build_requests(rec, tok, PilImageDecoder(ImageConfig(min_pixels=3136, max_pixels=cap)),
+                                       tmp_path, 1 << 30)[0][0].prompt_ids) for cap in (3136 * 4, 50176))
+    assert small < large
+
+    def sample(cap, out):
+        cfg = load_config(None, [f"sample.model={tiny_model_dir}", f"sample.dataset={tmp_path / 'grpo.json'}",
+                                 f"sample.output={tmp_path / out}", "sample.n=2", f"sample.max_pixels={cap}",
+                                 "images.min_pixels=3136", "images.max_pixels=50176", "rollout.max_new_tokens=8",
+                                 f"data.max_prompt_length={small}", "run.device=cpu"])
+        return run_sampling(cfg, progress=False)
+
+    assert sample(50176, "big.jsonl")["skipped"] == {"prompt_too_long": 1}
+    kept = sample(3136 * 4, "small.jsonl")
+    assert kept["questions"] == 1 and not kept["skipped"] and kept["samples"] == 2
