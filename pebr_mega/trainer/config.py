@@ -50,7 +50,12 @@ class SFTConfig:
     """The SFT warm-up (upstream: full fine-tune, lr 1e-5, warmup 0.1, cosine, 2 epochs, cutoff 4096)."""
 
     init_model: str = ""
-    train_file: str = ""
+    train_file: str = ""  # ShareGPT JSON or JSONL (messages/role/content or conversations/from/value)
+    dataset_info: str = ""  # optional LLaMA-Factory dataset_info.json whose entry gives the columns and tags
+    dataset_name: str = ""  # the entry of dataset_info (its file_name is used when train_file is empty)
+    # LLaMA-Factory's image bounds before the processor (hparams image_max_pixels / image_min_pixels defaults)
+    image_max_pixels: int = 768 * 768
+    image_min_pixels: int = 32 * 32
     lr: float = 1e-5
     warmup_ratio: float = 0.1
     lr_schedule: str = choice("cosine", ["constant", "cosine", "linear"])
@@ -61,6 +66,18 @@ class SFTConfig:
     freeze_projector: bool = True
     save_every: int = 0
     keep_last: int = 1
+
+    def __post_init__(self) -> None:
+        check_fields("sft", {
+            "dataset_name": (bool(self.dataset_name) or not self.dataset_info, self.dataset_name,
+                             "must name an entry of sft.dataset_info"),
+            "dataset_info": (bool(self.dataset_info) or not self.dataset_name, self.dataset_info,
+                             "must be set when sft.dataset_name is"),
+            "image_max_pixels": (self.image_max_pixels >= 1, self.image_max_pixels, "must be >= 1"),
+            "image_min_pixels": (1 <= self.image_min_pixels <= self.image_max_pixels, self.image_min_pixels,
+                                 "must be in [1, sft.image_max_pixels]"),
+            "cutoff_len": (self.cutoff_len >= 2, self.cutoff_len, "must be >= 2"),
+        })
 
 
 @dataclass
