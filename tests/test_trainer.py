@@ -63,10 +63,15 @@ def test_sft_lowers_the_loss_and_exports_a_loadable_model(tiny_model_dir, data, 
 def test_grpo_stage_resumes_to_the_uninterrupted_metrics(tiny_model_dir, data, tmp_path, monkeypatch):
     from pebr_mega.trainer.grpo import GRPOTrainer
 
-    full = _grpo(tmp_path / "full", tiny_model_dir, data, "grpo.max_steps=3", "grpo.save_every=0")
+    full = _grpo(tmp_path / "full", tiny_model_dir, data, "grpo.max_steps=3", "grpo.save_every=0",
+                 "logging.log_generations=2")
     res = GRPOTrainer(full).train()
     rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
+    generations = [json.loads(line) for line in (tmp_path / "full" / "generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in generations] == [1, 1, 2, 2, 3, 3]
+    assert all(g["prompt"] and "<|image_pad|>" not in g["prompt"] and isinstance(g["reward"], float)
+               for g in generations)
     for key in ("reward/total", "reward/accuracy", "loss", "kl", "entropy", "clip_frac", "grad_norm", "lr",
                 "time/rollout", "time/logprobs", "time/update", "time/sync", "tokens_per_s",
                 "mismatch/token_mult_prob_error", "response_length/mean", "sync/bytes"):
