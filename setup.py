@@ -29,19 +29,22 @@ CORE = [
     "einops>=0.7",
 ]
 
+# DALI ships one wheel per CUDA major and every one of them installs the same `nvidia/dali` package, so two
+# of them in one environment overwrite each other. Exactly one extra names a DALI wheel, chosen by the user
+# for the machine's CUDA (README, "Installing the GPU backends"); `gpu` and `test` name none.
+# tests/test_packaging.py checks this and every install command the docs and CI give.
 EXTRAS = {
-    # nvidia-dali-cuda130 is for CUDA 13 drivers; use nvidia-dali-cuda120 on CUDA 12 (see README).
     "gpu": [
         "transformer-engine[pytorch]>=2.0",
         "sglang>=0.5",
-        "nvidia-dali-cuda130>=1.50",
         "flash-attn>=2.6",
     ],
-    "dali-cuda120": ["nvidia-dali-cuda120>=1.50"],
+    "dali-cuda120": ["nvidia-dali-cuda120>=1.50"],  # CUDA 12 drivers; also CI's CPU tests of DALI
+    "dali-cuda130": ["nvidia-dali-cuda130>=1.50"],  # CUDA 13 drivers
     # FG-CLIP (the CLIP reward's checkpoint upstream) ships modelling code that imports torchvision.ops; install
     # the torchvision build that matches your torch.
     "clip": ["torchvision>=0.19"],
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "nvidia-dali-cuda120>=1.50"],
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
 }
 
 packages = find_packages(include=["pebr_mega", "pebr_mega.*"]) + ["pebr_mega.kernels"]
