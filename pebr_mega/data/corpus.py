@@ -23,12 +23,16 @@ def vocabulary() -> list[str]:
 def tokenizer_corpus() -> Iterator[str]:
     """Sentences covering the template, the answer format, digits and the synthetic data's phrasing."""
     words = vocabulary()
+    # The instruction followed by one newline, as the corpus has always had it: the trained vocabulary (whose
+    # size must stay divisible by the tensor-parallel sizes the tests use) does not depend on the template's
+    # blank line before the problem.
+    instruction = build_prompt_text("").rstrip("\n") + "\n"
     for rep in range(4):
-        yield build_prompt_text("")
+        yield instruction
         yield format_response("There are 3 red circles and 2 blue squares.", "Count each kind of shape.",
                               ["3 + 2 = 5.", "So there are 5 shapes."], "5")
         for i, w in enumerate(words):
             yield f"{w} {words[(i * 7 + rep) % len(words)]} {i % 10} {w.capitalize()}: {i} - {rep} = {i - rep}"
     for text in corpus_texts(num=200, seed=0):
-        yield build_prompt_text(text) if text.startswith("<image>") else text
+        yield instruction + text if text.startswith("<image>") else text
     yield "0123456789 + - * / = ( ) . , ? ! : ; ' \" \\frac{1}{2} \\sqrt{2} x^2 \\pi"
