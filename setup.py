@@ -16,6 +16,7 @@ CORE = [
     "numpy>=1.26",
     "omegaconf>=2.3",
     "pyyaml>=6.0",
+    "jinja2>=3.1",  # prompt templates (data.format_prompt)
     # MathRuler imports pylatexenc and sympy without declaring them.
     "mathruler>=0.1.0",
     "pylatexenc>=2.10",
@@ -40,6 +41,9 @@ EXTRAS = {
     ],
     "dali-cuda120": ["nvidia-dali-cuda120>=1.50"],  # CUDA 12 drivers; also CI's CPU tests of DALI
     "dali-cuda130": ["nvidia-dali-cuda130>=1.50"],  # CUDA 13 drivers
+    # FG-CLIP (the CLIP reward's checkpoint upstream) ships modelling code that imports torchvision.ops; install
+    # the torchvision build that matches your torch.
+    "clip": ["torchvision>=0.19"],
     "test": ["pytest>=8.0", "pytest-timeout>=2.3", "import-linter>=2.1"],
 }
 
@@ -54,7 +58,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"pebr_mega.kernels": "kernels"},
-    package_data={"pebr_mega": ["configs/*.yaml"]},
+    package_data={"pebr_mega": ["configs/*.yaml", "templates/*.jinja"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["pebr=pebr_mega.cli:main"]},

@@ -1,4 +1,4 @@
-"""The layering of the package (`.importlinter`: cli > trainer > config > components > models/checkpoint/algo >
+"""The layering of the package (`.importlinter`: cli > {trainer, plan} > config > components > models/checkpoint/algo >
 parallel/kernels > config_fields > errors) holds: `lint-imports` passes, so a new cycle or an upward import
 fails the suite."""
 from __future__ import annotations

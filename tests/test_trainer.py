@@ -47,6 +47,8 @@ def test_sft_lowers_the_loss_and_exports_a_loadable_model(runs):
     losses = [r["loss"] for r in read_metrics(runs["tmp"] / "sft" / "metrics.jsonl")]
     assert len(losses) == 6 and losses[-1] < 0.8 * losses[0]
     Qwen2_5_VLForConditionalGeneration.from_pretrained(res["model_dir"])
+    # the run's format prompt goes with the model, for inference
+    assert Path(res["model_dir"], "format_prompt.jinja").read_bytes() == Path(res["template"]).read_bytes()
 
 
 def test_every_rollout_samples_from_the_actors_current_weights(runs):
@@ -76,6 +78,11 @@ def test_grpo_stage_resumes_to_the_uninterrupted_metrics(runs):
     assert got["interrupted"] and got["saved_step_2"]
     resumed = read_metrics(runs["tmp"] / "grpo" / "part" / "metrics.jsonl")
     assert [r["step"] for r in resumed if "reward/total" in r] == [1, 2, 3]
+    generations = [json.loads(line) for line in
+                   (runs["tmp"] / "grpo" / "full" / "generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in generations] == [1, 1, 2, 2, 3, 3]
+    assert all(g["prompt"] and "<|image_pad|>" not in g["prompt"] and isinstance(g["reward"], float)
+               for g in generations)
     assert _comparable(resumed) == _comparable(rows)
 
 
@@ -97,3 +104,39 @@ def test_pipeline_skips_finished_stages(runs):
     assert "skipped" in res["stage1"] and res["stage2"]["steps"] == 1
     assert Path(res["export"]["model_dir"], "model.safetensors").is_file()
     assert res["export"]["source"] == res["stage2"]["model_dir"]
+
+
+def test_sampling_uses_its_own_pixel_cap(tiny_model_dir, tmp_path):
+    """Upstream samples at a larger image cap than RL (examples/pebr_sample.yaml): with a prompt limit between
+    the two prompt lengths, the question is sampled under one cap and filtered as too long under the other.
+    (Sampling runs no Megatron: it runs here, in the pytest process.)"""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from pebr_mega.config import load_config
+    from pebr_mega.data.images import ImageConfig
+    from pebr_mega.data.pil_backend import PilImageDecoder
+    from pebr_mega.data.records import GRPORecord
+    from pebr_mega.rollout.requests import RequestBuilder
+    from pebr_mega.trainer.sample import run_sampling
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "grpo.json").write_text(json.dumps([{"qid": "q", "problem": "<image>How many?", "answer": "3",
+                                                     "images": ["a.png"], "key_words": []}]))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rec = [GRPORecord("q", "<image>How many?", "3", ["a.png"])]
+    small, large = (len(RequestBuilder(tok, PilImageDecoder(ImageConfig(min_pixels=3136, max_pixels=cap)))
+                        .build(rec, tmp_path)[0][0].prompt_ids) for cap in (3136 * 4, 50176))
+    assert small < large
+
+    def sample(cap, out):
+        cfg = load_config(None, [f"sample.model={tiny_model_dir}", f"sample.dataset={tmp_path / 'grpo.json'}",
+                                 f"sample.output={tmp_path / out}", "sample.n=2", f"sample.max_pixels={cap}",
+                                 "images.min_pixels=3136", "images.max_pixels=50176", "rollout.max_new_tokens=8",
+                                 f"data.max_prompt_length={small}"])
+        return run_sampling(cfg, progress=False)
+
+    assert sample(50176, "big.jsonl")["skipped"] == {"prompt_too_long": 1}
+    kept = sample(3136 * 4, "small.jsonl")
+    assert kept["questions"] == 1 and not kept["skipped"] and kept["samples"] == 2

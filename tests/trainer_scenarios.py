@@ -33,17 +33,20 @@ def _grpo(tmp, model, data, *extra):
 def _sft(model, data, tmp):
     from pebr_mega.trainer.sft import SFTTrainer
 
+    template = tmp / "my_format.jinja"
+    template.write_text("Answer in sections.\n\n{{ content | trim }}\n")
     cfg = _cfg(tmp, model, data, f"sft.init_model={model}", f"sft.train_file={data / 'sft.json'}", "sft.lr=3e-3",
                "sft.epochs=3", "sft.batch_size=8", "sft.freeze_vision=false", "sft.freeze_projector=false",
-               "data.eval_file=")
-    return {"model_dir": SFTTrainer(cfg).train().model_dir}
+               "data.eval_file=", f"data.format_prompt={template}")
+    return {"model_dir": SFTTrainer(cfg).train().model_dir, "template": str(template)}
 
 
 def _grpo_full_and_resumed(model, data, tmp):
     from pebr_mega.trainer.grpo import GRPOTrainer
 
     def config(name):
-        return _grpo(tmp / name, model, data, "grpo.max_steps=3", "grpo.save_every=0", "grpo.eval_every=2")
+        return _grpo(tmp / name, model, data, "grpo.max_steps=3", "grpo.save_every=0", "grpo.eval_every=2",
+                     "logging.log_generations=2")
 
     res = GRPOTrainer(config("full")).train()
     # Interrupt the same run after step 2 (Ctrl-C): it saves and exits; a new run resumes at step 2.

@@ -97,6 +97,7 @@ class ImageDecoder(Protocol):
 
     name: str
     device: torch.device
+    cfg: ImageConfig
 
     def decode_and_preprocess(self, sources: Sequence[ImageSource]) -> ProcessedImages:
         """Decode, smart-resize, normalise and patchify `sources`, in order."""
@@ -211,6 +212,14 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
     finally:
         if image is not source:
             image.close()
+
+
+def policy_view(image: Image.Image, cfg: ImageConfig, name: str = "<image>") -> Image.Image:
+    """An RGB image as the policy sees it: bicubic-resized to its smart-resize target under `cfg`'s pixel bounds
+    (`ImageError` when it breaks the data rules). The CLIP reward scores this view (upstream's reward reads the
+    prompt's first image after the same pixel-bound resize)."""
+    h, w = target_size(image.height, image.width, cfg, name)
+    return image.resize((w, h), resample=Image.Resampling.BICUBIC)
 
 
 # ---------------------------------------------------------------------------------------------- tensors

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pebr_mega.data.images import (ImageConfig, ImageSource, ProcessedImages, load_image, normalize_and_patchify,
-                                   source_name, stack_processed, target_size)
+                                   policy_view, source_name, stack_processed)
 
 
 class PilImageDecoder:
@@ -25,8 +25,7 @@ class PilImageDecoder:
 
     def resize(self, image: Image.Image, name: str) -> Image.Image:
         """Bicubic resize of an RGB image to its smart-resize target (`ImageError` when it breaks the rules)."""
-        h, w = target_size(image.height, image.width, self.cfg, name)
-        return image.resize((w, h), resample=Image.Resampling.BICUBIC)
+        return policy_view(image, self.cfg, name)
 
     def decode_and_preprocess(self, sources: Sequence[ImageSource]) -> ProcessedImages:
         """Decode, resize, normalise and patchify `sources` in order; `ImageError` names the first bad one."""

@@ -1,5 +1,8 @@
 """Records -> rollout requests: prompt token ids with expanded image pads, and preprocessed images.
 
+The prompt is the format-prompt template (`data.format_prompt`) rendered with the record's problem; the
+request keeps the record's images as the policy sees them (after the pixel-bound resize) for the CLIP reward.
+
 Every record is checked here, at the boundary between data and generation: one whose image is missing,
 unreadable or outside the pixel bounds, or whose prompt is longer than `max_prompt_length` tokens, is
 skipped with its reason counted and its qid kept for the report; nothing else stops the batch.
@@ -11,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from pebr_mega.data.images import ImageConfig, ImageDecoder, load_image, num_image_tokens
+from pebr_mega.data.images import ImageConfig, ImageDecoder, load_image, num_image_tokens, policy_view
 from pebr_mega.data.prompts import render_prompt_ids
 from pebr_mega.data.records import DataConfig, GRPORecord
+from pebr_mega.data.template import PromptTemplate
 from pebr_mega.errors import DataError, ImageError
 from pebr_mega.rollout.types import RolloutRequest
 
@@ -48,9 +52,8 @@ class RequestReport:
 
 @dataclass
 class RequestBuilder:
-    """Turns records into rollout requests with one tokenizer, image decoder and prompt-length rule.
-
-    The one way requests are built (trainers, evaluation, difficulty sampling, `pebr eval`, `pebr infer`).
+    """Turns records into rollout requests with one tokenizer, image decoder, prompt template and prompt-length
+    rule: the one way requests are built (trainers, evaluation, difficulty sampling, `pebr eval`, `pebr infer`).
     """
 
     tokenizer: Any
@@ -58,24 +61,30 @@ class RequestBuilder:
     max_prompt_length: int = 1 << 30
     filter_overlong: bool = True
     merge_size: int = 2
+    template: PromptTemplate | None = None  # None: the packaged format prompt
 
     @classmethod
-    def from_config(cls, data: DataConfig, images: ImageConfig, tokenizer, decoder: ImageDecoder) -> "RequestBuilder":
+    def from_config(cls, data: DataConfig, images: ImageConfig, tokenizer, decoder: ImageDecoder,
+                    template: PromptTemplate | None = None) -> "RequestBuilder":
         """The builder the `data` and `images` config sections describe."""
-        return cls(tokenizer, decoder, data.max_prompt_length, data.filter_overlong_prompts, images.merge_size)
+        return cls(tokenizer, decoder, data.max_prompt_length, data.filter_overlong_prompts, images.merge_size,
+                   template)
 
     def build_one(self, record: GRPORecord, image_root: str | Path) -> RolloutRequest:
         """One record's request; raises ImageError / DataError naming the record when it cannot be built."""
-        images = [load_image(p) for p in record.image_paths(image_root)]
+        paths = record.image_paths(image_root)
+        images = [load_image(p) for p in paths]
         if images:
             processed = self.decoder.decode_and_preprocess(images).to("cpu")
             tokens = num_image_tokens(processed.image_grid_thw, self.merge_size)
             pixel_values, grid = processed.pixel_values, processed.image_grid_thw
         else:
             tokens, pixel_values, grid = [], None, None
-        ids = render_prompt_ids(self.tokenizer, record.problem, tokens, where=f"record {record.qid}")
+        ids = render_prompt_ids(self.tokenizer, record.problem, tokens, where=f"record {record.qid}",
+                                template=self.template)
+        views = [policy_view(im, self.decoder.cfg, str(p)) for im, p in zip(images, paths)]
         return RolloutRequest(record_id=record.qid, prompt_ids=ids, pixel_values=pixel_values,
-                              image_grid_thw=grid, images=images, record=record)
+                              image_grid_thw=grid, images=views, record=record)
 
     def build(self, records: Sequence[GRPORecord], image_root: str | Path) -> tuple[list[RolloutRequest], RequestReport]:
         """Requests for every usable record, in order, and the report of those skipped."""

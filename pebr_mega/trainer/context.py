@@ -21,7 +21,9 @@ from transformers import AutoTokenizer
 from pebr_mega.config import PebrConfig, to_yaml
 from pebr_mega.data.decoders import make_image_decoder
 from pebr_mega.data.images import ImageDecoder
+from pebr_mega.data.images import ImageConfig
 from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_records
+from pebr_mega.data.template import PromptTemplate, load_prompt_template, write_prompt_template
 from pebr_mega.errors import DataError, PebrError
 from pebr_mega.parallel.groups import ParallelState, init_parallel, rank
 from pebr_mega.rollout.requests import RequestBuilder
@@ -38,6 +40,7 @@ class RunContext:
     parallel: ParallelState | None
     tokenizer: object
     decoder: ImageDecoder
+    prompt_template: PromptTemplate  # `data.format_prompt`, rendered around every problem
     requests: RequestBuilder
 
     @classmethod
@@ -52,22 +55,29 @@ class RunContext:
         seed_everything(cfg.run.seed)
         if rank() == 0:
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
-        return cls._with_helpers(cfg, stage, out_dir, parallel.device, parallel, init_model)
+        return cls._with_helpers(cfg, stage, out_dir, parallel.device, parallel, init_model, cfg.images)
 
     @classmethod
-    def for_generation(cls, cfg: PebrConfig, model_dir: str, stage: str) -> "RunContext":
-        """No process groups (generation only, one process): the GPU when there is one, seeds, the helpers."""
+    def for_generation(cls, cfg: PebrConfig, model_dir: str, stage: str,
+                       images: ImageConfig | None = None) -> "RunContext":
+        """No process groups (generation only, one process; every sampling call is seeded): the GPU when there is
+        one, the helpers
+        (`images`: image settings other than `cfg.images`, e.g. sampling's own pixel cap)."""
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        seed_everything(cfg.run.seed)
-        return cls._with_helpers(cfg, stage, Path(cfg.run.output_dir), device, None, model_dir)
+        return cls._with_helpers(cfg, stage, Path(cfg.run.output_dir), device, None, model_dir, images or cfg.images)
 
     @classmethod
     def _with_helpers(cls, cfg: PebrConfig, stage: str, out_dir: Path, device: torch.device,
-                      parallel: ParallelState | None, model_dir: str) -> "RunContext":
+                      parallel: ParallelState | None, model_dir: str, images: ImageConfig) -> "RunContext":
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        decoder = make_image_decoder(cfg.images, device)
-        return cls(cfg, stage, out_dir, device, parallel, tokenizer, decoder,
-                   RequestBuilder.from_config(cfg.data, cfg.images, tokenizer, decoder))
+        decoder = make_image_decoder(images, device)
+        template = load_prompt_template(cfg.data.format_prompt)
+        return cls(cfg, stage, out_dir, device, parallel, tokenizer, decoder, template,
+                   RequestBuilder.from_config(cfg.data, images, tokenizer, decoder, template))
+
+    def write_prompt_template(self, model_dir: Path) -> None:
+        """Write the run's format prompt into an exported model directory (`format_prompt.jinja`)."""
+        write_prompt_template(model_dir, self.prompt_template)
 
     @property
     def is_main(self) -> bool:

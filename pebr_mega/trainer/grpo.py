@@ -19,13 +19,14 @@ from pebr_mega.actor.megatron_actor import LossSpec
 from pebr_mega.actor.packing import ActorSequence
 from pebr_mega.algo.grpo import group_advantages
 from pebr_mega.config import PebrConfig
+from pebr_mega.logging import log_generations
 from pebr_mega.rewards import build_reward, summarize
 from pebr_mega.rollout.engine import group_samples
 from pebr_mega.rollout.factory import rollout_sampling
 from pebr_mega.rollout.mismatch import token_mult_prob_error
 from pebr_mega.rollout.types import Sample
 from pebr_mega.trainer.data_order import EpochSampler
-from pebr_mega.trainer.evaluate import to_reward_sample
+from pebr_mega.trainer.evaluate import generation_rows, to_reward_sample
 from pebr_mega.trainer.stage import StageResult, StageTrainer
 
 
@@ -94,6 +95,8 @@ class GRPOTrainer(StageTrainer):
         metrics.update(summarize(results))
         self._assign_advantages(samples, metrics)
         metrics["time/reward"] = time.perf_counter() - t0
+        log_generations(self.cfg.logging, self.ctx.out_dir, self.step + 1,
+                        generation_rows(samples, self.ctx.tokenizer, self.cfg.logging.log_generations))
 
     def logprobs(self, samples: list[Sample], metrics: dict[str, float]) -> list[ActorSequence]:
         """The actor's (old) and the reference's log-probs of every sample; the train-inference mismatch."""

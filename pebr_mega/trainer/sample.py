@@ -1,12 +1,14 @@
 """Difficulty sampling: the warm-up model answers every GRPO question n times (upstream: 8, temperature
-1.2, top_p 0.99); each answer is graded for accuracy and written as one JSONL line
-`{"qid", "response", "ground_truth", "score"}` that `pebr split` reads.
+1.2, top_p 0.99, images up to 4,194,304 pixels: `examples/pebr_sample.yaml`); each answer is graded for
+accuracy (with `rewards.answer_grading`, as the RL stages grade) and written as one JSONL line
+`{"qid", "response", "ground_truth", "score"}` that `pebr split` reads. The prompt is `data.format_prompt`.
 
 Unlike upstream, the output is overwritten (never appended: a re-run would double the count per question
 and turn easy questions into medium ones) and every question is sampled, the last partial batch included.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -30,7 +32,7 @@ def run_sampling(cfg: PebrConfig, progress: bool = True) -> dict:
     sc = cfg.sample
     out = Path(sc.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext.for_generation(cfg, sc.model, "sample")
+    ctx = RunContext.for_generation(cfg, sc.model, "sample", images=dataclasses.replace(cfg.images, max_pixels=sc.max_pixels))
     records = ctx.load_records(sc.dataset, "GRPO")
     requests, report = ctx.requests.build(records, ctx.image_root(sc.dataset))
     if report.skipped:
@@ -45,7 +47,7 @@ def run_sampling(cfg: PebrConfig, progress: bool = True) -> dict:
             sampling = sampling_params(ctx.tokenizer, sc.n, sc.temperature, sc.top_p, cfg.rollout.max_new_tokens,
                                        seed=cfg.run.seed + start)
             for s in engine.generate(chunk, sampling):
-                score = accuracy_reward(s.response_text, s.request.record.answer)
+                score = accuracy_reward(s.response_text, s.request.record.answer, cfg.rewards.answer_grading)
                 correct[s.record_id] += int(score >= sc.correct_threshold)
                 f.write(json.dumps({"qid": s.record_id, "response": s.response_text,
                                     "ground_truth": s.request.record.answer, "score": score}) + "\n")

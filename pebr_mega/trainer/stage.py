@@ -125,7 +125,8 @@ class StageTrainer:
             self.save()
         result.eval_after = self.evaluate("after", logger)
         logger.close()
-        export_to_hf(self.actor.module, self.init_model, result.model_dir)
+        # The run's format prompt goes with the weights: the next stage, `pebr eval` and `pebr infer` use it.
+        export_to_hf(self.actor.module, self.init_model, result.model_dir, write_extra=self.ctx.write_prompt_template)
         self.summarize(result, read_metrics(self.ctx.out_dir / "metrics.jsonl"))
         self.write_result(result)
         return result
