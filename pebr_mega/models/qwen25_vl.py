@@ -99,6 +99,10 @@ def transformer_config(arch: QwenVLArch, cfg: ModelConfig, perform_initializatio
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         fp8=None if cfg.fp8 == "none" else cfg.fp8,
+        # FP8 delayed scaling all-reduces amax over TP x DP (Megatron's default group). That needs the same
+        # number of forwards on every DP rank, which the actor's packer guarantees (equal micro-batch
+        # counts); it keeps every replica's scaling factors identical (docs/MODEL.md, "FP8 and DP").
+        tp_only_amax_red=False,
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=perform_initialization,
         init_method_std=0.02,
