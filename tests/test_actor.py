@@ -204,12 +204,14 @@ def solo_world() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def _actor(hf_dir, tp: int, pp: int, kernels: str = "torch", sequence_parallel: bool = False, **overrides):
+def _actor(hf_dir, tp: int, pp: int, kernels: str = "torch", sequence_parallel: bool = False,
+           params_dtype: str = "float32", attention: str = "auto", **overrides):
     from pebr_mega.actor.config import ActorConfig
     from pebr_mega.actor.megatron_actor import build_actor
     from pebr_mega.models.config import ModelConfig
 
-    mc = ModelConfig(spec="torch", tp=tp, pp=pp, params_dtype="float32", sequence_parallel=sequence_parallel)
+    mc = ModelConfig(spec="torch", tp=tp, pp=pp, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                     attention=attention)
     return build_actor(hf_dir, mc, ActorConfig(micro_batch_tokens=MB_TOKENS, kernels=kernels, **overrides),
                        trainable=True, total_updates=10)
 
