@@ -137,9 +137,9 @@ def _frozen(name: str, freeze: str) -> bool:
 
 
 def microbatch_token_mean(lp, old, adv, mask, ref, plan) -> torch.Tensor:
-    """EasyR1 0.3.2's `loss_avg_mode: token` (upstream PeBR-R1's dp_actor.update_policy): each micro-batch's
-    token mean of (policy loss + kl_coef * KL), divided by the micro-batches per rank (gradient accumulation),
-    averaged over the data-parallel ranks (FSDP's gradient mean)."""
+    """Upstream PeBR-R1's `loss_avg_mode: token` (its EasyR1 0.3.2.dev0 fork, dp_actor.update_policy): each
+    micro-batch's token mean of (policy loss + kl_coef * KL), divided by the micro-batches per rank (gradient
+    accumulation), averaged over the data-parallel ranks (FSDP's gradient mean)."""
     from pebr_mega.algo.grpo import kl_penalty, policy_loss_per_token
 
     pg, _, _ = policy_loss_per_token(lp, old, adv, ALGO["clip_low"], ALGO["clip_high"], ALGO["clip_dual"])

@@ -17,7 +17,7 @@ Normalisation across micro-batches and data-parallel ranks. The loss of a whole 
 with c_m the micro-batch's share: for the global modes (`token-mean`, `seq-mean-*`, SFT's token mean)
 c_m = S_m / D, S_m the micro-batch's unnormalised aggregate (token-loss sum, sum of per-sequence means, ...)
 and D the mini-batch's denominator (its target tokens, or its sequences), known before the step; for
-`token-mean-microbatch` (upstream PeBR-R1 / EasyR1 0.3.2) c_m = (S_m / n_m) / (M * dp), the micro-batch's
+`token-mean-microbatch` (upstream PeBR-R1's EasyR1 0.3.2.dev0 fork) c_m = (S_m / n_m) / (M * dp), the micro-batch's
 own token mean over the M micro-batches and dp ranks. Megatron's schedule divides each returned loss by
 M and DDP averages gradients over the DP ranks, so each micro-batch returns c_m * M * dp and the gradient
 is exactly dL/dθ. Every rank runs the same M (`actor.packing`).

@@ -32,8 +32,9 @@ from pebr_mega.kernels.reference import grpo_loss_reference as grpo_loss  # noqa
 
 # How a mini-batch's token losses become the one number that is minimised: the three modes of
 # `row_weights`, normalised over the whole mini-batch (every micro-batch and data-parallel rank), plus
-# `token-mean-microbatch` (upstream PeBR-R1 / EasyR1 0.3.2's `loss_avg_mode: token`): the token mean of
-# each micro-batch, divided by the number of micro-batches, averaged over data-parallel ranks.
+# `token-mean-microbatch` (upstream PeBR-R1's EasyR1 0.3.2.dev0 fork, `loss_avg_mode: token`): the token mean
+# of each micro-batch, divided by the number of micro-batches, averaged over data-parallel ranks; it depends
+# on how sequences are grouped into micro-batches (docs/MODEL.md, "Loss aggregation").
 AGG_CHOICES = AGG_MODES + ("token-mean-microbatch",)
 
 
