@@ -29,6 +29,7 @@ MB_TOKENS = 160  # sequences of 61-161 tokens: 5 micro-batches at DP=1 (one pack
 ALGO = dict(clip_low=0.2, clip_high=0.3, clip_dual=3.0, kl_coef=0.05, kl_type="low_var_kl")
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
 MICRO = "token-mean-microbatch"
+UNEVEN = (1, 3, 2)  # 133, 87 and 76 tokens: at DP=2 one rank gets 133, the other 87 + 76 > MB_TOKENS
 # A real step: lr 1e-3 moves every weight by ~1e-3; weight decay 0.1 moves a norm weight of 1 by 1e-4, so a
 # wrong decay rule shows. eps 1e-6 keeps Adam's first step (g / (|g| + eps)) from amplifying float32 noise
 # of gradients that are exactly zero in exact arithmetic (the key bias: softmax ignores it).
@@ -319,6 +320,9 @@ def _actor_worker(rank, tiny, alt, seqs_plain, alt_plain):
     for agg in AGG_MODES + (MICRO,):
         out[f"agg_{agg}_112"] = actor.train_step(seqs, _grpo(agg))
     out["sft_112"] = actor.train_step(seqs, LossSpec("sft"))
+    # one rank holds a single sequence, the other two that need two micro-batches: the first rank runs an
+    # empty (padding-only) micro-batch so that both run two
+    out["empty_mb_112"] = actor.train_step([seqs[i] for i in UNEVEN], _grpo())
     out["grpo_112"] = _step_with_weights(_actor(tiny, 1, 1, **OPT), seqs, _grpo(), keep)
 
 
@@ -376,6 +380,7 @@ def _run(tiny_model_dir, tiny_model_dir_alt) -> dict:
                 "freeze_vision": reference_step(tiny_model_dir, seqs, freeze="vision")}
         for agg in AGG_MODES:
             refs[f"agg_{agg}"] = reference_step(tiny_model_dir, seqs, agg=agg)
+        refs["uneven"] = reference_step(tiny_model_dir, [seqs[i] for i in UNEVEN])
         lengths = [len(s["input_ids"]) for s in seqs]
         for dp in (1, 2):
             plan = plan_micro_batches(lengths, MB_TOKENS, dp)
@@ -478,6 +483,17 @@ def test_micro_batch_token_mean_matches_easyr1_on_its_own_micro_batches(run):
             assert _rel(m["grad_norm"], want["grad_norm"]) < 1e-5, (dp, m["grad_norm"], want["grad_norm"])
     assert abs(run["refs"][f"agg_{MICRO}_dp1"]["loss"] - run["refs"][f"agg_{MICRO}_dp2"]["loss"]) > 1e-4
     assert abs(run["refs"][f"agg_{MICRO}_dp1"]["loss"] - run["refs"]["agg_token-mean"]["loss"]) > 1e-4
+
+
+def test_an_empty_micro_batch_keeps_counts_equal_and_changes_nothing(run):
+    from pebr_mega.actor.packing import plan_micro_batches
+
+    plan = plan_micro_batches([len(run["seqs"][i]["input_ids"]) for i in UNEVEN], MB_TOKENS, 2)
+    assert [len(r) for r in plan] == [2, 2] and any(not g for r in plan for g in r), plan
+    want = run["refs"]["uneven"]
+    for r in run["results"]:
+        m = r["empty_mb_112"]
+        assert abs(m["loss"] - want["loss"]) < 1e-5 and _rel(m["grad_norm"], want["grad_norm"]) < 1e-5
 
 
 def test_micro_batches_are_padded_and_reported(run):

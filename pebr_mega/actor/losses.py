@@ -100,6 +100,9 @@ def grpo_microbatch_loss(hidden: Tensor, weight: Tensor, mb: MicroBatch, scale: 
     from pebr_mega import kernels
     from pebr_mega.kernels.reference import grpo_loss_reference
 
+    if mb.num_targets == 0:  # an empty (padding-only) micro-batch: it takes part, and adds nothing
+        zero = hidden.float().sum() * 0.0
+        return zero, {"loss_sum": zero.detach(), "tokens": zero.detach(), "pg_loss_sum": zero.detach()}
     lp, ent = target_logprobs(hidden, weight, mb, temperature, kernels_impl, path, tp_group, with_entropy=True)
     dev = lp.device
     lp, ent = mb.to_layout(lp), mb.to_layout(ent)

@@ -370,9 +370,9 @@ class MegatronActor:
     def _sum_metrics(self, outs: list[dict]) -> dict[str, float]:
         local: dict[str, float] = {}
         if self.is_last_stage and outs:
-            keys = sorted(outs[0])
+            keys = sorted({k for d in outs for k in d})  # an empty micro-batch reports fewer metrics
             # summed on the device, read back once per step
-            totals = torch.stack([torch.stack([d[k].float() for d in outs]).sum() for k in keys]).tolist()
+            totals = torch.stack([torch.stack([d[k].float() for d in outs if k in d]).sum() for k in keys]).tolist()
             local = dict(zip(keys, totals))
         local = self._broadcast_from_last_stage(local)
         total: dict[str, float] = {}
