@@ -21,10 +21,22 @@ def to_reward_sample(s: Sample) -> RewardSample:
                         images=list(s.request.images), qid=s.record_id)
 
 
+def generation_rows(samples: Sequence[Sample], tokenizer, n: int) -> list[dict]:
+    """`n` samples spread evenly over the batch (so over prompt groups) as rows for `log_generations`: the
+    prompt as text (special tokens and image pads dropped), the response, its reward and the answer."""
+    if n <= 0 or not samples:
+        return []
+    picked = [samples[i * len(samples) // min(n, len(samples))] for i in range(min(n, len(samples)))]
+    return [{"qid": s.record_id, "prompt": tokenizer.decode(s.request.prompt_ids, skip_special_tokens=True),
+             "response": s.response_text, "reward": s.reward, "answer": getattr(s.request.record, "answer", ""),
+             "components": dict(s.reward_components)} for s in picked]
+
+
 def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling: SamplingParams,
              reward_model: RewardModel | None = None, batch_size: int = 32, progress: bool = True,
-             results_path: str | Path | None = None) -> dict[str, float]:
-    """Accuracy, format rate, mean response length (and mean stage reward when a reward model is given).
+             results_path: str | Path | None = None, grading: str = "upstream") -> dict[str, float]:
+    """Accuracy (graded as `grading`: `rewards.answer_grading`), format rate, mean response length (and mean
+    stage reward when a reward model is given).
 
     Keys: `eval/accuracy`, `eval/format`, `eval/response_length`, `eval/count`, `eval/reward`.
     """
@@ -37,7 +49,7 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
         samples.extend(engine.generate(chunk, sampling))
         bar.update(len(chunk))
     bar.close()
-    acc = [accuracy_reward(s.response_text, getattr(s.request.record, "answer", "")) for s in samples]
+    acc = [accuracy_reward(s.response_text, getattr(s.request.record, "answer", ""), grading) for s in samples]
     fmt = [format_reward(s.response_text) for s in samples]
     n = max(len(samples), 1)
     out = {

@@ -1,12 +1,14 @@
 """Difficulty sampling: the warm-up model answers every GRPO question n times (upstream: 8, temperature
-1.2, top_p 0.99); each answer is graded for accuracy and written as one JSONL line
-`{"qid", "response", "ground_truth", "score"}` that `pebr split` reads.
+1.2, top_p 0.99, images up to 4,194,304 pixels: `examples/pebr_sample.yaml`); each answer is graded for
+accuracy (with `rewards.answer_grading`, as the RL stages grade) and written as one JSONL line
+`{"qid", "response", "ground_truth", "score"}` that `pebr split` reads. The prompt is `data.format_prompt`.
 
 Unlike upstream, the output is overwritten (never appended: a re-run would double the count per question
 and turn easy questions into medium ones) and every question is sampled, the last partial batch included.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -15,6 +17,7 @@ from typing import Any
 
 from pebr_mega.data.images import make_image_decoder
 from pebr_mega.data.records import load_grpo_records
+from pebr_mega.data.template import load_prompt_template
 from pebr_mega.rewards import accuracy_reward
 from pebr_mega.rollout.requests import build_requests
 from pebr_mega.trainer.hf_io import make_rollout_engine, sampling_params
@@ -34,10 +37,11 @@ def run_sampling(cfg: Any, progress: bool = True) -> dict:
         print(loaded.report())
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(sc.model)
-    decoder = make_image_decoder(cfg.images, device)
+    decoder = make_image_decoder(dataclasses.replace(cfg.images, max_pixels=sc.max_pixels), device)
     image_root = cfg.data.image_root or str(Path(sc.dataset).parent)
     requests, report = build_requests(loaded.records, tokenizer, decoder, image_root, cfg.data.max_prompt_length,
-                                      cfg.data.filter_overlong_prompts, cfg.images.merge_size)
+                                      cfg.data.filter_overlong_prompts, cfg.images.merge_size,
+                                      load_prompt_template(cfg.data.format_prompt))
     if report.skipped:
         print(report.summary())
     engine = make_rollout_engine(cfg.rollout, sc.model, device, seed=cfg.run.seed)
@@ -50,7 +54,7 @@ def run_sampling(cfg: Any, progress: bool = True) -> dict:
             sampling = sampling_params(tokenizer, sc.n, sc.temperature, sc.top_p, cfg.rollout.max_new_tokens,
                                        seed=cfg.run.seed + start)
             for s in engine.generate(chunk, sampling):
-                score = accuracy_reward(s.response_text, s.request.record.answer)
+                score = accuracy_reward(s.response_text, s.request.record.answer, cfg.rewards.answer_grading)
                 correct[s.record_id] += int(score >= sc.correct_threshold)
                 f.write(json.dumps({"qid": s.record_id, "response": s.response_text,
                                     "ground_truth": s.request.record.answer, "score": score}) + "\n")
