@@ -104,3 +104,7 @@ def test_model_section_in_the_root_config():
         load_config(None, ["model.spec=flash"])
     with pytest.raises(ConfigError, match="model.fp8"):
         load_config(None, ["model.fp8=e5m2"])
+    cfg = load_config(None, ["model.attention=varlen", "actor.logprobs_from=hidden", "algo.agg=token-mean-microbatch"])
+    assert (cfg.model.attention, cfg.actor.logprobs_from, cfg.algo.agg) == ("varlen", "hidden", "token-mean-microbatch")
+    with pytest.raises(ConfigError, match="model.attention"):
+        load_config(None, ["model.attention=xformers"])
