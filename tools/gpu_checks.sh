@@ -16,8 +16,9 @@
 #      64 x 8 RL batch, ours against transformers' padded actor; BENCH_GRPO_ARGS adds arguments, e.g.
 #      "--prompts 32" to halve it);
 #   4. train_step: tools/bench_train_step.py --record ... (7B-shaped Megatron layers, forward + backward).
-# Time limits add up to ~14 minutes; where one call may run 10 minutes, split it:
-#   ONLY="tests kernels" bash tools/gpu_checks.sh OUT; ONLY="grpo_step train_step" bash tools/gpu_checks.sh OUT
+# These four limits add up to ~14 minutes (the DALI and plan-memory blocks at the end add theirs); where one
+# call may run 10 minutes, split it: ONLY="tests kernels" bash tools/gpu_checks.sh OUT, then
+# ONLY="grpo_step train_step" bash tools/gpu_checks.sh OUT (and ONLY="plan_memory", ONLY="dali_mixed").
 # The benchmarks append their rows to docs/PERFORMANCE.md; the file and every log are copied to OUT_DIR
 # after each step. Packages missing on the machine are expected as wheels in .whl/ (see docs/PERFORMANCE.md,
 # "Running the GPU checks"); they are installed into /tmp/site. ONLY="tests grpo_step" runs just those steps.
