@@ -12,6 +12,7 @@ import torch
 TEMPERATURE = 0.7
 MB_TOKENS = 160  # sequences of 61-161 tokens: 5 micro-batches at DP=1 (one packs two, one exceeds the bound), 2 + 3 at DP=2
 ALGO = dict(clip_low=0.2, clip_high=0.3, clip_dual=3.0, kl_coef=0.05, kl_type="low_var_kl")
+MICRO = "token-mean-microbatch"  # upstream's per-micro-batch token mean (algo.agg)
 # A real step: lr 1e-3 moves every weight by ~1e-3; weight decay 0.1 moves a norm weight of 1 by 1e-4, so a
 # wrong decay rule shows. eps 1e-6 keeps Adam's first step (g / (|g| + eps)) from amplifying float32 noise
 # of gradients that are exactly zero in exact arithmetic (the key bias: softmax ignores it).
@@ -115,9 +116,27 @@ def _frozen(name: str, freeze: str) -> bool:
     return visual and ((freeze == "all") or (freeze == "vision" and not merger))
 
 
+def microbatch_token_mean(lp, old, adv, mask, ref, plan) -> torch.Tensor:
+    """Upstream PeBR-R1's `loss_avg_mode: token` (its EasyR1 0.3.2.dev0 fork, dp_actor.update_policy): each
+    micro-batch's token mean of (policy loss + kl_coef * KL), divided by the micro-batches per rank (gradient
+    accumulation), averaged over the data-parallel ranks (FSDP's gradient mean)."""
+    from pebr_mega.algo.grpo import kl_penalty, policy_loss_per_token
+
+    pg, _, _ = policy_loss_per_token(lp, old, adv, ALGO["clip_low"], ALGO["clip_high"], ALGO["clip_dual"])
+    per_token = (pg + ALGO["kl_coef"] * kl_penalty(lp, ref, ALGO["kl_type"])) * mask
+    total = lp.new_zeros(())
+    for rank in plan:
+        for group in rank:
+            rows = torch.tensor(group, dtype=torch.long)
+            total = total + per_token[rows].sum() / mask[rows].sum().clamp(min=1) / (len(rank) * len(plan))
+    return total
+
+
 def reference_step(hf_dir, seqs: list[dict], kind: str = "grpo", agg: str = "token-mean", freeze: str = "none",
-                   opt: dict | None = None, decay_all: bool = True) -> dict:
-    """Loss, total grad norm and (with `opt`) the weights after one clipped AdamW step, all in float64."""
+                   opt: dict | None = None, decay_all: bool = True, plan=None) -> dict:
+    """Loss, total grad norm and (with `opt`) the weights after one clipped AdamW step, all in float64.
+
+    `plan` (`actor.packing.plan_micro_batches`) is the micro-batch partition `token-mean-microbatch` needs."""
     from pebr_mega.algo.grpo import grpo_loss
     from pebr_mega.checkpoint.hf_mapping import normalize_hf_name
 
@@ -131,7 +150,10 @@ def reference_step(hf_dir, seqs: list[dict], kind: str = "grpo", agg: str = "tok
         old, _ = _layout([torch.as_tensor(s["old_logprobs"]) for s in seqs])
         ref, _ = _layout([torch.as_tensor(s["ref_logprobs"]) for s in seqs])
         adv = torch.tensor([s["advantage"] for s in seqs], dtype=torch.float64)[:, None].expand_as(lp)
-        loss, _ = grpo_loss(lp, old, adv, mask, ref, agg=agg, **ALGO)
+        if agg == MICRO:
+            loss = microbatch_token_mean(lp, old, adv, mask, ref, plan)
+        else:
+            loss, _ = grpo_loss(lp, old, adv, mask, ref, agg=agg, **ALGO)
     else:
         loss = -(lp * mask).sum() / mask.sum()
     loss.backward()
@@ -161,12 +183,14 @@ def solo_world() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def make_actor(hf_dir, tp: int, pp: int, kernels: str = "torch", **overrides):
+def make_actor(hf_dir, tp: int, pp: int, kernels: str = "torch", sequence_parallel: bool = False,
+           params_dtype: str = "float32", attention: str = "auto", **overrides):
     from pebr_mega.actor.config import ActorConfig
     from pebr_mega.actor.megatron_actor import build_actor
     from pebr_mega.models.config import ModelConfig
 
-    mc = ModelConfig(spec="torch", tp=tp, pp=pp, params_dtype="float32")
+    mc = ModelConfig(spec="torch", tp=tp, pp=pp, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                     attention=attention)
     return build_actor(hf_dir, mc, ActorConfig(micro_batch_tokens=MB_TOKENS, kernels=kernels, **overrides),
                        trainable=True, total_updates=10)
 

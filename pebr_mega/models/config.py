@@ -29,6 +29,9 @@ class ModelConfig:
     recompute_method: str = choice("uniform", ("uniform", "block"), "how full recompute picks layers")
     recompute_num_layers: int = 1
     vision_recompute: bool = False
+    attention: str = choice("auto", ("auto", "varlen", "flash_attn", "sdpa"),
+                            "packed attention of the torch spec and the ViT (pebr_mega.models.attention): "
+                            "auto = flash_attn or torch's varlen on CUDA in bf16/fp16, else one padded SDPA call")
 
     def __post_init__(self) -> None:
         te = self.spec in ("te", "auto")
@@ -36,8 +39,9 @@ class ModelConfig:
             "tp": (self.tp >= 1, self.tp, "must be >= 1"),
             "pp": (self.pp >= 1, self.pp, "must be >= 1"),
             "fp8": (self.fp8 == "none" or te, self.fp8, f"needs model.spec=te (got {self.spec!r})"),
-            "sequence_parallel": (not self.sequence_parallel or (te and self.tp > 1), self.sequence_parallel,
-                                  "needs model.spec=te (torch.nn.RMSNorm cannot run sequence-parallel) and model.tp > 1"),
+            "sequence_parallel": (not self.sequence_parallel or (self.spec != "local" and self.tp > 1),
+                                  self.sequence_parallel, "needs model.spec=te or torch (Megatron's local spec builds "
+                                  "WrappedTorchNorm, which refuses sequence parallelism) and model.tp > 1"),
             "params_dtype": (self.params_dtype in DTYPES, self.params_dtype, f"must be one of {list(DTYPES)}"),
         })
 
