@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from pebr_mega.config_fields import choice
+from pebr_mega.config_fields import check_fields, choice, positive
 from pebr_mega.errors import BackendUnavailableError
 
 # The keys shown on the console line, in order, with their format; everything goes to metrics.jsonl.
@@ -41,6 +41,9 @@ class LoggingConfig:
     progress_bar: bool = True
     console_every: int = 1
     extra_console_keys: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_fields("logging", {"console_every": positive(self.console_every)})
 
 
 def format_metrics_line(step: int, total: int | None, metrics: Mapping[str, Any], extra_keys: Sequence[str] = ()) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pebr_mega.config_fields import check_fields, positive
 from pebr_mega.config_fields import choice as _choice
 
 
@@ -30,6 +31,10 @@ class ModelConfig:
     recompute_num_layers: int = 1
     vision_recompute: bool = False
     seed: int = 1234
+
+    def __post_init__(self) -> None:
+        check_fields("model", {"tp": positive(self.tp), "pp": positive(self.pp),
+                               "recompute_num_layers": positive(self.recompute_num_layers)})
 
     def validate(self) -> None:
         """Cross-field checks the loader cannot express; raises ValueError naming the field."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pebr_mega.config_fields import choice
+from pebr_mega.config_fields import ConfigError, check_fields, choice, optional_positive, positive
 
 STAGE_DEFAULTS = {
     "stage1": {"rollout_batch_size": 560, "mini_batch_size": 112, "epochs": 1},
@@ -37,6 +37,19 @@ class GRPOTrainerConfig:
     eval_max_samples: int = 0  # 0 = all
     skip_nonfinite: bool = True
 
+    def __post_init__(self) -> None:
+        check_fields("grpo", {
+            "rollout_batch_size": optional_positive(self.rollout_batch_size),
+            "mini_batch_size": optional_positive(self.mini_batch_size),
+            "ppo_epochs": positive(self.ppo_epochs),
+            "epochs": optional_positive(self.epochs),
+            "max_steps": (self.max_steps == -1 or self.max_steps >= 1, self.max_steps, "must be -1 (all) or >= 1"),
+            "save_every": (self.save_every >= 0, self.save_every, "must be >= 0 (0 = only at the end)"),
+            "keep_last": positive(self.keep_last),
+            "eval_every": (self.eval_every >= 0, self.eval_every, "must be >= 0 (0 = only before and after)"),
+            "eval_max_samples": (self.eval_max_samples >= 0, self.eval_max_samples, "must be >= 0 (0 = all)"),
+        })
+
     def resolved(self) -> "GRPOTrainerConfig":
         """A copy with the stage's upstream values filled where the user left `None`."""
         import dataclasses
@@ -62,6 +75,17 @@ class SFTConfig:
     save_every: int = 0
     keep_last: int = 1
 
+    def __post_init__(self) -> None:
+        check_fields("sft", {
+            "lr": (self.lr >= 0, self.lr, "must be >= 0"),
+            "warmup_ratio": (0 <= self.warmup_ratio <= 1, self.warmup_ratio, "must be in [0, 1]"),
+            "epochs": positive(self.epochs),
+            "cutoff_len": positive(self.cutoff_len),
+            "batch_size": positive(self.batch_size),
+            "save_every": (self.save_every >= 0, self.save_every, "must be >= 0 (0 = only at the end)"),
+            "keep_last": positive(self.keep_last),
+        })
+
 
 @dataclass
 class SampleConfig:
@@ -76,6 +100,15 @@ class SampleConfig:
     batch_size: int = 64
     correct_threshold: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_fields("sample", {
+            "n": positive(self.n),
+            "temperature": (self.temperature >= 0, self.temperature, "must be >= 0 (0 = greedy)"),
+            "top_p": (0 < self.top_p <= 1, self.top_p, "must be in (0, 1]"),
+            "batch_size": positive(self.batch_size),
+            "correct_threshold": (0 <= self.correct_threshold <= 1, self.correct_threshold, "must be in [0, 1]"),
+        })
+
 
 @dataclass
 class PipelineConfig:
@@ -88,3 +121,23 @@ class PipelineConfig:
     eval_file: str = ""
     image_root: str = ""
     stages: list[str] = field(default_factory=lambda: ["sft", "sample", "split", "stage1", "stage2", "export"])
+
+
+def check_grpo_fits_data_parallel(grpo: GRPOTrainerConfig, rollout_n: int, dp_size: int) -> None:
+    """Every data-parallel rank needs at least one sequence of every update (the actor deals sequences round
+    robin, and a rank without any would leave the others' collectives waiting); the trainers call this at
+    start-up, when the world size is known. Raises ConfigError naming the keys."""
+    g = grpo.resolved()
+    key, batch = (("grpo.rollout_batch_size", g.rollout_batch_size) if g.rollout_batch_size <= g.mini_batch_size
+                  else ("grpo.mini_batch_size", g.mini_batch_size))
+    if batch * rollout_n < dp_size:
+        raise ConfigError(f"config keys '{key}' x 'rollout.n' = {batch} x {rollout_n} = {batch * rollout_n} sequences "
+                          f"per update, fewer than the {dp_size} data-parallel ranks (each needs at least one): "
+                          f"raise {key} or rollout.n, or run on fewer ranks")
+
+
+def check_sft_fits_data_parallel(sft: SFTConfig, dp_size: int) -> None:
+    """Every data-parallel rank needs at least one conversation of every SFT step. Raises ConfigError."""
+    if sft.batch_size < dp_size:
+        raise ConfigError(f"config key 'sft.batch_size' = {sft.batch_size} conversations per step, fewer than the "
+                          f"{dp_size} data-parallel ranks (each needs at least one): raise it or run on fewer ranks")
