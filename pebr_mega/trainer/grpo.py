@@ -44,8 +44,8 @@ class StageResult:
     last_loss: float = float("nan")
 
     def to_dict(self) -> dict:
-        """JSON-friendly."""
-        return dict(self.__dict__)
+        """Standard JSON: a number that is not available (NaN) is None (`null`), in nested metrics too."""
+        return _finite_or_none(dict(self.__dict__))
 
 
 class GRPOTrainer:
@@ -193,6 +193,14 @@ class GRPOTrainer:
         if "kl_loss" in out:
             out["kl"] = out["kl_loss"]
         return out
+
+
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    return v
 
 
 def _to_sequence(x: Sample) -> ActorSequence:

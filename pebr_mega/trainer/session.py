@@ -16,13 +16,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.config_fields import ConfigError
 from pebr_mega.data.images import make_image_decoder
 from pebr_mega.data.records import GRPORecord, load_grpo_records
-from pebr_mega.errors import DataError, PebrError
+from pebr_mega.errors import DataError
+from pebr_mega.outputs import claim_output_dir
 from pebr_mega.trainer.checkpointing import CheckpointManager
 from pebr_mega.trainer.data_order import EpochSampler
 
+# What a run writes into run.output_dir (an input there would be overwritten: refused at start-up).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "hf", "result.json")
 # Dense bf16 peak of the cards we know, for MFU (TFLOP/s).
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
@@ -50,11 +54,9 @@ class Session:
             cfg.model.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if not init_model or not (Path(init_model) / "config.json").is_file():
-            raise PebrError(f"{stage}: init_model {init_model!r} is not an HF model directory (no config.json)")
-        self.init_model = Path(init_model)
-        self.out_dir = Path(cfg.run.output_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.init_model = check_hf_model_dir(init_model, f"{stage}: init_model")
+        self.out_dir = claim_output_dir(cfg.run.output_dir, [init_model, train_file, eval_file],
+                                        what="run.output_dir", writes=RUN_FILES)
         self.state = init_parallel(cfg.model.tp, cfg.model.pp, seed=cfg.run.seed)
         self.device = self.state.device
         _seed_everything(cfg.run.seed)
