@@ -38,6 +38,8 @@ from multiprocessing.connection import wait
 from typing import Any, Callable, Sequence
 
 OK, ERROR, TIMEOUT = "ok", "error", "timeout"
+READY = "ready"
+START_TIMEOUT_S = 300.0  # a worker that has not started by then means the installation is broken
 Call = tuple[Callable[..., Any], tuple]
 # What the fork server imports once, so that a fresh worker grades without importing sympy again.
 PRELOAD = ["pebr_mega.rewards.guard", "pebr_mega.rewards.text", "mathruler.grader"]
@@ -75,6 +77,10 @@ def _worker_main(conn, memory_mb: int) -> None:
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _limit_memory(memory_mb)
+    try:
+        conn.send(READY)  # the parent starts a call's clock only once the worker is up (start-up may be slow)
+    except (BrokenPipeError, EOFError, OSError):
+        return
     while True:
         try:
             chunk = conn.recv()
@@ -108,6 +114,8 @@ class _Worker:
     chunk: list[int] | None = None  # indices of the calls sent and not yet answered ...
     pos: int = 0  # ... of which chunk[pos] is running
     started: float = 0.0  # when chunk[pos] started (monotonic)
+    ready: bool = False  # the worker said it is up
+    born: float = field(default_factory=time.monotonic)
 
 
 # ---------------------------------------------------------------------------------------------- pool
@@ -163,6 +171,18 @@ class RewardPool:
         while len(self._workers) < self.num_workers:
             self._workers.append(self._start_worker())
 
+    def _await_start(self, w: _Worker) -> None:
+        """Read a starting worker's READY; one that dies or hangs while starting is a broken installation."""
+        try:
+            msg = w.conn.recv()
+        except (EOFError, OSError):
+            w.proc.join(timeout=10)
+            raise RuntimeError(f"a reward worker died while starting (exit code {w.proc.exitcode}); run "
+                               "`python -c 'import pebr_mega.rewards.guard, mathruler.grader'` to see why") from None
+        if msg != READY:
+            raise RuntimeError(f"a reward worker sent {msg!r} instead of {READY!r}")
+        w.ready = True
+
     # ------------------------------------------------------------------------------------------ running
     def run(self, calls: Sequence[Call]) -> list[Outcome]:
         """Run every call; returns one `Outcome` per call, in order. Never raises because of a call."""
@@ -180,10 +200,14 @@ class RewardPool:
         while pending or any(w.chunk for w in self._workers):
             self._dispatch(calls, pending, chunk_size)
             busy = [w for w in self._workers if w.chunk]
-            if not busy:  # every send failed (dead idle workers, now replaced): dispatch again
-                continue
-            deadline = min(w.started for w in busy) + self.timeout_s
-            ready = wait([w.conn for w in busy], timeout=max(0.0, deadline - time.monotonic()))
+            starting = [w for w in self._workers if not w.ready]
+            deadlines = [w.started + self.timeout_s for w in busy] + [w.born + START_TIMEOUT_S for w in starting]
+            ready = wait([w.conn for w in busy + starting], timeout=max(0.0, min(deadlines) - time.monotonic()))
+            for w in starting:
+                if w.conn in ready:
+                    self._await_start(w)
+                elif time.monotonic() - w.born > START_TIMEOUT_S:
+                    raise RuntimeError(f"a reward worker did not start within {START_TIMEOUT_S:.0f} s")
             for w in busy:
                 if w.conn in ready:
                     self._collect(w, out, pending)
@@ -196,7 +220,7 @@ class RewardPool:
 
     def _dispatch(self, calls: list[Call], pending: deque, chunk_size: int) -> None:
         for w in list(self._workers):
-            if w.chunk or not pending:
+            if w.chunk or not w.ready or not pending:
                 continue
             chunk = [pending.popleft() for _ in range(min(chunk_size, len(pending)))]
             try:
