@@ -3,7 +3,9 @@
 A SIGKILLed trainer runs no clean-up, so any helper process it started that does not notice on its own
 outlives it. Two kinds are started here:
 
-- the reward workers (`pebr_mega.rewards.guard`), which may be busy in a computation that never returns;
+- the reward workers (`pebr_mega.rewards.guard`), which may be busy in a computation that never returns
+  (they call `die_with_parent` first thing; they are started with `subprocess`, so there is no fork server
+  or resource tracker of theirs to leave behind);
 - Megatron-Core's checkpoint-writer results queue. megatron-core 0.16's
   `dist_checkpointing/strategies/filesystem_async.py::_get_write_results_queue` creates it on the first save
   with `mp.get_context("spawn").Manager().Queue()`: a manager server process (a fresh interpreter that

@@ -11,9 +11,13 @@ therefore grade in separate processes and kill the ones that overrun; this modul
   the rest of its chunk goes back to the queue. A worker that dies (a crash, the memory cap) is replaced the
   same way and its call is an `error`. Nothing a call does can stop `run` from returning.
 - Functions are sent by reference (pickled by module and name), so they must be module-level and pure.
-- Workers start from a fork server that has imported the graders once (Linux), so replacing one costs
-  milliseconds; they ignore Ctrl-C (the parent handles it), die with their parent (`pebr_mega.lifetime`) and
-  may get an address-space cap (`memory_mb`) so that a runaway answer fails fast instead of swapping.
+- Workers are fresh interpreters (`python -c ...`, not `multiprocessing`: nothing re-imports the trainer's
+  main module, no fork of a process holding CUDA and threads, no fork server or resource tracker that a
+  SIGKILLed trainer would leave behind). A worker says when it is up, and only then does a call's clock
+  start; starting one (importing sympy) takes about a second, and a replacement starts while the other
+  workers go on. Workers ignore Ctrl-C (the parent handles it), die with their parent
+  (`pebr_mega.lifetime.die_with_parent`) and may get an address-space cap (`memory_mb`) so that a runaway
+  answer fails fast instead of swapping.
 - `score_components(pool, per_sample)` is what the reward model, sampling and evaluation use: one call per
   sample running all of that sample's text components, so the time limit is per sample.
 
@@ -26,23 +30,24 @@ from __future__ import annotations
 
 import atexit
 import math
-import multiprocessing as mp
 import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
 OK, ERROR, TIMEOUT = "ok", "error", "timeout"
 READY = "ready"
 START_TIMEOUT_S = 300.0  # a worker that has not started by then means the installation is broken
 Call = tuple[Callable[..., Any], tuple]
-# What the fork server imports once, so that a fresh worker grades without importing sympy again.
-PRELOAD = ["pebr_mega.rewards.guard", "pebr_mega.rewards.text", "mathruler.grader"]
+# What a worker imports before it says it is up, so that the first call does not pay for sympy's import.
+PRELOAD = ("pebr_mega.rewards.text", "mathruler.grader")
 
 
 @dataclass
@@ -70,13 +75,22 @@ def _limit_memory(memory_mb: int) -> None:
         pass
 
 
-def _worker_main(conn, memory_mb: int) -> None:
-    """A worker: receive chunks of calls, answer each call as soon as it returns; exit on None or EOF."""
+def worker_main(fd: int, memory_mb: int) -> None:
+    """A worker (run as `python -c`, see `RewardPool._start_worker`): receive chunks of calls over the socket
+    `fd`, answer each call as soon as it returns; exit on None or when the parent is gone."""
+    import importlib
+
     from pebr_mega.lifetime import die_with_parent
 
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _limit_memory(memory_mb)
+    conn = Connection(fd)
+    for module in PRELOAD:
+        try:
+            importlib.import_module(module)
+        except ImportError:  # reported by the call that needs it
+            pass
     try:
         conn.send(READY)  # the parent starts a call's clock only once the worker is up (start-up may be slow)
     except (BrokenPipeError, EOFError, OSError):
@@ -97,14 +111,6 @@ def _worker_main(conn, memory_mb: int) -> None:
                 conn.send(reply)
             except (BrokenPipeError, EOFError, OSError):
                 return
-
-
-def _context():
-    if sys.platform.startswith("linux"):
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(PRELOAD)  # only takes effect if the fork server is not running yet
-        return ctx
-    return mp.get_context("spawn")
 
 
 @dataclass
@@ -142,23 +148,23 @@ class RewardPool:
         self.num_workers = num_workers
         self.memory_mb = memory_mb
         self.stats = PoolStats()
-        self._ctx = _context()
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
     # ------------------------------------------------------------------------------------------ workers
     def _start_worker(self) -> _Worker:
-        parent_end, child_end = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(target=_worker_main, args=(child_end, self.memory_mb), daemon=True,
-                                 name="pebr-reward-worker")
-        proc.start()
+        parent_end, child_end = socket.socketpair()
+        # The worker resolves imports as this process does (its sys.path, e.g. a checkout on PYTHONPATH).
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        code = f"from pebr_mega.rewards.guard import worker_main; worker_main({child_end.fileno()}, {self.memory_mb})"
+        proc = subprocess.Popen([sys.executable, "-c", code], pass_fds=[child_end.fileno()], env=env,
+                                stdin=subprocess.DEVNULL, close_fds=True)
         child_end.close()  # only the worker holds it now: its death reads as EOF here
-        return _Worker(proc, parent_end)
+        return _Worker(proc, Connection(parent_end.detach()))
 
     def _replace(self, w: _Worker) -> _Worker:
-        w.proc.kill()
-        w.proc.join(timeout=10)
+        _stop(w.proc)
         w.conn.close()
         self.stats.replaced += 1
         fresh = self._start_worker()
@@ -176,8 +182,8 @@ class RewardPool:
         try:
             msg = w.conn.recv()
         except (EOFError, OSError):
-            w.proc.join(timeout=10)
-            raise RuntimeError(f"a reward worker died while starting (exit code {w.proc.exitcode}); run "
+            _stop(w.proc)
+            raise RuntimeError(f"a reward worker died while starting (exit code {w.proc.returncode}); run "
                                "`python -c 'import pebr_mega.rewards.guard, mathruler.grader'` to see why") from None
         if msg != READY:
             raise RuntimeError(f"a reward worker sent {msg!r} instead of {READY!r}")
@@ -245,9 +251,9 @@ class RewardPool:
                 if w.pos == len(w.chunk):
                     w.chunk = None
         except (EOFError, OSError):
-            w.proc.join(timeout=10)
+            _stop(w.proc)
             self.stats.worker_deaths += 1
-            self._finish_current(w, Outcome(ERROR, error=f"reward worker died (exit code {w.proc.exitcode})"),
+            self._finish_current(w, Outcome(ERROR, error=f"reward worker died (exit code {w.proc.returncode})"),
                                  out, pending)
 
     def _finish_current(self, w: _Worker, outcome: Outcome, out: list, pending: deque) -> None:
@@ -269,12 +275,23 @@ class RewardPool:
             except (BrokenPipeError, EOFError, OSError):
                 pass
         for w in self._workers:
-            w.proc.join(timeout=2)
-            if w.proc.is_alive():
-                w.proc.kill()
-                w.proc.join(timeout=5)
+            try:
+                w.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                pass
+            _stop(w.proc)
             w.conn.close()
         self._workers = []
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Kill `proc` if it still runs, and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # unkillable (stuck in the kernel): leave it to the OS
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- sharing
