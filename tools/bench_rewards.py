@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 SECTION = "## Reward grading"
-HEADER = ("| date | CPU (cores) | commit | answers | preset | in-process s | workers | pool s | pool / in-process "
-          "| start-up s |\n|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| date | CPU (cores), load | commit | answers | preset | in-process s | workers | pool s | pool / in-process "
+          "| start-up s | round trip us |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def ordinary_answers(num: int, seed: int = 0) -> list[tuple[str, str, list[str]]]:
@@ -124,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
                "stage1 text (keyword, format, length, accuracy)": ("stage1", ["keyword", "format", "length", "accuracy"])}
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "?"
-    cpu = f"{_cpu()} ({os.cpu_count()})"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cpu = f"{_cpu()} ({os.cpu_count()}), load {load:.1f}"
     date = dt.date.today().isoformat()
     rows = []
     print(f"{args.num} ordinary answers on {cpu}, commit {commit}")
     for label, (stage, comps) in presets.items():
         cfg = RewardConfig(stage=stage, weights={"clip": 0.0} if stage == "stage1" else {}, timeout_s=args.timeout_s)
-        models, startup = {}, {}
+        models, startup, trip = {}, {}, {}
         for w in args.workers:
             pool = RewardPool(args.timeout_s, w, cfg.worker_memory_mb)
             t0 = time.perf_counter()
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
             startup[w] = time.perf_counter() - t0
             models[w] = build_reward(cfg, pool=pool)
             models[w].score(warm)
+            t0 = time.perf_counter()
+            pool.run([(abs, (-i,)) for i in range(args.num)])  # the pool's own cost: a call that does nothing
+            trip[w] = (time.perf_counter() - t0) / args.num * 1e6
         _in_process(warm, comps, cfg)
         base_times, pool_times = [], {w: [] for w in args.workers}
         for samples in repeats:
@@ -153,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label}: in-process {base:.2f} s")
         for w in args.workers:
             t = statistics.median(pool_times[w])
-            print(f"    pool, {w} worker(s): {t:.2f} s = {t / base:.2f}x in-process (start-up {startup[w]:.2f} s)")
+            print(f"    pool, {w} worker(s): {t:.2f} s = {t / base:.2f}x in-process (start-up {startup[w]:.2f} s, "
+                  f"round trip {trip[w]:.0f} us per call)")
             rows.append(f"| {date} | {cpu} | {commit} | {args.num} | {label} | {base:.2f} | {w} | {t:.2f} | "
-                        f"{t / base:.2f}x | {startup[w]:.2f} |")
+                        f"{t / base:.2f}x | {startup[w]:.2f} | {trip[w]:.0f} |")
     if args.write_docs:
         from perf_docs import add_table_row
 
