@@ -264,6 +264,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--results", default=None, help="write one JSON line per question here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format-prompt", default=None,
+                   help="prompt template (default: the model's own format_prompt.jinja, else the packaged one)")
+    p.add_argument("--grading", default="upstream", choices=["upstream", "lenient"],
+                   help="how the answer is taken from a response (rewards.answer_grading; default upstream)")
     p.set_defaults(handler=_cmd_eval)
 
 
@@ -272,6 +276,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from pebr_mega.data.images import make_image_decoder
     from pebr_mega.data.records import load_grpo_records
+    from pebr_mega.data.template import model_prompt_template
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import build_requests
     from pebr_mega.trainer.hf_io import sampling_params
@@ -294,13 +299,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     image_root = args.image_root or str(Path(args.dataset).parent)
     proc = _image_config_from_model(args.model)
     requests, report = build_requests(records, engine.tokenizer, make_image_decoder(proc), image_root,
-                                      max_prompt_length=1 << 30)
+                                      max_prompt_length=1 << 30,
+                                      template=model_prompt_template(args.model, args.format_prompt))
     if report.skipped:
         print(report.summary())
     if not requests:
         raise DataError(f"{args.dataset}: none of its {len(records)} records could be turned into a prompt")
     sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
-    m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results)
+    m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results,
+                 grading=args.grading)
     print(f"eval {args.model} on {args.dataset}: {int(m['eval/count'])} questions | accuracy {m['eval/accuracy']:.3f}"
           f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens"
           + (f" | {int(m['eval/timeouts'])} timed out in grading (scored 0)" if m.get("eval/timeouts") else ""))
@@ -326,29 +333,35 @@ def _image_config_from_model(model_dir: str):
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="answer one question about one image with an HF model",
-                       description="Upstream's inference.py: the PeBR prompt, one image, one answer.")
+                       description="Upstream's inference.py: one image, one answer, greedy, up to 4,096 new "
+                                   "tokens; prompted with the template the model was trained with.")
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--image", required=True)
-    p.add_argument("--question", required=True)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--question", required=True, help="the problem; an <image> is put first when it has none")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (upstream: 1e-6)")
+    p.add_argument("--max-new-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format-prompt", default=None,
+                   help="prompt template (default: the model's own format_prompt.jinja, else the packaged one)")
     p.set_defaults(handler=_cmd_infer)
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     from pebr_mega.data.images import make_image_decoder
     from pebr_mega.data.records import GRPORecord
+    from pebr_mega.data.template import model_prompt_template
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import build_request
     from pebr_mega.trainer.hf_io import sampling_params
     from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 
     check_hf_model_dir(args.model, "--model")
+    template = model_prompt_template(args.model, args.format_prompt)
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=1)
     question = args.question if "<image>" in args.question else "<image>" + args.question
     record = GRPORecord(qid="infer", problem=question, answer="", images=[args.image])
-    req = build_request(record, engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)), ".")
+    req = build_request(record, engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)), ".",
+                        template=template)
     sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
     print(engine.generate([req], sampling)[0].response_text)
     return 0
@@ -446,7 +459,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         image = Path(args.out) / "data" / first["images"][0]
         print(f"[demo] pebr infer --model {final} --image {image} --question {first['problem']!r}")
         _cmd_infer(argparse.Namespace(model=final, image=str(image), question=first["problem"], temperature=0.0,
-                                      max_new_tokens=160, seed=0))
+                                      max_new_tokens=160, seed=0, format_prompt=None))
         print(f"[demo] ground truth: {first['answer']}")
     return 0
 

@@ -43,8 +43,9 @@ def test_adversarial_answers_finish_within_the_limit_score_0_and_are_counted(poo
     t0 = time.monotonic()
     results = model.score(batch)
     elapsed = time.monotonic() - t0
-    # Three overruns of 1 s on two workers, plus worker replacement and the ordinary answers: well under 10 s.
-    assert elapsed < 10 * TIMEOUT_S, elapsed
+    # Three overruns of 1 s on two workers, plus the ordinary answers and the replaced workers' start-up (a
+    # second or two each, several on a loaded machine): bounded, where each of the three alone never ends.
+    assert elapsed < 60, elapsed
     timed_out = [r.timed_out for r in results]
     assert timed_out == [False] * 3 + [True] * 3 + [False] * (len(ORDINARY) - 3)
     for r in results[3:6]:
@@ -69,10 +70,10 @@ def test_evaluation_and_sampling_grade_through_the_pool(pool):
 
 
 def test_a_dead_worker_is_replaced_and_the_batch_goes_on(pool):
-    calls = [(abs, (-1,)), (os._exit, (3,)), (abs, (-2,)), (time.sleep, (30,)), (abs, (-3,)), (divmod, (1, 0))]
+    calls = [(abs, (-1,)), (os._exit, (3,)), (abs, (-2,)), (time.sleep, (3600,)), (abs, (-3,)), (divmod, (1, 0))]
     t0 = time.monotonic()
     out = pool.run(calls)
-    assert time.monotonic() - t0 < 10 * TIMEOUT_S
+    assert time.monotonic() - t0 < 60
     assert [o.status for o in out] == [OK, ERROR, OK, TIMEOUT, OK, ERROR]
     assert [o.value for o in out if o.status == OK] == [1, 2, 3]
     assert "exit code 3" in out[1].error and "ZeroDivisionError" in out[5].error

@@ -59,3 +59,27 @@ step tests 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests/
 TAIL=45 step kernels 170 python3 tools/bench_kernels.py --write-docs
 step grpo_step 130 python3 tools/bench_grpo_step.py --record docs/PERFORMANCE.md
 step train_step 100 python3 tools/bench_train_step.py --record docs/PERFORMANCE.md
+
+# ---- BEGIN DALI "mixed" decode (issue 11; added on the sglang branch) ---------------------------------------
+# DALI's GPU decode (nvJPEG, device "mixed") against its CPU pipeline: the gpu-marked DALI test of
+# tests/test_images.py. The lent H200 runs CUDA 13 (driver 580, torch cu130), so the wheel is
+# nvidia-dali-cuda130 (one DALI wheel per environment: setup.py's dali-cuda130 extra). It is far over one
+# call's 64 MiB carry limit, so it travels in parts while the machine stays warm:
+#   here:  pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#              -d /tmp/dw nvidia-dali-cuda130 && split -b 60M /tmp/dw/nvidia_dali_cuda130-*.whl .dali/part.
+#   there: one call per part, each carrying only its .dali/part.xx:  mkdir -p /tmp/dali && cat .dali/part.* >> /tmp/dali/parts
+#   last:  DALI_WHEEL=/tmp/dali/<the wheel's file name> (made by: mv /tmp/dali/parts "$DALI_WHEEL") bash tools/gpu_checks.sh OUT
+# Without DALI on the machine the step reports that it did not run.
+if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" dali_mixed "* ]]; then
+    if [ -n "${DALI_WHEEL:-}" ] && [ -f "$DALI_WHEEL" ]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$DALI_WHEEL" \
+            || echo "gpu_checks: installing $DALI_WHEEL failed"
+        case ":${PYTHONPATH:-}:" in *":/tmp/site:"*) ;; *) export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} ;; esac
+    fi
+    if python3 -c "import nvidia.dali" 2> /dev/null; then
+        step dali_mixed 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_images.py -k dali
+    else
+        echo "=== dali_mixed: NOT RUN (nvidia.dali does not import on this machine; see the comment above)"
+    fi
+fi
+# ---- END DALI "mixed" decode --------------------------------------------------------------------------------

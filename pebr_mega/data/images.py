@@ -97,6 +97,7 @@ class ImageDecoder(Protocol):
 
     name: str
     device: torch.device
+    cfg: ImageConfig
 
     def decode_and_preprocess(self, sources: Sequence[ImageSource]) -> ProcessedImages:
         """Decode, smart-resize, normalise and patchify `sources`, in order."""
@@ -224,6 +225,14 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
             image.close()
 
 
+def policy_view(image: Image.Image, cfg: ImageConfig, name: str = "<image>") -> Image.Image:
+    """An RGB image as the policy sees it: bicubic-resized to its smart-resize target under `cfg`'s pixel bounds
+    (`ImageError` when it breaks the data rules). The CLIP reward scores this view (upstream's reward reads the
+    prompt's first image after the same pixel-bound resize)."""
+    h, w = target_size(image.height, image.width, cfg, name)
+    return image.resize((w, h), resample=Image.Resampling.BICUBIC)
+
+
 # ---------------------------------------------------------------------------------------------- tensors
 def normalize_and_patchify(image: torch.Tensor, cfg: ImageConfig) -> tuple[torch.Tensor, list[int]]:
     """A resized uint8 [H, W, C] image (on any device) -> (patches [H*W/P^2, C*T*P*P] float32, [1, H/P, W/P]).
@@ -269,8 +278,7 @@ class PilImageDecoder:
 
     def resize(self, image: Image.Image, name: str) -> Image.Image:
         """Bicubic resize of an RGB image to its smart-resize target (`ImageError` when it breaks the rules)."""
-        h, w = target_size(image.height, image.width, self.cfg, name)
-        return image.resize((w, h), resample=Image.Resampling.BICUBIC)
+        return policy_view(image, self.cfg, name)
 
     def decode_and_preprocess(self, sources: Sequence[ImageSource]) -> ProcessedImages:
         """Decode, resize, normalise and patchify `sources` in order; `ImageError` names the first bad one."""

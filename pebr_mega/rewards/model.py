@@ -7,13 +7,17 @@ Which components are computed: every one with a non-zero weight, plus accuracy a
 cheap and are the numbers to watch in either stage). A component that is not computed is absent from the
 result, never reported as 0.
 
+The CLIP reward scores the prompt's first image (as the policy sees it, after the pixel-bound resize)
+against the response's image description, as upstream's `examples/reward_function/pebr_1.py` does; a
+response without a description (no `### Image Description:` ... `### Rationales:` text) is scored against
+an empty caption, as upstream does, and counted as the warning `description_missing`.
+
 Robustness: the text components run in worker processes under a per-sample time limit
 (`pebr_mega.rewards.guard`; the CLIP component runs here, in the parent). A sample whose grading overruns
 `rewards.timeout_s` scores 0 in total and in every component and is counted (`reward/timeouts`). A reward
 function that raises scores 0 for that sample and is counted as a failure of that component; neither kills
-the step. Data problems that are not the model's fault are counted as warnings:
-`keyword_empty` (a record without key words), `description_missing` (no `### Image Description:` text to
-compare with the image: CLIP reward 0) and `image_missing` (a sample with no image: CLIP reward 0).
+the step. Data problems that are not the model's fault are counted as warnings: `keyword_empty` (a record
+without key words) and `image_missing` (a sample with no image: CLIP reward 0).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from typing import Any, Callable, Sequence
 from pebr_mega.config_fields import check_fields, choice
 from pebr_mega.errors import PebrError
 from pebr_mega.rewards.guard import RewardPool, score_components, shared_pool
-from pebr_mega.rewards.text import (accuracy_reward, extract_description, format_reward, keyword_reward,
+from pebr_mega.rewards.text import (GRADINGS, accuracy_reward, extract_description, format_reward, keyword_reward,
                                     length_reward, normalize_key_words)
 
 COMPONENTS = ("clip", "keyword", "format", "length", "accuracy")
@@ -44,6 +48,9 @@ class RewardConfig:
     """Which stage preset to use, optional weight overrides, and the CLIP scorer's settings."""
 
     stage: str = choice("stage1", ["stage1", "stage2"], "stage1 = perception RL, stage2 = reasoning RL")
+    answer_grading: str = choice("upstream", list(GRADINGS),
+                                 "how the answer is taken from a response (pebr_mega.rewards.text); the "
+                                 "difficulty sampling and evaluation grade the same way")
     weights: dict[str, float] = field(default_factory=dict)  # overrides of the preset, e.g. {clip: 0.5}
     clip_model_dir: str | None = None  # a local CLIP-family checkpoint (FG-CLIP large upstream)
     clip_threshold: float = 0.4  # similarity at which the CLIP reward saturates at 1
@@ -155,7 +162,7 @@ class RewardModel:
 
     def _text_args(self, name: str, s: RewardSample) -> tuple:
         """The arguments of the text reward `name` for sample `s` (what is sent to a worker)."""
-        return {"format": (s.response,), "accuracy": (s.response, s.answer),
+        return {"format": (s.response,), "accuracy": (s.response, s.answer, self.cfg.answer_grading),
                 "keyword": (s.response, list(s.key_words)),
                 "length": (s.response_tokens, self.cfg.length_limit)}[name]
 
@@ -175,30 +182,24 @@ class RewardModel:
         return 0.0
 
     def _score_clip(self, batch: Sequence[RewardSample], results: list[RewardResult]) -> None:
-        """CLIP rewards: one similarity per (image, description) pair, averaged over a sample's images."""
+        """CLIP rewards: the similarity of each sample's first image and its description (module docstring)."""
         from pebr_mega.rewards.clip import similarity_to_reward
 
         pairs: list[tuple[int, Any, str]] = []
         for i, (sample, res) in enumerate(zip(batch, results)):
             res.components["clip"] = 0.0
+            if not sample.images:
+                res.warnings.append("image_missing")
+                continue
             desc = extract_description(sample.response)
             if desc is None:
                 res.warnings.append("description_missing")
-            elif not sample.images:
-                res.warnings.append("image_missing")
-            else:
-                pairs += [(i, im, desc) for im in sample.images]
+            pairs.append((i, sample.images[0], desc or ""))
         if not pairs:
             return
-        sims = self._similarities_guarded(pairs, results)
-        per_sample: dict[int, list[float]] = {}
-        for (i, _, _), sim in zip(pairs, sims):
+        for (i, _, _), sim in zip(pairs, self._similarities_guarded(pairs, results)):
             if sim is not None:
-                per_sample.setdefault(i, []).append(sim)
-        for i, values in per_sample.items():
-            if len(values) == sum(1 for j, _, _ in pairs if j == i):
-                results[i].components["clip"] = similarity_to_reward(sum(values) / len(values),
-                                                                     self.cfg.clip_threshold)
+                results[i].components["clip"] = similarity_to_reward(sim, self.cfg.clip_threshold)
 
     def _similarities_guarded(self, pairs: list[tuple[int, Any, str]],
                               results: list[RewardResult]) -> list[float | None]:

@@ -63,7 +63,12 @@ class SFTConfig:
     """The SFT warm-up (upstream: full fine-tune, lr 1e-5, warmup 0.1, cosine, 2 epochs, cutoff 4096)."""
 
     init_model: str = ""
-    train_file: str = ""
+    train_file: str = ""  # ShareGPT JSON or JSONL (messages/role/content or conversations/from/value)
+    dataset_info: str = ""  # optional LLaMA-Factory dataset_info.json whose entry gives the columns and tags
+    dataset_name: str = ""  # the entry of dataset_info (its file_name is used when train_file is empty)
+    # LLaMA-Factory's image bounds before the processor (hparams image_max_pixels / image_min_pixels defaults)
+    image_max_pixels: int = 768 * 768
+    image_min_pixels: int = 32 * 32
     lr: float = 1e-5
     warmup_ratio: float = 0.1
     lr_schedule: str = choice("cosine", ["constant", "cosine", "linear"])
@@ -80,16 +85,24 @@ class SFTConfig:
             "lr": (self.lr >= 0, self.lr, "must be >= 0"),
             "warmup_ratio": (0 <= self.warmup_ratio <= 1, self.warmup_ratio, "must be in [0, 1]"),
             "epochs": positive(self.epochs),
-            "cutoff_len": positive(self.cutoff_len),
             "batch_size": positive(self.batch_size),
             "save_every": (self.save_every >= 0, self.save_every, "must be >= 0 (0 = only at the end)"),
             "keep_last": positive(self.keep_last),
+            "dataset_name": (bool(self.dataset_name) or not self.dataset_info, self.dataset_name,
+                             "must name an entry of sft.dataset_info"),
+            "dataset_info": (bool(self.dataset_info) or not self.dataset_name, self.dataset_info,
+                             "must be set when sft.dataset_name is"),
+            "image_max_pixels": (self.image_max_pixels >= 1, self.image_max_pixels, "must be >= 1"),
+            "image_min_pixels": (1 <= self.image_min_pixels <= self.image_max_pixels, self.image_min_pixels,
+                                 "must be in [1, sft.image_max_pixels]"),
+            "cutoff_len": (self.cutoff_len >= 2, self.cutoff_len, "must be >= 2"),
         })
 
 
 @dataclass
 class SampleConfig:
-    """Difficulty sampling: n answers per GRPO question with the warm-up model."""
+    """Difficulty sampling: n answers per GRPO question with the warm-up model (upstream's values:
+    `examples/pebr_sample.yaml`, which samples at a higher image pixel cap than the RL stages)."""
 
     model: str = ""
     dataset: str = ""
@@ -97,6 +110,7 @@ class SampleConfig:
     n: int = 8
     temperature: float = 1.2
     top_p: float = 0.99
+    max_pixels: int = 4194304  # image pixel cap while sampling (RL: images.max_pixels = 802816)
     batch_size: int = 64
     correct_threshold: float = 1.0
 
@@ -105,6 +119,7 @@ class SampleConfig:
             "n": positive(self.n),
             "temperature": (self.temperature >= 0, self.temperature, "must be >= 0 (0 = greedy)"),
             "top_p": (0 < self.top_p <= 1, self.top_p, "must be in (0, 1]"),
+            "max_pixels": (self.max_pixels >= 1, self.max_pixels, "must be >= 1"),
             "batch_size": positive(self.batch_size),
             "correct_threshold": (0 <= self.correct_threshold <= 1, self.correct_threshold, "must be in [0, 1]"),
         })

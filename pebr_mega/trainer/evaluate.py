@@ -37,11 +37,12 @@ class Grades:
     failures: int = 0
 
 
-def grade_answers(pool: RewardPool, answers: Sequence[tuple[str, str]], with_format: bool = True) -> Grades:
-    """Grade `(response text, ground truth)` pairs with the accuracy (and format) reward under the pool's
-    time limit."""
+def grade_answers(pool: RewardPool, answers: Sequence[tuple[str, str]], with_format: bool = True,
+                  grading: str = "upstream") -> Grades:
+    """Grade `(response text, ground truth)` pairs with the accuracy (as `grading`: `rewards.answer_grading`)
+    and format rewards, under the pool's time limit."""
     def components(text: str, truth: str) -> list:
-        comps = [("accuracy", accuracy_reward, (text, truth))]
+        comps = [("accuracy", accuracy_reward, (text, truth, grading))]
         return comps + [("format", format_reward, (text,))] if with_format else comps
 
     graded = score_components(pool, [components(t, a) for t, a in answers])
@@ -50,10 +51,23 @@ def grade_answers(pool: RewardPool, answers: Sequence[tuple[str, str]], with_for
                   timeouts=sum(g.timed_out for g in graded), failures=sum(bool(g.failed) for g in graded))
 
 
+def generation_rows(samples: Sequence[Sample], tokenizer, n: int) -> list[dict]:
+    """`n` samples spread evenly over the batch (so over prompt groups) as rows for `log_generations`: the
+    prompt as text (special tokens and image pads dropped), the response, its reward and the answer."""
+    if n <= 0 or not samples:
+        return []
+    picked = [samples[i * len(samples) // min(n, len(samples))] for i in range(min(n, len(samples)))]
+    return [{"qid": s.record_id, "prompt": tokenizer.decode(s.request.prompt_ids, skip_special_tokens=True),
+             "response": s.response_text, "reward": s.reward, "answer": getattr(s.request.record, "answer", ""),
+             "components": dict(s.reward_components)} for s in picked]
+
+
 def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling: SamplingParams,
              reward_model: RewardModel | None = None, batch_size: int = 32, progress: bool = True,
-             results_path: str | Path | None = None, pool: RewardPool | None = None) -> dict[str, float]:
-    """Accuracy, format rate, mean response length (and mean stage reward when a reward model is given).
+             results_path: str | Path | None = None, grading: str = "upstream",
+             pool: RewardPool | None = None) -> dict[str, float]:
+    """Accuracy (graded as `grading`: `rewards.answer_grading`), format rate, mean response length (and mean
+    stage reward when a reward model is given).
 
     Keys: `eval/accuracy`, `eval/format`, `eval/response_length`, `eval/count`, `eval/timeouts`, `eval/reward`.
     Grading uses `pool`, else the reward model's, else the default `RewardConfig`'s.
@@ -69,7 +83,8 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
     bar.close()
     if pool is None:
         pool = reward_model.pool if reward_model is not None else reward_pool(RewardConfig())
-    grades = grade_answers(pool, [(s.response_text, getattr(s.request.record, "answer", "")) for s in samples])
+    grades = grade_answers(pool, [(s.response_text, getattr(s.request.record, "answer", "")) for s in samples],
+                           grading=grading)
     acc, fmt = grades.accuracy, grades.format
     n = max(len(samples), 1)
     out = {

@@ -1,6 +1,7 @@
 """Difficulty sampling: the warm-up model answers every GRPO question n times (upstream: 8, temperature
-1.2, top_p 0.99); each answer is graded for accuracy and written as one JSONL line
-`{"qid", "response", "ground_truth", "score"}` that `pebr split` reads.
+1.2, top_p 0.99, images up to 4,194,304 pixels: `examples/pebr_sample.yaml`); each answer is graded for
+accuracy (with `rewards.answer_grading`, as the RL stages grade) and written as one JSONL line
+`{"qid", "response", "ground_truth", "score"}` that `pebr split` reads. The prompt is `data.format_prompt`.
 
 Grading runs in the reward guard's worker pool (`rewards.timeout_s`, `rewards.num_workers`): an answer whose
 grading overruns scores 0 and is counted in the summary (`grading_timeouts`).
@@ -10,6 +11,7 @@ and turn easy questions into medium ones) and every question is sampled, the las
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -19,6 +21,7 @@ from typing import Any
 from pebr_mega.data.images import make_image_decoder
 from pebr_mega.data.records import load_grpo_records
 from pebr_mega.checkpoint.hf_io import check_hf_model_dir
+from pebr_mega.data.template import load_prompt_template
 from pebr_mega.errors import DataError
 from pebr_mega.outputs import claim_output_file
 from pebr_mega.rewards.model import reward_pool
@@ -43,10 +46,11 @@ def run_sampling(cfg: Any, progress: bool = True) -> dict:
         print(loaded.report())
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(sc.model)
-    decoder = make_image_decoder(cfg.images, device)
+    decoder = make_image_decoder(dataclasses.replace(cfg.images, max_pixels=sc.max_pixels), device)
     image_root = cfg.data.image_root or str(Path(sc.dataset).parent)
     requests, report = build_requests(loaded.records, tokenizer, decoder, image_root, cfg.data.max_prompt_length,
-                                      cfg.data.filter_overlong_prompts, cfg.images.merge_size)
+                                      cfg.data.filter_overlong_prompts, cfg.images.merge_size,
+                                      load_prompt_template(cfg.data.format_prompt))
     if report.skipped:
         print(report.summary())
     if not requests:
@@ -65,7 +69,7 @@ def run_sampling(cfg: Any, progress: bool = True) -> dict:
                                        seed=cfg.run.seed + start)
             samples = engine.generate(chunk, sampling)
             grades = grade_answers(pool, [(s.response_text, s.request.record.answer) for s in samples],
-                                   with_format=False)
+                                   with_format=False, grading=cfg.rewards.answer_grading)
             timeouts, failures = timeouts + grades.timeouts, failures + grades.failures
             for s, score in zip(samples, grades.accuracy):
                 correct[s.record_id] += int(score >= sc.correct_threshold)

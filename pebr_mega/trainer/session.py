@@ -20,6 +20,7 @@ from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.config_fields import ConfigError
 from pebr_mega.data.images import make_image_decoder
 from pebr_mega.data.records import GRPORecord, load_grpo_records
+from pebr_mega.data.template import load_prompt_template
 from pebr_mega.errors import DataError
 from pebr_mega.outputs import claim_output_dir
 from pebr_mega.trainer.checkpointing import CheckpointManager
@@ -66,6 +67,7 @@ class Session:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.init_model)
         self.decoder = make_image_decoder(cfg.images, self.device)
+        self.prompt_template = load_prompt_template(cfg.data.format_prompt)
         self.records: list[GRPORecord] = self._load_records(train_file, "train") if train_file else []
         self.eval_file = eval_file
         self.eval_records: list[GRPORecord] = self._load_records(eval_file, "eval") if eval_file else []
@@ -96,7 +98,7 @@ class Session:
 
         root = self.image_root(path or self.cfg.grpo.train_file)
         return build_requests(records, self.tokenizer, self.decoder, root, self.cfg.data.max_prompt_length,
-                              self.cfg.data.filter_overlong_prompts, self.cfg.images.merge_size)
+                              self.cfg.data.filter_overlong_prompts, self.cfg.images.merge_size, self.prompt_template)
 
     def sampling(self, seed: int, validation: bool = False):
         """The rollout (or validation) sampling parameters."""
@@ -158,7 +160,7 @@ class Session:
         self.engine.resume_memory()
         out = evaluate(self.engine, self._eval_requests, self.sampling(seed=self.cfg.run.seed, validation=True),
                        reward_model=self.reward_model, batch_size=self.cfg.rollout.batch_size,
-                       progress=_rank() == 0 and self.cfg.logging.progress_bar)
+                       progress=_rank() == 0 and self.cfg.logging.progress_bar, grading=self.cfg.rewards.answer_grading)
         self.engine.release_memory()
         return out
 
@@ -238,10 +240,11 @@ class Session:
         return int(state["step"])
 
     def export(self, out_dir: str | Path) -> Path:
-        """The actor as a complete HF directory (the template files come from `init_model`)."""
+        """The actor as a complete HF directory (the template files come from `init_model`; the format-prompt
+        template the run used is written beside them)."""
         from pebr_mega.trainer.hf_io import export_actor_to_hf
 
-        return export_actor_to_hf(self.actor.module, self.init_model, out_dir)
+        return export_actor_to_hf(self.actor.module, self.init_model, out_dir, self.prompt_template)
 
 
 def _known_peak(device: torch.device) -> float:
