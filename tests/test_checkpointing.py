@@ -44,7 +44,10 @@ def megatron_ckpt(tmp_path_factory) -> Path:
     script.write_text(textwrap.dedent(SAVE))
     out = root / "actor"
     out.mkdir()
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # A fresh one-rank world: not the address of a process group this test process may hold.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK")}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / ".metadata").is_file() and list(out.glob("*.distcp"))

@@ -54,7 +54,10 @@ def _kill_and_list_survivors(script: str, tmp_path: Path, wait_s: float = 10.0) 
     """Run `script` until it prints "ready", SIGKILL it; returns (its descendants' command lines, the survivors)."""
     path = tmp_path / "child.py"
     path.write_text(textwrap.dedent(script))
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    # A fresh one-rank world: not the address of a process group this test process may hold.
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK")}
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
     proc = subprocess.Popen([sys.executable, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     try:
