@@ -49,12 +49,12 @@ def test_sft_lowers_the_loss_and_exports_a_loadable_model(tiny_model_dir, data, 
 
     template = tmp_path / "my_format.jinja"
     template.write_text("Answer in sections.\n\n{{ content | trim }}\n")
-    cfg = _cfg(tmp_path, tiny_model_dir, data, f"sft.init_model={tiny_model_dir}",
+    cfg = _cfg(tmp_path / "run", tiny_model_dir, data, f"sft.init_model={tiny_model_dir}",
                f"sft.train_file={data / 'sft.json'}", "sft.lr=3e-3", "sft.epochs=3", "sft.batch_size=8",
                "sft.freeze_vision=false", "sft.freeze_projector=false", "data.eval_file=",
                f"data.format_prompt={template}")
     res = SFTTrainer(cfg).train()
-    losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert len(losses) == 6 and losses[-1] < 0.8 * losses[0]
     Qwen2_5_VLForConditionalGeneration.from_pretrained(res.model_dir)
     assert Path(res.model_dir, "format_prompt.jinja").read_bytes() == template.read_bytes()  # for inference

@@ -53,9 +53,6 @@ def run_sampling(cfg: Any, progress: bool = True) -> dict:
                                       load_prompt_template(cfg.data.format_prompt))
     if report.skipped:
         print(report.summary())
-    if not requests:
-        raise DataError(f"{sc.dataset}: no usable questions to sample ({len(loaded.records)} records loaded, "
-                        f"{sum(report.skipped.values())} skipped)")
     pool = reward_pool(cfg.rewards)
     engine = make_rollout_engine(cfg.rollout, sc.model, device, seed=cfg.run.seed)
     tmp = out.with_name(out.name + ".tmp")
