@@ -96,3 +96,14 @@ def test_plot_path(tmp_path):
     assert plot_path(tmp_path, "x") == tmp_path / "curves.png"
     assert plot_path(f"{tmp_path}/new/", "x") == tmp_path / "new" / "curves.png"
     assert plot_path(tmp_path / "a.png", "x") == tmp_path / "a.png"
+
+
+def test_marker_is_not_copied_into_exported_model_directories(tmp_path):
+    from pebr_mega.checkpoint.hf_io import copy_aux_files
+
+    src = claim_output_dir(tmp_path / "model")
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"weights")
+    dst = tmp_path / "copy"
+    dst.mkdir()
+    assert copy_aux_files(src, dst) == ["config.json"] and not (dst / MARKER).exists()

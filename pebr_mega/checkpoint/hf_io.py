@@ -92,11 +92,14 @@ def is_weight_file(path: Path) -> bool:
 
 
 def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy every non-weight file (config, tokenizer, processor, chat template, generation config, ...)."""
+    """Copy every non-weight file (config, tokenizer, processor, chat template, generation config, ...), but not
+    the record of what pebr wrote into `src` (`pebr_mega.outputs.MARKER`: it describes `src`, not a copy)."""
+    from pebr_mega.outputs import MARKER
+
     src, dst = Path(src), Path(dst)
     copied = []
     for p in sorted(src.iterdir()):
-        if p.is_file() and not is_weight_file(p):
+        if p.is_file() and not is_weight_file(p) and p.name != MARKER:
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
     return copied

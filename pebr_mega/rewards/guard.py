@@ -20,6 +20,9 @@ therefore grade in separate processes and kill the ones that overrun; this modul
   answer fails fast instead of swapping.
 - `score_components(pool, per_sample)` is what the reward model, sampling and evaluation use: one call per
   sample running all of that sample's text components, so the time limit is per sample.
+- `shared_pool` keeps one pool per setting per process (so one per training rank: 4 workers x 8 ranks on an
+  8-GPU node, ~100 MB each with sympy loaded), started on first use and stopped at exit. A worker dies with
+  the thread that started it: use the pool from a thread that lives as long as the run (the main thread).
 
 What runs where: the text rewards (format, accuracy, keyword, length) run in the workers; the CLIP reward
 stays in the parent (a torch model, possibly on a GPU: copying it into every worker would multiply its
