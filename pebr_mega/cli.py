@@ -105,6 +105,51 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- plan
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="will the run fit, and how fast: memory, layouts and step time, no GPU needed",
+                       description="For the resolved config: per-GPU memory of training (parameters, gradients, "
+                                   "optimizer, activations, logits, reference) and of the SGLang rollout (weights, KV "
+                                   "cache, CUDA graphs), whether the colocated schedule fits, a step-time estimate "
+                                   "per phase, and every TP/PP/DP layout ranked, with the reason each rejected one "
+                                   "fails. No model is loaded.")
+    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="h100-80gb", help="card: h100-80gb, h200-141gb, a100-80gb, a100-40gb")
+    p.add_argument("--model-shape", default=None, choices=["3b", "7b"],
+                   help="plan for this built-in shape instead of the model's config.json")
+    p.add_argument("--job", default="grpo", choices=["grpo", "sft"], help="a GRPO step (default) or an SFT update")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="default: data.max_prompt_length (sft: cutoff_len)")
+    p.add_argument("--response-tokens", type=int, default=None, help="default: rollout.max_new_tokens")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from pebr_mega.config import load_config
+    from pebr_mega.plan import Cluster, format_plan, gpu_spec, make_plan, plan_to_json, resolve_arch
+    from pebr_mega.plan.checks import model_path
+
+    cfg = load_config(args.config, args.overrides)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise UserError(f"--nodes {args.nodes} and --gpus-per-node {args.gpus_per_node} must be >= 1")
+    try:
+        gpu = gpu_spec(args.gpu)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    key, path = model_path(cfg, "sft" if args.job == "sft" else "train")
+    arch, source = resolve_arch(path, args.model_shape, key)
+    plan = make_plan(cfg, arch, Cluster(args.nodes, args.gpus_per_node, gpu), args.job, source,
+                     args.prompt_tokens, args.response_tokens, args.images_per_prompt)
+    print(json.dumps(plan_to_json(plan), indent=1) if args.json else format_plan(plan))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- synth
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="render the synthetic shapes dataset (GRPO, SFT and eval sets)",
@@ -369,27 +414,43 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- training
 # The config-driven commands share one shape: `--config C [k=v ...] [--dry-run]`, then one library call.
+def _check_startup(cfg, command: str) -> None:
+    """Every divisibility and size rule (pebr_mega.plan) before anything loads; notes go to stderr on rank 0."""
+    import os
+
+    from pebr_mega.plan import check_startup
+
+    result = check_startup(cfg, command=command)
+    if os.environ.get("RANK", "0") == "0":
+        for note in result.notes:
+            print(f"pebr {command}: note: {note}", file=sys.stderr)
+
+
 def _run_sft(cfg) -> str:
     from pebr_mega.trainer.sft import SFTTrainer
 
+    _check_startup(cfg, "sft")
     return f"sft done: model {SFTTrainer(cfg).train().model_dir}"
 
 
 def _run_train(cfg) -> str:
     from pebr_mega.trainer.grpo import GRPOTrainer
 
+    _check_startup(cfg, "train")
     return f"{cfg.grpo.stage} done: model {GRPOTrainer(cfg).train().model_dir}"
 
 
 def _run_sample(cfg) -> str:
     from pebr_mega.trainer.sample import run_sampling
 
+    _check_startup(cfg, "sample")
     return f"sampling done: {run_sampling(cfg)['output']}"
 
 
 def _run_pipeline(cfg) -> str:
     from pebr_mega.trainer.pipeline import run_pipeline
 
+    _check_startup(cfg, "pipeline")
     res = run_pipeline(cfg)
     return f"pipeline done: {res.get('export', {}).get('model_dir', cfg.pipeline.work_dir)}"
 
@@ -518,6 +579,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_split,
     _add_make_tiny_clip,
     _add_compare_logits,
+    _add_plan,
 ]
 
 

@@ -124,19 +124,3 @@ def test_interpolations_that_resolve_still_work(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("pipeline:\n  work_dir: w\nrun:\n  output_dir: ${pipeline.work_dir}/x\n")
     assert load_config(f).run.output_dir == "w/x"
-
-
-def test_data_parallel_fit_names_the_keys():
-    from pebr_mega.trainer.config import (GRPOTrainerConfig, SFTConfig, check_grpo_fits_data_parallel,
-                                          check_sft_fits_data_parallel)
-
-    grpo = GRPOTrainerConfig(rollout_batch_size=4, mini_batch_size=2)
-    check_grpo_fits_data_parallel(grpo, rollout_n=4, dp_size=8)  # 2 prompts x 4 = 8 sequences: one per rank
-    with pytest.raises(ConfigError, match=r"'grpo.mini_batch_size' x 'rollout.n' = 2 x 4 = 8 .* 16 data-parallel"):
-        check_grpo_fits_data_parallel(grpo, rollout_n=4, dp_size=16)
-    with pytest.raises(ConfigError, match=r"'grpo.rollout_batch_size' x 'rollout.n' = 1 x 2 = 2"):
-        check_grpo_fits_data_parallel(GRPOTrainerConfig(rollout_batch_size=1, mini_batch_size=8), 2, 4)
-    check_grpo_fits_data_parallel(GRPOTrainerConfig(stage="stage2"), rollout_n=8, dp_size=64)  # preset 128 x 8
-    check_sft_fits_data_parallel(SFTConfig(batch_size=8), dp_size=8)
-    with pytest.raises(ConfigError, match=r"'sft.batch_size' = 8 .* 16 data-parallel"):
-        check_sft_fits_data_parallel(SFTConfig(batch_size=8), dp_size=16)

@@ -83,3 +83,9 @@ if [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" dali_mixed "* ]]; then
     fi
 fi
 # ---- END DALI "mixed" decode --------------------------------------------------------------------------------
+
+# ---- pebr plan vs measured memory (issue 16) ----------------------------------------------------------------
+# The plan's memory model against torch.cuda.max_memory_allocated of bench_train_step's step and of one GRPO
+# update of the actor (7B widths, 4+4v layers); rows go to docs/PERFORMANCE.md, "Memory plan vs measured".
+step plan_memory 240 python3 tools/check_plan_memory.py --record docs/PERFORMANCE.md
+# ---- end: pebr plan vs measured memory ----------------------------------------------------------------------

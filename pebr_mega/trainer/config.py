@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pebr_mega.config_fields import ConfigError, check_fields, choice, optional_positive, positive
+from pebr_mega.config_fields import check_fields, choice, optional_positive, positive
 
 STAGE_DEFAULTS = {
     "stage1": {"rollout_batch_size": 560, "mini_batch_size": 112, "epochs": 1},
@@ -136,23 +136,3 @@ class PipelineConfig:
     eval_file: str = ""
     image_root: str = ""
     stages: list[str] = field(default_factory=lambda: ["sft", "sample", "split", "stage1", "stage2", "export"])
-
-
-def check_grpo_fits_data_parallel(grpo: GRPOTrainerConfig, rollout_n: int, dp_size: int) -> None:
-    """Every data-parallel rank needs at least one sequence of every update (the actor deals sequences round
-    robin, and a rank without any would leave the others' collectives waiting); the trainers call this at
-    start-up, when the world size is known. Raises ConfigError naming the keys."""
-    g = grpo.resolved()
-    key, batch = (("grpo.rollout_batch_size", g.rollout_batch_size) if g.rollout_batch_size <= g.mini_batch_size
-                  else ("grpo.mini_batch_size", g.mini_batch_size))
-    if batch * rollout_n < dp_size:
-        raise ConfigError(f"config keys '{key}' x 'rollout.n' = {batch} x {rollout_n} = {batch * rollout_n} sequences "
-                          f"per update, fewer than the {dp_size} data-parallel ranks (each needs at least one): "
-                          f"raise {key} or rollout.n, or run on fewer ranks")
-
-
-def check_sft_fits_data_parallel(sft: SFTConfig, dp_size: int) -> None:
-    """Every data-parallel rank needs at least one conversation of every SFT step. Raises ConfigError."""
-    if sft.batch_size < dp_size:
-        raise ConfigError(f"config key 'sft.batch_size' = {sft.batch_size} conversations per step, fewer than the "
-                          f"{dp_size} data-parallel ranks (each needs at least one): raise it or run on fewer ranks")
