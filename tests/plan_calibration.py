@@ -110,8 +110,11 @@ def state_bytes(ddp, optimizer=None) -> dict[str, int]:
 
 
 def random_batch(arch: QwenVLArch, images=TINY_IMAGES, text_tokens: int = 60, seed: int = 0):
-    """A packed micro-batch of random samples, one image (given patch grid) or none each; returns (batch, grids)."""
-    from pebr_mega.models.packing import pack_sequences
+    """A packed micro-batch of random samples, one image (given patch grid) or none each, packed by the actor's
+    packer (no padding multiple: the token count is the samples'); returns (the model's inputs, grids)."""
+    from pebr_mega.actor.packing import ActorSequence, pack
+    from pebr_mega.models.packing import packed_seq_params
+    from pebr_mega.models.rope_index import get_rope_index
 
     g = torch.Generator().manual_seed(seed)
     v = arch.vision
@@ -129,7 +132,16 @@ def random_batch(arch: QwenVLArch, images=TINY_IMAGES, text_tokens: int = 60, se
         pixels.append(torch.randn(grid[0] * grid[1], v.in_channels * v.temporal_patch_size * v.patch_size**2,
                                   generator=g))
         grids.append(torch.tensor([[1, grid[0], grid[1]]]))
-    return pack_sequences(arch, ids, pixels, grids), [(1, h, w) for h, w in (x for x in images if x is not None)]
+    seqs = [ActorSequence(t.tolist(), [0] * len(t), p, gr) for t, p, gr in zip(ids, pixels, grids)]
+
+    def positions(tokens, grid):
+        return get_rope_index(torch.tensor([tokens]), grid, image_token_id=arch.image_token_id,
+                              spatial_merge_size=v.spatial_merge_size)[0][:, 0]
+
+    mb = pack(seqs, positions)
+    inputs = {"input_ids": mb.input_ids, "position_ids": mb.position_ids, "pixel_values": mb.pixel_values,
+              "image_grid_thw": mb.image_grid_thw, "packed_seq_params": packed_seq_params(mb.lengths, "torch", "cpu")}
+    return inputs, [(1, h, w) for h, w in (x for x in images if x is not None)]
 
 
 def build_stage(arch: QwenVLArch, tp: int, pp: int, dtype: str = "float32", recompute: str = "none",
@@ -183,7 +195,7 @@ def measure_activations(model, arch: QwenVLArch, tp: int, images=TINY_IMAGES, te
     the actor's loss creates it)."""
     batch, grids = random_batch(arch, images, text_tokens)
     dtype = next(model.parameters()).dtype
-    host = batch.model_inputs()
+    host = batch
     model.train()
     if hasattr(model, "zero_grad_buffer"):
         model.zero_grad_buffer()
@@ -197,4 +209,6 @@ def measure_activations(model, arch: QwenVLArch, tp: int, images=TINY_IMAGES, te
         if backward:
             logits.backward(torch.full_like(logits, 1e-3))
         del logits
-    return {"tokens": batch.total, "grids": grids, "after_forward": after_forward, "peak": live.peak}
+    slots = batch["packed_seq_params"].segments.slots.numel()  # the padded attention's [n, max_len] (CPU path)
+    return {"tokens": int(batch["input_ids"].shape[1]), "slots": slots, "grids": grids,
+            "after_forward": after_forward, "peak": live.peak}

@@ -167,7 +167,7 @@ def test_activation_bytes_match_the_live_tensor_tracker(calibration):
             kind = variant[4:]
             b = 2 if kind == "bf16" else 4
             recompute = kind if kind in ("selective", "full") else "none"
-            mb = mem.MicroBatch(m["tokens"], tuple(tuple(g) for g in m["grids"]))
+            mb = mem.MicroBatch(m["tokens"], tuple(tuple(g) for g in m["grids"]), m["slots"])
             acts = mem.stage_activation_bytes(arch, sp, mb, tp, b, recompute, 1, kind == "vision_recompute", mem.CPU,
                                               last=True, freeze_vision=kind == "frozen_vision")
             saved = sum(v for k, v in acts.items() if k not in ("recompute", "vision recompute"))

@@ -4,10 +4,21 @@
 #     bash tools/gpu_checks.sh OUT_DIR
 #
 # Runs, each under its own time limit so that one hang does not lose the rest:
-#   1. the gpu-marked tests (compiled Triton kernels against float64 references, ...);
-#   2. tools/bench_kernels.py --write-docs        (log-probs, fused linear log-probs, GRPO loss);
-#   3. tools/bench_grpo_step.py --record ...      (one GRPO step of a ~100 M model with the HF engine);
-#   4. tools/bench_train_step.py --record ...     (7B-shaped Megatron layers, forward + backward).
+#   1. tests: every gpu-marked test: the compiled Triton kernels against float64 references
+#      (test_kernels_cuda.py), the GPU-built model against transformers (test_model_cuda.py), the packed
+#      attention paths -- torch's varlen_attn, flash-attn when installed, the padded SDPA -- against the
+#      per-segment reference in bf16 with one kernel per call and no host sync (test_model_attention.py),
+#      and the actor (test_actor_cuda.py: one fp32 GRPO step against the float64 reference with every
+#      micro-batch padded to 16, save and resume; bf16 log-probs through the flash attention from both
+#      log-prob paths; one attention kernel per layer per micro-batch, profiled);
+#   2. kernels: tools/bench_kernels.py --write-docs (log-probs, fused linear log-probs, GRPO loss);
+#   3. grpo_step: tools/bench_grpo_step.py --model 7b-shaped --layers 4 --record ... (the actor phases of a
+#      64 x 8 RL batch, ours against transformers' padded actor; BENCH_GRPO_ARGS adds arguments, e.g.
+#      "--prompts 32" to halve it);
+#   4. train_step: tools/bench_train_step.py --record ... (7B-shaped Megatron layers, forward + backward).
+# These four limits add up to ~14 minutes (the DALI and plan-memory blocks at the end add theirs); where one
+# call may run 10 minutes, split it: ONLY="tests kernels" bash tools/gpu_checks.sh OUT, then
+# ONLY="grpo_step train_step" bash tools/gpu_checks.sh OUT (and ONLY="plan_memory", ONLY="dali_mixed").
 # The benchmarks append their rows to docs/PERFORMANCE.md; the file and every log are copied to OUT_DIR
 # after each step. Packages missing on the machine are expected as wheels in .whl/ (see docs/PERFORMANCE.md,
 # "Running the GPU checks"); they are installed into /tmp/site. ONLY="tests grpo_step" runs just those steps.
@@ -33,13 +44,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 - <<'EOF'
 import importlib.metadata as md
 import torch
-names = ["torch", "triton", "transformers", "megatron-core", "liger-kernel"]
+names = ["torch", "triton", "transformers", "megatron-core", "liger-kernel", "flash-attn", "transformer-engine"]
 def version(n):
     try:
         return md.version(n)
     except md.PackageNotFoundError:
         return "absent"
 print(torch.cuda.get_device_name(), "|", ", ".join(f"{n} {version(n)}" for n in names))
+try:  # what the packed attention's `varlen` backend adapts to (pebr_mega/models/attention.py)
+    import inspect
+    from torch.nn.attention.varlen import varlen_attn
+    print("torch varlen_attn parameters:", list(inspect.signature(varlen_attn).parameters))
+except Exception as e:
+    print("torch varlen_attn: absent", type(e).__name__)
 EOF
 
 step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to OUT_DIR/NAME.log, print its tail
@@ -55,9 +72,11 @@ step() {  # step NAME SECONDS COMMAND...: run under a time limit, log to OUT_DIR
     cp docs/PERFORMANCE.md "$OUT_DIR/PERFORMANCE.md"
 }
 
-step tests 110 python3 -m pytest -q -m gpu -p no:cacheprovider tests/
+TAIL=40 step tests 240 python3 -m pytest -q -m gpu -p no:cacheprovider -rs tests/
 TAIL=45 step kernels 170 python3 tools/bench_kernels.py --write-docs
-step grpo_step 130 python3 tools/bench_grpo_step.py --record docs/PERFORMANCE.md
+# shellcheck disable=SC2086  # BENCH_GRPO_ARGS is a list of arguments
+TAIL=25 step grpo_step 330 python3 tools/bench_grpo_step.py --model 7b-shaped --layers 4 --device cuda \
+    --record docs/PERFORMANCE.md --json "$OUT_DIR/grpo_step.json" ${BENCH_GRPO_ARGS:-}
 step train_step 100 python3 tools/bench_train_step.py --record docs/PERFORMANCE.md
 
 # ---- BEGIN DALI "mixed" decode (issue 11; added on the sglang branch) ---------------------------------------

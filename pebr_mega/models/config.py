@@ -30,6 +30,9 @@ class ModelConfig:
     recompute_method: str = _choice("uniform", ("uniform", "block"), "how full recompute picks layers")
     recompute_num_layers: int = 1
     vision_recompute: bool = False
+    attention: str = _choice("auto", ("auto", "varlen", "flash_attn", "sdpa"),
+                             "packed attention of the torch spec and the ViT (pebr_mega.models.attention): "
+                             "auto = flash_attn or torch's varlen on CUDA in bf16/fp16, else one padded SDPA call")
     seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -42,8 +45,9 @@ class ModelConfig:
             raise ValueError(f"model.tp={self.tp} and model.pp={self.pp} must be >= 1")
         if self.fp8 != "none" and self.spec not in ("te", "auto"):
             raise ValueError(f"model.fp8={self.fp8!r} needs model.spec=te (got {self.spec!r})")
-        if self.sequence_parallel and self.spec in ("torch", "local"):
-            raise ValueError("model.sequence_parallel needs model.spec=te (torch.nn.RMSNorm cannot run sequence-parallel)")
+        if self.sequence_parallel and self.spec == "local":
+            raise ValueError("model.sequence_parallel needs model.spec=te or torch (Megatron's local spec builds "
+                             "WrappedTorchNorm, which refuses sequence parallelism)")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("model.sequence_parallel needs model.tp > 1")
         if self.params_dtype not in DTYPES:

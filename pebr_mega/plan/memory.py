@@ -127,21 +127,28 @@ class KernelProfile:
     name: str
     fused_rms_norm: bool  # CUDA: torch.rms_norm -> aten._fused_rms_norm (saves input + rstd)
     fused_swiglu: bool  # Megatron bias_activation_fusion (on with CUDA, models/qwen25_vl.transformer_config)
+    # models/attention.py: flash varlen on CUDA in bf16 (saves q, k, v, output, lse: the inputs stay alive);
+    # on CPU the padded SDPA batch (saves its gathered q, k, v per padded slot: the inputs are freed)
+    padded_attention: bool = False
 
 
-CUDA = KernelProfile("cuda", fused_rms_norm=True, fused_swiglu=True)
-CPU = KernelProfile("cpu", fused_rms_norm=False, fused_swiglu=False)
+CUDA = KernelProfile("cuda", fused_rms_norm=True, fused_swiglu=True, padded_attention=False)
+CPU = KernelProfile("cpu", fused_rms_norm=False, fused_swiglu=False, padded_attention=True)
 
 
 def decoder_layer_bytes(t: TextArch, tp: int, b: int, recompute: str, profile: KernelProfile,
-                        sequence_parallel: bool = False) -> float:
+                        sequence_parallel: bool = False, slots_per_token: float = 1.0) -> float:
     """Bytes one decoder layer keeps for backward, per token, on one TP rank (recompute none or selective).
 
     Kept: each RMSNorm's input (and on CPU its fp32 copies) and rstd; the norm outputs as the qkv and fc1
     inputs; the qkv output (alive through the value view), the rotated q and k, Megatron's unfused M-RoPE
-    cos/sin (cast to the activation dtype, for q and for k); SDPA's output and log-sum-exp; the out-proj
-    input; the SwiGLU input (2f) and output (f), plus two more f-wide tensors unfused. Selective recompute
-    (Megatron's default module `core_attn`) drops SDPA's output and log-sum-exp.
+    cos/sin (cast to the activation dtype, for q and for k); the attention's output and log-sum-exp; the
+    out-proj input; the SwiGLU input (2f) and output (f), plus two more f-wide tensors unfused. Selective
+    recompute (Megatron's default module `core_attn`) drops the attention's output and log-sum-exp.
+    With the padded attention path (`profile.padded_attention`, models/attention.py on CPU) the attention keeps
+    its own gathered q, k, v, output and log-sum-exp per padded slot (`slots_per_token` = n x max_len / T of
+    the packed row) and an int64 index per slot and per token, while the qkv output and the rotated q and k are
+    freed (the gather's backward needs only its index).
     """
     h, f, np_, ng, d = t.hidden_size, t.intermediate_size, t.num_heads, t.num_kv_heads, t.head_dim
     sp = tp if sequence_parallel else 1
@@ -152,6 +159,8 @@ def decoder_layer_bytes(t: TextArch, tp: int, b: int, recompute: str, profile: K
     core = b * np_ * d / tp + 4 * np_ / tp
     proj_input = b * np_ * d / tp
     mlp = (3 if profile.fused_swiglu else 5) * b * f / tp
+    if profile.padded_attention and recompute != "selective":
+        attention, core = slots_per_token * (b * d * (2 * np_ + 2 * ng) / tp + 4 * np_ / tp + 8) + 8, 0.0
     total = 2 * norm + norm_outputs + attention + rope + core + proj_input + mlp
     if recompute == "selective":
         total -= core
@@ -172,21 +181,22 @@ def _segments(v: VisionArch, grids: list[tuple[int, int, int]]) -> tuple[list[in
     return windows, frame_lengths(g)
 
 
-def _attention_bytes(v: VisionArch, b: int, lens: list[int]) -> float:
-    """Bytes the vision attention keeps for `lens` segments, in total (models/vision.varlen_attention)."""
+def _attention_bytes(v: VisionArch, b: int, lens: list[int], padded: bool) -> float:
+    """Bytes the vision attention keeps for `lens` segments, in total (models/attention.varlen_attention)."""
     c, nv = v.hidden_size, v.num_heads
     n = sum(lens)
-    if len(set(lens)) == 1:
-        # qkv output (alive through v's view), rotated q and k, SDPA output + lse, the out-proj input copy.
+    if not padded:
+        # flash varlen: qkv output (alive through v's view), rotated q and k, output + lse, the out-proj input.
         return n * (3 * b * c + 2 * b * c + b * c + 4 * nv + b * c)
     slots = len(lens) * max(lens)
-    # Padded path: gathered q, k, v, SDPA output + lse over the padded slots, gather index (int64) and bool
-    # masks per slot, and the unpadded output that feeds the out-proj.
-    return slots * (4 * b * c + 4 * nv + 8 + 2) + n * b * c
+    # Padded SDPA: gathered q, k, v, SDPA output + lse and the slot index (int64) per padded slot, the key mask
+    # (bool) per slot for uneven segments; per token its index (int64) and the output that feeds the out-proj.
+    mask = 0 if len(set(lens)) == 1 else 1
+    return slots * (4 * b * c + 4 * nv + 8 + mask) + n * (b * c + 8)
 
 
 def vision_bytes(v: VisionArch, grids: list[tuple[int, int, int]], b: int, recompute: bool,
-                 freeze_tower: bool = False, freeze_merger: bool = False) -> tuple[float, float]:
+                 freeze_tower: bool = False, freeze_merger: bool = False, padded: bool = False) -> tuple[float, float]:
     """(bytes the vision tower keeps for backward, bytes one recomputed block adds in backward) for images of
     these patch grids (one micro-batch); with `recompute` (torch.utils.checkpoint per block) a block keeps only
     its input. A frozen tower keeps nothing (no input of it needs a gradient); a trainable merger behind it keeps
@@ -200,8 +210,8 @@ def vision_bytes(v: VisionArch, grids: list[tuple[int, int, int]], b: int, recom
         return (0.0 if freeze_merger else n * 4 * b * c), 0.0
     norm = n * (4 * c + 4 + b * c)  # fp32 copy of the input, rstd, normalised value in the activation dtype
     mlp = n * (b * c + 4 * b * fi)  # MLP input; gate, up, silu(gate) and the product
-    per_block = {False: 2 * norm + n * b * c + mlp + _attention_bytes(v, b, windows),
-                 True: 2 * norm + n * b * c + mlp + _attention_bytes(v, b, frames)}
+    per_block = {False: 2 * norm + n * b * c + mlp + _attention_bytes(v, b, windows, padded),
+                 True: 2 * norm + n * b * c + mlp + _attention_bytes(v, b, frames, padded)}
     full = set(v.fullatt_block_indexes)
     blocks = [per_block[i in full] for i in range(v.depth)]
     patch_in = n * b * v.in_channels * v.temporal_patch_size * v.patch_size**2
@@ -219,6 +229,7 @@ class MicroBatch:
 
     tokens: int
     grids: tuple[tuple[int, int, int], ...] = ()
+    slots: int = 0  # n x max_len of the packed row's samples (the padded attention's batch); 0: = tokens
 
 
 def stage_activation_bytes(arch: QwenVLArch, sp: StageParams, mb: MicroBatch, tp: int, b: int, recompute: str,
@@ -228,18 +239,20 @@ def stage_activation_bytes(arch: QwenVLArch, sp: StageParams, mb: MicroBatch, tp
     """Bytes of one micro-batch on one stage, by part: saved by the decoder layers, the vision tower, the
     embedding and the head; `recompute` / `vision recompute`: what one recomputed chunk adds during backward."""
     t, T = arch.text, mb.tokens
+    slots = mb.slots / T if mb.slots and T else 1.0
     out: dict[str, float] = {}
     if recompute == "full":
         chunks = math.ceil(sp.num_layers / max(recompute_num_layers, 1))
         chunk = min(recompute_num_layers, sp.num_layers)
         out["decoder"] = T * (chunks * b * t.hidden_size / (tp if sequence_parallel else 1) + 4 * t.head_dim)
         # Backward recomputes one chunk at a time: its full activations exist while it is differentiated.
-        out["recompute"] = T * chunk * decoder_layer_bytes(t, tp, b, "none", profile, sequence_parallel)
+        out["recompute"] = T * chunk * decoder_layer_bytes(t, tp, b, "none", profile, sequence_parallel, slots)
     else:
-        out["decoder"] = T * sp.num_layers * decoder_layer_bytes(t, tp, b, recompute, profile, sequence_parallel)
+        out["decoder"] = T * sp.num_layers * decoder_layer_bytes(t, tp, b, recompute, profile, sequence_parallel,
+                                                                  slots)
     if sp.stage == 0:
         out["vision"], extra = vision_bytes(arch.vision, list(mb.grids), b, vision_recompute, freeze_vision,
-                                            freeze_projector)
+                                            freeze_projector, profile.padded_attention)
         if extra:
             out["vision recompute"] = extra
         out["embedding"] = T * (8 + 1)  # token ids (int64) for the embedding backward, the image-pad mask
