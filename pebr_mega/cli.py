@@ -42,6 +42,9 @@ def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
     from pebr_mega.data.corpus import tokenizer_corpus
+    from pebr_mega.outputs import claim_output_dir
+
+    claim_output_dir(args.out, what="--out")
 
     cfg = TinyModelConfig(seed=args.seed, tie_word_embeddings=args.tie_embeddings)
     for arg, name in [("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
@@ -88,6 +91,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pebr_mega.logging import DEFAULT_PLOT_KEYS, plot_metrics
+    from pebr_mega.outputs import claim_output_file, plot_path
 
     files = []
     for d in args.run_dirs:
@@ -95,12 +99,15 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         if not f.is_file():
             raise UserError(f"no metrics.jsonl in {d}")
         files.append(f)
-    out = args.out or str(files[0].parent / "curves.png")
+    out = claim_output_file(plot_path(args.out, files[0].parent / "curves.png"), files, what="--out")
     try:
         png = plot_metrics(files, out, args.keys or DEFAULT_PLOT_KEYS)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"wrote {png}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- plan
 def _add_plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="will the run fit, and how fast: memory, layouts and step time, no GPU needed",
@@ -167,7 +174,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
+    from pebr_mega.outputs import claim_output_dir
 
+    claim_output_dir(args.out, what="--out")
     cfg = SynthConfig(num=args.num, num_sft=args.num_sft, num_eval=args.num_eval, seed=args.seed,
                       width=args.width, height=args.height, min_objects=args.min_objects,
                       max_objects=args.max_objects, sft_teacher_error=args.sft_teacher_error)
@@ -175,6 +184,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         print(write_synthetic_dataset(args.out, cfg))
     except ValueError as e:
         raise UserError(str(e)) from None
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- filter-sft
 def _add_filter_sft(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("filter-sft", help="filter ShareGPT SFT records with the Mulberry rules",
@@ -193,7 +205,10 @@ def _add_filter_sft(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_filter_sft(args: argparse.Namespace) -> int:
     from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
+    from pebr_mega.outputs import claim_output_file
 
+    claim_output_file(args.output, [args.input], what="--output")
+    claim_output_file(sidecar_path(args.output), [args.input], what="the dropped-records file")
     res = filter_sft_file(args.input, args.output, args.image_root, decode=not args.no_decode,
                           workers=args.workers, progress=sys.stderr.isatty())
     print(f"filter-sft: {args.input} ({res.images_checked} distinct images checked)")
@@ -239,8 +254,11 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from pebr_mega.data.split import format_summary, split_files
+    from pebr_mega.data.split import SPLIT_FILES, format_summary, split_files
+    from pebr_mega.outputs import claim_output_dir
 
+    claim_output_dir(args.out_dir, [args.rollouts, args.dataset], what="--out-dir",
+                     writes=[*SPLIT_FILES.values(), "summary.json"])
     res = split_files(args.rollouts, args.dataset, args.out_dir, args.n, args.correct_threshold)
     total = sum(res.counts().values())
     print(f"split: {total} questions from {args.dataset}, n={args.n}, correct if score >= {args.correct_threshold}")
@@ -266,8 +284,10 @@ def _add_make_tiny_clip(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_make_tiny_clip(args: argparse.Namespace) -> int:
     from pebr_mega.data.corpus import tokenizer_corpus
+    from pebr_mega.outputs import claim_output_dir
     from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
 
+    claim_output_dir(args.out, what="--out")
     cfg = TinyClipConfig(seed=args.seed, image_size=args.image_size, patch_size=args.patch_size,
                          hidden_size=args.hidden_size, num_layers=args.layers)
     try:
@@ -307,22 +327,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import RequestBuilder
     from pebr_mega.trainer.evaluate import evaluate
+    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
+    from pebr_mega.errors import DataError
+    from pebr_mega.outputs import claim_output_file
 
+    check_hf_model_dir(args.model, "--model")
+    if args.results:
+        claim_output_file(args.results, [args.dataset, args.model], what="--results")
     loaded = load_grpo_records(args.dataset, args.image_root)
     if loaded.skipped:
         print(loaded.report())
     records = loaded.records[: args.max_samples or None]
+    if not records:
+        raise DataError(f"{args.dataset}: no usable records to evaluate ({loaded.total} read, "
+                        f"{len(loaded.skipped)} skipped)")
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=args.batch_size)
     builder = RequestBuilder(engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)),
                              template=model_prompt_template(args.model, args.format_prompt))
     requests, report = builder.build(records, image_root_for(args.dataset, args.image_root))
     if report.skipped:
         print(report.summary())
+    if not requests:
+        raise DataError(f"{args.dataset}: none of its {len(records)} records could be turned into a prompt")
     sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
     m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results,
                  grading=args.grading)
     print(f"eval {args.model} on {args.dataset}: {int(m['eval/count'])} questions | accuracy {m['eval/accuracy']:.3f}"
-          f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens")
+          f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens"
+          + (f" | {int(m['eval/timeouts'])} timed out in grading (scored 0)" if m.get("eval/timeouts") else ""))
     return 0
 
 
@@ -365,7 +397,9 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from pebr_mega.rollout.factory import sampling_params
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import RequestBuilder
+    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 
+    check_hf_model_dir(args.model, "--model")
     template = model_prompt_template(args.model, args.format_prompt)
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=1)
     question = args.question if "<image>" in args.question else "<image>" + args.question

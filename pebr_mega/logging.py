@@ -58,7 +58,6 @@ class LoggingConfig:
 GENERATIONS_FILE = "generations.jsonl"
 GENERATION_COLUMNS = ("step", "qid", "prompt", "response", "reward", "answer")
 
-
 def format_metrics_line(step: int, total: int | None, metrics: Mapping[str, Any], extra_keys: Sequence[str] = ()) -> str:
     """One readable line: `step 3/10 | reward 0.512 | acc 0.375 | ...` with the keys that are present."""
     head = f"step {step}/{total}" if total else f"step {step}"
@@ -174,6 +173,10 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics.jsonl file; a torn last line (a crash mid-write) is skipped."""
     rows = []
@@ -198,6 +201,11 @@ def plot_metrics(metrics_files: Iterable[str | Path], out_png: str | Path, keys:
 
     files = [Path(f) for f in metrics_files]
     runs = [read_metrics(f) for f in files]
+    for f, rows in zip(files, runs):
+        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not _is_number(r.get("step"))]
+        if bad:
+            raise ValueError(f"{f}: {len(bad)} of {len(rows)} records have no numeric 'step' (the first is record "
+                             f"{bad[0] + 1}); is this a pebr metrics.jsonl?")
     present = [k for k in keys if any(k in r for rows in runs for r in rows)]
     if not present:
         raise ValueError(f"none of the keys {list(keys)} appear in {[str(f) for f in files]}")
@@ -206,7 +214,7 @@ def plot_metrics(metrics_files: Iterable[str | Path], out_png: str | Path, keys:
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.2 * rows_n), squeeze=False)
     for ax, key in zip(axes.flat, present):
         for i, rows in enumerate(runs):
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            pts = [(r["step"], r[key]) for r in rows if _is_number(r.get(key))]
             if pts:
                 label = labels[i] if labels else files[i].parent.name
                 ax.plot(*zip(*pts), marker=".", label=label)

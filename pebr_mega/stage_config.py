@@ -19,7 +19,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pebr_mega.config_fields import check_fields, choice
+from pebr_mega.config_fields import check_fields, choice, optional_positive, positive
 
 STAGE_DEFAULTS = {
     "stage1": {"rollout_batch_size": 560, "mini_batch_size": 112, "epochs": 1},
@@ -40,10 +40,10 @@ class StageLoopConfig:
     def check_loop(self, section: str) -> None:
         """ConfigError naming `section.key` for a loop key out of range."""
         check_fields(section, {
-            "save_every": (self.save_every >= 0, self.save_every, "must be >= 0"),
-            "keep_last": (self.keep_last >= 1, self.keep_last, "must be >= 1"),
-            "eval_every": (self.eval_every >= 0, self.eval_every, "must be >= 0"),
-            "eval_max_samples": (self.eval_max_samples >= 0, self.eval_max_samples, "must be >= 0"),
+            "save_every": (self.save_every >= 0, self.save_every, "must be >= 0 (0 = only at the end)"),
+            "keep_last": positive(self.keep_last),
+            "eval_every": (self.eval_every >= 0, self.eval_every, "must be >= 0 (0 = only before and after)"),
+            "eval_max_samples": (self.eval_max_samples >= 0, self.eval_max_samples, "must be >= 0 (0 = all)"),
         })
 
 
@@ -65,6 +65,13 @@ class GRPOTrainerConfig(StageLoopConfig):
 
     def __post_init__(self) -> None:
         self.check_loop("grpo")
+        check_fields("grpo", {
+            "rollout_batch_size": optional_positive(self.rollout_batch_size),
+            "mini_batch_size": optional_positive(self.mini_batch_size),
+            "ppo_epochs": positive(self.ppo_epochs),
+            "epochs": optional_positive(self.epochs),
+            "max_steps": (self.max_steps == -1 or self.max_steps >= 1, self.max_steps, "must be -1 (all) or >= 1"),
+        })
 
     def resolved(self) -> "GRPOTrainerConfig":
         """A copy with the stage's upstream values filled where the user left `None`."""
@@ -100,6 +107,12 @@ class SFTConfig(StageLoopConfig):
     def __post_init__(self) -> None:
         self.check_loop("sft")
         check_fields("sft", {
+            "lr": (self.lr >= 0, self.lr, "must be >= 0"),
+            "warmup_ratio": (0 <= self.warmup_ratio <= 1, self.warmup_ratio, "must be in [0, 1]"),
+            "epochs": positive(self.epochs),
+            "batch_size": positive(self.batch_size),
+            "save_every": (self.save_every >= 0, self.save_every, "must be >= 0 (0 = only at the end)"),
+            "keep_last": positive(self.keep_last),
             "dataset_name": (bool(self.dataset_name) or not self.dataset_info, self.dataset_name,
                              "must name an entry of sft.dataset_info"),
             "dataset_info": (bool(self.dataset_info) or not self.dataset_name, self.dataset_info,
@@ -128,11 +141,12 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_fields("sample", {
-            "n": (self.n >= 1, self.n, "must be >= 1"),
-            "temperature": (self.temperature >= 0, self.temperature, "must be >= 0"),
+            "n": positive(self.n),
+            "temperature": (self.temperature >= 0, self.temperature, "must be >= 0 (0 = greedy)"),
             "top_p": (0 < self.top_p <= 1, self.top_p, "must be in (0, 1]"),
             "max_pixels": (self.max_pixels >= 1, self.max_pixels, "must be >= 1"),
-            "batch_size": (self.batch_size >= 1, self.batch_size, "must be >= 1"),
+            "batch_size": positive(self.batch_size),
+            "correct_threshold": (0 <= self.correct_threshold <= 1, self.correct_threshold, "must be in [0, 1]"),
         })
 
 

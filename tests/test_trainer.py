@@ -44,7 +44,7 @@ def test_sft_lowers_the_loss_and_exports_a_loadable_model(runs):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     res = _ok(runs, "sft")
-    losses = [r["loss"] for r in read_metrics(runs["tmp"] / "sft" / "metrics.jsonl")]
+    losses = [r["loss"] for r in read_metrics(runs["tmp"] / "sft" / "run" / "metrics.jsonl")]
     assert len(losses) == 6 and losses[-1] < 0.8 * losses[0]
     Qwen2_5_VLForConditionalGeneration.from_pretrained(res["model_dir"])
     # the run's format prompt goes with the model, for inference

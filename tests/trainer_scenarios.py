@@ -35,7 +35,7 @@ def _sft(model, data, tmp):
 
     template = tmp / "my_format.jinja"
     template.write_text("Answer in sections.\n\n{{ content | trim }}\n")
-    cfg = _cfg(tmp, model, data, f"sft.init_model={model}", f"sft.train_file={data / 'sft.json'}", "sft.lr=3e-3",
+    cfg = _cfg(tmp / "run", model, data, f"sft.init_model={model}", f"sft.train_file={data / 'sft.json'}", "sft.lr=3e-3",
                "sft.epochs=3", "sft.batch_size=8", "sft.freeze_vision=false", "sft.freeze_projector=false",
                "data.eval_file=", f"data.format_prompt={template}")
     return {"model_dir": SFTTrainer(cfg).train().model_dir, "template": str(template)}

@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from pebr_mega.config_fields import ConfigError, choice
+from pebr_mega.config_fields import check_fields, choice
 
 # The objective, its modes and clamps (and why the clamps) live with the kernels, below this module.
 from pebr_mega.kernels.reference import (AGG_MODES, KL_TYPES, LOG_RATIO_CLAMP,  # noqa: F401 (re-exported)
@@ -42,7 +42,6 @@ AGG_CHOICES = AGG_MODES + ("token-mean-microbatch",)
 class AlgoConfig:
     """GRPO settings; the defaults are PeBR-R1's (both stages)."""
 
-    n: int = 8  # rollouts per prompt (the group size)
     clip_low: float = 0.2  # ratio lower bound 1 - clip_low
     clip_high: float = 0.3  # ratio upper bound 1 + clip_high (asymmetric, as in DAPO)
     clip_dual: float = 3.0  # dual-clip constant c for negative advantages; inf disables
@@ -53,19 +52,14 @@ class AlgoConfig:
     norm_adv_by_std: bool = True  # False: Dr.GRPO advantages (score - group mean)
 
     def __post_init__(self) -> None:
-        checks = {
-            "n": self.n >= 1,
-            "clip_low": 0.0 <= self.clip_low < 1.0,
-            "clip_high": self.clip_high >= 0.0,
-            "clip_dual": self.clip_dual > 1.0,
-            "kl_coef": self.kl_coef >= 0.0,
-            "adv_eps": self.adv_eps > 0.0,
-        }
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"config key 'algo.{key}' = {getattr(self, key)!r} is out of range "
-                                  "(n >= 1, 0 <= clip_low < 1, clip_high >= 0, clip_dual > 1, kl_coef >= 0, "
-                                  "adv_eps > 0)")
+        # The group size is `rollout.n` (the rollout engine's setting); there is no second copy here.
+        check_fields("algo", {
+            "clip_low": (0.0 <= self.clip_low < 1.0, self.clip_low, "must be in [0, 1)"),
+            "clip_high": (self.clip_high >= 0.0, self.clip_high, "must be >= 0"),
+            "clip_dual": (self.clip_dual > 1.0, self.clip_dual, "must be > 1 (inf disables)"),
+            "kl_coef": (self.kl_coef >= 0.0, self.kl_coef, "must be >= 0 (0 disables)"),
+            "adv_eps": (self.adv_eps > 0.0, self.adv_eps, "must be > 0"),
+        })
 
 
 # --------------------------------------------------------------------------------------------- advantages

@@ -155,10 +155,18 @@ def num_image_tokens(grid_thw: torch.Tensor | Sequence[Sequence[int]], merge_siz
 
 
 # ---------------------------------------------------------------------------------------------- loading
+# `load_image` records the file an RGB image was decoded from under this `Image.info` key, so that a later
+# error about the decoded image (too small, extreme aspect ratio) names the file, not its position.
+SOURCE_KEY = "pebr_source"
+
+
 def source_name(source: ImageSource, index: int | None = None) -> str:
-    """How error messages name a source: its path, or its position for in-memory images."""
+    """How error messages name a source: its path (also for an image `load_image` decoded from a file), or its
+    position for other in-memory images."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
+    if isinstance(source, Image.Image) and source.info.get(SOURCE_KEY):
+        return str(source.info[SOURCE_KEY])
     kind = "bytes" if isinstance(source, (bytes, bytearray, memoryview)) else "PIL image"
     return f"<{kind} #{index}>" if index is not None else f"<{kind}>"
 
@@ -206,7 +214,10 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
     image = open_image(source, name)
     try:
         image.load()  # decode now: a truncated file only fails here
-        return to_rgb(image)  # always a new image (convert copies), so closing the opened one is safe
+        rgb = to_rgb(image)  # always a new image (convert copies), so closing the opened one is safe
+        if isinstance(source, (str, os.PathLike)):
+            rgb.info[SOURCE_KEY] = str(source)
+        return rgb
     except Exception as e:
         raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
     finally:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from pebr_mega.config_fields import check_fields, positive
 from pebr_mega.data.template import IMAGE_TOKEN
 from pebr_mega.errors import DataError
 
@@ -40,6 +41,9 @@ class DataConfig:
     # Response length is `rollout.max_new_tokens`; image pixel bounds are `images.min_pixels/max_pixels`.
     filter_overlong_prompts: bool = True
     require_images: bool = True  # a record whose image file is missing is skipped at load time
+
+    def __post_init__(self) -> None:
+        check_fields("data", {"max_prompt_length": positive(self.max_prompt_length)})
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pebr_mega.config_fields import check_fields, choice
+from pebr_mega.config_fields import check_fields, choice, positive
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -36,8 +36,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         te = self.spec in ("te", "auto")
         check_fields("model", {
-            "tp": (self.tp >= 1, self.tp, "must be >= 1"),
-            "pp": (self.pp >= 1, self.pp, "must be >= 1"),
+            "tp": positive(self.tp),
+            "pp": positive(self.pp),
+            "recompute_num_layers": positive(self.recompute_num_layers),
             "fp8": (self.fp8 == "none" or te, self.fp8, f"needs model.spec=te (got {self.spec!r})"),
             "sequence_parallel": (not self.sequence_parallel or (self.spec != "local" and self.tp > 1),
                                   self.sequence_parallel, "needs model.spec=te or torch (Megatron's local spec builds "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -24,9 +25,15 @@ from pebr_mega.data.images import ImageDecoder
 from pebr_mega.data.images import ImageConfig
 from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_records
 from pebr_mega.data.template import PromptTemplate, load_prompt_template, write_prompt_template
-from pebr_mega.errors import DataError, PebrError
+from pebr_mega.checkpoint.hf_io import check_hf_model_dir
+from pebr_mega.errors import DataError
+from pebr_mega.outputs import claim_output_dir
 from pebr_mega.parallel.groups import ParallelState, init_parallel, rank
 from pebr_mega.rollout.requests import RequestBuilder
+
+
+# What a run writes into run.output_dir (an input there would be overwritten: refused at start-up).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "hf", "result.json")
 
 
 @dataclass
@@ -44,13 +51,12 @@ class RunContext:
     requests: RequestBuilder
 
     @classmethod
-    def for_training(cls, cfg: PebrConfig, init_model: str, stage: str) -> "RunContext":
+    def for_training(cls, cfg: PebrConfig, init_model: str, stage: str, inputs: Sequence[str] = ()) -> "RunContext":
         """Process groups for `model.tp`/`model.pp`, seeds, the run directory and the HF-side helpers of
-        `init_model` (an HF directory: the stage's starting weights)."""
-        if not init_model or not (Path(init_model) / "config.json").is_file():
-            raise PebrError(f"{stage}: init_model {init_model!r} is not an HF model directory (no config.json)")
-        out_dir = Path(cfg.run.output_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        `init_model` (an HF directory: the stage's starting weights). The run directory is claimed against
+        `init_model` and `inputs` (the stage's data files): a run never writes over what it reads."""
+        init_model = str(check_hf_model_dir(init_model, f"{stage}: init_model"))
+        out_dir = claim_output_dir(cfg.run.output_dir, [init_model, *inputs], what="run.output_dir", writes=RUN_FILES)
         parallel = init_parallel(cfg.model.tp, cfg.model.pp, seed=cfg.run.seed)
         seed_everything(cfg.run.seed)
         if rank() == 0:

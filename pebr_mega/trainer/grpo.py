@@ -35,7 +35,8 @@ class GRPOTrainer(StageTrainer):
 
     def __init__(self, cfg: PebrConfig) -> None:
         self.stage = cfg.grpo.resolved()
-        super().__init__(cfg, self.stage, name=self.stage.stage, init_model=self.stage.init_model)
+        super().__init__(cfg, self.stage, name=self.stage.stage, init_model=self.stage.init_model,
+                         inputs=[self.stage.train_file])
         self.records = self.ctx.load_records(self.stage.train_file, "train")
         self.sampler = EpochSampler(self.records, self.stage.rollout_batch_size, seed=cfg.run.seed,
                                     shuffle=self.stage.shuffle)

@@ -45,7 +45,7 @@ class SFTTrainer(StageTrainer):
 
     def __init__(self, cfg: PebrConfig) -> None:
         sft = cfg.sft
-        super().__init__(cfg, sft, name="sft", init_model=sft.init_model)
+        super().__init__(cfg, sft, name="sft", init_model=sft.init_model, inputs=[sft.train_file, sft.dataset_info])
         train_file, columns = resolve_sft_source(sft.train_file, sft.dataset_info, sft.dataset_name)
         self.seqs, self.skipped = load_sft_sequences(train_file, self.ctx.tokenizer, self.ctx.decoder,
                                                      self.ctx.image_root(str(train_file)), sft.cutoff_len,

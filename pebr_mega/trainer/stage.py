@@ -15,7 +15,9 @@ allocate afterwards, and every rollout phase syncs the actor's weights into the 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 
@@ -53,8 +55,16 @@ class StageResult:
     last_loss: float = float("nan")
 
     def to_dict(self) -> dict:
-        """JSON-friendly."""
-        return dict(self.__dict__)
+        """Standard JSON: a number that is not available (NaN) is None (`null`), in nested metrics too."""
+        return _finite_or_none(dict(self.__dict__))
+
+
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    return v
 
 
 class StageTrainer:
@@ -70,12 +80,13 @@ class StageTrainer:
     evaluator: Evaluator | None = None
     step: int = 0
 
-    def __init__(self, cfg: PebrConfig, loop: StageLoopConfig, name: str, init_model: str) -> None:
+    def __init__(self, cfg: PebrConfig, loop: StageLoopConfig, name: str, init_model: str,
+                 inputs: Sequence[str] = ()) -> None:
         self.cfg = cfg
         self.loop = loop
         self.name = name
         self.init_model = init_model
-        self.ctx = RunContext.for_training(cfg, init_model, name)
+        self.ctx = RunContext.for_training(cfg, init_model, name, [*inputs, loop.eval_file or cfg.data.eval_file or ""])
         self.checkpoints = StageCheckpoints(self.ctx.out_dir / "checkpoints", loop.keep_last, name)
         self.resumed: dict = {}  # the trainer state of the checkpoint this run resumed from
         self._num_params: int | None = None
