@@ -475,18 +475,34 @@ def _add_config_commands(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=help_, description=description)
         p.add_argument("--config", default=None, help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-        p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the resolved plan (prompts, batches, epochs, steps, reward weights) as JSON and "
+                            "exit without loading a model; `pebr config` prints the resolved config")
         p.set_defaults(handler=_cmd_config_command, run=run)
 
 
 def _cmd_config_command(args: argparse.Namespace) -> int:
-    from pebr_mega.config import load_config, to_yaml
+    from pebr_mega.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(to_yaml(cfg), end="")
-        return 0
+        return _dry_run(cfg, args.command)
     print(args.run(cfg))
+    return 0
+
+
+def _dry_run(cfg: PebrConfig, command: str) -> int:
+    """The plan as JSON on stdout (docs/TRAINING.md, "Dry run"); a plan that cannot start ends as one error line."""
+    import json
+
+    from pebr_mega.errors import DataError
+    from pebr_mega.trainer.dry_run import dry_run, plan_error
+
+    plan = dry_run(cfg, command)
+    print(json.dumps(plan, indent=1))
+    error = plan_error(plan)
+    if error:
+        raise DataError(error)
     return 0
 
 

@@ -92,6 +92,39 @@ def test_non_finite_reward_skips_the_update(runs):
     assert got["skipped_updates"] == 2 and got["unchanged"]
 
 
+def test_stage2_epochs_drop_the_partial_batch_in_upstreams_order_with_a_holdout(runs):
+    """Issue 13, items 4-6 on a real run: grpo.stage=stage2 alone gives the stage-2 rewards; 2 of the 12
+    questions are held out by the seed and evaluated on; the 10 others make floor(10 / 4) = 2 steps per epoch
+    for 2 epochs, each step a full batch in the order torch's RandomSampler (seeded once, as upstream's loader)
+    draws epoch after epoch, the 2 left over each epoch sitting out; `pebr train --dry-run` printed that plan."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    got = _ok(runs, "epochs")
+    qids = [r["qid"] for r in json.loads((runs["tmp"].parent / "synth" / "grpo.json").read_text())]
+    held = set(torch.randperm(12, generator=torch.Generator().manual_seed(0))[:2].tolist())
+    assert got["holdout_qids"] == [q for i, q in enumerate(qids) if i in held]
+    train = [q for i, q in enumerate(qids) if i not in held]
+    assert got["train_qids"] == train
+    g = torch.Generator()
+    g.manual_seed(0)  # run.seed
+    loader = DataLoader(train, batch_size=4, sampler=RandomSampler(train, generator=g), drop_last=True,
+                        collate_fn=list)
+    assert got["batches"] == [list(b) for _ in range(2) for b in loader]
+    assert got["total_steps"] == 4 and got["epochs"] == [0, 0, 1, 1]
+    assert got["reward_weights"] == {"clip": 0.0, "keyword": 0.0, "format": 0.1, "length": 0.0, "accuracy": 0.9}
+    assert got["result"]["eval_before"]["eval/count"] == got["result"]["eval_after"]["eval/count"] == 2
+    plan = got["plan"]
+    assert got["rc"] == 0 and not got["dry_run_wrote"]
+    assert {k: plan[k] for k in ("stage", "prompts", "rollout_batch", "mini_batch", "epochs", "steps_per_epoch",
+                                 "total_steps", "updates_per_step", "samples_per_step", "grading")} == {
+        "stage": "stage2", "prompts": 10, "rollout_batch": 4, "mini_batch": 4, "epochs": 2, "steps_per_epoch": 2,
+        "total_steps": 4, "updates_per_step": 1, "samples_per_step": 8, "grading": "upstream"}
+    assert plan["reward_weights"] == got["reward_weights"] and plan["dropped_per_epoch"] == 2
+    assert plan["eval"] == {"source": "grpo.eval_holdout", "records": 2, "max_samples": 0}
+    assert plan["skipped"] == {} and not plan["filters_not_applied"]
+
+
 def test_pipeline_skips_finished_stages(runs):
     got = _ok(runs, "pipeline")
     work = runs["tmp"] / "pipeline" / "work"
