@@ -112,6 +112,8 @@ def test_stage2_epochs_drop_the_partial_batch_in_upstreams_order_with_a_holdout(
                         collate_fn=list)
     assert got["batches"] == [list(b) for _ in range(2) for b in loader]
     assert got["total_steps"] == 4 and got["epochs"] == [0, 0, 1, 1]
+    assert ("stage2: 10 prompts (2 held out for evaluation), rollout batch 4 -> 2 steps per epoch (2 prompts sit out "
+            "each epoch) x 2 epochs = 4 steps; 1 updates and 8 samples per step") in got["started"]
     assert got["reward_weights"] == {"clip": 0.0, "keyword": 0.0, "format": 0.1, "length": 0.0, "accuracy": 0.9}
     assert got["result"]["eval_before"]["eval/count"] == got["result"]["eval_after"]["eval/count"] == 2
     plan = got["plan"]

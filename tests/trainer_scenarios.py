@@ -114,7 +114,9 @@ def _epochs_holdout_and_dry_run(model, data, tmp):
     with contextlib.redirect_stdout(printed):
         rc = main(["train", "--dry-run", *args])
     dry_run_wrote = (tmp / "run").exists()
-    trainer = GRPOTrainer(load_config(None, args))
+    started = io.StringIO()
+    with contextlib.redirect_stdout(started):
+        trainer = GRPOTrainer(load_config(None, args))
     batches, draw = [], trainer.sampler.next_batch
 
     def recording():
@@ -125,7 +127,7 @@ def _epochs_holdout_and_dry_run(model, data, tmp):
     trainer.sampler.next_batch = recording
     res = trainer.train()
     rows = [r for r in read_metrics(tmp / "run" / "metrics.jsonl") if "reward/total" in r]
-    return {"rc": rc, "plan": json.loads(printed.getvalue()), "dry_run_wrote": dry_run_wrote,
+    return {"rc": rc, "plan": json.loads(printed.getvalue()), "dry_run_wrote": dry_run_wrote, "started": started.getvalue(),
             "total_steps": trainer.total_steps, "batches": batches, "train_qids": [r.qid for r in trainer.records],
             "holdout_qids": [r.qid for r in trainer.data.holdout], "reward_weights": trainer.reward_model.weights,
             "epochs": [r["epoch"] for r in rows], "result": res.to_dict()}

@@ -46,6 +46,7 @@ class GRPOTrainer(StageTrainer):
         self.sampler = EpochSampler(self.records, self.stage.rollout_batch_size, seed=cfg.run.seed,
                                     shuffle=self.stage.shuffle, drop_last=True)
         self.total_steps = self.schedule.total_steps
+        self.ctx.log(self.schedule.summary(self.stage.stage, len(self.data.holdout)))
         self.build_engine()  # first: SGLang sizes its KV pool from the free memory (see trainer/stage.py)
         self.actor = self.build_actor(cfg.actor, self.total_steps * self.schedule.updates_per_step)
         self.ref_actor = self.build_actor(cfg.actor, 1, trainable=False) if cfg.algo.kl_coef > 0 else None

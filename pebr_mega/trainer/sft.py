@@ -60,6 +60,9 @@ class SFTTrainer(StageTrainer):
         # (`dataloader_drop_last` off): ceil(conversations / batch) updates per epoch (trainer/data_order.py).
         self.sampler = EpochSampler(self.seqs, sft.batch_size, seed=cfg.run.seed, drop_last=False)
         self.total_steps = self.sampler.steps_per_epoch() * sft.epochs
+        self.ctx.log(f"sft: {len(self.seqs)} conversations, batch {sft.batch_size} -> {self.sampler.steps_per_epoch()} "
+                     f"steps per epoch (the last one partial when it does not divide) x {sft.epochs} epochs = "
+                     f"{self.total_steps} steps")
         if self.loop.eval_file or cfg.data.eval_file:
             self.build_engine()  # before the actor: memory order (see trainer/stage.py)
         actor_cfg = sft_actor_config(cfg.actor, sft)

@@ -137,6 +137,15 @@ class RLSchedule:
     def samples_per_step(self) -> int:
         return self.rollout_batch * self.n
 
+    def summary(self, stage: str, held_out: int = 0) -> str:
+        """The schedule in one line, printed when the stage starts."""
+        held = f" ({held_out} held out for evaluation)" if held_out else ""
+        capped = f", capped by grpo.max_steps={self.max_steps}" if 0 < self.max_steps < self.steps_per_epoch * self.epochs else ""
+        return (f"{stage}: {self.prompts} prompts{held}, rollout batch {self.rollout_batch} -> {self.steps_per_epoch} "
+                f"steps per epoch ({self.dropped_per_epoch} prompts sit out each epoch) x {self.epochs} epochs = "
+                f"{self.total_steps} steps{capped}; {self.updates_per_step} updates and {self.samples_per_step} samples "
+                "per step")
+
     def require_steps(self, stage: GRPOTrainerConfig, held_out: int = 0) -> None:
         """DataError when the prompts make no full rollout batch (the stage would have nothing to run)."""
         if self.steps_per_epoch == 0:
