@@ -271,7 +271,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
     m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results)
     print(f"eval {args.model} on {args.dataset}: {int(m['eval/count'])} questions | accuracy {m['eval/accuracy']:.3f}"
-          f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens")
+          f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens"
+          + (f" | exact description {m['eval/description_exact']:.3f}" if "eval/description_exact" in m else ""))
     return 0
 
 
