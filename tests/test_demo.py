@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from pebr_mega.cli import main
 
 
 def test_demo_writes_summary_and_curves(tmp_path, capsys):
     out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--num-grpo", "8", "--num-sft", "16", "--num-eval", "4",
+    rc = main(["demo", "--out", str(out), "--num-grpo", "8", "--num-sft", "16", "--num-eval", "4", "--clip-steps", "4",
                "sft.epochs=1", "sft.batch_size=8", "sample.n=2", "rollout.n=2", "rollout.max_new_tokens=12",
                "grpo.rollout_batch_size=2", "grpo.mini_batch_size=2", "grpo.max_steps=1",
                "logging.progress_bar=false"])
@@ -17,9 +19,18 @@ def test_demo_writes_summary_and_curves(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"sft", "stage1", "stage2", "wall_seconds", "split", "final_model"}
     assert "eval_accuracy" in summary["sft"] and "mean_reward" in summary["sft"]
+    assert 0.0 <= summary["sft"]["eval_description_exact"] <= 1.0
     for stage in ("stage1", "stage2"):
         s = summary[stage]
-        assert "skipped" in s or ("eval_accuracy" in s and "mean_reward" in s), (stage, s)
+        assert "skipped" in s or ("eval_accuracy" in s and "mean_reward" in s and "eval_description_exact" in s), (stage, s)
+    # The tiny CLIP was trained (on the 24 training images) and measured on the 4 held-out ones.
+    clip = json.loads((out / "clip" / "training.json").read_text())
+    assert clip["eval_images"] == 4 and clip["training"]["steps"] == 4
+    assert summary["clip_retrieval_accuracy"] == clip["clip_retrieval_accuracy"]
+    assert {"clip_reward_true", "clip_reward_negative"} <= set(summary["clip"])
+    # Stage 1 runs with the recipe's weights: the demo overrides none of them (the CLIP reward is on).
+    assert yaml.safe_load((out / "pipeline" / "sft" / "config.yaml").read_text())["rewards"]["weights"] == {}
+    assert [json.loads(x)["step"] for x in (out / "heldout.jsonl").read_text().splitlines()][0] == 0
     assert sum(summary["split"][k] for k in ("easy", "medium", "hard")) == 8
     assert (out / "pipeline" / "final" / "config.json").is_file()
     printed = capsys.readouterr().out
