@@ -30,7 +30,9 @@ def test_demo_writes_summary_and_curves(tmp_path, capsys):
     assert {"clip_reward_true", "clip_reward_negative"} <= set(summary["clip"])
     # Stage 1 runs with the recipe's weights: the demo overrides none of them (the CLIP reward is on).
     assert yaml.safe_load((out / "pipeline" / "sft" / "config.yaml").read_text())["rewards"]["weights"] == {}
-    assert [json.loads(x)["step"] for x in (out / "heldout.jsonl").read_text().splitlines()][0] == 0
+    held = [json.loads(x) for x in (out / "heldout.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in held] == ["sft", "stage1", "stage2"]
+    assert held[0]["eval/description_exact"] == summary["sft"]["eval_description_exact"]
     assert sum(summary["split"][k] for k in ("easy", "medium", "hard")) == 8
     assert (out / "pipeline" / "final" / "config.json").is_file()
     printed = capsys.readouterr().out

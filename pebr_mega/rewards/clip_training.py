@@ -14,8 +14,8 @@ learns nothing. So the objective has two parts:
 
 Inputs go through the reward scorer's own preprocessing (`ClipAlignmentScorer.pixel_values` and
 `text_inputs`), so what the CLIP is trained on is what it scores. Everything is drawn from `cfg.seed`
-(torch and `random`), so the same pairs and config give the same weights on the same machine and thread
-count.
+(torch and `random`) and training runs on one thread, so the same pairs and config give the same weights on
+the same machine.
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def _train(model_dir: str | Path, pairs: Sequence[ClipPair], cfg: ClipTrainingCo
     order: list[int] = []
     recent: list[dict] = []
     for step in range(cfg.steps):
-        if len(order) < cfg.batch_size:
+        while len(order) < cfg.batch_size:
             fresh = list(range(len(pairs)))
             rng.shuffle(fresh)
             order += fresh

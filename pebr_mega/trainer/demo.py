@@ -209,29 +209,62 @@ def summarize(results: dict, wall: float, clip: dict | None = None) -> dict:
             "final_model": results.get("export", {}).get("model_dir"), "wall_seconds": round(wall, 1)}
 
 
-HELD_OUT = "heldout.jsonl"  # the held-out metrics after each stage (x = 0 SFT, 1 stage 1, 2 stage 2), for the plot
-PLOT_KEYS = ("reward/total", "reward/clip", "reward/keyword", "reward/accuracy", "eval/accuracy",
-             "eval/description_exact", "response_length/mean", "kl", "entropy", "grad_norm")
+HELD_OUT = "heldout.jsonl"  # the held-out metrics after SFT, stage 1 and stage 2
+TRAIN_KEYS = ("reward/total", "reward/clip", "reward/keyword", "reward/accuracy", "response_length/mean", "kl",
+              "entropy", "grad_norm")
+HELD_OUT_KEYS = ("eval/accuracy", "eval/description_exact", "eval/description_f1")
 
 
 def plot_demo(out: Path, summary: dict) -> Path | None:
-    """`curves.png`: the GRPO stages' training curves, and the held-out accuracy and description exactness
-    after SFT, stage 1 and stage 2 (written to `heldout.jsonl`, plotted at x = 0, 1, 2)."""
-    from pebr_mega.logging import plot_metrics
+    """`curves.png`: the GRPO stages' training curves per step (one colour per stage), then the held-out
+    accuracy and exact-description rate after SFT, stage 1 and stage 2 (also written to `heldout.jsonl`)."""
+    import math
 
-    rows = []
-    for x, stage in enumerate(("sft", "stage1", "stage2")):
-        s = summary.get(stage) or {}
-        if "eval_accuracy" in s:
-            rows.append({"step": x, "eval/accuracy": s["eval_accuracy"],
-                         "eval/description_exact": s.get("eval_description_exact")})
-    (out / HELD_OUT).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    runs = [out / "pipeline" / s / "metrics.jsonl" for s in ("stage1", "stage2")]
-    runs = [r for r in runs if r.is_file()]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pebr_mega.logging import read_metrics
+
+    stages = ("sft", "stage1", "stage2")
+    held = [{"stage": st, **{k: (summary.get(st) or {}).get("eval_" + k.split("/")[1]) for k in HELD_OUT_KEYS}}
+            for st in stages]
+    (out / HELD_OUT).write_text("".join(json.dumps(r) + "\n" for r in held))
+    runs = {st: read_metrics(out / "pipeline" / st / "metrics.jsonl") for st in ("stage1", "stage2")
+            if (out / "pipeline" / st / "metrics.jsonl").is_file()}
     if not runs:
         return None
-    labels = [r.parent.name for r in runs] + ["held-out after SFT / stage 1 / stage 2 (x = 0 / 1 / 2)"]
-    return plot_metrics(runs + [out / HELD_OUT], out / "curves.png", keys=PLOT_KEYS, labels=labels)
+    keys = [k for k in TRAIN_KEYS if any(k in r for rows in runs.values() for r in rows)]
+    panels = keys + list(HELD_OUT_KEYS)
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(13.5, 3.2 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    colors = {"stage1": "tab:blue", "stage2": "tab:orange"}
+    for ax, key in zip(axes.flat, panels):
+        if key in HELD_OUT_KEYS:
+            pts = [(i, r[key]) for i, r in enumerate(held) if r[key] is not None]
+            ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o", color="tab:green")
+            for i, v in pts:
+                ax.annotate(f"{v:.3f}", (i, v), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=8)
+            ax.set_xticks(range(len(stages)), ["after SFT", "after stage 1", "after stage 2"])
+            ax.set_title(f"held-out {key.split('/')[1]} (greedy)")
+        else:
+            for st, rows in runs.items():
+                pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker=".", color=colors[st], label=st)
+            ax.set_title(key)
+            ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    png = out / "curves.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
 
 
 def print_summary(summary: dict, out: Path) -> None:
