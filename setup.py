@@ -16,6 +16,7 @@ CORE = [
     "numpy>=1.26",
     "omegaconf>=2.3",
     "pyyaml>=6.0",
+    "jinja2>=3.1",  # prompt templates (data.format_prompt)
     # MathRuler imports pylatexenc and sympy without declaring them.
     "mathruler>=0.1.0",
     "pylatexenc>=2.10",
@@ -28,16 +29,22 @@ CORE = [
     "einops>=0.7",
 ]
 
+# DALI ships one wheel per CUDA major and every one of them installs the same `nvidia/dali` package, so two
+# of them in one environment overwrite each other. Exactly one extra names a DALI wheel, chosen by the user
+# for the machine's CUDA (README, "Installing the GPU backends"); `gpu` and `test` name none.
+# tests/test_packaging.py checks this and every install command the docs and CI give.
 EXTRAS = {
-    # nvidia-dali-cuda130 is for CUDA 13 drivers; use nvidia-dali-cuda120 on CUDA 12 (see README).
     "gpu": [
         "transformer-engine[pytorch]>=2.0",
         "sglang>=0.5",
-        "nvidia-dali-cuda130>=1.50",
         "flash-attn>=2.6",
     ],
-    "dali-cuda120": ["nvidia-dali-cuda120>=1.50"],
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "nvidia-dali-cuda120>=1.50"],
+    "dali-cuda120": ["nvidia-dali-cuda120>=1.50"],  # CUDA 12 drivers; also CI's CPU tests of DALI
+    "dali-cuda130": ["nvidia-dali-cuda130>=1.50"],  # CUDA 13 drivers
+    # FG-CLIP (the CLIP reward's checkpoint upstream) ships modelling code that imports torchvision.ops; install
+    # the torchvision build that matches your torch.
+    "clip": ["torchvision>=0.19"],
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
 }
 
 packages = find_packages(include=["pebr_mega", "pebr_mega.*"]) + ["pebr_mega.kernels"]
@@ -51,7 +58,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"pebr_mega.kernels": "kernels"},
-    package_data={"pebr_mega": ["configs/*.yaml"]},
+    package_data={"pebr_mega": ["configs/*.yaml", "templates/*.jinja"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["pebr=pebr_mega.cli:main"]},

@@ -14,10 +14,18 @@ The formulas are those of `pebr_mega.algo.grpo` (documented there). Per token, w
 (ties of max/min are measure-zero; where L1 = L2 with r inside the bounds both branches have slope -A).
 
 Aggregation is linear in the per-token losses: loss = sum_b w_b sum_t mask_bt (L_bt + kl_coef KL_bt) with a
-per-row weight w_b fixed by the mode and the counts (`algo.grpo.row_weights`). So one pass can emit, per
-(row, tile of BLOCK_T tokens), the masked sums the loss and metrics need, and the per-token derivative
-D_bt = mask_bt (dL/d log pi + kl_coef dKL/d log pi), without knowing w yet. The counts then give w (a few
-``[B]``-sized torch ops), and backward is d loss / d log pi_bt = grad * w_b * D_bt, one broadcast multiply.
+per-row weight w_b fixed by the mode and the counts (`reference.row_weights`): w_b = s for token-mean and
+seq-mean-token-sum, s / n_b for seq-mean-token-mean, with s = 1 / (the given denominator, or the batch's
+token count, or its count of non-empty rows) and n_b the row's token count. So the work is three launches,
+none of them ``[B]``-sized torch glue (at 1M tokens the whole memory floor is a few microseconds, so the
+loss must not be launch-bound):
+
+1. `_grpo_loss_fwd_kernel`, one program per (row, tile of BLOCK_T tokens): the masked sums the loss and
+   metrics need, and the per-token derivative D_bt = mask_bt (dL/d log pi + kl_coef dKL/d log pi), which
+   does not depend on w;
+2. `_grpo_loss_finish_kernel`, one program: sums the tiles of every row, forms s, the loss, the aggregated
+   pg/kl losses and the token means, and keeps n_b per row and s for backward;
+3. backward, `_grpo_loss_bwd_kernel`: d loss / d log pi_bt = grad * s * D_bt (/ n_b), in the input dtype.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .reference import LOG_RATIO_CLAMP, LOW_VAR_KL_CLAMP
+from .reference import LOG_RATIO_CLAMP, LOW_VAR_KL_CLAMP, METRIC_NAMES
 
 MAX_BLOCK_T = 1024  # tokens per program; the tests lower it to get several tiles per row
 N_STATS = 9  # loss, count, pg, kl, clipped, dual-clipped, -lr, -log pi, entropy (masked sums)
@@ -108,22 +116,79 @@ def _grpo_loss_fwd_kernel(
         tl.store(out + 8, 0.0)
 
 
-def _row_weights(count: Tensor, agg: str, denominator) -> Tensor:
-    # w_b of `algo.grpo.row_weights`, from the per-row token counts.
-    if denominator is not None:
-        n = torch.as_tensor(denominator, dtype=torch.float32, device=count.device)
-    elif agg == "token-mean":
-        n = count.sum().clamp(min=1)
+@triton.jit
+def _grpo_loss_finish_kernel(
+    stats_ptr, row_count_ptr, loss_ptr, metrics_ptr, scale_ptr, denom_ptr, denom_value,
+    n_rows, n_tiles, AGG: tl.constexpr, DENOM: tl.constexpr, BLOCK_B: tl.constexpr, N_STATS: tl.constexpr,
+    STAT_COLS: tl.constexpr,
+):
+    # AGG: 0 token-mean, 1 seq-mean-token-sum, 2 seq-mean-token-mean. DENOM: 0 none, 1 value, 2 pointer.
+    cols = tl.arange(0, STAT_COLS)
+    col_ok = cols < N_STATS
+    totals = tl.zeros((STAT_COLS,), tl.float32)  # sum over rows of each statistic
+    per_seq = tl.zeros((STAT_COLS,), tl.float32)  # sum over rows of (row sum / row count)
+    nonempty = tl.zeros((BLOCK_B,), tl.float32)
+    for start in range(0, n_rows, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        row_ok = rows < n_rows
+        acc = tl.zeros((BLOCK_B, STAT_COLS), tl.float32)
+        base = rows.to(tl.int64)[:, None] * n_tiles * N_STATS + cols[None, :]
+        ok = row_ok[:, None] & col_ok[None, :]
+        for tile in range(0, n_tiles):
+            acc += tl.load(stats_ptr + base + tile * N_STATS, mask=ok, other=0.0)
+        count = tl.sum(tl.where(cols[None, :] == 1, acc, 0.0), axis=1)
+        tl.store(row_count_ptr + rows, count, mask=row_ok)
+        totals += tl.sum(acc, axis=0)
+        per_seq += tl.sum(acc / tl.maximum(count, 1.0)[:, None], axis=0)
+        nonempty += tl.where(row_ok & (count > 0), 1.0, 0.0)
+    tokens = tl.sum(tl.where(cols == 1, totals, 0.0), axis=0)
+    if DENOM == 1:
+        n = denom_value
+    elif DENOM == 2:
+        n = tl.load(denom_ptr).to(tl.float32)
+    elif AGG == 0:
+        n = tl.maximum(tokens, 1.0)
     else:
-        n = (count > 0).sum().float().clamp(min=1)
-    if agg == "seq-mean-token-mean":
-        return 1.0 / (n * count.clamp(min=1))
-    return (1.0 / n).expand(count.shape)
+        n = tl.maximum(tl.sum(nonempty, axis=0), 1.0)
+    scale = 1.0 / n
+    if AGG == 2:
+        weighted = per_seq * scale
+    else:
+        weighted = totals * scale
+    means = totals / tl.maximum(tokens, 1.0)
+    tl.store(loss_ptr, tl.sum(tl.where(cols == 0, weighted, 0.0), axis=0))
+    tl.store(scale_ptr, scale)
+    # metrics: aggregated pg (stat 2) and kl (stat 3), then the token means of stats 4..8
+    tl.store(metrics_ptr + 0, tl.sum(tl.where(cols == 2, weighted, 0.0), axis=0))
+    tl.store(metrics_ptr + 1, tl.sum(tl.where(cols == 3, weighted, 0.0), axis=0))
+    for k in tl.static_range(4, N_STATS):
+        tl.store(metrics_ptr + (k - 2), tl.sum(tl.where(cols == k, means, 0.0), axis=0))
+
+
+@triton.jit
+def _grpo_loss_bwd_kernel(dtok_ptr, row_count_ptr, scale_ptr, grad_loss_ptr, grad_ptr, n_cols,
+                          PER_ROW: tl.constexpr, BLOCK_T: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    inside = cols < n_cols
+    w = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(scale_ptr)
+    if PER_ROW:
+        w = w / tl.maximum(tl.load(row_count_ptr + row), 1.0)
+    d = tl.load(dtok_ptr + row * n_cols + cols, mask=inside, other=0.0)
+    tl.store(grad_ptr + row * n_cols + cols, d * w, mask=inside)
 
 
 def _flat_input(t: Tensor) -> Tensor:
     t = t.contiguous()
     return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+_AGG_CODES = {"token-mean": 0, "seq-mean-token-sum": 1, "seq-mean-token-mean": 2}
+FINISH_BLOCK_B = 64  # rows per step of the finishing program's loop
+
+
+def _block_t(n_cols: int) -> int:
+    return max(16, min(MAX_BLOCK_T, triton.next_power_of_2(max(n_cols, 1))))
 
 
 class FusedGrpoLoss(torch.autograd.Function):
@@ -137,11 +202,15 @@ class FusedGrpoLoss(torch.autograd.Function):
         lp, old, adv, keep = (_flat_input(t) for t in (logprobs, old_logprobs, advantages, mask))
         ref = _flat_input(ref_logprobs) if ref_logprobs is not None else lp
         ent = _flat_input(entropy) if entropy is not None else lp
-        block = max(16, min(MAX_BLOCK_T, triton.next_power_of_2(max(n_cols, 1))))
+        block = _block_t(n_cols)
         n_tiles = triton.cdiv(n_cols, block)
         device = logprobs.device
-        stats = torch.zeros(n_rows, n_tiles, N_STATS, dtype=torch.float32, device=device)
-        dtok = torch.empty(n_rows, n_cols, dtype=torch.float32, device=device) if need_grad else stats
+        f32 = dict(dtype=torch.float32, device=device)
+        # Every (row, tile) program writes all its statistics: no zero-fill needed.
+        stats = torch.empty(max(n_rows * n_tiles, 1), N_STATS, **f32)
+        dtok = torch.empty(n_rows, n_cols, **f32) if need_grad else stats
+        row_count = torch.empty(max(n_rows, 1), **f32)
+        loss, metrics, scale = torch.empty((), **f32), torch.empty(len(METRIC_NAMES), **f32), torch.empty(1, **f32)
         if n_rows and n_tiles:
             _grpo_loss_fwd_kernel[(n_rows, n_tiles)](
                 lp, old, adv, keep, ref, ent, dtok, stats,
@@ -150,20 +219,30 @@ class FusedGrpoLoss(torch.autograd.Function):
                 KL_TYPE=_KL_CODES[kl_type if ref_logprobs is not None else None], HAS_ENT=entropy is not None,
                 NEED_GRAD=need_grad, BLOCK_T=block, N_STATS=N_STATS, num_warps=4,
             )
-        per_row = stats.sum(1)  # [B, N_STATS]
-        weights = _row_weights(per_row[:, 1], agg, denominator)
-        weighted = weights @ per_row[:, :4]  # loss, (count), pg, kl aggregated with w_b
-        totals = per_row.sum(0)
-        means = totals[4:] / totals[1].clamp(min=1)  # clip, dual, approx_kl, -log pi, entropy
-        metrics = torch.cat([weighted[2:4], means])
+        if isinstance(denominator, Tensor):
+            denom_mode, denom_ptr, denom_value = 2, denominator.reshape(1).to(device), 0.0
+        else:
+            denom_mode, denom_ptr, denom_value = (0, stats, 0.0) if denominator is None else (1, stats, float(denominator))
+        _grpo_loss_finish_kernel[(1,)](
+            stats, row_count, loss, metrics, scale, denom_ptr, denom_value, n_rows, n_tiles,
+            AGG=_AGG_CODES[agg], DENOM=denom_mode, BLOCK_B=FINISH_BLOCK_B, N_STATS=N_STATS, STAT_COLS=16,
+            num_warps=4,
+        )
         ctx.mark_non_differentiable(metrics)
         if need_grad:
-            ctx.save_for_backward(dtok, weights)
-            ctx.lp_dtype = logprobs.dtype
-        return weighted[0], metrics
+            ctx.save_for_backward(dtok, row_count, scale)
+            ctx.lp_dtype, ctx.per_row, ctx.block = logprobs.dtype, agg == "seq-mean-token-mean", block
+        return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, grad_metrics):
-        dtok, weights = ctx.saved_tensors
-        grad = dtok * (grad_loss * weights).unsqueeze(1)
-        return grad.to(ctx.lp_dtype), None, None, None, None, None, None
+        dtok, row_count, scale = ctx.saved_tensors
+        n_rows, n_cols = dtok.shape
+        grad = torch.empty(n_rows, n_cols, dtype=ctx.lp_dtype, device=dtok.device)
+        if n_rows and n_cols:
+            _grpo_loss_bwd_kernel[(n_rows, triton.cdiv(n_cols, ctx.block))](
+                dtok, row_count, scale, grad_loss.contiguous(), grad, n_cols, PER_ROW=ctx.per_row, BLOCK_T=ctx.block,
+                num_warps=4,
+            )
+        return grad, None, None, None, None, None, None
+

@@ -39,6 +39,9 @@ def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
     from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
     from pebr_mega.data.corpus import tokenizer_corpus
+    from pebr_mega.outputs import claim_output_dir
+
+    claim_output_dir(args.out, what="--out")
 
     cfg = TinyModelConfig(seed=args.seed, tie_word_embeddings=args.tie_embeddings)
     for arg, name in [("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
@@ -85,6 +88,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pebr_mega.logging import DEFAULT_PLOT_KEYS, plot_metrics
+    from pebr_mega.outputs import claim_output_file, plot_path
 
     files = []
     for d in args.run_dirs:
@@ -92,12 +96,60 @@ def _cmd_plot(args: argparse.Namespace) -> int:
         if not f.is_file():
             raise UserError(f"no metrics.jsonl in {d}")
         files.append(f)
-    out = args.out or str(files[0].parent / "curves.png")
+    out = claim_output_file(plot_path(args.out, files[0].parent / "curves.png"), files, what="--out")
     try:
         png = plot_metrics(files, out, args.keys or DEFAULT_PLOT_KEYS)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"wrote {png}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="will the run fit, and how fast: memory, layouts and step time, no GPU needed",
+                       description="For the resolved config: per-GPU memory of training (parameters, gradients, "
+                                   "optimizer, activations, logits, reference) and of the SGLang rollout (weights, KV "
+                                   "cache, CUDA graphs), whether the colocated schedule fits, a step-time estimate "
+                                   "per phase, and every TP/PP/DP layout ranked, with the reason each rejected one "
+                                   "fails. No model is loaded.")
+    p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu", default="h100-80gb", help="card: h100-80gb, h200-141gb, a100-80gb, a100-40gb")
+    p.add_argument("--model-shape", default=None, choices=["3b", "7b"],
+                   help="plan for this built-in shape instead of the model's config.json")
+    p.add_argument("--job", default="grpo", choices=["grpo", "sft"], help="a GRPO step (default) or an SFT update")
+    p.add_argument("--prompt-tokens", type=int, default=None, help="default: data.max_prompt_length (sft: cutoff_len)")
+    p.add_argument("--response-tokens", type=int, default=None, help="default: rollout.max_new_tokens")
+    p.add_argument("--images-per-prompt", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from pebr_mega.config import load_config
+    from pebr_mega.plan import Cluster, format_plan, gpu_spec, make_plan, plan_to_json, resolve_arch
+    from pebr_mega.plan.checks import model_path
+
+    cfg = load_config(args.config, args.overrides)
+    if args.nodes < 1 or args.gpus_per_node < 1:
+        raise UserError(f"--nodes {args.nodes} and --gpus-per-node {args.gpus_per_node} must be >= 1")
+    try:
+        gpu = gpu_spec(args.gpu)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    key, path = model_path(cfg, "sft" if args.job == "sft" else "train")
+    arch, source = resolve_arch(path, args.model_shape, key)
+    plan = make_plan(cfg, arch, Cluster(args.nodes, args.gpus_per_node, gpu), args.job, source,
+                     args.prompt_tokens, args.response_tokens, args.images_per_prompt)
+    print(json.dumps(plan_to_json(plan), indent=1) if args.json else format_plan(plan))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- synth
 def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="render the synthetic shapes dataset (GRPO, SFT and eval sets)",
@@ -119,7 +171,9 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
+    from pebr_mega.outputs import claim_output_dir
 
+    claim_output_dir(args.out, what="--out")
     cfg = SynthConfig(num=args.num, num_sft=args.num_sft, num_eval=args.num_eval, seed=args.seed,
                       width=args.width, height=args.height, min_objects=args.min_objects,
                       max_objects=args.max_objects, sft_teacher_error=args.sft_teacher_error)
@@ -127,6 +181,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         print(write_synthetic_dataset(args.out, cfg))
     except ValueError as e:
         raise UserError(str(e)) from None
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- filter-sft
 def _add_filter_sft(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("filter-sft", help="filter ShareGPT SFT records with the Mulberry rules",
@@ -145,7 +202,10 @@ def _add_filter_sft(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_filter_sft(args: argparse.Namespace) -> int:
     from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
+    from pebr_mega.outputs import claim_output_file
 
+    claim_output_file(args.output, [args.input], what="--output")
+    claim_output_file(sidecar_path(args.output), [args.input], what="the dropped-records file")
     res = filter_sft_file(args.input, args.output, args.image_root, decode=not args.no_decode,
                           workers=args.workers, progress=sys.stderr.isatty())
     print(f"filter-sft: {args.input} ({res.images_checked} distinct images checked)")
@@ -191,8 +251,11 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from pebr_mega.data.split import format_summary, split_files
+    from pebr_mega.data.split import SPLIT_FILES, format_summary, split_files
+    from pebr_mega.outputs import claim_output_dir
 
+    claim_output_dir(args.out_dir, [args.rollouts, args.dataset], what="--out-dir",
+                     writes=[*SPLIT_FILES.values(), "summary.json"])
     res = split_files(args.rollouts, args.dataset, args.out_dir, args.n, args.correct_threshold)
     total = sum(res.counts().values())
     print(f"split: {total} questions from {args.dataset}, n={args.n}, correct if score >= {args.correct_threshold}")
@@ -218,8 +281,10 @@ def _add_make_tiny_clip(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_make_tiny_clip(args: argparse.Namespace) -> int:
     from pebr_mega.data.corpus import tokenizer_corpus
+    from pebr_mega.outputs import claim_output_dir
     from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
 
+    claim_output_dir(args.out, what="--out")
     cfg = TinyClipConfig(seed=args.seed, image_size=args.image_size, patch_size=args.patch_size,
                          hidden_size=args.hidden_size, num_layers=args.layers)
     try:
@@ -244,6 +309,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--results", default=None, help="write one JSON line per question here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format-prompt", default=None,
+                   help="prompt template (default: the model's own format_prompt.jinja, else the packaged one)")
+    p.add_argument("--grading", default="upstream", choices=["upstream", "lenient"],
+                   help="how the answer is taken from a response (rewards.answer_grading; default upstream)")
     p.set_defaults(handler=_cmd_eval)
 
 
@@ -252,27 +321,42 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from pebr_mega.data.images import make_image_decoder
     from pebr_mega.data.records import load_grpo_records
+    from pebr_mega.data.template import model_prompt_template
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import build_requests
     from pebr_mega.trainer.hf_io import sampling_params
     from pebr_mega.trainer.evaluate import evaluate
+    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
+    from pebr_mega.errors import DataError
+    from pebr_mega.outputs import claim_output_file
 
+    check_hf_model_dir(args.model, "--model")
+    if args.results:
+        claim_output_file(args.results, [args.dataset, args.model], what="--results")
     loaded = load_grpo_records(args.dataset, args.image_root)
     if loaded.skipped:
         print(loaded.report())
     records = loaded.records[: args.max_samples or None]
+    if not records:
+        raise DataError(f"{args.dataset}: no usable records to evaluate ({loaded.total} read, "
+                        f"{len(loaded.skipped)} skipped)")
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=args.batch_size)
     image_root = args.image_root or str(Path(args.dataset).parent)
     proc = _image_config_from_model(args.model)
     requests, report = build_requests(records, engine.tokenizer, make_image_decoder(proc), image_root,
-                                      max_prompt_length=1 << 30)
+                                      max_prompt_length=1 << 30,
+                                      template=model_prompt_template(args.model, args.format_prompt))
     if report.skipped:
         print(report.summary())
+    if not requests:
+        raise DataError(f"{args.dataset}: none of its {len(records)} records could be turned into a prompt")
     sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
-    m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results)
+    m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results,
+                 grading=args.grading)
     print(f"eval {args.model} on {args.dataset}: {int(m['eval/count'])} questions | accuracy {m['eval/accuracy']:.3f}"
           f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens"
-          + (f" | exact description {m['eval/description_exact']:.3f}" if "eval/description_exact" in m else ""))
+          + (f" | exact description {m['eval/description_exact']:.3f}" if "eval/description_exact" in m else "")
+          + (f" | {int(m['eval/timeouts'])} timed out in grading (scored 0)" if m.get("eval/timeouts") else ""))
     return 0
 
 
@@ -295,27 +379,35 @@ def _image_config_from_model(model_dir: str):
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("infer", help="answer one question about one image with an HF model",
-                       description="Upstream's inference.py: the PeBR prompt, one image, one answer.")
+                       description="Upstream's inference.py: one image, one answer, greedy, up to 4,096 new "
+                                   "tokens; prompted with the template the model was trained with.")
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--image", required=True)
-    p.add_argument("--question", required=True)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--question", required=True, help="the problem; an <image> is put first when it has none")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (upstream: 1e-6)")
+    p.add_argument("--max-new-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--format-prompt", default=None,
+                   help="prompt template (default: the model's own format_prompt.jinja, else the packaged one)")
     p.set_defaults(handler=_cmd_infer)
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     from pebr_mega.data.images import make_image_decoder
     from pebr_mega.data.records import GRPORecord
+    from pebr_mega.data.template import model_prompt_template
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import build_request
     from pebr_mega.trainer.hf_io import sampling_params
+    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 
+    check_hf_model_dir(args.model, "--model")
+    template = model_prompt_template(args.model, args.format_prompt)
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=1)
     question = args.question if "<image>" in args.question else "<image>" + args.question
     record = GRPORecord(qid="infer", problem=question, answer="", images=[args.image])
-    req = build_request(record, engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)), ".")
+    req = build_request(record, engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)), ".",
+                        template=template)
     sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
     print(engine.generate([req], sampling)[0].response_text)
     return 0
@@ -323,27 +415,43 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- training
 # The config-driven commands share one shape: `--config C [k=v ...] [--dry-run]`, then one library call.
+def _check_startup(cfg, command: str) -> None:
+    """Every divisibility and size rule (pebr_mega.plan) before anything loads; notes go to stderr on rank 0."""
+    import os
+
+    from pebr_mega.plan import check_startup
+
+    result = check_startup(cfg, command=command)
+    if os.environ.get("RANK", "0") == "0":
+        for note in result.notes:
+            print(f"pebr {command}: note: {note}", file=sys.stderr)
+
+
 def _run_sft(cfg) -> str:
     from pebr_mega.trainer.sft import SFTTrainer
 
+    _check_startup(cfg, "sft")
     return f"sft done: model {SFTTrainer(cfg).train().model_dir}"
 
 
 def _run_train(cfg) -> str:
     from pebr_mega.trainer.grpo import GRPOTrainer
 
+    _check_startup(cfg, "train")
     return f"{cfg.grpo.stage} done: model {GRPOTrainer(cfg).train().model_dir}"
 
 
 def _run_sample(cfg) -> str:
     from pebr_mega.trainer.sample import run_sampling
 
+    _check_startup(cfg, "sample")
     return f"sampling done: {run_sampling(cfg)['output']}"
 
 
 def _run_pipeline(cfg) -> str:
     from pebr_mega.trainer.pipeline import run_pipeline
 
+    _check_startup(cfg, "pipeline")
     res = run_pipeline(cfg)
     return f"pipeline done: {res.get('export', {}).get('model_dir', cfg.pipeline.work_dir)}"
 
@@ -416,7 +524,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         image = Path(args.out) / "data" / first["images"][0]
         print(f"[demo] pebr infer --model {final} --image {image} --question {first['problem']!r}")
         _cmd_infer(argparse.Namespace(model=final, image=str(image), question=first["problem"], temperature=0.0,
-                                      max_new_tokens=160, seed=0))
+                                      max_new_tokens=160, seed=0, format_prompt=None))
         print(f"[demo] ground truth: {first['answer']}")
     return 0
 
@@ -475,6 +583,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_split,
     _add_make_tiny_clip,
     _add_compare_logits,
+    _add_plan,
 ]
 
 

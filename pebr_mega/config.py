@@ -6,7 +6,10 @@ into the root `PebrConfig` and validates what the user wrote:
 
 - an unknown key is an error naming the key and the keys that are valid at that level;
 - a value of the wrong type is an error naming the key, the value and the expected type;
-- a field declared with ``field(metadata={"choices": [...]})`` must take one of those values.
+- a field declared with ``field(metadata={"choices": [...]})`` must take one of those values;
+- a file must hold a mapping of sections, a section or dict field a mapping, a list field a list;
+- an interpolation (`${other.key}`) must resolve;
+- each component checks its own values when it is built (`__post_init__` with `config_fields.check_fields`).
 """
 # No `from __future__ import annotations`: OmegaConf resolves the root schema's field types at run time.
 
@@ -16,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import (ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException,
+                              ValidationError)
 
 from pebr_mega.actor.config import ActorConfig
 from pebr_mega.algo.grpo import AlgoConfig
@@ -97,6 +101,35 @@ def _raise_readable(err: OmegaConfBaseException, schema_obj: Any, source: str) -
     raise ConfigError(f"config error at '{key}' in {source}: {str(err).splitlines()[0]}") from None
 
 
+def _shape(value: Any) -> str | None:
+    """'mapping' or 'list' for containers (dataclass, dict / list) and their OmegaConf nodes, else None."""
+    if dataclasses.is_dataclass(value) or isinstance(value, (dict, DictConfig)):
+        return "mapping"
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "list"
+    return None
+
+
+def _check_shapes(layer: Any, schema_obj: Any, source: str, prefix: str = "") -> None:
+    """A list where the schema has a mapping (or the reverse) is an error naming the key (OmegaConf's merge
+    only says 'Cannot merge incompatible container types')."""
+    if not isinstance(layer, DictConfig) or not dataclasses.is_dataclass(schema_obj):
+        return
+    for key in layer.keys():
+        if not hasattr(schema_obj, str(key)):
+            continue  # unknown keys are reported by the merge, with the valid ones
+        expected, value = getattr(schema_obj, str(key)), layer._get_node(key)
+        want, got = _shape(expected), _shape(value)
+        dotted = f"{prefix}{key}"
+        if want is not None and got is not None and want != got:
+            raise ConfigError(f"config key '{dotted}' in {source} must be a {want}, got a {got}")
+        scalar = value._value()
+        if want == "mapping" and got is None and scalar is not None and not OmegaConf.is_interpolation(layer, key):
+            raise ConfigError(f"config key '{dotted}' in {source} must be a mapping, got {scalar!r}")
+        if got == "mapping":
+            _check_shapes(value, expected, source, dotted + ".")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type | None = None) -> Any:
     """Load `schema` (default: the root `PebrConfig`) from an optional YAML file, then apply overrides.
 
@@ -110,9 +143,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            layers.append((OmegaConf.load(p), str(p)))
+            loaded = OmegaConf.load(p)
         except Exception as e:  # yaml errors come in several classes
-            raise ConfigError(f"cannot parse config file {p}: {e}") from None
+            raise ConfigError(f"cannot parse config file {p}: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {p} must hold a mapping of sections (run:, rollout:, ...), "
+                              f"not a {'list' if isinstance(loaded, ListConfig) else type(loaded).__name__}")
+        layers.append((loaded, str(p)))
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' is not of the form key=value")
@@ -120,11 +157,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
     merged = base
     schema_obj = schema()
     for layer, source in layers:
+        _check_shapes(layer, schema_obj, source)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
             _raise_readable(e, schema_obj, source)
-    cfg = OmegaConf.to_object(merged)
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except InterpolationResolutionError as e:
+        key = getattr(e, "full_key", None) or "?"
+        raise ConfigError(f"config key '{key}': cannot resolve {str(e).splitlines()[0]}") from None
     _check_choices(cfg)
     return cfg
 

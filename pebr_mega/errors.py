@@ -20,3 +20,7 @@ class CheckpointError(PebrError):
 
 class BackendUnavailableError(PebrError):
     """A backend the user asked for by name cannot load; the message says why and how to install it."""
+
+
+class OutputError(PebrError):
+    """An output path would overwrite an input, a directory, or files pebr did not write; the message names it."""

@@ -1,7 +1,11 @@
 """Metrics: a progress bar with ETA, one readable console line per step, `metrics.jsonl`, wandb, plots.
 
-`MetricsLogger` is the only sink trainers write to. wandb is optional: `mode: disabled` (default),
+`MetricsLogger` is the only sink trainers write metrics to. wandb is optional: `mode: disabled` (default),
 `offline` (writes a local run directory, needs no network, sync later with `wandb sync`) or `online`.
+
+`log_generations` writes `logging.log_generations` sampled prompt/response/reward rows per step to
+`generations.jsonl` in the run directory and, when wandb is on, as a `generations` table (upstream EasyR1
+logs a few validation generations the same way: `trainer.val_generations_to_log`).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from pebr_mega.config_fields import choice
+from pebr_mega.config_fields import check_fields, choice
 from pebr_mega.errors import BackendUnavailableError
 
 # The keys shown on the console line, in order, with their format; everything goes to metrics.jsonl.
@@ -41,7 +45,17 @@ class LoggingConfig:
     progress_bar: bool = True
     console_every: int = 1
     extra_console_keys: list[str] = field(default_factory=list)
+    log_generations: int = 0  # rollout samples (prompt, response, reward) logged per GRPO step; 0 = none
 
+    def __post_init__(self) -> None:
+        check_fields("logging", {
+            "log_generations": (self.log_generations >= 0, self.log_generations, "must be >= 0"),
+            "console_every": (self.console_every >= 1, self.console_every, "must be >= 1"),
+        })
+
+
+GENERATIONS_FILE = "generations.jsonl"
+GENERATION_COLUMNS = ("step", "qid", "prompt", "response", "reward", "answer")
 
 def format_metrics_line(step: int, total: int | None, metrics: Mapping[str, Any], extra_keys: Sequence[str] = ()) -> str:
     """One readable line: `step 3/10 | reward 0.512 | acc 0.375 | ...` with the keys that are present."""
@@ -68,8 +82,9 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.total = total_steps
         self.path = self.run_dir / "metrics.jsonl"
-        if not resume and self.path.exists():
-            self.path.unlink()
+        if not resume:
+            for stale in (self.path, self.run_dir / GENERATIONS_FILE):
+                stale.unlink(missing_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
         self._t0 = time.time()
         self._bar = None
@@ -126,12 +141,45 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+def log_generations(cfg: LoggingConfig, run_dir: str | Path, step: int, rows: Sequence[Mapping[str, Any]]) -> int:
+    """Append the first `cfg.log_generations` of `rows` (dicts with at least the `GENERATION_COLUMNS` other
+    than `step`) to `run_dir/generations.jsonl`, and log them as the wandb table `generations` when a wandb
+    run is active. Only rank 0 writes. Returns the number of rows written."""
+    rows = list(rows)[: max(cfg.log_generations, 0)]
+    if not rows or _rank() != 0:
+        return 0
+    records = [{"step": step, **{k: _jsonable(v) for k, v in row.items()}} for row in rows]
+    with (Path(run_dir) / GENERATIONS_FILE).open("a", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    if cfg.wandb_mode != "disabled":
+        import wandb
+
+        if wandb.run is not None:
+            table = wandb.Table(columns=list(GENERATION_COLUMNS),
+                                data=[[rec.get(c) for c in GENERATION_COLUMNS] for rec in records])
+            wandb.run.log({"generations": table}, step=step)
+    return len(records)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def _jsonable(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {k: _jsonable(x) for k, x in v.items()}
     if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -158,6 +206,11 @@ def plot_metrics(metrics_files: Iterable[str | Path], out_png: str | Path, keys:
 
     files = [Path(f) for f in metrics_files]
     runs = [read_metrics(f) for f in files]
+    for f, rows in zip(files, runs):
+        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not _is_number(r.get("step"))]
+        if bad:
+            raise ValueError(f"{f}: {len(bad)} of {len(rows)} records have no numeric 'step' (the first is record "
+                             f"{bad[0] + 1}); is this a pebr metrics.jsonl?")
     present = [k for k in keys if any(k in r for rows in runs for r in rows)]
     if not present:
         raise ValueError(f"none of the keys {list(keys)} appear in {[str(f) for f in files]}")
@@ -166,7 +219,7 @@ def plot_metrics(metrics_files: Iterable[str | Path], out_png: str | Path, keys:
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.2 * rows_n), squeeze=False)
     for ax, key in zip(axes.flat, present):
         for i, rows in enumerate(runs):
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            pts = [(r["step"], r[key]) for r in rows if _is_number(r.get(key))]
             if pts:
                 label = labels[i] if labels else files[i].parent.name
                 ax.plot(*zip(*pts), marker=".", label=label)

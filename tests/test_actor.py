@@ -1,5 +1,8 @@
 """The Megatron actor against transformers + `algo.grpo`: log-probs, losses, gradient norms, AdamW updates,
-non-finite skips and freezing, at (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1) and (1,1,2).
+non-finite skips and freezing, at (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1) and (1,1,2), and at TP=2 with
+sequence parallelism; both log-prob paths (target logits, hidden-state kernel); every aggregation mode.
+Every packed micro-batch is padded (to 16, or 32 at TP=2 with SP), so equality with transformers on the
+unpadded samples also shows that the padding changes no log-prob, loss or gradient.
 
 One launch of two gloo ranks (CPU) does all the Megatron work: first each rank runs alone in a one-rank
 world (the two ranks check different things at TP=PP=DP=1, side by side), then both join a two-rank world
@@ -9,6 +12,7 @@ image+text sequences of different lengths packed several to a micro-batch (one l
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +28,8 @@ TEMPERATURE = 0.7
 MB_TOKENS = 160  # sequences of 61-161 tokens: 5 micro-batches at DP=1 (one packs two, one exceeds the bound), 2 + 3 at DP=2
 ALGO = dict(clip_low=0.2, clip_high=0.3, clip_dual=3.0, kl_coef=0.05, kl_type="low_var_kl")
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+MICRO = "token-mean-microbatch"
+UNEVEN = (1, 3, 2)  # 133, 87 and 76 tokens: at DP=2 one rank gets 133, the other 87 + 76 > MB_TOKENS
 # A real step: lr 1e-3 moves every weight by ~1e-3; weight decay 0.1 moves a norm weight of 1 by 1e-4, so a
 # wrong decay rule shows. eps 1e-6 keeps Adam's first step (g / (|g| + eps)) from amplifying float32 noise
 # of gradients that are exactly zero in exact arithmetic (the key bias: softmax ignores it).
@@ -131,9 +137,27 @@ def _frozen(name: str, freeze: str) -> bool:
     return visual and ((freeze == "all") or (freeze == "vision" and not merger))
 
 
+def microbatch_token_mean(lp, old, adv, mask, ref, plan) -> torch.Tensor:
+    """Upstream PeBR-R1's `loss_avg_mode: token` (its EasyR1 0.3.2.dev0 fork, dp_actor.update_policy): each
+    micro-batch's token mean of (policy loss + kl_coef * KL), divided by the micro-batches per rank (gradient
+    accumulation), averaged over the data-parallel ranks (FSDP's gradient mean)."""
+    from pebr_mega.algo.grpo import kl_penalty, policy_loss_per_token
+
+    pg, _, _ = policy_loss_per_token(lp, old, adv, ALGO["clip_low"], ALGO["clip_high"], ALGO["clip_dual"])
+    per_token = (pg + ALGO["kl_coef"] * kl_penalty(lp, ref, ALGO["kl_type"])) * mask
+    total = lp.new_zeros(())
+    for rank in plan:
+        for group in rank:
+            rows = torch.tensor(group, dtype=torch.long)
+            total = total + per_token[rows].sum() / mask[rows].sum().clamp(min=1) / (len(rank) * len(plan))
+    return total
+
+
 def reference_step(hf_dir, seqs: list[dict], kind: str = "grpo", agg: str = "token-mean", freeze: str = "none",
-                   opt: dict | None = None, decay_all: bool = True) -> dict:
-    """Loss, total grad norm and (with `opt`) the weights after one clipped AdamW step, all in float64."""
+                   opt: dict | None = None, decay_all: bool = True, plan=None) -> dict:
+    """Loss, total grad norm and (with `opt`) the weights after one clipped AdamW step, all in float64.
+
+    `plan` (`actor.packing.plan_micro_batches`) is the micro-batch partition `token-mean-microbatch` needs."""
     from pebr_mega.algo.grpo import grpo_loss
     from pebr_mega.checkpoint.hf_mapping import normalize_hf_name
 
@@ -147,7 +171,10 @@ def reference_step(hf_dir, seqs: list[dict], kind: str = "grpo", agg: str = "tok
         old, _ = _layout([torch.as_tensor(s["old_logprobs"]) for s in seqs])
         ref, _ = _layout([torch.as_tensor(s["ref_logprobs"]) for s in seqs])
         adv = torch.tensor([s["advantage"] for s in seqs], dtype=torch.float64)[:, None].expand_as(lp)
-        loss, _ = grpo_loss(lp, old, adv, mask, ref, agg=agg, **ALGO)
+        if agg == MICRO:
+            loss = microbatch_token_mean(lp, old, adv, mask, ref, plan)
+        else:
+            loss, _ = grpo_loss(lp, old, adv, mask, ref, agg=agg, **ALGO)
     else:
         loss = -(lp * mask).sum() / mask.sum()
     loss.backward()
@@ -178,12 +205,14 @@ def solo_world() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def _actor(hf_dir, tp: int, pp: int, kernels: str = "torch", **overrides):
+def _actor(hf_dir, tp: int, pp: int, kernels: str = "torch", sequence_parallel: bool = False,
+           params_dtype: str = "float32", attention: str = "auto", **overrides):
     from pebr_mega.actor.config import ActorConfig
     from pebr_mega.actor.megatron_actor import build_actor
     from pebr_mega.models.config import ModelConfig
 
-    mc = ModelConfig(spec="torch", tp=tp, pp=pp, params_dtype="float32")
+    mc = ModelConfig(spec="torch", tp=tp, pp=pp, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
+                     attention=attention)
     return build_actor(hf_dir, mc, ActorConfig(micro_batch_tokens=MB_TOKENS, kernels=kernels, **overrides),
                        trainable=True, total_updates=10)
 
@@ -239,12 +268,32 @@ def _solo_checks_rank1(tiny, alt, seqs, seqs_alt) -> dict:
 
     out = {}
     actor = _actor(tiny, 1, 1, lr=0.0)
-    for agg in AGG_MODES:
+    for agg in AGG_MODES + (MICRO,):
         out[f"agg_{agg}_111"] = actor.train_step(seqs, _grpo(agg))
     out["sft_111"] = actor.train_step(seqs, LossSpec("sft"))
+    hidden = _actor(tiny, 1, 1, lr=0.0, logprobs_from="hidden")  # the hidden-state path, torch reference
+    out["lp_111_hidden"] = hidden.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
+    out["agg_token-mean_111_hidden"] = hidden.train_step(seqs, _grpo())
     out["wd_megatron_111"] = _step_with_weights(_actor(tiny, 1, 1, **OPT, decay_all_params=False), seqs, _grpo(), True)
     out["alt_111"] = _step_with_weights(_actor(alt, 1, 1, **OPT), seqs_alt, _grpo(), True)
     return out
+
+
+@contextlib.contextmanager
+def _sp_backward_on_cpu():
+    """Megatron's sequence-parallel backward allocates its all-gather buffer on `torch.cuda.current_device()`
+    (megatron/core/tensor_parallel/mappings.py, `_gather_along_first_dim`), inside an autograd Function's
+    backward, where torch does not apply the CPU compat layer's TorchFunctionMode: its `current_device() -> 0`
+    then names a GPU. Here the current device is the CPU itself for the SP run.
+    TODO(cpu_compat owner): fold this into pebr_mega.parallel.cpu_compat."""
+    import torch
+
+    before = torch.cuda.current_device
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = before
 
 
 def _actor_worker(rank, tiny, alt, seqs_plain, alt_plain):
@@ -268,9 +317,12 @@ def _actor_worker(rank, tiny, alt, seqs_plain, alt_plain):
     actor = _actor(tiny, 1, 1, lr=0.0)
     out["lp_112"] = actor.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
     out["lp_112_one_seq"] = actor.compute_logprobs(seqs[:1], TEMPERATURE)  # rank 1 has nothing to do
-    for agg in AGG_MODES:
+    for agg in AGG_MODES + (MICRO,):
         out[f"agg_{agg}_112"] = actor.train_step(seqs, _grpo(agg))
     out["sft_112"] = actor.train_step(seqs, LossSpec("sft"))
+    # one rank holds a single sequence, the other two that need two micro-batches: the first rank runs an
+    # empty (padding-only) micro-batch so that both run two
+    out["empty_mb_112"] = actor.train_step([seqs[i] for i in UNEVEN], _grpo())
     out["grpo_112"] = _step_with_weights(_actor(tiny, 1, 1, **OPT), seqs, _grpo(), keep)
 
 
@@ -282,6 +334,14 @@ def _actor_worker(rank, tiny, alt, seqs_plain, alt_plain):
     triton = _actor(tiny, 2, 1, kernels="triton", lr=0.0)
     out["lp_211_triton"] = triton.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
     out["agg_token-mean_211_triton"] = triton.train_step(seqs, _grpo())
+    # the vocab-parallel hidden-state kernel (interpreted), and sequence parallelism (rows padded to 32)
+    fused = _actor(tiny, 2, 1, kernels="triton", lr=0.0, logprobs_from="hidden")
+    out["lp_211_hidden"] = fused.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
+    out["agg_token-mean_211_hidden"] = fused.train_step(seqs, _grpo())
+    with _sp_backward_on_cpu():
+        sp = _actor(tiny, 2, 1, sequence_parallel=True, **OPT)
+        out["lp_211_sp"] = sp.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
+        out["grpo_211_sp"] = _step_with_weights(sp, seqs, _grpo(), keep)
 
 
     init_parallel(1, 2)
@@ -302,6 +362,8 @@ def run(tiny_model_dir, tiny_model_dir_alt):
 
 
 def _run(tiny_model_dir, tiny_model_dir_alt) -> dict:
+    from pebr_mega.actor.packing import plan_micro_batches
+
     seqs, seqs_alt = make_sequences(tiny_model_dir, 0), make_sequences(tiny_model_dir_alt, 1)
     with torch.no_grad():
         lp_ref = hf_target_logprobs(hf_model(tiny_model_dir), seqs, TEMPERATURE)
@@ -318,6 +380,11 @@ def _run(tiny_model_dir, tiny_model_dir_alt) -> dict:
                 "freeze_vision": reference_step(tiny_model_dir, seqs, freeze="vision")}
         for agg in AGG_MODES:
             refs[f"agg_{agg}"] = reference_step(tiny_model_dir, seqs, agg=agg)
+        refs["uneven"] = reference_step(tiny_model_dir, [seqs[i] for i in UNEVEN])
+        lengths = [len(s["input_ids"]) for s in seqs]
+        for dp in (1, 2):
+            plan = plan_micro_batches(lengths, MB_TOKENS, dp)
+            refs[f"agg_{MICRO}_dp{dp}"] = reference_step(tiny_model_dir, seqs, agg=MICRO, plan=plan)
         results = job.result()
     return {"seqs": seqs, "refs": refs, "results": results}
 
@@ -335,7 +402,9 @@ def _assert_weights(got: dict, ref: dict, what: str, tied: bool = False) -> None
 
 
 @pytest.mark.parametrize("layout,rank", [("111", 0), ("211", 0), ("211", 1), ("121", 0), ("121", 1),
-                                         ("112", 0), ("112", 1), ("211_triton", 0), ("211_triton", 1)])
+                                         ("112", 0), ("112", 1), ("211_triton", 0), ("211_triton", 1),
+                                         ("111_hidden", 1), ("211_hidden", 0), ("211_hidden", 1),
+                                         ("211_sp", 0), ("211_sp", 1)])
 def test_logprobs_and_entropies_match_transformers(run, layout, rank):
     got = run["results"][rank][f"lp_{layout}"]
     assert len(got) == len(run["refs"]["lp"])
@@ -352,7 +421,8 @@ def test_logprobs_when_a_data_parallel_rank_has_no_sequence(run):
 
 
 @pytest.mark.parametrize("case,ref,tied", [("grpo_111", "grpo", False), ("grpo_112", "grpo", False),
-                                           ("grpo_211", "grpo", False), ("alt_111", "alt", True),
+                                           ("grpo_211", "grpo", False), ("grpo_211_sp", "grpo", False),
+                                           ("alt_111", "alt", True),
                                            ("alt_121", "alt", True), ("wd_megatron_111", "wd_megatron", False)])
 def test_grpo_step_loss_grad_norm_and_adamw_update(run, case, ref, tied):
     """One real step: loss and global grad norm (before clipping) as the reference's, weights as AdamW's."""
@@ -367,7 +437,7 @@ def test_grpo_step_loss_grad_norm_and_adamw_update(run, case, ref, tied):
 
 
 def test_grpo_step_results_agree_on_every_rank(run):
-    for case in ("grpo_112", "grpo_211", "alt_121"):
+    for case in ("grpo_112", "grpo_211", "grpo_211_sp", "alt_121"):
         a, b = (r[case]["metrics"] for r in run["results"])
         assert a == b, case
 
@@ -393,12 +463,45 @@ def test_aggregation_modes_normalise_over_micro_batches_and_dp(run, agg):
     assert len({round(v, 6) for v in losses.values()}) == 3  # the modes are really different numbers
 
 
-def test_triton_kernels_in_the_actor_match_the_reference(run):
-    """TP=2 with the fused kernels (interpreted on CPU): the loss and gradient norm of the token-mean GRPO."""
+@pytest.mark.parametrize("case,ranks", [("211_triton", (0, 1)), ("211_hidden", (0, 1)), ("111_hidden", (1,))])
+def test_fused_kernels_and_log_prob_paths_in_the_actor_match_the_reference(run, case, ranks):
+    """The fused kernels (interpreted on CPU) and the hidden-state log-prob path: loss and gradient norm."""
     want = run["refs"]["agg_token-mean"]
-    for r in run["results"]:
-        m = r["agg_token-mean_211_triton"]
+    for r in ranks:
+        m = run["results"][r][f"agg_token-mean_{case}"]
         assert abs(m["loss"] - want["loss"]) < 1e-5 and _rel(m["grad_norm"], want["grad_norm"]) < 1e-5
+
+
+def test_micro_batch_token_mean_matches_easyr1_on_its_own_micro_batches(run):
+    """`token-mean-microbatch` at DP=1 and DP=2, each against the float64 reference on the same partition;
+    unlike the global modes it depends on the partition, so the two layouts give different numbers."""
+    got = {1: [run["results"][1][f"agg_{MICRO}_111"]], 2: [r[f"agg_{MICRO}_112"] for r in run["results"]]}
+    for dp, metrics in got.items():
+        want = run["refs"][f"agg_{MICRO}_dp{dp}"]
+        for m in metrics:
+            assert abs(m["loss"] - want["loss"]) < 1e-5, (dp, m["loss"], want["loss"])
+            assert _rel(m["grad_norm"], want["grad_norm"]) < 1e-5, (dp, m["grad_norm"], want["grad_norm"])
+    assert abs(run["refs"][f"agg_{MICRO}_dp1"]["loss"] - run["refs"][f"agg_{MICRO}_dp2"]["loss"]) > 1e-4
+    assert abs(run["refs"][f"agg_{MICRO}_dp1"]["loss"] - run["refs"]["agg_token-mean"]["loss"]) > 1e-4
+
+
+def test_an_empty_micro_batch_keeps_counts_equal_and_changes_nothing(run):
+    from pebr_mega.actor.packing import plan_micro_batches
+
+    plan = plan_micro_batches([len(run["seqs"][i]["input_ids"]) for i in UNEVEN], MB_TOKENS, 2)
+    assert [len(r) for r in plan] == [2, 2] and any(not g for r in plan for g in r), plan
+    want = run["refs"]["uneven"]
+    for r in run["results"]:
+        m = r["empty_mb_112"]
+        assert abs(m["loss"] - want["loss"]) < 1e-5 and _rel(m["grad_norm"], want["grad_norm"]) < 1e-5
+
+
+def test_micro_batches_are_padded_and_reported(run):
+    for case, multiple in (("grpo_111", 16), ("grpo_211_sp", 32)):
+        m = run["results"][0][case]["metrics"]
+        assert 0 < m["actor/padding_fraction"] < 0.5
+        assert m["actor/microbatch_tokens_min"] % multiple == 0 and m["actor/microbatch_tokens_max"] % multiple == 0
+        assert m["actor/microbatch_tokens_min"] <= m["actor/microbatch_tokens_max"] <= MB_TOKENS + multiple
 
 
 def test_sft_loss_is_token_mean_nll(run):

@@ -209,6 +209,45 @@ def test_tools_report_bad_input_in_one_line(tmp_path, tiny_model_dir):
     assert r2.returncode == 2 and "not found" in r2.stderr.strip().splitlines()[-1]
 
 
+def _tool_main(name: str):
+    """The `main` of tools/<name>, imported in this process (for checks that fail before any conversion)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_tool_{name[:-3]}", ROOT / "tools" / name)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_tools_never_destroy_their_source_or_a_full_out(tmp_path, converted, tiny_model_dir, capsys):
+    """Issue 12, item 1: --out equal to, inside or holding the source, and a non-empty --out without --overwrite."""
+    mcore, hf = tmp_path / "mcore", tmp_path / "hf"
+    shutil.copytree(converted["tiny"], mcore)
+    shutil.copytree(tiny_model_dir, hf)
+    before = {d: _digests(d) for d in (mcore, hf)}
+    export, convert = _tool_main("export_to_hf.py"), _tool_main("convert_hf_to_mcore.py")
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    for flags in ([], ["--overwrite"]):
+        for out in (mcore, mcore / "hf", tmp_path):
+            assert export(["--mcore-dir", str(mcore), "--out", str(out), "--quiet", *flags]) == 2
+            assert "replacing it would destroy the source" in capsys.readouterr().err
+        for out in (hf, hf / "mcore", tmp_path):
+            assert convert(["--hf-dir", str(hf), "--out", str(out), "--quiet", *flags]) == 2
+            assert "replacing it would destroy the source" in capsys.readouterr().err
+    assert export(["--mcore-dir", str(mcore), "--out", str(user), "--quiet"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert convert(["--hf-dir", str(hf), "--out", str(user), "--quiet"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert {d: _digests(d) for d in (mcore, hf)} == before and (user / "notes.txt").read_text() == "keep me"
+    # With --overwrite, a non-empty --out is replaced by the export, written beside it and renamed into place.
+    r = _tool("export_to_hf.py", "--mcore-dir", mcore, "--out", user, "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _digests(user) == _digests(tiny_model_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mcore", "user"]  # no temporary left behind
+
+
 # ------------------------------------------------------------------------- loading at other layouts
 def _layout_worker(rank, tiny, tiny_ckpt, alt, alt_ckpt, tp2_out, inputs_tiny, inputs_alt):
     from megatron.core import parallel_state as mpu

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -86,8 +88,8 @@ def test_long_text_is_truncated_keeping_end_token(clip_dir):
 
 def test_similarity_to_reward():
     assert similarity_to_reward(0.4) == 1.0 and similarity_to_reward(0.9) == 1.0
-    assert similarity_to_reward(0.3) == pytest.approx(0.75) and similarity_to_reward(-0.2) == 0.0
-    assert similarity_to_reward(0.1, threshold=0.2) == pytest.approx(0.5)
+    assert similarity_to_reward(0.3) == pytest.approx(0.75) and similarity_to_reward(0.1, threshold=0.2) == pytest.approx(0.5)
+    assert similarity_to_reward(-0.2) == pytest.approx(-0.5)  # negative, as upstream's sim / 0.4
 
 
 def _samples(n, seed=0):
@@ -107,26 +109,24 @@ def test_stage1_total_with_clip(clip_dir):
     cfg = RewardConfig(stage="stage1", clip_model_dir=str(clip_dir), clip_device="cpu", clip_threshold=0.05)
     model = build_reward(cfg)
     batch = _samples(10)
-    batch[3].images = [batch[3].images[0], _images(1, seed=9)[0]]  # two images: mean similarity
+    batch[3].images = [batch[3].images[0], _images(1, seed=9)[0]]  # two images: only the first is scored
     batch[7].response = batch[7].response.replace("### Image Description:", "Description:")
     results = model.score(batch)
-    ref_scorer = model.clip_scorer
     for i, (s, r) in enumerate(zip(batch, results)):
-        if i == 7:
-            clip = 0.0
-            assert r.warnings == ["description_missing"]
-        else:
-            desc = extract_description(s.response)
-            sims = ref_scorer.similarities(s.images, [desc] * len(s.images))
-            clip = similarity_to_reward(sum(sims) / len(sims), 0.05)
-        assert r.components["clip"] == pytest.approx(clip, abs=1e-5)
+        # Upstream's caption: the text between the description and rationales headers, else "" (scored too).
+        m = re.search(r"###\s*Image Description:\s*(.*?)###\s*Rationales:", s.response, re.DOTALL | re.IGNORECASE)
+        caption = m.group(1).strip() if m else ""
+        assert r.warnings == ([] if m else ["description_missing"])
+        sim = _reference_similarity(clip_dir, s.images[0], caption, cfg.clip_image_size)
+        clip = 1.0 if sim >= 0.05 else sim / 0.05
+        assert r.components["clip"] == pytest.approx(clip, abs=1e-4)
         expect = (0.4 * clip + 0.4 * keyword_reward(s.response, s.key_words) + 0.1 * format_reward(s.response)
                   + 0.1 * length_reward(s.response_tokens, 512))
         assert r.total == pytest.approx(expect, abs=1e-5)
         assert "accuracy" in r.components
-    # Not degenerate: the random tiny CLIP gives different similarities to different pairs (the rewards
-    # themselves may clamp at 0 for negative similarities).
-    sims = ref_scorer.similarities([s.images[0] for s in batch], [extract_description(s.response) or "" for s in batch])
+    # Not degenerate: the random tiny CLIP gives different similarities to different pairs.
+    sims = model.clip_scorer.similarities([s.images[0] for s in batch],
+                                          [extract_description(s.response) or "" for s in batch])
     assert len({round(x, 4) for x in sims}) > 2
     m = summarize(results)
     assert m["reward_failures/clip"] == 0 and m["reward_warnings/description_missing"] == 1
@@ -218,3 +218,47 @@ def test_make_tiny_clip_cli(tmp_path, capsys):
     assert len(ClipAlignmentScorer(out, "cpu", image_size=28).similarities(_images(2), TEXTS[:2])) == 2
     assert main(["make-tiny-clip", "--out", str(out), "--image-size", "30"]) == 2
     assert "multiple of patch_size" in capsys.readouterr().err
+
+
+FG_TORCHVISION_MODULE = FG_MODULE.replace("import torch\n", "import torch\nimport torchvision.ops\n", 1)
+
+
+def test_missing_torchvision_is_one_line_with_the_install_command(tmp_path, clip_dir, monkeypatch):
+    fg = tmp_path / "fg_tv"
+    shutil.copytree(clip_dir, fg)
+    (fg / "modeling_fgtv.py").write_text(FG_TORCHVISION_MODULE)
+    cfg = json.loads((fg / "config.json").read_text())
+    cfg.update(model_type="fgtiny", auto_map={"AutoConfig": "modeling_fgtv.FGTinyConfig",
+                                              "AutoModelForCausalLM": "modeling_fgtv.FGTinyModel"})
+    (fg / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # absent, whether or not the [clip] extra is installed
+    monkeypatch.setitem(sys.modules, "torchvision.ops", None)
+    with pytest.raises(PebrError) as err:
+        build_reward(RewardConfig(stage="stage1", clip_model_dir=str(fg), clip_device="cpu"))
+    msg = str(err.value)
+    assert "\n" not in msg and "torchvision" in msg and 'pip install -e ".[clip]"' in msg
+    assert msg.startswith(f"rewards.clip_model_dir={fg}")
+
+
+def test_clip_scores_the_first_image_as_the_policy_sees_it(tmp_path, tiny_model_dir):
+    """The request keeps the record's images after the pixel-bound resize; the reward reads the first one."""
+    from transformers import AutoTokenizer
+
+    from pebr_mega.data.images import ImageConfig, PilImageDecoder, smart_resize
+    from pebr_mega.data.records import GRPORecord
+    from pebr_mega.rollout.requests import build_request
+    from pebr_mega.trainer.evaluate import to_reward_sample
+    from pebr_mega.rollout.types import Sample
+
+    big, small = _images(1, seed=7)[0].resize((300, 200)), _images(1, seed=8)[0]
+    big.save(tmp_path / "big.png")
+    small.save(tmp_path / "small.png")
+    cfg = ImageConfig(min_pixels=56 * 56, max_pixels=112 * 112)
+    rec = GRPORecord("q", "<image> and <image>?", "1", ["big.png", "small.png"])
+    req = build_request(rec, AutoTokenizer.from_pretrained(tiny_model_dir), PilImageDecoder(cfg), tmp_path)
+    h, w = smart_resize(200, 300, 28, cfg.min_pixels, cfg.max_pixels)
+    assert req.images[0].size == (w, h) and h * w <= cfg.max_pixels
+    expected = Image.open(tmp_path / "big.png").convert("RGB").resize((w, h), Image.BICUBIC)
+    assert np.array_equal(np.asarray(req.images[0]), np.asarray(expected))
+    sample = to_reward_sample(Sample(req, 0, [], "### Image Description: x ### Rationales: y", "stop"))
+    assert sample.images[0] is req.images[0]

@@ -56,3 +56,71 @@ def test_missing_file_and_bad_override_form(tmp_path):
 def test_root_config_defaults_load():
     cfg = load_config()
     assert cfg.run.seed == 0
+
+
+# ------------------------------------------------------------------------ values checked at load (issue 12)
+@pytest.mark.parametrize("override,key", [
+    ("rollout.n=0", "rollout.n"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("rollout.top_p=1.5", "rollout.top_p"),
+    ("rollout.temperature=-1", "rollout.temperature"),
+    ("rollout.temperature=0", "rollout.temperature"),
+    ("rollout.max_new_tokens=0", "rollout.max_new_tokens"),
+    ("rollout.batch_size=0", "rollout.batch_size"),
+    ("rollout.top_k=0", "rollout.top_k"),
+    ("grpo.rollout_batch_size=0", "grpo.rollout_batch_size"),
+    ("grpo.mini_batch_size=-4", "grpo.mini_batch_size"),
+    ("grpo.ppo_epochs=0", "grpo.ppo_epochs"),
+    ("grpo.keep_last=0", "grpo.keep_last"),
+    ("grpo.max_steps=0", "grpo.max_steps"),
+    ("grpo.save_every=-1", "grpo.save_every"),
+    ("sft.batch_size=0", "sft.batch_size"),
+    ("sft.keep_last=0", "sft.keep_last"),
+    ("sft.epochs=0", "sft.epochs"),
+    ("sample.n=0", "sample.n"),
+    ("sample.top_p=0", "sample.top_p"),
+    ("sample.temperature=-0.5", "sample.temperature"),
+    ("sample.batch_size=0", "sample.batch_size"),
+    ("data.max_prompt_length=0", "data.max_prompt_length"),
+    ("logging.console_every=0", "logging.console_every"),
+    ("model.tp=0", "model.tp"),
+    ("rewards.timeout_s=0", "rewards.timeout_s"),
+    ("rewards.num_workers=0", "rewards.num_workers"),
+    ("algo.clip_low=1.5", "algo.clip_low"),
+])
+def test_out_of_range_values_fail_at_load_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert f"config key '{key}' = " in str(e.value) and "\n" not in str(e.value)
+
+
+def test_one_sample_per_prompt_warns_and_algo_n_is_gone():
+    from pebr_mega.config_fields import ConfigWarning
+
+    with pytest.warns(ConfigWarning, match=r"rollout\.n' = 1.*baseline"):
+        cfg = load_config(None, ["rollout.n=1"])
+    assert cfg.rollout.n == 1
+    with pytest.raises(ConfigError, match=r"unknown config key 'algo.n'"):
+        load_config(None, ["algo.n=8"])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("- a\n- b\n", "must hold a mapping of sections"),
+    ("rewards:\n  weights: [1, 2]\n", "'rewards.weights' in .* must be a mapping, got a list"),
+    ("rollout: [1, 2]\n", "'rollout' in .* must be a mapping, got a list"),
+    ("rollout: 3\n", "'rollout' in .* must be a mapping, got 3"),
+    ("pipeline:\n  stages: {a: 1}\n", "'pipeline.stages' in .* must be a list, got a mapping"),
+    ("run:\n  output_dir: ${oops.x}\n", "'run.output_dir': cannot resolve .*oops.x"),
+])
+def test_malformed_files_are_one_line_errors_naming_the_key(tmp_path, text, message):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(f)
+    assert "\n" not in str(e.value)
+
+
+def test_interpolations_that_resolve_still_work(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("pipeline:\n  work_dir: w\nrun:\n  output_dir: ${pipeline.work_dir}/x\n")
+    assert load_config(f).run.output_dir == "w/x"

@@ -217,7 +217,7 @@ def test_grpo_loss_adds_kl_to_the_policy_loss_and_reports_metrics():
 
 def test_algo_config_defaults_are_pebr_settings_and_load_through_the_root_schema():
     cfg = AlgoConfig()
-    assert (cfg.n, cfg.clip_low, cfg.clip_high, cfg.clip_dual) == (8, 0.2, 0.3, 3.0)
+    assert (cfg.clip_low, cfg.clip_high, cfg.clip_dual) == (0.2, 0.3, 3.0)
     assert (cfg.kl_coef, cfg.kl_type, cfg.agg, cfg.adv_eps, cfg.norm_adv_by_std) == (
         1e-2, "low_var_kl", "token-mean", 1e-6, True)
     root = load_config(None, ["algo.agg=seq-mean-token-mean", "algo.kl_coef=0"])

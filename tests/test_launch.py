@@ -53,3 +53,25 @@ def test_shipped_configs_load_with_upstream_values():
     assert (g.rollout_batch_size, g.mini_batch_size, g.epochs) == (512, 128, 2)
     assert (cfg.actor.lr, cfg.algo.kl_coef, cfg.algo.clip_high, cfg.rollout.n, cfg.rollout.temperature) == (1e-6, 0.01, 0.3, 8, 1.2)
     assert load_config(demo_config_path()).model.spec == "torch"
+
+
+# Upstream's values (cythu/PeBR-R1 examples/pebr_sample.yaml, pebr_stage1.yaml, pebr_stage2.yaml), restated.
+UPSTREAM = {
+    "sample": {"n": 8, "temperature": 1.2, "top_p": 0.99, "max_pixels": 4194304},
+    "images": {"min_pixels": 576, "max_pixels": 802816},
+    "rollout": {"n": 8, "temperature": 1.2, "top_p": 0.99, "max_new_tokens": 2048, "val_temperature": 0.5, "val_n": 1},
+    "data": {"max_prompt_length": 2048, "filter_overlong_prompts": True},
+    "rewards": {"answer_grading": "upstream", "clip_image_size": 336, "clip_max_text_tokens": 248, "clip_threshold": 0.4},
+}
+
+
+@pytest.mark.parametrize("name", ["qwen2_5_vl_3b.yaml", "qwen2_5_vl_7b.yaml"])
+def test_shipped_configs_carry_upstream_sampling_values_and_need_no_eval_file(name):
+    from pebr_mega.config import load_config
+
+    cfg = load_config(ROOT / "launch/configs" / name)
+    for section, values in UPSTREAM.items():
+        for key, value in values.items():
+            assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
+    assert not cfg.data.eval_file and not cfg.pipeline.eval_file and not cfg.grpo.eval_file
+    assert cfg.data.format_prompt is None  # the packaged template

@@ -62,3 +62,43 @@ def test_wandb_offline_writes_local_run(tmp_path, monkeypatch):
     log.log(1, {"loss": 0.5})
     log.close()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def _rows(n, tag=""):
+    return [{"qid": f"q{i}", "prompt": f"p{i}{tag}", "response": f"r{i}", "reward": i / 10, "answer": "1",
+             "components": {"accuracy": float("nan")}} for i in range(n)]
+
+
+def test_generations_are_written_n_per_step_and_a_fresh_run_starts_over(tmp_path):
+    from pebr_mega.logging import GENERATIONS_FILE, log_generations
+
+    cfg = LoggingConfig(progress_bar=False, log_generations=2)
+    log = MetricsLogger(cfg, tmp_path)
+    assert log_generations(cfg, tmp_path, 1, _rows(5)) == 2
+    assert log_generations(cfg, tmp_path, 2, _rows(1, "b")) == 1
+    assert log_generations(LoggingConfig(log_generations=0), tmp_path, 3, _rows(5)) == 0
+    log.close()
+    rows = [json.loads(line) for line in (tmp_path / GENERATIONS_FILE).read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(1, "p0"), (1, "p1"), (2, "p0b")]
+    assert rows[0]["reward"] == 0.0 and rows[1]["response"] == "r1" and rows[0]["components"] == {"accuracy": None}
+    MetricsLogger(cfg, tmp_path, resume=True).close()
+    assert (tmp_path / GENERATIONS_FILE).is_file()
+    MetricsLogger(cfg, tmp_path).close()  # a fresh run in the same directory
+    assert not (tmp_path / GENERATIONS_FILE).exists()
+
+
+def test_generations_go_to_a_wandb_table_offline(tmp_path, monkeypatch):
+    from pebr_mega.logging import log_generations
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = LoggingConfig(wandb_mode="offline", progress_bar=False, log_generations=3)
+    log = MetricsLogger(cfg, tmp_path)
+    assert log_generations(cfg, tmp_path, 1, _rows(4)) == 3
+    log.log(1, {"loss": 0.5})
+    log.close()
+    tables = list((tmp_path / "wandb").glob("offline-run-*/files/media/table/generations_*.table.json"))
+    assert len(tables) == 1
+    table = json.loads(tables[0].read_text())
+    assert table["columns"] == ["step", "qid", "prompt", "response", "reward", "answer"]
+    assert [row[1] for row in table["data"]] == ["q0", "q1", "q2"]

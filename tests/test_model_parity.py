@@ -128,25 +128,44 @@ def _vision_grads(model):
 
 
 def _packed_vs_padded(model, batch):
-    """Per-token losses and logits of the padded batch and of the same samples packed into one THD row."""
-    from pebr_mega.models.packing import pack_sequences
+    """Per-token losses and logits of the padded batch and of the same samples packed into one row by the
+    actor's packer (with its trailing padding segment), and the target-only hidden states."""
+    from pebr_mega.actor.packing import ActorSequence, pack
+    from pebr_mega.models.packing import packed_seq_params
+    from pebr_mega.models.rope_index import get_rope_index
 
+    arch = model.arch
     mask = batch["attention_mask"].bool()
     grids = list(torch.split(batch["image_grid_thw"], batch["images_per_row"].tolist()))
     pixels = list(torch.split(batch["pixel_values"], [int(g.prod(-1).sum()) for g in grids]))
+    seqs = [ActorSequence(r[m].tolist(), [0] * int(m.sum()), px if len(g) else None, g if len(g) else None)
+            for r, m, px, g in zip(batch["input_ids"], mask, pixels, grids)]
+
+    def positions(ids, grid):
+        return get_rope_index(torch.tensor([ids]), grid, image_token_id=arch.image_token_id,
+                              spatial_merge_size=arch.vision.spatial_merge_size)[0][:, 0]
+
     # a multiple 5 tokens above the total forces a 5-token trailing pad segment
-    packed = pack_sequences(model.arch, [r[m] for r, m in zip(batch["input_ids"], mask)], pixels, grids,
-                            labels=[r[m] for r, m in zip(batch["labels"], mask)], pad_to_multiple=int(mask.sum()) + 5)
+    mb = pack(seqs, positions, multiple=int(mask.sum()) + 5)
+    labels = torch.cat([r[m] for r, m in zip(batch["labels"], mask)] + [torch.zeros(mb.pad, dtype=torch.long)])[None]
+    packed = {"input_ids": mb.input_ids, "position_ids": mb.position_ids, "pixel_values": mb.pixel_values,
+              "image_grid_thw": mb.image_grid_thw, "packed_seq_params": packed_seq_params(mb.lengths, "torch", "cpu")}
+    n_valid = int(mask.sum())
+    rows = torch.arange(0, n_valid, 7)  # some positions of every sample, as target_index
     with torch.no_grad():
         padded = _inputs(model, batch, with_labels=True)
         padded_loss = model(**padded)
         padded_logits = model(**{k: v for k, v in padded.items() if k != "labels"}, runtime_gather_output=True)
-        packed_loss = model(**packed.model_inputs(with_labels=True))
-        packed_logits = model(**packed.model_inputs(), runtime_gather_output=True)
-    return {"padded_loss": padded_loss[mask], "packed_loss": torch.cat(packed.unpack(packed_loss)),
-            "padded_logits": padded_logits[mask], "packed_logits": torch.cat(packed.unpack(packed_logits)),
-            "pad": packed.pad, "first_positions": [int(packed.position_ids[0, 0, s]) for s in
-                                                   packed.packed_seq_params.cu_seqlens_q[:-1].tolist()]}
+        packed_loss = model(**packed, labels=labels)
+        packed_logits = model(**packed, runtime_gather_output=True)
+        hidden = model(**packed, target_index=rows)
+        target_logits = torch.nn.functional.linear(hidden, model.output_weight())
+    cu = torch.tensor([0, *mb.lengths]).cumsum(0)
+    return {"padded_loss": padded_loss[mask], "packed_loss": packed_loss[0, :n_valid],
+            "padded_logits": padded_logits[mask], "packed_logits": packed_logits[0, :n_valid],
+            "target_logits": target_logits, "target_rows": rows,
+            "pad": mb.pad, "rows": int(mb.input_ids.shape[1]),
+            "first_positions": [int(mb.position_ids[0, 0, s]) for s in cu[:-1].tolist()]}
 
 
 def _parity_worker(rank, tiny, alt, batch_tiny, batch_alt):
@@ -271,9 +290,12 @@ def test_packed_equals_padded(run, name, rank):
     p = results[rank][f"packing_{name}"]
     n_valid = int(batches[name]["attention_mask"].sum())
     assert p["packed_loss"].shape == (n_valid,) and p["padded_loss"].shape == (n_valid,)
-    assert p["pad"] == 5 and p["first_positions"] == [0] * len(p["first_positions"])  # positions restart per sample
+    assert p["pad"] == 5 and p["rows"] == n_valid + 5
+    assert p["first_positions"] == [0] * len(p["first_positions"])  # positions restart per sample (and padding)
     assert np.abs(p["packed_loss"] - p["padded_loss"]).max() < 1e-5
     assert np.abs(p["packed_logits"] - p["padded_logits"]).max() < LOGIT_TOL
+    # the output layer applied to the target positions' hidden states only: the same logits
+    assert np.abs(p["target_logits"] - p["packed_logits"][p["target_rows"]]).max() < 1e-5
     # and both equal transformers on the valid tokens
     ref = refs[name]["logits"][batches[name]["attention_mask"].bool()]
     assert float((torch.as_tensor(p["packed_logits"]) - ref).abs().max()) < LOGIT_TOL

@@ -33,7 +33,10 @@ def test_model_config_cross_checks():
     with pytest.raises(ValueError, match="fp8"):
         ModelConfig(spec="torch", fp8="hybrid").validate()
     with pytest.raises(ValueError, match="sequence_parallel"):
-        ModelConfig(spec="torch", tp=2, sequence_parallel=True).validate()
+        ModelConfig(spec="local", tp=2, sequence_parallel=True).validate()
+    with pytest.raises(ValueError, match="sequence_parallel"):
+        ModelConfig(spec="torch", tp=1, sequence_parallel=True).validate()
+    ModelConfig(spec="torch", tp=2, sequence_parallel=True).validate()  # TorchRMSNorm runs sequence-parallel
     ModelConfig(spec="te", fp8="e4m3", tp=2).validate()
 
 
@@ -64,6 +67,18 @@ def test_sdpa_core_attention_causal_and_masked_with_gqa():
     assert torch.allclose(_attn()(q, k, v, meg_mask), _reference(q, k, v, ~meg_mask), atol=1e-12)
 
 
+def test_torch_spec_norms_are_marked_for_the_sequence_parallel_grad_all_reduce():
+    from types import SimpleNamespace
+
+    from pebr_mega.models.specs import TorchRMSNorm, layer_spec
+
+    spec = layer_spec("torch")
+    assert spec.submodules.input_layernorm is TorchRMSNorm and spec.submodules.pre_mlp_layernorm is TorchRMSNorm
+    for sp in (False, True):
+        norm = TorchRMSNorm(SimpleNamespace(sequence_parallel=sp), 8, eps=1e-6)
+        assert isinstance(norm, torch.nn.RMSNorm) and norm.weight.sequence_parallel is sp and norm.eps == 1e-6
+
+
 def test_sdpa_core_attention_packed_thd_is_block_diagonal_causal():
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -89,3 +104,7 @@ def test_model_section_in_the_root_config():
         load_config(None, ["model.spec=flash"])
     with pytest.raises(ConfigError, match="model.fp8"):
         load_config(None, ["model.fp8=e5m2"])
+    cfg = load_config(None, ["model.attention=varlen", "actor.logprobs_from=hidden", "algo.agg=token-mean-microbatch"])
+    assert (cfg.model.attention, cfg.actor.logprobs_from, cfg.algo.agg) == ("varlen", "hidden", "token-mean-microbatch")
+    with pytest.raises(ConfigError, match="model.attention"):
+        load_config(None, ["model.attention=xformers"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pebr_mega.models.arch import arch_from_hf_dir
-from pebr_mega.models.vision import VisionTower, frame_lengths, patch_rc_coordinates, varlen_attention, window_order
+from pebr_mega.models.vision import VisionTower, frame_lengths, patch_rc_coordinates, window_order
 
 GRIDS = [[[1, 6, 10]], [[1, 16, 8], [1, 4, 4]], [[1, 14, 22], [2, 8, 6], [1, 2, 2]]]
 
@@ -33,6 +33,22 @@ def test_tower_matches_transformers(request, which):
         assert float((out - ref).abs().max()) < 1e-5, grid
 
 
+def test_tower_gradients_match_transformers(tiny_model_dir_alt):
+    """Backward through the one-call window and full attention (uneven windows at the image borders)."""
+    hf, ours = _hf_and_ours(tiny_model_dir_alt)
+    g = torch.tensor(GRIDS[2])
+    torch.manual_seed(3)
+    pixels = torch.randn(int(g.prod(-1).sum()), 3 * 2 * 14 * 14)
+    weight = torch.randn(int(g.prod(-1).sum()) // 4, hf.config.vision_config.out_hidden_size)
+    (torch.cat(hf.model.get_image_features(pixels, g).pooler_output) * weight).sum().backward()
+    (ours(pixels, g) * weight).sum().backward()
+    theirs = dict(hf.model.visual.named_parameters())
+    for name, p in ours.named_parameters():
+        ref = theirs[name].grad
+        err = float((p.grad - ref).abs().max()) / max(float(ref.abs().max()), 1e-12)
+        assert err < 1e-4, f"{name}: relative gradient error {err:.2e}"
+
+
 @pytest.mark.parametrize("window,merge,patch", [(56, 2, 14), (112, 2, 14), (224, 2, 14)])
 def test_window_order_matches_transformers(window, merge, patch):
     from transformers.vision_utils import get_vision_window_index
@@ -52,22 +68,6 @@ def test_patch_coordinates_and_frame_lengths_match_transformers():
         g = torch.tensor(grid)
         assert torch.equal(patch_rc_coordinates(g, 2), get_vision_position_ids(g, 2))
         assert torch.equal(torch.tensor([0] + frame_lengths(g)).cumsum(0).int(), get_vision_cu_seqlens(g))
-
-
-def test_varlen_attention_equals_per_segment_float64():
-    torch.manual_seed(0)
-    lens = [5, 9, 1, 9, 4]
-    q, k, v = (torch.randn(sum(lens), 3, 8, dtype=torch.float64) for _ in range(3))
-    out = varlen_attention(q, k, v, lens)
-    start = 0
-    for n in lens:
-        s = slice(start, start + n)
-        w = torch.softmax(torch.einsum("qhd,khd->hqk", q[s], k[s]) / 8**0.5, dim=-1)
-        assert torch.allclose(out[s], torch.einsum("hqk,khd->qhd", w, v[s]), atol=1e-12)
-        start += n
-    equal = varlen_attention(q[:12], k[:12], v[:12], [4, 4, 4])  # the unmasked batched path
-    w = torch.softmax(torch.einsum("qhd,khd->hqk", q[4:8], k[4:8]) / 8**0.5, dim=-1)
-    assert torch.allclose(equal[4:8], torch.einsum("hqk,khd->qhd", w, v[4:8]), atol=1e-12)
 
 
 def test_tower_grads_are_marked_for_tp_averaging(tiny_model_dir):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from mathruler.grader import grade_answer
@@ -17,29 +18,104 @@ def _response(answer_line="### The final answer is: 3", desc="There are 3 red ci
             f"### Step 1: one, two, three.\n{answer_line}")
 
 
+# ---------------------------------------------------------------------------------------------- upstream's rules
+# A re-statement of upstream's reward rules (cythu/PeBR-R1 examples/reward_function/pebr_1.py, pebr_2.py,
+# pebr_sample.py), written here independently of the code under test: the expectations below come from it.
+def _upstream_normalize(response):
+    return re.sub(r"\s*(<|>|/)\s*", r"\1", response)
+
+
+def _upstream_format(response):
+    response = _upstream_normalize(response)
+    headers = [r"###\s*Image Description:", r"###\s*Rationales:", r"###\s*Step\s*1:", r"###\s*The final answer is:"]
+    return 1.0 if all(re.search(h, response, re.IGNORECASE) for h in headers) else 0.0
+
+
+def _upstream_accuracy(response, truth):
+    response = _upstream_normalize(response)
+    m = re.search(r"### The final answer is:\s*([^\n]*)", response)
+    given = m.group(1).strip() if m else response.strip()
+    return 1.0 if grade_answer(given, truth.strip()) else 0.0
+
+
+def _upstream_caption(response):
+    m = re.search(r"###\s*Image Description:\s*(.*?)###\s*Rationales:", _upstream_normalize(response),
+                  re.DOTALL | re.IGNORECASE)
+    return m.group(1).strip() if m else ""
+
+
 # ---------------------------------------------------------------------------------------------- format
-@pytest.mark.parametrize("text", [
+FORMAT_CASES = [
     _response(),
-    "###  image description : x\n### RATIONALES: y\n###Step 1: z\n### the final answer is: 1",
-    "### Image  Description:x ###Rationales :y ### step1: z ###The Final Answer Is:1",
-])
-def test_format_accepts_case_and_spacing_variants(text):
-    assert format_reward(text) == 1.0
-
-
-@pytest.mark.parametrize("text", [
+    "###  image description: x\n### RATIONALES: y\n###Step 1: z\n### the final answer is: 1",
+    "###Image Description:x ###Rationales:y ### step1: z ###The Final Answer Is:1",
+    "### Image  Description: x\n### Rationales: y\n### Step 1: z\n### The final answer is: 1",  # two spaces
+    "### Image Description : x\n### Rationales: y\n### Step 1: z\n### The final answer is: 1",  # space before ':'
     _response().replace("### Rationales:", "Rationales:"),
     _response().replace("### Step 1:", "### Step 10:"),
     _response().replace("### The final answer is:", "The answer:"),
     "### Image Description: x",
     "",
-])
-def test_format_rejects_missing_headers(text):
-    assert format_reward(text) == 0.0
+]
+
+
+@pytest.mark.parametrize("text", FORMAT_CASES)
+def test_format_is_upstreams_rule(text):
+    assert format_reward(text) == _upstream_format(text)
+
+
+def test_format_cases_cover_both_outcomes():
+    assert {_upstream_format(t) for t in FORMAT_CASES} == {0.0, 1.0}
+    assert format_reward(FORMAT_CASES[1]) == 1.0 and format_reward(FORMAT_CASES[3]) == 0.0
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
-ACCURACY_CASES = [  # (what follows the header, what extraction must give, ground truth)
+# Responses whose upstream and lenient grades differ: (response, ground truth, what lenient grading extracts).
+GRADING_DIFFERS = [
+    (_response("### The final answer is: B."), "B", "B"),  # upstream grades "B." (MathRuler: not "B")
+    (_response("### The final answer is: **42**"), "42", "42"),  # markdown bold kept by upstream
+    (_response("### the final answer is: 42"), "42", "42"),  # lower-case header: upstream grades everything
+    ("42", "42", None),  # no header: upstream grades the whole response, lenient scores 0
+    ("\\boxed{7}", "7", None),  # no header: upstream's whole-text fallback still finds a boxed answer
+    ("### The final answer is: 2\n... wait ...\n### The final answer is: 3", "3", "3"),  # first vs last header
+]
+
+# Responses both gradings read alike, drawn from what upstream's rule does.
+UPSTREAM_CASES = [
+    (_response("### The final answer is: \\frac{1}{2}"), "0.5"),
+    (_response("### The final answer is: 1 / 2"), "0.5"),  # the whitespace around '/' is removed first
+    (_response("### The final answer is:\n\n12"), "12"),  # the answer on a later line
+    (_response("### The final answer is: 4"), "3"),
+    (_response("### The final answer is: (A)"), "A"),
+    (_response("### The final answer is: 12 cm"), " 12 "),  # the ground truth is stripped
+    (_response("### The final answer is: "), "3"),  # an empty answer
+    (_response("### The final answer is: B."), "B"),
+    ("### The final answer is: 5", "5"),
+    (_response("### The final answer is: $\\boxed{3}$."), "3"),  # MathRuler unwraps this itself
+]
+
+
+@pytest.mark.parametrize("response, truth", UPSTREAM_CASES + [(r, t) for r, t, _ in GRADING_DIFFERS])
+def test_upstream_grading_matches_upstreams_rule(response, truth):
+    assert accuracy_reward(response, truth) == _upstream_accuracy(response, truth)
+    assert accuracy_reward(response, truth, grading="upstream") == _upstream_accuracy(response, truth)
+
+
+@pytest.mark.parametrize("response, truth, lenient_answer", GRADING_DIFFERS)
+def test_gradings_differ_where_documented(response, truth, lenient_answer):
+    lenient = 0.0 if lenient_answer is None else float(grade_answer(lenient_answer, truth))
+    assert extract_final_answer(response) == lenient_answer
+    assert accuracy_reward(response, truth, grading="lenient") == lenient
+    assert accuracy_reward(response, truth, grading="upstream") == _upstream_accuracy(response, truth)
+    assert lenient != _upstream_accuracy(response, truth), response
+
+
+def test_unknown_grading_is_an_error():
+    with pytest.raises(ValueError, match="upstream"):
+        accuracy_reward("### The final answer is: 1", "1", grading="strict")
+
+
+LENIENT_CASES = [  # (what follows the header, what lenient extraction must give, ground truth)
     ("\\frac{1}{2}", "\\frac{1}{2}", "0.5"),
     ("0.5", "0.5", "\\frac{1}{2}"),
     ("\\boxed{3}", "3", "3"),
@@ -58,37 +134,37 @@ ACCURACY_CASES = [  # (what follows the header, what extraction must give, groun
 ]
 
 
-@pytest.mark.parametrize("after, extracted, truth", ACCURACY_CASES)
-def test_accuracy_matches_mathruler_reference(after, extracted, truth):
+@pytest.mark.parametrize("after, extracted, truth", LENIENT_CASES)
+def test_lenient_accuracy_matches_mathruler_reference(after, extracted, truth):
     resp = _response(f"### The final answer is: {after}")
     assert extract_final_answer(resp) == extracted
-    assert accuracy_reward(resp, truth) == float(grade_answer(extracted, truth))
+    assert accuracy_reward(resp, truth, grading="lenient") == float(grade_answer(extracted, truth))
 
 
-def test_accuracy_known_values_and_header_variants():
+def test_lenient_header_variants():
     for header in ("### The final answer is:", "### the FINAL answer IS :", "###The  final answer is:"):
-        assert accuracy_reward(_response(f"{header} \\frac{{1}}{{2}}"), "0.5") == 1.0
-    assert accuracy_reward(_response("### The final answer is: \\boxed{3}"), "3") == 1.0
-    assert accuracy_reward(_response("### The final answer is: 4"), "3") == 0.0
-    # No header: 0 even when the right number is in the text (upstream fell back to the whole response).
-    assert accuracy_reward("3", "3") == 0.0 and extract_final_answer("the answer is 3") is None
-    # The answer on the next line, and the last header wins.
-    assert accuracy_reward("### The final answer is:\n3\n", "3") == 1.0
-    assert accuracy_reward("### The final answer is: 2\n... wait ...\n### The final answer is: 3", "3") == 1.0
+        assert accuracy_reward(_response(f"{header} \\frac{{1}}{{2}}"), "0.5", grading="lenient") == 1.0
+    assert accuracy_reward("### The final answer is:\n3\n", "3", grading="lenient") == 1.0
+    assert extract_final_answer("the answer is 3") is None
 
 
-def test_description_extraction():
-    assert extract_description(_response(desc="Two  blue squares.")) == "Two  blue squares."
-    assert extract_description("###  image description :\nmulti\nline\n### rationales: x") == "multi\nline"
-    assert extract_description("### Image Description:   \n### Rationales: x") is None
-    assert extract_description("no sections at all") is None
-    assert extract_description("### Image Description: only this") == "only this"
+@pytest.mark.parametrize("text", [
+    _response(desc="Two  blue squares."),
+    "###  image description:\nmulti\nline\n### rationales: x",
+    "### Image Description:   \n### Rationales: x",
+    "no sections at all",
+    "### Image Description: only this",  # no Rationales header: upstream finds no description
+    "### Image Description: a / b\n### Step 1: s\n### Rationales: r",  # up to the Rationales header
+])
+def test_description_is_upstreams_caption(text):
+    assert (extract_description(text) or "") == _upstream_caption(text)
 
 
 # ---------------------------------------------------------------------------------------------- keyword, length
 def test_keyword_fraction_case_insensitive():
     text = "There are three RED circles and a Blue square."
     assert keyword_reward(text, ["red", "blue", "green", "Circle"]) == 0.75
+    assert keyword_reward("a speed of 3 km / h", ["km/h"]) == 1.0  # upstream matches in the normalised text
     assert keyword_reward(text, ["  red ", ""]) == 1.0  # blank key words are ignored, not free matches
     assert keyword_reward(text, []) == 0.0 and keyword_reward(text, ["", " "]) == 0.0
 
@@ -176,6 +252,10 @@ def test_clip_preset_without_model_dir_fails_at_build():
 def test_reward_config_in_root_schema():
     cfg = load_config(None, ["rewards.stage=stage2", "rewards.weights.format=0.2", "rewards.length_limit=256"])
     assert (cfg.rewards.stage, cfg.rewards.weights, cfg.rewards.length_limit) == ("stage2", {"format": 0.2}, 256)
+    assert cfg.rewards.answer_grading == "upstream"
+    assert load_config(None, ["rewards.answer_grading=lenient"]).rewards.answer_grading == "lenient"
+    with pytest.raises(ConfigError, match=r"rewards\.answer_grading"):
+        load_config(None, ["rewards.answer_grading=strict"])
     assert (cfg.rewards.clip_threshold, cfg.rewards.clip_image_size, cfg.rewards.clip_max_text_tokens) == (0.4, 336, 248)
     with pytest.raises(ConfigError, match=r"rewards\.stage"):
         load_config(None, ["rewards.stage=stage3"])

@@ -1,13 +1,20 @@
 """The SGLang engine's CPU-testable parts: the unavailable-backend error, request sharding across rollout
-groups and regrouping, and the translation to and from SGLang's request/response formats.
+groups and regrouping, the translation to and from SGLang's request/response formats, the torchrun variable
+cleared around the constructor, and the collective side (gloo group, all-gathers, failure agreement) at world
+size 2 over gloo.
 
 SGLang itself cannot run here; the SGLang-shaped dicts below follow its source (docs/ROLLOUT.md lists the
-files and commits). The last test drives the real engine and runs only with CUDA and sglang installed.
+files and commits). The stand-in for `sglang.Engine` in the two-rank test replaces SGLang only at the
+`Engine.generate` / memory-call boundary. The last test drives the real engine and runs only with CUDA and
+sglang installed.
 """
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -17,9 +24,12 @@ from pebr_mega.rollout.engine import group_samples
 from pebr_mega.rollout.sglang_engine import (
     INSTALL_HINT,
     KV_CACHE,
+    SGLANG_PORT_BASE,
     WEIGHTS,
     EngineOutput,
+    RolloutGroups,
     SGLangRolloutEngine,
+    engine_port,
     engine_server_args,
     expand_image_pads,
     generate_inputs,
@@ -30,6 +40,8 @@ from pebr_mega.rollout.sglang_engine import (
     rollout_group_count,
     sglang_sampling_params,
     shard_bounds,
+    start_sglang_engine,
+    sglang_env_cleared,
 )
 from pebr_mega.rollout.types import RolloutRequest, SamplingParams
 
@@ -193,11 +205,12 @@ def test_generate_inputs_repeat_requests_with_processor_output_images():
 
 
 # ------------------------------------------------------------------------------------ output translation
-def _sglang_output(ids, logprobs, finish):
+def _sglang_output(ids, logprobs, finish, prompt_tokens=5):
     """A generate() result shaped as SGLang's TokenizerManager builds it (text, output_ids, meta_info)."""
     trimmed = ids[:-1] if finish.get("type") == "stop" else ids
     return {"text": "decoded", "output_ids": list(trimmed),
-            "meta_info": {"id": "abc", "finish_reason": finish, "prompt_tokens": 5, "completion_tokens": len(ids),
+            "meta_info": {"id": "abc", "finish_reason": finish, "prompt_tokens": prompt_tokens,
+                          "completion_tokens": len(ids),
                           "output_token_logprobs": [(lp, t, None) for lp, t in zip(logprobs, ids)]}}
 
 
@@ -217,16 +230,29 @@ def test_parse_output_keeps_the_stop_token_and_maps_finish_reasons():
     del broken["meta_info"]["output_token_logprobs"]
     with pytest.raises(PebrError, match="no output_token_logprobs for record 'q4'"):
         parse_output(broken, "q4")
+    assert parse_output(_sglang_output(ids, lps, {"type": "length"}, prompt_tokens=9), "q5", 9).response_ids == ids
+    with pytest.raises(PebrError, match="record 'q5': SGLang generated from a prompt of 10 tokens, not the 9"):
+        parse_output(_sglang_output(ids, lps, {"type": "length"}, prompt_tokens=10), "q5", 9)
 
 
 # ------------------------------------------------------------------------------------ server args, memory
-def test_engine_server_args_pass_through_and_own_four_keys():
+def test_engine_server_args_pass_through_and_own_five_keys():
     args = engine_server_args("/m", 2, 4, 7, {"mem_fraction_static": 0.5})
     assert args == {"enable_memory_saver": True, "mem_fraction_static": 0.5, "model_path": "/m", "tp_size": 2,
-                    "base_gpu_id": 4, "random_seed": 7}
+                    "base_gpu_id": 4, "random_seed": 7, "port": engine_port(4)}
     assert engine_server_args("/m", 1, 0, 0, {"enable_memory_saver": False})["enable_memory_saver"] is False
-    with pytest.raises(ValueError, match=r"may not set \['base_gpu_id', 'tp_size'\]"):
-        engine_server_args("/m", 1, 0, 0, {"tp_size": 2, "base_gpu_id": 1})
+    with pytest.raises(ValueError, match=r"may not set \['base_gpu_id', 'port', 'tp_size'\]"):
+        engine_server_args("/m", 1, 0, 0, {"tp_size": 2, "base_gpu_id": 1, "port": 30000})
+
+
+def test_engines_on_one_node_get_ports_far_apart():
+    """SGLang 0.4/0.5 picks the scheduler rendezvous port as `port + random.randint(100, 1000)` (then +42
+    while taken) from the trainer's identically seeded `random`: distinct `port`s keep the picks distinct."""
+    ports = [engine_server_args("/m", 1, gpu, 0, None)["port"] for gpu in range(8)]
+    assert ports[0] == SGLANG_PORT_BASE and len(set(ports)) == 8
+    offset = random.Random(0).randint(100, 1000)  # the same offset on every rank
+    picks = {p + offset + 42 * k for p in ports for k in range(3)}  # even after two taken candidates each
+    assert len(picks) == 8 * 3
 
 
 def test_resume_phases_bring_weights_back_before_the_rest():
@@ -236,6 +262,201 @@ def test_resume_phases_bring_weights_back_before_the_rest():
     assert resume_phases({KV_CACHE, "cuda_graph"}, None) == [["cuda_graph", KV_CACHE]]
     assert resume_phases({KV_CACHE}, [WEIGHTS, KV_CACHE]) == [[KV_CACHE]]
     assert resume_phases(set(), None) == []
+
+
+# ------------------------------------------------------------------------- torchrun variables, stub Engine
+# What one SGLang scheduler does at start-up (python/sglang/srt/distributed/parallel_state.py
+# `init_distributed_environment`): a tcp:// rendezvous with explicit rank and world size, here of one rank.
+_SCHEDULER = textwrap.dedent("""
+    import datetime, sys
+    import torch.distributed as dist
+    try:
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=1))
+    except Exception as exc:
+        print("rendezvous failed:", type(exc).__name__)
+        sys.exit(3)
+    dist.destroy_process_group()
+""")
+
+
+def _scheduler(env=None) -> subprocess.Popen:
+    from pebr_mega.parallel.launch import free_port
+
+    return subprocess.Popen([sys.executable, "-c", _SCHEDULER, str(free_port())], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
+class _StubSGLang:
+    """Stands in for the `sglang` module at its constructor only: `Engine(**args)` records the environment
+    and starts one scheduler-like child process, as SGLang's constructor spawns its schedulers."""
+
+    seen: dict = {}
+
+    class Engine:
+        def __init__(self, **kwargs):
+            _StubSGLang.seen = {"args": kwargs, "store": os.environ.get("TORCHELASTIC_USE_AGENT_STORE"),
+                                "master_port": os.environ.get("MASTER_PORT"),
+                                "alloc": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+            child = _scheduler()  # inherits this process's environment, like a spawned scheduler
+            _StubSGLang.seen["child_rc"] = child.wait(timeout=120)
+            if kwargs.get("fail"):
+                raise RuntimeError("engine start failed")
+
+
+def test_torchrun_store_variable_is_cleared_around_the_engine_constructor(monkeypatch):
+    """Under torchrun (TORCHELASTIC_USE_AGENT_STORE=True) a scheduler's tcp:// rendezvous builds a client-only
+    store and times out; inside start_sglang_engine the variable is gone (and the allocator setting that
+    disables SGLang's memory saver), and both are back afterwards."""
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    control = _scheduler(env=dict(os.environ))  # a scheduler started with torchrun's environment as is
+    start_sglang_engine(_StubSGLang, {"model_path": "/m"})
+    assert _StubSGLang.seen["store"] is None and _StubSGLang.seen["alloc"] is None
+    assert _StubSGLang.seen["child_rc"] == 0
+    assert _StubSGLang.seen["master_port"] == "29500" and _StubSGLang.seen["args"] == {"model_path": "/m"}
+    assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert control.wait(timeout=120) == 3 and "rendezvous failed" in control.stdout.read()
+
+    with pytest.raises(RuntimeError, match="engine start failed"):
+        start_sglang_engine(_StubSGLang, {"fail": True})
+    assert _StubSGLang.seen["store"] is None and os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
+
+
+def test_sglang_env_cleared_restores_the_state_before_it(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    with sglang_env_cleared():
+        os.environ["TORCHELASTIC_USE_AGENT_STORE"] = "True"  # set inside: gone afterwards
+    assert "TORCHELASTIC_USE_AGENT_STORE" not in os.environ
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    with pytest.raises(KeyError):
+        with sglang_env_cleared():
+            assert "TORCHELASTIC_USE_AGENT_STORE" not in os.environ
+            raise KeyError("x")
+    assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "False"
+
+
+# ------------------------------------------------------------------------- collectives at world size 2
+class _StandInEngine:
+    """Replaces `sglang.Engine` at the generate and memory-call boundary: answers shaped as SGLang's
+    TokenizerManager builds them (the response is [seed % 1000, stop token 7]), calls recorded."""
+
+    def __init__(self, fail_generate: bool = False, fail_release: bool = False) -> None:
+        self.calls: list = []
+        self.fail_generate, self.fail_release = fail_generate, fail_release
+
+    def generate(self, input_ids, image_data, sampling_params, return_logprob):
+        assert return_logprob is True
+        if self.fail_generate:
+            raise RuntimeError("scheduler died")
+        outs = []
+        for ids, p in zip(input_ids, sampling_params, strict=True):
+            resp = [p["sampling_seed"] % 1000, 7]
+            outs.append(_sglang_output(resp, [-0.25, -0.5], {"type": "stop", "matched": 7}, prompt_tokens=len(ids)))
+        return outs
+
+    def release_memory_occupation(self, tags):
+        if self.fail_release:
+            raise RuntimeError("release refused")
+        self.calls.append(("release", sorted(tags)))
+
+    def resume_memory_occupation(self, tags):
+        self.calls.append(("resume", sorted(tags)))
+
+
+def _engine_worker(rank: int) -> dict:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    return {tp_size: _engine_checks(rank, tp_size) for tp_size in (1, 2)}
+
+
+def _engine_checks(rank: int, tp_size: int) -> dict:
+    import torch.distributed as dist
+
+    groups_used, real = [], {"all_gather_object": dist.all_gather_object, "barrier": dist.barrier}
+
+    def recording(name):  # records the group of each call; the real collective still runs
+        def call(*args, group=None, **kwargs):
+            groups_used.append((name, group))
+            return real[name](*args, group=group, **kwargs)
+        return call
+
+    dist.all_gather_object, dist.barrier = recording("all_gather_object"), recording("barrier")
+    try:
+        groups = RolloutGroups(tp_size)
+        out = {"owner": groups.is_owner, "backend": dist.get_backend(groups.cpu_group),
+               "not_world": groups.cpu_group is not dist.group.WORLD}
+        tags = [KV_CACHE, WEIGHTS, "cuda_graph"]
+        engine = SGLangRolloutEngine.__new__(SGLangRolloutEngine)
+        stand_in = _StandInEngine() if groups.is_owner else None
+        engine._attach(groups, stand_in, image_token_id=9, merge_size=2, memory_tags=tags, gpu=None)
+        requests = _requests(5, with_images=True)
+        samples = engine.generate(requests, SamplingParams(n=2, seed=100, stop_token_ids=[7]))
+        out["samples"] = [(s.record_id, s.index, s.response_ids, s.rollout_logprobs, s.finish_reason) for s in samples]
+        engine.release_memory()
+        engine.resume_memory([WEIGHTS])
+        engine.resume_memory()
+        out["memory_calls"] = None if stand_in is None else stand_in.calls
+
+        broken = SGLangRolloutEngine.__new__(SGLangRolloutEngine)  # the second group's owner fails to generate
+        broken._attach(groups, _StandInEngine(fail_generate=groups.group == groups.num_groups - 1) if groups.is_owner
+                       else None, 9, 2, tags, None)
+        try:
+            broken.generate(requests, SamplingParams(n=1, seed=0))
+        except PebrError as exc:
+            out["generate_error"] = str(exc)
+        broken._attach(groups, _StandInEngine(fail_release=True) if rank == 0 else None, 9, 2, tags, None)
+        try:
+            broken.release_memory()
+        except Exception as exc:
+            out["release_error"] = f"{type(exc).__name__}: {exc}"
+        out["groups_used"] = [(name, group is groups.cpu_group) for name, group in groups_used]
+        return out
+    finally:
+        dist.all_gather_object, dist.barrier = real["all_gather_object"], real["barrier"]
+
+
+def test_engine_collectives_use_one_gloo_group_at_world_size_2():
+    """Rollout TP 1 (two groups) and 2 (one group): both ranks get every sample in request order; every
+    object all-gather and barrier of the engine runs on the gloo group made once by RolloutGroups, never on
+    the default group; a failure on one rank is raised on both."""
+    from pebr_mega.parallel.launch import spawn
+
+    by_rank = spawn(_engine_worker, 2, timeout_s=300)
+    for tp_size in (1, 2):
+        _check_engine_collectives(tp_size, [r[tp_size] for r in by_rank])
+
+
+def _check_engine_collectives(tp_size: int, results: list) -> None:
+    assert [r["owner"] for r in results] == ([True, True] if tp_size == 1 else [True, False])
+    assert all(r["backend"] == "gloo" and r["not_world"] for r in results)
+    assert results[0]["samples"] == results[1]["samples"]
+    expected = [(f"r{i}", k, [(100 + 2 * i + k) % 1000, 7], [-0.25, -0.5], "stop") for i in range(5) for k in range(2)]
+    assert [tuple(s) for s in results[0]["samples"]] == expected
+    owners = [r for r in results if r["owner"]]
+    for r in owners:  # release everything held; weights resumed alone first, then the rest in one call
+        assert r["memory_calls"] == [("release", ["cuda_graph", KV_CACHE, WEIGHTS]), ("resume", [WEIGHTS]),
+                                     ("resume", ["cuda_graph", KV_CACHE])]
+    last_group = 2 // tp_size - 1
+    for r in results:
+        assert f"rollout group {last_group} failed to generate: RuntimeError: scheduler died" in r["generate_error"]
+        assert r["groups_used"] and all(on_gloo for _, on_gloo in r["groups_used"])
+    assert results[0]["release_error"] == "RuntimeError: release refused"
+    assert results[1]["release_error"] == ("PebrError: releasing SGLang's memory failed on rank 0: "
+                                           "RuntimeError: release refused")
+
+
+def test_agree_without_a_job_raises_the_error_itself():
+    groups = RolloutGroups(1)
+    assert groups.world_size == 1 and groups.cpu_group is None and groups.is_owner
+    groups.agree(None, "x")
+    groups.barrier()
+    with pytest.raises(ValueError, match="bad"):
+        groups.agree(ValueError("bad"), "x")
+    assert groups.gather_from_owners("mine") == ["mine"]
 
 
 # ------------------------------------------------------------------------------------------- on a GPU

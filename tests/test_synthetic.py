@@ -14,7 +14,7 @@ from PIL import Image
 from pebr_mega.cli import main as cli_main
 from pebr_mega.data.images import ImageConfig, PilImageDecoder
 from pebr_mega.data.synthetic import COLORS, SHAPES, SynthConfig, write_synthetic_dataset
-from pebr_mega.data.template import INSTRUCTION
+from pebr_mega.data.template import build_prompt_text
 
 HEADERS = [r"###\s*image\s+description\s*:", r"###\s*rationales\s*:", r"###\s*step\s*1\s*:",
            r"###\s*the\s+final\s+answer\s+is\s*:"]
@@ -164,13 +164,14 @@ def test_sft_responses_follow_the_pebr_format_and_are_correct(dataset):
     for rec in _load(dataset, "sft.json"):
         user, assistant = rec["messages"]
         assert (user["role"], assistant["role"]) == ("user", "assistant")
-        assert user["content"].startswith(INSTRUCTION) and user["content"].count("<image>") == 1
+        instruction = build_prompt_text("")
+        assert user["content"].startswith(instruction) and user["content"].count("<image>") == 1
         response = assistant["content"]
         for header in HEADERS:
             assert re.search(header, response, flags=re.IGNORECASE), (header, response)
         assert "### Let's think step by step." in response
         objects = scenes[rec["images"][0]]["objects"]
-        problem = user["content"][len(INSTRUCTION):]
+        problem = user["content"][len(instruction):]
         answer = re.search(r"### The final answer is:(.*)$", response, flags=re.IGNORECASE).group(1).strip()
         assert answer == _expected_answer(problem, objects)
         assert re.search(r"### Image Description:(.*)", response).group(1).strip() == _description(objects)

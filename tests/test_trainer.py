@@ -47,22 +47,31 @@ def test_sft_lowers_the_loss_and_exports_a_loadable_model(tiny_model_dir, data, 
 
     from pebr_mega.trainer.sft import SFTTrainer
 
-    cfg = _cfg(tmp_path, tiny_model_dir, data, f"sft.init_model={tiny_model_dir}",
+    template = tmp_path / "my_format.jinja"
+    template.write_text("Answer in sections.\n\n{{ content | trim }}\n")
+    cfg = _cfg(tmp_path / "run", tiny_model_dir, data, f"sft.init_model={tiny_model_dir}",
                f"sft.train_file={data / 'sft.json'}", "sft.lr=3e-3", "sft.epochs=3", "sft.batch_size=8",
-               "sft.freeze_vision=false", "sft.freeze_projector=false", "data.eval_file=")
+               "sft.freeze_vision=false", "sft.freeze_projector=false", "data.eval_file=",
+               f"data.format_prompt={template}")
     res = SFTTrainer(cfg).train()
-    losses = [r["loss"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert len(losses) == 6 and losses[-1] < 0.8 * losses[0]
     Qwen2_5_VLForConditionalGeneration.from_pretrained(res.model_dir)
+    assert Path(res.model_dir, "format_prompt.jinja").read_bytes() == template.read_bytes()  # for inference
 
 
 def test_grpo_stage_resumes_to_the_uninterrupted_metrics(tiny_model_dir, data, tmp_path, monkeypatch):
     from pebr_mega.trainer.grpo import GRPOTrainer
 
-    full = _grpo(tmp_path / "full", tiny_model_dir, data, "grpo.max_steps=3", "grpo.save_every=0")
+    full = _grpo(tmp_path / "full", tiny_model_dir, data, "grpo.max_steps=3", "grpo.save_every=0",
+                 "logging.log_generations=2")
     res = GRPOTrainer(full).train()
     rows = read_metrics(tmp_path / "full" / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3]
+    generations = [json.loads(line) for line in (tmp_path / "full" / "generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in generations] == [1, 1, 2, 2, 3, 3]
+    assert all(g["prompt"] and "<|image_pad|>" not in g["prompt"] and isinstance(g["reward"], float)
+               for g in generations)
     for key in ("reward/total", "reward/accuracy", "loss", "kl", "entropy", "clip_frac", "grad_norm", "lr",
                 "time/rollout", "time/logprobs", "time/update", "time/sync", "tokens_per_s",
                 "mismatch/token_mult_prob_error", "response_length/mean", "sync/bytes"):
@@ -140,3 +149,36 @@ def test_pipeline_skips_finished_stages(tiny_model_dir, data, tmp_path, capsys):
     assert "skipped" in res["stage1"] and res["stage2"]["steps"] == 1
     assert Path(res["export"]["model_dir"], "model.safetensors").is_file()
     assert res["export"]["source"] == res["stage2"]["model_dir"]
+
+
+def test_sampling_uses_its_own_pixel_cap(tiny_model_dir, tmp_path):
+    """Upstream samples at a larger image cap than RL (examples/pebr_sample.yaml): with a prompt limit between
+    the two prompt lengths, the question is sampled under one cap and filtered as too long under the other."""
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from pebr_mega.data.images import ImageConfig, PilImageDecoder
+    from pebr_mega.data.records import GRPORecord
+    from pebr_mega.rollout.requests import build_requests
+    from pebr_mega.trainer.sample import run_sampling
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (224, 224, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "grpo.json").write_text(json.dumps([{"qid": "q", "problem": "<image>How many?", "answer": "3",
+                                                     "images": ["a.png"], "key_words": []}]))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rec = [GRPORecord("q", "<image>How many?", "3", ["a.png"])]
+    small, large = (len(build_requests(rec, tok, PilImageDecoder(ImageConfig(min_pixels=3136, max_pixels=cap)),
+                                       tmp_path, 1 << 30)[0][0].prompt_ids) for cap in (3136 * 4, 50176))
+    assert small < large
+
+    def sample(cap, out):
+        cfg = load_config(None, [f"sample.model={tiny_model_dir}", f"sample.dataset={tmp_path / 'grpo.json'}",
+                                 f"sample.output={tmp_path / out}", "sample.n=2", f"sample.max_pixels={cap}",
+                                 "images.min_pixels=3136", "images.max_pixels=50176", "rollout.max_new_tokens=8",
+                                 f"data.max_prompt_length={small}", "run.device=cpu"])
+        return run_sampling(cfg, progress=False)
+
+    assert sample(50176, "big.jsonl")["skipped"] == {"prompt_too_long": 1}
+    kept = sample(3136 * 4, "small.jsonl")
+    assert kept["questions"] == 1 and not kept["skipped"] and kept["samples"] == 2

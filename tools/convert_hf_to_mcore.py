@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Convert an HF Qwen2.5-VL directory into a Megatron distributed checkpoint (loads at any TP/PP).
 
-    python tools/convert_hf_to_mcore.py --hf-dir DIR --out DIR
+    python tools/convert_hf_to_mcore.py --hf-dir DIR --out DIR [--overwrite]
 
 Runs on CPU (one process); the output also records the HF config and non-weight files, so
-tools/export_to_hf.py needs no template. Bad input is reported as one line and exit status 2.
+tools/export_to_hf.py needs no template. A non-empty --out is replaced only with --overwrite, and never
+when it is, holds or lies inside the source. Bad input is reported as one line and exit status 2.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hf-dir", required=True, help="HF model directory (config.json + safetensors)")
-    p.add_argument("--out", required=True, help="output checkpoint directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output checkpoint directory: written beside it, then renamed into "
+                   "place; must not be or hold the source")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists and is not empty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     import warnings
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from pebr_mega.errors import PebrError
 
     try:
-        convert_hf_to_mcore(args.hf_dir, args.out, progress=not args.quiet)
+        convert_hf_to_mcore(args.hf_dir, args.out, progress=not args.quiet, overwrite=args.overwrite)
     except PebrError as e:
         print(f"convert_hf_to_mcore: error: {e}", file=sys.stderr)
         return 2

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
 """Export a Megatron distributed checkpoint of Qwen2.5-VL to a complete HF model directory.
 
-    python tools/export_to_hf.py --mcore-dir DIR --out DIR [--hf-template DIR]
+    python tools/export_to_hf.py --mcore-dir DIR --out DIR [--hf-template DIR] [--overwrite]
 
 Writes safetensors weights plus config, tokenizer, image processor, chat template and generation config
 (copied from --hf-template, or from the copy recorded at conversion time). Runs on CPU, one layer in memory
-at a time. Bad input is reported as one line and exit status 2.
+at a time. A non-empty --out is replaced only with --overwrite, and never when it is, holds or lies
+inside the source. Bad input is reported as one line and exit status 2.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mcore-dir", required=True, help="Megatron checkpoint written by pebr_mega (any TP/PP)")
-    p.add_argument("--out", required=True, help="output HF directory (replaced atomically)")
+    p.add_argument("--out", required=True, help="output HF directory: written beside it, then renamed into place; "
+                   "must not be or hold the source")
     p.add_argument("--hf-template", default=None, help="HF directory whose non-weight files to copy")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size")
+    p.add_argument("--overwrite", action="store_true", help="replace --out when it exists and is not empty")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     import warnings
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         export_mcore_to_hf(args.mcore_dir, args.out, args.hf_template, progress=not args.quiet,
-                           max_shard_bytes=int(args.max_shard_gb * 2**30))
+                           max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
     except PebrError as e:
         print(f"export_to_hf: error: {e}", file=sys.stderr)
         return 2

@@ -40,13 +40,18 @@ class ActorConfig:
     # CPU tensors, and with torch's AdamW megatron-core 0.16 cannot reload its checkpoint (measured on an H100,
     # docs/PERFORMANCE.md). "on" where it cannot run is an error.
     distributed_optimizer: str = choice("auto", ["auto", "on", "off"])
-    # Sequence packing: samples are packed into micro-batches of at most this many tokens.
+    # Sequence packing: samples are packed into micro-batches of at most this many tokens (before the padding
+    # to a multiple of 16 x TP), balanced over data-parallel ranks, the same number on every rank (actor.packing).
     micro_batch_tokens: int = 8192
     freeze_vision: bool = False  # the ViT blocks and patch embedding (not the merger)
     freeze_projector: bool = False  # the merger (the MLP from vision features to the LLM's hidden size)
     # Log-prob / loss implementation: triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or torch.
     kernels: str = choice("auto", ["auto", "triton", "torch"])
     logprob_dtype: str = choice("float32", ["float32"])
+    # How target log-probs come from the final hidden states (actor.losses): "logits" materialises the targets'
+    # logits [N, V/tp] then runs the fused log-prob kernel; "hidden" runs the chunked hidden-state kernel
+    # (never the whole logits; recomputes them in backward). auto = the per-device default from the benchmarks.
+    logprobs_from: str = choice("auto", ["auto", "logits", "hidden"])
 
     def __post_init__(self) -> None:
         checks = {

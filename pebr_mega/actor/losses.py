@@ -1,14 +1,26 @@
 """Per-micro-batch losses of the actor: GRPO (PPO-clip + KL) and SFT (next-token cross-entropy).
 
-Both read the logits of one packed row and the micro-batch's `[n, T]` target layout (`actor.packing`).
+Both start from the final hidden states of the target positions only ([N, h], `Qwen25VLModel` with
+`target_index`) and the output layer's weight ([V / tp, h]); the log-probs of the N targets come from one of
+two paths (`ActorConfig.logprobs_from`):
 
-Normalisation across micro-batches and data-parallel ranks. The aggregation of a whole mini-batch is
-    L = (1 / D) * sum_{micro-batches m} S_m,
-where S_m is the micro-batch's *unnormalised* aggregate (the GRPO loss with `denominator=1`: the sum of
-token losses for token-mean, the sum of per-sequence means for seq-mean-token-mean, ...) and D the
-mini-batch's denominator (its target tokens, or its sequences), known before the step. Megatron's
-schedule divides each returned loss by the number of micro-batches M and DDP averages gradients over the
-DP ranks (1 / dp), so each micro-batch returns S_m * M * dp / D to make the gradient exactly dL/dθ.
+- `logits`: the target logits [N, V / tp] (one matmul, in the model dtype), then the fused log-prob kernel
+  (vocab-parallel; its backward overwrites the logits in place). N counts trained tokens only: no logits of
+  prompt tokens ever exist.
+- `hidden`: `kernels.linear_logprobs`, chunked so that even the target logits never exist whole; its
+  backward recomputes each chunk (8 instead of 6 N h V FLOPs): less memory, more FLOPs.
+`auto` takes the per-device default in `LOGPROBS_FROM_DEFAULT`, set from the H100 kernel measurements in
+docs/PERFORMANCE.md; `tools/bench_grpo_step.py` times both paths at the benchmark's target count.
+
+Normalisation across micro-batches and data-parallel ranks. The loss of a whole mini-batch is
+    L = sum over micro-batches m (on every rank) of c_m,
+with c_m the micro-batch's share: for the global modes (`token-mean`, `seq-mean-*`, SFT's token mean)
+c_m = S_m / D, S_m the micro-batch's unnormalised aggregate (token-loss sum, sum of per-sequence means, ...)
+and D the mini-batch's denominator (its target tokens, or its sequences), known before the step; for
+`token-mean-microbatch` (upstream PeBR-R1's EasyR1 0.3.2.dev0 fork) c_m = (S_m / n_m) / (M * dp), the micro-batch's
+own token mean over the M micro-batches and dp ranks. Megatron's schedule divides each returned loss by
+M and DDP averages gradients over the DP ranks, so each micro-batch returns c_m * M * dp and the gradient
+is exactly dL/dθ. Every rank runs the same M (`actor.packing`).
 """
 from __future__ import annotations
 
@@ -19,81 +31,107 @@ from torch import Tensor
 
 from pebr_mega.actor.packing import MicroBatch
 
+LOGPROBS_FROM = ("auto", "logits", "hidden")
+# `auto` per device. CUDA: an H100 (docs/PERFORMANCE.md, kernels, 2026-11-26) ran the chunked hidden-state
+# kernel at 56.3 ms forward + backward for N = 8,192, h = 3,584, V = 152,064, where a bf16 matmul plus the
+# fused log-prob kernel costs 6 N h V FLOPs at the measured 728 TFLOP/s (~41 ms) plus ~5 ms of kernel:
+# materialising the target logits is the faster path while its 2.5 GB of bf16 logits fit. CPU: the
+# references materialise logits either way, so `logits` (one path fewer to run).
+LOGPROBS_FROM_DEFAULT = {"cuda": "logits", "cpu": "logits"}
+
+
+def resolve_logprobs_from(choice: str, device: torch.device) -> str:
+    """`auto` -> this device type's default; otherwise the choice itself."""
+    if choice not in LOGPROBS_FROM:
+        raise ValueError(f"logprobs_from {choice!r} is not one of {list(LOGPROBS_FROM)}")
+    return LOGPROBS_FROM_DEFAULT.get(device.type, "logits") if choice == "auto" else choice
+
 
 @dataclass
 class LossScale:
     """The numbers that turn a micro-batch aggregate into its share of the mini-batch loss."""
 
-    denominator: float  # D: target tokens (token-mean) or sequences (seq-mean-*) of the whole mini-batch
-    num_microbatches: int  # M on this rank
+    denominator: float  # D: target tokens (token-mean, SFT) or sequences (seq-mean-*) of the whole mini-batch
+    num_microbatches: int  # M, the same on every rank
     dp_size: int
+    per_microbatch: bool = False  # token-mean-microbatch: each micro-batch's own token mean
 
     @property
-    def factor(self) -> float:
-        """M * dp / D."""
-        return self.num_microbatches * self.dp_size / max(self.denominator, 1e-12)
+    def returned(self) -> float:
+        """What a share is multiplied by before the schedule (/ M) and DDP (/ dp) undo it: M * dp."""
+        return float(self.num_microbatches * self.dp_size)
 
 
-def next_token_targets(input_ids: Tensor) -> Tensor:
-    """Targets of every packed position: the next token (the last position's target is a dummy 0)."""
-    row = input_ids[0]
-    return torch.cat([row[1:], row.new_zeros(1)])
+def target_logprobs(hidden: Tensor, weight: Tensor, mb: MicroBatch, temperature: float, kernels_impl: str,
+                    path: str = "logits", tp_group=None, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropies) [N] float32 of the micro-batch's targets, in `target_index` order.
 
-
-def target_logprobs(logits: Tensor, mb: MicroBatch, temperature: float, kernels_impl: str,
-                    tp_group=None, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Log-probs (and entropies) of the targets in the `[n, T]` layout, from logits `[1, S, V/tp]`.
-
-    The log-prob is computed once per packed position (one pass over the logits, no float32 copy of them)
-    and then gathered into the target layout; masked slots hold 0.
+    `hidden` [N, h] are the final hidden states of the positions predicting the targets, `weight` [V / tp, h]
+    this rank's slice of the output layer. With `tp_group` the hidden-state gradient is all-reduced over it
+    (as Megatron's column-parallel output layer does).
     """
     from pebr_mega import kernels
-    from pebr_mega.kernels.reference import logprobs_reference
+    from pebr_mega.kernels import reference
 
-    fn = logprobs_reference if kernels_impl == "torch" else kernels.logprobs
-    row_logits = logits[0]
-    targets = next_token_targets(mb.input_ids).to(row_logits.device)
-    lp, ent = fn(row_logits, targets, temperature, return_entropy=with_entropy, tp_group=tp_group)
-    pos = mb.target_pos.to(lp.device)
-    keep = mb.target_mask.to(lp.device) != 0
-    # `where`, not `* mask`: a non-finite value at the gathered slot 0 must not leak into masked slots.
-    lp_t = torch.where(keep, lp[pos], lp.new_zeros(()))
-    ent_t = torch.where(keep, ent[pos], ent.new_zeros(())) if ent is not None else None
-    return lp_t, ent_t
+    if mb.num_targets == 0:  # an empty (padding-only) micro-batch: a zero that keeps the graph connected
+        zero = hidden.float().sum(-1) * 0.0
+        return zero, (zero if with_entropy else None)
+    ids = mb.flat_target_ids.to(hidden.device, non_blocking=True)
+    torch_impl = kernels_impl == "torch"
+    if path == "hidden":
+        fn = reference.linear_logprobs_reference if torch_impl else kernels.linear_logprobs
+        return fn(hidden, weight, ids, temperature, return_entropy=with_entropy, tp_group=tp_group)
+    if path != "logits":
+        raise ValueError(f"log-prob path {path!r} is not 'logits' or 'hidden'")
+    if tp_group is not None:
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        hidden = copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    logits = torch.nn.functional.linear(hidden, weight)  # [N, V / tp]: the targets' rows only
+    if torch_impl:
+        return reference.logprobs_reference(logits, ids, temperature, with_entropy, tp_group)
+    # Nothing else reads these logits (the matmul's backward needs hidden and weight only): reuse their memory.
+    return kernels.logprobs(logits, ids, temperature, with_entropy, tp_group, inplace_backward=True)
 
 
-def grpo_microbatch_loss(logits: Tensor, mb: MicroBatch, scale: LossScale, algo, temperature: float,
-                         kernels_impl: str, tp_group=None) -> tuple[Tensor, dict[str, Tensor]]:
-    """The scaled GRPO loss of one micro-batch and its (unscaled, summable) metrics."""
+def grpo_microbatch_loss(hidden: Tensor, weight: Tensor, mb: MicroBatch, scale: LossScale, algo, temperature: float,
+                         kernels_impl: str, path: str = "logits", tp_group=None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The scaled GRPO loss of one micro-batch and its (summable) metrics: shares of the loss, token sums."""
     from pebr_mega import kernels
     from pebr_mega.kernels.reference import grpo_loss_reference
 
-    lp, ent = target_logprobs(logits, mb, temperature, kernels_impl, tp_group, with_entropy=True)
+    if mb.num_targets == 0:  # an empty (padding-only) micro-batch: it takes part, and adds nothing
+        zero = hidden.float().sum() * 0.0
+        return zero, {"loss_sum": zero.detach(), "tokens": zero.detach(), "pg_loss_sum": zero.detach()}
+    lp, ent = target_logprobs(hidden, weight, mb, temperature, kernels_impl, path, tp_group, with_entropy=True)
     dev = lp.device
-    mask = mb.target_mask.to(dev)
+    lp, ent = mb.to_layout(lp), mb.to_layout(ent)
+    mask = mb.target_mask.to(dev, non_blocking=True)
     fn = grpo_loss_reference if kernels_impl == "torch" else kernels.grpo_loss
-    agg_sum, m = fn(lp, mb.old_logprobs.to(dev), mb.advantages.to(dev), mask,
-                    ref_logprobs=None if mb.ref_logprobs is None else mb.ref_logprobs.to(dev),
-                    clip_low=algo.clip_low, clip_high=algo.clip_high, clip_dual=algo.clip_dual,
-                    kl_coef=algo.kl_coef if mb.ref_logprobs is not None else 0.0, kl_type=algo.kl_type,
-                    agg=algo.agg, entropy=ent, denominator=1.0)
+    agg, denominator = ("token-mean", None) if scale.per_microbatch else (algo.agg, max(scale.denominator, 1.0))
+    value, m = fn(lp, mb.old_logprobs.to(dev, non_blocking=True), mb.advantages.to(dev, non_blocking=True), mask,
+                  ref_logprobs=None if mb.ref_logprobs is None else mb.ref_logprobs.to(dev, non_blocking=True),
+                  clip_low=algo.clip_low, clip_high=algo.clip_high, clip_dual=algo.clip_dual,
+                  kl_coef=algo.kl_coef if mb.ref_logprobs is not None else 0.0, kl_type=algo.kl_type,
+                  agg=agg, entropy=ent, denominator=denominator)
+    # share of the mini-batch loss: S_m / D for the global modes (the kernel divided by D), or the
+    # micro-batch's token mean / (M * dp)
+    weight_of_value = 1.0 / scale.returned if scale.per_microbatch else 1.0
+    share = value * weight_of_value
     tokens = mask.sum()
-    # Metrics come back as sums over the mini-batch once added up: aggregates as they are, token means
-    # weighted by this micro-batch's token count.
-    out = {"loss_sum": agg_sum.detach(), "tokens": tokens.detach(), "pg_loss_sum": m["pg_loss"]}
+    out = {"loss_sum": share.detach(), "tokens": tokens.detach(), "pg_loss_sum": m["pg_loss"] * weight_of_value}
     if "kl_loss" in m:
-        out["kl_loss_sum"] = m["kl_loss"]
+        out["kl_loss_sum"] = m["kl_loss"] * weight_of_value
     for k in ("clip_frac", "clip_frac_dual", "approx_kl", "entropy"):
         if k in m:
             out[f"{k}_tok"] = m[k] * tokens
-    return agg_sum * scale.factor, out
+    return share * scale.returned, out
 
 
-def sft_microbatch_loss(logits: Tensor, mb: MicroBatch, scale: LossScale, kernels_impl: str,
-                        tp_group=None) -> tuple[Tensor, dict[str, Tensor]]:
+def sft_microbatch_loss(hidden: Tensor, weight: Tensor, mb: MicroBatch, scale: LossScale, kernels_impl: str,
+                        path: str = "logits", tp_group=None) -> tuple[Tensor, dict[str, Tensor]]:
     """Token-mean next-token cross-entropy over the assistant tokens, scaled as documented above."""
-    lp, _ = target_logprobs(logits, mb, 1.0, kernels_impl, tp_group)
-    mask = mb.target_mask.to(lp.device)
-    nll_sum = -(lp * mask).sum()
-    tokens = mask.sum()
-    return nll_sum * scale.factor, {"loss_sum": nll_sum.detach(), "tokens": tokens.detach()}
+    lp, _ = target_logprobs(hidden, weight, mb, 1.0, kernels_impl, path, tp_group)
+    share = -lp.sum() / max(scale.denominator, 1.0)
+    tokens = lp.new_tensor(float(mb.num_targets))
+    return share * scale.returned, {"loss_sum": share.detach(), "tokens": tokens}

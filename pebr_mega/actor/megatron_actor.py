@@ -47,8 +47,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pebr_mega.actor.config import ActorConfig
-from pebr_mega.actor.losses import LossScale, grpo_microbatch_loss, sft_microbatch_loss, target_logprobs
-from pebr_mega.actor.packing import ActorSequence, MicroBatch, pack_micro_batches
+from pebr_mega.actor.losses import (LossScale, grpo_microbatch_loss, resolve_logprobs_from, sft_microbatch_loss,
+                                    target_logprobs)
+from pebr_mega.actor.packing import ActorSequence, MicroBatch, pack, plan_micro_batches, plan_stats
+from pebr_mega.models.packing import packed_seq_params, token_multiple
 from pebr_mega.errors import CheckpointError
 
 ACTOR_META = "actor.json"
@@ -105,6 +107,9 @@ class MegatronActor:
         self.tp_group = mpu.get_tensor_model_parallel_group() if self.tp_size > 1 else None
         self.device = next(model.parameters()).device
         self.kernels_impl = self._resolve_kernels(cfg.kernels)
+        self.logprobs_from = resolve_logprobs_from(cfg.logprobs_from, self.device)
+        # Every packed row is padded to this many tokens (FP8 GEMMs; sequence-parallel splits): models.packing.
+        self.token_multiple = token_multiple(self.tp_size, bool(model.config.sequence_parallel))
         # Micro-batches have different lengths: let the pipeline exchange shapes first.
         model.config.variable_seq_lengths = True
         self.optimizer = self.scheduler = None
@@ -208,27 +213,28 @@ class MegatronActor:
                                 image_token_id=self.arch.image_token_id, video_token_id=self.arch.video_token_id,
                                 spatial_merge_size=v.spatial_merge_size, tokens_per_second=v.tokens_per_second)
 
-    def micro_batches(self, seqs: Sequence[ActorSequence]) -> list[MicroBatch]:
-        """Pack this rank's share of `seqs` into micro-batches of at most `micro_batch_tokens` tokens."""
-        return pack_micro_batches(seqs, self.cfg.micro_batch_tokens, self.positions)
+    def plan(self, seqs: Sequence[ActorSequence]) -> list[list[list[int]]]:
+        """Balanced micro-batches of `seqs` for every data-parallel rank (`actor.packing.plan_micro_batches`)."""
+        return plan_micro_batches([len(s.input_ids) for s in seqs], self.cfg.micro_batch_tokens, self.dp_size)
 
-    def dp_share(self, seqs: Sequence[ActorSequence]) -> list[ActorSequence]:
-        """The sequences this data-parallel rank processes (round robin: rank r takes r, r + dp, ...)."""
-        return list(seqs[self.dp_rank::self.dp_size])
+    def micro_batches(self, seqs: Sequence[ActorSequence], plan: list[list[list[int]]] | None = None) -> list[MicroBatch]:
+        """This rank's packed, padded micro-batches of `seqs` (all ranks pass the same list)."""
+        plan = self.plan(seqs) if plan is None else plan
+        pad_id = 0 if self.arch.image_token_id != 0 and self.arch.video_token_id != 0 else 1
+        return [pack([seqs[i] for i in group], self.positions, self.token_multiple, pad_id)
+                for group in plan[self.dp_rank]]
 
     def _model_inputs(self, mb: MicroBatch) -> dict:
-        from megatron.core.packed_seq_params import PackedSeqParams
-
-        cu = mb.cu_seqlens.to(self.device)
+        dev = self.device
         inputs = {
-            "input_ids": mb.input_ids.to(self.device),
-            "position_ids": mb.position_ids.to(self.device),
-            "packed_seq_params": PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                                 max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen),
+            "input_ids": mb.input_ids.to(dev, non_blocking=True),
+            "position_ids": mb.position_ids.to(dev, non_blocking=True),
+            "packed_seq_params": packed_seq_params(mb.lengths, self.module.spec, dev),
+            "target_index": mb.target_index.to(dev, non_blocking=True),
         }
         if mb.pixel_values is not None:
-            inputs["pixel_values"] = mb.pixel_values.to(self.device, self.model_cfg.torch_dtype)
-            inputs["image_grid_thw"] = mb.image_grid_thw.to(self.device)
+            inputs["pixel_values"] = mb.pixel_values.to(dev, self.model_cfg.torch_dtype, non_blocking=True)
+            inputs["image_grid_thw"] = mb.image_grid_thw  # host metadata: the vision tower plans from it there
         return inputs
 
     # ------------------------------------------------------------------------------------------ schedule
@@ -237,7 +243,7 @@ class MegatronActor:
 
         def step(data_iter: Iterator[MicroBatch], model):
             mb = next(data_iter)
-            out = model(**self._model_inputs(mb))
+            out = model(**self._model_inputs(mb))  # last stage: the target positions' hidden states [N, h]
             return out, partial(loss_fn, mb)
 
         return get_forward_backward_func()(
@@ -276,16 +282,16 @@ class MegatronActor:
         pass the same list; a data-parallel rank left without sequences just takes part in the exchange.
         """
         indexed = [ActorSequence(**{**s.__dict__, "index": i}) for i, s in enumerate(seqs)]
-        mbs = self.micro_batches(self.dp_share(indexed))
+        mbs = self.micro_batches(indexed)
         self.model.eval()
 
-        def loss_fn(mb, logits):
-            lp, ent = target_logprobs(logits, mb, temperature, self.kernels_impl, self.tp_group, with_entropy)
-            rows = {}
-            for r, idx in enumerate(mb.indices):
-                n = int(mb.target_mask[r].sum())
-                rows[idx] = (lp[r, :n].float().cpu(), ent[r, :n].float().cpu() if ent is not None else None)
-            return logits.new_zeros(()), rows
+        def loss_fn(mb, hidden):
+            lp, ent = target_logprobs(hidden, self.module.output_weight(), mb, temperature, self.kernels_impl,
+                                      self.logprobs_from, self.tp_group, with_entropy)
+            counts = [s.num_targets for s in (indexed[i] for i in mb.indices)]
+            lps = torch.split(lp.float().cpu(), counts)  # one copy to the host per micro-batch
+            ents = torch.split(ent.float().cpu(), counts) if ent is not None else [None] * len(counts)
+            return hidden.new_zeros(()), dict(zip(mb.indices, zip(lps, ents)))
 
         outs = self._run(mbs, loss_fn, forward_only=True) if mbs else []
         local = {}
@@ -312,13 +318,19 @@ class MegatronActor:
             raise ValueError(f"{len(seqs)} sequences cannot feed {self.dp_size} data-parallel ranks")
         self._check_loss_inputs(seqs, loss)
         denominator = self._denominator(seqs, loss)
-        mbs = self.micro_batches(self.dp_share(seqs))
-        scale = LossScale(denominator, len(mbs), self.dp_size)
+        plan = self.plan(seqs)
+        mbs = self.micro_batches(seqs, plan)
+        agg = getattr(loss.algo, "agg", "token-mean") if loss.kind == "grpo" else "token-mean"
+        scale = LossScale(denominator, len(mbs), self.dp_size, per_microbatch=agg == "token-mean-microbatch")
+        weight = self.module.output_weight if self.is_last_stage else None
         if loss.kind == "grpo":
-            loss_fn = lambda mb, logits: grpo_microbatch_loss(logits, mb, scale, loss.algo, loss.temperature,  # noqa: E731
-                                                              self.kernels_impl, self.tp_group)
+            def loss_fn(mb, hidden):
+                return grpo_microbatch_loss(hidden, weight(), mb, scale, loss.algo, loss.temperature,
+                                            self.kernels_impl, self.logprobs_from, self.tp_group)
         else:
-            loss_fn = lambda mb, logits: sft_microbatch_loss(logits, mb, scale, self.kernels_impl, self.tp_group)  # noqa: E731
+            def loss_fn(mb, hidden):
+                return sft_microbatch_loss(hidden, weight(), mb, scale, self.kernels_impl, self.logprobs_from,
+                                           self.tp_group)
         self.model.train()
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -326,15 +338,16 @@ class MegatronActor:
         sums = self._sum_metrics(outs)
         metrics = self._step_optimizer(sums)
         tokens = max(sums.get("tokens", 0.0), 1.0)
-        norm = max(denominator, 1.0)
-        metrics["loss"] = sums.get("loss_sum", float("nan")) / norm
+        metrics["loss"] = sums.get("loss_sum", float("nan"))
         for k in ("pg_loss", "kl_loss"):
             if f"{k}_sum" in sums:
-                metrics[k] = sums[f"{k}_sum"] / norm
+                metrics[k] = sums[f"{k}_sum"]
         for k in ("clip_frac", "clip_frac_dual", "approx_kl", "entropy"):
             if f"{k}_tok" in sums:
                 metrics[k] = sums[f"{k}_tok"] / tokens
         metrics["train_tokens"] = sums.get("tokens", 0.0)
+        stats = plan_stats(plan, [len(s.input_ids) for s in seqs], self.token_multiple)
+        metrics.update({f"actor/{k}": v for k, v in stats.items()})
         return metrics
 
     @staticmethod
@@ -350,16 +363,17 @@ class MegatronActor:
 
     def _denominator(self, seqs: Sequence[ActorSequence], loss: LossSpec) -> float:
         agg = getattr(loss.algo, "agg", "token-mean") if loss.kind == "grpo" else "token-mean"
-        if agg == "token-mean":
+        if agg in ("token-mean", "token-mean-microbatch"):
             return float(sum(s.num_targets for s in seqs))
         return float(sum(1 for s in seqs if s.num_targets > 0))
 
     def _sum_metrics(self, outs: list[dict]) -> dict[str, float]:
         local: dict[str, float] = {}
-        if self.is_last_stage:
-            for d in outs:
-                for k, v in d.items():
-                    local[k] = local.get(k, 0.0) + float(v)
+        if self.is_last_stage and outs:
+            keys = sorted({k for d in outs for k in d})  # an empty micro-batch reports fewer metrics
+            # summed on the device, read back once per step
+            totals = torch.stack([torch.stack([d[k].float() for d in outs if k in d]).sum() for k in keys]).tolist()
+            local = dict(zip(keys, totals))
         local = self._broadcast_from_last_stage(local)
         total: dict[str, float] = {}
         for part in self._gather_dp(local):

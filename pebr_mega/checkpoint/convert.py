@@ -8,7 +8,9 @@
   non-weight files from `hf_template` (default: the copy recorded at conversion time).
 
 Both run in one process (a single-rank gloo group is created when torch.distributed is not initialised),
-write atomically and show tqdm progress.
+write into a temporary sibling of the output and rename it into place, and show tqdm progress. Neither
+replaces its own source (the output may not be, hold or lie inside the source), nor a non-empty output
+directory unless `overwrite` (`pebr_mega.outputs.check_replace_dir`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from pebr_mega.checkpoint.hf_load import load_hf_weights
 from pebr_mega.checkpoint.hf_mapping import HFMapping, MC_VISION
 from pebr_mega.errors import CheckpointError
 from pebr_mega.models.arch import arch_from_hf_config, arch_from_hf_dir
+from pebr_mega.outputs import check_replace_dir
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -57,11 +60,16 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
 
 
-def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
-    """Write a Megatron distributed checkpoint of the HF Qwen2.5-VL in `hf_dir` to `out_dir`."""
+def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, progress: bool = True,
+                        overwrite: bool = False) -> Path:
+    """Write a Megatron distributed checkpoint of the HF Qwen2.5-VL in `hf_dir` to `out_dir`.
+
+    A non-empty `out_dir` is replaced only with `overwrite`; one that is, holds or lies inside `hf_dir` never.
+    """
     from pebr_mega.models.config import ModelConfig
     from pebr_mega.models.qwen25_vl import build_model
 
+    check_replace_dir(out_dir, [hf_dir], overwrite)
     hf_dir = Path(hf_dir)
     arch = arch_from_hf_dir(hf_dir)
     weights = HFWeights(hf_dir)
@@ -85,8 +93,13 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, progress: bool 
 
 
 def export_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, hf_template: str | Path | None = None,
-                       progress: bool = True, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write a complete HF model directory (weights + config + tokenizer + processor + templates)."""
+                       progress: bool = True, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
+    """Write a complete HF model directory (weights + config + tokenizer + processor + templates).
+
+    A non-empty `out_dir` is replaced only with `overwrite`; one that is, holds or lies inside the checkpoint
+    or the template never.
+    """
+    check_replace_dir(out_dir, [mcore_dir, hf_template], overwrite)
     mcore_dir = Path(mcore_dir)
     meta = read_meta(mcore_dir)
     template = Path(hf_template) if hf_template is not None else mcore_dir / TEMPLATE_DIR

@@ -61,6 +61,9 @@ def save_checkpoint(model, ckpt_dir: str | Path, meta: dict, template_dir: str |
     """
     from megatron.core import dist_checkpointing
 
+    from pebr_mega.lifetime import install_checkpoint_writer_queue
+
+    install_checkpoint_writer_queue()  # Megatron's writer would start a manager process that outlives a SIGKILL
     final = Path(ckpt_dir)
     tmp = final.parent / f".{final.name}.tmp"
     if _rank() == 0:

@@ -92,11 +92,14 @@ def is_weight_file(path: Path) -> bool:
 
 
 def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy every non-weight file (config, tokenizer, processor, chat template, generation config, ...)."""
+    """Copy every non-weight file (config, tokenizer, processor, chat template, generation config, ...), but not
+    the record of what pebr wrote into `src` (`pebr_mega.outputs.MARKER`: it describes `src`, not a copy)."""
+    from pebr_mega.outputs import MARKER
+
     src, dst = Path(src), Path(dst)
     copied = []
     for p in sorted(src.iterdir()):
-        if p.is_file() and not is_weight_file(p):
+        if p.is_file() and not is_weight_file(p) and p.name != MARKER:
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
     return copied
@@ -175,3 +178,34 @@ def replace_dir(new: Path, final: Path) -> None:
     os.replace(new, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_hf_model_dir(path: str | Path, what: str = "model") -> Path:
+    """Check, before anything loads it, that `path` is a readable HF model directory; returns it as a Path.
+
+    Everything is read from local directories (nothing is downloaded), so a missing path is reported as such,
+    not as a failed connection to the Hub. Every JSON file must parse, `config.json` must be an object and every
+    safetensors file must open (its header is read: a truncated, emptied or garbage file fails here). Raises
+    `CheckpointError` naming the file.
+    """
+    p = Path(path) if path else None
+    if p is None:
+        raise CheckpointError(f"{what} is not set: give a local HF model directory")
+    if not p.exists():
+        raise CheckpointError(f"{what} {p}: directory does not exist (models are read from local directories, "
+                              "never downloaded)")
+    if not p.is_dir():
+        raise CheckpointError(f"{what} {p} is a file, not an HF model directory")
+    if not (p / "config.json").is_file():
+        raise CheckpointError(f"{what} {p} is not an HF model directory (no config.json)")
+    for f in sorted(p.glob("*.json")):
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{f} is not valid JSON (not UTF-8 text: {e.reason})") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{f} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        if f.name == "config.json" and not isinstance(data, dict):
+            raise CheckpointError(f"{f} must hold a JSON object, not a {type(data).__name__}")
+    HFWeights(p)
+    return p

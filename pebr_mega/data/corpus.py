@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from pebr_mega.data.synthetic import COLORS, SHAPES, WORDS, corpus_texts, plural
-from pebr_mega.data.template import INSTRUCTION, build_prompt_text, format_response
+from pebr_mega.data.template import build_prompt_text, format_response
 
 _GENERIC = ("image picture shape shapes describe description rationale rationales step answer question first "
             "then so we have plus equals a an with which one two three four five six seven eight nine ten zero")
@@ -23,12 +23,16 @@ def vocabulary() -> list[str]:
 def tokenizer_corpus() -> Iterator[str]:
     """Sentences covering the template, the answer format, digits and the synthetic data's phrasing."""
     words = vocabulary()
+    # The instruction followed by one newline, as the corpus has always had it: the trained vocabulary (whose
+    # size must stay divisible by the tensor-parallel sizes the tests use) does not depend on the template's
+    # blank line before the problem.
+    instruction = build_prompt_text("").rstrip("\n") + "\n"
     for rep in range(4):
-        yield INSTRUCTION
+        yield instruction
         yield format_response("There are 3 red circles and 2 blue squares.", "Count each kind of shape.",
                               ["3 + 2 = 5.", "So there are 5 shapes."], "5")
         for i, w in enumerate(words):
             yield f"{w} {words[(i * 7 + rep) % len(words)]} {i % 10} {w.capitalize()}: {i} - {rep} = {i - rep}"
     for text in corpus_texts(num=200, seed=0):
-        yield build_prompt_text(text) if text.startswith("<image>") else text
+        yield instruction + text if text.startswith("<image>") else text
     yield "0123456789 + - * / = ( ) . , ? ! : ; ' \" \\frac{1}{2} \\sqrt{2} x^2 \\pi"

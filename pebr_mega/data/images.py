@@ -97,6 +97,7 @@ class ImageDecoder(Protocol):
 
     name: str
     device: torch.device
+    cfg: ImageConfig
 
     def decode_and_preprocess(self, sources: Sequence[ImageSource]) -> ProcessedImages:
         """Decode, smart-resize, normalise and patchify `sources`, in order."""
@@ -154,10 +155,18 @@ def num_image_tokens(grid_thw: torch.Tensor | Sequence[Sequence[int]], merge_siz
 
 
 # ---------------------------------------------------------------------------------------------- loading
+# `load_image` records the file an RGB image was decoded from under this `Image.info` key, so that a later
+# error about the decoded image (too small, extreme aspect ratio) names the file, not its position.
+SOURCE_KEY = "pebr_source"
+
+
 def source_name(source: ImageSource, index: int | None = None) -> str:
-    """How error messages name a source: its path, or its position for in-memory images."""
+    """How error messages name a source: its path (also for an image `load_image` decoded from a file), or its
+    position for other in-memory images."""
     if isinstance(source, (str, os.PathLike)):
         return str(source)
+    if isinstance(source, Image.Image) and source.info.get(SOURCE_KEY):
+        return str(source.info[SOURCE_KEY])
     kind = "bytes" if isinstance(source, (bytes, bytearray, memoryview)) else "PIL image"
     return f"<{kind} #{index}>" if index is not None else f"<{kind}>"
 
@@ -205,12 +214,23 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
     image = open_image(source, name)
     try:
         image.load()  # decode now: a truncated file only fails here
-        return to_rgb(image)  # always a new image (convert copies), so closing the opened one is safe
+        rgb = to_rgb(image)  # always a new image (convert copies), so closing the opened one is safe
+        if isinstance(source, (str, os.PathLike)):
+            rgb.info[SOURCE_KEY] = str(source)
+        return rgb
     except Exception as e:
         raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from None
     finally:
         if image is not source:
             image.close()
+
+
+def policy_view(image: Image.Image, cfg: ImageConfig, name: str = "<image>") -> Image.Image:
+    """An RGB image as the policy sees it: bicubic-resized to its smart-resize target under `cfg`'s pixel bounds
+    (`ImageError` when it breaks the data rules). The CLIP reward scores this view (upstream's reward reads the
+    prompt's first image after the same pixel-bound resize)."""
+    h, w = target_size(image.height, image.width, cfg, name)
+    return image.resize((w, h), resample=Image.Resampling.BICUBIC)
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -258,8 +278,7 @@ class PilImageDecoder:
 
     def resize(self, image: Image.Image, name: str) -> Image.Image:
         """Bicubic resize of an RGB image to its smart-resize target (`ImageError` when it breaks the rules)."""
-        h, w = target_size(image.height, image.width, self.cfg, name)
-        return image.resize((w, h), resample=Image.Resampling.BICUBIC)
+        return policy_view(image, self.cfg, name)
 
     def decode_and_preprocess(self, sources: Sequence[ImageSource]) -> ProcessedImages:
         """Decode, resize, normalise and patchify `sources` in order; `ImageError` names the first bad one."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from pebr_mega.config_fields import check_fields, positive
 from pebr_mega.data.template import IMAGE_TOKEN
 from pebr_mega.errors import DataError
 
@@ -34,11 +35,17 @@ class DataConfig:
     grpo_file: str | None = None  # JSON list or JSONL of GRPO records (the stage's training set)
     image_root: str | None = None  # images are resolved against this; default: the dataset file's folder
     sft_file: str | None = None  # ShareGPT SFT records (the warm-up set)
-    eval_file: str | None = None  # GRPO-format validation set
+    eval_file: str | None = None  # GRPO-format validation set; none = no evaluation (upstream evaluates none)
+    # A Jinja2 template rendered with the problem as `content` (EasyR1's format_prompt convention; upstream's
+    # examples/format_prompt/pebr_format.jinja works unchanged); none = pebr_mega/templates/pebr_format.jinja.
+    format_prompt: str | None = None
     max_prompt_length: int = 2048  # tokens; longer prompts are filtered out (and counted)
     # Response length is `rollout.max_new_tokens`; image pixel bounds are `images.min_pixels/max_pixels`.
     filter_overlong_prompts: bool = True
     require_images: bool = True  # a record whose image file is missing is skipped at load time
+
+    def __post_init__(self) -> None:
+        check_fields("data", {"max_prompt_length": positive(self.max_prompt_length)})
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pebr_mega.config_fields import check_fields, positive
 from pebr_mega.config_fields import choice as _choice
 
 
@@ -29,7 +30,14 @@ class ModelConfig:
     recompute_method: str = _choice("uniform", ("uniform", "block"), "how full recompute picks layers")
     recompute_num_layers: int = 1
     vision_recompute: bool = False
+    attention: str = _choice("auto", ("auto", "varlen", "flash_attn", "sdpa"),
+                             "packed attention of the torch spec and the ViT (pebr_mega.models.attention): "
+                             "auto = flash_attn or torch's varlen on CUDA in bf16/fp16, else one padded SDPA call")
     seed: int = 1234
+
+    def __post_init__(self) -> None:
+        check_fields("model", {"tp": positive(self.tp), "pp": positive(self.pp),
+                               "recompute_num_layers": positive(self.recompute_num_layers)})
 
     def validate(self) -> None:
         """Cross-field checks the loader cannot express; raises ValueError naming the field."""
@@ -37,8 +45,9 @@ class ModelConfig:
             raise ValueError(f"model.tp={self.tp} and model.pp={self.pp} must be >= 1")
         if self.fp8 != "none" and self.spec not in ("te", "auto"):
             raise ValueError(f"model.fp8={self.fp8!r} needs model.spec=te (got {self.spec!r})")
-        if self.sequence_parallel and self.spec in ("torch", "local"):
-            raise ValueError("model.sequence_parallel needs model.spec=te (torch.nn.RMSNorm cannot run sequence-parallel)")
+        if self.sequence_parallel and self.spec == "local":
+            raise ValueError("model.sequence_parallel needs model.spec=te or torch (Megatron's local spec builds "
+                             "WrappedTorchNorm, which refuses sequence parallelism)")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("model.sequence_parallel needs model.tp > 1")
         if self.params_dtype not in DTYPES:

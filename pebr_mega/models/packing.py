@@ -1,111 +1,58 @@
-"""Sequence packing: variable-length samples in one row without padding (Megatron's THD format).
+"""How a packed row of samples is described to the model, and what its token count must divide by.
 
-The samples are concatenated into input_ids [1, T]; `PackedSeqParams(qkv_format="thd")` carries the sample
-boundaries (`cu_seqlens`), so attention stays inside each sample (the `torch` spec attends sample by
-sample, TE uses its varlen kernels); M-RoPE positions are computed per sample and so restart at 0 for every
-sample; images are concatenated in sample order, which is the order in which their `<|image_pad|>` tokens
-appear in the packed row. Per-token outputs ([1, T] losses, log-probs, logits) are split back with
-`PackedBatch.unpack`. With packing, every token's log-prob equals the padded computation's (tested).
+A packed micro-batch is one row of T tokens: the samples back to back, then one trailing segment of padding
+(`pebr_mega.actor.packing` packs it). The model needs the segment boundaries for attention only, in the
+form its layer spec takes:
+
+- `torch` spec: `PackedSegments`, a `PackedSeqParams` with `qkv_format="sbhd"` and the `Segments` layout
+  of `pebr_mega.models.attention`. Megatron then treats the row as one sequence of batch 1, applying
+  M-RoPE per token with its plain kernel (positions restart per sample in the M-RoPE ids themselves), and
+  `SDPACoreAttention` attends every segment causally in one call. Megatron's THD path would apply RoPE
+  sample by sample with host reads of every boundary in every layer (see `SDPACoreAttention`).
+- `te` spec: Megatron's own THD `PackedSeqParams` (`cu_seqlens`, `max_seqlen`) for TE's fused attention.
+
+The row length T is padded to `token_multiple(tp, sequence_parallel)`: FP8 GEMMs need the token dimension
+divisible by 16 (Transformer Engine, `transformer_engine/pytorch/utils.py: assert_dim_for_fp8_exec`, and
+Megatron's own VLM code pads to it), and sequence parallelism splits the row into TP equal parts
+(`megatron/core/tensor_parallel/mappings.py`: `_split_along_first_dim` asserts divisibility), each of which
+then needs the multiple of 16. Padding is applied on CPU too: the CPU twin enforces the GPU contract.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch import Tensor
+from megatron.core.packed_seq_params import PackedSeqParams
 
-from pebr_mega.models.arch import QwenVLArch
-from pebr_mega.models.rope_index import get_rope_index
+from pebr_mega.models.attention import Segments
+
+FP8_TOKEN_MULTIPLE = 16
 
 
 @dataclass
-class PackedBatch:
-    """One packed row and what `Qwen25VLModel.forward` needs to run it."""
+class PackedSegments(PackedSeqParams):
+    """The `torch` spec's packed-row description: Megatron sees "sbhd" (batch 1), the core attention the segments."""
 
-    input_ids: Tensor  # [1, T]
-    position_ids: Tensor  # [3, 1, T]
-    packed_seq_params: object  # megatron.core.packed_seq_params.PackedSeqParams
-    lengths: list[int]  # per sample, without the trailing pad segment
-    pixel_values: Tensor | None = None
-    image_grid_thw: Tensor | None = None
-    labels: Tensor | None = None  # [1, T]
-    pad: int = 0  # tokens of the trailing pad segment (to reach a multiple of `pad_to_multiple`)
-    extra: dict = field(default_factory=dict)
-
-    def model_inputs(self, with_labels: bool = False) -> dict:
-        """Keyword arguments for `Qwen25VLModel.forward`."""
-        out = {"input_ids": self.input_ids, "position_ids": self.position_ids,
-               "packed_seq_params": self.packed_seq_params, "pixel_values": self.pixel_values,
-               "image_grid_thw": self.image_grid_thw}
-        if with_labels:
-            out["labels"] = self.labels
-        return out
-
-    def unpack(self, per_token: Tensor) -> list[Tensor]:
-        """Split a per-token tensor [1, T, ...] or [T, ...] back into one tensor per sample."""
-        x = per_token[0] if per_token.dim() >= 2 and per_token.shape[0] == 1 and per_token.shape[1] == self.total else per_token
-        return list(torch.split(x[: sum(self.lengths)], self.lengths, dim=0))
-
-    @property
-    def total(self) -> int:
-        return int(self.input_ids.shape[1])
+    qkv_format: str = "sbhd"
+    segments: Segments | None = None
 
 
-def pack_sequences(arch: QwenVLArch, input_ids: Sequence[Tensor], pixel_values: Sequence[Tensor | None] | None = None,
-                   image_grid_thw: Sequence[Tensor | None] | None = None, labels: Sequence[Tensor] | None = None,
-                   pad_to_multiple: int = 1, pad_token_id: int = 0) -> PackedBatch:
-    """Pack 1-D token tensors (with each sample's own pixel_values / image grids) into one THD row.
-
-    `pad_to_multiple` appends one extra segment of `pad_token_id` (its own sample in `cu_seqlens`, label -100)
-    so T divides e.g. the TP size; it is excluded from `lengths` and `unpack`.
-    """
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    n = len(input_ids)
-    pixel_values = list(pixel_values) if pixel_values is not None else [None] * n
-    image_grid_thw = list(image_grid_thw) if image_grid_thw is not None else [None] * n
-    ids, pos, labs, pix, grids, lengths = [], [], [], [], [], []
-    for i, row in enumerate(input_ids):
-        row = torch.as_tensor(row).reshape(-1)
-        grid = image_grid_thw[i]
-        p, _ = get_rope_index(row[None], grid, image_token_id=arch.image_token_id, video_token_id=arch.video_token_id,
-                              spatial_merge_size=arch.vision.spatial_merge_size,
-                              tokens_per_second=arch.vision.tokens_per_second)
-        ids.append(row)
-        pos.append(p[:, 0])
-        lengths.append(row.numel())
-        if labels is not None:
-            labs.append(torch.as_tensor(labels[i]).reshape(-1))
-        if grid is not None and len(grid):
-            pix.append(pixel_values[i])
-            grids.append(grid)
-    total = sum(lengths)
-    pad = (-total) % pad_to_multiple
-    if pad:
-        ids.append(torch.full((pad,), pad_token_id, dtype=ids[0].dtype))
-        pos.append(torch.arange(pad).expand(3, -1))
-        if labels is not None:
-            labs.append(torch.full((pad,), -100, dtype=labs[0].dtype))
-    seg = lengths + ([pad] if pad else [])
-    cu = torch.tensor([0] + seg).cumsum(0).to(torch.int32)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                             max_seqlen_q=max(seg), max_seqlen_kv=max(seg))
-    return PackedBatch(
-        input_ids=torch.cat(ids)[None], position_ids=torch.cat(pos, dim=1)[:, None, :], packed_seq_params=params,
-        lengths=lengths, pixel_values=torch.cat(pix) if pix else None, image_grid_thw=torch.cat(grids) if grids else None,
-        labels=torch.cat(labs)[None] if labels is not None else None, pad=pad,
-    )
+def token_multiple(tp: int = 1, sequence_parallel: bool = False) -> int:
+    """What the packed token count must be a multiple of (see the module docstring)."""
+    if sequence_parallel:
+        return FP8_TOKEN_MULTIPLE * tp
+    return math.lcm(FP8_TOKEN_MULTIPLE, tp)
 
 
-def packed_to_device(batch: PackedBatch, device: torch.device | str) -> PackedBatch:
-    """The same batch with every tensor (cu_seqlens included) on `device`."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
-    p = batch.packed_seq_params
-    cu = p.cu_seqlens_q.to(device)
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                             max_seqlen_q=p.max_seqlen_q, max_seqlen_kv=p.max_seqlen_kv)
-    move = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return PackedBatch(move(batch.input_ids), move(batch.position_ids), params, batch.lengths, move(batch.pixel_values),
-                       move(batch.image_grid_thw), move(batch.labels), batch.pad, batch.extra)
+def packed_seq_params(lengths: Sequence[int], spec: str, device: torch.device | str) -> PackedSeqParams:
+    """The boundaries of segments of `lengths` tokens for layer spec `spec` (`torch` or `te`), on `device`."""
+    if spec == "te":
+        cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32).to(device, non_blocking=True)
+        longest = max(lengths)
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest,
+                               max_seqlen_kv=longest)
+    if spec != "torch":
+        raise ValueError(f"packed rows need the torch or te spec (Megatron's local attention has no packed path), got {spec!r}")
+    return PackedSegments(segments=Segments.from_lengths(lengths, device))

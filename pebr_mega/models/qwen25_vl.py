@@ -9,12 +9,16 @@ Mapping onto Megatron:
 - merge: on the first stage the token embeddings are computed by GPTModel's own embedding, the image
   embeddings are written into the `<|image_pad|>` positions, and the result is passed as `decoder_input`;
 - positions: 3-D M-RoPE ids [3, b, s] (`pebr_mega.models.rope_index`) are given to every stage, since each
-  stage applies the rotary embedding in its own layers.
+  stage applies the rotary embedding in its own layers;
+- output: logits from GPTModel's output layer, or (with `target_index`) only the final hidden states of the
+  positions whose next token is trained: the output layer is then applied by the loss, to those rows only
+  (`output_weight()`), so no `[tokens, vocab / tp]` logits of prompt tokens are ever made.
 
 `model_provider(arch, cfg)` returns Megatron's `(pre_process, post_process, vp_stage) -> model` callable.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable
 
 import torch
@@ -24,7 +28,8 @@ from torch import Tensor
 
 from pebr_mega.models.arch import QwenVLArch
 from pebr_mega.models.config import ModelConfig
-from pebr_mega.models.specs import layer_spec, resolve_spec
+from pebr_mega.models.attention import check_backend
+from pebr_mega.models.specs import block_spec, resolve_spec
 from pebr_mega.models.vision import VisionTower
 
 
@@ -94,6 +99,10 @@ def transformer_config(arch: QwenVLArch, cfg: ModelConfig, perform_initializatio
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         fp8=None if cfg.fp8 == "none" else cfg.fp8,
+        # FP8 delayed scaling all-reduces amax over TP x DP (Megatron's default group). That needs the same
+        # number of forwards on every DP rank, which the actor's packer guarantees (equal micro-batch
+        # counts); it keeps every replica's scaling factors identical (docs/MODEL.md, "FP8 and DP").
+        tp_only_amax_red=False,
         use_cpu_initialization=use_cpu_initialization,
         perform_initialization=perform_initialization,
         init_method_std=0.02,
@@ -112,13 +121,16 @@ class Qwen25VLModel(MegatronModule):
     """One pipeline stage of Qwen2.5-VL (the whole model when pp == 1).
 
     `forward(input_ids [b, s], position_ids [3, b, s], attention_mask=None, pixel_values=None,
-    image_grid_thw=None, labels=None, packed_seq_params=None)` returns logits [b, s, vocab / tp] on the last
-    stage (vocab-parallel unless `runtime_gather_output`), the per-token loss [b, s] when `labels` are given,
-    and the hidden states [s, b, h] on other stages.
+    image_grid_thw=None, labels=None, packed_seq_params=None, target_index=None)` returns on the last stage
+    logits [b, s, vocab / tp] (vocab-parallel unless `runtime_gather_output`), the per-token loss [b, s] when
+    `labels` are given, or, with `target_index` (long [n], flat indices into the [s, b] positions), the
+    final hidden states of those positions [n, h], whole on every TP rank (gathered from the
+    sequence-parallel region); other stages return the hidden states [s, b, h].
     """
 
     def __init__(self, config, arch: QwenVLArch, spec: str, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: int | None = None, parallel_output: bool = True, vision_recompute: bool = False) -> None:
+                 vp_stage: int | None = None, parallel_output: bool = True, vision_recompute: bool = False,
+                 attention: str = "auto") -> None:
         from megatron.core.models.gpt import GPTModel
 
         from megatron.core.transformer.enums import ModelType
@@ -132,11 +144,11 @@ class Qwen25VLModel(MegatronModule):
         self.vision_model: VisionTower | None = None
         if pre_process:
             device = "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
-            self.vision_model = VisionTower(arch.vision, recompute=vision_recompute).to(
+            self.vision_model = VisionTower(arch.vision, recompute=vision_recompute, attention=attention).to(
                 device=device, dtype=config.params_dtype)
         self.language_model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(spec),
+            transformer_layer_spec=block_spec(spec, config, attention, vp_stage),
             vocab_size=arch.text.vocab_size,
             max_sequence_length=arch.text.max_position_embeddings,
             pre_process=pre_process,
@@ -205,7 +217,9 @@ class Qwen25VLModel(MegatronModule):
                 raise ValueError("pixel_values given without image_grid_thw")
             image = self.vision_model(pixel_values, image_grid_thw).to(emb.dtype)
             mask = input_ids == self.arch.image_token_id  # [b, s]
-            if int(mask.sum()) != image.shape[0]:
+            if mask.is_cuda:  # checked on the device: no host sync
+                torch._assert_async(mask.sum() == image.shape[0], "<|image_pad|> tokens != image embeddings")
+            elif int(mask.sum()) != image.shape[0]:
                 raise ValueError(f"{int(mask.sum())} <|image_pad|> tokens but the images give {image.shape[0]} embeddings")
             # Fill in batch-major order (row 0's images first), the order in which the processor lays them out.
             emb = emb.transpose(0, 1).masked_scatter(mask[..., None], image).transpose(0, 1)
@@ -218,18 +232,53 @@ class Qwen25VLModel(MegatronModule):
     def forward(self, input_ids: Tensor, position_ids: Tensor, attention_mask: Tensor | None = None,
                 pixel_values: Tensor | None = None, image_grid_thw: Tensor | None = None,
                 labels: Tensor | None = None, packed_seq_params=None,
-                runtime_gather_output: bool | None = None) -> Tensor:
+                runtime_gather_output: bool | None = None, target_index: Tensor | None = None) -> Tensor:
         if packed_seq_params is not None and self.spec == "local":
             raise ValueError("packed sequences need the torch or te spec (Megatron's local attention has no THD path)")
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
         if labels is not None:
             # The loss is computed on vocab-parallel logits (Megatron's cross entropy edits them in place).
             runtime_gather_output = None
-        return self.language_model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-            decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params,
-            runtime_gather_output=runtime_gather_output,
-        )
+        kwargs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      decoder_input=decoder_input, labels=labels, packed_seq_params=packed_seq_params,
+                      runtime_gather_output=runtime_gather_output)
+        if target_index is None or not self.post_process:
+            return self.language_model(**kwargs)
+        if labels is not None:
+            raise ValueError("give labels (per-token loss over every position) or target_index, not both")
+        with self._decoder_only():
+            hidden = self.language_model(**kwargs)  # [s, b, h] after the final norm ([s / tp, b, h] with SP)
+        return self.target_hidden(hidden, target_index)
+
+    @contextmanager
+    def _decoder_only(self):
+        """GPTModel's forward without its output layer: `_postprocess` returns the decoder's (final-normed)
+        hidden states when `post_process` is off (megatron/core/models/gpt/gpt_model.py, 0.16 to 0.20)."""
+        self.language_model.post_process = False
+        try:
+            yield
+        finally:
+            self.language_model.post_process = True
+
+    def target_hidden(self, hidden: Tensor, target_index: Tensor) -> Tensor:
+        """Rows `target_index` of the [s, b] positions of `hidden`, gathered from the SP region first.
+
+        The gather's backward keeps this rank's slice of the gradient (`tensor_parallel_output_grad=False`):
+        the loss all-reduces the hidden-state gradient over TP itself, as the output layer would.
+        """
+        if self.config.sequence_parallel:
+            from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False,
+                                                          group=self.language_model.pg_collection.tp)
+        return hidden.flatten(0, 1)[target_index]
+
+    def output_weight(self) -> Tensor:
+        """The output layer's weight on this (last) stage, [vocab / tp, h]: the tied embedding or `lm_head`."""
+        lm = self.language_model
+        if lm.share_embeddings_and_output_weights:
+            return lm.shared_embedding_or_output_weight()
+        return lm.output_layer.weight
 
 
 def build_model(arch: QwenVLArch, cfg: ModelConfig, pre_process: bool = True, post_process: bool = True,
@@ -241,12 +290,13 @@ def build_model(arch: QwenVLArch, cfg: ModelConfig, pre_process: bool = True, po
     """
     config = transformer_config(arch, cfg, perform_initialization=perform_initialization,
                                 use_cpu_initialization=use_cpu_initialization)
+    device = torch.device("cpu") if config.use_cpu_initialization else torch.device("cuda", torch.cuda.current_device())
+    check_backend(cfg.attention, device, config.params_dtype)
     model = Qwen25VLModel(config, arch, resolve_spec(cfg.spec), pre_process, post_process, vp_stage,
-                          parallel_output, vision_recompute=cfg.vision_recompute)
+                          parallel_output, vision_recompute=cfg.vision_recompute, attention=cfg.attention)
     # Megatron's local/torch specs build torch.nn.RMSNorm on the CPU and in float32 whatever the config says
     # (Megatron-LM relies on its Float16Module and a later .cuda() to fix both); move and cast every parameter
     # here so a bf16 GPU model is bf16 and on the GPU throughout.
-    device = torch.device("cpu") if config.use_cpu_initialization else torch.device("cuda", torch.cuda.current_device())
     model.to(device=device)
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != config.params_dtype:

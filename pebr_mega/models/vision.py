@@ -6,8 +6,10 @@ all-reduces per block for little gain. Every TP rank of the first pipeline stage
 tower and computes the same image embeddings. Its gradients are identical on all TP ranks in exact
 arithmetic (the gradient reaching `decoder_input` is all-reduced by Megatron's column-parallel input), and
 every parameter carries `average_gradients_across_tp_domain = True`, so Megatron's `finalize_model_grads`
-averages them over the TP group and the replicas can never drift apart. Attention uses
-`torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU).
+averages them over the TP group and the replicas can never drift apart. Each block's attention over all
+windows (or all frames, in the full-attention blocks) of all images is one variable-length call
+(`pebr_mega.models.attention.varlen_attention`, `cu_seqlens` over the windows); the window order and both
+segment layouts are planned once per forward on the host, from the (host) image grids.
 
 Parameter names equal the HF names below `visual.` so the checkpoint mapping is the identity for the tower.
 
@@ -24,6 +26,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from pebr_mega.models.arch import VisionArch
+from pebr_mega.models.attention import Segments, varlen_attention
 
 
 class RMSNorm(nn.Module):
@@ -62,47 +65,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-    """Bidirectional attention inside each segment of a packed sequence.
-
-    q, k, v: [N, heads, head_dim] with N = sum(seqlens). Segments of equal length are batched without a mask
-    (the common case: windows of an image); otherwise segments are padded to the longest one with a
-    key-padding mask, so memory is O(segments x max_len^2), never O(N^2).
-    """
-    n, h, d = q.shape
-    lens = [s for s in seqlens if s > 0]
-    if len(set(lens)) == 1:
-        b, L = len(lens), lens[0]
-        qb, kb, vb = (t.reshape(b, L, h, d).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(n, h, d)
-    L = max(lens)
-    lengths = torch.tensor(lens, device=q.device)
-    starts = torch.cumsum(lengths, 0) - lengths
-    slot = torch.arange(L, device=q.device)
-    valid = slot[None, :] < lengths[:, None]  # [B, L]
-    gather = (starts[:, None] + slot[None, :]).clamp(max=n - 1)  # [B, L] token index for each padded slot
-    qb, kb, vb = (t[gather].transpose(1, 2) for t in (q, k, v))  # [B, h, L, d]
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=valid[:, None, None, :])
-    return out.transpose(1, 2)[valid]
-
-
 class VisionAttention(nn.Module):
     """Multi-head self-attention with fused qkv, 2-D rotary, over variable-length segments."""
 
-    def __init__(self, arch: VisionArch) -> None:
+    def __init__(self, arch: VisionArch, attention: str = "auto") -> None:
         super().__init__()
         self.num_heads = arch.num_heads
+        self.attention = attention
         self.qkv = nn.Linear(arch.hidden_size, 3 * arch.hidden_size, bias=True)
         self.proj = nn.Linear(arch.hidden_size, arch.hidden_size, bias=True)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).reshape(n, 3, self.num_heads, -1).unbind(1)
         # Rotary in float32 (as the reference does), then back to the activation dtype.
         cos, sin = cos[:, None, :], sin[:, None, :]
         q = (q.float() * cos + rotate_half(q.float()) * sin).to(v.dtype)
         k = (k.float() * cos + rotate_half(k.float()) * sin).to(v.dtype)
-        return self.proj(varlen_attention(q, k, v, seqlens).reshape(n, -1))
+        out = varlen_attention(q, k, v, segments, causal=False, backend=self.attention)
+        return self.proj(out.reshape(n, -1))
 
 
 class VisionMLP(nn.Module):
@@ -131,15 +112,15 @@ class VisionMLP(nn.Module):
 class VisionBlock(nn.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, arch: VisionArch) -> None:
+    def __init__(self, arch: VisionArch, attention: str = "auto") -> None:
         super().__init__()
         self.norm1 = RMSNorm(arch.hidden_size)
         self.norm2 = RMSNorm(arch.hidden_size)
-        self.attn = VisionAttention(arch)
+        self.attn = VisionAttention(arch, attention)
         self.mlp = VisionMLP(arch)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seqlens: list[int]) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cos, sin, seqlens)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segments: Segments) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -203,12 +184,12 @@ def frame_lengths(grid_thw: torch.Tensor) -> list[int]:
 class VisionTower(nn.Module):
     """Qwen2.5-VL's ViT: `forward(pixel_values [N, C*T*P*P], grid_thw [images, 3]) -> [N / m^2, out_hidden]`."""
 
-    def __init__(self, arch: VisionArch, recompute: bool = False) -> None:
+    def __init__(self, arch: VisionArch, recompute: bool = False, attention: str = "auto") -> None:
         super().__init__()
         self.arch = arch
         self.recompute = recompute
         self.patch_embed = PatchEmbed(arch)
-        self.blocks = nn.ModuleList(VisionBlock(arch) for _ in range(arch.depth))
+        self.blocks = nn.ModuleList(VisionBlock(arch, attention) for _ in range(arch.depth))
         self.merger = PatchMerger(arch)
         self.fullatt = set(arch.fullatt_block_indexes)
         self.window_merged = arch.window_size // arch.spatial_merge_size // arch.patch_size
@@ -231,14 +212,17 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         unit = self.arch.spatial_merge_size**2
+        grid = grid_thw.cpu()  # image sizes are host metadata: keep them there (the actor passes them on the host)
         x = self.patch_embed(pixel_values)
         n = x.shape[0]
-        if n != int(grid_thw.prod(-1).sum()):
-            raise ValueError(f"pixel_values has {n} patches but image_grid_thw describes {int(grid_thw.prod(-1).sum())}")
-        order, window_lens = window_order(grid_thw.cpu(), self.arch.spatial_merge_size, self.window_merged)
-        order = order.to(x.device)
-        full_lens = frame_lengths(grid_thw)
-        cos, sin = self.rotary(grid_thw, x.device)
+        if n != int(grid.prod(-1).sum()):
+            raise ValueError(f"pixel_values has {n} patches but image_grid_thw describes {int(grid.prod(-1).sum())}")
+        order, window_lens = window_order(grid, self.arch.spatial_merge_size, self.window_merged)
+        restore = torch.argsort(order).to(x.device, non_blocking=True)
+        order = order.to(x.device, non_blocking=True)
+        windows = Segments.from_lengths(window_lens, x.device)
+        frames = Segments.from_lengths(frame_lengths(grid), x.device)
+        cos, sin = self.rotary(grid, x.device)
 
         def by_window(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(n // unit, unit, -1)[order].reshape(n, -1)
@@ -247,10 +231,10 @@ class VisionTower(nn.Module):
         # is still one contiguous segment of the reordered sequence.
         x, cos, sin = by_window(x), by_window(cos), by_window(sin)
         for i, block in enumerate(self.blocks):
-            lens = full_lens if i in self.fullatt else window_lens
+            segments = frames if i in self.fullatt else windows
             if self.recompute and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, lens, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, segments, use_reentrant=False)
             else:
-                x = block(x, cos, sin, lens)
+                x = block(x, cos, sin, segments)
         merged = self.merger(x)
-        return merged[torch.argsort(order)]
+        return merged[restore]

@@ -9,7 +9,12 @@ images, 248 text tokens) through the Auto class its `config.json` `auto_map` nam
 Images are squashed to `image_size` x `image_size` (upstream's resize) before the checkpoint's own image
 processor; texts are truncated to `max_text_tokens` (capped at the text tower's position table).
 
-reward(sim) = 1 if sim >= threshold else max(sim, 0) / threshold, with threshold 0.4 (PEBR_FACTS).
+reward(sim) = 1 if sim >= threshold else sim / threshold, with threshold 0.4: a negative similarity gives a
+negative reward, as upstream's `clip_score_reward` (`examples/reward_function/pebr_1.py`) computes it.
+
+Upstream pads every caption to 248 tokens and passes no attention mask; this scorer pads to the batch's
+longest caption and passes the mask where the model takes one. The result is the same: a CLIP text tower is
+causal and pools the end-of-text token, so the padding after it never reaches the pooled state.
 """
 from __future__ import annotations
 
@@ -18,16 +23,17 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from pebr_mega.errors import PebrError
+from pebr_mega.errors import BackendUnavailableError, PebrError
 
 DEFAULT_THRESHOLD = 0.4
 
 
 def similarity_to_reward(sim: float, threshold: float = DEFAULT_THRESHOLD) -> float:
-    """Map a cosine similarity to [0, 1]: saturate at `threshold`, linear below it, 0 for negative similarity."""
+    """Map a cosine similarity to a reward: 1 from `threshold` up, `sim / threshold` below it (negative for a
+    negative similarity, as upstream)."""
     if threshold <= 0:
         raise ValueError(f"CLIP threshold must be positive, got {threshold}")
-    return 1.0 if sim >= threshold else max(sim, 0.0) / threshold
+    return 1.0 if sim >= threshold else sim / threshold
 
 
 def _features(out: Any) -> Any:
@@ -45,6 +51,19 @@ def _features(out: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return value
     raise PebrError(f"cannot find the embedding in a {type(out).__name__} returned by the CLIP model")
+
+
+CLIP_EXTRA_INSTALL = 'pip install -e ".[clip]"'
+
+
+def missing_package_error(err: ImportError, model_dir: str | Path) -> BackendUnavailableError:
+    """One line for an import that fails while loading a CLIP checkpoint: FG-CLIP's own modelling code
+    imports `torchvision.ops` (installed by the `clip` extra); any other missing package is named as is."""
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if "torchvision" in (getattr(err, "name", None) or "") or "torchvision" in text:
+        return BackendUnavailableError(f"the CLIP checkpoint {model_dir} needs torchvision, which does not import "
+                                       f"({text}); install it with: {CLIP_EXTRA_INSTALL}")
+    return BackendUnavailableError(f"the CLIP checkpoint {model_dir} needs a package that does not import: {text}")
 
 
 def resolve_device(device: str) -> str:
@@ -99,6 +118,8 @@ class ClipAlignmentScorer:
             tokenizer = transformers.AutoTokenizer.from_pretrained(self.model_dir, trust_remote_code=remote)
             image_processor = transformers.AutoImageProcessor.from_pretrained(self.model_dir,
                                                                              trust_remote_code=remote)
+        except ImportError as e:
+            raise missing_package_error(e, self.model_dir) from None
         except (OSError, ValueError, KeyError) as e:
             raise PebrError(f"cannot load a CLIP model from {self.model_dir}: {e}") from None
         for method in ("get_image_features", "get_text_features"):

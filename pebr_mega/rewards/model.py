@@ -7,10 +7,17 @@ Which components are computed: every one with a non-zero weight, plus accuracy a
 cheap and are the numbers to watch in either stage). A component that is not computed is absent from the
 result, never reported as 0.
 
-Robustness: a reward function that raises scores 0 for that sample and is counted as a failure of that
-component; it never kills the step. Data problems that are not the model's fault are counted as warnings:
-`keyword_empty` (a record without key words), `description_missing` (no `### Image Description:` text to
-compare with the image: CLIP reward 0) and `image_missing` (a sample with no image: CLIP reward 0).
+The CLIP reward scores the prompt's first image (as the policy sees it, after the pixel-bound resize)
+against the response's image description, as upstream's `examples/reward_function/pebr_1.py` does; a
+response without a description (no `### Image Description:` ... `### Rationales:` text) is scored against
+an empty caption, as upstream does, and counted as the warning `description_missing`.
+
+Robustness: the text components run in worker processes under a per-sample time limit
+(`pebr_mega.rewards.guard`; the CLIP component runs here, in the parent). A sample whose grading overruns
+`rewards.timeout_s` scores 0 in total and in every component and is counted (`reward/timeouts`). A reward
+function that raises scores 0 for that sample and is counted as a failure of that component; neither kills
+the step. Data problems that are not the model's fault are counted as warnings: `keyword_empty` (a record
+without key words) and `image_missing` (a sample with no image: CLIP reward 0).
 """
 from __future__ import annotations
 
@@ -19,9 +26,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from pebr_mega.config_fields import choice
+from pebr_mega.config_fields import check_fields, choice
 from pebr_mega.errors import PebrError
-from pebr_mega.rewards.text import (accuracy_reward, extract_description, format_reward, keyword_reward,
+from pebr_mega.rewards.guard import RewardPool, score_components, shared_pool
+from pebr_mega.rewards.text import (GRADINGS, accuracy_reward, extract_description, format_reward, keyword_reward,
                                     length_reward, normalize_key_words)
 
 COMPONENTS = ("clip", "keyword", "format", "length", "accuracy")
@@ -30,6 +38,9 @@ STAGE_WEIGHTS: dict[str, dict[str, float]] = {
     "stage2": {"clip": 0.0, "keyword": 0.0, "format": 0.1, "length": 0.0, "accuracy": 0.9},
 }
 ALWAYS_COMPUTED = ("accuracy", "format")
+# The pure text rewards, run in the guard's workers (sent by reference, so module-level functions only).
+TEXT_REWARDS: dict[str, Callable[..., float]] = {"format": format_reward, "accuracy": accuracy_reward,
+                                                 "keyword": keyword_reward, "length": length_reward}
 
 
 @dataclass
@@ -37,6 +48,9 @@ class RewardConfig:
     """Which stage preset to use, optional weight overrides, and the CLIP scorer's settings."""
 
     stage: str = choice("stage1", ["stage1", "stage2"], "stage1 = perception RL, stage2 = reasoning RL")
+    answer_grading: str = choice("upstream", list(GRADINGS),
+                                 "how the answer is taken from a response (pebr_mega.rewards.text); the "
+                                 "difficulty sampling and evaluation grade the same way")
     weights: dict[str, float] = field(default_factory=dict)  # overrides of the preset, e.g. {clip: 0.5}
     clip_model_dir: str | None = None  # a local CLIP-family checkpoint (FG-CLIP large upstream)
     clip_threshold: float = 0.4  # similarity at which the CLIP reward saturates at 1
@@ -46,6 +60,30 @@ class RewardConfig:
     clip_batch_size: int = 32
     clip_trust_remote_code: bool = True  # FG-CLIP ships its own modelling code
     length_limit: int = 512  # responses up to this many tokens get the full length reward
+    # Grading runs in worker processes (pebr_mega.rewards.guard): a sample whose text rewards take longer than
+    # timeout_s scores 0 and is counted (reward/timeouts); a worker may use at most worker_memory_mb of address
+    # space (0 = no cap).
+    timeout_s: float = 5.0
+    num_workers: int = 4
+    worker_memory_mb: int = 4096
+
+    def __post_init__(self) -> None:
+        check_fields("rewards", {
+            "clip_threshold": (self.clip_threshold > 0, self.clip_threshold, "must be > 0"),
+            "clip_image_size": (self.clip_image_size >= 1, self.clip_image_size, "must be >= 1"),
+            "clip_max_text_tokens": (self.clip_max_text_tokens >= 1, self.clip_max_text_tokens, "must be >= 1"),
+            "clip_batch_size": (self.clip_batch_size >= 1, self.clip_batch_size, "must be >= 1"),
+            "length_limit": (self.length_limit >= 1, self.length_limit, "must be >= 1"),
+            "timeout_s": (math.isfinite(self.timeout_s) and self.timeout_s > 0, self.timeout_s,
+                          "must be a positive number of seconds"),
+            "num_workers": (self.num_workers >= 1, self.num_workers, "must be >= 1"),
+            "worker_memory_mb": (self.worker_memory_mb >= 0, self.worker_memory_mb, "must be >= 0 (0 = no cap)"),
+        })
+
+
+def reward_pool(cfg: RewardConfig) -> RewardPool:
+    """The process's grading pool for `cfg`'s time limit, worker count and memory cap (shared, started lazily)."""
+    return shared_pool(cfg.timeout_s, cfg.num_workers, cfg.worker_memory_mb)
 
 
 @dataclass
@@ -68,6 +106,7 @@ class RewardResult:
     components: dict[str, float]
     failures: list[str] = field(default_factory=list)  # components whose function raised (scored 0)
     warnings: list[str] = field(default_factory=list)  # data problems noticed while scoring
+    timed_out: bool = False  # grading overran rewards.timeout_s: the sample scores 0
 
 
 def preset_weights(cfg: RewardConfig) -> dict[str, float]:
@@ -85,10 +124,12 @@ def preset_weights(cfg: RewardConfig) -> dict[str, float]:
 class RewardModel:
     """Scores batches of `RewardSample`s with one stage's weights."""
 
-    def __init__(self, cfg: RewardConfig, weights: dict[str, float], clip_scorer: Any = None) -> None:
+    def __init__(self, cfg: RewardConfig, weights: dict[str, float], clip_scorer: Any = None,
+                 pool: RewardPool | None = None) -> None:
         self.cfg = cfg
         self.weights = weights
         self.clip_scorer = clip_scorer
+        self.pool = pool if pool is not None else reward_pool(cfg)
         self.components = [c for c in COMPONENTS if weights[c] != 0 or c in ALWAYS_COMPUTED]
         if "clip" in self.components and clip_scorer is None:
             raise PebrError("the CLIP reward has a non-zero weight but no CLIP scorer was given")
@@ -96,64 +137,69 @@ class RewardModel:
 
     # ------------------------------------------------------------------------------------------ scoring
     def score(self, batch: Sequence[RewardSample]) -> list[RewardResult]:
-        """Score every sample; never raises because of one sample (failures are counted in the results)."""
-        text_fns: dict[str, Callable[[RewardSample], float]] = {
-            "format": lambda s: format_reward(s.response),
-            "accuracy": lambda s: accuracy_reward(s.response, s.answer),
-            "keyword": lambda s: keyword_reward(s.response, s.key_words),
-            "length": lambda s: length_reward(s.response_tokens, self.cfg.length_limit),
-        }
+        """Score every sample; never raises or hangs because of one sample (failures and timeouts are counted
+        in the results)."""
+        text = [c for c in self.components if c != "clip"]
+        graded = score_components(self.pool, [[(c, TEXT_REWARDS[c], self._text_args(c, s)) for c in text]
+                                              for s in batch])
         results = [RewardResult(0.0, {}) for _ in batch]
-        for name in self.components:
-            if name == "clip":
-                continue
-            for sample, res in zip(batch, results):
-                res.components[name] = self._guarded(name, text_fns[name], sample, res)
-                if name == "keyword" and not normalize_key_words(sample.key_words):
-                    res.warnings.append("keyword_empty")
+        for sample, res, g in zip(batch, results, graded):
+            res.timed_out = g.timed_out
+            for name in text:
+                res.components[name] = 0.0 if g.timed_out else self._checked(name, g.values.get(name),
+                                                                             g.failed.get(name), res)
+            if "keyword" in text and not normalize_key_words(sample.key_words):
+                res.warnings.append("keyword_empty")
+        if any(r.timed_out for r in results):
+            self.last_errors["timeout"] = f"grading took longer than rewards.timeout_s={self.cfg.timeout_s:g} s"
         if "clip" in self.components:
             self._score_clip(batch, results)
         for res in results:
+            if res.timed_out:  # an answer that stalls the grader earns nothing, whatever else it got right
+                res.components = {c: 0.0 for c in res.components}
             res.total = sum(self.weights[c] * v for c, v in res.components.items())
         return results
 
-    def _guarded(self, name: str, fn: Callable[[RewardSample], float], sample: RewardSample,
-                 res: RewardResult) -> float:
-        try:
-            value = float(fn(sample))
-            if not math.isfinite(value):
-                raise ValueError(f"{name} reward is {value}")
-            return value
-        except Exception as e:  # one bad sample must not kill the step: score 0, count it, keep the reason
-            self.last_errors[name] = f"{type(e).__name__}: {e}"
-            res.failures.append(name)
-            return 0.0
+    def _text_args(self, name: str, s: RewardSample) -> tuple:
+        """The arguments of the text reward `name` for sample `s` (what is sent to a worker)."""
+        return {"format": (s.response,), "accuracy": (s.response, s.answer, self.cfg.answer_grading),
+                "keyword": (s.response, list(s.key_words)),
+                "length": (s.response_tokens, self.cfg.length_limit)}[name]
+
+    def _checked(self, name: str, value: Any, error: str | None, res: RewardResult) -> float:
+        """A component's value, or 0 counted as a failure when its function raised or gave a non-finite number."""
+        if error is None:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                error = f"TypeError: {name} reward returned {value!r}"
+            else:
+                if math.isfinite(value):
+                    return value
+                error = f"ValueError: {name} reward is {value}"
+        self.last_errors[name] = error  # one bad sample must not kill the step: score 0, count it, keep the reason
+        res.failures.append(name)
+        return 0.0
 
     def _score_clip(self, batch: Sequence[RewardSample], results: list[RewardResult]) -> None:
-        """CLIP rewards: one similarity per (image, description) pair, averaged over a sample's images."""
+        """CLIP rewards: the similarity of each sample's first image and its description (module docstring)."""
         from pebr_mega.rewards.clip import similarity_to_reward
 
         pairs: list[tuple[int, Any, str]] = []
         for i, (sample, res) in enumerate(zip(batch, results)):
             res.components["clip"] = 0.0
+            if not sample.images:
+                res.warnings.append("image_missing")
+                continue
             desc = extract_description(sample.response)
             if desc is None:
                 res.warnings.append("description_missing")
-            elif not sample.images:
-                res.warnings.append("image_missing")
-            else:
-                pairs += [(i, im, desc) for im in sample.images]
+            pairs.append((i, sample.images[0], desc or ""))
         if not pairs:
             return
-        sims = self._similarities_guarded(pairs, results)
-        per_sample: dict[int, list[float]] = {}
-        for (i, _, _), sim in zip(pairs, sims):
+        for (i, _, _), sim in zip(pairs, self._similarities_guarded(pairs, results)):
             if sim is not None:
-                per_sample.setdefault(i, []).append(sim)
-        for i, values in per_sample.items():
-            if len(values) == sum(1 for j, _, _ in pairs if j == i):
-                results[i].components["clip"] = similarity_to_reward(sum(values) / len(values),
-                                                                     self.cfg.clip_threshold)
+                results[i].components["clip"] = similarity_to_reward(sim, self.cfg.clip_threshold)
 
     def _similarities_guarded(self, pairs: list[tuple[int, Any, str]],
                               results: list[RewardResult]) -> list[float | None]:
@@ -177,11 +223,13 @@ class RewardModel:
 
 
 def summarize(results: Sequence[RewardResult]) -> dict[str, float]:
-    """Step metrics: mean total and mean of each component, failures per component, warnings per kind."""
+    """Step metrics: mean total and mean of each component, timed-out samples (`reward/timeouts`), failures per
+    component, warnings per kind."""
     out: dict[str, float] = {"reward/count": float(len(results))}
     if not results:
         return out
     out["reward/total"] = sum(r.total for r in results) / len(results)
+    out["reward/timeouts"] = float(sum(r.timed_out for r in results))
     names = [c for c in COMPONENTS if any(c in r.components for r in results)]
     for c in names:
         values = [r.components[c] for r in results if c in r.components]
@@ -194,7 +242,7 @@ def summarize(results: Sequence[RewardResult]) -> dict[str, float]:
     return out
 
 
-def build_reward(cfg: RewardConfig, clip_scorer: Any = None) -> RewardModel:
+def build_reward(cfg: RewardConfig, clip_scorer: Any = None, pool: RewardPool | None = None) -> RewardModel:
     """The reward model for `cfg`. Loads the CLIP scorer when the preset needs it and none is passed in.
 
     A preset that needs CLIP with no `rewards.clip_model_dir` fails here, at start-up, not mid-run.
@@ -214,4 +262,4 @@ def build_reward(cfg: RewardConfig, clip_scorer: Any = None) -> RewardModel:
                                               cfg.clip_trust_remote_code)
         except PebrError as e:
             raise PebrError(f"rewards.clip_model_dir={cfg.clip_model_dir}: {e}") from None
-    return RewardModel(cfg, weights, clip_scorer)
+    return RewardModel(cfg, weights, clip_scorer, pool)

@@ -1,8 +1,18 @@
 """The text rewards: format, accuracy (MathRuler), keyword, length (PEBR_FACTS, "Rewards").
 
-Headers are matched case-insensitively with flexible spacing (`###  image description :` counts), both in
-the format check and in the answer/description extraction (upstream's answer regex was case-sensitive while
-its format check was not).
+Upstream's `compute_score` (`examples/reward_function/pebr_1.py`, `pebr_2.py`) first removes the whitespace
+around `<`, `>` and `/` in the response (`normalize_response` here); the format, keyword and CLIP-description
+rules read that normalised text, as upstream's do. The format check is upstream's: the four headers in any
+case, with any whitespace after `###` (`###image description:` counts, `### Image  Description:` does not). The accuracy reward has two gradings (`rewards.answer_grading`):
+
+- `upstream` (default): exactly upstream's `accuracy_reward`: in the normalised response, the first
+  case-sensitive match of `### The final answer is:` followed by optional whitespace (newlines included) and
+  the rest of that line; the stripped rest is graded; with no such header the whole stripped response is
+  graded; MathRuler's `grade_answer(given, answer.strip())` decides.
+- `lenient`: the last header, matched case-insensitively; the answer is unwrapped from `**`, `$`, `\(\)`,
+  `\boxed{}` and a trailing period before grading; no header scores 0.
+
+All functions here are pure (picklable, no state), so they can run in worker processes.
 """
 from __future__ import annotations
 
@@ -10,20 +20,32 @@ import re
 from typing import Sequence
 
 _FLAGS = re.IGNORECASE
-DESCRIPTION_HEADER = re.compile(r"###\s*image\s+description\s*:", _FLAGS)
-RATIONALES_HEADER = re.compile(r"###\s*rationales\s*:", _FLAGS)
-STEP1_HEADER = re.compile(r"###\s*step\s*1\s*:", _FLAGS)
-ANSWER_HEADER = re.compile(r"###\s*the\s+final\s+answer\s+is\s*:", _FLAGS)
-REQUIRED_HEADERS = (DESCRIPTION_HEADER, RATIONALES_HEADER, STEP1_HEADER, ANSWER_HEADER)
+# The four headers the format reward requires, as upstream writes them: any case, any whitespace after `###`
+# (and between "Step" and "1"), the words and the colon as shown.
+REQUIRED_HEADERS = tuple(re.compile(p, _FLAGS) for p in (
+    r"###\s*Image Description:", r"###\s*Rationales:", r"###\s*Step\s*1:", r"###\s*The final answer is:"))
 
-# The answer is the rest of the line after the (last) answer header. Leading whitespace may include line
-# breaks, so "### The final answer is:\n42" yields "42" as upstream's `\s*([^\n]*)` did.
+# Lenient grading: the answer is the rest of the line after the last answer header, matched in any case with
+# flexible spacing. Leading whitespace may include line breaks ("### The final answer is:\n42" gives "42").
+ANSWER_HEADER = re.compile(r"###\s*the\s+final\s+answer\s+is\s*:", _FLAGS)
 _ANSWER_LINE = re.compile(ANSWER_HEADER.pattern + r"\s*([^\n]*)", _FLAGS)
-_NEXT_HEADER = re.compile(r"###")
+
+# Upstream's rules (examples/reward_function/pebr_{1,2,sample}.py).
+GRADINGS = ("upstream", "lenient")
+_AROUND_TAG_CHARS = re.compile(r"\s*([<>/])\s*")
+_UPSTREAM_ANSWER_LINE = re.compile(r"### The final answer is:\s*([^\n]*)")  # case-sensitive, first match
+_UPSTREAM_DESCRIPTION = re.compile(r"###\s*Image Description:\s*(.*?)###\s*Rationales:", re.DOTALL | _FLAGS)
+
+
+def normalize_response(text: str) -> str:
+    """The response with the whitespace around `<`, `>` and `/` removed (upstream's first step)."""
+    return _AROUND_TAG_CHARS.sub(r"\1", text)
 
 
 def format_reward(text: str) -> float:
-    """1.0 if all four headers (description, rationales, step 1, final answer) are present, else 0.0."""
+    """1.0 if all four headers (description, rationales, step 1, final answer) are present in the normalised
+    response, else 0.0."""
+    text = normalize_response(text)
     return 1.0 if all(h.search(text) for h in REQUIRED_HEADERS) else 0.0
 
 
@@ -74,24 +96,37 @@ def extract_final_answer(text: str) -> str | None:
     return clean_answer(matches[-1])
 
 
+def extract_upstream_answer(text: str) -> str:
+    """The string upstream grades: the stripped rest of the line after the first `### The final answer is:`
+    (case-sensitive) in the normalised response, or the whole stripped response when there is none."""
+    text = normalize_response(text)
+    m = _UPSTREAM_ANSWER_LINE.search(text)
+    return m.group(1).strip() if m else text.strip()
+
+
 def extract_description(text: str) -> str | None:
-    """The text of the `### Image Description:` section, up to the next `###` header; None when absent/empty."""
-    m = DESCRIPTION_HEADER.search(text)
-    if m is None:
-        return None
-    rest = text[m.end():]
-    nxt = _NEXT_HEADER.search(rest)
-    body = (rest[: nxt.start()] if nxt else rest).strip()
-    return body or None
+    """The image description as upstream's CLIP reward reads it: in the normalised response, the stripped
+    text between the first `### Image Description:` and the next `### Rationales:` (both case-insensitive);
+    None when there is no such pair of headers or the text between them is empty."""
+    m = _UPSTREAM_DESCRIPTION.search(normalize_response(text))
+    return (m.group(1).strip() or None) if m else None
 
 
-def accuracy_reward(text: str, answer: str) -> float:
-    """1.0 if the extracted final answer matches `answer` under MathRuler's `grade_answer`, else 0.0."""
+def accuracy_reward(text: str, answer: str, grading: str = "upstream") -> float:
+    """1.0 if the response's answer matches `answer` under MathRuler's `grade_answer`, else 0.0.
+
+    `grading` picks how the answer is taken from the response: "upstream" or "lenient" (module docstring).
+    """
     from mathruler.grader import grade_answer
 
-    given = extract_final_answer(text)
-    if given is None:
-        return 0.0
+    if grading == "upstream":
+        given = extract_upstream_answer(text)
+    elif grading == "lenient":
+        given = extract_final_answer(text)
+        if given is None:
+            return 0.0
+    else:
+        raise ValueError(f"answer grading must be one of {list(GRADINGS)}, got {grading!r}")
     return 1.0 if grade_answer(given, answer.strip()) else 0.0
 
 
@@ -101,14 +136,14 @@ def normalize_key_words(key_words: Sequence[str]) -> list[str]:
 
 
 def keyword_reward(text: str, key_words: Sequence[str]) -> float:
-    """Fraction of `key_words` found in `text` (case-insensitive substring); 0.0 for an empty list.
+    """Fraction of `key_words` found in the normalised `text` (case-insensitive substring); 0.0 for an empty list.
 
     The empty case is a data problem, not a model failure: `RewardModel` counts it as a warning.
     """
     words = normalize_key_words(key_words)
     if not words:
         return 0.0
-    low = text.lower()
+    low = normalize_response(text).lower()
     return sum(w in low for w in words) / len(words)
 
 

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Protocol, Sequence, runtime_checkable
 
 import torch
 
-from pebr_mega.config_fields import choice
+from pebr_mega.config_fields import check_fields, choice, positive, warn_field
 from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
 
 WeightBucket = list[tuple[str, torch.Tensor]]
@@ -54,6 +54,24 @@ class RolloutConfig:
     # SGLang's own server arguments, passed through unchanged (e.g. {"mem_fraction_static": 0.6}).
     sglang_args: dict = field(default_factory=dict)
     sglang_tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        check_fields("rollout", {
+            "n": positive(self.n),
+            # > 0: the actor divides the logits by the rollout temperature to recompute the sampling log-probs.
+            "temperature": (self.temperature > 0, self.temperature, "must be > 0 (training rollouts sample)"),
+            "top_p": (0 < self.top_p <= 1, self.top_p, "must be in (0, 1]"),
+            "top_k": (self.top_k == -1 or self.top_k >= 1, self.top_k, "must be -1 (off) or >= 1"),
+            "max_new_tokens": positive(self.max_new_tokens),
+            "val_temperature": (self.val_temperature >= 0, self.val_temperature, "must be >= 0 (0 = greedy)"),
+            "val_n": positive(self.val_n),
+            "batch_size": positive(self.batch_size),
+            "weight_bucket_mb": positive(self.weight_bucket_mb),
+            "sglang_tp_size": positive(self.sglang_tp_size),
+        })
+        if self.n == 1:
+            warn_field("rollout", "n", 1, "one sample per prompt has no group to compare with: every GRPO "
+                       "advantage is the score itself, without a baseline (the recipe uses 8)")
 
     def sampling(self, stop_token_ids: Sequence[int], seed: int | None = None, validation: bool = False,
                  banned_token_ids: Sequence[int] = ()) -> SamplingParams:

@@ -1,5 +1,8 @@
 """Records -> rollout requests: prompt token ids with expanded image pads, and preprocessed images.
 
+The prompt is the format-prompt template (`data.format_prompt`) rendered with the record's problem; the
+request keeps the record's images as the policy sees them (after the pixel-bound resize) for the CLIP reward.
+
 Every record is checked here, at the boundary between data and generation: one whose image is missing,
 unreadable or outside the pixel bounds, or whose prompt is longer than `max_prompt_length` tokens, is
 skipped with its reason counted and its qid kept for the report; nothing else stops the batch.
@@ -11,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from pebr_mega.data.images import ImageDecoder, load_image, num_image_tokens
+from pebr_mega.data.images import ImageDecoder, load_image, num_image_tokens, policy_view
 from pebr_mega.data.prompts import render_prompt_ids
 from pebr_mega.data.records import GRPORecord
+from pebr_mega.data.template import PromptTemplate
 from pebr_mega.errors import DataError, ImageError
 from pebr_mega.rollout.types import RolloutRequest
 
@@ -47,29 +51,33 @@ class RequestReport:
 
 
 def build_request(record: GRPORecord, tokenizer, decoder: ImageDecoder, image_root: str | Path,
-                  merge_size: int = 2) -> RolloutRequest:
-    """One record's request; raises ImageError / DataError naming the record when it cannot be built."""
-    images = [load_image(p) for p in record.image_paths(image_root)]
+                  merge_size: int = 2, template: PromptTemplate | None = None) -> RolloutRequest:
+    """One record's request, prompted with `template` (default: the packaged one); raises ImageError /
+    DataError naming the record when it cannot be built."""
+    paths = record.image_paths(image_root)
+    images = [load_image(p) for p in paths]
     if images:
         processed = decoder.decode_and_preprocess(images).to("cpu")
         tokens = num_image_tokens(processed.image_grid_thw, merge_size)
         pixel_values, grid = processed.pixel_values, processed.image_grid_thw
     else:
         tokens, pixel_values, grid = [], None, None
-    ids = render_prompt_ids(tokenizer, record.problem, tokens, where=f"record {record.qid}")
+    ids = render_prompt_ids(tokenizer, record.problem, tokens, where=f"record {record.qid}", template=template)
+    views = [policy_view(im, decoder.cfg, str(p)) for im, p in zip(images, paths)]
     return RolloutRequest(record_id=record.qid, prompt_ids=ids, pixel_values=pixel_values,
-                          image_grid_thw=grid, images=images, record=record)
+                          image_grid_thw=grid, images=views, record=record)
 
 
 def build_requests(records: Sequence[GRPORecord], tokenizer, decoder: ImageDecoder, image_root: str | Path,
-                   max_prompt_length: int, filter_overlong: bool = True,
-                   merge_size: int = 2) -> tuple[list[RolloutRequest], RequestReport]:
-    """Requests for every usable record, in order, and the report of those skipped."""
+                   max_prompt_length: int, filter_overlong: bool = True, merge_size: int = 2,
+                   template: PromptTemplate | None = None) -> tuple[list[RolloutRequest], RequestReport]:
+    """Requests for every usable record, in order, prompted with `template` (default: the packaged one), and
+    the report of those skipped."""
     report = RequestReport()
     requests = []
     for record in records:
         try:
-            req = build_request(record, tokenizer, decoder, image_root, merge_size)
+            req = build_request(record, tokenizer, decoder, image_root, merge_size, template)
         except ImageError as e:
             report.skip("image", record.qid, str(e))
             continue

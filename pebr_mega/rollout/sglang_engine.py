@@ -6,15 +6,17 @@ group's t GPUs, beside the training processes. Every rank calls `generate` with 
 group answers a contiguous share, and the answers are all-gathered so every rank returns the full list.
 
 Written against SGLang's source and docs (see docs/ROLLOUT.md, "What has been executed where"); it has not
-run on a GPU yet. The pure translation functions below are unit-tested on CPU.
+run on a GPU yet. The pure translation functions are unit-tested on CPU, and the collective side (the gloo
+group, the all-gathers, the failure agreement) at world size 2 over gloo with a stand-in for `sglang.Engine`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -25,7 +27,12 @@ from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
 INSTALL_HINT = 'pip install "sglang[all]>=0.5"'
 WEIGHTS = "weights"  # SGLang's memory tags (sglang/srt/constants.py)
 KV_CACHE = "kv_cache"
-OWNED_SERVER_ARGS = ("model_path", "tp_size", "base_gpu_id", "random_seed")
+OWNED_SERVER_ARGS = ("model_path", "tp_size", "base_gpu_id", "random_seed", "port")
+# Inherited by SGLang's schedulers, these break them: torchrun's agent-store flag hangs their rendezvous,
+# expandable segments disable the memory saver (see sglang_env_cleared).
+ENV_UNSET_FOR_SGLANG = ("TORCHELASTIC_USE_AGENT_STORE", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+SGLANG_PORT_BASE = 30000  # SGLang's default `port`; each engine on a node gets its own (see engine_port)
+SGLANG_PORT_STRIDE = 100
 
 
 @dataclass
@@ -142,12 +149,15 @@ def generate_inputs(shard: Sequence[RolloutRequest], sampling: SamplingParams, f
 
 
 # ------------------------------------------------------------------------------- output translation (pure)
-def parse_output(out: dict, record_id: str) -> EngineOutput:
+def parse_output(out: dict, record_id: str, prompt_len: int | None = None) -> EngineOutput:
     """Read one `Engine.generate` result: ids and log-probs from meta_info.output_token_logprobs.
 
     SGLang appends the sampled stop token to the output and records its log-prob, but trims it from
     "text"; the ids taken from output_token_logprobs therefore include it, as the actor needs (it learns to
     stop). The log-probs are log softmax(logits / T) of the sampling step, before top-p/top-k.
+    `prompt_len`, when given, must equal meta_info["prompt_tokens"]: some SGLang versions decode the given
+    input_ids of a multimodal request and tokenize the text again, and a prompt that came out different
+    would make the samples answers to a prompt the actor never sees.
     """
     meta = out["meta_info"]
     reason = meta.get("finish_reason") or {}
@@ -157,6 +167,10 @@ def parse_output(out: dict, record_id: str) -> EngineOutput:
     token_logprobs = meta.get("output_token_logprobs")
     if token_logprobs is None:
         raise PebrError(f"SGLang returned no output_token_logprobs for record '{record_id}'")
+    used = meta.get("prompt_tokens")
+    if prompt_len is not None and used is not None and int(used) != prompt_len:
+        raise PebrError(f"record '{record_id}': SGLang generated from a prompt of {used} tokens, not the {prompt_len} "
+                        "it was given (it re-tokenised the prompt); the samples would not match the training prompt")
     ids = [int(entry[1]) for entry in token_logprobs]
     logprobs = [float(entry[0]) for entry in token_logprobs]
     matched = reason.get("matched")
@@ -185,29 +199,84 @@ def regroup_outputs(requests: Sequence[RolloutRequest], n: int, bounds: Sequence
     return samples
 
 
+def engine_port(gpu: int) -> int:
+    """SGLang's `port` server argument for the engine whose first scheduler runs on local GPU `gpu`.
+
+    Engines of different rollout groups on one node must not pick the same rendezvous port for their
+    schedulers. SGLang 0.4/0.5 derived it as `port + random.randint(100, 1000)` (`PortArgs.init_new`,
+    python/sglang/srt/server_args.py) from the trainer's own `random`, which every rank seeds alike; newer
+    versions take a free port from the OS. A distinct `port` per GPU keeps the older derivation apart (verl
+    gave each rank its own port for the same reason).
+    """
+    return SGLANG_PORT_BASE + SGLANG_PORT_STRIDE * gpu
+
+
 def engine_server_args(model_dir: str | Path, tp_size: int, base_gpu_id: int, random_seed: int,
                        passthrough: dict | None) -> dict:
-    """ServerArgs for `sglang.Engine`: SGLang's own names passed through, plus the four this engine owns."""
+    """ServerArgs for `sglang.Engine`: SGLang's own names passed through, plus the five this engine owns."""
     passthrough = dict(passthrough or {})
     clash = sorted(set(passthrough) & set(OWNED_SERVER_ARGS))
     if clash:
         raise ValueError(f"rollout.sglang_args may not set {clash}: the SGLang engine derives them")
     # release/resume_memory only free memory with the memory saver on.
     args = {"enable_memory_saver": True, **passthrough}
-    args.update(model_path=str(model_dir), tp_size=tp_size, base_gpu_id=base_gpu_id, random_seed=random_seed)
+    args.update(model_path=str(model_dir), tp_size=tp_size, base_gpu_id=base_gpu_id, random_seed=random_seed,
+                port=engine_port(base_gpu_id))
     return args
 
 
 def resume_phases(released: set[str], tags: Sequence[str] | None) -> list[list[str]]:
     """The `resume_memory_occupation` calls that take back `tags` (None: all released), weights first.
 
-    Only released tags are resumed, so resuming twice is harmless; the weights come in their own call before
-    the rest (KV cache, CUDA graphs) because the weight sync must run between the two (see resume_memory).
+    Only released tags are resumed, so resuming twice is harmless (SGLang's scheduler removes each resumed
+    tag from its set of offloaded tags and fails on one that is not there); the weights come in their own
+    call before the rest (KV cache, CUDA graphs) because the weight sync runs between the two.
     """
     wanted = set(released) if tags is None else set(tags) & set(released)
     phases = [[WEIGHTS]] if WEIGHTS in wanted else []
     rest = sorted(wanted - {WEIGHTS})
     return phases + ([rest] if rest else [])
+
+
+@contextlib.contextmanager
+def sglang_env_cleared(names: Sequence[str] = ENV_UNSET_FOR_SGLANG) -> Iterator[None]:
+    """Unset the environment variables `names` inside the block; put back what was there after it, also on error.
+
+    SGLang's constructor spawns its scheduler processes, which inherit the trainer's environment; two kinds
+    of variables there break them:
+
+    - TORCHELASTIC_USE_AGENT_STORE=True, which torchrun's agent sets in every worker (torch
+      distributed/elastic/agent/server/local_elastic_agent.py, `_start_workers`; the c10d and static
+      rendezvous handlers report `use_agent_store` True). Each scheduler calls `init_process_group(
+      "tcp://127.0.0.1:<port>", rank=tp_rank, world_size=tp_size)` (python/sglang/srt/distributed/
+      parallel_state.py, `init_distributed_environment`); torch's tcp:// handler builds the store in
+      `_create_c10d_store` (torch/distributed/rendezvous.py), which with `_torchelastic_use_agent_store()`
+      true makes every rank, rank 0 included, a TCPStore *client* of a server nobody starts: the schedulers
+      wait until the store times out. The other torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK,
+      MASTER_ADDR/PORT, ...) are read only by the env:// handler or when local_rank is -1, neither of which
+      the schedulers use, so they stay (verl's torchrun test of the SGLang engine removed only this one:
+      tests/workers/rollout/utils_sglang.py `clean_torchelastic_env`).
+    - PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF: with expandable segments torch_memory_saver refuses to
+      work (fzyzcjy/torch_memory_saver#24), so `release_memory_occupation` would free nothing; slime removes
+      both before it starts SGLang (slime/backends/sglang_utils/sglang_engine.py `launch_server_process`).
+
+    The schedulers are started inside the constructor, so restoring afterwards is safe.
+    """
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        for name in names:
+            if name in saved:
+                os.environ[name] = saved[name]
+            else:
+                os.environ.pop(name, None)
+
+
+def start_sglang_engine(sglang, server_args: dict):
+    """`sglang.Engine(**server_args)` with the variables that break its schedulers unset (sglang_env_cleared)."""
+    with sglang_env_cleared():
+        return sglang.Engine(**server_args)
 
 
 def require_sglang():
@@ -225,6 +294,15 @@ def require_sglang():
     return sglang
 
 
+def sglang_memory_tags() -> list[str]:
+    """The memory tags of the installed SGLang (python/sglang/srt/constants.py `GPU_MEMORY_ALL_TYPES`)."""
+    try:  # newer versions add cuda_graph and weights_drafter to weights and kv_cache
+        from sglang.srt.constants import GPU_MEMORY_ALL_TYPES
+    except ImportError:
+        return [WEIGHTS, KV_CACHE]
+    return list(GPU_MEMORY_ALL_TYPES)
+
+
 def read_vision_ids(model_dir: str | Path) -> tuple[int, int]:
     """(image pad token id, spatial merge size) from the model's config.json."""
     path = Path(model_dir) / "config.json"
@@ -235,16 +313,19 @@ def read_vision_ids(model_dir: str | Path) -> tuple[int, int]:
         raise CheckpointError(f"{path}: cannot read image_token_id / vision_config.spatial_merge_size ({exc})") from exc
 
 
-# ------------------------------------------------------------------------------------------------ engine
-class SGLangRolloutEngine:
-    """`RolloutEngine` over SGLang's offline Engine; construct it on every rank of the job."""
+# ------------------------------------------------------------------------------------------ collectives
+class RolloutGroups:
+    """The engine's collective side: the rollout-group layout, and one gloo group for its object
+    all-gathers and barriers, created once (collectively: every rank constructs it, in the same order).
 
-    def __init__(self, model_dir: str | Path, tp_size: int = 1, server_args: dict | None = None,
-                 base_gpu_id: int | None = None, seed: int = 0) -> None:
-        sglang = require_sglang()
-        if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true"):
-            raise PebrError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: SGLang would return log-probs before "
-                            "temperature, which the actor does not compare against; unset it")
+    Why gloo: on the default NCCL group `all_gather_object` pickles into CUDA tensors and `barrier` runs a
+    kernel, on GPUs that the SGLang schedulers of the rank's group use at the same time. slime keeps a gloo
+    group for this (slime/utils/distributed_utils.py `init_gloo_group`, used by its weight updater's
+    barriers), and SGLang's own `GroupCoordinator.all_gather_object` uses its CPU group
+    (python/sglang/srt/distributed/parallel_state.py).
+    """
+
+    def __init__(self, tp_size: int) -> None:
         dist = torch.distributed
         initialized = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if initialized else 0
@@ -252,23 +333,83 @@ class SGLangRolloutEngine:
         self.tp_size = tp_size
         self.num_groups = rollout_group_count(self.world_size, tp_size)
         self.group = self.rank // tp_size
-        self.image_token_id, self.merge_size = read_vision_ids(model_dir)
-        self.engine = None
-        self._memory_tags = [WEIGHTS, KV_CACHE]
+        self.is_owner = self.rank % tp_size == 0
+        self.cpu_group = dist.new_group(backend="gloo") if self.world_size > 1 else None
+
+    def gather_from_owners(self, mine: Any) -> list:
+        """Every group owner's `mine`, in group order, on every rank (other ranks' values are dropped)."""
+        if self.world_size == 1:
+            return [mine]
+        everyone: list = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, mine, group=self.cpu_group)
+        return [everyone[g * self.tp_size] for g in range(self.num_groups)]
+
+    def agree(self, error: BaseException | None, what: str) -> None:
+        """Raise on every rank if `what` failed on any rank; otherwise a barrier.
+
+        The rank that failed raises its own exception; the others raise a PebrError naming it, so no rank
+        is left waiting in the next collective.
+        """
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        messages: list = [None] * self.world_size
+        torch.distributed.all_gather_object(messages, message, group=self.cpu_group)
+        if error is not None:
+            raise error
+        failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+        if failed:
+            rank, m = failed[0]
+            raise PebrError(f"{what} failed on rank {rank}" + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
+                            + f": {m}")
+
+    def barrier(self) -> None:
+        """Wait for every rank of the job, over the gloo group."""
+        if self.world_size > 1:
+            torch.distributed.barrier(group=self.cpu_group)
+
+
+# ------------------------------------------------------------------------------------------------ engine
+class SGLangRolloutEngine:
+    """`RolloutEngine` over SGLang's offline Engine; construct it on every rank of the job."""
+
+    def __init__(self, model_dir: str | Path, tp_size: int = 1, server_args: dict | None = None,
+                 base_gpu_id: int | None = None, seed: int = 0) -> None:
+        groups = RolloutGroups(tp_size)  # collective: before anything can fail on one rank only
+        engine, gpu, tags, error = None, None, [WEIGHTS, KV_CACHE], None
+        try:
+            sglang = require_sglang()
+            image_token_id, merge_size = read_vision_ids(model_dir)
+            if os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true"):
+                raise PebrError("SGLANG_RETURN_ORIGINAL_LOGPROB is set: SGLang would return log-probs before "
+                                "temperature, which the actor does not compare against; unset it")
+            if groups.is_owner:
+                gpu = torch.cuda.current_device() if base_gpu_id is None else base_gpu_id
+                # In a job, a group's GPUs are its ranks' GPUs only if groups do not straddle nodes.
+                if (groups.world_size > 1 and gpu % tp_size) or gpu + tp_size > torch.cuda.device_count():
+                    raise ValueError(f"rank {groups.rank}: a rollout TP group of {tp_size} from GPU {gpu} does not fit "
+                                     f"the {torch.cuda.device_count()} local GPUs; sglang_tp_size must divide GPUs per node")
+                tags = sglang_memory_tags()
+                engine = start_sglang_engine(sglang, engine_server_args(model_dir, tp_size, gpu, seed + groups.group,
+                                                                        server_args))
+        except Exception as exc:
+            error = exc
+        groups.agree(error, "starting the SGLang engine")
+        self._attach(groups, engine, image_token_id, merge_size, tags, gpu)
+
+    def _attach(self, groups: RolloutGroups, engine, image_token_id: int, merge_size: int,
+                memory_tags: Sequence[str], gpu: int | None) -> None:
+        # The state every method uses; the constructor's only product (tests attach a stand-in Engine here).
+        self._groups = groups
+        self.rank, self.world_size, self.tp_size = groups.rank, groups.world_size, groups.tp_size
+        self.num_groups, self.group = groups.num_groups, groups.group
+        self.engine = engine
+        self.image_token_id, self.merge_size = image_token_id, merge_size
+        self._memory_tags = list(memory_tags)
         self._released: set[str] = set()
-        if self.rank % tp_size == 0:
-            gpu = torch.cuda.current_device() if base_gpu_id is None else base_gpu_id
-            # In a job, a group's GPUs are its ranks' GPUs only if groups do not straddle nodes.
-            if (self.world_size > 1 and gpu % tp_size) or gpu + tp_size > torch.cuda.device_count():
-                raise ValueError(f"rank {self.rank}: a rollout TP group of {tp_size} from GPU {gpu} does not fit the "
-                                 f"{torch.cuda.device_count()} local GPUs; sglang_tp_size must divide GPUs per node")
-            self.gpu = gpu
-            try:  # the tags this SGLang knows (newer ones add cuda_graph, weights_drafter)
-                from sglang.srt.constants import GPU_MEMORY_ALL_TYPES
-                self._memory_tags = list(GPU_MEMORY_ALL_TYPES)
-            except ImportError:
-                pass
-            self.engine = sglang.Engine(**engine_server_args(model_dir, tp_size, gpu, seed + self.group, server_args))
+        self.gpu = gpu
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg: RolloutConfig, seed: int = 0) -> "SGLangRolloutEngine":
@@ -290,7 +431,7 @@ class SGLangRolloutEngine:
                     raise
                 # Sent to every rank instead of raising here, so no rank waits forever in the all-gather.
                 mine = f"{type(exc).__name__}: {exc}"
-        return regroup_outputs(requests, sampling.n, bounds, self._gather(mine))
+        return regroup_outputs(requests, sampling.n, bounds, self._groups.gather_from_owners(mine))
 
     def _generate_shard(self, shard: Sequence[RolloutRequest], sampling: SamplingParams, first: int) -> list[EngineOutput]:
         if not shard:
@@ -298,42 +439,62 @@ class SGLangRolloutEngine:
         inputs = generate_inputs(shard, sampling, first, self.image_token_id, self.merge_size)
         outs = self.engine.generate(**inputs, return_logprob=True)
         record_ids = [r.record_id for r in shard for _ in range(sampling.n)]
-        return [parse_output(o, rid) for o, rid in zip(outs, record_ids, strict=True)]
-
-    def _gather(self, mine: list[EngineOutput] | str | None) -> list:
-        if self.world_size == 1:
-            return [mine]
-        everyone: list = [None] * self.world_size
-        torch.distributed.all_gather_object(everyone, mine)
-        return [everyone[g * self.tp_size] for g in range(self.num_groups)]
+        return [parse_output(o, rid, len(ids))
+                for o, rid, ids in zip(outs, record_ids, inputs["input_ids"], strict=True)]
 
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
         """Load (HF checkpoint name, full tensor) buckets, then flush the prefix cache once.
 
-        Every rank iterates the buckets (the sync path may run collectives while producing them); owners pass
-        each bucket to SGLang, which sends CUDA-IPC handles to its TP schedulers. The call returns after the
-        schedulers have copied the bucket, so the tensors may be freed afterwards.
+        Every rank iterates all the buckets (the sync path runs collectives while producing them), also after
+        a failure on an owner, which is reported to every rank at the end. Owners pass each bucket to SGLang,
+        which shares the tensors with its TP schedulers by CUDA-IPC handle; a bucket is dropped as soon as
+        its call returns, before the next one is produced (docs/ROLLOUT.md, "Weight buckets: how long they
+        live").
         """
         self._require_resident("update_weights", self._released & {WEIGHTS})
+        error: Exception | None = None
         for bucket in buckets:
-            if self.engine is None:
-                continue
-            # SGLang's colocated path shares CUDA tensors by IPC handle; host tensors are moved to our GPU.
-            named = [(name, t if t.is_cuda else t.to(f"cuda:{self.gpu}")) for name, t in bucket]
-            ok, message = self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False)
-            if not ok:
-                raise CheckpointError(f"SGLang rejected a weight bucket ({[n for n, _ in named][:3]}...): {message}")
-        if self.engine is not None:
-            self.engine.flush_cache()  # cached prefixes were computed with the old weights
-        self._barrier()
+            if self.engine is not None and error is None:
+                try:
+                    self._load_bucket(bucket)
+                except Exception as exc:
+                    error = exc
+            del bucket  # one bucket alive at a time: the generator builds the next one after this
+        if self.engine is not None and error is None:
+            try:
+                result = self.engine.flush_cache()  # cached prefixes were computed with the old weights
+                if getattr(result, "success", True) is False:
+                    raise PebrError("SGLang did not flush its prefix cache after the weight update (requests running?)")
+            except Exception as exc:
+                error = exc
+        if self.engine is not None and torch.cuda.is_available():
+            # Shared blocks whose consumers released them late wait in torch's IPC limbo, outside the caching
+            # allocator; hand them back before the trainer empties the cache.
+            torch.cuda.ipc_collect()
+        self._groups.agree(error, "the SGLang weight update")
+
+    def _load_bucket(self, bucket: WeightBucket) -> None:
+        # SGLang's colocated path shares CUDA tensors by IPC handle; host tensors are moved to our GPU.
+        named = [(name, t if t.is_cuda else t.to(f"cuda:{self.gpu}")) for name, t in bucket]
+        ok, message = self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False)
+        if not ok:
+            raise CheckpointError(f"SGLang rejected a weight bucket ({[n for n, _ in named][:3]}...): {message}")
 
     def release_memory(self) -> None:
-        """Release all of SGLang's GPU memory (weights, KV cache, CUDA graphs) so training can use it."""
+        """Release all of SGLang's GPU memory (weights, KV cache, CUDA graphs) so training can use it.
+
+        The weights are discarded, not parked (SGLang's scheduler stashes only the model's buffers): they
+        must be synced again after `resume_memory`, unless `enable_weights_cpu_backup` is in `sglang_args`.
+        """
         held = [t for t in self._memory_tags if t not in self._released]
+        error = None
         if self.engine is not None and held:
-            self.engine.release_memory_occupation(tags=held)
+            try:
+                self.engine.release_memory_occupation(tags=held)
+            except Exception as exc:
+                error = exc
+        self._groups.agree(error, "releasing SGLang's memory")
         self._released = set(self._memory_tags)
-        self._barrier()
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
         """Take back the released memory named by `tags` (default: all of it, weights first).
@@ -343,12 +504,16 @@ class SGLangRolloutEngine:
         `update_weights` runs (unless SGLang's `enable_weights_cpu_backup` is passed).
         """
         phases = resume_phases(self._released, tags)
+        error = None
         if self.engine is not None:
-            for phase in phases:
-                self.engine.resume_memory_occupation(tags=phase)
+            try:
+                for phase in phases:
+                    self.engine.resume_memory_occupation(tags=phase)
+            except Exception as exc:
+                error = exc
+        self._groups.agree(error, "resuming SGLang's memory")
         for phase in phases:
             self._released -= set(phase)
-        self._barrier()
 
     def shutdown(self) -> None:
         """Stop SGLang's subprocesses."""
@@ -360,8 +525,3 @@ class SGLangRolloutEngine:
         # The same state on every rank, so all ranks raise together rather than some waiting in a collective.
         if released:
             raise PebrError(f"{what}() while SGLang's {sorted(released)} memory is released: call resume_memory() first")
-
-    def _barrier(self) -> None:
-        # Training ranks share GPUs with the group's SGLang TP schedulers: none may allocate before all are done.
-        if self.world_size > 1:
-            torch.distributed.barrier()

@@ -46,7 +46,7 @@ class RolloutRequest:
     prompt_ids: list[int]
     pixel_values: torch.Tensor | None = None  # [num_patches, C*T*P*P]
     image_grid_thw: torch.Tensor | None = None  # [num_images, 3]
-    images: list[Any] = field(default_factory=list)  # the decoded PIL images (CLIP reward, SGLang)
+    images: list[Any] = field(default_factory=list)  # PIL images as the policy sees them (the CLIP reward)
     record: Any = None  # the source record (answer, key_words), carried through for rewards
 
 

@@ -1,16 +1,29 @@
-"""Training checkpoints on disk: atomic saves, keep-last-M pruning, finding the newest complete one.
+"""Training checkpoints on disk: atomic saves, keep-last-M pruning, verified loading of the newest intact one.
 
 A checkpoint is a directory `step_<N>/` under the run's `checkpoints/` folder. It is written as
-`.tmp-step_<N>/` and renamed into place only when everything inside is written, and a `COMPLETE` marker
-is the last file written before the rename, so a crash mid-save leaves only a temporary directory (removed
-at the next save) and never corrupts or hides the last good checkpoint. What goes inside (the actor's
-distributed checkpoint, the trainer state: step, data position, RNG states) is the caller's business.
+`.tmp-step_<N>/` and renamed into place only when everything inside is written, so a crash mid-save leaves
+only a temporary directory (removed at the next save) and never corrupts or hides the last good checkpoint.
+What goes inside (the actor's distributed checkpoint, the trainer state: step, data position, RNG states)
+is the caller's business.
+
+The last two files of a commit are `COMPLETE` (step and caller's meta) and `MANIFEST.json`: the relative
+path, size and SHA-256 of every other file. A checkpoint damaged after its commit (a truncated or emptied
+file, a missing Megatron `.metadata`, overwritten bytes) fails `verify_checkpoint`; `latest()` then warns
+naming it and falls back to the newest intact one, instead of a raw unpickling error or weights that load
+silently and train into NaNs. Hashing reads every byte once more: files are read in 8 MiB chunks and hashed
+on several threads (hashlib releases the GIL), so the cost is the disk's (or page cache's) read bandwidth or
+one SHA-256 stream per core, whichever is lower; docs/PERFORMANCE.md ("Checkpoint verification") has the
+measurement.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import shutil
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +31,67 @@ from pebr_mega.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
+MANIFEST = "MANIFEST.json"
+MANIFEST_FORMAT = "pebr-checkpoint-manifest/1"
+_CHUNK = 8 << 20
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (damaged) or could not be verified; the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def write_manifest(directory: str | Path) -> Path:
+    """Write `directory/MANIFEST.json`: relative path, size and SHA-256 of every file below it (atomically)."""
+    root = Path(directory)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+    with ThreadPoolExecutor(_threads()) as pool:
+        digests = list(pool.map(_sha256, files))
+    entries = [{"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": d}
+               for p, d in zip(files, digests)]
+    tmp = root / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": entries}, indent=1) + "\n")
+    os.replace(tmp, root / MANIFEST)
+    return root / MANIFEST
+
+
+def verify_checkpoint(directory: str | Path) -> str | None:
+    """None when every file in the manifest is present with its size and checksum, else what is wrong
+    (naming the file). A checkpoint without a manifest is reported as such."""
+    root = Path(directory)
+    if not (root / MANIFEST).is_file():
+        return f"no {MANIFEST}"
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+        entries = manifest["files"]
+        expected = {e["path"]: (int(e["size"]), str(e["sha256"])) for e in entries}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST} is unreadable ({type(e).__name__})"
+    for rel, (size, _) in expected.items():  # sizes first: cheap, and most damage changes them
+        p = root / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        if p.stat().st_size != size:
+            return f"{rel} is {p.stat().st_size} bytes, {size} expected"
+    rels = list(expected)
+    with ThreadPoolExecutor(_threads()) as pool:
+        digests = list(pool.map(lambda rel: _sha256(root / rel), rels))
+    for rel, digest in zip(rels, digests):
+        if digest != expected[rel][1]:
+            return f"{rel} does not match its checksum (its bytes changed after the save)"
+    return None
 
 
 class CheckpointManager:
@@ -41,9 +115,23 @@ class CheckpointManager:
         return sorted(found)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint directory, or None."""
-        steps = self.steps()
-        return self.path(steps[-1]) if steps else None
+        """The newest complete checkpoint that passes `verify_checkpoint`, or None.
+
+        A damaged newer one is skipped with a `CheckpointWarning` naming it and what is wrong. One written
+        without a manifest (before verification existed) is used as it is, with a warning.
+        """
+        for step in reversed(self.steps()):
+            path = self.path(step)
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            if problem == f"no {MANIFEST}":
+                warnings.warn(f"checkpoint {path} has no {MANIFEST} (written before checkpoints were verified): "
+                              "loading it unverified", CheckpointWarning, stacklevel=2)
+                return path
+            warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to an older one",
+                          CheckpointWarning, stacklevel=2)
+        return None
 
     def path(self, step: int) -> Path:
         """Directory of the checkpoint of `step` (whether or not it exists)."""
@@ -72,9 +160,11 @@ class CheckpointManager:
         return self.root / f".tmp-step_{step}"
 
     def commit(self, step: int, meta: dict | None = None) -> Path:
-        """Mark `step`'s temporary directory complete and publish it as `step_<step>`; prune old ones."""
+        """Mark `step`'s temporary directory complete, write its manifest (the last file), publish it as
+        `step_<step>` and prune old ones."""
         tmp = self.tmp_path(step)
         (tmp / COMPLETE).write_text(json.dumps({"step": step, **(meta or {})}) + "\n")
+        write_manifest(tmp)
         final = self.path(step)
         if final.exists():
             # Re-saving a step (e.g. after a resume): move the old one aside first so that a crash between
@@ -94,8 +184,12 @@ class CheckpointManager:
             shutil.rmtree(self.path(step), ignore_errors=True)
 
     def require(self, path: str | Path) -> Path:
-        """Validate a checkpoint directory given by the user; CheckpointError if it is not complete."""
+        """Validate a checkpoint directory given by the user; CheckpointError if it is not complete or fails
+        verification."""
         p = Path(path)
         if not (p / COMPLETE).is_file():
             raise CheckpointError(f"{p} is not a complete checkpoint (no {COMPLETE} marker)")
+        problem = verify_checkpoint(p)
+        if problem is not None and problem != f"no {MANIFEST}":
+            raise CheckpointError(f"{p} is damaged: {problem}")
         return p

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pebr_mega.config_fields import choice
+from pebr_mega.config_fields import check_fields, choice, optional_positive, positive
 
 STAGE_DEFAULTS = {
     "stage1": {"rollout_batch_size": 560, "mini_batch_size": 112, "epochs": 1},
@@ -37,6 +37,19 @@ class GRPOTrainerConfig:
     eval_max_samples: int = 0  # 0 = all
     skip_nonfinite: bool = True
 
+    def __post_init__(self) -> None:
+        check_fields("grpo", {
+            "rollout_batch_size": optional_positive(self.rollout_batch_size),
+            "mini_batch_size": optional_positive(self.mini_batch_size),
+            "ppo_epochs": positive(self.ppo_epochs),
+            "epochs": optional_positive(self.epochs),
+            "max_steps": (self.max_steps == -1 or self.max_steps >= 1, self.max_steps, "must be -1 (all) or >= 1"),
+            "save_every": (self.save_every >= 0, self.save_every, "must be >= 0 (0 = only at the end)"),
+            "keep_last": positive(self.keep_last),
+            "eval_every": (self.eval_every >= 0, self.eval_every, "must be >= 0 (0 = only before and after)"),
+            "eval_max_samples": (self.eval_max_samples >= 0, self.eval_max_samples, "must be >= 0 (0 = all)"),
+        })
+
     def resolved(self) -> "GRPOTrainerConfig":
         """A copy with the stage's upstream values filled where the user left `None`."""
         import dataclasses
@@ -50,7 +63,12 @@ class SFTConfig:
     """The SFT warm-up (upstream: full fine-tune, lr 1e-5, warmup 0.1, cosine, 2 epochs, cutoff 4096)."""
 
     init_model: str = ""
-    train_file: str = ""
+    train_file: str = ""  # ShareGPT JSON or JSONL (messages/role/content or conversations/from/value)
+    dataset_info: str = ""  # optional LLaMA-Factory dataset_info.json whose entry gives the columns and tags
+    dataset_name: str = ""  # the entry of dataset_info (its file_name is used when train_file is empty)
+    # LLaMA-Factory's image bounds before the processor (hparams image_max_pixels / image_min_pixels defaults)
+    image_max_pixels: int = 768 * 768
+    image_min_pixels: int = 32 * 32
     lr: float = 1e-5
     warmup_ratio: float = 0.1
     lr_schedule: str = choice("cosine", ["constant", "cosine", "linear"])
@@ -62,10 +80,29 @@ class SFTConfig:
     save_every: int = 0
     keep_last: int = 1
 
+    def __post_init__(self) -> None:
+        check_fields("sft", {
+            "lr": (self.lr >= 0, self.lr, "must be >= 0"),
+            "warmup_ratio": (0 <= self.warmup_ratio <= 1, self.warmup_ratio, "must be in [0, 1]"),
+            "epochs": positive(self.epochs),
+            "batch_size": positive(self.batch_size),
+            "save_every": (self.save_every >= 0, self.save_every, "must be >= 0 (0 = only at the end)"),
+            "keep_last": positive(self.keep_last),
+            "dataset_name": (bool(self.dataset_name) or not self.dataset_info, self.dataset_name,
+                             "must name an entry of sft.dataset_info"),
+            "dataset_info": (bool(self.dataset_info) or not self.dataset_name, self.dataset_info,
+                             "must be set when sft.dataset_name is"),
+            "image_max_pixels": (self.image_max_pixels >= 1, self.image_max_pixels, "must be >= 1"),
+            "image_min_pixels": (1 <= self.image_min_pixels <= self.image_max_pixels, self.image_min_pixels,
+                                 "must be in [1, sft.image_max_pixels]"),
+            "cutoff_len": (self.cutoff_len >= 2, self.cutoff_len, "must be >= 2"),
+        })
+
 
 @dataclass
 class SampleConfig:
-    """Difficulty sampling: n answers per GRPO question with the warm-up model."""
+    """Difficulty sampling: n answers per GRPO question with the warm-up model (upstream's values:
+    `examples/pebr_sample.yaml`, which samples at a higher image pixel cap than the RL stages)."""
 
     model: str = ""
     dataset: str = ""
@@ -73,8 +110,19 @@ class SampleConfig:
     n: int = 8
     temperature: float = 1.2
     top_p: float = 0.99
+    max_pixels: int = 4194304  # image pixel cap while sampling (RL: images.max_pixels = 802816)
     batch_size: int = 64
     correct_threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_fields("sample", {
+            "n": positive(self.n),
+            "temperature": (self.temperature >= 0, self.temperature, "must be >= 0 (0 = greedy)"),
+            "top_p": (0 < self.top_p <= 1, self.top_p, "must be in (0, 1]"),
+            "max_pixels": (self.max_pixels >= 1, self.max_pixels, "must be >= 1"),
+            "batch_size": positive(self.batch_size),
+            "correct_threshold": (0 <= self.correct_threshold <= 1, self.correct_threshold, "must be in [0, 1]"),
+        })
 
 
 @dataclass

@@ -1,14 +1,19 @@
 """Held-out evaluation: generate one answer per question and grade it (accuracy, format, reward).
 
-Used by `pebr eval`, by the trainers before and after a stage, and by the demo's summary.
+Used by `pebr eval`, by the trainers before and after a stage, and by the demo's summary. Grading goes through
+the reward guard's worker pool (`pebr_mega.rewards.guard`): an answer whose grading overruns the time limit
+scores 0 and is counted (`eval/timeouts`).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Sequence
 
 from pebr_mega.rewards import RewardModel, RewardSample, accuracy_reward, format_reward
+from pebr_mega.rewards.guard import RewardPool, score_components
+from pebr_mega.rewards.model import RewardConfig, reward_pool
 from pebr_mega.rewards.perception import description_metrics, description_scores
 from pebr_mega.rollout.engine import RolloutEngine
 from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
@@ -22,13 +27,52 @@ def to_reward_sample(s: Sample) -> RewardSample:
                         images=list(s.request.images), qid=s.record_id)
 
 
+@dataclass
+class Grades:
+    """Accuracy and format (0 or 1) of each answer; `timeouts` counts the answers whose grading overran, and
+    `failures` those whose grader raised (both scored 0)."""
+
+    accuracy: list[float]
+    format: list[float]
+    timeouts: int = 0
+    failures: int = 0
+
+
+def grade_answers(pool: RewardPool, answers: Sequence[tuple[str, str]], with_format: bool = True,
+                  grading: str = "upstream") -> Grades:
+    """Grade `(response text, ground truth)` pairs with the accuracy (as `grading`: `rewards.answer_grading`)
+    and format rewards, under the pool's time limit."""
+    def components(text: str, truth: str) -> list:
+        comps = [("accuracy", accuracy_reward, (text, truth, grading))]
+        return comps + [("format", format_reward, (text,))] if with_format else comps
+
+    graded = score_components(pool, [components(t, a) for t, a in answers])
+    return Grades(accuracy=[float(g.values.get("accuracy", 0.0)) for g in graded],
+                  format=[float(g.values.get("format", 0.0)) for g in graded],
+                  timeouts=sum(g.timed_out for g in graded), failures=sum(bool(g.failed) for g in graded))
+
+
+def generation_rows(samples: Sequence[Sample], tokenizer, n: int) -> list[dict]:
+    """`n` samples spread evenly over the batch (so over prompt groups) as rows for `log_generations`: the
+    prompt as text (special tokens and image pads dropped), the response, its reward and the answer."""
+    if n <= 0 or not samples:
+        return []
+    picked = [samples[i * len(samples) // min(n, len(samples))] for i in range(min(n, len(samples)))]
+    return [{"qid": s.record_id, "prompt": tokenizer.decode(s.request.prompt_ids, skip_special_tokens=True),
+             "response": s.response_text, "reward": s.reward, "answer": getattr(s.request.record, "answer", ""),
+             "components": dict(s.reward_components)} for s in picked]
+
+
 def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling: SamplingParams,
              reward_model: RewardModel | None = None, batch_size: int = 32, progress: bool = True,
-             results_path: str | Path | None = None) -> dict[str, float]:
-    """Accuracy, format rate, mean response length (and mean stage reward when a reward model is given).
+             results_path: str | Path | None = None, grading: str = "upstream",
+             pool: RewardPool | None = None) -> dict[str, float]:
+    """Accuracy (graded as `grading`: `rewards.answer_grading`), format rate, mean response length (and mean
+    stage reward when a reward model is given).
 
-    Keys: `eval/accuracy`, `eval/format`, `eval/response_length`, `eval/count`, `eval/reward`, and
-    `eval/description_exact` / `eval/description_f1` when the records carry a reference `description`.
+    Keys: `eval/accuracy`, `eval/format`, `eval/response_length`, `eval/count`, `eval/timeouts`, `eval/reward`,
+    and `eval/description_exact` / `eval/description_f1` when the records carry a reference `description`.
+    Grading uses `pool`, else the reward model's, else the default `RewardConfig`'s.
     """
     from tqdm.auto import tqdm
 
@@ -39,11 +83,15 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
         samples.extend(engine.generate(chunk, sampling))
         bar.update(len(chunk))
     bar.close()
-    acc = [accuracy_reward(s.response_text, getattr(s.request.record, "answer", "")) for s in samples]
-    fmt = [format_reward(s.response_text) for s in samples]
+    if pool is None:
+        pool = reward_model.pool if reward_model is not None else reward_pool(RewardConfig())
+    grades = grade_answers(pool, [(s.response_text, getattr(s.request.record, "answer", "")) for s in samples],
+                           grading=grading)
+    acc, fmt = grades.accuracy, grades.format
     n = max(len(samples), 1)
     out = {
         "eval/count": float(len(samples)),
+        "eval/timeouts": float(grades.timeouts),
         "eval/accuracy": sum(acc) / n,
         "eval/format": sum(fmt) / n,
         "eval/response_length": sum(len(s.response_ids) for s in samples) / n,

@@ -21,11 +21,11 @@ import torch
 from pebr_mega.actor.megatron_actor import LossSpec
 from pebr_mega.actor.packing import ActorSequence
 from pebr_mega.algo.grpo import group_advantages
-from pebr_mega.logging import read_metrics
+from pebr_mega.logging import log_generations, read_metrics
 from pebr_mega.rollout.engine import group_samples
 from pebr_mega.rollout.mismatch import token_mult_prob_error
 from pebr_mega.rollout.types import Sample
-from pebr_mega.trainer.evaluate import to_reward_sample
+from pebr_mega.trainer.evaluate import generation_rows, to_reward_sample
 from pebr_mega.trainer.session import Session
 
 
@@ -44,8 +44,8 @@ class StageResult:
     last_loss: float = float("nan")
 
     def to_dict(self) -> dict:
-        """JSON-friendly."""
-        return dict(self.__dict__)
+        """Standard JSON: a number that is not available (NaN) is None (`null`), in nested metrics too."""
+        return _finite_or_none(dict(self.__dict__))
 
 
 class GRPOTrainer:
@@ -135,6 +135,7 @@ class GRPOTrainer:
         metrics.update(s.reward_summary(results))
         self._assign_advantages(samples, metrics)
         metrics["time/reward"] = time.perf_counter() - t0
+        log_generations(cfg.logging, s.out_dir, self.step + 1, generation_rows(samples, s.tokenizer, cfg.logging.log_generations))
 
         seqs = [_to_sequence(x) for x in samples]
         t0 = time.perf_counter()
@@ -193,6 +194,14 @@ class GRPOTrainer:
         if "kl_loss" in out:
             out["kl"] = out["kl_loss"]
         return out
+
+
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    return v
 
 
 def _to_sequence(x: Sample) -> ActorSequence:

@@ -13,12 +13,14 @@ import torch.distributed as dist
 
 from pebr_mega.checkpoint.hf_io import atomic_dir, copy_aux_files, write_safetensors
 from pebr_mega.checkpoint.hf_mapping import HFMapping
+from pebr_mega.data.template import write_prompt_template
 from pebr_mega.errors import BackendUnavailableError
 from pebr_mega.rollout.weight_sync import iter_hf_tensors
 
 
-def export_actor_to_hf(model, template_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the actor's current weights with `template_dir`'s non-weight files as an HF directory.
+def export_actor_to_hf(model, template_dir: str | Path, out_dir: str | Path, prompt_template=None) -> Path:
+    """Write the actor's current weights with `template_dir`'s non-weight files as an HF directory, and the
+    format-prompt template (`prompt_template`, default: the packaged one) as `format_prompt.jinja`.
 
     Collective (every rank iterates the weights); rank 0 writes, atomically.
     """
@@ -33,6 +35,7 @@ def export_actor_to_hf(model, template_dir: str | Path, out_dir: str | Path) -> 
     with atomic_dir(out_dir) as tmp:
         write_safetensors(tmp, ((n, t.detach().cpu()) for n, t in tensors))
         copy_aux_files(template_dir, tmp)
+        write_prompt_template(tmp, prompt_template)
     if dist.is_initialized():
         dist.barrier()
     return Path(out_dir)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from pebr_mega.checkpoint.hf_io import atomic_dir
 from pebr_mega.errors import PebrError
+from pebr_mega.outputs import claim_output_dir
 
 STAGES = ("sft", "sample", "split", "stage1", "stage2", "export")
 
@@ -51,11 +52,11 @@ def run_pipeline(cfg: Any, log: Callable[[str], None] = print) -> dict[str, dict
     unknown = [s for s in p.stages if s not in STAGES]
     if unknown:
         raise PebrError(f"pipeline.stages has unknown stages {unknown}; valid: {list(STAGES)}")
-    work = Path(p.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
     for key in ("base_model", "sft_file", "grpo_file"):
         if not getattr(p, key):
             raise PebrError(f"pipeline.{key} is not set")
+    work = claim_output_dir(p.work_dir, [p.base_model, p.sft_file, p.grpo_file, p.eval_file],
+                            what="pipeline.work_dir", writes=[*STAGES, "final"])
     results: dict[str, dict] = {}
     runners = {"sft": _run_sft, "sample": _run_sample, "split": _run_split, "stage1": _run_stage1,
                "stage2": _run_stage2, "export": _run_export}

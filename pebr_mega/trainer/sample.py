@@ -1,12 +1,17 @@
 """Difficulty sampling: the warm-up model answers every GRPO question n times (upstream: 8, temperature
-1.2, top_p 0.99); each answer is graded for accuracy and written as one JSONL line
-`{"qid", "response", "ground_truth", "score"}` that `pebr split` reads.
+1.2, top_p 0.99, images up to 4,194,304 pixels: `examples/pebr_sample.yaml`); each answer is graded for
+accuracy (with `rewards.answer_grading`, as the RL stages grade) and written as one JSONL line
+`{"qid", "response", "ground_truth", "score"}` that `pebr split` reads. The prompt is `data.format_prompt`.
+
+Grading runs in the reward guard's worker pool (`rewards.timeout_s`, `rewards.num_workers`): an answer whose
+grading overruns scores 0 and is counted in the summary (`grading_timeouts`).
 
 Unlike upstream, the output is overwritten (never appended: a re-run would double the count per question
 and turn easy questions into medium ones) and every question is sampled, the last partial batch included.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -15,8 +20,13 @@ from typing import Any
 
 from pebr_mega.data.images import make_image_decoder
 from pebr_mega.data.records import load_grpo_records
-from pebr_mega.rewards import accuracy_reward
+from pebr_mega.checkpoint.hf_io import check_hf_model_dir
+from pebr_mega.data.template import load_prompt_template
+from pebr_mega.errors import DataError
+from pebr_mega.outputs import claim_output_file
+from pebr_mega.rewards.model import reward_pool
 from pebr_mega.rollout.requests import build_requests
+from pebr_mega.trainer.evaluate import grade_answers
 from pebr_mega.trainer.hf_io import make_rollout_engine, sampling_params
 
 
@@ -27,30 +37,38 @@ def run_sampling(cfg: Any, progress: bool = True) -> dict:
     from transformers import AutoTokenizer
 
     sc = cfg.sample
-    out = Path(sc.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not sc.output:
+        raise DataError("sample.output is not set: give the rollouts JSONL file to write")
+    check_hf_model_dir(sc.model, "sample.model")
+    out = claim_output_file(sc.output, [sc.dataset, sc.model], what="sample.output")
     loaded = load_grpo_records(sc.dataset, cfg.data.image_root, require_images=cfg.data.require_images)
     if loaded.skipped:
         print(loaded.report())
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(sc.model)
-    decoder = make_image_decoder(cfg.images, device)
+    decoder = make_image_decoder(dataclasses.replace(cfg.images, max_pixels=sc.max_pixels), device)
     image_root = cfg.data.image_root or str(Path(sc.dataset).parent)
     requests, report = build_requests(loaded.records, tokenizer, decoder, image_root, cfg.data.max_prompt_length,
-                                      cfg.data.filter_overlong_prompts, cfg.images.merge_size)
+                                      cfg.data.filter_overlong_prompts, cfg.images.merge_size,
+                                      load_prompt_template(cfg.data.format_prompt))
     if report.skipped:
         print(report.summary())
+    pool = reward_pool(cfg.rewards)
     engine = make_rollout_engine(cfg.rollout, sc.model, device, seed=cfg.run.seed)
     tmp = out.with_name(out.name + ".tmp")
     correct = Counter()
+    timeouts = failures = 0
     bar = tqdm(total=len(requests), desc="sample", disable=not progress)
     with tmp.open("w", encoding="utf-8") as f:
         for start in range(0, len(requests), sc.batch_size):
             chunk = requests[start:start + sc.batch_size]
             sampling = sampling_params(tokenizer, sc.n, sc.temperature, sc.top_p, cfg.rollout.max_new_tokens,
                                        seed=cfg.run.seed + start)
-            for s in engine.generate(chunk, sampling):
-                score = accuracy_reward(s.response_text, s.request.record.answer)
+            samples = engine.generate(chunk, sampling)
+            grades = grade_answers(pool, [(s.response_text, s.request.record.answer) for s in samples],
+                                   with_format=False, grading=cfg.rewards.answer_grading)
+            timeouts, failures = timeouts + grades.timeouts, failures + grades.failures
+            for s, score in zip(samples, grades.accuracy):
                 correct[s.record_id] += int(score >= sc.correct_threshold)
                 f.write(json.dumps({"qid": s.record_id, "response": s.response_text,
                                     "ground_truth": s.request.record.answer, "score": score}) + "\n")
@@ -59,7 +77,9 @@ def run_sampling(cfg: Any, progress: bool = True) -> dict:
     os.replace(tmp, out)
     hist = Counter(correct[r.record_id] for r in requests)
     summary = {"questions": len(requests), "samples": len(requests) * sc.n, "output": str(out),
-               "skipped": dict(report.skipped), "correct_histogram": {str(k): hist[k] for k in sorted(hist)}}
+               "skipped": dict(report.skipped), "correct_histogram": {str(k): hist[k] for k in sorted(hist)},
+               "grading_timeouts": timeouts, "grading_failures": failures}
     print(f"sampled {summary['samples']} answers for {summary['questions']} questions -> {out}; "
-          f"correct-of-{sc.n} histogram {summary['correct_histogram']}")
+          f"correct-of-{sc.n} histogram {summary['correct_histogram']}"
+          + (f"; {timeouts} answers timed out in grading (scored 0)" if timeouts else ""))
     return summary

@@ -16,13 +16,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.config_fields import ConfigError
 from pebr_mega.data.images import make_image_decoder
 from pebr_mega.data.records import GRPORecord, load_grpo_records
-from pebr_mega.errors import DataError, PebrError
+from pebr_mega.data.template import load_prompt_template
+from pebr_mega.errors import DataError
+from pebr_mega.outputs import claim_output_dir
 from pebr_mega.trainer.checkpointing import CheckpointManager
 from pebr_mega.trainer.data_order import EpochSampler
 
+# What a run writes into run.output_dir (an input there would be overwritten: refused at start-up).
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "hf", "result.json")
 # Dense bf16 peak of the cards we know, for MFU (TFLOP/s).
 PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
@@ -50,11 +55,9 @@ class Session:
             cfg.model.validate()
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if not init_model or not (Path(init_model) / "config.json").is_file():
-            raise PebrError(f"{stage}: init_model {init_model!r} is not an HF model directory (no config.json)")
-        self.init_model = Path(init_model)
-        self.out_dir = Path(cfg.run.output_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.init_model = check_hf_model_dir(init_model, f"{stage}: init_model")
+        self.out_dir = claim_output_dir(cfg.run.output_dir, [init_model, train_file, eval_file],
+                                        what="run.output_dir", writes=RUN_FILES)
         self.state = init_parallel(cfg.model.tp, cfg.model.pp, seed=cfg.run.seed)
         self.device = self.state.device
         _seed_everything(cfg.run.seed)
@@ -64,6 +67,7 @@ class Session:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.init_model)
         self.decoder = make_image_decoder(cfg.images, self.device)
+        self.prompt_template = load_prompt_template(cfg.data.format_prompt)
         self.records: list[GRPORecord] = self._load_records(train_file, "train") if train_file else []
         self.eval_file = eval_file
         self.eval_records: list[GRPORecord] = self._load_records(eval_file, "eval") if eval_file else []
@@ -94,7 +98,7 @@ class Session:
 
         root = self.image_root(path or self.cfg.grpo.train_file)
         return build_requests(records, self.tokenizer, self.decoder, root, self.cfg.data.max_prompt_length,
-                              self.cfg.data.filter_overlong_prompts, self.cfg.images.merge_size)
+                              self.cfg.data.filter_overlong_prompts, self.cfg.images.merge_size, self.prompt_template)
 
     def sampling(self, seed: int, validation: bool = False):
         """The rollout (or validation) sampling parameters."""
@@ -156,7 +160,7 @@ class Session:
         self.engine.resume_memory()
         out = evaluate(self.engine, self._eval_requests, self.sampling(seed=self.cfg.run.seed, validation=True),
                        reward_model=self.reward_model, batch_size=self.cfg.rollout.batch_size,
-                       progress=_rank() == 0 and self.cfg.logging.progress_bar)
+                       progress=_rank() == 0 and self.cfg.logging.progress_bar, grading=self.cfg.rewards.answer_grading)
         self.engine.release_memory()
         return out
 
@@ -236,10 +240,11 @@ class Session:
         return int(state["step"])
 
     def export(self, out_dir: str | Path) -> Path:
-        """The actor as a complete HF directory (the template files come from `init_model`)."""
+        """The actor as a complete HF directory (the template files come from `init_model`; the format-prompt
+        template the run used is written beside them)."""
         from pebr_mega.trainer.hf_io import export_actor_to_hf
 
-        return export_actor_to_hf(self.actor.module, self.init_model, out_dir)
+        return export_actor_to_hf(self.actor.module, self.init_model, out_dir, self.prompt_template)
 
 
 def _known_peak(device: torch.device) -> float:

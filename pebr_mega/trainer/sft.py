@@ -2,23 +2,21 @@
 
 Upstream trains this stage with LLaMA-Factory (full fine-tune, lr 1e-5, warmup 0.1, cosine, 2 epochs,
 cutoff 4096, vision tower and projector frozen); the same settings are `sft.*` here, so the whole recipe
-runs in one framework. A conversation longer than `sft.cutoff_len` tokens is skipped and counted rather
-than truncated (truncation could cut an image block in half).
+runs in one framework. The data is read as LLaMA-Factory reads it (`pebr_mega.data.sft_records`): a
+conversation longer than `sft.cutoff_len` tokens is truncated the way LLaMA-Factory truncates it, and counted.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from pebr_mega.actor.megatron_actor import LossSpec
 from pebr_mega.actor.packing import ActorSequence
-from pebr_mega.data.images import load_image, num_image_tokens
-from pebr_mega.data.prompts import render_conversation
-from pebr_mega.errors import DataError, ImageError
+from pebr_mega.data.sft_records import SFTReport, encode_sft_file, resolve_sft_source
+from pebr_mega.errors import DataError
 from pebr_mega.logging import read_metrics
 from pebr_mega.trainer.data_order import EpochSampler
 from pebr_mega.trainer.grpo import StageResult, _eval_line
@@ -26,37 +24,12 @@ from pebr_mega.trainer.session import Session
 
 
 def load_sft_sequences(path: str | Path, tokenizer, decoder, image_root: str | Path, cutoff_len: int,
-                       merge_size: int = 2) -> tuple[list[ActorSequence], Counter]:
-    """Tokenised conversations with their images; bad records are skipped with the reason counted."""
-    try:
-        items = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read SFT records ({e})") from None
-    if not isinstance(items, list):
-        raise DataError(f"{path}: expected a JSON list of ShareGPT records")
-    seqs, skipped = [], Counter()
-    for i, rec in enumerate(items):
-        try:
-            messages, images = rec["messages"], rec.get("images", [])
-            pics = [load_image(Path(image_root) / p) for p in images]
-            proc = decoder.decode_and_preprocess(pics).to("cpu") if pics else None
-            tokens = num_image_tokens(proc.image_grid_thw, merge_size) if proc is not None else []
-            conv = render_conversation(tokenizer, messages, tokens, where=f"{path} record {i}")
-        except ImageError:
-            skipped["image"] += 1
-            continue
-        except (DataError, KeyError, TypeError, AttributeError):
-            skipped["record"] += 1
-            continue
-        if len(conv.input_ids) > cutoff_len:
-            skipped["over_cutoff_len"] += 1
-            continue
-        if not any(conv.loss_mask):
-            skipped["no_assistant_tokens"] += 1
-            continue
-        seqs.append(ActorSequence(conv.input_ids, conv.loss_mask, proc.pixel_values if proc is not None else None,
-                                  proc.image_grid_thw if proc is not None else None, index=len(seqs)))
-    return seqs, skipped
+                       merge_size: int = 2, **read_options) -> tuple[list[ActorSequence], SFTReport]:
+    """Tokenised conversations with their images (`encode_sft_file`, whose keyword options pass through) and
+    the report of skipped and truncated ones."""
+    examples, report = encode_sft_file(path, tokenizer, decoder, image_root, cutoff_len, merge_size, **read_options)
+    return [ActorSequence(e.input_ids, e.loss_mask, e.pixel_values, e.image_grid_thw, index=i)
+            for i, e in enumerate(examples)], report
 
 
 class SFTTrainer:
@@ -68,13 +41,16 @@ class SFTTrainer:
         self.session = Session(cfg, init_model=sft.init_model, train_file="", eval_file=cfg.data.eval_file or "",
                                stage="sft")
         s = self.session
-        self.seqs, skipped = load_sft_sequences(sft.train_file, s.tokenizer, s.decoder,
-                                                cfg.data.image_root or str(Path(sft.train_file).parent),
-                                                sft.cutoff_len, cfg.images.merge_size)
+        train_file, columns = resolve_sft_source(sft.train_file, sft.dataset_info, sft.dataset_name)
+        self.seqs, skipped = load_sft_sequences(train_file, s.tokenizer, s.decoder,
+                                                cfg.data.image_root or str(train_file.parent),
+                                                sft.cutoff_len, cfg.images.merge_size, columns=columns,
+                                                image_max_pixels=sft.image_max_pixels,
+                                                image_min_pixels=sft.image_min_pixels)
         if skipped:
-            print(f"sft data: kept {len(self.seqs)}, skipped {dict(skipped)}")
+            print(f"sft data: {skipped}")
         if not self.seqs:
-            raise DataError(f"{sft.train_file}: no usable SFT conversations")
+            raise DataError(f"{train_file}: no usable SFT conversations")
         self.skipped = skipped
         s.sampler = EpochSampler(self.seqs, sft.batch_size, seed=cfg.run.seed)
         self.total_steps = s.sampler.steps_per_epoch() * sft.epochs

@@ -1,0 +1,171 @@
+"""Where commands write: outputs are checked against the command's inputs and against files pebr did not write.
+
+Every command that writes claims its outputs first, before it loads anything:
+
+- `claim_output_file(path, inputs)`: the path is not a directory, is not one of the inputs (same resolved
+  path or the same file through a link), and, if it exists and is not empty, was written by pebr before.
+- `claim_output_dir(path, inputs, writes)`: the path is not a file, is not an input and does not lie inside
+  an input directory; none of the entries it will write (`writes`, names relative to it) is or holds an
+  input; and, if it exists and is not empty, pebr created it.
+- `check_replace_dir(out, sources, overwrite)`: for tools that replace a whole directory (export, convert):
+  never the source, never inside it, never holding it; a non-empty directory only with `overwrite`.
+
+What pebr wrote is recorded in a marker file, `.pebr-output.json`, in the directory concerned: `{"dir": true}`
+for a directory pebr created (a run, a synthetic dataset, a tiny model; the files in it count as pebr's), and
+`"files": [...]` for single files pebr wrote into some other directory (filtered SFT records, evaluation
+results, rollouts). A re-run into its own outputs therefore proceeds; anything else is refused with an
+`OutputError` naming the path.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from pebr_mega.errors import OutputError
+
+MARKER = ".pebr-output.json"
+PathLike = str | os.PathLike
+
+
+def resolved(path: PathLike) -> Path:
+    """`path` made absolute, with `~` expanded and symbolic links resolved (the path need not exist)."""
+    return Path(path).expanduser().resolve()
+
+
+def same_path(a: PathLike, b: PathLike) -> bool:
+    """True when `a` and `b` name the same file or directory (by resolved path, or by inode when both exist)."""
+    ra, rb = resolved(a), resolved(b)
+    if ra == rb:
+        return True
+    try:
+        return ra.exists() and rb.exists() and os.path.samefile(ra, rb)
+    except OSError:
+        return False
+
+
+def is_within(inner: PathLike, outer: PathLike) -> bool:
+    """True when `inner` is `outer` or lies somewhere below it (resolved paths)."""
+    ri, ro = resolved(inner), resolved(outer)
+    return ri == ro or ro in ri.parents
+
+
+def _inputs(inputs: Iterable[PathLike | None]) -> list[Path]:
+    return [Path(i) for i in inputs if i not in (None, "")]
+
+
+def _read_marker(directory: Path) -> dict:
+    try:
+        data = json.loads((directory / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_marker(directory: Path, data: dict) -> None:
+    tmp = directory / f".{MARKER}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / MARKER)
+
+
+def written_by_pebr(path: PathLike) -> bool:
+    """True when the marker of `path` (a directory) or of its folder (a file) says pebr wrote it; a file in a
+    directory pebr created counts as pebr's."""
+    p = resolved(path)
+    if p.is_dir():
+        return bool(_read_marker(p).get("dir"))
+    marker = _read_marker(p.parent)
+    return bool(marker.get("dir")) or p.name in marker.get("files", [])
+
+
+def _is_empty(p: Path) -> bool:
+    if p.is_dir():
+        return all(child.name == MARKER for child in p.iterdir())
+    return p.stat().st_size == 0
+
+
+def _refuse_inputs(out: Path, label: str, inputs: Sequence[Path]) -> None:
+    for i in inputs:
+        if same_path(out, i):
+            raise OutputError(f"{label} {out} is also an input ({i}); writing it would destroy the input: "
+                              "choose another output path")
+
+
+def claim_output_file(path: PathLike, inputs: Iterable[PathLike | None] = (), what: str = "output") -> Path:
+    """Check that writing the file `path` destroys nothing (see the module docstring) and record it as pebr's.
+
+    Creates the parent folder. Returns `path` as given. Raises `OutputError` naming the path.
+    """
+    p = Path(path)
+    rp = resolved(p)
+    if rp.is_dir():
+        raise OutputError(f"{what} {p} is a directory; give the path of a file to write")
+    _refuse_inputs(p, what, _inputs(inputs))
+    if rp.exists() and not _is_empty(rp) and not written_by_pebr(rp):
+        raise OutputError(f"{what} {p} already exists and was not written by pebr; move it away or choose "
+                          "another path")
+    rp.parent.mkdir(parents=True, exist_ok=True)
+    marker = _read_marker(rp.parent)
+    files = set(marker.get("files", []))
+    if rp.name not in files:
+        marker["files"] = sorted(files | {rp.name})
+        _write_marker(rp.parent, marker)
+    return p
+
+
+def claim_output_dir(path: PathLike, inputs: Iterable[PathLike | None] = (), what: str = "output directory",
+                     writes: Sequence[str] = ()) -> Path:
+    """Check that writing into the directory `path` destroys nothing, create it and mark it as pebr's.
+
+    `writes` lists the entries (files or folders, relative to `path`) the command will write or replace: an
+    input that is one of them, or lies inside one, is refused. Raises `OutputError` naming the path.
+    """
+    p = Path(path)
+    rp = resolved(p)
+    ins = _inputs(inputs)
+    if rp.exists() and not rp.is_dir():
+        raise OutputError(f"{what} {p} is a file, not a directory")
+    for i in ins:
+        if same_path(rp, i) or (resolved(i).is_dir() and is_within(rp, i)):
+            raise OutputError(f"{what} {p} is or lies inside the input {i}; choose an output directory "
+                              "outside it")
+        for name in writes:
+            if is_within(i, rp / name):
+                raise OutputError(f"{what} {p}: the input {i} would be overwritten by {p / name}; choose "
+                                  "another output directory")
+    if rp.is_dir() and not _is_empty(rp) and not written_by_pebr(rp):
+        raise OutputError(f"{what} {p} already exists, is not empty and was not created by pebr (no {MARKER}); "
+                          "choose a new or empty directory")
+    rp.mkdir(parents=True, exist_ok=True)
+    marker = _read_marker(rp)
+    if not marker.get("dir"):
+        marker["dir"] = True
+        _write_marker(rp, marker)
+    return p
+
+
+def check_replace_dir(out: PathLike, sources: Iterable[PathLike | None], overwrite: bool = False,
+                      what: str = "--out") -> None:
+    """Check that replacing the whole directory `out` is safe: it is not a source, does not hold one and does
+    not lie inside one (whatever `overwrite` says), and is absent or empty unless `overwrite`."""
+    ro = resolved(out)
+    for s in _inputs(sources):
+        if same_path(ro, s) or is_within(ro, s) or is_within(s, ro):
+            raise OutputError(f"{what} {out} is, holds or lies inside the source {s}; replacing it would destroy "
+                              "the source: choose another output directory")
+    if ro.exists() and not ro.is_dir():
+        raise OutputError(f"{what} {out} is a file, not a directory")
+    if ro.is_dir() and not _is_empty(ro) and not overwrite:
+        raise OutputError(f"{what} {out} exists and is not empty; pass --overwrite to replace it, or choose "
+                          "another directory")
+
+
+def plot_path(out: PathLike | None, default: PathLike, name: str = "curves.png") -> Path:
+    """The file a command writes: `default` when `out` is None, `out/name` when `out` is a directory (existing,
+    or written with a trailing separator), else `out` itself."""
+    if out is None:
+        return Path(default)
+    if Path(out).is_dir() or str(out).endswith((os.sep, "/")):
+        return Path(out) / name
+    return Path(out)

@@ -1,0 +1,107 @@
+"""The cards a plan can be made for, and the rates its time estimates use, each with its source.
+
+A rate is either measured on that card by this project (docs/PERFORMANCE.md, or the shared
+reference/GPU_ANCHORS.md; the source names the table row, its date and the commit that recorded it), or,
+where nothing was measured, derived from the vendor datasheet and marked so. The plan prints the source of
+every rate it uses; nothing here parses the markdown.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GIB = 2**30
+
+# Interconnect figures nobody has measured for this project: NCCL all-reduce bus bandwidths typical of
+# nccl-tests on these systems. Used for the TP/DP communication terms only, always printed as assumed.
+_NVLINK4_BUSBW = 450e9  # H100/H200 SXM, 8 GPUs on NVLink 4 / NVSwitch
+_NVLINK3_BUSBW = 230e9  # A100 SXM, NVLink 3
+_IB_BUSBW = 45e9  # between nodes: 8 x 400 Gb/s InfiniBand per node, i.e. ~50 GB/s per GPU
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A figure the time model uses, and where it comes from."""
+
+    value: float
+    unit: str
+    source: str
+    measured: bool
+
+    def describe(self) -> str:
+        """'value unit (source)' for the report."""
+        shown = f"{self.value / 1e12:.0f} TFLOP/s" if self.unit == "FLOP/s" else f"{self.value / 1e9:.0f} GB/s"
+        return f"{shown}: {self.source}"
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """One card: memory as CUDA reports it and the rates the plan uses."""
+
+    name: str
+    label: str
+    memory_bytes: int  # nvidia-smi memory.total
+    rates: dict = field(default_factory=dict)  # name -> Rate: matmul, train, copy, nvlink, internode
+
+    def rate(self, name: str) -> Rate:
+        """The named rate (KeyError names the card when it has none)."""
+        if name not in self.rates:
+            raise KeyError(f"no '{name}' rate for {self.name}")
+        return self.rates[name]
+
+
+_PERF = "docs/PERFORMANCE.md"
+_H100_RUN = "one H100 80GB HBM3, 2026-11-26, commit a0fd210"
+_ANCHORS = "reference/GPU_ANCHORS.md (one H200, 2026-11-26)"
+
+
+def _datasheet(value: float, unit: str, what: str) -> Rate:
+    return Rate(value, unit, f"{what} (vendor datasheet, not measured by this project)", measured=False)
+
+
+GPUS: dict[str, GpuSpec] = {
+    "h100-80gb": GpuSpec("h100-80gb", "NVIDIA H100 80GB HBM3 (SXM)", 81559 * 2**20, {
+        "matmul": Rate(728e12, "FLOP/s", f"{_PERF} 'Kernels', bf16 8192^3 matmul, {_H100_RUN}", True),
+        "train": Rate(398.8e12, "FLOP/s", f"{_PERF} 'Train step' row: 7B-shaped 4+4v layers, seq 4096, torch spec, "
+                                          f"model TFLOP/s, {_H100_RUN}", True),
+        "copy": Rate(3.01e12, "B/s", f"{_PERF} 'Kernels', device copy bandwidth (read + write), {_H100_RUN}", True),
+        "nvlink": Rate(_NVLINK4_BUSBW, "B/s", "NCCL all-reduce bus bandwidth on NVLink 4 (assumed, typical "
+                                             "nccl-tests figure; not measured by this project)", False),
+        "internode": Rate(_IB_BUSBW, "B/s", "NCCL bus bandwidth between nodes, 8 x 400 Gb/s InfiniBand per node "
+                                            "(assumed; not measured by this project)", False),
+    }),
+    "h200-141gb": GpuSpec("h200-141gb", "NVIDIA H200 141GB HBM3e (SXM)", 143771 * 2**20, {
+        "matmul": Rate(701e12, "FLOP/s", f"{_ANCHORS}: bf16 matmul 8192^3 (770-800 seen on other runs)", True),
+        "train": Rate(519e12, "FLOP/s", f"{_ANCHORS}: actor step, Megatron-Core local spec + SDPA, 7B-shaped 4 layers, "
+                                        "seq 4096, model TFLOP/s (text only)", True),
+        "copy": Rate(4.27e12, "B/s", f"{_ANCHORS}: device-to-device copy (read + write)", True),
+        "nvlink": Rate(_NVLINK4_BUSBW, "B/s", "NCCL all-reduce bus bandwidth on NVLink 4 (assumed, typical "
+                                             "nccl-tests figure; not measured by this project)", False),
+        "internode": Rate(_IB_BUSBW, "B/s", "NCCL bus bandwidth between nodes, 8 x 400 Gb/s InfiniBand per node "
+                                            "(assumed; not measured by this project)", False),
+    }),
+    "a100-80gb": GpuSpec("a100-80gb", "NVIDIA A100-SXM4-80GB", 81920 * 2**20, {
+        "matmul": _datasheet(312e12, "FLOP/s", "A100 dense bf16 peak 312 TFLOP/s"),
+        # No A100 measurement: the H100's measured train/matmul ratio (398.8 / 728 = 0.55) applied to the peak.
+        "train": _datasheet(312e12 * 398.8 / 728, "FLOP/s", "A100 peak x the H100's measured train/matmul ratio 0.55"),
+        "copy": _datasheet(2.039e12 * 0.9, "B/s", "A100 80GB HBM2e 2.04 TB/s x 0.9"),
+        "nvlink": Rate(_NVLINK3_BUSBW, "B/s", "NCCL all-reduce bus bandwidth on NVLink 3 (assumed, typical "
+                                             "nccl-tests figure; not measured by this project)", False),
+        "internode": Rate(_IB_BUSBW, "B/s", "NCCL bus bandwidth between nodes (assumed; not measured)", False),
+    }),
+    "a100-40gb": GpuSpec("a100-40gb", "NVIDIA A100-SXM4-40GB", 40960 * 2**20, {
+        "matmul": _datasheet(312e12, "FLOP/s", "A100 dense bf16 peak 312 TFLOP/s"),
+        "train": _datasheet(312e12 * 398.8 / 728, "FLOP/s", "A100 peak x the H100's measured train/matmul ratio 0.55"),
+        "copy": _datasheet(1.555e12 * 0.9, "B/s", "A100 40GB HBM2 1.56 TB/s x 0.9"),
+        "nvlink": Rate(_NVLINK3_BUSBW, "B/s", "NCCL all-reduce bus bandwidth on NVLink 3 (assumed, typical "
+                                             "nccl-tests figure; not measured by this project)", False),
+        "internode": Rate(_IB_BUSBW, "B/s", "NCCL bus bandwidth between nodes (assumed; not measured)", False),
+    }),
+}
+
+
+def gpu_spec(name: str) -> GpuSpec:
+    """The card named `name` (e.g. `h100-80gb`); a ValueError lists the known ones."""
+    key = name.lower()
+    if key not in GPUS:
+        raise ValueError(f"--gpu {name!r} is not one of {sorted(GPUS)}")
+    return GPUS[key]

@@ -1,0 +1,109 @@
+"""pebr_mega.outputs: outputs are checked against inputs and against files pebr did not write."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pebr_mega.errors import OutputError
+from pebr_mega.outputs import (MARKER, check_replace_dir, claim_output_dir, claim_output_file, plot_path,
+                               written_by_pebr)
+
+
+def test_file_equal_to_an_input_is_refused_by_path_link_and_hard_link(tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text("[1]")
+    with pytest.raises(OutputError, match=r"data.json is also an input"):
+        claim_output_file(data, [data])
+    with pytest.raises(OutputError, match="is also an input"):
+        claim_output_file(tmp_path / "sub" / ".." / "data.json", [data])  # same file, spelled differently
+    (tmp_path / "link.json").symlink_to(data)
+    with pytest.raises(OutputError, match="is also an input"):
+        claim_output_file(tmp_path / "link.json", [data])
+    os.link(data, tmp_path / "hard.json")
+    with pytest.raises(OutputError, match="is also an input"):
+        claim_output_file(tmp_path / "hard.json", [data])
+    assert data.read_text() == "[1]"
+
+
+def test_existing_file_not_written_by_pebr_is_refused_and_own_outputs_are_rewritable(tmp_path):
+    mine = tmp_path / "notes.json"
+    mine.write_text("user data")
+    with pytest.raises(OutputError, match=r"notes.json already exists and was not written by pebr"):
+        claim_output_file(mine)
+    (tmp_path / "empty.json").write_text("")
+    claim_output_file(tmp_path / "empty.json")  # an empty file holds nothing to lose
+    out = tmp_path / "new" / "results.jsonl"
+    claim_output_file(out)
+    assert out.parent.is_dir() and written_by_pebr(out)
+    out.write_text("first run")
+    claim_output_file(out)  # a re-run into its own output proceeds
+    with pytest.raises(OutputError, match="is a directory"):
+        claim_output_file(tmp_path)
+
+
+def test_directory_claims(tmp_path):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "grpo.json").write_text("[]")
+    with pytest.raises(OutputError, match=r"user already exists, is not empty and was not created by pebr"):
+        claim_output_dir(user)
+    assert not (user / MARKER).exists()
+    run = claim_output_dir(tmp_path / "run")
+    (run / "metrics.jsonl").write_text("{}")
+    claim_output_dir(run)  # pebr's own directory: a re-run proceeds
+    assert written_by_pebr(run / "metrics.jsonl")  # files inside a pebr directory are pebr's to rewrite
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    claim_output_dir(empty)
+    with pytest.raises(OutputError, match="is a file"):
+        claim_output_dir(user / "grpo.json")
+
+
+def test_directory_is_refused_when_it_is_inside_an_input_or_would_overwrite_one(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    with pytest.raises(OutputError, match="is or lies inside the input"):
+        claim_output_dir(model, [model])
+    with pytest.raises(OutputError, match="is or lies inside the input"):
+        claim_output_dir(model / "run", [model])
+    run = claim_output_dir(tmp_path / "run")
+    (run / "hf").mkdir()
+    with pytest.raises(OutputError, match=r"the input .*hf would be overwritten by .*hf"):
+        claim_output_dir(run, [run / "hf"], writes=["hf", "metrics.jsonl"])
+    claim_output_dir(run, [tmp_path / "data.json"], writes=["hf"])  # unrelated inputs are fine
+
+
+def test_replacing_a_whole_directory(tmp_path):
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    (src / "w").write_text("weights")
+    for bad in (src, src / "inner", tmp_path):  # is, lies inside, holds the source
+        for overwrite in (False, True):
+            with pytest.raises(OutputError, match="the source"):
+                check_replace_dir(bad, [src], overwrite=overwrite)
+    check_replace_dir(out, [src])  # absent
+    out.mkdir()
+    check_replace_dir(out, [src])  # empty
+    (out / "x").write_text("old")
+    with pytest.raises(OutputError, match="pass --overwrite"):
+        check_replace_dir(out, [src])
+    check_replace_dir(out, [src], overwrite=True)
+
+
+def test_plot_path(tmp_path):
+    assert plot_path(None, tmp_path / "run" / "curves.png") == tmp_path / "run" / "curves.png"
+    assert plot_path(tmp_path, "x") == tmp_path / "curves.png"
+    assert plot_path(f"{tmp_path}/new/", "x") == tmp_path / "new" / "curves.png"
+    assert plot_path(tmp_path / "a.png", "x") == tmp_path / "a.png"
+
+
+def test_marker_is_not_copied_into_exported_model_directories(tmp_path):
+    from pebr_mega.checkpoint.hf_io import copy_aux_files
+
+    src = claim_output_dir(tmp_path / "model")
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"weights")
+    dst = tmp_path / "copy"
+    dst.mkdir()
+    assert copy_aux_files(src, dst) == ["config.json"] and not (dst / MARKER).exists()
