@@ -26,6 +26,10 @@ def _expected(pred: Counter, ref: Counter) -> tuple[float, float]:
     return float(p == r), (2 * len(p & r) / (len(p) + len(r)) if p or r else 1.0)
 
 
+def _response(description: str) -> str:
+    return format_response(description, "r", ["s"], "1")
+
+
 def test_reference_description_scores_one_and_perturbations_score_by_group():
     rng = random.Random(0)
     cfg = SynthConfig(max_objects=6)
@@ -57,17 +61,17 @@ def test_parsing_is_order_and_form_tolerant_and_counts_junk_as_wrong():
     assert description_groups("a red circle; 3 green triangles.").groups == Counter({(1, "red circle"): 1,
                                                                                     (3, "green triangle"): 1})
     # One right group and one item that is not a group: precision 1/2, recall 1/2.
-    assert description_scores("### Image Description: 2 red circles, some shapes.", ref) == (0.0, 0.5)
+    assert description_scores(_response("2 red circles, some shapes."), ref) == (0.0, 0.5)
     # A duplicated group is a wrong extra group.
-    assert description_scores("### Image Description: 2 red circles, 2 red circles, 1 blue square.", ref) \
+    assert description_scores(_response("2 red circles, 2 red circles, 1 blue square."), ref) \
         == pytest.approx((0.0, 0.8))
     assert description_scores("no description here", ref) == (0.0, 0.0)
-    assert description_scores("### Image Description: none.", "none.") == (1.0, 1.0)
+    assert description_scores(_response("none."), "none.") == (1.0, 1.0)
 
 
 def test_metrics_average_over_the_responses_with_a_reference():
-    ok = "### Image Description: 1 red circle."
-    bad = "### Image Description: 2 red circles."
+    ok = _response("1 red circle.")
+    bad = _response("2 red circles.")
     m = description_metrics([ok, bad, ok], ["1 red circle.", "1 red circle.", None])
     assert m == {"eval/description_exact": 0.5, "eval/description_f1": 0.5}
     assert description_metrics([ok], [None]) == {}

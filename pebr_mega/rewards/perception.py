@@ -11,7 +11,8 @@ Per response, against the reference description (the synthetic records' `descrip
     exact = 1 when the groups equal the reference's (as multisets) and nothing is unparsed, else 0
     f1    = 2 tp / (predicted groups + unparsed items + reference groups), tp = groups in both (multiset)
 
-A response without a description section scores 0 on both. Two empty lists ("none.") agree: exact = f1 = 1.
+The description is read as the CLIP reward reads it (`rewards.text.extract_description`: the text between
+`### Image Description:` and `### Rationales:`); a response without one scores 0 on both. Two empty lists ("none.") agree: exact = f1 = 1.
 `description_metrics` averages these over the responses that have a reference (`eval/description_exact`,
 `eval/description_f1`).
 """
