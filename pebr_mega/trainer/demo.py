@@ -32,7 +32,7 @@ CLIP_NEGATIVE_POOL = 8  # hard negatives per training image (each step draws fro
 CLIP_EVAL_NEGATIVES = 4  # hard negatives per held-out image for the retrieval metrics
 
 
-def demo_clip_config(seed: int):
+def demo_clip_config(seed: int) -> "TinyClipConfig":  # noqa: F821 (imported below, lazily like the rest)
     """The demo's tiny CLIP: 112 px images in 28 px patches (one patch per cell of the scenes' grid)."""
     from pebr_mega.rewards.tiny_clip import TinyClipConfig
 
