@@ -44,7 +44,7 @@ EXTRAS = {
     # FG-CLIP (the CLIP reward's checkpoint upstream) ships modelling code that imports torchvision.ops; install
     # the torchvision build that matches your torch.
     "clip": ["torchvision>=0.19"],
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3"],
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "import-linter>=2.1"],
 }
 
 packages = find_packages(include=["pebr_mega", "pebr_mega.*"]) + ["pebr_mega.kernels"]

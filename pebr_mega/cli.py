@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
+
+if TYPE_CHECKING:  # the library is imported lazily, so that `pebr --help` is fast
+    from pebr_mega.config import PebrConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -317,14 +320,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pebr_mega.data.images import make_image_decoder
-    from pebr_mega.data.records import load_grpo_records
+    from pebr_mega.data.decoders import make_image_decoder
+    from pebr_mega.data.records import image_root_for, load_grpo_records
     from pebr_mega.data.template import model_prompt_template
+    from pebr_mega.rollout.factory import sampling_params
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
-    from pebr_mega.rollout.requests import build_requests
-    from pebr_mega.trainer.hf_io import sampling_params
+    from pebr_mega.rollout.requests import RequestBuilder
     from pebr_mega.trainer.evaluate import evaluate
     from pebr_mega.checkpoint.hf_io import check_hf_model_dir
     from pebr_mega.errors import DataError
@@ -341,11 +342,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(f"{args.dataset}: no usable records to evaluate ({loaded.total} read, "
                         f"{len(loaded.skipped)} skipped)")
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=args.batch_size)
-    image_root = args.image_root or str(Path(args.dataset).parent)
-    proc = _image_config_from_model(args.model)
-    requests, report = build_requests(records, engine.tokenizer, make_image_decoder(proc), image_root,
-                                      max_prompt_length=1 << 30,
-                                      template=model_prompt_template(args.model, args.format_prompt))
+    builder = RequestBuilder(engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)),
+                             template=model_prompt_template(args.model, args.format_prompt))
+    requests, report = builder.build(records, image_root_for(args.dataset, args.image_root))
     if report.skipped:
         print(report.summary())
     if not requests:
@@ -367,13 +366,13 @@ def _image_config_from_model(model_dir: str):
     from pebr_mega.data.images import ImageConfig
 
     f = Path(model_dir) / "preprocessor_config.json"
-    cfg = ImageConfig()
-    if f.is_file():
-        pc = json.loads(f.read_text())
-        size = pc.get("size") or {}
-        cfg.min_pixels = int(pc.get("min_pixels") or size.get("shortest_edge") or cfg.min_pixels)
-        cfg.max_pixels = int(pc.get("max_pixels") or size.get("longest_edge") or cfg.max_pixels)
-    return cfg
+    default = ImageConfig()
+    if not f.is_file():
+        return default
+    pc = json.loads(f.read_text())
+    size = pc.get("size") or {}
+    return ImageConfig(min_pixels=int(pc.get("min_pixels") or size.get("shortest_edge") or default.min_pixels),
+                       max_pixels=int(pc.get("max_pixels") or size.get("longest_edge") or default.max_pixels))
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
@@ -392,12 +391,12 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from pebr_mega.data.images import make_image_decoder
+    from pebr_mega.data.decoders import make_image_decoder
     from pebr_mega.data.records import GRPORecord
     from pebr_mega.data.template import model_prompt_template
+    from pebr_mega.rollout.factory import sampling_params
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
-    from pebr_mega.rollout.requests import build_request
-    from pebr_mega.trainer.hf_io import sampling_params
+    from pebr_mega.rollout.requests import RequestBuilder
     from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 
     check_hf_model_dir(args.model, "--model")
@@ -405,8 +404,9 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=1)
     question = args.question if "<image>" in args.question else "<image>" + args.question
     record = GRPORecord(qid="infer", problem=question, answer="", images=[args.image])
-    req = build_request(record, engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)), ".",
-                        template=template)
+    builder = RequestBuilder(engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)),
+                             template=template)
+    req = builder.build_one(record, ".")
     sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
     print(engine.generate([req], sampling)[0].response_text)
     return 0
@@ -414,7 +414,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- training
 # The config-driven commands share one shape: `--config C [k=v ...] [--dry-run]`, then one library call.
-def _check_startup(cfg, command: str) -> None:
+def _check_startup(cfg: PebrConfig, command: str) -> None:
     """Every divisibility and size rule (pebr_mega.plan) before anything loads; notes go to stderr on rank 0."""
     import os
 
@@ -426,28 +426,28 @@ def _check_startup(cfg, command: str) -> None:
             print(f"pebr {command}: note: {note}", file=sys.stderr)
 
 
-def _run_sft(cfg) -> str:
+def _run_sft(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.sft import SFTTrainer
 
     _check_startup(cfg, "sft")
     return f"sft done: model {SFTTrainer(cfg).train().model_dir}"
 
 
-def _run_train(cfg) -> str:
+def _run_train(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.grpo import GRPOTrainer
 
     _check_startup(cfg, "train")
     return f"{cfg.grpo.stage} done: model {GRPOTrainer(cfg).train().model_dir}"
 
 
-def _run_sample(cfg) -> str:
+def _run_sample(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.sample import run_sampling
 
     _check_startup(cfg, "sample")
     return f"sampling done: {run_sampling(cfg)['output']}"
 
 
-def _run_pipeline(cfg) -> str:
+def _run_pipeline(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.pipeline import run_pipeline
 
     _check_startup(cfg, "pipeline")

@@ -9,7 +9,11 @@ into the root `PebrConfig` and validates what the user wrote:
 - a field declared with ``field(metadata={"choices": [...]})`` must take one of those values;
 - a file must hold a mapping of sections, a section or dict field a mapping, a list field a list;
 - an interpolation (`${other.key}`) must resolve;
-- each component checks its own values when it is built (`__post_init__` with `config_fields.check_fields`).
+- every other rule on values (ranges, cross-field rules) is the section's `__post_init__`
+  (`config_fields.check_fields`), which raises a `ConfigError` naming the dotted key.
+
+Stage sections and shared sections: see `pebr_mega.stage_config` for the one precedence rule (a stage
+section's key wins over the `actor.*` key of the same name, for that stage only).
 """
 # No `from __future__ import annotations`: OmegaConf resolves the root schema's field types at run time.
 
@@ -32,7 +36,7 @@ from pebr_mega.logging import LoggingConfig
 from pebr_mega.models.config import ModelConfig
 from pebr_mega.rewards.model import RewardConfig
 from pebr_mega.rollout.engine import RolloutConfig
-from pebr_mega.trainer.config import GRPOTrainerConfig, PipelineConfig, SampleConfig, SFTConfig
+from pebr_mega.stage_config import GRPOTrainerConfig, PipelineConfig, SampleConfig, SFTConfig
 
 __all__ = ["ConfigError", "PebrConfig", "RunConfig", "choice", "load_config", "to_dict", "to_yaml"]
 
@@ -43,7 +47,6 @@ class RunConfig:
 
     output_dir: str = "runs/default"
     seed: int = 0
-    device: str = choice("auto", ["auto", "cpu", "cuda"], "where tensors live; auto = cuda when present")
     peak_tflops: float = 0.0  # the card's dense peak for MFU; 0 = known cards (H100/H200/A100) only
 
 
@@ -130,7 +133,7 @@ def _check_shapes(layer: Any, schema_obj: Any, source: str, prefix: str = "") ->
             _check_shapes(value, expected, source, dotted + ".")
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type | None = None) -> Any:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type | None = None) -> PebrConfig:
     """Load `schema` (default: the root `PebrConfig`) from an optional YAML file, then apply overrides.
 
     Overrides are `dotted.key=value` strings, applied in order after the file.
@@ -171,11 +174,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
     return cfg
 
 
-def to_dict(cfg: Any) -> dict:
+def to_dict(cfg: PebrConfig) -> dict:
     """The config as plain dicts and lists (for printing, saving next to a run, or wandb)."""
     return dataclasses.asdict(cfg)
 
 
-def to_yaml(cfg: Any) -> str:
+def to_yaml(cfg: PebrConfig) -> str:
     """The config as YAML text."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -41,9 +41,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--reverse", action="store_true", default=False,
+                     help="run the tests in reverse order (checks that no test depends on an earlier one)")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    if config.getoption("--reverse"):
+        items.reverse()
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
@@ -71,3 +78,58 @@ def tiny_model_dir_alt(tmp_path_factory) -> Path:
                           num_kv_heads=3, tie_word_embeddings=True, vision_depth=3, vision_heads=4,
                           vision_hidden_size=48, vision_window_size=112, vision_fullatt_blocks=[0, 2])
     return build_tiny_model(tmp_path_factory.mktemp("tiny_alt"), cfg, tokenizer_corpus())
+
+
+# The trainer and demo jobs (tests/trainer_scenarios.py) run in their own processes beside the suite.
+_JOBS = ("trainers", "demo")
+_BACKGROUND: dict = {}
+
+
+def _start_background_jobs(session) -> None:
+    import subprocess
+    import sys
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="pebr_trainer_runs_"))
+    _BACKGROUND["root"] = root
+    for job in _JOBS:
+        log = (root / f"{job}.log").open("w")
+        _BACKGROUND[job] = subprocess.Popen([sys.executable, str(Path(__file__).parent / "trainer_scenarios.py"), job,
+                                             str(root / job)], stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                                p for p in (str(_ROOT), os.environ.get("PYTHONPATH")) if p)})
+
+
+def pytest_collection_finish(session):
+    """Start the trainer and demo jobs as soon as the tests are known, if a selected test needs them."""
+    if any("trainer_runs" in getattr(item, "fixturenames", ()) for item in session.items):
+        _start_background_jobs(session)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
+    for job in _JOBS:
+        proc = _BACKGROUND.get(job)
+        if proc is not None and proc.poll() is None:  # the session ended early (-x, Ctrl-C)
+            proc.terminate()
+            proc.wait(30)
+    if "root" in _BACKGROUND:
+        shutil.rmtree(_BACKGROUND["root"], ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trainer_runs() -> dict:
+    """What the trainer and demo jobs reported (waiting for them): `{"tmp", "trainers", "demo"}`."""
+    import json
+
+    if "root" not in _BACKGROUND:
+        pytest.skip("the background jobs were not started")
+    root = _BACKGROUND["root"]
+    out = {"tmp": root}
+    for job in _JOBS:
+        rc = _BACKGROUND[job].wait(timeout=1800)
+        if rc != 0:
+            pytest.fail(f"the {job} job exited with {rc}:\n" + (root / f"{job}.log").read_text()[-6000:])
+        out[job] = json.loads((root / job / "result.json").read_text())
+    return out

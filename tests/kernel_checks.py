@@ -1,6 +1,9 @@
 """Checks shared by the kernel tests: the interpreter ones (CPU) and the compiled ones (CUDA)."""
 from __future__ import annotations
 
+import importlib
+import os
+
 import torch
 
 import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout)
@@ -31,3 +34,26 @@ def check_logprobs_against_reference(x: torch.Tensor, ids: torch.Tensor, tempera
     assert xk.grad.dtype == x.dtype and torch.isfinite(xk.grad).all()
     tol = dict(rtol=1e-2, atol=2e-3) if x.dtype == torch.bfloat16 else dict(rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(xk.grad.double(), xr.grad, **tol)
+
+
+def enable_interpreter(module_name: str, constant: str, value: int):
+    """Set TRITON_INTERPRET=1, (re)import the kernel module under it, set its block constant.
+
+    Returns (module, undo) where undo restores the environment and the constant."""
+    old_env = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    module = importlib.import_module(module_name)
+    kernel_types = {type(v).__name__ for v in vars(module).values()}
+    if "InterpretedFunction" not in kernel_types:  # imported earlier without the interpreter
+        module = importlib.reload(module)
+    old_value = getattr(module, constant)
+    setattr(module, constant, value)
+
+    def undo() -> None:
+        setattr(module, constant, old_value)
+        if old_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old_env
+
+    return module, undo

@@ -16,224 +16,33 @@ import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import pytest
 import torch
 
 from pebr_mega.parallel.launch import spawn
+from helpers import (MB_TOKENS, MICRO, OPT, TEMPERATURE, actor_sequences, add_grpo_inputs, grpo_loss_spec, hf_model,
+                     hf_target_logprobs, hf_weights, make_actor, make_sequences, reference_step, solo_world)
 
 pytestmark = pytest.mark.slow
 
-TEMPERATURE = 0.7
-MB_TOKENS = 160  # sequences of 61-161 tokens: 5 micro-batches at DP=1 (one packs two, one exceeds the bound), 2 + 3 at DP=2
-ALGO = dict(clip_low=0.2, clip_high=0.3, clip_dual=3.0, kl_coef=0.05, kl_type="low_var_kl")
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
-MICRO = "token-mean-microbatch"
 UNEVEN = (1, 3, 2)  # 133, 87 and 76 tokens: at DP=2 one rank gets 133, the other 87 + 76 > MB_TOKENS
-# A real step: lr 1e-3 moves every weight by ~1e-3; weight decay 0.1 moves a norm weight of 1 by 1e-4, so a
-# wrong decay rule shows. eps 1e-6 keeps Adam's first step (g / (|g| + eps)) from amplifying float32 noise
-# of gradients that are exactly zero in exact arithmetic (the key bias: softmax ignores it).
-OPT = dict(lr=1e-3, adam_beta1=0.9, adam_beta2=0.98, adam_eps=1e-6, weight_decay=0.1, clip_grad=1.0)
 LP_TOL = 1e-5
 WEIGHT_TOL = 1e-5
 
-# (image sizes (H, W), prompt, response tokens)
-SPECS = [
-    ([(56, 84)], "How many circles?", 9),
-    ([], "What is 12 + 30? Think step by step and answer with a number.", 70),
-    ([(84, 56), (56, 56)], "Compare the two pictures.", 6),
-    ([(112, 84)], "Count the red squares, then the blue ones, and add them up.", 11),
-    ([], "Name a colour.", 5),
-    ([(56, 56)], "Which shape is the largest one in the picture?", 8),
-]
-
 
 # ------------------------------------------------------------------------------------------------ inputs
-def make_sequences(hf_dir, seed: int) -> list[dict]:
-    """Chat-formatted image+text prompts with random responses, as plain ActorSequence fields."""
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    proc = AutoImageProcessor.from_pretrained(hf_dir)
-    rng = np.random.default_rng(seed)
-    out = []
-    for sizes, prompt, n_resp in SPECS:
-        content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": prompt}]
-        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
-        pixels, grids = [], []
-        for h, w in sizes:
-            vis = proc(images=[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))], return_tensors="pt")
-            n = int(vis["image_grid_thw"].prod()) // 4
-            text = text.replace("<|vision_start|><|image_pad|>", "<|vision_start|>" + "<|IMG|>" * n, 1)
-            pixels.append(vis["pixel_values"].float().numpy())
-            grids.append(vis["image_grid_thw"].numpy())
-        prompt_ids = tok(text.replace("<|IMG|>", "<|image_pad|>"))["input_ids"]
-        response = rng.integers(0, 300, n_resp).tolist()  # plain BPE ids, never an image pad
-        out.append({"input_ids": prompt_ids + response, "target_mask": [0] * len(prompt_ids) + [1] * n_resp,
-                    "pixel_values": np.concatenate(pixels) if pixels else None,
-                    "image_grid_thw": np.concatenate(grids) if grids else None})
-    return out
-
-
-def add_grpo_inputs(seqs: list[dict], logprobs: list[torch.Tensor], seed: int) -> None:
-    """Old / reference log-probs scattered around the current ones, and advantages of both signs."""
-    rng = np.random.default_rng(seed)
-    for i, (s, lp) in enumerate(zip(seqs, logprobs)):
-        base = lp.detach().numpy()
-        s["old_logprobs"] = (base + rng.normal(0, 0.6, base.shape)).astype(np.float32)  # clips and dual clips
-        s["ref_logprobs"] = (base + rng.normal(0, 0.3, base.shape)).astype(np.float32)
-        s["advantage"] = float(rng.normal(0, 1.0)) if i != 3 else -1.7
-
-
-def actor_sequences(seqs: list[dict]):
-    from pebr_mega.actor.packing import ActorSequence
-
-    def t(x):
-        return None if x is None else torch.as_tensor(x)
-
-    return [ActorSequence(s["input_ids"], s["target_mask"], t(s["pixel_values"]), t(s["image_grid_thw"]),
-                          s.get("advantage", 0.0), t(s.get("old_logprobs")), t(s.get("ref_logprobs")))
-            for s in seqs]
 
 
 # --------------------------------------------------------------------------------------------- reference
-def hf_model(hf_dir):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float64).eval()
-
-
-def hf_target_logprobs(model, seqs: list[dict], temperature: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(log softmax(logits / T)[target], entropy) at every target position, float64, differentiable."""
-    out = []
-    for s in seqs:
-        ids = torch.tensor([s["input_ids"]])
-        extra = {}
-        if s["pixel_values"] is not None:
-            extra = {"pixel_values": torch.as_tensor(s["pixel_values"]).double(),
-                     "image_grid_thw": torch.as_tensor(s["image_grid_thw"])}
-        logits = model(input_ids=ids, mm_token_type_ids=(ids == model.config.image_token_id).int(), **extra).logits[0]
-        logp = torch.log_softmax(logits / temperature, dim=-1)
-        tgt = torch.tensor([j for j, m in enumerate(s["target_mask"]) if m])
-        out.append((logp[tgt - 1, ids[0, tgt]], -(logp.exp() * logp).sum(-1)[tgt - 1]))
-    return out
-
-
-def _layout(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of different lengths -> left-aligned [n, T] values and mask (the GRPO math's layout)."""
-    width = max(len(r) for r in rows)
-    mask = torch.zeros(len(rows), width, dtype=torch.float64)
-    out = []
-    for i, r in enumerate(rows):
-        mask[i, : len(r)] = 1
-        out.append(torch.cat([r.double(), r.new_zeros(width - len(r), dtype=torch.float64)]))
-    return torch.stack(out), mask
-
-
-def _frozen(name: str, freeze: str) -> bool:
-    visual = ".visual." in f".{name}"
-    merger = ".merger." in name
-    return visual and ((freeze == "all") or (freeze == "vision" and not merger))
-
-
-def microbatch_token_mean(lp, old, adv, mask, ref, plan) -> torch.Tensor:
-    """Upstream PeBR-R1's `loss_avg_mode: token` (its EasyR1 0.3.2.dev0 fork, dp_actor.update_policy): each
-    micro-batch's token mean of (policy loss + kl_coef * KL), divided by the micro-batches per rank (gradient
-    accumulation), averaged over the data-parallel ranks (FSDP's gradient mean)."""
-    from pebr_mega.algo.grpo import kl_penalty, policy_loss_per_token
-
-    pg, _, _ = policy_loss_per_token(lp, old, adv, ALGO["clip_low"], ALGO["clip_high"], ALGO["clip_dual"])
-    per_token = (pg + ALGO["kl_coef"] * kl_penalty(lp, ref, ALGO["kl_type"])) * mask
-    total = lp.new_zeros(())
-    for rank in plan:
-        for group in rank:
-            rows = torch.tensor(group, dtype=torch.long)
-            total = total + per_token[rows].sum() / mask[rows].sum().clamp(min=1) / (len(rank) * len(plan))
-    return total
-
-
-def reference_step(hf_dir, seqs: list[dict], kind: str = "grpo", agg: str = "token-mean", freeze: str = "none",
-                   opt: dict | None = None, decay_all: bool = True, plan=None) -> dict:
-    """Loss, total grad norm and (with `opt`) the weights after one clipped AdamW step, all in float64.
-
-    `plan` (`actor.packing.plan_micro_batches`) is the micro-batch partition `token-mean-microbatch` needs."""
-    from pebr_mega.algo.grpo import grpo_loss
-    from pebr_mega.checkpoint.hf_mapping import normalize_hf_name
-
-    model = hf_model(hf_dir)
-    named = [(n, p) for n, p in model.named_parameters() if not _frozen(n, freeze)]
-    for n, p in model.named_parameters():
-        p.requires_grad_(not _frozen(n, freeze))
-    temperature = TEMPERATURE if kind == "grpo" else 1.0
-    lp, mask = _layout([lp for lp, _ in hf_target_logprobs(model, seqs, temperature)])
-    if kind == "grpo":
-        old, _ = _layout([torch.as_tensor(s["old_logprobs"]) for s in seqs])
-        ref, _ = _layout([torch.as_tensor(s["ref_logprobs"]) for s in seqs])
-        adv = torch.tensor([s["advantage"] for s in seqs], dtype=torch.float64)[:, None].expand_as(lp)
-        if agg == MICRO:
-            loss = microbatch_token_mean(lp, old, adv, mask, ref, plan)
-        else:
-            loss, _ = grpo_loss(lp, old, adv, mask, ref, agg=agg, **ALGO)
-    else:
-        loss = -(lp * mask).sum() / mask.sum()
-    loss.backward()
-    params = [p for _, p in named]  # named_parameters lists a tied embedding once
-    out = {"loss": float(loss), "grad_norm": float(torch.sqrt(sum((p.grad ** 2).sum() for p in params)))}
-    if opt is not None:
-        torch.nn.utils.clip_grad_norm_(params, opt["clip_grad"])
-        if decay_all:
-            groups = [{"params": params}]
-        else:  # Megatron's default exemption: biases and 1-D parameters
-            no_decay = [p for n, p in named if p.ndim == 1 or n.endswith(".bias")]
-            groups = [{"params": [p for p in params if all(p is not q for q in no_decay)]},
-                      {"params": no_decay, "weight_decay": 0.0}]
-        torch.optim.AdamW(groups, lr=opt["lr"], betas=(opt["adam_beta1"], opt["adam_beta2"]), eps=opt["adam_eps"],
-                          weight_decay=opt["weight_decay"]).step()
-        out["weights"] = {normalize_hf_name(k): v.detach() for k, v in model.state_dict().items()}
-    return out
 
 
 # ----------------------------------------------------------------------------------------------- workers
-def solo_world() -> None:
-    """A one-rank gloo world inside a spawned rank (an in-memory store: no port, no other process)."""
-    import torch.distributed as dist
-
-    from pebr_mega.parallel.cpu_compat import enable_cpu_compat
-
-    enable_cpu_compat()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-
-
-def _actor(hf_dir, tp: int, pp: int, kernels: str = "torch", sequence_parallel: bool = False,
-           params_dtype: str = "float32", attention: str = "auto", **overrides):
-    from pebr_mega.actor.config import ActorConfig
-    from pebr_mega.actor.megatron_actor import build_actor
-    from pebr_mega.models.config import ModelConfig
-
-    mc = ModelConfig(spec="torch", tp=tp, pp=pp, params_dtype=params_dtype, sequence_parallel=sequence_parallel,
-                     attention=attention)
-    return build_actor(hf_dir, mc, ActorConfig(micro_batch_tokens=MB_TOKENS, kernels=kernels, **overrides),
-                       trainable=True, total_updates=10)
-
-
-def _grpo(agg: str = "token-mean"):
-    from pebr_mega.actor.megatron_actor import LossSpec
-    from pebr_mega.algo.grpo import AlgoConfig
-
-    return LossSpec("grpo", AlgoConfig(agg=agg, **ALGO), TEMPERATURE)
-
-
-def _hf_weights(actor) -> dict[str, torch.Tensor]:
-    from pebr_mega.checkpoint.hf_mapping import HFMapping
-    from pebr_mega.rollout.weight_sync import iter_hf_tensors
-
-    return {n: t.clone() for n, t in iter_hf_tensors(actor.module, HFMapping(actor.arch))}
 
 
 def _step_with_weights(actor, seqs, loss, keep: bool) -> dict:
     metrics = actor.train_step(seqs, loss)
-    weights = _hf_weights(actor)  # collective: every rank takes part
+    weights = hf_weights(actor)  # collective: every rank takes part
     return {"metrics": metrics, "weights": weights if keep else None}
 
 
@@ -242,23 +51,23 @@ def _solo_checks_rank0(tiny, seqs, initial) -> dict:
     from pebr_mega.actor.packing import ActorSequence
 
     out = {}
-    actor = _actor(tiny, 1, 1, **OPT)
+    actor = make_actor(tiny, 1, 1, **OPT)
     out["lp_111"] = actor.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
     nan_old = [ActorSequence(**s.__dict__) for s in seqs]
     nan_old[2].old_logprobs = nan_old[2].old_logprobs.clone()
     nan_old[2].old_logprobs[1] = float("nan")
     inf_adv = [ActorSequence(**s.__dict__) for s in seqs]
     inf_adv[4].advantage = float("inf")
-    out["skipped"] = [actor.train_step(bad, _grpo()) for bad in (nan_old, inf_adv)]
-    out["unchanged_after_skips"] = all(torch.equal(t, initial[n]) for n, t in _hf_weights(actor).items())
+    out["skipped"] = [actor.train_step(bad, grpo_loss_spec()) for bad in (nan_old, inf_adv)]
+    out["unchanged_after_skips"] = all(torch.equal(t, initial[n]) for n, t in hf_weights(actor).items())
     out["updates_after_skips"] = actor.updates
-    out["grpo_111"] = _step_with_weights(actor, seqs, _grpo(), keep=True)
+    out["grpo_111"] = _step_with_weights(actor, seqs, grpo_loss_spec(), keep=True)
     out["updates_after_step"] = actor.updates
     for freeze, kw in (("all", dict(freeze_vision=True, freeze_projector=True)), ("vision", dict(freeze_vision=True))):
-        a = _actor(tiny, 1, 1, **OPT, **kw)
-        metrics = a.train_step(seqs, _grpo())
+        a = make_actor(tiny, 1, 1, **OPT, **kw)
+        metrics = a.train_step(seqs, grpo_loss_spec())
         out[f"freeze_{freeze}"] = {"metrics": metrics,
-                                   "changed": {n: not torch.equal(t, initial[n]) for n, t in _hf_weights(a).items()}}
+                                   "changed": {n: not torch.equal(t, initial[n]) for n, t in hf_weights(a).items()}}
     return out
 
 
@@ -267,15 +76,15 @@ def _solo_checks_rank1(tiny, alt, seqs, seqs_alt) -> dict:
     from pebr_mega.actor.megatron_actor import LossSpec
 
     out = {}
-    actor = _actor(tiny, 1, 1, lr=0.0)
+    actor = make_actor(tiny, 1, 1, lr=0.0)
     for agg in AGG_MODES + (MICRO,):
-        out[f"agg_{agg}_111"] = actor.train_step(seqs, _grpo(agg))
+        out[f"agg_{agg}_111"] = actor.train_step(seqs, grpo_loss_spec(agg))
     out["sft_111"] = actor.train_step(seqs, LossSpec("sft"))
-    hidden = _actor(tiny, 1, 1, lr=0.0, logprobs_from="hidden")  # the hidden-state path, torch reference
+    hidden = make_actor(tiny, 1, 1, lr=0.0, logprobs_from="hidden")  # the hidden-state path, torch reference
     out["lp_111_hidden"] = hidden.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
-    out["agg_token-mean_111_hidden"] = hidden.train_step(seqs, _grpo())
-    out["wd_megatron_111"] = _step_with_weights(_actor(tiny, 1, 1, **OPT, decay_all_params=False), seqs, _grpo(), True)
-    out["alt_111"] = _step_with_weights(_actor(alt, 1, 1, **OPT), seqs_alt, _grpo(), True)
+    out["agg_token-mean_111_hidden"] = hidden.train_step(seqs, grpo_loss_spec())
+    out["wd_megatron_111"] = _step_with_weights(make_actor(tiny, 1, 1, **OPT, decay_all_params=False), seqs, grpo_loss_spec(), True)
+    out["alt_111"] = _step_with_weights(make_actor(alt, 1, 1, **OPT), seqs_alt, grpo_loss_spec(), True)
     return out
 
 
@@ -314,39 +123,39 @@ def _actor_worker(rank, tiny, alt, seqs_plain, alt_plain):
     destroy_parallel(process_group=True)
 
     init_parallel(1, 1)  # DP = 2
-    actor = _actor(tiny, 1, 1, lr=0.0)
+    actor = make_actor(tiny, 1, 1, lr=0.0)
     out["lp_112"] = actor.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
     out["lp_112_one_seq"] = actor.compute_logprobs(seqs[:1], TEMPERATURE)  # rank 1 has nothing to do
     for agg in AGG_MODES + (MICRO,):
-        out[f"agg_{agg}_112"] = actor.train_step(seqs, _grpo(agg))
+        out[f"agg_{agg}_112"] = actor.train_step(seqs, grpo_loss_spec(agg))
     out["sft_112"] = actor.train_step(seqs, LossSpec("sft"))
     # one rank holds a single sequence, the other two that need two micro-batches: the first rank runs an
     # empty (padding-only) micro-batch so that both run two
-    out["empty_mb_112"] = actor.train_step([seqs[i] for i in UNEVEN], _grpo())
-    out["grpo_112"] = _step_with_weights(_actor(tiny, 1, 1, **OPT), seqs, _grpo(), keep)
+    out["empty_mb_112"] = actor.train_step([seqs[i] for i in UNEVEN], grpo_loss_spec())
+    out["grpo_112"] = _step_with_weights(make_actor(tiny, 1, 1, **OPT), seqs, grpo_loss_spec(), keep)
 
 
     init_parallel(2, 1)
-    actor = _actor(tiny, 2, 1, **OPT)
+    actor = make_actor(tiny, 2, 1, **OPT)
     out["lp_211"] = actor.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
-    out["grpo_211"] = _step_with_weights(actor, seqs, _grpo(), keep)
+    out["grpo_211"] = _step_with_weights(actor, seqs, grpo_loss_spec(), keep)
     # The GPU code path: the Triton log-prob (vocab-parallel) and GRPO-loss kernels, here in Triton's interpreter.
-    triton = _actor(tiny, 2, 1, kernels="triton", lr=0.0)
+    triton = make_actor(tiny, 2, 1, kernels="triton", lr=0.0)
     out["lp_211_triton"] = triton.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
-    out["agg_token-mean_211_triton"] = triton.train_step(seqs, _grpo())
+    out["agg_token-mean_211_triton"] = triton.train_step(seqs, grpo_loss_spec())
     # the vocab-parallel hidden-state kernel (interpreted), and sequence parallelism (rows padded to 32)
-    fused = _actor(tiny, 2, 1, kernels="triton", lr=0.0, logprobs_from="hidden")
+    fused = make_actor(tiny, 2, 1, kernels="triton", lr=0.0, logprobs_from="hidden")
     out["lp_211_hidden"] = fused.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
-    out["agg_token-mean_211_hidden"] = fused.train_step(seqs, _grpo())
+    out["agg_token-mean_211_hidden"] = fused.train_step(seqs, grpo_loss_spec())
     with _sp_backward_on_cpu():
-        sp = _actor(tiny, 2, 1, sequence_parallel=True, **OPT)
+        sp = make_actor(tiny, 2, 1, sequence_parallel=True, **OPT)
         out["lp_211_sp"] = sp.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
-        out["grpo_211_sp"] = _step_with_weights(sp, seqs, _grpo(), keep)
+        out["grpo_211_sp"] = _step_with_weights(sp, seqs, grpo_loss_spec(), keep)
 
 
     init_parallel(1, 2)
-    out["lp_121"] = _actor(tiny, 1, 2, lr=0.0).compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
-    out["alt_121"] = _step_with_weights(_actor(alt, 1, 2, **OPT), seqs_alt, _grpo(), keep)
+    out["lp_121"] = make_actor(tiny, 1, 2, lr=0.0).compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
+    out["alt_121"] = _step_with_weights(make_actor(alt, 1, 2, **OPT), seqs_alt, grpo_loss_spec(), keep)
     return out
 
 

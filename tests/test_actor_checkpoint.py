@@ -17,7 +17,7 @@ import torch
 
 from pebr_mega.errors import CheckpointError
 from pebr_mega.parallel.launch import spawn
-from test_actor import OPT, actor_sequences, add_grpo_inputs, make_sequences, solo_world
+from helpers import OPT, actor_sequences, add_grpo_inputs, make_sequences, max_abs_diff, solo_world
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ def _grpo():
 def _weights(actor, keep: bool) -> dict[str, torch.Tensor] | None:
     """The HF-named weights (a collective: every rank iterates; only `keep` ranks return them)."""
     from pebr_mega.checkpoint.hf_mapping import HFMapping
-    from pebr_mega.rollout.weight_sync import iter_hf_tensors
+    from pebr_mega.checkpoint.gather import iter_hf_tensors
 
     weights = {n: t.clone() for n, t in iter_hf_tensors(actor, HFMapping(actor.arch))}
     return weights if keep else None
@@ -149,11 +149,6 @@ def run(tiny_model_dir, tmp_path_factory):
     return {"root": root, "results": results}
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    assert set(a) == set(b)
-    return max(float((torch.as_tensor(a[n]) - torch.as_tensor(b[n])).abs().max()) for n in a)
-
-
 def _lp_diff(a, b) -> float:
     return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for (x, _), (y, _) in zip(a, b))
 
@@ -166,7 +161,7 @@ def test_resume_reproduces_training_bit_for_bit(run):
     assert r["lr_straight"] == r["lr_resumed"]
     w, w2 = r["w_straight"], r["w_resumed"]
     assert set(w) == set(w2) and all(np.array_equal(w[n], w2[n]) for n in w)
-    assert _max_diff(w, r["w_saved"]) > 1e-3  # the two steps did move the weights
+    assert max_abs_diff(w, r["w_saved"]) > 1e-3  # the two steps did move the weights
 
 
 def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(run):
@@ -176,9 +171,9 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(run):
     r = run["results"][0]
     assert r["updates_tp1"] == 2 and r["updates_fresh"] == 0
     # With the restored Adam moments, training at TP=1 or PP=2 follows the TP=2 run; a fresh optimizer does not.
-    assert _max_diff(r["w_tp1"], r["w_straight"]) < 1e-5
-    assert _max_diff(r["w_pp2"], r["w_straight"]) < 1e-5
-    assert _max_diff(r["w_fresh"], r["w_straight"]) > 1e-4
+    assert max_abs_diff(r["w_tp1"], r["w_straight"]) < 1e-5
+    assert max_abs_diff(r["w_pp2"], r["w_straight"]) < 1e-5
+    assert max_abs_diff(r["w_fresh"], r["w_straight"]) > 1e-4
 
 
 def test_actor_checkpoint_layout_and_export(run):

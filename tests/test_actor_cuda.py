@@ -19,9 +19,8 @@ import pytest
 import torch
 
 from pebr_mega.parallel.launch import spawn
-from test_actor import (OPT, TEMPERATURE, _actor, _grpo, _hf_weights, actor_sequences, add_grpo_inputs,
-                        hf_model, hf_target_logprobs, make_sequences, reference_step)
-from test_actor_checkpoint import _max_diff
+from helpers import (OPT, TEMPERATURE, actor_sequences, add_grpo_inputs, grpo_loss_spec, hf_model, hf_target_logprobs,
+                     hf_weights, make_actor, make_sequences, max_abs_diff, reference_step)
 
 pytestmark = pytest.mark.gpu
 
@@ -30,7 +29,7 @@ BATCHES = [[0, 1, 2], [3, 4, 5], [1, 3, 4]]
 
 def _cuda_actor(path):
     """The actor of test_actor.py, with the fused kernels and the optimizer `auto` picks on this machine."""
-    return _actor(path, 1, 1, kernels="triton", distributed_optimizer="auto", **OPT)
+    return make_actor(path, 1, 1, kernels="triton", distributed_optimizer="auto", **OPT)
 
 
 def _attention_kernels(actor, seqs) -> tuple[int, int]:
@@ -58,20 +57,20 @@ def _worker(rank, tiny, seqs_plain, root):
     actor = _cuda_actor(tiny)
     out = {"optimizer": type(actor.optimizer).__name__ + "/" + "/".join(
         type(o).__name__ for o in getattr(actor.optimizer, "chained_optimizers", []))}
-    out["first"] = actor.train_step(seqs, _grpo())
-    out["weights_first"] = {n: t.cpu() for n, t in _hf_weights(actor).items()}
+    out["first"] = actor.train_step(seqs, grpo_loss_spec())
+    out["weights_first"] = {n: t.cpu() for n, t in hf_weights(actor).items()}
     actor.save(f"{root}/ckpt")
-    out["straight"] = [actor.train_step([seqs[i] for i in b], _grpo()) for b in BATCHES[:2]]
-    out["w_straight"] = {n: t.cpu() for n, t in _hf_weights(actor).items()}
+    out["straight"] = [actor.train_step([seqs[i] for i in b], grpo_loss_spec()) for b in BATCHES[:2]]
+    out["w_straight"] = {n: t.cpu() for n, t in hf_weights(actor).items()}
     resumed = _cuda_actor(f"{root}/ckpt")
     out["updates_loaded"] = resumed.updates
-    out["resumed"] = [resumed.train_step([seqs[i] for i in b], _grpo()) for b in BATCHES[:2]]
-    out["w_resumed"] = {n: t.cpu() for n, t in _hf_weights(resumed).items()}
+    out["resumed"] = [resumed.train_step([seqs[i] for i in b], grpo_loss_spec()) for b in BATCHES[:2]]
+    out["w_resumed"] = {n: t.cpu() for n, t in hf_weights(resumed).items()}
     del actor, resumed
     for path in ("logits", "hidden"):
-        bf16 = _actor(tiny, 1, 1, kernels="triton", params_dtype="bfloat16", logprobs_from=path, lr=0.0)
+        bf16 = make_actor(tiny, 1, 1, kernels="triton", params_dtype="bfloat16", logprobs_from=path, lr=0.0)
         out[f"bf16_lp_{path}"] = bf16.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
-        out[f"bf16_step_{path}"] = bf16.train_step(seqs, _grpo())
+        out[f"bf16_step_{path}"] = bf16.train_step(seqs, grpo_loss_spec())
         if path == "logits":
             out["attention_kernels"] = _attention_kernels(bf16, seqs)
         del bf16
@@ -99,7 +98,7 @@ def test_grpo_step_on_cuda_matches_the_float64_reference(run):
     # float32 on the GPU (Triton kernels, cuBLAS without TF32) against float64 on the CPU
     assert abs(m["loss"] - want["loss"]) < 1e-4, (m["loss"], want["loss"])
     assert abs(m["grad_norm"] - want["grad_norm"]) / want["grad_norm"] < 1e-4, (m["grad_norm"], want["grad_norm"])
-    assert _max_diff(got["weights_first"], want["weights"]) < 1e-4
+    assert max_abs_diff(got["weights_first"], want["weights"]) < 1e-4
     # the padding path ran: every micro-batch padded to a multiple of 16
     assert m["actor/padding_fraction"] > 0 and m["actor/microbatch_tokens_max"] % 16 == 0
 
@@ -111,8 +110,8 @@ def test_checkpoint_resumes_training_on_cuda(run):
         for key in ("loss", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
     # CUDA's embedding backward adds with atomics, so the runs may differ in the last bits only
-    assert _max_diff(got["w_straight"], got["w_resumed"]) < 1e-5
-    assert _max_diff(got["w_straight"], got["weights_first"]) > 1e-4  # the two steps moved the weights
+    assert max_abs_diff(got["w_straight"], got["w_resumed"]) < 1e-5
+    assert max_abs_diff(got["w_straight"], got["weights_first"]) > 1e-4  # the two steps moved the weights
 
 
 @pytest.mark.parametrize("path", ["logits", "hidden"])

@@ -46,4 +46,4 @@ def test_training_commands_fail_at_start_up_with_one_line(tmp_path, capsys):
     assert main(["train", f"run.output_dir={tmp_path}", f"grpo.init_model={tmp_path / 'nope'}"]) == 2
     assert "nope: directory does not exist" in capsys.readouterr().err
     assert main(["sft", f"run.output_dir={tmp_path}", "model.tp=0"]) == 2
-    assert "'model.tp' = 0" in capsys.readouterr().err
+    assert "config key 'model.tp' = 0" in capsys.readouterr().err

@@ -244,9 +244,10 @@ def test_clip_scores_the_first_image_as_the_policy_sees_it(tmp_path, tiny_model_
     """The request keeps the record's images after the pixel-bound resize; the reward reads the first one."""
     from transformers import AutoTokenizer
 
-    from pebr_mega.data.images import ImageConfig, PilImageDecoder, smart_resize
+    from pebr_mega.data.images import ImageConfig, smart_resize
+    from pebr_mega.data.pil_backend import PilImageDecoder
     from pebr_mega.data.records import GRPORecord
-    from pebr_mega.rollout.requests import build_request
+    from pebr_mega.rollout.requests import RequestBuilder
     from pebr_mega.trainer.evaluate import to_reward_sample
     from pebr_mega.rollout.types import Sample
 
@@ -255,7 +256,7 @@ def test_clip_scores_the_first_image_as_the_policy_sees_it(tmp_path, tiny_model_
     small.save(tmp_path / "small.png")
     cfg = ImageConfig(min_pixels=56 * 56, max_pixels=112 * 112)
     rec = GRPORecord("q", "<image> and <image>?", "1", ["big.png", "small.png"])
-    req = build_request(rec, AutoTokenizer.from_pretrained(tiny_model_dir), PilImageDecoder(cfg), tmp_path)
+    req = RequestBuilder(AutoTokenizer.from_pretrained(tiny_model_dir), PilImageDecoder(cfg)).build_one(rec, tmp_path)
     h, w = smart_resize(200, 300, 28, cfg.min_pixels, cfg.max_pixels)
     assert req.images[0].size == (w, h) and h * w <= cfg.max_pixels
     expected = Image.open(tmp_path / "big.png").convert("RGB").resize((w, h), Image.BICUBIC)

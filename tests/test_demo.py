@@ -1,5 +1,5 @@
 """`pebr demo` end to end at toy sizes: every stage runs (or is skipped with its reason) and the summary and
-curves are written in the documented shape."""
+curves are written in the documented shape. The demo runs in its own process (started by conftest), as `pebr demo` does."""
 from __future__ import annotations
 
 import json
@@ -7,13 +7,10 @@ import json
 from pebr_mega.cli import main
 
 
-def test_demo_writes_summary_and_curves(tmp_path, capsys):
-    out = tmp_path / "demo"
-    rc = main(["demo", "--out", str(out), "--num-grpo", "8", "--num-sft", "16", "--num-eval", "4",
-               "sft.epochs=1", "sft.batch_size=8", "sample.n=2", "rollout.n=2", "rollout.max_new_tokens=12",
-               "grpo.rollout_batch_size=2", "grpo.mini_batch_size=2", "grpo.max_steps=1",
-               "logging.progress_bar=false"])
-    assert rc == 0
+def test_demo_writes_summary_and_curves(trainer_runs):
+    out, got = trainer_runs["tmp"] / "demo" / "demo", trainer_runs["demo"]
+    assert "error" not in got, got.get("error")
+    assert got["rc"] == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"sft", "stage1", "stage2", "wall_seconds", "split", "final_model"}
     assert "eval_accuracy" in summary["sft"] and "mean_reward" in summary["sft"]
@@ -22,7 +19,7 @@ def test_demo_writes_summary_and_curves(tmp_path, capsys):
         assert "skipped" in s or ("eval_accuracy" in s and "mean_reward" in s), (stage, s)
     assert sum(summary["split"][k] for k in ("easy", "medium", "hard")) == 8
     assert (out / "pipeline" / "final" / "config.json").is_file()
-    printed = capsys.readouterr().out
+    printed = got["printed"]
     assert "what each stage changed" in printed and "ground truth:" in printed
     if any("skipped" not in summary[s] for s in ("stage1", "stage2")):
         assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"

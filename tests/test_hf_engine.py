@@ -125,3 +125,34 @@ def test_checkpoint_names_map_to_both_module_layouts():
         assert checkpoint_to_module_name("visual.blocks.0.attn.qkv.weight", names) in names
         assert checkpoint_to_module_name("lm_head.weight", names) == "lm_head.weight"
     assert checkpoint_to_module_name("nope.weight", new) is None
+
+
+@pytest.mark.parametrize("model", ["tiny_model_dir", "tiny_model_dir_alt"])
+def test_released_weights_are_gone_until_every_one_is_delivered_again(model, request):
+    """SGLang's contract, enforced on CPU: release frees the weights; generate refuses until update_weights has
+    restored every parameter (a tied lm_head comes back with the embedding, the only name the checkpoint has)."""
+    from safetensors.torch import load_file
+
+    from pebr_mega.errors import PebrError
+
+    model_dir = request.getfixturevalue(model)
+    tok, reqs = _requests(model_dir, n_req=2)
+    sp = SamplingParams(n=2, temperature=1.0, max_new_tokens=5, stop_token_ids=_stop_ids(tok), seed=4)
+    eng = HFRolloutEngine.from_pretrained(model_dir)
+    before = [s.response_ids for s in eng.generate(reqs, sp)]
+    params = list(eng.model.parameters())
+    eng.release_memory()
+    assert all(p.numel() == 0 for p in params)  # freed, not parked on the host
+    with pytest.raises(PebrError, match="released"):
+        eng.generate(reqs, sp)
+    state = load_file(str(model_dir / "model.safetensors"))
+    with pytest.raises(PebrError, match="resume_memory"):
+        eng.update_weights([list(state.items())])
+    eng.resume_memory(["weights"])
+    names = sorted(state)
+    eng.update_weights([[(k, state[k]) for k in names[:-2]]])
+    eng.resume_memory()
+    with pytest.raises(PebrError, match=f"2 of .* {names[-1]}|2 of .* {names[-2]}"):
+        eng.generate(reqs, sp)
+    eng.update_weights([[(k, state[k]) for k in names[-2:]]])
+    assert [s.response_ids for s in eng.generate(reqs, sp)] == before

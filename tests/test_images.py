@@ -13,8 +13,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from pebr_mega.config import load_config
-from pebr_mega.data.images import (ImageConfig, PilImageDecoder, load_image, make_image_decoder, num_image_tokens,
-                                   resolve_backend, smart_resize)
+from pebr_mega.data.decoders import make_image_decoder, resolve_backend
+from pebr_mega.data.images import ImageConfig, load_image, num_image_tokens, smart_resize
+from pebr_mega.data.pil_backend import PilImageDecoder
 from pebr_mega.errors import BackendUnavailableError, ImageError
 
 ODD_SIZES = [(29, 300), (100, 130), (57, 57), (333, 77), (1000, 30)]  # (width, height)

@@ -15,7 +15,7 @@ import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout)
 from pebr_mega import kernels
 from pebr_mega.algo import grpo as algo
 from pebr_mega.kernels.reference import grpo_loss_reference
-from test_kernels_logprobs import enable_interpreter
+from kernel_checks import enable_interpreter
 
 
 @pytest.fixture(scope="module", autouse=True)

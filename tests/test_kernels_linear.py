@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout, also in spawned ranks)
 from pebr_mega import kernels
 from pebr_mega.kernels.reference import linear_logprobs_reference, logprobs_reference
-from test_kernels_logprobs import enable_interpreter
+from kernel_checks import enable_interpreter
 
 
 @pytest.fixture(scope="module", autouse=True)

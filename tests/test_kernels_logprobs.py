@@ -18,33 +18,10 @@ import torch.multiprocessing as mp
 
 import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout, also in spawned ranks)
 from pebr_mega import kernels
-from kernel_checks import check_logprobs_against_reference
+from kernel_checks import check_logprobs_against_reference, enable_interpreter
 from pebr_mega.kernels.reference import logprobs_reference
 
 BLOCK_V = 128
-
-
-def enable_interpreter(module_name: str, constant: str, value: int):
-    """Set TRITON_INTERPRET=1, (re)import the kernel module under it, set its block constant.
-
-    Returns (module, undo) where undo restores the environment and the constant."""
-    old_env = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    module = importlib.import_module(module_name)
-    kernel_types = {type(v).__name__ for v in vars(module).values()}
-    if "InterpretedFunction" not in kernel_types:  # imported earlier without the interpreter
-        module = importlib.reload(module)
-    old_value = getattr(module, constant)
-    setattr(module, constant, value)
-
-    def undo() -> None:
-        setattr(module, constant, old_value)
-        if old_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old_env
-
-    return module, undo
 
 
 @pytest.fixture(scope="module", autouse=True)

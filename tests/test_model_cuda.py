@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pebr_mega.parallel.launch import spawn
-from test_model_parity import _hf_reference, _inputs, _make_batch, _model, _vision_grads
+from helpers import build_parity_model, hf_parity_reference, make_parity_batch, model_inputs, vision_grads
 
 pytestmark = pytest.mark.gpu
 
@@ -25,24 +25,24 @@ def _cuda_worker(rank, hf_dir, batch):
     torch.backends.cudnn.allow_tf32 = False
     init_parallel(1, 1)
     b = {k: torch.as_tensor(v).cuda() for k, v in batch.items()}
-    model = _model(hf_dir, 1, 1, "torch").train()
+    model = build_parity_model(hf_dir, 1, 1, "torch").train()
     placement = sorted({f"{t.device.type}/{t.dtype}" for t in [*model.parameters(), *model.buffers()]
                         if t.is_floating_point()})
-    logits = model(**_inputs(model, b), runtime_gather_output=True)
-    loss = (model(**_inputs(model, b, with_labels=True)) * b["attention_mask"]).sum()
+    logits = model(**model_inputs(model, b), runtime_gather_output=True)
+    loss = (model(**model_inputs(model, b, with_labels=True)) * b["attention_mask"]).sum()
     loss.backward()
     bf16 = build_model(arch_from_hf_dir(hf_dir), ModelConfig(spec="torch", params_dtype="bfloat16"))
     bf16_placement = sorted({f"{p.device.type}/{p.dtype}" for p in bf16.parameters()})
     return {"placement": placement, "bf16_placement": bf16_placement, "logits": logits.detach().cpu(),
-            "vision_grads": {k: v.cpu() for k, v in _vision_grads(model).items()}}
+            "vision_grads": {k: v.cpu() for k, v in vision_grads(model).items()}}
 
 
 def test_megatron_model_on_cuda_matches_transformers(tiny_model_dir):
-    batch = _make_batch(tiny_model_dir, seed=5)
+    batch = make_parity_batch(tiny_model_dir, seed=5)
     got = spawn(_cuda_worker, 1, str(tiny_model_dir), {k: v.numpy() for k, v in batch.items()})[0]
     assert got["placement"] == ["cuda/torch.float32"], got["placement"]
     assert got["bf16_placement"] == ["cuda/torch.bfloat16"], got["bf16_placement"]
-    ref = _hf_reference(tiny_model_dir, batch)  # float32 on the CPU, as in the CPU parity tests
+    ref = hf_parity_reference(tiny_model_dir, batch)  # float32 on the CPU, as in the CPU parity tests
     mask = batch["attention_mask"].bool()
     torch.testing.assert_close(torch.as_tensor(got["logits"])[mask], ref["logits"][mask], rtol=1e-3, atol=1e-3)
     for name, want in ref["vision_grads"].items():

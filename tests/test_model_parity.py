@@ -10,87 +10,16 @@ import pytest
 import torch
 
 from pebr_mega.parallel.launch import spawn
+from helpers import build_parity_model, hf_parity_reference, make_parity_batch, model_inputs, vision_grads
 
 pytestmark = pytest.mark.slow
 LOGIT_TOL = 1e-4
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def _make_batch(hf_dir, seed: int) -> dict:
-    """Three right-padded samples: one image, two images (different sizes), text only."""
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    proc = AutoImageProcessor.from_pretrained(hf_dir)
-    rng = np.random.default_rng(seed)
-    specs = [[(84, 140)], [(112, 56), (56, 84)], []]
-    prompts = ["How many circles?", "Compare the two pictures and count the red squares.", "What is 12 + 30?"]
-    rows, pixels, grids = [], [], []
-    for sizes, prompt in zip(specs, prompts):
-        content = [{"type": "image"} for _ in sizes] + [{"type": "text", "text": prompt}]
-        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
-        for h, w in sizes:
-            vis = proc(images=[Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))], return_tensors="pt")
-            n = int(vis["image_grid_thw"].prod()) // 4
-            text = text.replace("<|vision_start|><|image_pad|>", "<|vision_start|>" + "<|IMG|>" * n, 1)
-            pixels.append(vis["pixel_values"])
-            grids.append(vis["image_grid_thw"])
-        ids = tok(text.replace("<|IMG|>", "<|image_pad|>"))["input_ids"]
-        ids += rng.integers(0, 700, 5).tolist()  # a short "response"
-        rows.append(ids)
-    s = max(map(len, rows))
-    pad = tok.convert_tokens_to_ids("<|endoftext|>")
-    input_ids = torch.full((len(rows), s), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), s, dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-    labels = torch.from_numpy(rng.integers(0, len(tok), input_ids.shape)).long()
-    return {"input_ids": input_ids, "attention_mask": mask, "pixel_values": torch.cat(pixels).float(),
-            "image_grid_thw": torch.cat(grids), "labels": labels,
-            "images_per_row": torch.tensor([len(sizes) for sizes in specs])}
-
-
-def _hf_reference(hf_dir, batch) -> dict:
-    """Logits and vision-tower gradients of sum(CE(logits, labels)) over valid tokens, from transformers."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32)
-    model.train()
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    out = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=(ids == model.config.image_token_id).int())
-    ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch["labels"].flatten(), reduction="none")
-    (ce * mask.flatten()).sum().backward()
-    grads = {"vision_model." + k[len("model.visual."):]: p.grad.clone()
-             for k, p in model.named_parameters() if k.startswith("model.visual.")}
-    return {"logits": out.logits.detach(), "vision_grads": grads}
 
 
 # ----------------------------------------------------------------------------------------------- workers
-def _model(hf_dir, tp, pp, spec="torch"):
-    from megatron.core import parallel_state as mpu
-
-    from pebr_mega.checkpoint.hf_load import load_hf_weights
-    from pebr_mega.models.arch import arch_from_hf_dir
-    from pebr_mega.models.config import ModelConfig
-    from pebr_mega.models.qwen25_vl import build_model
-
-    cfg = ModelConfig(spec=spec, tp=tp, pp=pp, params_dtype="float32")
-    model = build_model(arch_from_hf_dir(hf_dir), cfg, mpu.is_pipeline_first_stage(), mpu.is_pipeline_last_stage())
-    load_hf_weights(model, hf_dir)
-    return model
-
-
-def _inputs(model, batch, with_labels=False):
-    from pebr_mega.checkpoint.compare import position_ids_for
-
-    out = {"input_ids": batch["input_ids"], "position_ids": position_ids_for(model.arch, batch),
-           "pixel_values": batch["pixel_values"], "image_grid_thw": batch["image_grid_thw"]}
-    if with_labels:
-        out["labels"] = batch["labels"]
-    return out
 
 
 def _schedule(model, batch, forward_only):
@@ -98,7 +27,7 @@ def _schedule(model, batch, forward_only):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     mask = batch["attention_mask"].float()
-    inputs = _inputs(getattr(model, "module", model), batch, with_labels=not forward_only)
+    inputs = model_inputs(getattr(model, "module", model), batch, with_labels=not forward_only)
     out_store = {}
 
     def step(it, m):
@@ -118,13 +47,6 @@ def _schedule(model, batch, forward_only):
                                       micro_batch_size=inputs["input_ids"].shape[0], forward_only=forward_only,
                                       collect_non_loss_data=forward_only)
     return got[0] if forward_only and got else out_store.get("token_loss")
-
-
-def _vision_grads(model):
-    if model.vision_model is None:
-        return None
-    return {"vision_model." + n: (getattr(p, "main_grad", None) if p.grad is None else p.grad).clone()
-            for n, p in model.vision_model.named_parameters()}
 
 
 def _packed_vs_padded(model, batch):
@@ -153,7 +75,7 @@ def _packed_vs_padded(model, batch):
     n_valid = int(mask.sum())
     rows = torch.arange(0, n_valid, 7)  # some positions of every sample, as target_index
     with torch.no_grad():
-        padded = _inputs(model, batch, with_labels=True)
+        padded = model_inputs(model, batch, with_labels=True)
         padded_loss = model(**padded)
         padded_logits = model(**{k: v for k, v in padded.items() if k != "labels"}, runtime_gather_output=True)
         packed_loss = model(**packed, labels=labels)
@@ -183,37 +105,37 @@ def _parity_worker(rank, tiny, alt, batch_tiny, batch_alt):
     name = "tiny" if rank == 0 else "alt"
     b = batches[name]
     for spec in ("torch", "local"):
-        model = _model(dirs[name], 1, 1, spec).eval()
+        model = build_parity_model(dirs[name], 1, 1, spec).eval()
         with torch.no_grad():
-            out[f"tp1_{spec}_{name}_logits"] = model(**_inputs(model, b), runtime_gather_output=True)
-    model = _model(dirs[name], 1, 1)
+            out[f"tp1_{spec}_{name}_logits"] = model(**model_inputs(model, b), runtime_gather_output=True)
+    model = build_parity_model(dirs[name], 1, 1)
     out[f"packing_{name}"] = _packed_vs_padded(model.eval(), b)
     model.train()
-    loss = (model(**_inputs(model, b, with_labels=True)) * b["attention_mask"]).sum()
+    loss = (model(**model_inputs(model, b, with_labels=True)) * b["attention_mask"]).sum()
     loss.backward()
-    out[f"tp1_{name}_vision_grads"] = _vision_grads(model)
+    out[f"tp1_{name}_vision_grads"] = vision_grads(model)
 
     # Layout 2: TP=2 on the tiny model, wrapped in Megatron's DDP so finalize_model_grads does the TP averaging.
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     init_parallel(2, 1)
-    model = _model(tiny, 2, 1).eval()
+    model = build_parity_model(tiny, 2, 1).eval()
     out["tp2_tiny_logits"] = _schedule(model, batches["tiny"], forward_only=True)
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model.train())
     ddp.zero_grad_buffer()
     _schedule(ddp, batches["tiny"], forward_only=False)
     finalize_model_grads([ddp])
-    out["tp2_tiny_vision_grads"] = _vision_grads(model)
+    out["tp2_tiny_vision_grads"] = vision_grads(model)
     out["tp_rank"] = mpu.get_tensor_model_parallel_rank()
 
     # Layout 3: PP=2 through the pipeline schedule, both models (alt has 3 layers: an uneven 1 + 2 split).
     init_parallel(1, 2)
     for name in ("tiny", "alt"):
-        model = _model(dirs[name], 1, 2).eval()
+        model = build_parity_model(dirs[name], 1, 2).eval()
         out[f"pp2_{name}_logits"] = _schedule(model, batches[name], forward_only=True)
         model.train()
         _schedule(model, batches[name], forward_only=False)
-        out[f"pp2_{name}_vision_grads"] = _vision_grads(model)
+        out[f"pp2_{name}_vision_grads"] = vision_grads(model)
     out["pp_rank"] = mpu.get_pipeline_model_parallel_rank()
     return out
 
@@ -221,8 +143,8 @@ def _parity_worker(rank, tiny, alt, batch_tiny, batch_alt):
 # ------------------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
 def run(tiny_model_dir, tiny_model_dir_alt):
-    batches = {"tiny": _make_batch(tiny_model_dir, 0), "alt": _make_batch(tiny_model_dir_alt, 1)}
-    refs = {"tiny": _hf_reference(tiny_model_dir, batches["tiny"]), "alt": _hf_reference(tiny_model_dir_alt, batches["alt"])}
+    batches = {"tiny": make_parity_batch(tiny_model_dir, 0), "alt": make_parity_batch(tiny_model_dir_alt, 1)}
+    refs = {"tiny": hf_parity_reference(tiny_model_dir, batches["tiny"]), "alt": hf_parity_reference(tiny_model_dir_alt, batches["alt"])}
     plain = {k: {n: t.numpy() for n, t in b.items()} for k, b in batches.items()}
     results = spawn(_parity_worker, 2, str(tiny_model_dir), str(tiny_model_dir_alt), plain["tiny"], plain["alt"])
     return batches, refs, results

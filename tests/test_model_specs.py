@@ -30,14 +30,18 @@ def test_auto_resolves_to_torch_without_te_and_cuda():
 
 
 def test_model_config_cross_checks():
-    with pytest.raises(ValueError, match="fp8"):
-        ModelConfig(spec="torch", fp8="hybrid").validate()
-    with pytest.raises(ValueError, match="sequence_parallel"):
-        ModelConfig(spec="local", tp=2, sequence_parallel=True).validate()
-    with pytest.raises(ValueError, match="sequence_parallel"):
-        ModelConfig(spec="torch", tp=1, sequence_parallel=True).validate()
-    ModelConfig(spec="torch", tp=2, sequence_parallel=True).validate()  # TorchRMSNorm runs sequence-parallel
-    ModelConfig(spec="te", fp8="e4m3", tp=2).validate()
+    from pebr_mega.config_fields import ConfigError
+
+    with pytest.raises(ConfigError, match="'model.fp8'"):
+        ModelConfig(spec="torch", fp8="hybrid")
+    with pytest.raises(ConfigError, match="'model.sequence_parallel'"):
+        ModelConfig(spec="local", tp=2, sequence_parallel=True)
+    with pytest.raises(ConfigError, match="'model.sequence_parallel'"):
+        ModelConfig(spec="torch", tp=1, sequence_parallel=True)
+    with pytest.raises(ConfigError, match="'model.tp' = 0"):
+        ModelConfig(tp=0)
+    ModelConfig(spec="torch", tp=2, sequence_parallel=True)  # TorchRMSNorm runs sequence-parallel
+    ModelConfig(spec="te", fp8="e4m3", tp=2)
 
 
 def _reference(q, k, v, allowed):

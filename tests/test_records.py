@@ -122,6 +122,6 @@ def test_save_then_load_round_trips_including_extra_keys(tmp_path):
 
 
 def test_data_config_is_part_of_root_schema():
-    cfg = load_config(None, ["data.grpo_file=g.json", "data.max_prompt_length=1024"])
-    assert (cfg.data.grpo_file, cfg.data.max_prompt_length) == ("g.json", 1024)
+    cfg = load_config(None, ["data.eval_file=g.json", "data.max_prompt_length=1024"])
+    assert (cfg.data.eval_file, cfg.data.max_prompt_length) == ("g.json", 1024)
     assert cfg.data.image_root is None

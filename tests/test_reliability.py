@@ -191,15 +191,16 @@ def test_image_size_errors_name_the_file(dataset, tiny_model_dir, tmp_path):
     from PIL import Image
     from transformers import AutoTokenizer
 
-    from pebr_mega.data.images import ImageConfig, make_image_decoder
+    from pebr_mega.data.decoders import make_image_decoder
+    from pebr_mega.data.images import ImageConfig
     from pebr_mega.data.records import GRPORecord
-    from pebr_mega.rollout.requests import build_requests
+    from pebr_mega.rollout.requests import RequestBuilder
 
     Image.new("RGB", (10, 10)).save(tmp_path / "tiny.png")
     Image.new("RGB", (600, 3)).save(tmp_path / "thin.png")
     records = [GRPORecord(qid=q, problem="<image>How many?", answer="1", images=[f"{q}.png"]) for q in ("tiny", "thin")]
-    _, report = build_requests(records, AutoTokenizer.from_pretrained(tiny_model_dir),
-                               make_image_decoder(ImageConfig(backend="pil")), tmp_path, max_prompt_length=4096)
+    _, report = RequestBuilder(AutoTokenizer.from_pretrained(tiny_model_dir), make_image_decoder(ImageConfig(backend="pil")),
+                               max_prompt_length=4096).build(records, tmp_path)
     assert report.skipped["image"] == 2
     tiny, thin = report.examples["image"]
     assert str(tmp_path / "tiny.png") in tiny and "10x10" in tiny and "PIL image" not in tiny
@@ -207,7 +208,7 @@ def test_image_size_errors_name_the_file(dataset, tiny_model_dir, tmp_path):
 
 
 def test_stage_result_is_standard_json():
-    from pebr_mega.trainer.grpo import StageResult
+    from pebr_mega.trainer.stage import StageResult
 
     res = StageResult(model_dir="m", steps=3, eval_after={"eval/accuracy": float("nan"), "eval/count": 2.0})
     text = json.dumps(res.to_dict(), allow_nan=False)  # raises on NaN / Infinity

@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from pebr_mega.data.images import ImageConfig, PilImageDecoder
+from pebr_mega.data.images import ImageConfig
+from pebr_mega.data.pil_backend import PilImageDecoder
 from pebr_mega.data.records import GRPORecord
-from pebr_mega.rollout.requests import build_requests
+from pebr_mega.rollout.requests import RequestBuilder
 
 
 def _png(path, h, w, seed=0):
@@ -32,7 +33,7 @@ def test_requests_built_and_skips_counted(tiny_model_dir, tmp_path):
         GRPORecord("q7", "no placeholder", "1", ["a.png"]),
     ]
     dec = PilImageDecoder(ImageConfig(min_pixels=56 * 56, max_pixels=224 * 224))
-    reqs, report = build_requests(recs, tok, dec, tmp_path, max_prompt_length=256)
+    reqs, report = RequestBuilder(tok, dec, max_prompt_length=256).build(recs, tmp_path)
     assert [r.record_id for r in reqs] == ["q1", "q2"]
     for r in reqs:
         n_pad = sum(1 for t in r.prompt_ids if t == pad)
@@ -44,5 +45,5 @@ def test_requests_built_and_skips_counted(tiny_model_dir, tmp_path):
     m = report.metrics()
     assert m["requests/built"] == 2 and m["requests/skipped_prompt_too_long"] == 1
     assert "prompt_too_long: 1" in report.summary()
-    kept, rep2 = build_requests(recs[5:6], tok, dec, tmp_path, max_prompt_length=256, filter_overlong=False)
+    kept, rep2 = RequestBuilder(tok, dec, max_prompt_length=256, filter_overlong=False).build(recs[5:6], tmp_path)
     assert len(kept) == 1 and not rep2.skipped

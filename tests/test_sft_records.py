@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from pebr_mega.config import ConfigError, load_config
-from pebr_mega.data.images import ImageConfig, PilImageDecoder
+from pebr_mega.data.images import ImageConfig
+from pebr_mega.data.pil_backend import PilImageDecoder
 from pebr_mega.data.sft_records import (FROM_VALUE, columns_from_dataset_info, encode_sft_file, infer_seqlen,
                                         resolve_sft_source)
 from pebr_mega.errors import DataError

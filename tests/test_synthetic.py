@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from pebr_mega.cli import main as cli_main
-from pebr_mega.data.images import ImageConfig, PilImageDecoder
+from pebr_mega.data.images import ImageConfig
+from pebr_mega.data.pil_backend import PilImageDecoder
 from pebr_mega.data.synthetic import COLORS, SHAPES, SynthConfig, write_synthetic_dataset
 from pebr_mega.data.template import build_prompt_text
 

@@ -7,11 +7,12 @@ import pytest
 from PIL import Image
 
 from pebr_mega.config import ConfigError, load_config
-from pebr_mega.data.images import ImageConfig, PilImageDecoder
+from pebr_mega.data.images import ImageConfig
+from pebr_mega.data.pil_backend import PilImageDecoder
 from pebr_mega.data.records import GRPORecord
 from pebr_mega.data.template import (DEFAULT_TEMPLATE_PATH, TEMPLATE_FILE_NAME, build_prompt_text, default_template,
                                      load_prompt_template, model_prompt_template, write_prompt_template)
-from pebr_mega.rollout.requests import build_request
+from pebr_mega.rollout.requests import RequestBuilder
 
 # A template written the way EasyR1's examples/format_prompt/*.jinja files are: instruction lines, a blank line,
 # then the trimmed problem; here with stray whitespace around the file, which EasyR1 strips before compiling.
@@ -47,7 +48,7 @@ def test_prompt_ids_equal_easyr1s(template_file, tmp_path, tiny_model_dir):
     problem = "Compare <image> with <image>: which has more circles? "
     record = GRPORecord("q", problem, "1", ["a.png", "b.png"])
     cfg = ImageConfig(min_pixels=proc.size["shortest_edge"], max_pixels=proc.size["longest_edge"])
-    req = build_request(record, tok, PilImageDecoder(cfg), tmp_path, template=load_prompt_template(template_file))
+    req = RequestBuilder(tok, PilImageDecoder(cfg), template=load_prompt_template(template_file)).build_one(record, tmp_path)
 
     text = template_file.read_text().strip()  # EasyR1's steps, spelled out
     import jinja2

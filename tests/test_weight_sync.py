@@ -13,7 +13,7 @@ import torch
 
 from pebr_mega.parallel.launch import spawn
 from pebr_mega.rollout.weight_sync import SyncStats, bucketize
-from test_actor import OPT, actor_sequences, add_grpo_inputs, make_sequences, solo_world
+from helpers import OPT, actor_sequences, add_grpo_inputs, make_sequences, solo_world
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def _actor(path, tp: int, pp: int):
 def _hf_tensors(actor, keep: bool) -> dict | None:
     """Every (name, tensor) pair `iter_hf_tensors` yields (collective; only `keep` ranks return them)."""
     from pebr_mega.checkpoint.hf_mapping import HFMapping
-    from pebr_mega.rollout.weight_sync import iter_hf_tensors
+    from pebr_mega.checkpoint.gather import iter_hf_tensors
 
     pairs = [(n, t.clone()) for n, t in iter_hf_tensors(actor.module, HFMapping(actor.arch))]
     assert len({n for n, _ in pairs}) == len(pairs), "a name came twice"

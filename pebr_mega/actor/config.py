@@ -63,7 +63,6 @@ class ActorConfig:
     freeze_projector: bool = False  # the merger (the MLP from vision features to the LLM's hidden size)
     # Log-prob / loss implementation: triton kernels (CUDA, or CPU under TRITON_INTERPRET=1) or torch.
     kernels: str = choice("auto", ["auto", "triton", "torch"])
-    logprob_dtype: str = choice("float32", ["float32"])
     # How target log-probs come from the final hidden states (actor.losses): "logits" materialises the targets'
     # logits [N, V/tp] then runs the fused log-prob kernel; "hidden" runs the chunked hidden-state kernel
     # (never the whole logits; recomputes them in backward). auto = the per-device default from the benchmarks.

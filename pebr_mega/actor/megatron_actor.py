@@ -29,7 +29,7 @@ Results of `compute_logprobs` and the loss are produced on the last pipeline sta
 rank of the pipeline, so every rank of the trainer sees the same numbers.
 
 On CPU (tests, the demo) the very same code runs over gloo through `pebr_mega.parallel`'s compatibility
-layer, with one difference: Megatron's DistributedOptimizer refuses non-CUDA tensors, so the plain Megatron
+layer, entered by the public methods above (`megatron_on_cpu`) and left when they return, with one difference: Megatron's DistributedOptimizer refuses non-CUDA tensors, so the plain Megatron
 optimizer (`FP32Optimizer`) is used there.
 """
 from __future__ import annotations
@@ -52,6 +52,9 @@ from pebr_mega.actor.losses import (LossScale, grpo_microbatch_loss, resolve_log
 from pebr_mega.actor.packing import ActorSequence, MicroBatch, pack, plan_micro_batches, plan_stats
 from pebr_mega.models.packing import packed_seq_params, token_multiple
 from pebr_mega.errors import CheckpointError
+from pebr_mega.models.config import ModelConfig
+from pebr_mega.parallel.cpu_compat import megatron_on_cpu
+from pebr_mega.parallel.groups import barrier, rank
 
 ACTOR_META = "actor.json"
 ACTOR_FORMAT = "pebr-actor/1"
@@ -90,7 +93,7 @@ class MegatronActor:
     `save` reads the HF config and the tokenizer/processor files to record beside the weights from it.
     """
 
-    def __init__(self, model, model_cfg, cfg: ActorConfig, trainable: bool, total_updates: int = 1,
+    def __init__(self, model, model_cfg: ModelConfig, cfg: ActorConfig, trainable: bool, total_updates: int = 1,
                  lr: float | None = None, source: str | Path | None = None) -> None:
         from megatron.core import parallel_state as mpu
 
@@ -272,6 +275,7 @@ class MegatronActor:
         return out
 
     # ------------------------------------------------------------------------------------------ API
+    @megatron_on_cpu
     @torch.no_grad()
     def compute_logprobs(self, seqs: Sequence[ActorSequence], temperature: float = 1.0,
                          with_entropy: bool = False) -> list[tuple[Tensor, Tensor | None]]:
@@ -304,6 +308,7 @@ class MegatronActor:
             merged.update(part)
         return [merged[i] for i in range(len(seqs))]
 
+    @megatron_on_cpu
     def train_step(self, seqs: Sequence[ActorSequence], loss: LossSpec) -> dict[str, float]:
         """One optimizer update on the mini-batch `seqs` (all ranks pass the same list); returns metrics.
 
@@ -412,6 +417,7 @@ class MegatronActor:
         return float(self.optimizer.param_groups[0]["lr"]) if self.optimizer is not None else 0.0
 
     # ------------------------------------------------------------------------------------------ checkpoints
+    @megatron_on_cpu
     def save(self, ckpt_dir: str | Path) -> Path:
         """Write an actor checkpoint (layout in the module docstring) to `ckpt_dir`; collective over all ranks.
 
@@ -425,16 +431,16 @@ class MegatronActor:
         meta, template = self._checkpoint_meta()
         final = Path(ckpt_dir)
         tmp = final.parent / f".{final.name}.tmp"
-        if _rank() == 0:
+        if rank() == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
             (tmp / OPTIMIZER_DIR).mkdir(parents=True)
-        _barrier()
+        barrier()
         save_checkpoint(self.module, tmp / MODEL_DIR, meta, template_dir=template)
         if self.optimizer is not None:
             dist_checkpointing.save(self._optimizer_sharded_state(is_loading=False), str(tmp / OPTIMIZER_DIR))
-        _barrier()
-        if _rank() == 0:
+        barrier()
+        if rank() == 0:
             if self.optimizer is None:
                 (tmp / OPTIMIZER_DIR).rmdir()
             record = {"format": ACTOR_FORMAT, "updates": self.updates, "trainable": self.trainable,
@@ -443,9 +449,10 @@ class MegatronActor:
                       "distributed_optimizer": self._distributed_optimizer() if self.trainable else None}
             (tmp / ACTOR_META).write_text(json.dumps(record, indent=2, default=str) + "\n")
             replace_dir(tmp, final)
-        _barrier()
+        barrier()
         return final
 
+    @megatron_on_cpu
     def load(self, ckpt_dir: str | Path) -> dict:
         """Load an actor checkpoint (weights, and optimizer + schedule + update counter when trainable).
 
@@ -529,15 +536,6 @@ def _mark_tensor_parallel_params(model) -> None:
             p.partition_stride = 1
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def read_actor_meta(ckpt_dir: str | Path) -> dict:
     """The `actor.json` record of an actor checkpoint; anything else is a CheckpointError naming the path."""
     path = Path(ckpt_dir) / ACTOR_META
@@ -566,7 +564,8 @@ def checkpoint_kind(path: str | Path) -> str:
                           f"({META_FILE}) nor an actor checkpoint ({ACTOR_META})")
 
 
-def build_actor(path: str | Path, model_cfg, actor_cfg: ActorConfig, trainable: bool = True, total_updates: int = 1,
+@megatron_on_cpu
+def build_actor(path: str | Path, model_cfg: ModelConfig, actor_cfg: ActorConfig, trainable: bool = True, total_updates: int = 1,
                 lr: float | None = None) -> MegatronActor:
     """An actor for this rank (TP/PP as initialised by `init_parallel`) from any kind of model directory.
 

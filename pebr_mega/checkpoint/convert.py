@@ -35,6 +35,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 @contextmanager
 def single_rank_world():
     """A one-rank gloo world with Megatron's TP=1/PP=1 groups (or the caller's, if it is one rank already)."""
+    from pebr_mega.parallel.cpu_compat import megatron_on_cpu
     from pebr_mega.parallel.groups import destroy_parallel, init_parallel
 
     owned = not dist.is_initialized()
@@ -47,11 +48,12 @@ def single_rank_world():
 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-    init_parallel(1, 1, backend="gloo" if owned else None)
-    try:
-        yield
-    finally:
-        destroy_parallel(process_group=owned)
+    with megatron_on_cpu:  # the conversion's Megatron calls (build, load, dist-checkpoint save) run inside
+        init_parallel(1, 1, backend="gloo" if owned else None)
+        try:
+            yield
+        finally:
+            destroy_parallel(process_group=owned)
 
 
 def _progress(total: int, desc: str, enabled: bool):

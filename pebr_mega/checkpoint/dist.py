@@ -20,24 +20,15 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
 from pebr_mega.checkpoint.hf_io import replace_dir
 from pebr_mega.checkpoint.hf_mapping import MC_LAYER, canonical_mcore_name
 from pebr_mega.errors import CheckpointError
+from pebr_mega.parallel.groups import barrier, rank
 
 META_FILE = "pebr_mcore.json"
 TEMPLATE_DIR = "hf_template"
 FORMAT = "pebr-mcore/1"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:
@@ -66,14 +57,14 @@ def save_checkpoint(model, ckpt_dir: str | Path, meta: dict, template_dir: str |
     install_checkpoint_writer_queue()  # Megatron's writer would start a manager process that outlives a SIGKILL
     final = Path(ckpt_dir)
     tmp = final.parent / f".{final.name}.tmp"
-    if _rank() == 0:
+    if rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         from megatron.core import parallel_state as mpu
 
         record = {"format": FORMAT, **meta, "saved_tp": mpu.get_tensor_model_parallel_world_size(),
@@ -85,7 +76,7 @@ def save_checkpoint(model, ckpt_dir: str | Path, meta: dict, template_dir: str |
             (tmp / TEMPLATE_DIR).mkdir()
             copy_aux_files(template_dir, tmp / TEMPLATE_DIR)
         replace_dir(tmp, final)
-    _barrier()
+    barrier()
     return final
 
 

@@ -13,6 +13,7 @@ import torch
 from pebr_mega.checkpoint.hf_io import HFWeights
 from pebr_mega.checkpoint.hf_mapping import HFMapping, canonical_mcore_name, split_for_tp
 from pebr_mega.errors import CheckpointError
+from pebr_mega.models.config import ModelConfig
 
 
 def _tp() -> tuple[int, int]:
@@ -61,7 +62,7 @@ def load_hf_weights(model, hf: str | Path | HFWeights, strict: bool = True,
                                   + (f" (+{len(unused) - 8} more)" if len(unused) > 8 else ""))
 
 
-def build_from_hf(hf_dir: str | Path, cfg, parallel_output: bool = True):
+def build_from_hf(hf_dir: str | Path, cfg: ModelConfig, parallel_output: bool = True):
     """This rank's model stage for `cfg` (tp/pp as initialised by `init_parallel`), with the HF weights loaded."""
     from megatron.core import parallel_state as mpu
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pebr_mega.data.images import (ImageConfig, ImageSource, ProcessedImages, check_image_config, has_alpha,
+from pebr_mega.data.images import (ImageConfig, ImageSource, ProcessedImages, has_alpha,
                                    load_image, normalize_and_patchify, open_image, source_name, stack_processed,
                                    target_size)
 from pebr_mega.errors import BackendUnavailableError, ImageError
@@ -106,7 +106,6 @@ class DaliImageDecoder:
         if reason is not None:
             raise BackendUnavailableError(f"image backend 'dali' cannot load ({reason}); install it with: "
                                           f"{dali_install_command()}, or set images.backend=pil")
-        check_image_config(cfg)
         self.cfg = cfg
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"

@@ -12,9 +12,12 @@ What the vision tower expects (the semantics of transformers' `Qwen2VLImageProce
    one-frame video whose frame is duplicated). Row i of `pixel_values` is one patch, flattened as
    (C, T, P, P); `image_grid_thw` holds (1, h / 14, w / 14) per image.
 
-Two backends implement the `ImageDecoder` contract: `PilImageDecoder` (CPU; bit-for-bit the transformers
-output) and `pebr_mega.data.dali_backend.DaliImageDecoder` (nvImageCodec decode + DALI cubic resize, then the
-same torch normalise/patchify on the GPU). `make_image_decoder` picks one.
+This module holds what every backend shares (the config, the sizes, loading, normalise/patchify) and no
+backend itself. Two backends implement the `ImageDecoder` contract, each importing this module:
+`pebr_mega.data.pil_backend.PilImageDecoder` (CPU; bit-for-bit the transformers output) and
+`pebr_mega.data.dali_backend.DaliImageDecoder` (nvImageCodec decode + DALI cubic resize, then the same torch
+normalise/patchify on the GPU). `pebr_mega.data.decoders.make_image_decoder`, the only module that imports
+both, picks one.
 
 Data rules (PEBR_FACTS, "SFT warm-up data"): an image with a side < 28 px (one merged patch), one that cannot
 be opened, or one that is missing is rejected with an `ImageError` naming it; so is an aspect ratio > 200 (which
@@ -30,11 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence, Union
 
-import numpy as np
 import torch
 from PIL import Image
 
-from pebr_mega.config_fields import ConfigError, choice
+from pebr_mega.config_fields import check_fields, choice
 from pebr_mega.errors import ImageError
 
 # OpenAI CLIP statistics, used by every Qwen2-VL / Qwen2.5-VL image processor.
@@ -65,16 +67,14 @@ class ImageConfig:
     dali_batch_size: int = 32  # images per DALI pipeline run (its max_batch_size)
     dali_threads: int = 2  # CPU threads of the DALI pipeline
 
-
-def check_image_config(cfg: ImageConfig) -> None:
-    """Raise `ConfigError` naming the key when `cfg` cannot describe a valid preprocessing."""
-    for key in ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size",
-                "dali_batch_size", "dali_threads"):
-        if getattr(cfg, key) < 1:
-            raise ConfigError(f"config key 'images.{key}' = {getattr(cfg, key)} must be >= 1")
-    if cfg.min_pixels > cfg.max_pixels:
-        raise ConfigError(f"config key 'images.min_pixels' = {cfg.min_pixels} exceeds "
-                          f"'images.max_pixels' = {cfg.max_pixels}")
+    def __post_init__(self) -> None:
+        check_fields("images", {
+            **{key: (getattr(self, key) >= 1, getattr(self, key), "must be >= 1")
+               for key in ("min_pixels", "max_pixels", "patch_size", "merge_size", "temporal_patch_size",
+                           "dali_batch_size", "dali_threads")},
+            "min_pixels": (1 <= self.min_pixels <= self.max_pixels, self.min_pixels,
+                           f"must be >= 1 and <= images.max_pixels = {self.max_pixels}"),
+        })
 
 
 @dataclass
@@ -263,58 +263,3 @@ def stack_processed(patches: list[torch.Tensor], grids: list[list[int]], cfg: Im
     pixel_values = torch.cat(patches) if patches else torch.empty(0, dim, dtype=torch.float32, device=device)
     grid = torch.tensor(grids, dtype=torch.long, device=device).reshape(-1, 3)
     return ProcessedImages(pixel_values, grid)
-
-
-# ---------------------------------------------------------------------------------------------- PIL backend
-class PilImageDecoder:
-    """CPU backend: PIL decode and bicubic resize; equal to transformers' Qwen2-VL processor output."""
-
-    name = "pil"
-
-    def __init__(self, cfg: ImageConfig, device: torch.device | str | None = None) -> None:
-        check_image_config(cfg)
-        self.cfg = cfg
-        self.device = torch.device(device or "cpu")
-
-    def resize(self, image: Image.Image, name: str) -> Image.Image:
-        """Bicubic resize of an RGB image to its smart-resize target (`ImageError` when it breaks the rules)."""
-        return policy_view(image, self.cfg, name)
-
-    def decode_and_preprocess(self, sources: Sequence[ImageSource]) -> ProcessedImages:
-        """Decode, resize, normalise and patchify `sources` in order; `ImageError` names the first bad one."""
-        patches, grids = [], []
-        for i, source in enumerate(sources):
-            name = source_name(source, i)
-            image = self.resize(load_image(source, name), name)
-            pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).to(self.device)
-            rows, grid = normalize_and_patchify(pixels, self.cfg)
-            patches.append(rows)
-            grids.append(grid)
-        return stack_processed(patches, grids, self.cfg, self.device)
-
-
-# ---------------------------------------------------------------------------------------------- choice
-def resolve_backend(cfg: ImageConfig, device: torch.device | str | None = None) -> str:
-    """The backend `make_image_decoder` builds: `cfg.backend`, or for `auto` DALI when it imports and the
-    target device is CUDA (or unspecified with CUDA present), else PIL."""
-    if cfg.backend != "auto":
-        return cfg.backend
-    from pebr_mega.data.dali_backend import dali_import_error
-
-    wants_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
-    return "dali" if wants_cuda and torch.cuda.is_available() and dali_import_error() is None else "pil"
-
-
-def make_image_decoder(cfg: ImageConfig, device: torch.device | str | None = None) -> ImageDecoder:
-    """Build the decoder `cfg.backend` names (see `resolve_backend`).
-
-    A backend named explicitly that cannot load raises `BackendUnavailableError` with the reason and the
-    install command; it never falls back silently. `device` is where the output tensors live (default: the
-    GPU for DALI when CUDA is present, else the CPU).
-    """
-    check_image_config(cfg)
-    if resolve_backend(cfg, device) == "dali":
-        from pebr_mega.data.dali_backend import DaliImageDecoder
-
-        return DaliImageDecoder(cfg, device)
-    return PilImageDecoder(cfg, device)

@@ -32,10 +32,8 @@ from pebr_mega.errors import DataError
 class DataConfig:
     """Where the datasets live and the length/size limits applied when building prompts."""
 
-    grpo_file: str | None = None  # JSON list or JSONL of GRPO records (the stage's training set)
     image_root: str | None = None  # images are resolved against this; default: the dataset file's folder
-    sft_file: str | None = None  # ShareGPT SFT records (the warm-up set)
-    eval_file: str | None = None  # GRPO-format validation set; none = no evaluation (upstream evaluates none)
+    eval_file: str | None = None  # GRPO-format validation set (a stage's own `eval_file` wins); none = no evaluation
     # A Jinja2 template rendered with the problem as `content` (EasyR1's format_prompt convention; upstream's
     # examples/format_prompt/pebr_format.jinja works unchanged); none = pebr_mega/templates/pebr_format.jinja.
     format_prompt: str | None = None
@@ -118,6 +116,11 @@ class RawItem:
 
     location: str
     value: Any
+
+
+def image_root_for(data_file: str | Path, image_root: str | Path | None = None) -> str:
+    """Where a dataset's images live: `image_root` when set, else the dataset file's folder."""
+    return str(image_root) if image_root else str(Path(data_file).parent)
 
 
 def read_json_items(path: str | Path) -> tuple[list[RawItem], list[Skip]]:

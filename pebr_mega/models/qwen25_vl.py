@@ -55,7 +55,6 @@ def transformer_config(arch: QwenVLArch, cfg: ModelConfig, perform_initializatio
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    cfg.validate()
     t = arch.text
     resolve_spec(cfg.spec)  # fail at start-up when the backend cannot load
     if t.num_kv_heads % cfg.tp:

@@ -16,8 +16,15 @@ embedded CPU demo run the very same Megatron model on CPU, so instead of forking
 Attention masks: Megatron's local core attention builds its default causal mask on CUDA; our model passes
 an explicit mask where that path is used (see `pebr_mega.models.specs`), so nothing is patched for it.
 
-`enable_cpu_compat()` is called once by `parallel.init_parallel` and only when CUDA is absent; it is a no-op
-on a machine with a GPU and idempotent otherwise. Nothing else in the package touches these internals.
+The layer is SCOPED: `megatron_on_cpu` is a re-entrant context manager (and decorator) entered only around
+Megatron calls (process groups, building the model, forward/backward through the schedules, optimizer
+steps, distributed-checkpoint save/load: the actor's public methods, `init_parallel`, checkpoint conversion)
+and exited after them, restoring `torch.cuda`, the function-mode stack and Megatron's RNG globals. Code
+between those calls (transformers' `generate`, rewards, data) runs on plain torch, so nothing depends on
+whether a Megatron call happened earlier in the process. The CPU RNG tracker keeps its streams across
+entries. A process that does nothing but Megatron work (a spawned test rank, a `compare-logits` rank) may
+call `enable_cpu_compat()`, which enters it for the rest of the process. With CUDA present every entry is a
+no-op.
 """
 from __future__ import annotations
 
@@ -27,8 +34,9 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-_ACTIVE = False
-_MODE: "_CudaToCpuMode | None" = None
+_DEPTH = 0  # nesting depth of `megatron_on_cpu` in this process
+_SAVED: dict[str, Any] = {}  # what entering replaced, restored on the outermost exit
+_TRACKER = None  # the CPU RNG tracker: created once, its streams survive exits and re-entries
 
 
 def _is_cuda_device(dev: Any) -> bool:
@@ -88,34 +96,76 @@ def _cpu_rng_tracker_class():
     return CpuRNGStatesTracker
 
 
-def _install_cpu_rng_tracker() -> None:
+def _enter() -> None:
+    global _DEPTH, _TRACKER
+    _DEPTH += 1
+    if _DEPTH > 1:
+        return
     from megatron.core.tensor_parallel import random as mrandom
 
-    mrandom._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
+    if _TRACKER is None:
+        _TRACKER = _cpu_rng_tracker_class()()
+    _SAVED.update(current_device=torch.cuda.current_device, synchronize=torch.cuda.synchronize,
+                  tracker=mrandom._CUDA_RNG_STATE_TRACKER, initialized=mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED,
+                  get_state=mrandom._get_cuda_rng_state, set_state=mrandom._set_cuda_rng_state, mode=_CudaToCpuMode())
+    torch.cuda.current_device = lambda: 0
+    torch.cuda.synchronize = lambda *a, **k: None
+    mrandom._CUDA_RNG_STATE_TRACKER = _TRACKER
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     # Activation recompute saves/restores "the CUDA RNG state"; on CPU that is the CPU generator.
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _SAVED["mode"].__enter__()
+
+
+def _exit() -> None:
+    global _DEPTH
+    _DEPTH -= 1
+    if _DEPTH > 0:
+        return
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _SAVED["mode"].__exit__(None, None, None)
+    torch.cuda.current_device = _SAVED["current_device"]
+    torch.cuda.synchronize = _SAVED["synchronize"]
+    mrandom._CUDA_RNG_STATE_TRACKER = _SAVED["tracker"]
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = _SAVED["initialized"]
+    mrandom._get_cuda_rng_state = _SAVED["get_state"]
+    mrandom._set_cuda_rng_state = _SAVED["set_state"]
+    _SAVED.clear()
+
+
+class _MegatronOnCpu(contextlib.ContextDecorator):
+    """`with megatron_on_cpu:` / `@megatron_on_cpu`: Megatron's CUDA assumptions mapped to CPU inside, only
+    when CUDA is absent; re-entrant; everything restored on the outermost exit."""
+
+    def __enter__(self) -> "_MegatronOnCpu":
+        if not torch.cuda.is_available():
+            _enter()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if not torch.cuda.is_available():
+            _exit()
+        return False
+
+
+megatron_on_cpu = _MegatronOnCpu()
 
 
 def cpu_compat_active() -> bool:
-    """Whether the CPU compatibility layer is installed in this process."""
-    return _ACTIVE
+    """Whether the CPU compatibility layer is in force right now."""
+    return _DEPTH > 0
 
 
 def enable_cpu_compat() -> bool:
-    """Install the CPU compatibility layer when CUDA is absent; returns whether it is active."""
-    global _ACTIVE, _MODE
+    """Enter the layer for the rest of this process (a process that runs only Megatron); returns whether it
+    is active (False with CUDA). Idempotent."""
     if torch.cuda.is_available():
         return False
-    if _ACTIVE:
-        return True
-    torch.cuda.current_device = lambda: 0
-    torch.cuda.synchronize = lambda *a, **k: None
-    _MODE = _CudaToCpuMode()
-    _MODE.__enter__()
-    _install_cpu_rng_tracker()
-    _ACTIVE = True
+    if not getattr(enable_cpu_compat, "_entered", False):
+        megatron_on_cpu.__enter__()
+        enable_cpu_compat._entered = True
     return True
 
 
@@ -124,15 +174,15 @@ def seed_model_parallel_rng(seed: int) -> None:
     from megatron.core import tensor_parallel
 
     torch.manual_seed(seed)
-    if _ACTIVE:
-        from megatron.core.parallel_state import get_tensor_model_parallel_rank
-        from megatron.core.tensor_parallel import random as mrandom
-
-        # The same streams and seed offsets as Megatron's model_parallel_cuda_manual_seed.
-        tracker = mrandom._CUDA_RNG_STATE_TRACKER
-        tracker.reset()
-        tracker.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
-        tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + get_tensor_model_parallel_rank())
-        tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
         return
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    from megatron.core.parallel_state import get_tensor_model_parallel_rank
+    from megatron.core.tensor_parallel import random as mrandom
+
+    with megatron_on_cpu:
+        # The same streams and seed offsets as Megatron's model_parallel_cuda_manual_seed.
+        _TRACKER.reset()
+        _TRACKER.add(mrandom._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+        _TRACKER.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + get_tensor_model_parallel_rank())
+        _TRACKER.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024)

@@ -1,9 +1,8 @@
 """Process groups: torch.distributed plus Megatron's tensor/pipeline/data-parallel groups, on GPU or CPU.
 
 `init_parallel(tp, pp)` is the one entry point. It reads the usual launcher environment (RANK, WORLD_SIZE,
-LOCAL_RANK, MASTER_ADDR, MASTER_PORT), picks NCCL with CUDA and gloo without, installs the CPU
-compatibility layer when CUDA is absent (the only place it is activated), builds Megatron's groups and seeds
-Megatron's RNG streams. `destroy_parallel()` undoes the Megatron part so a process can re-initialise with
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), picks NCCL with CUDA and gloo without, builds Megatron's groups and
+seeds Megatron's RNG streams, inside the scoped CPU compatibility layer when CUDA is absent. `destroy_parallel()` undoes the Megatron part so a process can re-initialise with
 another TP/PP (the tests reuse two workers for several layouts).
 """
 from __future__ import annotations
@@ -15,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pebr_mega.parallel.cpu_compat import enable_cpu_compat, seed_model_parallel_rng
+from pebr_mega.parallel.cpu_compat import megatron_on_cpu, seed_model_parallel_rng
 
 
 @dataclass(frozen=True)
@@ -55,12 +54,10 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        # Without CUDA, Megatron needs the compatibility layer before it builds anything.
-        enable_cpu_compat()
     dist.init_process_group(backend=backend or ("nccl" if cuda else "gloo"), timeout=timedelta(minutes=timeout_minutes))
 
 
+@megatron_on_cpu
 def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None) -> ParallelState:
     """Initialise torch.distributed (if needed) and Megatron's model-parallel groups for (tp, pp)."""
     from megatron.core import parallel_state as mpu
@@ -87,6 +84,17 @@ def current_state() -> ParallelState:
         dp=mpu.get_data_parallel_world_size(), tp_rank=mpu.get_tensor_model_parallel_rank(),
         pp_rank=mpu.get_pipeline_model_parallel_rank(), dp_rank=mpu.get_data_parallel_rank(), device=device,
     )
+
+
+def rank() -> int:
+    """This process's global rank (0 outside a distributed job)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def barrier() -> None:
+    """Wait for every rank of the job (nothing to wait for outside a distributed job)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def destroy_parallel(process_group: bool = False) -> None:

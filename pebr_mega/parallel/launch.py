@@ -33,8 +33,13 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _child(rank: int, fn: Callable, world: int, port: int, results, args: tuple, env: dict) -> None:
+def _child(rank: int, fn: Callable, world: int, port: int, results, args: tuple, env: dict,
+           megatron_only: bool) -> None:
     os.environ.update(env)
+    if megatron_only:
+        from pebr_mega.parallel.cpu_compat import enable_cpu_compat
+
+        enable_cpu_compat()  # a rank that runs only Megatron keeps the CPU layer for its whole life
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
@@ -54,16 +59,19 @@ class WorkerError(RuntimeError):
     """A spawned rank raised; the message carries that rank's traceback."""
 
 
-def spawn(fn: Callable, world_size: int, *args: Any, env: dict | None = None, timeout_s: float = 1800) -> list:
+def spawn(fn: Callable, world_size: int, *args: Any, env: dict | None = None, timeout_s: float = 1800,
+          megatron_only: bool = True) -> list:
     """Run `fn(rank, *args)` on `world_size` spawned processes; return the per-rank results in rank order.
 
-    `fn` must be importable (a module-level function). `env` is added to each child's environment.
+    `fn` must be importable (a module-level function). `env` is added to each child's environment. A
+    `megatron_only` rank (one that calls Megatron directly) enters the CPU compatibility layer for its whole
+    life; pass False for a rank that runs the trainers, whose Megatron calls enter it themselves.
     """
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = mp.start_processes(_child, args=(fn, world_size, free_port(), results, args, dict(env or {})),
+    procs = mp.start_processes(_child, args=(fn, world_size, free_port(), results, args, dict(env or {}), megatron_only),
                                nprocs=world_size, join=False, start_method="spawn")
     got: dict[int, Any] = {}
     import time

@@ -74,7 +74,7 @@ def layout_check(arch: QwenVLArch | None, model_cfg: Any, world: int, gpus_per_n
     r = CheckResult()
     tp, pp = model_cfg.tp, model_cfg.pp
     try:
-        model_cfg.validate()
+        dataclasses.replace(model_cfg)  # re-runs ModelConfig.__post_init__ (its cross-field rules) on the values now
     except ValueError as e:
         r.errors.append(str(e))
         return r

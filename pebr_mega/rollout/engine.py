@@ -15,10 +15,31 @@ from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
 
 WeightBucket = list[tuple[str, torch.Tensor]]
 
+# SGLang's memory tags (sglang/srt/constants.py); `resume_memory(None)` means every released tag.
+WEIGHTS = "weights"
+KV_CACHE = "kv_cache"
+
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """Generates n samples per request and takes fresh weights by HF checkpoint name."""
+    """Generates n samples per request and takes fresh weights by HF checkpoint name.
+
+    Memory contract (SGLang's, and every engine enforces it, so a CPU test fails where a GPU run would
+    silently sample from garbage):
+
+    - `release_memory()` gives back the memory of every tag. The weights are then GONE: SGLang frees them
+      without a backup (its scheduler stashes only buffers; sgl-project/sglang#6367), the HF engine frees its
+      parameters' storage.
+    - `resume_memory(["weights"])` takes the weight memory back with undefined contents; `update_weights`
+      fills it (and is refused while the weights' memory is released); `resume_memory()` takes back the rest
+      (the KV cache).
+    - `generate` is refused while any memory is released, or before every weight has been delivered again
+      since the last release.
+
+    Exactly one owner drives this sequence: `pebr_mega.trainer.lifecycle.EngineLifecycle.rollout_phase`
+    (resume weights -> sync from the actor -> free the allocator cache -> resume the KV cache -> generate ->
+    release). No other code calls `release_memory` / `resume_memory`.
+    """
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> list[Sample]:
         """Return `sampling.n` samples per request, grouped by request, in request order."""
@@ -29,11 +50,11 @@ class RolloutEngine(Protocol):
         ...
 
     def release_memory(self) -> None:
-        """Free the engine's GPU memory (weights and KV cache) while training runs; no-op where meaningless."""
+        """Free the engine's memory (weights and KV cache) while training runs; the weights are lost."""
         ...
 
-    def resume_memory(self) -> None:
-        """Take the memory back before the next rollout; no-op where meaningless."""
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Take back the released memory of `tags` ("weights", "kv_cache"; None = every released tag)."""
         ...
 
 

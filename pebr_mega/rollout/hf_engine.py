@@ -4,6 +4,13 @@ It is the CPU backend of the rollout contract (tests, the embedded demo) and a r
 engine. Weights arrive through `update_weights` as (HF checkpoint name, tensor) buckets, exactly as the
 SGLang engine receives them, so the weight-sync path is exercised without a disk round trip.
 
+It enforces the rollout contract as strictly as SGLang (`pebr_mega.rollout.engine.RolloutEngine`):
+`release_memory()` frees every parameter's storage (each becomes an empty tensor; its shape and dtype are
+remembered), `resume_memory(["weights"])` reallocates them with undefined contents, `update_weights` fills
+them, and `generate` refuses to run while memory is released or before every parameter has been delivered
+again, naming the missing ones. A tied `lm_head` is the embedding's parameter: it comes back with
+`model.embed_tokens.weight`, the only name the checkpoint (and the weight sync) gives it.
+
 Per-token log-probs are those of the sampling distribution before top-p/top-k truncation,
 log softmax(logits / temperature), which is what the actor recomputes; their ratio to the actor's is the
 train-inference mismatch metric.
@@ -16,8 +23,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from pebr_mega.errors import CheckpointError
-from pebr_mega.rollout.engine import WeightBucket
+from pebr_mega.errors import CheckpointError, PebrError
+from pebr_mega.rollout.engine import KV_CACHE, WEIGHTS, WeightBucket
 from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
 
 
@@ -48,8 +55,12 @@ class HFRolloutEngine:
         self.batch_size = batch_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.token_types = mm_token_types_supported(self.model)
+        # named_parameters lists a tied lm_head once, as the embedding it shares.
         self._params = dict(self.model.named_parameters())
-        self._params.update({k: v for k, v in self.model.named_buffers() if k not in self._params})
+        self._buffers = {k: v for k, v in self.model.named_buffers() if k not in self._params}
+        self._layout = {name: (p.shape, p.dtype) for name, p in self._params.items()}
+        self._released: set[str] = set()
+        self._missing: set[str] = set()  # parameters without weights since the last release
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -64,6 +75,7 @@ class HFRolloutEngine:
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> list[Sample]:
         """n samples per request, grouped by request, in request order; deterministic for `sampling.seed`."""
         sampling.validate()
+        self._require_weights("generate")
         samples: list[Sample] = []
         for start in range(0, len(requests), self.batch_size):
             batch = list(requests[start:start + self.batch_size])
@@ -131,30 +143,67 @@ class HFRolloutEngine:
 
     # ------------------------------------------------------------------------------------------ weights
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
-        """Copy each (HF checkpoint name, tensor) into the live model; unknown names or shapes are errors."""
-        names = set(self._params)
+        """Copy each (HF checkpoint name, tensor) into the live model; unknown names or shapes are errors.
+
+        Refused while the weights' memory is released (`resume_memory(["weights"])` first, as SGLang requires).
+        """
+        if WEIGHTS in self._released:
+            raise PebrError("update_weights() while the rollout engine's weight memory is released: "
+                            "call resume_memory(['weights']) first")
+        names = set(self._params) | set(self._buffers)
         with torch.no_grad():
             for bucket in buckets:
                 for hf_name, tensor in bucket:
                     target = checkpoint_to_module_name(hf_name, names)
                     if target is None:
                         raise CheckpointError(f"weight '{hf_name}' has no parameter in the rollout model")
-                    param = self._params[target]
+                    param = self._params.get(target, self._buffers.get(target))
                     if tuple(param.shape) != tuple(tensor.shape):
                         raise CheckpointError(f"weight '{hf_name}': shape {tuple(tensor.shape)} does not match "
                                               f"the rollout model's {tuple(param.shape)}")
                     param.copy_(tensor.to(param.device, param.dtype))
+                    self._missing.discard(target)
 
     def release_memory(self) -> None:
-        """On a GPU, move the weights to host memory so training has the device; no-op on CPU."""
+        """Free every parameter's storage (shapes remembered) and the KV cache: the weights are gone.
+
+        There is no KV pool between `generate` calls here, so only the bookkeeping of that tag changes.
+        """
+        for param in self._params.values():
+            param.data = torch.empty(0, dtype=param.dtype, device=self.device)
+        self._missing = set(self._params)
+        self._released = {WEIGHTS, KV_CACHE}
         if self.device.type == "cuda":
-            self.model.to("cpu")
             torch.cuda.empty_cache()
 
-    def resume_memory(self) -> None:
-        """Move the weights back to the device before generating."""
-        if self.device.type == "cuda":
-            self.model.to(self.device)
+    def resume_memory(self, tags: Sequence[str] | None = None) -> None:
+        """Take back the released memory of `tags` (None: all). Resumed weights hold undefined values until
+        `update_weights` delivers them."""
+        wanted = set(self._released) if tags is None else set(tags) & self._released
+        if WEIGHTS in wanted:
+            for name in self._missing:
+                shape, dtype = self._layout[name]
+                self._params[name].data = torch.empty(shape, dtype=dtype, device=self.device)
+        self._released -= wanted
+
+    def _require_weights(self, what: str) -> None:
+        if self._released:
+            raise PebrError(f"{what}() while the rollout engine's {sorted(self._released)} memory is released: "
+                            "call resume_memory() first")
+        if self._missing:
+            names = sorted(module_to_checkpoint_name(n) for n in self._missing)
+            raise PebrError(f"{what}() before every weight was restored since release_memory(): {len(names)} of "
+                            f"{len(self._params)} parameters have none (e.g. {', '.join(names[:3])}); push them "
+                            f"with update_weights() (the trainer's EngineLifecycle syncs them from the actor)")
+
+
+def module_to_checkpoint_name(name: str) -> str:
+    """The HF checkpoint name of a transformers module parameter (the inverse of `checkpoint_to_module_name`)."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name
 
 
 def mm_token_types_supported(model) -> bool:

@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from pebr_mega.data.images import ImageDecoder, load_image, num_image_tokens, policy_view
+from pebr_mega.data.images import ImageConfig, ImageDecoder, load_image, num_image_tokens, policy_view
 from pebr_mega.data.prompts import render_prompt_ids
-from pebr_mega.data.records import GRPORecord
+from pebr_mega.data.records import DataConfig, GRPORecord
 from pebr_mega.data.template import PromptTemplate
 from pebr_mega.errors import DataError, ImageError
 from pebr_mega.rollout.types import RolloutRequest
@@ -50,44 +50,58 @@ class RequestReport:
         return "\n".join(lines)
 
 
-def build_request(record: GRPORecord, tokenizer, decoder: ImageDecoder, image_root: str | Path,
-                  merge_size: int = 2, template: PromptTemplate | None = None) -> RolloutRequest:
-    """One record's request, prompted with `template` (default: the packaged one); raises ImageError /
-    DataError naming the record when it cannot be built."""
-    paths = record.image_paths(image_root)
-    images = [load_image(p) for p in paths]
-    if images:
-        processed = decoder.decode_and_preprocess(images).to("cpu")
-        tokens = num_image_tokens(processed.image_grid_thw, merge_size)
-        pixel_values, grid = processed.pixel_values, processed.image_grid_thw
-    else:
-        tokens, pixel_values, grid = [], None, None
-    ids = render_prompt_ids(tokenizer, record.problem, tokens, where=f"record {record.qid}", template=template)
-    views = [policy_view(im, decoder.cfg, str(p)) for im, p in zip(images, paths)]
-    return RolloutRequest(record_id=record.qid, prompt_ids=ids, pixel_values=pixel_values,
-                          image_grid_thw=grid, images=views, record=record)
+@dataclass
+class RequestBuilder:
+    """Turns records into rollout requests with one tokenizer, image decoder, prompt template and prompt-length
+    rule: the one way requests are built (trainers, evaluation, difficulty sampling, `pebr eval`, `pebr infer`).
+    """
 
+    tokenizer: Any
+    decoder: ImageDecoder
+    max_prompt_length: int = 1 << 30
+    filter_overlong: bool = True
+    merge_size: int = 2
+    template: PromptTemplate | None = None  # None: the packaged format prompt
 
-def build_requests(records: Sequence[GRPORecord], tokenizer, decoder: ImageDecoder, image_root: str | Path,
-                   max_prompt_length: int, filter_overlong: bool = True, merge_size: int = 2,
-                   template: PromptTemplate | None = None) -> tuple[list[RolloutRequest], RequestReport]:
-    """Requests for every usable record, in order, prompted with `template` (default: the packaged one), and
-    the report of those skipped."""
-    report = RequestReport()
-    requests = []
-    for record in records:
-        try:
-            req = build_request(record, tokenizer, decoder, image_root, merge_size, template)
-        except ImageError as e:
-            report.skip("image", record.qid, str(e))
-            continue
-        except DataError as e:
-            report.skip("record", record.qid, str(e))
-            continue
-        if len(req.prompt_ids) > max_prompt_length:
-            if filter_overlong:
-                report.skip("prompt_too_long", record.qid, f"{len(req.prompt_ids)} > {max_prompt_length} tokens")
+    @classmethod
+    def from_config(cls, data: DataConfig, images: ImageConfig, tokenizer, decoder: ImageDecoder,
+                    template: PromptTemplate | None = None) -> "RequestBuilder":
+        """The builder the `data` and `images` config sections describe."""
+        return cls(tokenizer, decoder, data.max_prompt_length, data.filter_overlong_prompts, images.merge_size,
+                   template)
+
+    def build_one(self, record: GRPORecord, image_root: str | Path) -> RolloutRequest:
+        """One record's request; raises ImageError / DataError naming the record when it cannot be built."""
+        paths = record.image_paths(image_root)
+        images = [load_image(p) for p in paths]
+        if images:
+            processed = self.decoder.decode_and_preprocess(images).to("cpu")
+            tokens = num_image_tokens(processed.image_grid_thw, self.merge_size)
+            pixel_values, grid = processed.pixel_values, processed.image_grid_thw
+        else:
+            tokens, pixel_values, grid = [], None, None
+        ids = render_prompt_ids(self.tokenizer, record.problem, tokens, where=f"record {record.qid}",
+                                template=self.template)
+        views = [policy_view(im, self.decoder.cfg, str(p)) for im, p in zip(images, paths)]
+        return RolloutRequest(record_id=record.qid, prompt_ids=ids, pixel_values=pixel_values,
+                              image_grid_thw=grid, images=views, record=record)
+
+    def build(self, records: Sequence[GRPORecord], image_root: str | Path) -> tuple[list[RolloutRequest], RequestReport]:
+        """Requests for every usable record, in order, and the report of those skipped."""
+        report = RequestReport()
+        requests = []
+        for record in records:
+            try:
+                req = self.build_one(record, image_root)
+            except ImageError as e:
+                report.skip("image", record.qid, str(e))
                 continue
-        requests.append(req)
-    report.built = len(requests)
-    return requests, report
+            except DataError as e:
+                report.skip("record", record.qid, str(e))
+                continue
+            if len(req.prompt_ids) > self.max_prompt_length and self.filter_overlong:
+                report.skip("prompt_too_long", record.qid, f"{len(req.prompt_ids)} > {self.max_prompt_length} tokens")
+                continue
+            requests.append(req)
+        report.built = len(requests)
+        return requests, report

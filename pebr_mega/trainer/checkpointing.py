@@ -4,7 +4,7 @@ A checkpoint is a directory `step_<N>/` under the run's `checkpoints/` folder. I
 `.tmp-step_<N>/` and renamed into place only when everything inside is written, so a crash mid-save leaves
 only a temporary directory (removed at the next save) and never corrupts or hides the last good checkpoint.
 What goes inside (the actor's distributed checkpoint, the trainer state: step, data position, RNG states)
-is the caller's business.
+is `StageCheckpoints`' business.
 
 The last two files of a commit are `COMPLETE` (step and caller's meta) and `MANIFEST.json`: the relative
 path, size and SHA-256 of every other file. A checkpoint damaged after its commit (a truncated or emptied
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import warnings
@@ -27,7 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+import torch
+
+from pebr_mega.actor.megatron_actor import MegatronActor
 from pebr_mega.errors import CheckpointError
+from pebr_mega.parallel.groups import barrier, rank
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
@@ -193,3 +199,65 @@ class CheckpointManager:
         if problem is not None and problem != f"no {MANIFEST}":
             raise CheckpointError(f"{p} is damaged: {problem}")
         return p
+
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+class StageCheckpoints:
+    """A stage's checkpoints: `step_<N>/actor/` (the actor, distributed) and `step_<N>/trainer_state.pt`
+    (rank 0: step, data position, RNG states, and whatever else the stage keeps, e.g. its `eval_*` results)."""
+
+    def __init__(self, root: str | Path, keep_last: int, stage: str) -> None:
+        self.manager = CheckpointManager(root, keep_last=keep_last)
+        self.stage = stage
+
+    @property
+    def root(self) -> Path:
+        """The `checkpoints/` folder."""
+        return self.manager.root
+
+    def last_step(self) -> int | None:
+        """The step of the newest complete checkpoint, or None."""
+        steps = self.manager.steps()
+        return steps[-1] if steps else None
+
+    def save(self, step: int, actor: MegatronActor, state: dict) -> None:
+        """Checkpoint the actor and `state` (plus step and RNG states) atomically; collective over all ranks."""
+        if rank() == 0:
+            self.manager.prepare(step)
+        barrier()
+        tmp = self.manager.tmp_path(step)
+        actor.save(tmp / "actor")
+        if rank() == 0:
+            torch.save({**state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
+            self.manager.commit(step, {"stage": self.stage})
+        barrier()
+
+    def load_latest(self, actor: MegatronActor) -> dict | None:
+        """Load the newest complete checkpoint into `actor`, restore the RNG states and return the trainer
+        state (None when there is no checkpoint); collective over all ranks."""
+        latest = self.manager.latest()
+        if latest is None:
+            return None
+        actor.load(latest / "actor")
+        state = torch.load(latest / TRAINER_STATE, weights_only=False)
+        set_rng_state(state["rng"])
+        return state
+
+
+def rng_state() -> dict:
+    """Python's, NumPy's, torch's (and CUDA's) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

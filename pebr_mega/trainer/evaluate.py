@@ -1,7 +1,8 @@
 """Held-out evaluation: generate one answer per question and grade it (accuracy, format, reward).
 
-Used by `pebr eval`, by the trainers before and after a stage, and by the demo's summary. Grading goes through
-the reward guard's worker pool (`pebr_mega.rewards.guard`): an answer whose grading overruns the time limit
+`evaluate` is used by `pebr eval` and the demo's summary; `Evaluator` by the trainers before, during and
+after a stage, through the engine's rollout phase (`pebr_mega.trainer.lifecycle`). Grading goes through the
+reward guard's worker pool (`pebr_mega.rewards.guard`): an answer whose grading overruns the time limit
 scores 0 and is counted (`eval/timeouts`).
 """
 from __future__ import annotations
@@ -11,11 +12,16 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import Sequence
 
+from tqdm.auto import tqdm
+
 from pebr_mega.rewards import RewardModel, RewardSample, accuracy_reward, format_reward
 from pebr_mega.rewards.guard import RewardPool, score_components
 from pebr_mega.rewards.model import RewardConfig, reward_pool
 from pebr_mega.rollout.engine import RolloutEngine
+from pebr_mega.rollout.factory import rollout_sampling
 from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
+from pebr_mega.trainer.context import RunContext
+from pebr_mega.trainer.lifecycle import EngineLifecycle
 
 
 def to_reward_sample(s: Sample) -> RewardSample:
@@ -72,8 +78,6 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
     Keys: `eval/accuracy`, `eval/format`, `eval/response_length`, `eval/count`, `eval/timeouts`, `eval/reward`.
     Grading uses `pool`, else the reward model's, else the default `RewardConfig`'s.
     """
-    from tqdm.auto import tqdm
-
     samples: list[Sample] = []
     bar = tqdm(total=len(requests), desc="eval", disable=not progress, leave=False)
     for start in range(0, len(requests), batch_size):
@@ -104,3 +108,36 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
                                     "ground_truth": getattr(s.request.record, "answer", ""),
                                     "accuracy": a, "format": fm}) + "\n")
     return out
+
+
+class Evaluator:
+    """A stage's held-out evaluation: its requests are built once; every run is one rollout phase with the
+    validation sampling (`rollout.val_*`) and the stage's reward preset."""
+
+    def __init__(self, ctx: RunContext, lifecycle: EngineLifecycle, eval_file: str, max_samples: int,
+                 reward_model: RewardModel | None) -> None:
+        self.ctx = ctx
+        self.lifecycle = lifecycle
+        self.eval_file = eval_file
+        self.reward_model = reward_model
+        records = ctx.load_records(eval_file, "eval")
+        self.records = records[:max_samples] if max_samples else records
+        self._requests: list[RolloutRequest] | None = None
+
+    def requests(self) -> list[RolloutRequest]:
+        """The eval set's requests (built on first use; skipped records reported once)."""
+        if self._requests is None:
+            self._requests, report = self.ctx.requests.build(self.records, self.ctx.image_root(self.eval_file))
+            if report.skipped:
+                self.ctx.log(f"{self.ctx.stage} eval: {report.summary()}")
+        return self._requests
+
+    def run(self) -> dict[str, float]:
+        """Accuracy / format / reward of the engine's current policy (synced from the actor by the phase)."""
+        cfg = self.ctx.cfg
+        requests = self.requests()
+        sampling = rollout_sampling(cfg.rollout, self.ctx.tokenizer, seed=cfg.run.seed, validation=True)
+        with self.lifecycle.rollout_phase() as engine:
+            return evaluate(engine, requests, sampling, reward_model=self.reward_model,
+                            batch_size=cfg.rollout.batch_size, progress=self.ctx.is_main and cfg.logging.progress_bar,
+                            grading=cfg.rewards.answer_grading)

@@ -17,11 +17,17 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from pebr_mega.checkpoint.hf_io import atomic_dir
+from pebr_mega.config import PebrConfig
+from pebr_mega.data.records import image_root_for
+from pebr_mega.data.split import format_summary, split_files
 from pebr_mega.errors import PebrError
 from pebr_mega.outputs import claim_output_dir
+from pebr_mega.trainer.grpo import GRPOTrainer
+from pebr_mega.trainer.sample import run_sampling
+from pebr_mega.trainer.sft import SFTTrainer
 
 STAGES = ("sft", "sample", "split", "stage1", "stage2", "export")
 
@@ -46,7 +52,7 @@ def _count(path: Path) -> int:
     return len(json.loads(path.read_text())) if path.is_file() else 0
 
 
-def run_pipeline(cfg: Any, log: Callable[[str], None] = print) -> dict[str, dict]:
+def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
     """Run the stages listed in `cfg.pipeline.stages` in order; returns each stage's result."""
     p = cfg.pipeline
     unknown = [s for s in p.stages if s not in STAGES]
@@ -77,13 +83,13 @@ def run_pipeline(cfg: Any, log: Callable[[str], None] = print) -> dict[str, dict
     return results
 
 
-def _stage_cfg(cfg: Any, out_dir: Path, data_file: str | None = None) -> Any:
+def _stage_cfg(cfg: PebrConfig, out_dir: Path, data_file: str | None = None) -> PebrConfig:
     """A copy of `cfg` writing into `out_dir`, whose images resolve against `pipeline.image_root`, else the
     folder of the stage's source data file (the split files live elsewhere but name the same images)."""
     c = copy.deepcopy(cfg)
     c.run.output_dir = str(out_dir)
     if data_file is not None:
-        c.data.image_root = cfg.pipeline.image_root or cfg.data.image_root or str(Path(data_file).parent)
+        c.data.image_root = image_root_for(data_file, cfg.pipeline.image_root or cfg.data.image_root)
     return c
 
 
@@ -92,18 +98,14 @@ def _model_of(work: Path, stage: str, results: dict, fallback: str) -> str:
     return res["model_dir"] if res and res.get("model_dir") else fallback
 
 
-def _run_sft(cfg: Any, work: Path, results: dict) -> dict:
-    from pebr_mega.trainer.sft import SFTTrainer
-
+def _run_sft(cfg: PebrConfig, work: Path, results: dict) -> dict:
     c = _stage_cfg(cfg, work / "sft", cfg.pipeline.sft_file)
     c.sft.init_model, c.sft.train_file = cfg.pipeline.base_model, cfg.pipeline.sft_file
     c.data.eval_file = cfg.pipeline.eval_file or c.data.eval_file
     return SFTTrainer(c).train().to_dict()
 
 
-def _run_sample(cfg: Any, work: Path, results: dict) -> dict:
-    from pebr_mega.trainer.sample import run_sampling
-
+def _run_sample(cfg: PebrConfig, work: Path, results: dict) -> dict:
     c = _stage_cfg(cfg, work / "sample", cfg.pipeline.grpo_file)
     c.sample.model = _model_of(work, "sft", results, cfg.pipeline.base_model)
     c.sample.dataset = cfg.pipeline.grpo_file
@@ -111,9 +113,7 @@ def _run_sample(cfg: Any, work: Path, results: dict) -> dict:
     return run_sampling(c, progress=cfg.logging.progress_bar)
 
 
-def _run_split(cfg: Any, work: Path, results: dict) -> dict:
-    from pebr_mega.data.split import format_summary, split_files
-
+def _run_split(cfg: PebrConfig, work: Path, results: dict) -> dict:
     out = work / "split"
     res = split_files(work / "sample" / "rollouts.jsonl", cfg.pipeline.grpo_file, out, n=cfg.sample.n,
                       threshold=cfg.sample.correct_threshold)
@@ -122,9 +122,7 @@ def _run_split(cfg: Any, work: Path, results: dict) -> dict:
     return {"counts": res.counts(), "dir": str(out)}
 
 
-def _run_grpo(cfg: Any, work: Path, results: dict, stage: str, data_file: str, init: str) -> dict:
-    from pebr_mega.trainer.grpo import GRPOTrainer
-
+def _run_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, data_file: str, init: str) -> dict:
     path = work / "split" / data_file
     if _count(path) == 0:
         print(f"[pipeline] {stage}: {path} holds no questions; the stage is skipped and passes {init} on")
@@ -136,17 +134,17 @@ def _run_grpo(cfg: Any, work: Path, results: dict, stage: str, data_file: str, i
     return GRPOTrainer(c).train().to_dict()
 
 
-def _run_stage1(cfg: Any, work: Path, results: dict) -> dict:
+def _run_stage1(cfg: PebrConfig, work: Path, results: dict) -> dict:
     return _run_grpo(cfg, work, results, "stage1", "easycase.json",
                      _model_of(work, "sft", results, cfg.pipeline.base_model))
 
 
-def _run_stage2(cfg: Any, work: Path, results: dict) -> dict:
+def _run_stage2(cfg: PebrConfig, work: Path, results: dict) -> dict:
     init = _model_of(work, "stage1", results, _model_of(work, "sft", results, cfg.pipeline.base_model))
     return _run_grpo(cfg, work, results, "stage2", "mediumcase.json", init)
 
 
-def _run_export(cfg: Any, work: Path, results: dict) -> dict:
+def _run_export(cfg: PebrConfig, work: Path, results: dict) -> dict:
     src = Path(_model_of(work, "stage2", results, _model_of(work, "stage1", results,
                                                              _model_of(work, "sft", results, cfg.pipeline.base_model))))
     with atomic_dir(work / "final") as tmp:

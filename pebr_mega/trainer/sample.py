@@ -15,54 +15,46 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from pathlib import Path
-from typing import Any
 
-from pebr_mega.data.images import make_image_decoder
-from pebr_mega.data.records import load_grpo_records
+from tqdm.auto import tqdm
+
 from pebr_mega.checkpoint.hf_io import check_hf_model_dir
-from pebr_mega.data.template import load_prompt_template
+from pebr_mega.config import PebrConfig
 from pebr_mega.errors import DataError
 from pebr_mega.outputs import claim_output_file
 from pebr_mega.rewards.model import reward_pool
-from pebr_mega.rollout.requests import build_requests
+from pebr_mega.rollout.factory import make_rollout_engine, sampling_params
+from pebr_mega.trainer.context import RunContext
 from pebr_mega.trainer.evaluate import grade_answers
-from pebr_mega.trainer.hf_io import make_rollout_engine, sampling_params
+from pebr_mega.trainer.lifecycle import EngineLifecycle
 
 
-def run_sampling(cfg: Any, progress: bool = True) -> dict:
-    """Sample `cfg.sample.n` answers per question of `cfg.sample.dataset` with `cfg.sample.model`; returns a summary."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoTokenizer
+def run_sampling(cfg: PebrConfig, progress: bool = True) -> dict:
+    """Sample `cfg.sample.n` answers per question of `cfg.sample.dataset` with `cfg.sample.model`; returns a summary.
 
+    There is no actor: the engine's weights are the ones it loaded from `sample.model`, valid until its first
+    release, so every batch runs inside one rollout phase (which needs no sync).
+    """
     sc = cfg.sample
     if not sc.output:
         raise DataError("sample.output is not set: give the rollouts JSONL file to write")
     check_hf_model_dir(sc.model, "sample.model")
     out = claim_output_file(sc.output, [sc.dataset, sc.model], what="sample.output")
-    loaded = load_grpo_records(sc.dataset, cfg.data.image_root, require_images=cfg.data.require_images)
-    if loaded.skipped:
-        print(loaded.report())
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.run.device != "cpu" else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(sc.model)
-    decoder = make_image_decoder(dataclasses.replace(cfg.images, max_pixels=sc.max_pixels), device)
-    image_root = cfg.data.image_root or str(Path(sc.dataset).parent)
-    requests, report = build_requests(loaded.records, tokenizer, decoder, image_root, cfg.data.max_prompt_length,
-                                      cfg.data.filter_overlong_prompts, cfg.images.merge_size,
-                                      load_prompt_template(cfg.data.format_prompt))
+    ctx = RunContext.for_generation(cfg, sc.model, "sample", images=dataclasses.replace(cfg.images, max_pixels=sc.max_pixels))
+    records = ctx.load_records(sc.dataset, "GRPO")
+    requests, report = ctx.requests.build(records, ctx.image_root(sc.dataset))
     if report.skipped:
         print(report.summary())
     pool = reward_pool(cfg.rewards)
-    engine = make_rollout_engine(cfg.rollout, sc.model, device, seed=cfg.run.seed)
+    lifecycle = EngineLifecycle(make_rollout_engine(cfg.rollout, sc.model, ctx.device, seed=cfg.run.seed))
     tmp = out.with_name(out.name + ".tmp")
     correct = Counter()
     timeouts = failures = 0
     bar = tqdm(total=len(requests), desc="sample", disable=not progress)
-    with tmp.open("w", encoding="utf-8") as f:
+    with tmp.open("w", encoding="utf-8") as f, lifecycle.rollout_phase() as engine:
         for start in range(0, len(requests), sc.batch_size):
             chunk = requests[start:start + sc.batch_size]
-            sampling = sampling_params(tokenizer, sc.n, sc.temperature, sc.top_p, cfg.rollout.max_new_tokens,
+            sampling = sampling_params(ctx.tokenizer, sc.n, sc.temperature, sc.top_p, cfg.rollout.max_new_tokens,
                                        seed=cfg.run.seed + start)
             samples = engine.generate(chunk, sampling)
             grades = grade_answers(pool, [(s.response_text, s.request.record.answer) for s in samples],

@@ -8,22 +8,23 @@ conversation longer than `sft.cutoff_len` tokens is truncated the way LLaMA-Fact
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
-from typing import Any
 
+from pebr_mega.actor.config import ActorConfig
 from pebr_mega.actor.megatron_actor import LossSpec
 from pebr_mega.actor.packing import ActorSequence
+from pebr_mega.config import PebrConfig
+from pebr_mega.data.images import ImageDecoder
 from pebr_mega.data.sft_records import SFTReport, encode_sft_file, resolve_sft_source
 from pebr_mega.errors import DataError
-from pebr_mega.logging import read_metrics
+from pebr_mega.rewards import build_reward
+from pebr_mega.stage_config import SFTConfig
 from pebr_mega.trainer.data_order import EpochSampler
-from pebr_mega.trainer.grpo import StageResult, _eval_line
-from pebr_mega.trainer.session import Session
+from pebr_mega.trainer.stage import StageResult, StageTrainer
 
 
-def load_sft_sequences(path: str | Path, tokenizer, decoder, image_root: str | Path, cutoff_len: int,
+def load_sft_sequences(path: str | Path, tokenizer, decoder: ImageDecoder, image_root: str | Path, cutoff_len: int,
                        merge_size: int = 2, **read_options) -> tuple[list[ActorSequence], SFTReport]:
     """Tokenised conversations with their images (`encode_sft_file`, whose keyword options pass through) and
     the report of skipped and truncated ones."""
@@ -32,72 +33,56 @@ def load_sft_sequences(path: str | Path, tokenizer, decoder, image_root: str | P
             for i, e in enumerate(examples)], report
 
 
-class SFTTrainer:
+def sft_actor_config(actor: ActorConfig, sft: SFTConfig) -> ActorConfig:
+    """The actor settings SFT trains with: `actor.*`, except the keys the `sft` section also declares (`lr`,
+    `warmup_ratio`, `lr_schedule`, `freeze_vision`, `freeze_projector`), which come from `sft.*`."""
+    shared = {f.name for f in dataclasses.fields(ActorConfig)} & {f.name for f in dataclasses.fields(SFTConfig)}
+    return dataclasses.replace(actor, **{k: getattr(sft, k) for k in sorted(shared)})
+
+
+class SFTTrainer(StageTrainer):
     """Runs `cfg.sft` from `cfg.sft.init_model` into `cfg.run.output_dir`."""
 
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: PebrConfig) -> None:
         sft = cfg.sft
-        self.session = Session(cfg, init_model=sft.init_model, train_file="", eval_file=cfg.data.eval_file or "",
-                               stage="sft")
-        s = self.session
+        super().__init__(cfg, sft, name="sft", init_model=sft.init_model, inputs=[sft.train_file, sft.dataset_info])
         train_file, columns = resolve_sft_source(sft.train_file, sft.dataset_info, sft.dataset_name)
-        self.seqs, skipped = load_sft_sequences(train_file, s.tokenizer, s.decoder,
-                                                cfg.data.image_root or str(train_file.parent),
-                                                sft.cutoff_len, cfg.images.merge_size, columns=columns,
-                                                image_max_pixels=sft.image_max_pixels,
-                                                image_min_pixels=sft.image_min_pixels)
-        if skipped:
-            print(f"sft data: {skipped}")
+        self.seqs, self.skipped = load_sft_sequences(train_file, self.ctx.tokenizer, self.ctx.decoder,
+                                                     self.ctx.image_root(str(train_file)), sft.cutoff_len,
+                                                     cfg.images.merge_size, columns=columns,
+                                                     image_max_pixels=sft.image_max_pixels,
+                                                     image_min_pixels=sft.image_min_pixels)
+        if self.skipped:
+            self.ctx.log(f"sft data: {self.skipped}")
         if not self.seqs:
             raise DataError(f"{train_file}: no usable SFT conversations")
-        self.skipped = skipped
-        s.sampler = EpochSampler(self.seqs, sft.batch_size, seed=cfg.run.seed)
-        self.total_steps = s.sampler.steps_per_epoch() * sft.epochs
-        actor_cfg = dataclasses.replace(cfg.actor, lr=sft.lr, warmup_ratio=sft.warmup_ratio, lr_schedule=sft.lr_schedule,
-                                        freeze_vision=sft.freeze_vision, freeze_projector=sft.freeze_projector)
-        s.checkpoints.keep_last = sft.keep_last
-        s.build_actors(total_updates=self.total_steps, with_reference=False, lr=sft.lr, actor_cfg=actor_cfg)
-        if s.eval_records:
-            s.build_engine()
-            s.build_rewards(dataclasses.replace(cfg.rewards, stage="stage2"))
+        self.sampler = EpochSampler(self.seqs, sft.batch_size, seed=cfg.run.seed)
+        self.total_steps = self.sampler.steps_per_epoch() * sft.epochs
+        if self.loop.eval_file or cfg.data.eval_file:
+            self.build_engine()  # before the actor: memory order (see trainer/stage.py)
+        actor_cfg = sft_actor_config(cfg.actor, sft)
+        self.ctx.log(f"sft: lr {actor_cfg.lr:g}, warmup {actor_cfg.warmup_ratio:g}, schedule {actor_cfg.lr_schedule}, "
+                     f"freeze_vision {actor_cfg.freeze_vision}, freeze_projector {actor_cfg.freeze_projector} "
+                     f"(from sft.*; every other actor.* key applies)")
+        self.actor = self.build_actor(actor_cfg, self.total_steps)
+        # Held-out reward of the SFT model with the stage-2 preset (accuracy and format).
+        self.evaluator = self.build_evaluator(build_reward(dataclasses.replace(cfg.rewards, stage="stage2"))
+                                              if self.lifecycle is not None else None)
 
-    def train(self) -> StageResult:
-        """All epochs (resuming from the newest checkpoint), then evaluation and export."""
-        s, sft = self.session, self.cfg.sft
-        step = s.maybe_resume()
-        logger = s.make_logger(self.total_steps, desc="sft")
-        result = StageResult(model_dir=str(s.out_dir / "hf"), steps=self.total_steps)
-        result.eval_before = s.load_or_run_eval("eval_before") if s.engine is not None else {}
-        if result.eval_before:
-            logger.message(_eval_line("before", result.eval_before))
-        try:
-            while step < self.total_steps:
-                t0 = time.perf_counter()
-                epoch, batch = s.sampler.next_batch()
-                m = s.actor.train_step(batch, LossSpec("sft"))
-                step += 1
-                m["epoch"] = epoch
-                m["time/step"] = time.perf_counter() - t0
-                tokens = sum(len(q.input_ids) for q in batch)
-                m["tokens_per_s"] = tokens / m["time/step"]
-                m.update(s.flops_metrics(train_tokens=tokens, forward_tokens=0, seconds=m["time/step"]))
-                logger.log(step, m)
-                if sft.save_every and step % sft.save_every == 0:
-                    s.save(step)
-        except KeyboardInterrupt:
-            logger.message(f"interrupted: saving step {step}")
-            s.save(step)
-            logger.close()
-            raise
-        if s.engine is not None:
-            s.sync_engine()
-            result.eval_after = s.run_eval()
-            logger.message(_eval_line("after", result.eval_after))
-        losses = [r["loss"] for r in read_metrics(s.out_dir / "metrics.jsonl") if r.get("loss") is not None]
+    def train_step(self) -> dict[str, float]:
+        """One optimizer update on the next batch of conversations (loss on the assistant tokens)."""
+        t0 = time.perf_counter()
+        epoch, batch = self.sampler.next_batch()
+        m = self.actor.train_step(batch, LossSpec("sft"))
+        m["epoch"] = epoch
+        m["time/step"] = time.perf_counter() - t0
+        tokens = sum(len(q.input_ids) for q in batch)
+        m["tokens_per_s"] = tokens / m["time/step"]
+        m.update(self.flops_metrics(train_tokens=tokens, forward_tokens=0, seconds=m["time/step"]))
+        return m
+
+    def summarize(self, result: StageResult, rows: list[dict]) -> None:
+        """The loss of the first and the last step."""
+        losses = [r["loss"] for r in rows if r.get("loss") is not None]
         if losses:
             result.first_loss, result.last_loss = losses[0], losses[-1]
-        logger.close()
-        s.export(result.model_dir)
-        (s.out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        return result

@@ -1,11 +1,21 @@
-"""Settings of the trainers: one GRPO stage, the SFT warm-up, sampling, and the whole recipe.
+"""The stage sections of the config tree: one GRPO stage, the SFT warm-up, sampling, and the whole recipe.
 
-Stage-dependent upstream values are `None` by default and resolved by `resolve_stage_defaults`:
+They are the trainers' own settings, declared here (a leaf importing only `config_fields`) rather than in
+`pebr_mega/trainer/`, because the root `pebr_mega.config` composes them and the trainers import the root.
+
+Stage-dependent upstream values are `None` by default and filled by `GRPOTrainerConfig.resolved()`:
 stage 1 uses 560 prompts per rollout step and 112 per update (5 updates), 1 epoch; stage 2 uses
 512 and 128 (4 updates), 2 epochs (PEBR_FACTS).
+
+Precedence between a stage section and the shared sections (one rule): a key that a stage section declares
+under the same name as a key of `actor.*` (the SFT section's `lr`, `warmup_ratio`, `lr_schedule`,
+`freeze_vision`, `freeze_projector`) applies to that stage and wins over `actor.*` there; every other
+`actor.*` key applies to every stage, and the `actor.*` keys of those names are the GRPO stages' own.
+`pebr_mega.trainer.sft.sft_actor_config` applies the rule and the SFT trainer prints what it took.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -18,7 +28,27 @@ STAGE_DEFAULTS = {
 
 
 @dataclass
-class GRPOTrainerConfig:
+class StageLoopConfig:
+    """The keys the one stage loop (`pebr_mega.trainer.stage.StageTrainer`) reads, the same in every stage."""
+
+    save_every: int = 0  # steps between checkpoints; 0 = only when interrupted and at the end
+    keep_last: int = 1  # complete checkpoints kept
+    eval_every: int = 0  # steps between held-out evaluations; 0 = only before and after
+    eval_file: str = ""  # GRPO-format held-out set; "" = data.eval_file
+    eval_max_samples: int = 0  # 0 = all
+
+    def check_loop(self, section: str) -> None:
+        """ConfigError naming `section.key` for a loop key out of range."""
+        check_fields(section, {
+            "save_every": (self.save_every >= 0, self.save_every, "must be >= 0 (0 = only at the end)"),
+            "keep_last": positive(self.keep_last),
+            "eval_every": (self.eval_every >= 0, self.eval_every, "must be >= 0 (0 = only before and after)"),
+            "eval_max_samples": (self.eval_max_samples >= 0, self.eval_max_samples, "must be >= 0 (0 = all)"),
+        })
+
+
+@dataclass
+class GRPOTrainerConfig(StageLoopConfig):
     """One GRPO stage: data sizes, epochs, checkpointing and evaluation."""
 
     stage: str = choice("stage1", ["stage1", "stage2"])
@@ -32,35 +62,31 @@ class GRPOTrainerConfig:
     shuffle: bool = True
     save_every: int = 50
     keep_last: int = 2
-    eval_every: int = 0  # 0 = only before and after
-    eval_file: str = ""
-    eval_max_samples: int = 0  # 0 = all
-    skip_nonfinite: bool = True
 
     def __post_init__(self) -> None:
+        self.check_loop("grpo")
         check_fields("grpo", {
             "rollout_batch_size": optional_positive(self.rollout_batch_size),
             "mini_batch_size": optional_positive(self.mini_batch_size),
             "ppo_epochs": positive(self.ppo_epochs),
             "epochs": optional_positive(self.epochs),
             "max_steps": (self.max_steps == -1 or self.max_steps >= 1, self.max_steps, "must be -1 (all) or >= 1"),
-            "save_every": (self.save_every >= 0, self.save_every, "must be >= 0 (0 = only at the end)"),
-            "keep_last": positive(self.keep_last),
-            "eval_every": (self.eval_every >= 0, self.eval_every, "must be >= 0 (0 = only before and after)"),
-            "eval_max_samples": (self.eval_max_samples >= 0, self.eval_max_samples, "must be >= 0 (0 = all)"),
         })
 
     def resolved(self) -> "GRPOTrainerConfig":
         """A copy with the stage's upstream values filled where the user left `None`."""
-        import dataclasses
-
         values = {k: v for k, v in STAGE_DEFAULTS[self.stage].items() if getattr(self, k) is None}
         return dataclasses.replace(self, **values)
 
 
 @dataclass
-class SFTConfig:
-    """The SFT warm-up (upstream: full fine-tune, lr 1e-5, warmup 0.1, cosine, 2 epochs, cutoff 4096)."""
+class SFTConfig(StageLoopConfig):
+    """The SFT warm-up (upstream: full fine-tune, lr 1e-5, warmup 0.1, cosine, 2 epochs, cutoff 4096).
+
+    `lr`, `warmup_ratio`, `lr_schedule`, `freeze_vision` and `freeze_projector` are this stage's and win over
+    the `actor.*` keys of the same names (the module docstring's precedence rule); the other `actor.*` keys
+    (betas, weight decay, clipping, micro-batch tokens, kernels) apply here too.
+    """
 
     init_model: str = ""
     train_file: str = ""  # ShareGPT JSON or JSONL (messages/role/content or conversations/from/value)
@@ -77,10 +103,9 @@ class SFTConfig:
     batch_size: int = 32  # conversations per optimizer step
     freeze_vision: bool = True
     freeze_projector: bool = True
-    save_every: int = 0
-    keep_last: int = 1
 
     def __post_init__(self) -> None:
+        self.check_loop("sft")
         check_fields("sft", {
             "lr": (self.lr >= 0, self.lr, "must be >= 0"),
             "warmup_ratio": (0 <= self.warmup_ratio <= 1, self.warmup_ratio, "must be in [0, 1]"),

@@ -1,0 +1,234 @@
+"""The one stage loop: resume, periodic evaluation and saves, Ctrl-C, final save, evaluation, export, result.
+
+`StageTrainer.train()` owns the loop; a stage (GRPO, SFT) implements `train_step()` and builds its parts in
+its constructor with the helpers here, in the order memory needs (torchtitan's shape: small methods named
+by step). Each concern has one place, so later work extends the loop without copying it:
+
+- resume: `resume()`;           - interrupt handling: `on_interrupt()`;
+- saving: `save()`;             - evaluation: `evaluate()`;
+- metrics: the `MetricsLogger` from `make_logger()`, and `summarize()` / `write_result()` for `result.json`.
+
+Build order (`build_engine` before `build_actor`): the rollout engine starts first and releases its memory,
+because SGLang sizes its KV pool from the GPU memory free when it loads; the actor and the reference
+allocate afterwards, and every rollout phase syncs the actor's weights into the engine.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from pebr_mega.actor.config import ActorConfig
+from pebr_mega.actor.megatron_actor import MegatronActor, build_actor
+from pebr_mega.checkpoint.export import export_to_hf
+from pebr_mega.checkpoint.gather import count_parameters
+from pebr_mega.config import PebrConfig, to_dict
+from pebr_mega.logging import LoggingConfig, MetricsLogger, read_metrics
+from pebr_mega.rewards import RewardModel
+from pebr_mega.rollout.factory import make_rollout_engine
+from pebr_mega.stage_config import StageLoopConfig
+from pebr_mega.trainer.checkpointing import StageCheckpoints
+from pebr_mega.trainer.context import RunContext
+from pebr_mega.trainer.data_order import EpochSampler
+from pebr_mega.trainer.evaluate import Evaluator
+from pebr_mega.trainer.lifecycle import EngineLifecycle, actor_weights
+
+# Dense bf16 peak of the cards we know, for MFU (TFLOP/s).
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
+
+
+@dataclass
+class StageResult:
+    """What a stage produced: its final HF model, held-out metrics before/after and the mean reward."""
+
+    model_dir: str
+    steps: int
+    eval_before: dict = field(default_factory=dict)
+    eval_after: dict = field(default_factory=dict)
+    mean_reward: float = float("nan")
+    first_reward: float = float("nan")
+    last_reward: float = float("nan")
+    first_loss: float = float("nan")  # SFT: the loss of the first and the last step
+    last_loss: float = float("nan")
+
+    def to_dict(self) -> dict:
+        """Standard JSON: a number that is not available (NaN) is None (`null`), in nested metrics too."""
+        return _finite_or_none(dict(self.__dict__))
+
+
+def _finite_or_none(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    return v
+
+
+class StageTrainer:
+    """The loop every stage runs; subclasses set the parts below and implement `train_step()`."""
+
+    name: str  # the stage's name: progress bar, messages, checkpoint metadata
+    ctx: RunContext
+    loop: StageLoopConfig
+    actor: MegatronActor
+    sampler: EpochSampler
+    total_steps: int
+    lifecycle: EngineLifecycle | None = None
+    evaluator: Evaluator | None = None
+    step: int = 0
+
+    def __init__(self, cfg: PebrConfig, loop: StageLoopConfig, name: str, init_model: str,
+                 inputs: Sequence[str] = ()) -> None:
+        self.cfg = cfg
+        self.loop = loop
+        self.name = name
+        self.init_model = init_model
+        self.ctx = RunContext.for_training(cfg, init_model, name, [*inputs, loop.eval_file or cfg.data.eval_file or ""])
+        self.checkpoints = StageCheckpoints(self.ctx.out_dir / "checkpoints", loop.keep_last, name)
+        self.resumed: dict = {}  # the trainer state of the checkpoint this run resumed from
+        self._num_params: int | None = None
+
+    # ------------------------------------------------------------------------------------------ building
+    def build_engine(self) -> None:
+        """The rollout engine from `init_model`, then released: call before `build_actor` (memory order)."""
+        engine = make_rollout_engine(self.cfg.rollout, self.init_model, self.ctx.device, seed=self.cfg.run.seed)
+        self.lifecycle = EngineLifecycle(engine)
+        self.lifecycle.release()
+
+    def build_actor(self, actor_cfg: ActorConfig, total_updates: int, trainable: bool = True) -> MegatronActor:
+        """An actor from `init_model`; the trainable one becomes the engine's weight source."""
+        actor = build_actor(self.init_model, self.cfg.model, actor_cfg, trainable=trainable,
+                            total_updates=total_updates, lr=actor_cfg.lr)
+        if trainable and self.lifecycle is not None:
+            self.lifecycle.attach(actor_weights(actor, self.cfg.rollout.weight_bucket_mb))
+        return actor
+
+    def build_evaluator(self, reward_model: RewardModel | None) -> Evaluator | None:
+        """The held-out evaluation of `loop.eval_file` (else `data.eval_file`); None without an eval set."""
+        eval_file = self.loop.eval_file or self.cfg.data.eval_file or ""
+        if not eval_file or self.lifecycle is None:
+            return None
+        return Evaluator(self.ctx, self.lifecycle, eval_file, self.loop.eval_max_samples, reward_model)
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def train(self) -> StageResult:
+        """Run every remaining step (resuming from the newest checkpoint), evaluate, export; returns the result."""
+        self.step = self.resume()
+        logger = self.make_logger()
+        result = StageResult(model_dir=str(self.ctx.out_dir / "hf"), steps=self.total_steps)
+        try:
+            result.eval_before = self.evaluate("before", logger, stored="eval_before")
+            while self.step < self.total_steps:
+                metrics = self.train_step()
+                self.step += 1
+                logger.log(self.step, metrics)
+                if self.loop.eval_every and self.step % self.loop.eval_every == 0 and self.step < self.total_steps:
+                    self.evaluate(f"at step {self.step}", logger, log_step=self.step)
+                if self.loop.save_every and self.step % self.loop.save_every == 0:
+                    self.save()
+        except KeyboardInterrupt:
+            self.on_interrupt(logger)
+            raise
+        if self.checkpoints.last_step() != self.step:
+            self.save()
+        result.eval_after = self.evaluate("after", logger)
+        logger.close()
+        # The run's format prompt goes with the weights: the next stage, `pebr eval` and `pebr infer` use it.
+        export_to_hf(self.actor.module, self.init_model, result.model_dir, write_extra=self.ctx.write_prompt_template)
+        self.summarize(result, read_metrics(self.ctx.out_dir / "metrics.jsonl"))
+        self.write_result(result)
+        return result
+
+    def train_step(self) -> dict[str, float]:
+        """One step of the stage; returns its metrics."""
+        raise NotImplementedError
+
+    def summarize(self, result: StageResult, rows: list[dict]) -> None:
+        """Fill the stage-specific fields of `result` from the run's metrics rows."""
+
+    # ------------------------------------------------------------------------------------------ one place each
+    def resume(self) -> int:
+        """Load the newest complete checkpoint of this run, if any; returns the step to continue from."""
+        state = self.checkpoints.load_latest(self.actor)
+        if state is None:
+            return 0
+        if state.get("data"):
+            self.sampler.load_state_dict(state["data"])
+        self.resumed = state
+        self.ctx.log(f"{self.name}: resumed from {self.checkpoints.root} (step {state['step']})")
+        return int(state["step"])
+
+    def save(self) -> None:
+        """Checkpoint the actor and the trainer state (data position, stored evaluations) at `self.step`."""
+        state = {"data": self.sampler.position.state_dict(),
+                 **{k: v for k, v in self.resumed.items() if k.startswith("eval_")}}
+        self.checkpoints.save(self.step, self.actor, state)
+
+    def on_interrupt(self, logger: MetricsLogger) -> None:
+        """Ctrl-C: save the current step so a re-run resumes there, and close the metrics."""
+        logger.message(f"interrupted: saving step {self.step} to {self.checkpoints.root}")
+        self.save()
+        logger.close()
+
+    def evaluate(self, when: str, logger: MetricsLogger, stored: str | None = None,
+                 log_step: int | None = None) -> dict[str, float]:
+        """One held-out evaluation ({} without an eval set), printed as one line.
+
+        `stored`: the key under which a resumed run finds it (so a resume does not re-measure `before`);
+        `log_step`: also write it to metrics.jsonl at that step.
+        """
+        if self.evaluator is None:
+            return {}
+        if stored is not None and stored in self.resumed:
+            out = self.resumed[stored]
+        else:
+            out = self.evaluator.run()
+            if stored is not None:
+                self.resumed[stored] = out
+        if log_step is not None:
+            logger.log(log_step, out, console=False)
+        if out:
+            logger.message(eval_line(when, out))
+        return out
+
+    def make_logger(self) -> MetricsLogger:
+        """The metrics logger of this run (appending when resumed); other ranks write under `.rank<r>/`."""
+        main = self.ctx.is_main
+        lcfg = self.cfg.logging if main else LoggingConfig(progress_bar=False)
+        run_dir = self.ctx.out_dir if main else self.ctx.out_dir / f".rank{self.ctx.parallel.rank}"
+        return MetricsLogger(lcfg, run_dir, self.total_steps, run_config=to_dict(self.cfg), desc=self.name,
+                             resume=bool(self.resumed), start_step=int(self.resumed.get("step", 0)))
+
+    def write_result(self, result: StageResult) -> None:
+        """`result.json` in the run directory."""
+        (self.ctx.out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+    # ------------------------------------------------------------------------------------------ throughput
+    def flops_metrics(self, train_tokens: int, forward_tokens: int, seconds: float) -> dict[str, float]:
+        """Achieved model TFLOP/s (6N per trained token, 2N per forward-only token) and MFU on known cards."""
+        if self._num_params is None:
+            self._num_params = count_parameters(self.actor.module)
+        n = self._num_params
+        flops = 6 * n * train_tokens + 2 * n * forward_tokens
+        out = {"tflops": flops / max(seconds, 1e-9) / 1e12 / max(self.ctx.parallel.world_size, 1)}
+        peak = self.cfg.run.peak_tflops or known_peak(self.ctx.device)
+        if peak:
+            out["mfu"] = out["tflops"] / peak
+        return out
+
+
+def known_peak(device: torch.device) -> float:
+    """The dense bf16 peak TFLOP/s of `device` when it is a card we know, else 0."""
+    if device.type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+
+
+def eval_line(when: str, m: dict) -> str:
+    """One console line for an evaluation."""
+    return (f"eval {when}: accuracy {m.get('eval/accuracy', float('nan')):.3f} | format {m.get('eval/format', float('nan')):.3f}"
+            f" | reward {m.get('eval/reward', float('nan')):.3f} | n {int(m.get('eval/count', 0))}")
