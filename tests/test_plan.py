@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pebr_mega.config import load_config
+from pebr_mega.config_fields import ConfigError
 from pebr_mega.plan import Cluster, StartupCheckError, check_startup, gpu_spec, make_plan, plan_to_json, run_checks
 from pebr_mega.plan import memory as mem
 from pebr_mega.plan.shapes import BUILTIN_SHAPES, resolve_arch, shape_from_path
@@ -352,6 +353,10 @@ def test_plan_agrees_with_startup_on_batch_and_budget_rules():
     refused = {(p.layout.tp, p.layout.pp) for p in plan.layouts if "the last update of each step" in p.reason}
     assert refused == {(1, 1), (1, 2), (2, 1)}  # DP 8, 4, 4 > 2 sequences
     assert any("actor.micro_batch_tokens=16382" in n for p in plan.layouts if p.valid for n in p.checks.notes)
+    # Sequence parallelism: ModelConfig's own rule refuses TP 1 (plan: invalid layouts, not a crash).
+    sp = _assert_plan_agrees_with_startup(_cfg("7b", "model.sequence_parallel=true"), "7b", 1)
+    assert all("model.sequence_parallel" in p.reason for p in sp.layouts if p.layout.tp == 1)
+    assert any(p.fits for p in sp.layouts)
 
 
 def _assert_plan_agrees_with_startup(cfg, shape: str, nodes: int):
@@ -361,13 +366,16 @@ def _assert_plan_agrees_with_startup(cfg, shape: str, nodes: int):
     plan = make_plan(cfg, BUILTIN_SHAPES[shape], cluster)
     assert {(p.layout.tp, p.layout.pp) for p in plan.layouts} == {
         (tp, pp) for tp in (1, 2, 4, 8) for pp in range(1, 8 * nodes // tp + 1) if 8 * nodes // tp % pp == 0}
+    def start(tp: int, pp: int) -> None:  # the config as written with this layout, then the start-up checks
+        trial = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tp=tp, pp=pp))
+        check_startup(trial, cluster.world, "train", gpus_per_node=8)
+
     for p in plan.layouts:
-        trial = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tp=p.layout.tp, pp=p.layout.pp))
         if p.valid:
-            check_startup(trial, cluster.world, "train", gpus_per_node=8)  # accepted: no exception
-        else:
-            with pytest.raises(StartupCheckError) as e:
-                check_startup(trial, cluster.world, "train", gpus_per_node=8)
+            start(p.layout.tp, p.layout.pp)  # accepted: no exception
+        else:  # refused by the start-up checks, or already by the config's own rules (ConfigError)
+            with pytest.raises(ConfigError) as e:
+                start(p.layout.tp, p.layout.pp)
             assert p.reason in str(e.value)
         assert p.valid or not p.fits
     return plan

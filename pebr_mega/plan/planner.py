@@ -386,7 +386,11 @@ def evaluate_layout(arch: QwenVLArch, cfg: Any, w: Workload, cluster: Cluster, t
     """Checks, memory and time of one layout."""
     world = cluster.world
     layout = Layout(tp, pp, world // (tp * pp) if world % (tp * pp) == 0 else 0)
-    model_cfg = dataclasses.replace(cfg.model, tp=tp, pp=pp)
+    try:
+        model_cfg = dataclasses.replace(cfg.model, tp=tp, pp=pp)
+    except ValueError as e:  # a cross-field rule of ModelConfig refuses this layout (sequence parallelism at TP 1)
+        return LayoutPlan(layout, valid=False, fits=False, reason=str(e), checks=CheckResult(errors=[str(e)]),
+                          short_reason=str(e))
     checks = layout_check(arch, model_cfg, world, cluster.gpus_per_node)
     if checks.ok and layout.dp:
         trial = dataclasses.replace(cfg, model=model_cfg)
