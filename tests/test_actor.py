@@ -12,7 +12,6 @@ image+text sequences of different lengths packed several to a micro-batch (one l
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from concurrent.futures import ThreadPoolExecutor
 
@@ -88,23 +87,6 @@ def _solo_checks_rank1(tiny, alt, seqs, seqs_alt) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def _sp_backward_on_cpu():
-    """Megatron's sequence-parallel backward allocates its all-gather buffer on `torch.cuda.current_device()`
-    (megatron/core/tensor_parallel/mappings.py, `_gather_along_first_dim`), inside an autograd Function's
-    backward, where torch does not apply the CPU compat layer's TorchFunctionMode: its `current_device() -> 0`
-    then names a GPU. Here the current device is the CPU itself for the SP run.
-    TODO(cpu_compat owner): fold this into pebr_mega.parallel.cpu_compat."""
-    import torch
-
-    before = torch.cuda.current_device
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = before
-
-
 def _actor_worker(rank, tiny, alt, seqs_plain, alt_plain):
     import torch
     from safetensors.torch import load_file
@@ -147,11 +129,9 @@ def _actor_worker(rank, tiny, alt, seqs_plain, alt_plain):
     fused = make_actor(tiny, 2, 1, kernels="triton", lr=0.0, logprobs_from="hidden")
     out["lp_211_hidden"] = fused.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
     out["agg_token-mean_211_hidden"] = fused.train_step(seqs, grpo_loss_spec())
-    with _sp_backward_on_cpu():
-        sp = make_actor(tiny, 2, 1, sequence_parallel=True, **OPT)
-        out["lp_211_sp"] = sp.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
-        out["grpo_211_sp"] = _step_with_weights(sp, seqs, grpo_loss_spec(), keep)
-
+    sp = make_actor(tiny, 2, 1, sequence_parallel=True, **OPT)
+    out["lp_211_sp"] = sp.compute_logprobs(seqs, TEMPERATURE, with_entropy=True)
+    out["grpo_211_sp"] = _step_with_weights(sp, seqs, grpo_loss_spec(), keep)
 
     init_parallel(1, 2)
     out["lp_121"] = make_actor(tiny, 1, 2, lr=0.0).compute_logprobs(seqs, TEMPERATURE, with_entropy=True)

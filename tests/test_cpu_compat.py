@@ -22,7 +22,7 @@ def test_the_layer_is_in_force_only_inside_and_everything_is_restored():
     with pytest.raises((RuntimeError, AssertionError)):
         _cuda_zeros()
     with megatron_on_cpu:
-        assert cpu_compat_active() and _cuda_zeros().device.type == "cpu" and torch.cuda.current_device() == 0
+        assert cpu_compat_active() and _cuda_zeros().device.type == "cpu" and torch.cuda.current_device() == torch.device("cpu")
         with megatron_on_cpu:  # re-entrant: the inner exit keeps the outer scope in force
             pass
         assert _cuda_zeros().device.type == "cpu"

@@ -6,7 +6,10 @@ WHY this exists: Megatron-Core 0.16 assumes CUDA in a handful of places that are
 tracker (`torch.cuda.get_rng_state()`) used by TP-region dropout and activation recompute. Tests and the
 embedded CPU demo run the very same Megatron model on CPU, so instead of forking Megatron we:
 
-1. patch `torch.cuda.current_device` (-> 0) and `torch.cuda.synchronize` (-> no-op);
+1. patch `torch.cuda.current_device` (-> the CPU device) and `torch.cuda.synchronize` (-> no-op); the CPU
+   device rather than GPU index 0, because some allocations happen inside autograd Functions' backward
+   (Megatron's sequence-parallel all-gather, `tensor_parallel/mappings.py::_gather_along_first_dim`), where the
+   function mode below is not in force and a bare 0 would name a GPU;
 2. install a `torch.overrides.TorchFunctionMode` that rewrites any CUDA device argument (`"cuda"`,
    `"cuda:0"`, `torch.device("cuda")`, a bare GPU index) to CPU, and turns `Tensor.cuda()` into a no-op;
 3. replace the CUDA RNG tracker by one that tracks *CPU* generator states (on CPU the CPU generator is
@@ -108,7 +111,7 @@ def _enter() -> None:
     _SAVED.update(current_device=torch.cuda.current_device, synchronize=torch.cuda.synchronize,
                   tracker=mrandom._CUDA_RNG_STATE_TRACKER, initialized=mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED,
                   get_state=mrandom._get_cuda_rng_state, set_state=mrandom._set_cuda_rng_state, mode=_CudaToCpuMode())
-    torch.cuda.current_device = lambda: 0
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *a, **k: None
     mrandom._CUDA_RNG_STATE_TRACKER = _TRACKER
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
