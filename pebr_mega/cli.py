@@ -365,6 +365,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(f"eval {args.model} on {args.dataset}: {int(m['eval/count'])} questions | accuracy {m['eval/accuracy']:.3f}"
           f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens (at most "
           f"{max_new_tokens}, graded {grading})"
+          + (f" | exact description {m['eval/description_exact']:.3f}" if "eval/description_exact" in m else "")
           + (f" | {int(m['eval/timeouts'])} timed out in grading (scored 0)" if m.get("eval/timeouts") else ""))
     return 0
 
@@ -529,6 +530,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher-error", type=float, default=None,
                    help="fraction of the SFT teacher's reasoning answers that are off by one (default: the demo's, "
                         "see docs/DEMO.md; 0 = a perfect teacher)")
+    p.add_argument("--clip-steps", type=int, default=None,
+                   help="optimizer steps of the tiny CLIP's contrastive training (default: the demo's, ~1 min)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the demo config")
     p.set_defaults(handler=_cmd_demo)
 
@@ -540,7 +543,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from pebr_mega.trainer.demo import DEMO_TEACHER_ERROR, run_demo
 
     teacher_error = DEMO_TEACHER_ERROR if args.teacher_error is None else args.teacher_error
-    summary = run_demo(args.out, args.seed, args.num_grpo, args.num_sft, args.num_eval, args.overrides, teacher_error)
+    summary = run_demo(args.out, args.seed, args.num_grpo, args.num_sft, args.num_eval, args.overrides, teacher_error,
+                       clip_steps=args.clip_steps)
     final = summary.get("final_model")
     if final:
         first = json.loads((Path(args.out) / "data" / "eval.json").read_text())[0]

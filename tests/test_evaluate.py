@@ -5,6 +5,7 @@ import json
 
 from pebr_mega.cli import main
 from pebr_mega.rewards import accuracy_reward, format_reward
+from pebr_mega.rewards.perception import description_scores
 
 
 def test_eval_cli_grades_each_answer(tiny_model_dir, tmp_path, capsys):
@@ -16,12 +17,14 @@ def test_eval_cli_grades_each_answer(tiny_model_dir, tmp_path, capsys):
                "--max-new-tokens", "6", "--results", str(results)])
     assert rc == 0
     out = capsys.readouterr().out
-    assert "3 questions | accuracy" in out
+    assert "3 questions | accuracy" in out and "exact description" in out
     rows = [json.loads(x) for x in results.read_text().splitlines()]
     assert len(rows) == 3
+    references = {r["qid"]: r["description"] for r in json.loads((data / "eval.json").read_text())}
     for r in rows:
         assert r["accuracy"] == accuracy_reward(r["response"], r["ground_truth"])
         assert r["format"] == format_reward(r["response"])
+        assert r["description_exact"] == description_scores(r["response"], references[r["qid"]])[0]
 
 
 def test_eval_cli_takes_its_generation_length_and_grading_from_the_config(tiny_model_dir, tmp_path, capsys):

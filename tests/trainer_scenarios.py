@@ -184,7 +184,7 @@ def demo(out: str) -> dict:
     try:
         with contextlib.redirect_stdout(printed):
             rc = main(["demo", "--out", out, "--num-grpo", "8", "--num-sft", "16", "--num-eval", "4",
-                       "sft.epochs=1", "sft.batch_size=8", "sample.n=2", "rollout.n=2", "rollout.max_new_tokens=12",
+                       "--clip-steps", "4", "sft.epochs=1", "sft.batch_size=8", "sample.n=2", "rollout.n=2", "rollout.max_new_tokens=12",
                        "grpo.rollout_batch_size=2", "grpo.mini_batch_size=2", "grpo.max_steps=1",
                        "logging.progress_bar=false"])
     except BaseException:
