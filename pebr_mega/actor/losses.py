@@ -29,8 +29,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pebr_mega import kernels
 from pebr_mega.actor.config import LOGPROBS_FROM, LOGPROBS_FROM_DEFAULT, logprobs_path  # noqa: F401 (re-exported)
 from pebr_mega.actor.packing import MicroBatch
+from pebr_mega.kernels import reference
+from pebr_mega.kernels.reference import grpo_loss_reference
 
 
 def resolve_logprobs_from(choice: str, device: torch.device) -> str:
@@ -61,9 +64,6 @@ def target_logprobs(hidden: Tensor, weight: Tensor, mb: MicroBatch, temperature:
     this rank's slice of the output layer. With `tp_group` the hidden-state gradient is all-reduced over it
     (as Megatron's column-parallel output layer does).
     """
-    from pebr_mega import kernels
-    from pebr_mega.kernels import reference
-
     if mb.num_targets == 0:  # an empty (padding-only) micro-batch: a zero that keeps the graph connected
         zero = hidden.float().sum(-1) * 0.0
         return zero, (zero if with_entropy else None)
@@ -88,9 +88,6 @@ def target_logprobs(hidden: Tensor, weight: Tensor, mb: MicroBatch, temperature:
 def grpo_microbatch_loss(hidden: Tensor, weight: Tensor, mb: MicroBatch, scale: LossScale, algo, temperature: float,
                          kernels_impl: str, path: str = "logits", tp_group=None) -> tuple[Tensor, dict[str, Tensor]]:
     """The scaled GRPO loss of one micro-batch and its (summable) metrics: shares of the loss, token sums."""
-    from pebr_mega import kernels
-    from pebr_mega.kernels.reference import grpo_loss_reference
-
     if mb.num_targets == 0:  # an empty (padding-only) micro-batch: it takes part, and adds nothing
         zero = hidden.float().sum() * 0.0
         return zero, {"loss_sum": zero.detach(), "tokens": zero.detach(), "pg_loss_sum": zero.detach()}
