@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from pebr_mega.cli import main
 
 
@@ -14,9 +16,20 @@ def test_demo_writes_summary_and_curves(trainer_runs):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) >= {"sft", "stage1", "stage2", "wall_seconds", "split", "final_model"}
     assert "eval_accuracy" in summary["sft"] and "mean_reward" in summary["sft"]
+    assert 0.0 <= summary["sft"]["eval_description_exact"] <= 1.0
     for stage in ("stage1", "stage2"):
         s = summary[stage]
-        assert "skipped" in s or ("eval_accuracy" in s and "mean_reward" in s), (stage, s)
+        assert "skipped" in s or ("eval_accuracy" in s and "mean_reward" in s and "eval_description_exact" in s), (stage, s)
+    # The tiny CLIP was trained (on the 24 training images) and measured on the 4 held-out ones.
+    clip = json.loads((out / "clip" / "training.json").read_text())
+    assert clip["eval_images"] == 4 and clip["training"]["steps"] == 4
+    assert summary["clip_retrieval_accuracy"] == clip["clip_retrieval_accuracy"]
+    assert {"clip_reward_true", "clip_reward_negative"} <= set(summary["clip"])
+    # Stage 1 runs with the recipe's weights: the demo overrides none of them (the CLIP reward is on).
+    assert yaml.safe_load((out / "pipeline" / "sft" / "config.yaml").read_text())["rewards"]["weights"] == {}
+    held = [json.loads(x) for x in (out / "heldout.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in held] == ["sft", "stage1", "stage2"]
+    assert held[0]["eval/description_exact"] == summary["sft"]["eval_description_exact"]
     assert sum(summary["split"][k] for k in ("easy", "medium", "hard")) == 8
     assert (out / "pipeline" / "final" / "config.json").is_file()
     printed = got["printed"]

@@ -21,7 +21,7 @@ def _cfg(tmp: Path, *extra: str):
     if not train.exists():
         train.write_text('[{"qid": "a"}]')
     return load_config(None, [f"run.output_dir={tmp / 'run'}", f"grpo.train_file={train}", "grpo.stage=stage1",
-                              "rewards.stage=stage1", *extra])
+                              *extra])
 
 
 def test_settings_cover_what_is_trained_and_the_data_bytes_not_the_layout(tmp_path):

@@ -230,3 +230,52 @@ def test_tokenizer_corpus_covers_the_synthetic_vocabulary(dataset):
         assert len(tok.tokenize(" " + word)) == 1, word
     response = _load(dataset, "sft.json")[0]["messages"][1]["content"]
     assert len(tok(response)["input_ids"]) < len(response) / 2.5
+
+
+def _single_errors(truth: Counter) -> list[Counter]:
+    """Every scene description one perception error away from `truth` ((colour, shape) -> count), enumerated
+    directly: one count +-1 (absent groups included), or one group's colour or shape replaced."""
+    out = []
+    for c in COLORS:
+        for s in SHAPES:
+            for step in (-1, 1):
+                n = truth[(c, s)] + step
+                if n >= 0:
+                    out.append(Counter({**truth, (c, s): n}))
+    for (c, s), n in truth.items():
+        for c2 in COLORS:
+            if c2 != c:
+                out.append(Counter({**truth, (c, s): 0}) + Counter({(c2, s): n}))
+        for s2 in SHAPES:
+            if s2 != s:
+                out.append(Counter({**truth, (c, s): 0}) + Counter({(c, s2): n}))
+    return [+x for x in out if +x != +truth and sum(x.values())]
+
+
+def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dataset):
+    import random
+
+    from pebr_mega.data.synthetic import describe_scene, hard_negatives, load_scenes
+    from pebr_mega.rewards.perception import description_groups
+
+    def counts(text: str) -> Counter:
+        groups = description_groups(text)
+        assert groups.unparsed == 0, text
+        return Counter({tuple(phrase.split()): n for (n, phrase), k in groups.groups.items() for _ in range(k)})
+
+    scenes = load_scenes(dataset, "grpo")
+    assert len(scenes) == 48 and all(k.startswith("images/grpo_") for k in scenes)
+    rng = random.Random(0)
+    kinds = Counter()
+    for scene in scenes.values():
+        truth = counts(describe_scene(scene))
+        negatives = hard_negatives(scene, rng, 6)
+        assert len(negatives) == len(set(negatives)) >= 4 and describe_scene(scene) not in negatives
+        allowed = _single_errors(truth)
+        for text in negatives:
+            got = counts(text)
+            assert got in allowed, (describe_scene(scene), text)
+            kinds["count" if sum(got.values()) != sum(truth.values()) or set(got) == set(truth) else "swap"] += 1
+    assert kinds["count"] > 20 and kinds["swap"] > 20
+    again = hard_negatives(next(iter(scenes.values())), random.Random(3), 5)
+    assert again == hard_negatives(next(iter(scenes.values())), random.Random(3), 5)

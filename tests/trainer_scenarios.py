@@ -18,7 +18,7 @@ import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout; offlin
 from pebr_mega.config import load_config
 
 
-def overrides(tmp: Path, model: Path, data: Path, *extra: str) -> list[str]:
+def _args(tmp: Path, model: Path, data: Path, *extra: str) -> list[str]:
     """The tiny runs' settings as `key=value` overrides (what `pebr` takes on its command line)."""
     return [f"run.output_dir={tmp}", "model.spec=torch", "model.params_dtype=float32",
             "images.min_pixels=3136", "images.max_pixels=50176", "logging.progress_bar=false",
@@ -26,19 +26,19 @@ def overrides(tmp: Path, model: Path, data: Path, *extra: str) -> list[str]:
             "rollout.val_temperature=0.0", "actor.micro_batch_tokens=2048", *extra]
 
 
-def grpo_overrides(tmp: Path, model: Path, data: Path, *extra: str) -> list[str]:
-    """A stage-2 GRPO run of the tiny model on the synthetic set."""
-    return overrides(tmp, model, data, "rewards.stage=stage2", "grpo.stage=stage2", f"grpo.init_model={model}",
-                     f"grpo.train_file={data / 'grpo.json'}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=2",
-                     "actor.lr=1e-3", *extra)
-
-
 def _cfg(tmp: Path, model: Path, data: Path, *extra: str):
-    return load_config(None, overrides(tmp, model, data, *extra))
+    return load_config(None, _args(tmp, model, data, *extra))
+
+
+def _grpo_args(tmp, model, data, *extra) -> list[str]:
+    # grpo.stage alone: the one stage switch picks the stage-2 sizes and reward preset (issue 13, item 5)
+    return _args(tmp, model, data, "grpo.stage=stage2", f"grpo.init_model={model}",
+                 f"grpo.train_file={data / 'grpo.json'}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=2",
+                 "actor.lr=1e-3", *extra)
 
 
 def _grpo(tmp, model, data, *extra):
-    return load_config(None, grpo_overrides(tmp, model, data, *extra))
+    return load_config(None, _grpo_args(tmp, model, data, *extra))
 
 
 def _sft(model, data, tmp):
@@ -114,16 +114,18 @@ def _grpo_full_and_resumed(model, data, tmp):
 
 def _non_finite_reward(model, data, tmp):
     """Two steps of one trainer on four records in file order: the first batch scores NaN (the update is
-    skipped), the second holds only records whose image files are corrupt (no request can be built: the
-    step is skipped and counted, and the data position moves on)."""
+    skipped), the second holds only records whose image files are cut in half: their headers pass the
+    screen before batching, their pixels do not decode (no request can be built: the step is skipped and
+    counted, and the data position moves on)."""
     import shutil
 
     from pebr_mega.trainer.grpo import GRPOTrainer
 
     records = json.loads((data / "grpo.json").read_text())[:4]
     for r in records[2:]:
-        bad = f"corrupt_{r['qid']}.png"
-        (tmp / bad).write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+        bad = f"truncated_{r['qid']}.png"
+        whole = (data / r["images"][0]).read_bytes()
+        (tmp / bad).write_bytes(whole[: len(whole) // 2])
         r["images"] = [bad]
     for r in records[:2]:
         shutil.copy(data / r["images"][0], tmp / Path(r["images"][0]).name)
@@ -149,6 +151,41 @@ def _non_finite_reward(model, data, tmp):
             "position": trainer.sampler.position.state_dict()}
 
 
+def _epochs_holdout_and_dry_run(model, data, tmp):
+    """A stage-2 run over 2 epochs with 2 of the 12 questions held out: `pebr train --dry-run` first (its plan),
+    then the run, recording the qids of every batch the trainer draws from its (real) sampler."""
+    import contextlib
+    import io
+
+    from pebr_mega.cli import main
+    from pebr_mega.logging import read_metrics
+    from pebr_mega.trainer.grpo import GRPOTrainer
+
+    args = _grpo_args(tmp / "run", model, data, "data.eval_file=", "grpo.eval_holdout=2", "grpo.mini_batch_size=4",
+                      "rollout.n=2", "grpo.save_every=0")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["train", "--dry-run", *args])
+    dry_run_wrote = (tmp / "run").exists()
+    started = io.StringIO()
+    with contextlib.redirect_stdout(started):
+        trainer = GRPOTrainer(load_config(None, args))
+    batches, draw = [], trainer.sampler.next_batch
+
+    def recording():
+        epoch, batch = draw()
+        batches.append([r.qid for r in batch])
+        return epoch, batch
+
+    trainer.sampler.next_batch = recording
+    res = trainer.train()
+    rows = [r for r in read_metrics(tmp / "run" / "metrics.jsonl") if "reward/total" in r]
+    return {"rc": rc, "plan": json.loads(printed.getvalue()), "dry_run_wrote": dry_run_wrote, "started": started.getvalue(),
+            "total_steps": trainer.total_steps, "batches": batches, "train_qids": [r.qid for r in trainer.records],
+            "holdout_qids": [r.qid for r in trainer.data.holdout], "reward_weights": trainer.reward_model.weights,
+            "epochs": [r["epoch"] for r in rows], "result": res.to_dict()}
+
+
 def _pipeline(model, data, tmp):
     from pebr_mega.trainer.pipeline import run_pipeline, stage_result
 
@@ -172,7 +209,8 @@ def _pipeline(model, data, tmp):
     return out
 
 
-SCENARIOS = {"sft": _sft, "grpo": _grpo_full_and_resumed, "nan": _non_finite_reward, "pipeline": _pipeline}
+SCENARIOS = {"sft": _sft, "grpo": _grpo_full_and_resumed, "nan": _non_finite_reward,
+             "epochs": _epochs_holdout_and_dry_run, "pipeline": _pipeline}
 
 
 def trainer_scenarios(model: str, data: str, tmp: str) -> dict:
@@ -199,7 +237,7 @@ def demo(out: str) -> dict:
     try:
         with contextlib.redirect_stdout(printed):
             rc = main(["demo", "--out", out, "--num-grpo", "8", "--num-sft", "16", "--num-eval", "4",
-                       "sft.epochs=1", "sft.batch_size=8", "sample.n=2", "rollout.n=2", "rollout.max_new_tokens=12",
+                       "--clip-steps", "4", "sft.epochs=1", "sft.batch_size=8", "sample.n=2", "rollout.n=2", "rollout.max_new_tokens=12",
                        "grpo.rollout_batch_size=2", "grpo.mini_batch_size=2", "grpo.max_steps=1",
                        "logging.progress_bar=false"])
     except BaseException:
@@ -216,7 +254,7 @@ PIPELINE_KILLS = (("save", 2), ("generate", 2), ("update", 2))
 
 def train_argv(root: Path, model: Path, data: Path) -> list[str]:
     """A tiny `pebr train`: 4 steps, a checkpoint and an evaluation every 2, generations logged."""
-    return ["train", *grpo_overrides(root, model, data, "grpo.max_steps=4", "grpo.save_every=2", "grpo.eval_every=2",
+    return ["train", *_grpo_args(root, model, data, "grpo.max_steps=4", "grpo.save_every=2", "grpo.eval_every=2",
                                      "grpo.keep_last=2", "grpo.rollout_batch_size=2", "grpo.eval_max_samples=2",
                                      "rollout.n=2", "rollout.max_new_tokens=8", "logging.log_generations=2",
                                      "rewards.num_workers=1")]
@@ -225,7 +263,7 @@ def train_argv(root: Path, model: Path, data: Path) -> list[str]:
 def pipeline_argv(root: Path, model: Path, data: Path) -> list[str]:
     """A tiny `pebr pipeline`: SFT (2 steps), sampling (2 batches), split (every question easy), stage 1
     (2 steps) and the export; a checkpoint at every step."""
-    return ["pipeline", *overrides(root / "unused", model, data, f"pipeline.work_dir={root}",
+    return ["pipeline", *_args(root / "unused", model, data, f"pipeline.work_dir={root}",
                                    f"pipeline.base_model={model}", f"pipeline.sft_file={data / 'sft.json'}",
                                    f"pipeline.grpo_file={data / 'grpo.json'}",
                                    "pipeline.stages=[sft,sample,split,stage1,export]", "data.eval_file=",

@@ -9,7 +9,8 @@ word, so a ~1 M-parameter model can learn part of it.
 `write_synthetic_dataset(out_dir, cfg)` writes
 
     images/<split>_<i>.png    one image per question (never shared between splits)
-    grpo.json                 GRPO records: qid, problem (one "<image>"), answer, images, key_words, description
+    grpo.json                 GRPO records: qid, problem (one "<image>"), answer, images, key_words (the groups
+                              the question is about, with counts: "2 red circles"), description
     sft.json                  ShareGPT records: user turn = PeBR instruction + problem, assistant turn = a
                               PeBR-format response (description, rationale, 1-3 steps, answer), correct unless
                               `cfg.sft_teacher_error` makes the teacher sloppy on reasoning questions; images
@@ -33,6 +34,7 @@ from typing import Iterator
 from PIL import Image, ImageDraw
 
 from pebr_mega.data.template import IMAGE_TOKEN, build_prompt_text, format_response
+from pebr_mega.errors import DataError
 
 # Colours far apart in RGB, so the (tiny) vision tower can tell them apart after bicubic resizing.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -210,14 +212,82 @@ def _list_groups(groups: list[tuple[int, str, str]]) -> str:
 
 def describe_scene(scene: Scene) -> str:
     """The reference description, e.g. "2 red circles, 1 blue square."."""
-    return _list_groups(_groups(scene)) + "."
+    return describe_groups(_groups(scene))
 
 
-def _words(groups: list[tuple[int, str, str]]) -> list[str]:
-    """Colour and shape words of the groups, colours first, each once, in the fixed order."""
-    colors = {c for _, c, _ in groups}
-    shapes = {s for _, _, s in groups}
-    return [c for c in COLORS if c in colors] + [s for s in SHAPES if s in shapes]
+def describe_groups(groups: list[tuple[int, str, str]]) -> str:
+    """(count, colour, shape) groups as a description in the fixed colour then shape order."""
+    counts = Counter()
+    for n, c, s in groups:
+        counts[(c, s)] += n
+    return _list_groups([(counts[(c, s)], c, s) for c in COLORS for s in SHAPES if counts[(c, s)] > 0]) + "."
+
+
+HARD_NEGATIVE_KINDS = ("count", "color", "shape")
+
+
+def perturb_groups(groups: list[tuple[int, str, str]], rng: random.Random,
+                   kind: str) -> list[tuple[int, str, str]]:
+    """The groups with one perception error of `kind`: one count one off ("count": a count +-1, which may drop a
+    group or add an absent one as 1), or one group's colour ("color") or shape ("shape") replaced."""
+    groups = list(groups)
+    if kind == "count":
+        present = {(c, s) for _, c, s in groups}
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        if absent and rng.random() < 0.25:
+            c, s = rng.choice(absent)
+            return groups + [(1, c, s)]
+        i = rng.randrange(len(groups))
+        n, c, s = groups[i]
+        step = rng.choice([-1, 1]) if len(groups) > 1 or n > 1 else 1
+        groups[i] = (n + step, c, s)
+        return [g for g in groups if g[0] > 0]
+    if kind in ("color", "shape"):
+        i = rng.randrange(len(groups))
+        n, c, s = groups[i]
+        if kind == "color":
+            groups[i] = (n, rng.choice([x for x in COLORS if x != c]), s)
+        else:
+            groups[i] = (n, c, rng.choice([x for x in SHAPES if x != s]))
+        return groups
+    raise ValueError(f"unknown perception error kind {kind!r}; known: {HARD_NEGATIVE_KINDS}")
+
+
+def hard_negatives(scene: Scene, rng: random.Random, k: int,
+                   kinds: tuple[str, ...] = HARD_NEGATIVE_KINDS) -> list[str]:
+    """Up to `k` distinct descriptions that differ from the scene's by one perception error (`perturb_groups`)."""
+    truth = _groups(scene)
+    true_text = describe_groups(truth)
+    out: list[str] = []
+    for _ in range(8 * k):
+        if len(out) == k:
+            break
+        text = describe_groups(perturb_groups(truth, rng, rng.choice(kinds)))
+        if text != true_text and text not in out:
+            out.append(text)
+    return out
+
+
+def scene_from_dict(d: dict) -> Scene:
+    """A `Scene` from its `scenes.json` entry."""
+    return Scene(d["width"], d["height"], [SceneObject(**o) for o in d["objects"]])
+
+
+def load_scenes(data_dir: str | Path, split: str | None = None) -> dict[str, Scene]:
+    """The scenes of a written dataset (`scenes.json`), by image path; only `split`'s when given."""
+    path = Path(data_dir) / "scenes.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read the synthetic scenes {path}: {e}") from None
+    return {k: scene_from_dict(v) for k, v in raw.items()
+            if split is None or Path(k).name.startswith(f"{split}_")}
+
+
+def _key_words(groups: list[tuple[int, str, str]]) -> list[str]:
+    """The groups the question is about, with their counts as the description states them ("2 red circles"), so
+    that the keyword reward checks what was seen, not only which words were used."""
+    return [f"{n} {c} {plural(s, n)}" for n, c, s in groups]
 
 
 # ---------------------------------------------------------------------------------------------- questions
@@ -256,26 +326,27 @@ def make_question(scene: Scene, rng: random.Random, kind: str | None = None) -> 
         groups = _groups(scene, color=c)
         return Question(kind, f"How many {c} objects are there?", str(scene.count(color=c)),
                         f"I need to count the {c} objects.", _count_steps(f"{c} objects", groups),
-                        _words(groups) or [c])
+                        _key_words(groups) or [c])
     if kind == "count_shape":
         s = _attribute(rng, shapes, list(SHAPES))
         groups = _groups(scene, shape=s)
         return Question(kind, f"How many {plural(s)} are there?", str(scene.count(shape=s)),
-                        f"I need to count the {plural(s)}.", _count_steps(plural(s), groups), _words(groups) or [s])
+                        f"I need to count the {plural(s)}.", _count_steps(plural(s), groups), _key_words(groups) or [s])
     if kind == "count_color_shape":
         # Mostly a (colour, shape) pair that is there; sometimes any pair (often absent: answer 0).
         _, c, s = rng.choice(everything) if rng.random() < 0.8 else (0, rng.choice(list(COLORS)), rng.choice(SHAPES))
         n = scene.count(color=c, shape=s)
         return Question(kind, f"How many {c} {plural(s)} are there?", str(n),
-                        f"I need to count the {c} {plural(s)}.", [f"{c.capitalize()} {plural(s)}: {n}."], [c, s])
+                        f"I need to count the {c} {plural(s)}.", [f"{c.capitalize()} {plural(s)}: {n}."],
+                        _key_words([(n, c, s)] if n else []) or [c, s])
     if kind == "count_total":
         return Question(kind, "How many objects are there?", str(total), "I need to count all the objects.",
-                        _count_steps("objects", everything), _words(everything))
+                        _count_steps("objects", everything), _key_words(everything))
     if kind == "color_of_only":
         s = rng.choice(only)
         (obj,) = [o for o in scene.objects if o.shape == s]
         return Question(kind, f"What color is the {s}?", obj.color, f"I need the color of the only {s}.",
-                        [f"The only {s} is {obj.color}."], [obj.color, s])
+                        [f"The only {s} is {obj.color}."], _key_words([(1, obj.color, s)]))
     if kind in ("remove_color", "remove_shape"):
         if kind == "remove_color":
             c = _attribute(rng, colors, list(COLORS))
@@ -286,7 +357,7 @@ def make_question(scene: Scene, rng: random.Random, kind: str | None = None) -> 
         return Question(kind, f"Remove all {what}. How many objects are left?", str(total - removed),
                         f"I need {rationale}.",
                         [f"Objects: {total}.", f"{what.capitalize()}: {removed}.",
-                         f"{total} - {removed} = {total - removed}."], _words(everything))
+                         f"{total} - {removed} = {total - removed}."], _key_words(everything))
     if kind == "more_than":
         if rng.random() < 0.5:
             a, b = rng.sample(list(COLORS), 2)
@@ -298,7 +369,7 @@ def make_question(scene: Scene, rng: random.Random, kind: str | None = None) -> 
             groups = _groups(scene, shape=a) + _groups(scene, shape=b)
         if na < nb:  # ask "how many more" of the larger group, so the answer is >= 0
             (na, xa), (nb, xb) = (nb, xb), (na, xa)
-        words = _words(groups) or [a, b]
+        words = _key_words(groups) or [a, b]
         return Question(kind, f"How many more {xa} than {xb} are there?", str(na - nb),
                         f"I need the number of {xa} minus the number of {xb}.",
                         [f"{xa.capitalize()}: {na}.", f"{xb.capitalize()}: {nb}.", f"{na} - {nb} = {na - nb}."], words)

@@ -1,20 +1,21 @@
 """`pebr demo`: the whole PeBR recipe on the embedded default, offline, on CPU.
 
-Builds a tiny Qwen2.5-VL (tokenizer trained locally), renders the synthetic shapes set and a tiny CLIP, then
-runs the recipe (SFT -> sampling -> split -> stage 1 -> stage 2 -> export) and an inference with the final
-model. Writes `summary.json` and `curves.png` in the output directory and prints what each stage changed.
-
-The tiny CLIP is random, so its alignment score carries no signal: the demo's stage-1 preset keeps the
-keyword, format and length rewards and sets the CLIP weight to 0 (the CLIP scorer itself is exercised by
-the tests). Everything else runs as in a real job.
+Builds a tiny Qwen2.5-VL (tokenizer trained locally), renders the synthetic shapes set, and builds a tiny
+CLIP that it trains contrastively on the training splits' images and descriptions, with hard negatives
+that differ by one count, colour or shape (`rewards.clip_training`), so that stage 1's CLIP reward tells a
+right description from a wrong one. Then it runs the recipe (SFT -> sampling -> split -> stage 1 -> stage 2
+-> export) with the recipe's reward weights and an inference with the final model. Writes `summary.json`
+and `curves.png` in the output directory and prints what each stage changed: held-out answer accuracy and
+the fraction of held-out descriptions that state every group of the scene exactly.
 """
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from importlib import resources
 
@@ -25,6 +26,18 @@ from pebr_mega.errors import DataError
 # error stage 2's verifiable reward has to correct. docs/DEMO.md reports the demo with and without it.
 DEMO_TEACHER_ERROR = 0.6
 SYNTH_RECORD = "synth_config.json"  # the SynthConfig the demo's data were written with
+CLIP_RECORD = "training.json"  # the trained tiny CLIP's settings and held-out retrieval metrics
+CLIP_TRAIN_SPLITS = ("sft", "grpo")  # the CLIP never sees the held-out images
+CLIP_NEGATIVE_POOL = 8  # hard negatives per training image (each step draws from them)
+CLIP_EVAL_NEGATIVES = 4  # hard negatives per held-out image for the retrieval metrics
+
+
+def demo_clip_config(seed: int) -> "TinyClipConfig":  # noqa: F821 (imported below, lazily like the rest)
+    """The demo's tiny CLIP: 112 px images in 28 px patches (one patch per cell of the scenes' grid)."""
+    from pebr_mega.rewards.tiny_clip import TinyClipConfig
+
+    return TinyClipConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, projection_dim=64,
+                          image_size=112, patch_size=28, seed=seed)
 
 
 def demo_config_path() -> Path:
@@ -33,12 +46,16 @@ def demo_config_path() -> Path:
 
 
 def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: int,
-                   teacher_error: float = 0.0) -> dict[str, Path]:
-    """Tiny model, synthetic data and tiny CLIP under `out` (reused when already there)."""
+                   teacher_error: float = 0.0, rewards: Any = None, clip_steps: int | None = None) -> dict[str, Any]:
+    """Tiny model, synthetic data and the trained tiny CLIP under `out` (each reused when already there).
+
+    `rewards` (a `RewardConfig`) gives the CLIP scorer's image size, text length and threshold, which the
+    CLIP's training uses too; the returned dict holds the paths and the CLIP's record (`clip_record`).
+    """
     from pebr_mega.data.corpus import tokenizer_corpus
     from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
     from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model
-    from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
+    from pebr_mega.rewards.model import RewardConfig
 
     model, data, clip = out / "model", out / "data", out / "clip"
     synth = SynthConfig(num=num_grpo, num_sft=num_sft, num_eval=num_eval, seed=seed, max_objects=4,
@@ -49,9 +66,62 @@ def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: 
     if not (data / "eval.json").is_file():
         write_synthetic_dataset(data, synth)
         (data / SYNTH_RECORD).write_text(json.dumps(asdict(synth), indent=1) + "\n")
-    if not (clip / "config.json").is_file():
-        build_tiny_clip(clip, tokenizer_corpus(), TinyClipConfig(image_size=112, patch_size=28, seed=seed))
-    return {"model": model, "data": data, "clip": clip}
+    record = prepare_clip(clip, data, seed, rewards or RewardConfig(), clip_steps)
+    return {"model": model, "data": data, "clip": clip, "clip_record": record}
+
+
+def clip_pairs(data: Path, splits: Sequence[str], negatives: int, seed: int) -> list:
+    """(image, true description, hard negatives) for every image of `splits`, negatives drawn from `seed`."""
+    from pebr_mega.data.images import load_image
+    from pebr_mega.data.synthetic import describe_scene, hard_negatives, load_scenes
+    from pebr_mega.rewards.clip_training import ClipPair
+
+    pairs = []
+    for split in splits:
+        rng = random.Random(f"pebr-demo/{seed}/clip-negatives/{split}")
+        for path, scene in sorted(load_scenes(data, split).items()):
+            pairs.append(ClipPair(load_image(data / path), describe_scene(scene),
+                                  hard_negatives(scene, rng, negatives)))
+    return pairs
+
+
+def prepare_clip(clip: Path, data: Path, seed: int, rewards: Any, steps: int | None = None) -> dict:
+    """Build the tiny CLIP, train it on the training splits (`rewards.clip_training`) and measure it on the
+    held-out images; returns (and writes to `clip/training.json`) the measurements. Reused when recorded."""
+    from pebr_mega.data.corpus import tokenizer_corpus
+    from pebr_mega.rewards.clip import ClipAlignmentScorer
+    from pebr_mega.rewards.clip_training import ClipTrainingConfig, retrieval_metrics, train_clip
+    from pebr_mega.rewards.tiny_clip import build_tiny_clip
+
+    model_cfg = demo_clip_config(seed)
+    train_cfg = ClipTrainingConfig(seed=seed, threshold=rewards.clip_threshold)
+    if steps is not None:
+        train_cfg.steps = steps
+    record = clip / CLIP_RECORD
+    if record.is_file() and (clip / "config.json").is_file():
+        saved = json.loads(record.read_text())
+        if (saved.get("model"), saved.get("training")) != (asdict(model_cfg), asdict(train_cfg)):
+            raise DataError(f"{clip} holds a CLIP trained with other settings ({record}); "
+                            "choose another --out (or delete that directory)")
+        return saved
+    t0, c0 = time.perf_counter(), time.process_time()
+    build_tiny_clip(clip, tokenizer_corpus(), model_cfg)
+    stats = train_clip(clip, clip_pairs(data, CLIP_TRAIN_SPLITS, CLIP_NEGATIVE_POOL, seed), train_cfg,
+                       rewards.clip_image_size, rewards.clip_max_text_tokens,
+                       log=lambda line: print(line, flush=True))
+    scorer = ClipAlignmentScorer(clip, "cpu", rewards.clip_image_size, rewards.clip_max_text_tokens)
+    held_out = clip_pairs(data, ("eval",), CLIP_EVAL_NEGATIVES, seed)
+    measured = retrieval_metrics(scorer, held_out, rewards.clip_threshold)
+    result = {**{k: round(v, 4) for k, v in measured.items()}, "eval_images": len(held_out),
+              "eval_negatives_per_image": CLIP_EVAL_NEGATIVES,
+              "train_final": {k: round(v, 4) for k, v in stats.items()},
+              "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
+              "model": asdict(model_cfg), "training": asdict(train_cfg)}
+    record.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"[demo] tiny CLIP trained in {result['seconds']:.0f}s: held-out retrieval "
+          f"{result['clip_retrieval_accuracy']:.3f} (true description above all {CLIP_EVAL_NEGATIVES} hard negatives), "
+          f"reward of true {result['clip_reward_true']:.2f} vs hard negatives {result['clip_reward_negative']:.2f}")
+    return result
 
 
 def check_reused_data(data: Path, wanted: dict) -> None:
@@ -68,37 +138,33 @@ def check_reused_data(data: Path, wanted: dict) -> None:
 
 
 def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: int = 1024, num_eval: int = 256,
-             overrides: Sequence[str] = (), teacher_error: float = DEMO_TEACHER_ERROR) -> dict:
+             overrides: Sequence[str] = (), teacher_error: float = DEMO_TEACHER_ERROR,
+             clip_steps: int | None = None) -> dict:
     """Run the demo into `out_dir`; returns the summary (also written to `out_dir/summary.json`)."""
     from pebr_mega.config import load_config
-    from pebr_mega.logging import plot_metrics
     from pebr_mega.trainer.pipeline import run_pipeline
 
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"[demo] building the tiny model, the synthetic data and a tiny CLIP in {out} (the SFT teacher gets "
-          f"{teacher_error:.0%} of its reasoning answers wrong by one: docs/DEMO.md)")
-    assets = prepare_assets(out, seed, num_grpo, num_sft, num_eval, teacher_error)
-    data = assets["data"]
+    data = out / "data"
     cfg = load_config(demo_config_path(), [
         f"run.seed={seed}",
         f"pipeline.work_dir={out / 'pipeline'}",
-        f"pipeline.base_model={assets['model']}",
+        f"pipeline.base_model={out / 'model'}",
         f"pipeline.sft_file={data / 'sft.json'}",
         f"pipeline.grpo_file={data / 'grpo.json'}",
         f"pipeline.eval_file={data / 'eval.json'}",
-        f"rewards.clip_model_dir={assets['clip']}",
-        "rewards.weights.clip=0.0",
+        f"rewards.clip_model_dir={out / 'clip'}",
         *overrides,
     ])
+    print(f"[demo] building the tiny model, the synthetic data and a tiny CLIP in {out} (the SFT teacher gets "
+          f"{teacher_error:.0%} of its reasoning answers wrong by one: docs/DEMO.md)")
+    assets = prepare_assets(out, seed, num_grpo, num_sft, num_eval, teacher_error, cfg.rewards, clip_steps)
     results = run_pipeline(cfg)
-    summary = summarize(results, time.time() - t0)
+    summary = summarize(results, time.time() - t0, assets["clip_record"])
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    runs = [out / "pipeline" / s / "metrics.jsonl" for s in ("stage1", "stage2")]
-    runs = [r for r in runs if r.is_file()]
-    if runs:
-        plot_metrics(runs, out / "curves.png", labels=[r.parent.name for r in runs])
+    plot_demo(out, summary)
     print_summary(summary, out)
     return summary
 
@@ -110,6 +176,9 @@ def _stage_summary(res: dict | None) -> dict:
     out = {
         "eval_accuracy": after.get("eval/accuracy"),
         "eval_accuracy_before": before.get("eval/accuracy"),
+        "eval_description_exact": after.get("eval/description_exact"),
+        "eval_description_exact_before": before.get("eval/description_exact"),
+        "eval_description_f1": after.get("eval/description_f1"),
         "eval_format": after.get("eval/format"),
         "eval_reward": after.get("eval/reward"),
         "mean_reward": res.get("mean_reward"),
@@ -126,14 +195,76 @@ def _stage_summary(res: dict | None) -> dict:
     return {k: v for k, v in out.items() if not (isinstance(v, float) and v != v)}  # drop NaN (n/a) entries
 
 
-def summarize(results: dict, wall: float) -> dict:
-    """`{"sft": {...}, "stage1": {...}, "stage2": {...}, "wall_seconds": ...}` from the pipeline's results."""
+def summarize(results: dict, wall: float, clip: dict | None = None) -> dict:
+    """`{"sft": {...}, "stage1": {...}, "stage2": {...}, "wall_seconds": ..., "clip_retrieval_accuracy": ...}`
+    from the pipeline's results and the trained CLIP's record."""
     sft = _stage_summary(results.get("sft"))
     # For SFT the "reward" is the held-out stage-2 preset reward (0.9 accuracy + 0.1 format).
     sft["mean_reward"] = sft.get("eval_reward")
+    clip = clip or {}
     return {"sft": sft, "sample": results.get("sample", {}), "split": results.get("split", {}).get("counts", {}),
             "stage1": _stage_summary(results.get("stage1")), "stage2": _stage_summary(results.get("stage2")),
+            "clip_retrieval_accuracy": clip.get("clip_retrieval_accuracy"),
+            "clip": {k: v for k, v in clip.items() if k not in ("model", "training")},
             "final_model": results.get("export", {}).get("model_dir"), "wall_seconds": round(wall, 1)}
+
+
+HELD_OUT = "heldout.jsonl"  # the held-out metrics after SFT, stage 1 and stage 2
+TRAIN_KEYS = ("reward/total", "reward/clip", "reward/keyword", "reward/accuracy", "response_length/mean", "kl",
+              "entropy", "grad_norm")
+HELD_OUT_KEYS = ("eval/accuracy", "eval/description_exact", "eval/description_f1")
+
+
+def plot_demo(out: Path, summary: dict) -> Path | None:
+    """`curves.png`: the GRPO stages' training curves per step (one colour per stage), then the held-out
+    accuracy and exact-description rate after SFT, stage 1 and stage 2 (also written to `heldout.jsonl`)."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pebr_mega.logging import read_metrics
+
+    stages = ("sft", "stage1", "stage2")
+    held = [{"stage": st, **{k: (summary.get(st) or {}).get("eval_" + k.split("/")[1]) for k in HELD_OUT_KEYS}}
+            for st in stages]
+    (out / HELD_OUT).write_text("".join(json.dumps(r) + "\n" for r in held))
+    runs = {st: read_metrics(out / "pipeline" / st / "metrics.jsonl") for st in ("stage1", "stage2")
+            if (out / "pipeline" / st / "metrics.jsonl").is_file()}
+    if not runs:
+        return None
+    keys = [k for k in TRAIN_KEYS if any(k in r for rows in runs.values() for r in rows)]
+    panels = keys + list(HELD_OUT_KEYS)
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(13.5, 3.2 * math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    colors = {"stage1": "tab:blue", "stage2": "tab:orange"}
+    for ax, key in zip(axes.flat, panels):
+        if key in HELD_OUT_KEYS:
+            pts = [(i, r[key]) for i, r in enumerate(held) if r[key] is not None]
+            ax.plot([i for i, _ in pts], [v for _, v in pts], marker="o", color="tab:green")
+            for i, v in pts:
+                ax.annotate(f"{v:.3f}", (i, v), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=8)
+            ax.set_xticks(range(len(stages)), ["after SFT", "after stage 1", "after stage 2"])
+            ax.set_title(f"held-out {key.split('/')[1]} (greedy)")
+        else:
+            for st, rows in runs.items():
+                pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+                if pts:
+                    ax.plot(*zip(*pts), marker=".", color=colors[st], label=st)
+            ax.set_title(key)
+            ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    png = out / "curves.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
 
 
 def print_summary(summary: dict, out: Path) -> None:
@@ -141,13 +272,19 @@ def print_summary(summary: dict, out: Path) -> None:
     def f(x):
         return "  n/a" if x is None else f"{x:.3f}"
 
-    print("\n[demo] what each stage changed (held-out accuracy before -> after; mean training reward)")
+    clip = summary.get("clip") or {}
+    if clip:
+        print(f"\n[demo] tiny CLIP: held-out retrieval {f(clip.get('clip_retrieval_accuracy'))} | CLIP reward of "
+              f"true descriptions {f(clip.get('clip_reward_true'))}, of hard negatives {f(clip.get('clip_reward_negative'))}")
+    print("\n[demo] what each stage changed (held-out accuracy and exact descriptions before -> after; "
+          "mean training reward)")
     for stage in ("sft", "stage1", "stage2"):
         s = summary.get(stage) or {}
         if s.get("skipped"):
             print(f"  {stage:7s} skipped: {s['skipped']}")
             continue
         print(f"  {stage:7s} accuracy {f(s.get('eval_accuracy_before'))} -> {f(s.get('eval_accuracy'))} | "
+              f"exact description {f(s.get('eval_description_exact_before'))} -> {f(s.get('eval_description_exact'))} | "
               f"format {f(s.get('eval_format'))} | mean reward {f(s.get('mean_reward'))} | {s.get('seconds') or 0:.0f}s")
     print(f"  split: {summary.get('split')}")
     print(f"[demo] {summary['wall_seconds']:.0f}s in all; summary.json and curves.png in {out}; "

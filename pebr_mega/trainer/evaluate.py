@@ -14,9 +14,11 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from pebr_mega.data.records import GRPORecord
 from pebr_mega.rewards import RewardModel, RewardSample, accuracy_reward, format_reward
 from pebr_mega.rewards.guard import RewardPool, score_components
 from pebr_mega.rewards.model import RewardConfig, reward_pool
+from pebr_mega.rewards.perception import description_metrics, description_scores
 from pebr_mega.rollout.engine import RolloutEngine
 from pebr_mega.rollout.factory import rollout_sampling
 from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
@@ -75,7 +77,8 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
     """Accuracy (graded as `grading`: `rewards.answer_grading`), format rate, mean response length (and mean
     stage reward when a reward model is given).
 
-    Keys: `eval/accuracy`, `eval/format`, `eval/response_length`, `eval/count`, `eval/timeouts`, `eval/reward`.
+    Keys: `eval/accuracy`, `eval/format`, `eval/response_length`, `eval/count`, `eval/timeouts`, `eval/reward`,
+    and `eval/description_exact` / `eval/description_f1` when the records carry a reference `description`.
     Grading uses `pool`, else the reward model's, else the default `RewardConfig`'s.
     """
     samples: list[Sample] = []
@@ -98,15 +101,19 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
         "eval/format": sum(fmt) / n,
         "eval/response_length": sum(len(s.response_ids) for s in samples) / n,
     }
+    refs = [(getattr(s.request.record, "extra", None) or {}).get("description") for s in samples]
+    out.update(description_metrics([s.response_text for s in samples], refs))
     if reward_model is not None and samples:
         results = reward_model.score([to_reward_sample(s) for s in samples])
         out["eval/reward"] = sum(r.total for r in results) / len(results)
     if results_path is not None:
         with Path(results_path).open("w", encoding="utf-8") as f:
-            for s, a, fm in zip(samples, acc, fmt):
-                f.write(json.dumps({"qid": s.record_id, "response": s.response_text,
-                                    "ground_truth": getattr(s.request.record, "answer", ""),
-                                    "accuracy": a, "format": fm}) + "\n")
+            for s, a, fm, ref in zip(samples, acc, fmt, refs):
+                row = {"qid": s.record_id, "response": s.response_text,
+                       "ground_truth": getattr(s.request.record, "answer", ""), "accuracy": a, "format": fm}
+                if ref is not None:
+                    row["description_exact"] = description_scores(s.response_text, ref)[0]
+                f.write(json.dumps(row) + "\n")
     return out
 
 
@@ -115,14 +122,20 @@ class Evaluator:
     validation sampling (`rollout.val_*`) and the stage's reward preset."""
 
     def __init__(self, ctx: RunContext, lifecycle: EngineLifecycle, eval_file: str, max_samples: int,
-                 reward_model: RewardModel | None) -> None:
+                 reward_model: RewardModel | None, records: Sequence[GRPORecord] | None = None) -> None:
         self.ctx = ctx
         self.lifecycle = lifecycle
-        self.eval_file = eval_file
+        self.eval_file = eval_file  # where the records come from (their images resolve against its folder)
         self.reward_model = reward_model
-        records = ctx.load_records(eval_file, "eval")
+        records = list(records) if records is not None else ctx.load_records(eval_file, "eval")
         self.records = records[:max_samples] if max_samples else records
         self._requests: list[RolloutRequest] | None = None
+
+    @classmethod
+    def of_records(cls, ctx: RunContext, lifecycle: EngineLifecycle, records: Sequence[GRPORecord], data_file: str,
+                   max_samples: int, reward_model: RewardModel | None) -> "Evaluator":
+        """An evaluation of `records` read from `data_file` (a stage's held-out slice, `grpo.eval_holdout`)."""
+        return cls(ctx, lifecycle, data_file, max_samples, reward_model, records=records)
 
     def requests(self) -> list[RolloutRequest]:
         """The eval set's requests (built on first use; skipped records reported once)."""

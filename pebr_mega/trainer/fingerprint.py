@@ -113,7 +113,7 @@ def stage_settings(cfg: PebrConfig, kind: str, exclude: Iterable[str] = ()) -> d
     flat = _flatten(to_dict(cfg))
     wanted = set(_KEYS.get(kind, ()))
     if kind == "sft" and (cfg.sft.eval_file or cfg.data.eval_file):
-        wanted |= set(_SFT_EVAL) | {k for k in flat if k.startswith("rewards.") and k != "rewards.stage"}
+        wanted |= set(_SFT_EVAL) | {k for k in flat if k.startswith("rewards.")}
     sections = _SECTIONS[kind]
     dropped = OPERATIONAL | set(_SHADOWED.get(kind, ())) | set(exclude)
     out: dict[str, Any] = {}

@@ -268,5 +268,6 @@ def known_peak(device: torch.device) -> float:
 
 def eval_line(when: str, m: dict) -> str:
     """One console line for an evaluation."""
+    exact = f" | exact description {m['eval/description_exact']:.3f}" if "eval/description_exact" in m else ""
     return (f"eval {when}: accuracy {m.get('eval/accuracy', float('nan')):.3f} | format {m.get('eval/format', float('nan')):.3f}"
-            f" | reward {m.get('eval/reward', float('nan')):.3f} | n {int(m.get('eval/count', 0))}")
+            f" | reward {m.get('eval/reward', float('nan')):.3f}{exact} | n {int(m.get('eval/count', 0))}")

@@ -1,0 +1,95 @@
+"""Perception scores: does a response's `### Image Description:` state the scene's groups exactly?
+
+A description of the synthetic shapes set lists groups, "2 red circles, 1 blue square." (one group per
+colour and shape, in any order). `description_groups` parses such a list into a multiset of
+(count, phrase) groups, where the phrase's last word loses a plural "s" ("2 red circles" ->
+(2, "red circle")). Items that do not read as "<count> <words>" are kept as unparsed items: they count as
+wrong groups, so rambling is not free.
+
+Per response, against the reference description (the synthetic records' `description`):
+
+    exact = 1 when the groups equal the reference's (as multisets) and nothing is unparsed, else 0
+    f1    = 2 tp / (predicted groups + unparsed items + reference groups), tp = groups in both (multiset)
+
+The description is read as the CLIP reward reads it (`rewards.text.extract_description`: the text between
+`### Image Description:` and `### Rationales:`); a response without one scores 0 on both. Two empty lists ("none.") agree: exact = f1 = 1.
+`description_metrics` averages these over the responses that have a reference (`eval/description_exact`,
+`eval/description_f1`).
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+from pebr_mega.rewards.text import extract_description
+
+NUMBER_WORDS = {w: i for i, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven",
+                                             "eight", "nine", "ten"))} | {"a": 1, "an": 1}
+_ITEM_SEPARATOR = re.compile(r",|;|\band\b|\n")
+_ITEM = re.compile(r"^(\d+|[a-z]+)\s+([a-z][a-z ]*?)$")
+EMPTY_WORDS = {"none", "nothing", "no objects"}
+
+
+@dataclass
+class Groups:
+    """What a description states: its (count, phrase) groups and how many items did not parse as one."""
+
+    groups: Counter
+    unparsed: int = 0
+
+
+def _singular(phrase: str) -> str:
+    head, _, last = phrase.rpartition(" ")
+    if last.endswith("s") and not last.endswith("ss"):
+        last = last[:-1]
+    return f"{head} {last}".strip()
+
+
+def description_groups(description: str) -> Groups:
+    """The (count, singular phrase) groups a description lists, and the number of items that are not groups."""
+    text = description.strip().lower().rstrip(".").strip()
+    groups: Counter = Counter()
+    unparsed = 0
+    for item in _ITEM_SEPARATOR.split(text):
+        item = " ".join(item.split()).strip(" .")
+        if not item or item in EMPTY_WORDS:
+            continue
+        m = _ITEM.match(item)
+        count = None
+        if m:
+            word = m.group(1)
+            count = int(word) if word.isdigit() else NUMBER_WORDS.get(word)
+        if count is None:
+            unparsed += 1
+            continue
+        groups[(count, _singular(m.group(2)))] += 1
+    return Groups(groups, unparsed)
+
+
+def description_scores(response: str, reference: str) -> tuple[float, float]:
+    """(exact, f1) of the response's description section against the reference description."""
+    ref = description_groups(reference)
+    desc = extract_description(response)
+    if desc is None:
+        return 0.0, 0.0
+    pred = description_groups(desc)
+    n_pred = sum(pred.groups.values()) + pred.unparsed
+    n_ref = sum(ref.groups.values()) + ref.unparsed
+    if n_pred + n_ref == 0:
+        return 1.0, 1.0
+    tp = sum((pred.groups & ref.groups).values())
+    exact = float(pred.groups == ref.groups and pred.unparsed == 0)
+    return exact, 2.0 * tp / (n_pred + n_ref)
+
+
+def description_metrics(responses: Sequence[str], references: Sequence[str | None]) -> dict[str, float]:
+    """Mean `eval/description_exact` and `eval/description_f1` over the responses with a reference; {} if none."""
+    if len(responses) != len(references):
+        raise ValueError(f"{len(responses)} responses but {len(references)} references")
+    scores = [description_scores(r, ref) for r, ref in zip(responses, references) if ref is not None]
+    if not scores:
+        return {}
+    return {"eval/description_exact": sum(e for e, _ in scores) / len(scores),
+            "eval/description_f1": sum(f for _, f in scores) / len(scores)}

@@ -1,0 +1,79 @@
+"""The perception metric: a description's (count, colour, shape) groups against the scene, exact and per-group F1."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from pebr_mega.data.synthetic import SynthConfig, describe_scene, make_question, sample_scene, sft_response
+from pebr_mega.data.template import format_response
+from pebr_mega.rewards.perception import description_groups, description_metrics, description_scores
+
+
+def _scene_counts(scene) -> Counter:
+    return Counter((o.color, o.shape) for o in scene.objects)
+
+
+def _phrase(n: int, color: str, shape: str) -> str:
+    return f"{n} {color} {shape}{'' if n == 1 else 's'}"
+
+
+def _expected(pred: Counter, ref: Counter) -> tuple[float, float]:
+    """Exact and F1 from the (colour, shape) -> count maps directly (the independent reference)."""
+    p = {(n, c, s) for (c, s), n in pred.items() if n}
+    r = {(n, c, s) for (c, s), n in ref.items() if n}
+    return float(p == r), (2 * len(p & r) / (len(p) + len(r)) if p or r else 1.0)
+
+
+def _response(description: str) -> str:
+    return format_response(description, "r", ["s"], "1")
+
+
+def test_reference_description_scores_one_and_perturbations_score_by_group():
+    rng = random.Random(0)
+    cfg = SynthConfig(max_objects=6)
+    for _ in range(200):
+        scene = sample_scene(rng, cfg)
+        ref = describe_scene(scene)
+        response = sft_response(scene, make_question(scene, rng))
+        assert description_scores(response, ref) == (1.0, 1.0)
+        # A perceived scene: each group's count off by one, its colour swapped, or the group dropped, at random.
+        truth = _scene_counts(scene)
+        seen = Counter()
+        for (c, s), n in truth.items():
+            move = rng.choice(["keep", "keep", "count", "color", "drop"])
+            if move == "count":
+                seen[(c, s)] += n + rng.choice([-1, 1])
+            elif move == "color":
+                seen[(rng.choice([x for x in ("red", "green", "blue", "yellow") if x != c]), s)] += n
+            elif move == "keep":
+                seen[(c, s)] += n
+        listing = ", ".join(_phrase(n, c, s) for (c, s), n in sorted(seen.items()) if n) or "none"
+        got = description_scores(format_response(listing + ".", "r", ["s"], "1"), ref)
+        assert got == pytest.approx(_expected(seen, truth)), (listing, ref)
+
+
+def test_parsing_is_order_and_form_tolerant_and_counts_junk_as_wrong():
+    ref = "2 red circles, 1 blue square."
+    assert description_scores("### Image Description: 1 Blue Square and two red circles\n### Rationales: x", ref) \
+        == (1.0, 1.0)
+    assert description_groups("a red circle; 3 green triangles.").groups == Counter({(1, "red circle"): 1,
+                                                                                    (3, "green triangle"): 1})
+    # One right group and one item that is not a group: precision 1/2, recall 1/2.
+    assert description_scores(_response("2 red circles, some shapes."), ref) == (0.0, 0.5)
+    # A duplicated group is a wrong extra group.
+    assert description_scores(_response("2 red circles, 2 red circles, 1 blue square."), ref) \
+        == pytest.approx((0.0, 0.8))
+    assert description_scores("no description here", ref) == (0.0, 0.0)
+    assert description_scores(_response("none."), "none.") == (1.0, 1.0)
+
+
+def test_metrics_average_over_the_responses_with_a_reference():
+    ok = _response("1 red circle.")
+    bad = _response("2 red circles.")
+    m = description_metrics([ok, bad, ok], ["1 red circle.", "1 red circle.", None])
+    assert m == {"eval/description_exact": 0.5, "eval/description_f1": 0.5}
+    assert description_metrics([ok], [None]) == {}
+    with pytest.raises(ValueError):
+        description_metrics([ok], [])
