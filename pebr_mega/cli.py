@@ -438,18 +438,18 @@ def _check_startup(cfg: PebrConfig, command: str) -> None:
             print(f"pebr {command}: note: {note}", file=sys.stderr)
 
 
-def _run_sft(cfg: PebrConfig) -> str:
+def _run_sft(cfg: PebrConfig, restart: bool = False) -> str:
     from pebr_mega.trainer.sft import SFTTrainer
 
     _check_startup(cfg, "sft")
-    return f"sft done: model {SFTTrainer(cfg).train().model_dir}"
+    return f"sft done: model {SFTTrainer(cfg, restart=restart).train().model_dir}"
 
 
-def _run_train(cfg: PebrConfig) -> str:
+def _run_train(cfg: PebrConfig, restart: bool = False) -> str:
     from pebr_mega.trainer.grpo import GRPOTrainer
 
     _check_startup(cfg, "train")
-    return f"{cfg.grpo.stage} done: model {GRPOTrainer(cfg).train().model_dir}"
+    return f"{cfg.grpo.stage} done: model {GRPOTrainer(cfg, restart=restart).train().model_dir}"
 
 
 def _run_sample(cfg: PebrConfig) -> str:
@@ -459,26 +459,37 @@ def _run_sample(cfg: PebrConfig) -> str:
     return f"sampling done: {run_sampling(cfg)['output']}"
 
 
-def _run_pipeline(cfg: PebrConfig) -> str:
+def _run_pipeline(cfg: PebrConfig, restart: bool = False) -> str:
     from pebr_mega.trainer.pipeline import run_pipeline
 
     _check_startup(cfg, "pipeline")
-    res = run_pipeline(cfg)
+    res = run_pipeline(cfg, restart=restart)
     return f"pipeline done: {res.get('export', {}).get('model_dir', cfg.pipeline.work_dir)}"
 
 
 CONFIG_COMMANDS = {
     "sft": (_run_sft, "SFT warm-up on the Megatron actor (sft.* settings)",
             "Full fine-tune on ShareGPT conversations, loss on assistant tokens; writes run.output_dir/hf. "
-            "Resumes from its checkpoints. Launch with torchrun for several GPUs."),
+            "Resumes from its checkpoints (when run.output_dir holds a run with other settings, it stops: "
+            "--force-restart discards that run). Launch with torchrun for several GPUs."),
     "sample": (_run_sample, "difficulty sampling: n answers per GRPO question (sample.* settings)",
                "Writes sample.output (JSONL: qid, response, ground_truth, score), overwriting it."),
     "train": (_run_train, "one GRPO stage (grpo.stage=stage1|stage2) on the Megatron actor",
               "GRPO from grpo.init_model on grpo.train_file with the stage's reward preset; writes "
-              "run.output_dir/{metrics.jsonl,checkpoints,hf}. Resumes from its checkpoints."),
+              "run.output_dir/{metrics.jsonl,checkpoints,hf}. Resumes from its checkpoints (when run.output_dir "
+              "holds a run with other settings, it stops: --force-restart discards that run)."),
     "pipeline": (_run_pipeline, "the whole recipe: sft -> sample -> split -> stage1 -> stage2 -> export",
                  "Runs pipeline.stages in pipeline.work_dir, skipping finished stages and resuming an "
-                 "interrupted one."),
+                 "interrupted one (a stage run with other settings stops it: --force-restart redoes that stage "
+                 "and the ones after it)."),
+}
+
+
+# The commands that resume what their output directory holds, and what --force-restart discards there.
+RESTARTABLE = {
+    "sft": "start over: discard the run in run.output_dir (checkpoints, metrics, results)",
+    "train": "start over: discard the run in run.output_dir (checkpoints, metrics, results)",
+    "pipeline": "redo the stages run with other settings, and the stages after them, instead of stopping",
 }
 
 
@@ -490,6 +501,8 @@ def _add_config_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--dry-run", action="store_true",
                        help="print the resolved plan (prompts, batches, epochs, steps, reward weights) as JSON and "
                             "exit without loading a model; `pebr config` prints the resolved config")
+        if name in RESTARTABLE:
+            p.add_argument("--force-restart", action="store_true", help=RESTARTABLE[name])
         p.set_defaults(handler=_cmd_config_command, run=run)
 
 
@@ -499,7 +512,7 @@ def _cmd_config_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         return _dry_run(cfg, args.command)
-    print(args.run(cfg))
+    print(args.run(cfg, restart=True) if getattr(args, "force_restart", False) else args.run(cfg))
     return 0
 
 
