@@ -182,7 +182,8 @@ def sft_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
                                     "needs the pixels and the tokenizer: counted when the stage starts"},
             "last_batch": (kept % sft.batch_size) or min(kept, sft.batch_size), "seed": cfg.run.seed, "eval": eval_info}
     if kept == 0:
-        plan["error"] = f"{path}: no usable SFT conversations"
+        plan["error"] = (f"{path}: no usable SFT conversations (read {len(items) + len(bad)}, skipped "
+                         f"{dict(sorted(skipped.items()))})")
     return plan
 
 
