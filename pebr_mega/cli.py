@@ -1,8 +1,10 @@
 """The `pebr` command: thin subcommands over the library.
 
-Each subcommand is an `_add_<name>` function that declares its arguments and a handler that imports the
-library lazily (so `pebr --help` is fast) and returns an exit code. Library errors that are the user's to fix
-(`ConfigError`, `DataError`, ...) are printed as one line and exit with status 2, never as a traceback.
+Each subcommand is an `_add_<name>` function that declares its arguments and a handler that returns an exit
+code. The light modules (data records and files, outputs, errors: no torch) are imported here; a handler imports
+what loads torch, transformers or Megatron itself, so `pebr --help` and the data commands start fast. Library
+errors that are the user's to fix (`ConfigError`, `DataError`, ...) are printed as one line and exit with status
+2, never as a traceback.
 """
 from __future__ import annotations
 
@@ -10,7 +12,20 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
-if TYPE_CHECKING:  # the library is imported lazily, so that `pebr --help` is fast
+from pebr_mega import __version__
+from pebr_mega.data.corpus import tokenizer_corpus
+from pebr_mega.data.llamafactory import register_dataset
+from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_records
+from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
+from pebr_mega.data.split import SPLIT_FILES, format_summary, split_files
+from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
+from pebr_mega.data.template import model_prompt_template
+from pebr_mega.errors import DataError, PebrError
+from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
+from pebr_mega.outputs import claim_output_dir, claim_output_file, plot_path
+from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
+
+if TYPE_CHECKING:  # the config tree imports torch: handlers import it lazily
     from pebr_mega.config import PebrConfig
 
 Handler = Callable[[argparse.Namespace], int]
@@ -40,10 +55,6 @@ def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
-    from pebr_mega.data.corpus import tokenizer_corpus
-    from pebr_mega.outputs import claim_output_dir
-
     claim_output_dir(args.out, what="--out")
 
     cfg = TinyModelConfig(seed=args.seed, tie_word_embeddings=args.tie_embeddings)
@@ -91,7 +102,6 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pebr_mega.logging import DEFAULT_PLOT_KEYS, plot_metrics
-    from pebr_mega.outputs import claim_output_file, plot_path
 
     files = []
     for d in args.run_dirs:
@@ -173,9 +183,6 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
-    from pebr_mega.outputs import claim_output_dir
-
     claim_output_dir(args.out, what="--out")
     cfg = SynthConfig(num=args.num, num_sft=args.num_sft, num_eval=args.num_eval, seed=args.seed,
                       width=args.width, height=args.height, min_objects=args.min_objects,
@@ -204,9 +211,6 @@ def _add_filter_sft(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_filter_sft(args: argparse.Namespace) -> int:
-    from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
-    from pebr_mega.outputs import claim_output_file
-
     claim_output_file(args.output, [args.input], what="--output")
     claim_output_file(sidecar_path(args.output), [args.input], what="the dropped-records file")
     res = filter_sft_file(args.input, args.output, args.image_root, decode=not args.no_decode,
@@ -230,8 +234,6 @@ def _add_register_llamafactory(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_register_llamafactory(args: argparse.Namespace) -> int:
-    from pebr_mega.data.llamafactory import register_dataset
-
     replaced = register_dataset(args.dataset_info, args.name, args.file)
     print(f"{'updated' if replaced else 'added'} '{args.name}' -> {args.file} in {args.dataset_info}")
     return 0
@@ -254,9 +256,6 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from pebr_mega.data.split import SPLIT_FILES, format_summary, split_files
-    from pebr_mega.outputs import claim_output_dir
-
     claim_output_dir(args.out_dir, [args.rollouts, args.dataset], what="--out-dir",
                      writes=[*SPLIT_FILES.values(), "summary.json"])
     res = split_files(args.rollouts, args.dataset, args.out_dir, args.n, args.correct_threshold)
@@ -283,10 +282,6 @@ def _add_make_tiny_clip(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_make_tiny_clip(args: argparse.Namespace) -> int:
-    from pebr_mega.data.corpus import tokenizer_corpus
-    from pebr_mega.outputs import claim_output_dir
-    from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
-
     claim_output_dir(args.out, what="--out")
     cfg = TinyClipConfig(seed=args.seed, image_size=args.image_size, patch_size=args.patch_size,
                          hidden_size=args.hidden_size, num_layers=args.layers)
@@ -324,18 +319,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
+    from pebr_mega.config import load_config
     from pebr_mega.data.decoders import make_image_decoder
-    from pebr_mega.data.records import image_root_for, load_grpo_records
-    from pebr_mega.data.template import model_prompt_template
     from pebr_mega.rollout.factory import sampling_params
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import RequestBuilder
     from pebr_mega.trainer.evaluate import evaluate
-    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
-    from pebr_mega.errors import DataError
-    from pebr_mega.outputs import claim_output_file
-
-    from pebr_mega.config import load_config
 
     cfg = load_config(args.config, [])  # the generation length and the grading the run trained with
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else cfg.rollout.max_new_tokens
@@ -403,13 +393,11 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
+    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
     from pebr_mega.data.decoders import make_image_decoder
-    from pebr_mega.data.records import GRPORecord
-    from pebr_mega.data.template import model_prompt_template
     from pebr_mega.rollout.factory import sampling_params
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import RequestBuilder
-    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 
     check_hf_model_dir(args.model, "--model")
     template = model_prompt_template(args.model, args.format_prompt)
@@ -520,7 +508,6 @@ def _dry_run(cfg: PebrConfig, command: str, restart: bool = False) -> int:
     """The plan as JSON on stdout (docs/TRAINING.md, "Dry run"); a plan that cannot start ends as one error line."""
     import json
 
-    from pebr_mega.errors import DataError
     from pebr_mega.trainer.dry_run import dry_run, plan_error
 
     plan = dry_run(cfg, command, restart=restart)
@@ -588,10 +575,10 @@ def _add_compare_logits(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_compare_logits(args: argparse.Namespace) -> int:
+    import torch
+
     from pebr_mega.checkpoint.compare import DEFAULT_PROMPT, compare_logits, sample_inputs
     from pebr_mega.models.specs import resolve_spec
-
-    import torch
 
     resolve_spec(args.spec)  # an unusable backend fails here, before any rank starts
     if args.tp < 1 or args.pp < 1:
@@ -631,7 +618,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The `pebr` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="pebr", description="PeBR-R1 on Megatron-Core: SFT, sampling, "
                                      "two-stage GRPO for Qwen2.5-VL, checkpoints and tools.")
-    from pebr_mega import __version__
 
     parser.add_argument("--version", action="version", version=f"pebr-mega {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -658,7 +644,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 1
-    from pebr_mega.errors import PebrError
 
     try:
         return int(args.handler(args) or 0)
