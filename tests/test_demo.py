@@ -32,6 +32,7 @@ def test_demo_writes_summary_and_curves(trainer_runs):
     synth = json.loads((out / "data" / SYNTH_RECORD).read_text())
     assert (synth["sft_teacher_error"], synth["sft_description_omission"]) == (DEMO_TEACHER_ERROR, DEMO_DESCRIPTION_OMISSION)
     assert set(clip["omission"]) == {"images", "pairwise_accuracy", "reward_true", "reward_omitted"}
+    assert clip["negative_kinds"] == ["count", "color", "shape"] + (["omit"] if DEMO_DESCRIPTION_OMISSION else [])
     # Stage 1 runs with the recipe's weights: the demo overrides none of them (the CLIP reward is on).
     assert yaml.safe_load((out / "pipeline" / "sft" / "config.yaml").read_text())["rewards"]["weights"] == {}
     held = [json.loads(x) for x in (out / "heldout.jsonl").read_text().splitlines()]

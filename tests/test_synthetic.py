@@ -290,8 +290,7 @@ def test_tokenizer_corpus_covers_the_synthetic_vocabulary(dataset):
 
 def _single_errors(truth: Counter) -> list[Counter]:
     """Every scene description one perception error away from `truth` ((colour, shape) -> count), enumerated
-    directly: one count +-1 (absent groups included), one group's colour or shape replaced, or one group left out
-    (of two or more)."""
+    directly: one count +-1 (absent groups included), or one group's colour or shape replaced."""
     out = []
     for c in COLORS:
         for s in SHAPES:
@@ -306,15 +305,13 @@ def _single_errors(truth: Counter) -> list[Counter]:
         for s2 in SHAPES:
             if s2 != s:
                 out.append(Counter({**truth, (c, s): 0}) + Counter({(c, s2): n}))
-    if len(truth) > 1:
-        out += [Counter({k: v for k, v in truth.items() if k != group}) for group in truth]
     return [+x for x in out if +x != +truth and sum(x.values())]
 
 
 def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dataset):
     import random
 
-    from pebr_mega.data.synthetic import describe_scene, hard_negatives, load_scenes
+    from pebr_mega.data.synthetic import OMIT_KIND, describe_scene, hard_negatives, load_scenes
     from pebr_mega.rewards.perception import description_groups
 
     def counts(text: str) -> Counter:
@@ -339,7 +336,7 @@ def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dat
     # "omit" alone: the description without one whole group; none for a scene of one group
     for scene in scenes.values():
         truth = counts(describe_scene(scene))
-        omitted = hard_negatives(scene, rng, 4, ("omit",))
+        omitted = hard_negatives(scene, rng, 4, (OMIT_KIND,))
         assert len(omitted) == (min(4, len(truth)) if len(truth) > 1 else 0), (describe_scene(scene), omitted)
         for text in omitted:
             got = counts(text)

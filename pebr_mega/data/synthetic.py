@@ -230,7 +230,8 @@ def describe_groups(groups: list[tuple[int, str, str]]) -> str:
     return _list_groups([(counts[(c, s)], c, s) for c in COLORS for s in SHAPES if counts[(c, s)] > 0]) + "."
 
 
-HARD_NEGATIVE_KINDS = ("count", "color", "shape", "omit")
+HARD_NEGATIVE_KINDS = ("count", "color", "shape")
+OMIT_KIND = "omit"  # a whole group left out: the omitting teacher's error (`SynthConfig.sft_description_omission`)
 
 
 def perturb_groups(groups: list[tuple[int, str, str]], rng: random.Random,
@@ -239,7 +240,7 @@ def perturb_groups(groups: list[tuple[int, str, str]], rng: random.Random,
     group or add an absent one as 1), one group's colour ("color") or shape ("shape") replaced, or one whole
     group left out ("omit": an incomplete description; a scene of one group is returned unchanged)."""
     groups = list(groups)
-    if kind == "omit":
+    if kind == OMIT_KIND:
         if len(groups) > 1:
             del groups[rng.randrange(len(groups))]
         return groups
@@ -262,7 +263,7 @@ def perturb_groups(groups: list[tuple[int, str, str]], rng: random.Random,
         else:
             groups[i] = (n, c, rng.choice([x for x in SHAPES if x != s]))
         return groups
-    raise ValueError(f"unknown perception error kind {kind!r}; known: {HARD_NEGATIVE_KINDS}")
+    raise ValueError(f"unknown perception error kind {kind!r}; known: {(*HARD_NEGATIVE_KINDS, OMIT_KIND)}")
 
 
 def hard_negatives(scene: Scene, rng: random.Random, k: int,
