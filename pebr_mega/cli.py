@@ -312,14 +312,18 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--image-root", default=None, help="default: the dataset's folder")
     p.add_argument("--max-samples", type=int, default=0, help="0 = all")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--config", default=None,
+                   help="the run's YAML config: the defaults of --max-new-tokens (rollout.max_new_tokens) and "
+                        "--grading (rewards.answer_grading) come from it (without it: the built-in config's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: rollout.max_new_tokens of --config")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--results", default=None, help="write one JSON line per question here")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format-prompt", default=None,
                    help="prompt template (default: the model's own format_prompt.jinja, else the packaged one)")
-    p.add_argument("--grading", default="upstream", choices=["upstream", "lenient"],
-                   help="how the answer is taken from a response (rewards.answer_grading; default upstream)")
+    p.add_argument("--grading", default=None, choices=["upstream", "lenient"],
+                   help="how the answer is taken from a response (default: rewards.answer_grading of --config, "
+                        "upstream unless it says otherwise)")
     p.set_defaults(handler=_cmd_eval)
 
 
@@ -335,6 +339,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from pebr_mega.errors import DataError
     from pebr_mega.outputs import claim_output_file
 
+    from pebr_mega.config import load_config
+
+    cfg = load_config(args.config, [])  # the generation length and the grading the run trained with
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else cfg.rollout.max_new_tokens
+    grading = args.grading or cfg.rewards.answer_grading
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     check_hf_model_dir(args.model, "--model")
     if args.results:
         claim_output_file(args.results, [args.dataset, args.model], what="--results")
@@ -353,11 +364,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         print(report.summary())
     if not requests:
         raise DataError(f"{args.dataset}: none of its {len(records)} records could be turned into a prompt")
-    sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
-    m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results,
-                 grading=args.grading)
+    sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, max_new_tokens, args.seed)
+    m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results, grading=grading)
     print(f"eval {args.model} on {args.dataset}: {int(m['eval/count'])} questions | accuracy {m['eval/accuracy']:.3f}"
-          f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens"
+          f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens (at most "
+          f"{max_new_tokens}, graded {grading})"
           + (f" | exact description {m['eval/description_exact']:.3f}" if "eval/description_exact" in m else "")
           + (f" | {int(m['eval/timeouts'])} timed out in grading (scored 0)" if m.get("eval/timeouts") else ""))
     return 0
@@ -480,18 +491,34 @@ def _add_config_commands(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=help_, description=description)
         p.add_argument("--config", default=None, help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-        p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the resolved plan (prompts, batches, epochs, steps, reward weights) as JSON and "
+                            "exit without loading a model; `pebr config` prints the resolved config")
         p.set_defaults(handler=_cmd_config_command, run=run)
 
 
 def _cmd_config_command(args: argparse.Namespace) -> int:
-    from pebr_mega.config import load_config, to_yaml
+    from pebr_mega.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(to_yaml(cfg), end="")
-        return 0
+        return _dry_run(cfg, args.command)
     print(args.run(cfg))
+    return 0
+
+
+def _dry_run(cfg: PebrConfig, command: str) -> int:
+    """The plan as JSON on stdout (docs/TRAINING.md, "Dry run"); a plan that cannot start ends as one error line."""
+    import json
+
+    from pebr_mega.errors import DataError
+    from pebr_mega.trainer.dry_run import dry_run, plan_error
+
+    plan = dry_run(cfg, command)
+    print(json.dumps(plan, indent=1))
+    error = plan_error(plan)
+    if error:
+        raise DataError(error)
     return 0
 
 

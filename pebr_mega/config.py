@@ -91,8 +91,16 @@ def _check_choices(obj: Any, prefix: str = "") -> None:
             _check_choices(value, key + ".")
 
 
+# Keys that existed once and were removed on purpose: the error says what replaced them.
+REMOVED_KEYS = {
+    "rewards.stage": "grpo.stage alone selects the reward preset (stage1 | stage2); remove rewards.stage",
+}
+
+
 def _raise_readable(err: OmegaConfBaseException, schema_obj: Any, source: str) -> None:
     key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigKeyError) and key in REMOVED_KEYS:
+        raise ConfigError(f"config key '{key}' in {source} was removed: {REMOVED_KEYS[key]}") from None
     if isinstance(err, ConfigKeyError):
         valid = _valid_keys(schema_obj, key)
         near = difflib.get_close_matches(key.split(".")[-1], valid, n=1)

@@ -5,7 +5,8 @@ They are the trainers' own settings, declared here (a leaf importing only `confi
 
 Stage-dependent upstream values are `None` by default and filled by `GRPOTrainerConfig.resolved()`:
 stage 1 uses 560 prompts per rollout step and 112 per update (5 updates), 1 epoch; stage 2 uses
-512 and 128 (4 updates), 2 epochs (PEBR_FACTS).
+512 and 128 (4 updates), 2 epochs (PEBR_FACTS). `grpo.stage` is the one stage switch: it picks these values
+and the reward preset (the rewards section has no stage of its own).
 
 Precedence between a stage section and the shared sections (one rule): a key that a stage section declares
 under the same name as a key of `actor.*` (the SFT section's `lr`, `warmup_ratio`, `lr_schedule`,
@@ -19,7 +20,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from pebr_mega.config_fields import check_fields, choice, optional_positive, positive
+from pebr_mega.config_fields import ConfigError, check_fields, choice, optional_positive, positive
 
 STAGE_DEFAULTS = {
     "stage1": {"rollout_batch_size": 560, "mini_batch_size": 112, "epochs": 1},
@@ -58,8 +59,11 @@ class GRPOTrainerConfig(StageLoopConfig):
     mini_batch_size: Optional[int] = None  # prompts per optimizer update
     ppo_epochs: int = 1
     epochs: Optional[int] = None
-    max_steps: int = -1  # -1 = floor(#prompts / rollout_batch_size) x epochs
+    max_steps: int = -1  # -1 = floor(#prompts / rollout_batch_size) x epochs; else at most this many steps
     shuffle: bool = True
+    # Records of train_file held out of training and evaluated on instead (chosen by run.seed, after the
+    # record filters); 0 = none. Exclusive with an eval file (grpo.eval_file / data.eval_file).
+    eval_holdout: int = 0
     save_every: int = 50
     keep_last: int = 2
 
@@ -71,7 +75,11 @@ class GRPOTrainerConfig(StageLoopConfig):
             "ppo_epochs": positive(self.ppo_epochs),
             "epochs": optional_positive(self.epochs),
             "max_steps": (self.max_steps == -1 or self.max_steps >= 1, self.max_steps, "must be -1 (all) or >= 1"),
+            "eval_holdout": (self.eval_holdout >= 0, self.eval_holdout, "must be >= 0 (0 = no held-out slice)"),
         })
+        if self.eval_holdout and self.eval_file:
+            raise ConfigError(f"grpo.eval_holdout={self.eval_holdout} and grpo.eval_file={self.eval_file!r} both give "
+                              "the stage an evaluation set: set one of them")
 
     def resolved(self) -> "GRPOTrainerConfig":
         """A copy with the stage's upstream values filled where the user left `None`."""

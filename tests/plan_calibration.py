@@ -109,39 +109,41 @@ def state_bytes(ddp, optimizer=None) -> dict[str, int]:
             "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
 
-def random_batch(arch: QwenVLArch, images=TINY_IMAGES, text_tokens: int = 60, seed: int = 0):
-    """A packed micro-batch of random samples, one image (given patch grid) or none each, packed by the actor's
-    packer (no padding multiple: the token count is the samples'); returns (the model's inputs, grids)."""
+def random_batch(arch: QwenVLArch, images=TINY_IMAGES, text_tokens: int = 60, seed: int = 0, multiple: int = 16,
+                 response: float = 0.25):
+    """A packed micro-batch of random GRPO samples, packed by the actor's packer (`actor.packing.pack`, padded to
+    `multiple` tokens as the actor pads): each sample a prompt of text around one image (given patch grid) or
+    none, whose last `response` share of text tokens are the trained targets with random old and reference
+    log-probs and a +-1 advantage; returns (the `actor.packing.MicroBatch`, the images' grids)."""
     from pebr_mega.actor.packing import ActorSequence, pack
-    from pebr_mega.models.packing import packed_seq_params
     from pebr_mega.models.rope_index import get_rope_index
 
     g = torch.Generator().manual_seed(seed)
     v = arch.vision
-    ids, pixels, grids = [], [], []
+    seqs, grids = [], []
     for i, grid in enumerate(images):
         text = torch.randint(0, arch.vision_start_token_id - 1, (text_tokens + 7 * i,), generator=g)
-        if grid is None:
-            ids.append(text)
-            pixels.append(None)
-            grids.append(None)
-            continue
-        n = grid[0] * grid[1] // v.spatial_merge_size**2
-        ids.append(torch.cat([text[:5], torch.tensor([arch.vision_start_token_id]),
-                              torch.full((n,), arch.image_token_id), text[5:]]))
-        pixels.append(torch.randn(grid[0] * grid[1], v.in_channels * v.temporal_patch_size * v.patch_size**2,
-                                  generator=g))
-        grids.append(torch.tensor([[1, grid[0], grid[1]]]))
-    seqs = [ActorSequence(t.tolist(), [0] * len(t), p, gr) for t, p, gr in zip(ids, pixels, grids)]
+        pixels = grid_thw = None
+        ids = text
+        if grid is not None:
+            n = grid[0] * grid[1] // v.spatial_merge_size**2
+            ids = torch.cat([text[:5], torch.tensor([arch.vision_start_token_id]),
+                             torch.full((n,), arch.image_token_id), text[5:]])
+            pixels = torch.randn(grid[0] * grid[1], v.in_channels * v.temporal_patch_size * v.patch_size**2,
+                                 generator=g)
+            grid_thw = torch.tensor([[1, grid[0], grid[1]]])
+            grids.append((1, grid[0], grid[1]))
+        targets = round(response * len(text))
+        mask = [0] * (len(ids) - targets) + [1] * targets
+        old = -torch.rand(targets, generator=g) - 0.5
+        seqs.append(ActorSequence(ids.tolist(), mask, pixels, grid_thw, advantage=1.0 if i % 2 else -1.0,
+                                  old_logprobs=old, ref_logprobs=old + 0.1 * torch.randn(targets, generator=g), index=i))
 
     def positions(tokens, grid):
         return get_rope_index(torch.tensor([tokens]), grid, image_token_id=arch.image_token_id,
                               spatial_merge_size=v.spatial_merge_size)[0][:, 0]
 
-    mb = pack(seqs, positions)
-    inputs = {"input_ids": mb.input_ids, "position_ids": mb.position_ids, "pixel_values": mb.pixel_values,
-              "image_grid_thw": mb.image_grid_thw, "packed_seq_params": packed_seq_params(mb.lengths, "torch", "cpu")}
-    return inputs, [(1, h, w) for h, w in (x for x in images if x is not None)]
+    return pack(seqs, positions, multiple), grids
 
 
 def build_stage(arch: QwenVLArch, tp: int, pp: int, dtype: str = "float32", recompute: str = "none",
@@ -187,28 +189,82 @@ def zero_step(actor) -> None:
     actor._step_optimizer({"loss_sum": 0.0})
 
 
+def _on_device(mb):
+    """The micro-batch's per-target tensors as the actor's loss moves them to the device (new storages there)."""
+    import dataclasses
+
+    fields = ("target_ids", "target_mask", "target_slot", "advantages", "old_logprobs", "ref_logprobs")
+    return dataclasses.replace(mb, **{k: getattr(mb, k).clone() for k in fields if getattr(mb, k) is not None})
+
+
 def measure_activations(model, arch: QwenVLArch, tp: int, images=TINY_IMAGES, text_tokens: int = 60,
-                        backward: bool = True) -> dict:
-    """Live bytes of one micro-batch through `model` (an actor's DDP model, or a bare stage), counted from before
-    its inputs reach the device: after the forward (the inputs autograd kept, saved activations, the logits)
-    and, with `backward`, at the peak of forward + backward, whose logit gradient is created inside too (as
-    the actor's loss creates it)."""
-    batch, grids = random_batch(arch, images, text_tokens)
+                        path: str = "logits", tp_group=None, backward: bool = True) -> dict:
+    """Live bytes of one micro-batch through `model` (an actor's DDP model, or a bare stage) and the actor's GRPO
+    loss (`actor.losses.grpo_microbatch_loss`, Triton kernels: the interpreter on CPU, log-probs by `path`),
+    counted from before its inputs reach the device: after the forward (the inputs autograd kept, saved
+    activations, the target logits and the loss's graph) and, with `backward`, at the peak of forward +
+    backward."""
+    import dataclasses
+    import gc
+
+    from pebr_mega.actor.losses import LossScale, grpo_microbatch_loss
+    from pebr_mega.algo.grpo import AlgoConfig
+    from pebr_mega.models.packing import packed_seq_params
+
+    mb, grids = random_batch(arch, images, text_tokens)
     dtype = next(model.parameters()).dtype
-    host = batch
+    module = model.module if hasattr(model, "module") else model
+    scale = LossScale(float(mb.num_targets), 1, 1)
     model.train()
     if hasattr(model, "zero_grad_buffer"):
         model.zero_grad_buffer()
+    gc.collect()
     live = LiveBytes()
     with live:
-        inputs = {k: (v.to(dtype, copy=True) if k == "pixel_values" else v.clone()) if isinstance(v, torch.Tensor) else v
-                  for k, v in host.items()}
-        logits = model(**inputs)
-        del inputs  # as in the actor's schedule: what the graph did not save is freed after the forward
+        inputs = {"input_ids": mb.input_ids.clone(), "position_ids": mb.position_ids.clone(),
+                  "pixel_values": mb.pixel_values.to(dtype, copy=True), "image_grid_thw": mb.image_grid_thw,
+                  "packed_seq_params": packed_seq_params(mb.lengths, "torch", "cpu"),
+                  "target_index": mb.target_index.clone()}
+        hidden = model(**inputs)  # [N, h]: the targets' final hidden states
+        loss, _ = grpo_microbatch_loss(hidden, module.output_weight(), _on_device(mb), scale, AlgoConfig(), 1.0,
+                                       "triton", path, tp_group)
+        del inputs, hidden  # as in the actor's schedule: what the graph did not save is freed after the forward
+        gc.collect()  # reference cycles (gloo work objects, the Triton interpreter) would free tensors at random times
         after_forward = live.current
         if backward:
-            logits.backward(torch.full_like(logits, 1e-3))
-        del logits
-    slots = batch["packed_seq_params"].segments.slots.numel()  # the padded attention's [n, max_len] (CPU path)
-    return {"tokens": int(batch["input_ids"].shape[1]), "slots": slots, "grids": grids,
+            loss.backward()
+        del loss
+    slots = packed_seq_params(mb.lengths, "torch", "cpu").segments.slots.numel()  # the padded SDPA's [n, max_len]
+    return {"tokens": mb.num_tokens, "targets": mb.num_targets, "slots": slots, "grids": grids,
             "after_forward": after_forward, "peak": live.peak}
+
+
+def measure_logprob_path(arch: QwenVLArch, tp: int, path: str, targets: int = 96, dtype: torch.dtype = torch.float32,
+                         tp_group=None, seed: int = 0) -> dict:
+    """Live bytes of the actor's log-prob path alone (`actor.losses.target_logprobs`, Triton kernels), from the
+    targets' hidden states [targets, h] to their gradient and the output layer's weight gradient [V / tp, h]:
+    after the forward and at the peak of forward + backward."""
+    import gc
+
+    from pebr_mega.actor.losses import target_logprobs
+    from pebr_mega.actor.packing import ActorSequence, pack
+
+    g = torch.Generator().manual_seed(seed)
+    t = arch.text
+    n_local = t.vocab_size // tp
+    ids = torch.randint(0, t.vocab_size, (targets + 1,), generator=g).tolist()
+    mb = pack([ActorSequence(ids, [0] + [1] * targets)], lambda tokens, grid: torch.zeros(3, len(tokens)))
+    weight = torch.nn.Parameter((torch.randn(n_local, t.hidden_size, generator=g) * 0.02).to(dtype))
+    live = LiveBytes()
+    with live:
+        hidden = torch.randn(targets, t.hidden_size, generator=g).to(dtype).requires_grad_()
+        base = live.current
+        lp, ent = target_logprobs(hidden, weight, mb, 1.0, "triton", path, tp_group, with_entropy=True)
+        loss = lp.sum() + 0.1 * ent.sum()
+        gc.collect()  # the Triton interpreter leaves reference cycles that hold a chunk until the next collection
+        after_forward = live.current - base
+        # Gradients returned, not accumulated: a leaf's AccumulateGrad clones a gradient that something else
+        # still references (a gloo work object, at random), which the actor's non-leaf hidden states never do.
+        grads = torch.autograd.grad(loss, [hidden, weight])
+        del loss, lp, ent, grads
+    return {"targets": targets, "after_forward": after_forward, "peak": live.peak - base}

@@ -1,10 +1,14 @@
 """The `pebr` command: every subcommand answers --help, config errors are one line with exit status 2."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from pebr_mega.cli import build_parser, main
 
@@ -36,10 +40,139 @@ def test_config_errors_are_one_line_with_status_2(capsys):
     assert "sft.epochs" in capsys.readouterr().err
 
 
-def test_dry_run_prints_resolved_config(capsys):
-    assert main(["pipeline", "--dry-run", "pipeline.work_dir=w", "rollout.n=4"]) == 0
-    out = capsys.readouterr().out
-    assert "work_dir: w" in out and "n: 4" in out
+# ------------------------------------------------------------------------------------------------ --dry-run
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_7B = str(ROOT / "launch" / "configs" / "qwen2_5_vl_7b.yaml")
+# The presets, restated from upstream's reward functions (examples/reward_function/pebr_1.py, pebr_2.py).
+STAGE1 = {"clip": 0.4, "keyword": 0.4, "format": 0.1, "length": 0.1, "accuracy": 0.0}
+STAGE2 = {"clip": 0.0, "keyword": 0.0, "format": 0.1, "length": 0.0, "accuracy": 0.9}
+
+
+def _grpo_file(tmp_path, sizes: list[tuple[int, int]], name: str = "grpo.json") -> Path:
+    """GRPO records, record i showing an image of sizes[i] (one file per size)."""
+    for h, w in set(sizes):
+        Image.fromarray(np.full((h, w, 3), 127, dtype=np.uint8)).save(tmp_path / f"{h}x{w}.png")
+    rows = [{"qid": f"q{i}", "problem": "<image>How many shapes?", "answer": "3", "images": [f"{h}x{w}.png"],
+             "key_words": ["shape"]} for i, (h, w) in enumerate(sizes)]
+    (tmp_path / name).write_text(json.dumps(rows))
+    return tmp_path / name
+
+
+def _dry(capsys, *argv: str) -> tuple[int, object, str]:
+    rc = main(list(argv))
+    out = capsys.readouterr()
+    return rc, (json.loads(out.out) if out.out.strip() else None), out.err
+
+
+def test_train_dry_run_on_the_7b_config_counts_upstreams_steps(tmp_path, capsys):
+    """Issue 13's check: the 7B config, stage 2, 1,100 prompts, batch 512, 2 epochs -> 2 full batches per epoch,
+    4 steps, 76 prompts sitting out each epoch; the plan is JSON, nothing is loaded or written."""
+    data = _grpo_file(tmp_path, [(56, 56)] * 1100)
+    rc, plan, _ = _dry(capsys, "train", "--dry-run", "--config", CONFIG_7B, "grpo.stage=stage2",
+                       f"grpo.train_file={data}", f"data.image_root={tmp_path}", f"run.output_dir={tmp_path / 'run'}")
+    assert rc == 0
+    assert list(plan)[:11] == ["stage", "prompts", "rollout_batch", "mini_batch", "epochs", "steps_per_epoch",
+                               "total_steps", "updates_per_step", "samples_per_step", "reward_weights", "grading"]
+    assert {k: plan[k] for k in list(plan)[:11]} == {
+        "stage": "stage2", "prompts": 1100, "rollout_batch": 512, "mini_batch": 128, "epochs": 2,
+        "steps_per_epoch": 2, "total_steps": 4, "updates_per_step": 4, "samples_per_step": 512 * 8,
+        "reward_weights": STAGE2, "grading": "upstream"}
+    assert plan["dropped_per_epoch"] == 76 and plan["records_read"] == 1100
+    # The config's init_model is not on this machine: the prompt-length filter is named as not applied.
+    assert any("max_prompt_length" in k and "does not exist" in v for k, v in plan["filters_not_applied"].items())
+    assert not (tmp_path / "run").exists()
+
+
+def test_grpo_stage_alone_selects_the_reward_preset(tmp_path, capsys):
+    """Issue 13, item 5: grpo.stage is the one switch (stage 2 used to train with stage-1 rewards unless
+    rewards.stage said so too); the old key is refused, naming its replacement."""
+    data = _grpo_file(tmp_path, [(56, 56)] * 8)
+    common = [f"grpo.train_file={data}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4"]
+    assert _dry(capsys, "train", "--dry-run", "grpo.stage=stage2", *common)[1]["reward_weights"] == STAGE2
+    rc, plan, _ = _dry(capsys, "train", "--dry-run", "grpo.stage=stage1", *common)
+    assert rc == 0 and plan["reward_weights"] == STAGE1
+    assert "rewards.clip_model_dir is not set" in plan["warnings"][0]
+    rc, _, err = _dry(capsys, "train", "--dry-run", "grpo.stage=stage2", "rewards.stage=stage1", *common)
+    assert rc == 2 and "rewards.stage" in err and "grpo.stage alone selects the reward preset" in err
+
+
+def test_train_dry_run_applies_the_prompt_length_filter_with_the_stage_tokenizer(tiny_model_dir, tmp_path, capsys):
+    """With the stage's tokenizer at hand, over-long prompts are filtered before the steps are counted (upstream
+    filters its dataset before batching): 224 x 224 images give 64 image tokens, 56 x 56 ones 4, and the
+    prompt limit falls between the two prompt lengths."""
+    from transformers import AutoTokenizer
+
+    from pebr_mega.data.images import ImageConfig
+    from pebr_mega.data.pil_backend import PilImageDecoder
+    from pebr_mega.data.records import GRPORecord
+    from pebr_mega.rollout.requests import RequestBuilder
+
+    data = _grpo_file(tmp_path, [(56, 56)] * 9 + [(224, 224)] * 5 + [(10, 300)])
+    builder = RequestBuilder(AutoTokenizer.from_pretrained(tiny_model_dir),
+                             PilImageDecoder(ImageConfig(min_pixels=3136, max_pixels=50176)))
+    short, long_ = (len(builder.build_one(GRPORecord("x", "<image>How many shapes?", "3", [f]), tmp_path).prompt_ids)
+                    for f in ("56x56.png", "224x224.png"))
+    assert long_ - short == 60
+    rc, plan, _ = _dry(capsys, "train", "--dry-run", "grpo.stage=stage2", f"grpo.train_file={data}",
+                       f"grpo.init_model={tiny_model_dir}", "images.min_pixels=3136", "images.max_pixels=50176",
+                       f"data.max_prompt_length={short + 10}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=2")
+    assert rc == 0 and plan["prompts"] == 9 and plan["records_read"] == 15
+    assert plan["skipped"] == {"image": 1, "prompt_too_long": 5}
+    assert (plan["steps_per_epoch"], plan["total_steps"], plan["updates_per_step"]) == (2, 4, 2)
+    assert not plan["filters_not_applied"]
+
+
+def test_train_dry_run_holdout_and_what_cannot_start(tmp_path, capsys):
+    data = _grpo_file(tmp_path, [(56, 56)] * 10)
+    common = ["grpo.stage=stage2", f"grpo.train_file={data}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4"]
+    rc, plan, _ = _dry(capsys, "train", "--dry-run", *common, "grpo.eval_holdout=3")
+    assert rc == 0 and (plan["prompts"], plan["steps_per_epoch"], plan["dropped_per_epoch"]) == (7, 1, 3)
+    assert plan["eval"]["source"] == "grpo.eval_holdout" and plan["eval"]["records"] == 3
+    rc, _, err = _dry(capsys, "train", "--dry-run", *common, "grpo.eval_holdout=3", f"data.eval_file={data}")
+    assert rc == 2 and "grpo.eval_holdout=3" in err and "data.eval_file" in err
+    rc, plan, err = _dry(capsys, "train", "--dry-run", *common, "grpo.eval_holdout=7")
+    assert rc == 2 and plan["total_steps"] == 0 and "3 usable prompts" in err and "grpo.rollout_batch_size=4" in err
+    rc, _, err = _dry(capsys, "train", "--dry-run", *common, "grpo.eval_holdout=10")
+    assert rc == 2 and "nothing left to train on" in err
+
+
+def test_pipeline_dry_run_plans_each_stage_and_names_pending_inputs(tiny_model_dir, tmp_path, capsys):
+    sft = tmp_path / "sft.json"
+    sft.write_text(json.dumps([{"messages": [{"role": "user", "content": "<image>What is it?"},
+                                             {"role": "assistant", "content": "A square."}], "images": ["56x56.png"]}] * 5
+                              + [{"messages": [{"role": "user", "content": "odd"}]}]))
+    grpo = _grpo_file(tmp_path, [(56, 56)] * 12)
+    work = tmp_path / "work"
+    argv = ["pipeline", "--dry-run", f"pipeline.work_dir={work}", f"pipeline.base_model={tiny_model_dir}",
+            f"pipeline.sft_file={sft}", f"pipeline.grpo_file={grpo}", "images.min_pixels=3136",
+            "images.max_pixels=50176", "sample.max_pixels=50176", "sft.batch_size=2", "grpo.rollout_batch_size=4",
+            "grpo.mini_batch_size=4"]
+    rc, plans, _ = _dry(capsys, *argv)
+    by = {p["stage"]: p for p in plans}
+    assert rc == 0 and list(by) == ["sft", "sample", "split", "stage1", "stage2", "export"]
+    assert (by["sft"]["prompts"], by["sft"]["steps_per_epoch"], by["sft"]["total_steps"]) == (5, 3, 6)
+    assert by["sft"]["skipped"] == {"odd_turns": 1} and by["sft"]["last_batch"] == 1
+    assert by["sample"]["prompts"] == 12 and "does not exist" in str(by["sample"]["filters_not_applied"])
+    assert by["split"]["status"] == by["stage1"]["status"] == by["stage2"]["status"] == "pending input"
+    assert by["stage1"]["prompts"] is None and "easycase.json" in by["stage1"]["note"]
+    assert by["stage1"]["reward_weights"] == STAGE1 and by["stage2"]["reward_weights"] == STAGE2
+    assert by["stage2"]["rollout_batch"] == 4 and by["stage2"]["epochs"] == 2
+    # Once the earlier stages have run: sft done, the split written (3 easy questions: fewer than a batch).
+    (work / "sft").mkdir(parents=True)
+    (work / "sft" / "DONE").write_text(json.dumps({"model_dir": str(tiny_model_dir)}))
+    (work / "split").mkdir()
+    rows = json.loads(grpo.read_text())
+    (work / "split" / "easycase.json").write_text(json.dumps(rows[:3]))
+    (work / "split" / "mediumcase.json").write_text(json.dumps(rows[3:]))
+    rc, plans, _ = _dry(capsys, *argv)
+    by = {p["stage"]: p for p in plans}
+    assert rc == 0 and by["sft"]["status"] == "done"
+    assert not by["sample"]["filters_not_applied"]  # the SFT model (here the tiny one) has a tokenizer
+    assert by["stage1"]["status"] == "skipped" and "fewer than one rollout batch" in by["stage1"]["note"]
+    s2 = by["stage2"]
+    assert s2["status"] == "to run" and s2["init_model"] == str(tiny_model_dir)  # stage 1 passes the SFT model on
+    assert (s2["prompts"], s2["steps_per_epoch"], s2["total_steps"], s2["dropped_per_epoch"]) == (9, 2, 4, 1)
+    assert not (work / "stage2").exists()
 
 
 def test_training_commands_fail_at_start_up_with_one_line(tmp_path, capsys):

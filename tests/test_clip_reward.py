@@ -106,8 +106,8 @@ def _samples(n, seed=0):
 
 
 def test_stage1_total_with_clip(clip_dir):
-    cfg = RewardConfig(stage="stage1", clip_model_dir=str(clip_dir), clip_device="cpu", clip_threshold=0.05)
-    model = build_reward(cfg)
+    cfg = RewardConfig(clip_model_dir=str(clip_dir), clip_device="cpu", clip_threshold=0.05)
+    model = build_reward(cfg, "stage1")
     batch = _samples(10)
     batch[3].images = [batch[3].images[0], _images(1, seed=9)[0]]  # two images: only the first is scored
     batch[7].response = batch[7].response.replace("### Image Description:", "Description:")
@@ -133,7 +133,7 @@ def test_stage1_total_with_clip(clip_dir):
 
 
 def test_bad_image_fails_only_its_sample(clip_dir):
-    model = build_reward(RewardConfig(stage="stage1", clip_model_dir=str(clip_dir), clip_device="cpu"))
+    model = build_reward(RewardConfig(clip_model_dir=str(clip_dir), clip_device="cpu"), "stage1")
     batch = _samples(4, seed=1)
     good = [r.components["clip"] for r in model.score(batch)]
     closed = _images(1, seed=5)[0]
@@ -149,10 +149,10 @@ def test_bad_image_fails_only_its_sample(clip_dir):
 
 def test_clip_build_errors_name_the_key(tmp_path, clip_dir):
     with pytest.raises(PebrError, match=r"rewards\.clip_model_dir=.*no config\.json"):
-        build_reward(RewardConfig(stage="stage1", clip_model_dir=str(tmp_path)))
+        build_reward(RewardConfig(clip_model_dir=str(tmp_path)), "stage1")
     if not torch.cuda.is_available():
         with pytest.raises(PebrError, match="CUDA is not available"):
-            build_reward(RewardConfig(stage="stage1", clip_model_dir=str(clip_dir), clip_device="cuda"))
+            build_reward(RewardConfig(clip_model_dir=str(clip_dir), clip_device="cuda"), "stage1")
 
 
 FG_MODULE = '''
@@ -234,7 +234,7 @@ def test_missing_torchvision_is_one_line_with_the_install_command(tmp_path, clip
     monkeypatch.setitem(sys.modules, "torchvision", None)  # absent, whether or not the [clip] extra is installed
     monkeypatch.setitem(sys.modules, "torchvision.ops", None)
     with pytest.raises(PebrError) as err:
-        build_reward(RewardConfig(stage="stage1", clip_model_dir=str(fg), clip_device="cpu"))
+        build_reward(RewardConfig(clip_model_dir=str(fg), clip_device="cpu"), "stage1")
     msg = str(err.value)
     assert "\n" not in msg and "torchvision" in msg and 'pip install -e ".[clip]"' in msg
     assert msg.startswith(f"rewards.clip_model_dir={fg}")

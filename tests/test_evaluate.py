@@ -27,6 +27,25 @@ def test_eval_cli_grades_each_answer(tiny_model_dir, tmp_path, capsys):
         assert r["description_exact"] == description_scores(r["response"], references[r["qid"]])[0]
 
 
+def test_eval_cli_takes_its_generation_length_and_grading_from_the_config(tiny_model_dir, tmp_path, capsys):
+    """Without --max-new-tokens / --grading, `pebr eval` generates and grades as the run's config says
+    (rollout.max_new_tokens, rewards.answer_grading); the flags still win."""
+    from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "synth", SynthConfig(num=4, num_sft=1, num_eval=3, seed=2)).out_dir
+    config = tmp_path / "run.yaml"
+    config.write_text("rollout:\n  max_new_tokens: 3\nrewards:\n  answer_grading: lenient\n")
+    results = tmp_path / "res.jsonl"
+    base = ["eval", "--model", str(tiny_model_dir), "--dataset", str(data / "eval.json"), "--config", str(config)]
+    assert main([*base, "--results", str(results)]) == 0
+    assert "(at most 3, graded lenient)" in capsys.readouterr().out
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    for r in rows:
+        assert r["accuracy"] == accuracy_reward(r["response"], r["ground_truth"], "lenient")
+    assert main([*base, "--max-new-tokens", "2", "--grading", "upstream"]) == 0
+    assert "(at most 2, graded upstream)" in capsys.readouterr().out
+
+
 def test_infer_cli_prints_an_answer_and_rejects_missing_image(tiny_model_dir, tmp_path, capsys):
     import numpy as np
     from PIL import Image

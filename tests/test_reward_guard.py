@@ -35,8 +35,8 @@ def pool():
 
 
 def test_adversarial_answers_finish_within_the_limit_score_0_and_are_counted(pool):
-    cfg = RewardConfig(stage="stage2", timeout_s=TIMEOUT_S, num_workers=2)
-    model = build_reward(cfg, pool=pool)
+    cfg = RewardConfig(timeout_s=TIMEOUT_S, num_workers=2)
+    model = build_reward(cfg, "stage2", pool=pool)
     pairs = ORDINARY[:3] + ADVERSARIAL + ORDINARY[3:]
     batch = [RewardSample(response=_response(a), response_tokens=20, answer=t) for a, t in pairs]
     pool.run([(abs, (-1,))])  # the workers' start-up is not part of the limit

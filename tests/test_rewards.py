@@ -194,7 +194,7 @@ def _sample(rng, **kw):
 def test_stage2_total_is_0p9_accuracy_plus_0p1_format():
     rng = random.Random(0)
     batch = [_sample(rng) for _ in range(24)]
-    model = build_reward(RewardConfig(stage="stage2"))
+    model = build_reward(RewardConfig(), "stage2")
     results = model.score(batch)
     for s, r in zip(batch, results):
         acc, fmt = accuracy_reward(s.response, s.answer), format_reward(s.response)
@@ -210,8 +210,8 @@ def test_stage2_total_is_0p9_accuracy_plus_0p1_format():
 def test_stage1_without_clip_weight_and_with_overrides():
     rng = random.Random(1)
     batch = [_sample(rng) for _ in range(16)]
-    cfg = RewardConfig(stage="stage1", weights={"clip": 0.0, "keyword": 0.5, "length": 0.4})
-    results = build_reward(cfg).score(batch)
+    cfg = RewardConfig(weights={"clip": 0.0, "keyword": 0.5, "length": 0.4})
+    results = build_reward(cfg, "stage1").score(batch)
     for s, r in zip(batch, results):
         kw, fmt = keyword_reward(s.response, s.key_words), format_reward(s.response)
         ln = length_reward(s.response_tokens, 512)
@@ -227,8 +227,8 @@ def test_failures_and_warnings_are_counted_never_raised():
     batch[2].response_tokens = -3  # a broken token count: length raises
     batch[3].key_words = []
     batch[4].key_words = [" "]
-    cfg = RewardConfig(stage="stage1", weights={"clip": 0.0})
-    model = build_reward(cfg)
+    cfg = RewardConfig(weights={"clip": 0.0})
+    model = build_reward(cfg, "stage1")
     results = model.score(batch)
     assert results[1].components["accuracy"] == 0.0 and results[1].failures == ["accuracy"]
     assert results[2].components["length"] == 0.0 and results[2].failures == ["length"]
@@ -242,22 +242,23 @@ def test_failures_and_warnings_are_counted_never_raised():
 
 def test_clip_preset_without_model_dir_fails_at_build():
     with pytest.raises(PebrError, match=r"rewards\.clip_model_dir"):
-        build_reward(RewardConfig(stage="stage1"))
+        build_reward(RewardConfig(), "stage1")
     with pytest.raises(PebrError, match=r"rewards\.weights\.kw"):
-        build_reward(RewardConfig(stage="stage2", weights={"kw": 1.0}))
+        build_reward(RewardConfig(weights={"kw": 1.0}), "stage2")
     with pytest.raises(PebrError, match=r"rewards\.clip_model_dir=.*nowhere"):
-        build_reward(RewardConfig(stage="stage1", clip_model_dir="/nowhere/clip"))
+        build_reward(RewardConfig(clip_model_dir="/nowhere/clip"), "stage1")
 
 
 def test_reward_config_in_root_schema():
-    cfg = load_config(None, ["rewards.stage=stage2", "rewards.weights.format=0.2", "rewards.length_limit=256"])
-    assert (cfg.rewards.stage, cfg.rewards.weights, cfg.rewards.length_limit) == ("stage2", {"format": 0.2}, 256)
+    cfg = load_config(None, ["rewards.weights.format=0.2", "rewards.length_limit=256"])
+    assert (cfg.rewards.weights, cfg.rewards.length_limit) == ({"format": 0.2}, 256)
     assert cfg.rewards.answer_grading == "upstream"
     assert load_config(None, ["rewards.answer_grading=lenient"]).rewards.answer_grading == "lenient"
     with pytest.raises(ConfigError, match=r"rewards\.answer_grading"):
         load_config(None, ["rewards.answer_grading=strict"])
     assert (cfg.rewards.clip_threshold, cfg.rewards.clip_image_size, cfg.rewards.clip_max_text_tokens) == (0.4, 336, 248)
-    with pytest.raises(ConfigError, match=r"rewards\.stage"):
-        load_config(None, ["rewards.stage=stage3"])
+    # One stage switch (issue 13, item 5): the preset is grpo.stage's; the old second key is refused by name.
+    with pytest.raises(ConfigError, match=r"'rewards\.stage' .* removed: grpo\.stage alone selects"):
+        load_config(None, ["grpo.stage=stage2", "rewards.stage=stage1"])
     with pytest.raises(ConfigError, match=r"rewards\.weights\.clip"):
         load_config(None, ["rewards.weights.clip=high"])

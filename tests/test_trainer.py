@@ -9,6 +9,7 @@ what that process reports.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -91,6 +92,41 @@ def test_non_finite_reward_skips_the_update(runs):
     assert got["skipped_updates"] == 2 and got["unchanged"]
 
 
+def test_stage2_epochs_drop_the_partial_batch_in_upstreams_order_with_a_holdout(runs):
+    """Issue 13, items 4-6 on a real run: grpo.stage=stage2 alone gives the stage-2 rewards; 2 of the 12
+    questions are held out by the seed and evaluated on; the 10 others make floor(10 / 4) = 2 steps per epoch
+    for 2 epochs, each step a full batch in the order torch's RandomSampler (seeded once, as upstream's loader)
+    draws epoch after epoch, the 2 left over each epoch sitting out; `pebr train --dry-run` printed that plan."""
+    import torch
+    from torch.utils.data import DataLoader, RandomSampler
+
+    got = _ok(runs, "epochs")
+    qids = [r["qid"] for r in json.loads((runs["tmp"].parent / "synth" / "grpo.json").read_text())]
+    held = set(torch.randperm(12, generator=torch.Generator().manual_seed(0))[:2].tolist())
+    assert got["holdout_qids"] == [q for i, q in enumerate(qids) if i in held]
+    train = [q for i, q in enumerate(qids) if i not in held]
+    assert got["train_qids"] == train
+    g = torch.Generator()
+    g.manual_seed(0)  # run.seed
+    loader = DataLoader(train, batch_size=4, sampler=RandomSampler(train, generator=g), drop_last=True,
+                        collate_fn=list)
+    assert got["batches"] == [list(b) for _ in range(2) for b in loader]
+    assert got["total_steps"] == 4 and got["epochs"] == [0, 0, 1, 1]
+    assert ("stage2: 10 prompts (2 held out for evaluation), rollout batch 4 -> 2 steps per epoch (2 prompts sit out "
+            "each epoch) x 2 epochs = 4 steps; 1 updates and 8 samples per step") in got["started"]
+    assert got["reward_weights"] == {"clip": 0.0, "keyword": 0.0, "format": 0.1, "length": 0.0, "accuracy": 0.9}
+    assert got["result"]["eval_before"]["eval/count"] == got["result"]["eval_after"]["eval/count"] == 2
+    plan = got["plan"]
+    assert got["rc"] == 0 and not got["dry_run_wrote"]
+    assert {k: plan[k] for k in ("stage", "prompts", "rollout_batch", "mini_batch", "epochs", "steps_per_epoch",
+                                 "total_steps", "updates_per_step", "samples_per_step", "grading")} == {
+        "stage": "stage2", "prompts": 10, "rollout_batch": 4, "mini_batch": 4, "epochs": 2, "steps_per_epoch": 2,
+        "total_steps": 4, "updates_per_step": 1, "samples_per_step": 8, "grading": "upstream"}
+    assert plan["reward_weights"] == got["reward_weights"] and plan["dropped_per_epoch"] == 2
+    assert plan["eval"] == {"source": "grpo.eval_holdout", "records": 2, "max_samples": 0}
+    assert plan["skipped"] == {} and not plan["filters_not_applied"]
+
+
 def test_pipeline_skips_finished_stages(runs):
     got = _ok(runs, "pipeline")
     work = runs["tmp"] / "pipeline" / "work"
@@ -140,3 +176,51 @@ def test_sampling_uses_its_own_pixel_cap(tiny_model_dir, tmp_path):
     assert sample(50176, "big.jsonl")["skipped"] == {"prompt_too_long": 1}
     kept = sample(3136 * 4, "small.jsonl")
     assert kept["questions"] == 1 and not kept["skipped"] and kept["samples"] == 2
+
+
+def test_sampling_builds_per_batch_and_writes_the_all_at_once_output(tiny_model_dir, tmp_path):
+    """Issue 13: sampling builds a batch of requests (pixel values) at a time. Its rollouts equal those of the
+    former path, computed here from scratch: every request built first, the list cut into `sample.batch_size`
+    pieces, piece k sampled with seed `run.seed + offset` and graded with upstream's rule. Records skipped while
+    building (a corrupt image, an over-long prompt) shift the pieces; the skip report stays complete."""
+    import numpy as np
+    from PIL import Image
+
+    from pebr_mega.config import load_config
+    from pebr_mega.rewards import accuracy_reward
+    from pebr_mega.rollout.factory import make_rollout_engine, sampling_params
+    from pebr_mega.trainer.context import RunContext
+    from pebr_mega.trainer.sample import run_sampling
+
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (56 + 28 * i, 84, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    rows = [{"qid": f"q{i}", "problem": f"<image>How many shapes? ({i})", "answer": str(i % 3), "images": [f"{i % 3}.png"],
+             "key_words": []} for i in range(6)]
+    rows.insert(1, {"qid": "broken", "problem": "<image>?", "answer": "1", "images": ["broken.png"], "key_words": []})
+    rows.insert(4, {"qid": "long", "problem": "<image>" + " word" * 300, "answer": "1", "images": ["0.png"],
+                    "key_words": []})
+    (tmp_path / "grpo.json").write_text(json.dumps(rows))
+    cfg = load_config(None, [f"sample.model={tiny_model_dir}", f"sample.dataset={tmp_path / 'grpo.json'}",
+                             f"sample.output={tmp_path / 'out.jsonl'}", "sample.n=2", "sample.batch_size=2",
+                             "sample.temperature=1.0", "sample.max_pixels=50176", "images.min_pixels=3136",
+                             "images.max_pixels=50176", "rollout.max_new_tokens=8", "data.max_prompt_length=200",
+                             "run.seed=5"])
+    summary = run_sampling(cfg, progress=False)
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+
+    ctx = RunContext.for_generation(cfg, str(tiny_model_dir), "sample", images=dataclasses.replace(cfg.images, max_pixels=50176))
+    requests, report = ctx.requests.build(ctx.load_records(str(tmp_path / "grpo.json"), "GRPO"), str(tmp_path))
+    engine = make_rollout_engine(cfg.rollout, tiny_model_dir, ctx.device, seed=cfg.run.seed)
+    want = []
+    for start in range(0, len(requests), 2):
+        params = sampling_params(ctx.tokenizer, 2, 1.0, cfg.sample.top_p, 8, seed=cfg.run.seed + start)
+        for s in engine.generate(requests[start:start + 2], params):
+            answer = s.request.record.answer
+            want.append({"qid": s.record_id, "response": s.response_text, "ground_truth": answer,
+                         "score": float(accuracy_reward(s.response_text, answer, "upstream"))})
+    assert [r.record_id for r in requests] == [f"q{i}" for i in range(6)]
+    assert got == want and len({r["response"] for r in got}) > 2  # sampled answers: the seeds matter
+    assert summary["skipped"] == dict(report.skipped) == {"image": 1, "prompt_too_long": 1}
+    assert (summary["questions"], summary["samples"]) == (6, 12)

@@ -16,18 +16,26 @@ import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout; offlin
 from pebr_mega.config import load_config
 
 
+def _args(tmp: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    return [f"run.output_dir={tmp}", "model.spec=torch", "model.params_dtype=float32",
+            "images.min_pixels=3136", "images.max_pixels=50176", "logging.progress_bar=false",
+            f"data.eval_file={data / 'eval.json'}", "rollout.n=4", "rollout.max_new_tokens=12",
+            "rollout.val_temperature=0.0", "actor.micro_batch_tokens=2048", *extra]
+
+
 def _cfg(tmp: Path, model: Path, data: Path, *extra: str):
-    return load_config(None, [
-        f"run.output_dir={tmp}", "model.spec=torch", "model.params_dtype=float32",
-        "images.min_pixels=3136", "images.max_pixels=50176", "logging.progress_bar=false",
-        f"data.eval_file={data / 'eval.json'}", "rollout.n=4", "rollout.max_new_tokens=12",
-        "rollout.val_temperature=0.0", "actor.micro_batch_tokens=2048", *extra])
+    return load_config(None, _args(tmp, model, data, *extra))
+
+
+def _grpo_args(tmp, model, data, *extra) -> list[str]:
+    # grpo.stage alone: the one stage switch picks the stage-2 sizes and reward preset (issue 13, item 5)
+    return _args(tmp, model, data, "grpo.stage=stage2", f"grpo.init_model={model}",
+                 f"grpo.train_file={data / 'grpo.json'}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=2",
+                 "actor.lr=1e-3", *extra)
 
 
 def _grpo(tmp, model, data, *extra):
-    return _cfg(tmp, model, data, "rewards.stage=stage2", "grpo.stage=stage2", f"grpo.init_model={model}",
-                f"grpo.train_file={data / 'grpo.json'}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=2",
-                "actor.lr=1e-3", *extra)
+    return load_config(None, _grpo_args(tmp, model, data, *extra))
 
 
 def _sft(model, data, tmp):
@@ -90,6 +98,41 @@ def _non_finite_reward(model, data, tmp):
             "unchanged": all(bool((a == p).all()) for a, p in zip(before, trainer.actor.module.parameters()))}
 
 
+def _epochs_holdout_and_dry_run(model, data, tmp):
+    """A stage-2 run over 2 epochs with 2 of the 12 questions held out: `pebr train --dry-run` first (its plan),
+    then the run, recording the qids of every batch the trainer draws from its (real) sampler."""
+    import contextlib
+    import io
+
+    from pebr_mega.cli import main
+    from pebr_mega.logging import read_metrics
+    from pebr_mega.trainer.grpo import GRPOTrainer
+
+    args = _grpo_args(tmp / "run", model, data, "data.eval_file=", "grpo.eval_holdout=2", "grpo.mini_batch_size=4",
+                      "rollout.n=2", "grpo.save_every=0")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["train", "--dry-run", *args])
+    dry_run_wrote = (tmp / "run").exists()
+    started = io.StringIO()
+    with contextlib.redirect_stdout(started):
+        trainer = GRPOTrainer(load_config(None, args))
+    batches, draw = [], trainer.sampler.next_batch
+
+    def recording():
+        epoch, batch = draw()
+        batches.append([r.qid for r in batch])
+        return epoch, batch
+
+    trainer.sampler.next_batch = recording
+    res = trainer.train()
+    rows = [r for r in read_metrics(tmp / "run" / "metrics.jsonl") if "reward/total" in r]
+    return {"rc": rc, "plan": json.loads(printed.getvalue()), "dry_run_wrote": dry_run_wrote, "started": started.getvalue(),
+            "total_steps": trainer.total_steps, "batches": batches, "train_qids": [r.qid for r in trainer.records],
+            "holdout_qids": [r.qid for r in trainer.data.holdout], "reward_weights": trainer.reward_model.weights,
+            "epochs": [r["epoch"] for r in rows], "result": res.to_dict()}
+
+
 def _pipeline(model, data, tmp):
     from pebr_mega.trainer.pipeline import run_pipeline, stage_result
 
@@ -113,7 +156,8 @@ def _pipeline(model, data, tmp):
     return out
 
 
-SCENARIOS = {"sft": _sft, "grpo": _grpo_full_and_resumed, "nan": _non_finite_reward, "pipeline": _pipeline}
+SCENARIOS = {"sft": _sft, "grpo": _grpo_full_and_resumed, "nan": _non_finite_reward,
+             "epochs": _epochs_holdout_and_dry_run, "pipeline": _pipeline}
 
 
 def trainer_scenarios(model: str, data: str, tmp: str) -> dict:

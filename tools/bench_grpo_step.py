@@ -56,23 +56,9 @@ HEADER = ("| date | card | model | batch | tokens | phase | impl | s | tokens/s 
 
 
 # ----------------------------------------------------------------------------------------------- model
-def tiny_arch():
-    """Toy shapes for --model tiny (CPU): the code path, not the speed."""
-    from pebr_mega.models.arch import QwenVLArch, TextArch, VisionArch
-
-    text = TextArch(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                    rms_norm_eps=1e-6, rope_theta=1e6, mrope_section=(2, 3, 3), tie_word_embeddings=False,
-                    max_position_embeddings=4096)
-    vision = VisionArch(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=(1,),
-                        tokens_per_second=2, in_channels=3, hidden_act="silu", rope_theta=10000.0)
-    # vision start, vision end (= start + 1), image, video: distinct ids at the top of the vocabulary
-    return QwenVLArch(text=text, vision=vision, image_token_id=509, video_token_id=510, vision_start_token_id=507)
-
-
 def arch_for(args):
     """The architecture: Qwen2.5-VL-7B widths with fewer layers, or the CPU toy."""
-    from bench_train_step import qwen25_vl_7b_arch
+    from bench_train_step import qwen25_vl_7b_arch, tiny_arch
 
     if args.model == "tiny":
         return tiny_arch()

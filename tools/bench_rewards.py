@@ -130,14 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{args.num} ordinary answers on {cpu}, commit {commit}")
     for label, (stage, comps) in presets.items():
-        cfg = RewardConfig(stage=stage, weights={"clip": 0.0} if stage == "stage1" else {}, timeout_s=args.timeout_s)
+        cfg = RewardConfig(weights={"clip": 0.0} if stage == "stage1" else {}, timeout_s=args.timeout_s)
         models, startup, trip = {}, {}, {}
         for w in args.workers:
             pool = RewardPool(args.timeout_s, w, cfg.worker_memory_mb)
             t0 = time.perf_counter()
             pool.run([(abs, (-1,))])
             startup[w] = time.perf_counter() - t0
-            models[w] = build_reward(cfg, pool=pool)
+            models[w] = build_reward(cfg, stage, pool=pool)
             models[w].score(warm)
             t0 = time.perf_counter()
             pool.run([(abs, (-i,)) for i in range(args.num)])  # the pool's own cost: a call that does nothing

@@ -41,7 +41,8 @@ def qwen25_vl_7b_arch(layers: int, vision_layers: int):
 
 
 def tiny_arch():
-    """Small shapes for --smoke on CPU."""
+    """Toy shapes for CPU smoke runs (`--smoke` here, `--model tiny` in bench_grpo_step): the code path, not the
+    speed."""
     from pebr_mega.models.arch import QwenVLArch, TextArch, VisionArch
 
     text = TextArch(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -50,7 +51,8 @@ def tiny_arch():
     vision = VisionArch(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                         spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=(1,),
                         tokens_per_second=2, in_channels=3, hidden_act="silu", rope_theta=10000.0)
-    return QwenVLArch(text=text, vision=vision, image_token_id=510, video_token_id=511, vision_start_token_id=509)
+    # vision start, vision end (= start + 1), image, video: distinct ids at the top of the vocabulary
+    return QwenVLArch(text=text, vision=vision, image_token_id=509, video_token_id=510, vision_start_token_id=507)
 
 
 def make_batch(arch, seq: int, image_hw: tuple[int, int] | None, micro_batch: int, device):
@@ -89,6 +91,11 @@ def run(args) -> dict:
     from pebr_mega.parallel.groups import init_parallel
 
     cuda = torch.cuda.is_available() and not args.smoke
+    if not torch.cuda.is_available():
+        # the CPU smoke run: Megatron's CUDA assumptions mapped to CPU for the rest of this process
+        from pebr_mega.parallel.cpu_compat import enable_cpu_compat
+
+        enable_cpu_compat()
     arch = tiny_arch() if args.smoke else qwen25_vl_7b_arch(args.layers, args.vision_layers)
     seq = 256 if args.smoke else args.seq
     image = (112, 168) if args.smoke else (None if args.no_image else tuple(int(x) for x in args.image.split("x")))

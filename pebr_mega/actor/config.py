@@ -18,6 +18,22 @@ from dataclasses import dataclass
 
 from pebr_mega.config_fields import ConfigError, choice
 
+LOGPROBS_FROM = ("auto", "logits", "hidden")
+# `auto` per device. CUDA: an H100 (docs/PERFORMANCE.md, kernels, 2026-11-26) ran the chunked hidden-state
+# kernel at 56.3 ms forward + backward for N = 8,192, h = 3,584, V = 152,064, where a bf16 matmul plus the
+# fused log-prob kernel costs 6 N h V FLOPs at the measured 728 TFLOP/s (~41 ms) plus ~5 ms of kernel:
+# materialising the target logits is the faster path while its 2.5 GB of bf16 logits fit. CPU: the
+# references materialise logits either way, so `logits` (one path fewer to run). Here rather than in
+# actor/losses.py so that `pebr plan` reads it without importing the actor.
+LOGPROBS_FROM_DEFAULT = {"cuda": "logits", "cpu": "logits"}
+
+
+def logprobs_path(choice: str, device_type: str) -> str:
+    """The log-prob path `actor.logprobs_from` = `choice` runs on a `device_type` ("cuda", "cpu") device."""
+    if choice not in LOGPROBS_FROM:
+        raise ValueError(f"logprobs_from {choice!r} is not one of {list(LOGPROBS_FROM)}")
+    return LOGPROBS_FROM_DEFAULT.get(device_type, "logits") if choice == "auto" else choice
+
 
 @dataclass
 class ActorConfig:
@@ -50,7 +66,7 @@ class ActorConfig:
     # How target log-probs come from the final hidden states (actor.losses): "logits" materialises the targets'
     # logits [N, V/tp] then runs the fused log-prob kernel; "hidden" runs the chunked hidden-state kernel
     # (never the whole logits; recomputes them in backward). auto = the per-device default from the benchmarks.
-    logprobs_from: str = choice("auto", ["auto", "logits", "hidden"])
+    logprobs_from: str = choice("auto", list(LOGPROBS_FROM))
 
     def __post_init__(self) -> None:
         checks = {

@@ -9,7 +9,7 @@ two paths (`ActorConfig.logprobs_from`):
   prompt tokens ever exist.
 - `hidden`: `kernels.linear_logprobs`, chunked so that even the target logits never exist whole; its
   backward recomputes each chunk (8 instead of 6 N h V FLOPs): less memory, more FLOPs.
-`auto` takes the per-device default in `LOGPROBS_FROM_DEFAULT`, set from the H100 kernel measurements in
+`auto` takes the per-device default in `LOGPROBS_FROM_DEFAULT` (actor/config.py), set from the H100 kernel measurements in
 docs/PERFORMANCE.md; `tools/bench_grpo_step.py` times both paths at the benchmark's target count.
 
 Normalisation across micro-batches and data-parallel ranks. The loss of a whole mini-batch is
@@ -29,22 +29,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pebr_mega import kernels
+from pebr_mega.actor.config import LOGPROBS_FROM, LOGPROBS_FROM_DEFAULT, logprobs_path  # noqa: F401 (re-exported)
 from pebr_mega.actor.packing import MicroBatch
-
-LOGPROBS_FROM = ("auto", "logits", "hidden")
-# `auto` per device. CUDA: an H100 (docs/PERFORMANCE.md, kernels, 2026-11-26) ran the chunked hidden-state
-# kernel at 56.3 ms forward + backward for N = 8,192, h = 3,584, V = 152,064, where a bf16 matmul plus the
-# fused log-prob kernel costs 6 N h V FLOPs at the measured 728 TFLOP/s (~41 ms) plus ~5 ms of kernel:
-# materialising the target logits is the faster path while its 2.5 GB of bf16 logits fit. CPU: the
-# references materialise logits either way, so `logits` (one path fewer to run).
-LOGPROBS_FROM_DEFAULT = {"cuda": "logits", "cpu": "logits"}
+from pebr_mega.kernels import reference
+from pebr_mega.kernels.reference import grpo_loss_reference
 
 
 def resolve_logprobs_from(choice: str, device: torch.device) -> str:
     """`auto` -> this device type's default; otherwise the choice itself."""
-    if choice not in LOGPROBS_FROM:
-        raise ValueError(f"logprobs_from {choice!r} is not one of {list(LOGPROBS_FROM)}")
-    return LOGPROBS_FROM_DEFAULT.get(device.type, "logits") if choice == "auto" else choice
+    return logprobs_path(choice, device.type)
 
 
 @dataclass
@@ -70,9 +64,6 @@ def target_logprobs(hidden: Tensor, weight: Tensor, mb: MicroBatch, temperature:
     this rank's slice of the output layer. With `tp_group` the hidden-state gradient is all-reduced over it
     (as Megatron's column-parallel output layer does).
     """
-    from pebr_mega import kernels
-    from pebr_mega.kernels import reference
-
     if mb.num_targets == 0:  # an empty (padding-only) micro-batch: a zero that keeps the graph connected
         zero = hidden.float().sum(-1) * 0.0
         return zero, (zero if with_entropy else None)
@@ -97,9 +88,6 @@ def target_logprobs(hidden: Tensor, weight: Tensor, mb: MicroBatch, temperature:
 def grpo_microbatch_loss(hidden: Tensor, weight: Tensor, mb: MicroBatch, scale: LossScale, algo, temperature: float,
                          kernels_impl: str, path: str = "logits", tp_group=None) -> tuple[Tensor, dict[str, Tensor]]:
     """The scaled GRPO loss of one micro-batch and its (summable) metrics: shares of the loss, token sums."""
-    from pebr_mega import kernels
-    from pebr_mega.kernels.reference import grpo_loss_reference
-
     if mb.num_targets == 0:  # an empty (padding-only) micro-batch: it takes part, and adds nothing
         zero = hidden.float().sum() * 0.0
         return zero, {"loss_sum": zero.detach(), "tokens": zero.detach(), "pg_loss_sum": zero.detach()}

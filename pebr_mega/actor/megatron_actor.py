@@ -50,9 +50,16 @@ from pebr_mega.actor.config import ActorConfig
 from pebr_mega.actor.losses import (LossScale, grpo_microbatch_loss, resolve_logprobs_from, sft_microbatch_loss,
                                     target_logprobs)
 from pebr_mega.actor.packing import ActorSequence, MicroBatch, pack, plan_micro_batches, plan_stats
-from pebr_mega.models.packing import packed_seq_params, token_multiple
+from pebr_mega.checkpoint.dist import META_FILE, TEMPLATE_DIR, load_checkpoint, read_meta, save_checkpoint
+from pebr_mega.checkpoint.hf_io import HFWeights, replace_dir
+from pebr_mega.checkpoint.hf_load import build_from_hf
+from pebr_mega.checkpoint.hf_mapping import canonical_mcore_name, tp_split_dim
 from pebr_mega.errors import CheckpointError
+from pebr_mega.models.arch import arch_from_hf_config
 from pebr_mega.models.config import ModelConfig
+from pebr_mega.models.packing import packed_seq_params, token_multiple
+from pebr_mega.models.qwen25_vl import build_model
+from pebr_mega.models.rope_index import sample_positions
 from pebr_mega.parallel.cpu_compat import megatron_on_cpu
 from pebr_mega.parallel.groups import barrier, rank
 
@@ -143,7 +150,8 @@ class MegatronActor:
                 p.requires_grad_(False)
 
     def _wrap_ddp(self, model):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                               finalize_model_grads)
 
         ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                 use_distributed_optimizer=self._distributed_optimizer())
@@ -209,8 +217,6 @@ class MegatronActor:
     # ------------------------------------------------------------------------------------------ inputs
     def positions(self, ids: list[int], grid: Tensor | None) -> Tensor:
         """M-RoPE positions [3, L] of one unpadded sequence."""
-        from pebr_mega.models.rope_index import sample_positions
-
         v = self.arch.vision
         return sample_positions(ids, [g.tolist() for g in grid] if grid is not None else [], [], [],
                                 image_token_id=self.arch.image_token_id, video_token_id=self.arch.video_token_id,
@@ -425,9 +431,6 @@ class MegatronActor:
         """
         from megatron.core import dist_checkpointing
 
-        from pebr_mega.checkpoint.dist import save_checkpoint
-        from pebr_mega.checkpoint.hf_io import replace_dir
-
         meta, template = self._checkpoint_meta()
         final = Path(ckpt_dir)
         tmp = final.parent / f".{final.name}.tmp"
@@ -458,8 +461,6 @@ class MegatronActor:
 
         Works at any TP/PP layout; collective over all ranks. Returns the checkpoint's `actor.json` record.
         """
-        from pebr_mega.checkpoint.dist import load_checkpoint
-
         record = read_actor_meta(ckpt_dir)
         load_checkpoint(self.module, Path(ckpt_dir) / MODEL_DIR)
         self._load_training_state(ckpt_dir, record)
@@ -502,12 +503,9 @@ class MegatronActor:
                                   "or pass source=<HF dir or checkpoint> to MegatronActor")
         kind = checkpoint_kind(self.source)
         if kind == "hf":
-            from pebr_mega.checkpoint.hf_io import HFWeights
-
             hf_config = json.loads((self.source / "config.json").read_text())
             return ({"hf_config": hf_config, "hf_key_style": HFWeights(self.source).key_style,
                      "dtype": self.model_cfg.params_dtype, "source": str(self.source.resolve())}, self.source)
-        from pebr_mega.checkpoint.dist import TEMPLATE_DIR, read_meta
 
         mcore = self.source / MODEL_DIR if kind == "actor" else self.source
         meta = {k: v for k, v in read_meta(mcore).items() if k not in ("format", "saved_tp", "saved_pp")}
@@ -526,8 +524,6 @@ def _mark_tensor_parallel_params(model) -> None:
     shard for a TP replica and counts it on TP rank 0 only: at TP=2 the norm, and so the clipping, came out
     wrong (2.24 instead of 2.95 on the tiny model). The split dims come from the one HF mapping.
     """
-    from pebr_mega.checkpoint.hf_mapping import canonical_mcore_name, tp_split_dim
-
     for name, p in model.named_parameters():
         dim = tp_split_dim(canonical_mcore_name(model.global_name(name)))
         if dim is not None and not getattr(p, "tensor_model_parallel", False):
@@ -549,8 +545,6 @@ def read_actor_meta(ckpt_dir: str | Path) -> dict:
 
 def checkpoint_kind(path: str | Path) -> str:
     """`"actor"`, `"mcore"` or `"hf"`: what kind of model directory `path` is; CheckpointError otherwise."""
-    from pebr_mega.checkpoint.dist import META_FILE
-
     p = Path(path)
     if not p.is_dir():
         raise CheckpointError(f"{p}: model directory not found")
@@ -577,11 +571,6 @@ def build_actor(path: str | Path, model_cfg: ModelConfig, actor_cfg: ActorConfig
     Collective over all ranks.
     """
     from megatron.core import parallel_state as mpu
-
-    from pebr_mega.checkpoint.dist import load_checkpoint, read_meta
-    from pebr_mega.checkpoint.hf_load import build_from_hf
-    from pebr_mega.models.arch import arch_from_hf_config
-    from pebr_mega.models.qwen25_vl import build_model
 
     path = Path(path)
     kind = checkpoint_kind(path)

@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pebr_mega.models.rope_index import get_rope_index
+from pebr_mega.parallel.launch import spawn
+
 DEFAULT_PROMPT = "How many red circles are in the picture? Think step by step."
 
 
@@ -44,9 +47,9 @@ def sample_inputs(hf_dir: str | Path, image: str | Path | None = None, prompt: s
 
 def hf_logits(hf_dir: str | Path, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """transformers' Qwen2_5_VLForConditionalGeneration logits [b, s, V] in float32 on CPU."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     import inspect
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
     ids = inputs["input_ids"]
@@ -62,8 +65,6 @@ def hf_logits(hf_dir: str | Path, inputs: dict[str, torch.Tensor]) -> torch.Tens
 
 def position_ids_for(arch, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """M-RoPE positions [3, b, s] for `inputs` under `arch`."""
-    from pebr_mega.models.rope_index import get_rope_index
-
     pos, _ = get_rope_index(inputs["input_ids"], inputs.get("image_grid_thw"), attention_mask=inputs.get("attention_mask"),
                             image_token_id=arch.image_token_id, video_token_id=arch.video_token_id,
                             spatial_merge_size=arch.vision.spatial_merge_size,
@@ -144,8 +145,6 @@ def compare_worker(rank: int, hf_dir: str, mcore_dir: str | None, tp: int, pp: i
 def compare_logits(hf_dir: str | Path, mcore_dir: str | Path | None, tp: int = 1, pp: int = 1,
                    inputs: dict | None = None, dtype: str = "float32", spec: str = "auto") -> dict[str, float]:
     """Spawn tp*pp ranks, run both models on the same input, and return `logit_stats` plus the shapes."""
-    from pebr_mega.parallel.launch import spawn
-
     inputs = inputs or sample_inputs(hf_dir)
     ref = hf_logits(hf_dir, inputs)
     plain = {k: v.numpy() for k, v in inputs.items()}

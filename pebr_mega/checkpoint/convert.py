@@ -15,6 +15,7 @@ directory unless `overwrite` (`pebr_mega.outputs.check_replace_dir`).
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,10 +25,16 @@ import torch.distributed as dist
 from pebr_mega.checkpoint.dist import TEMPLATE_DIR, iter_full_tensors, read_meta, save_checkpoint
 from pebr_mega.checkpoint.hf_io import HFWeights, atomic_dir, copy_aux_files, write_safetensors
 from pebr_mega.checkpoint.hf_load import load_hf_weights
-from pebr_mega.checkpoint.hf_mapping import HFMapping, MC_VISION
+from pebr_mega.checkpoint.hf_mapping import MC_VISION, HFMapping
 from pebr_mega.errors import CheckpointError
 from pebr_mega.models.arch import arch_from_hf_config, arch_from_hf_dir
+from pebr_mega.models.config import ModelConfig
+from pebr_mega.models.qwen25_vl import build_model
+from pebr_mega.models.vision import VisionTower
 from pebr_mega.outputs import check_replace_dir
+from pebr_mega.parallel.cpu_compat import megatron_on_cpu
+from pebr_mega.parallel.groups import destroy_parallel, init_parallel
+from pebr_mega.parallel.launch import free_port
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -35,17 +42,10 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 @contextmanager
 def single_rank_world():
     """A one-rank gloo world with Megatron's TP=1/PP=1 groups (or the caller's, if it is one rank already)."""
-    from pebr_mega.parallel.cpu_compat import megatron_on_cpu
-    from pebr_mega.parallel.groups import destroy_parallel, init_parallel
-
     owned = not dist.is_initialized()
     if not owned and dist.get_world_size() != 1:
         raise RuntimeError("checkpoint conversion runs in a single process; call it outside a multi-rank job")
     if owned:
-        import os
-
-        from pebr_mega.parallel.launch import free_port
-
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
     with megatron_on_cpu:  # the conversion's Megatron calls (build, load, dist-checkpoint save) run inside
@@ -68,9 +68,6 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, progress: bool 
 
     A non-empty `out_dir` is replaced only with `overwrite`; one that is, holds or lies inside `hf_dir` never.
     """
-    from pebr_mega.models.config import ModelConfig
-    from pebr_mega.models.qwen25_vl import build_model
-
     check_replace_dir(out_dir, [hf_dir], overwrite)
     hf_dir = Path(hf_dir)
     arch = arch_from_hf_dir(hf_dir)
@@ -146,8 +143,6 @@ def export_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, hf_template: 
 
 def vision_mcore_names(arch) -> set[str]:
     """mcore names of the vision tower's parameters (built on the meta device: no memory)."""
-    from pebr_mega.models.vision import VisionTower
-
     with torch.device("meta"):
         tower = VisionTower(arch.vision)
     return {MC_VISION + n for n, _ in tower.named_parameters()}

@@ -21,9 +21,11 @@ from typing import Iterator
 
 import torch
 
-from pebr_mega.checkpoint.hf_io import replace_dir
+from pebr_mega.checkpoint.hf_io import copy_aux_files, replace_dir
 from pebr_mega.checkpoint.hf_mapping import MC_LAYER, canonical_mcore_name
 from pebr_mega.errors import CheckpointError
+from pebr_mega.lifetime import install_checkpoint_writer_queue
+from pebr_mega.models.arch import arch_from_hf_config
 from pebr_mega.parallel.groups import barrier, rank
 
 META_FILE = "pebr_mcore.json"
@@ -52,8 +54,6 @@ def save_checkpoint(model, ckpt_dir: str | Path, meta: dict, template_dir: str |
     """
     from megatron.core import dist_checkpointing
 
-    from pebr_mega.lifetime import install_checkpoint_writer_queue
-
     install_checkpoint_writer_queue()  # Megatron's writer would start a manager process that outlives a SIGKILL
     final = Path(ckpt_dir)
     tmp = final.parent / f".{final.name}.tmp"
@@ -71,8 +71,6 @@ def save_checkpoint(model, ckpt_dir: str | Path, meta: dict, template_dir: str |
                   "saved_pp": mpu.get_pipeline_model_parallel_world_size()}
         (tmp / META_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
         if template_dir is not None:
-            from pebr_mega.checkpoint.hf_io import copy_aux_files
-
             (tmp / TEMPLATE_DIR).mkdir()
             copy_aux_files(template_dir, tmp / TEMPLATE_DIR)
         replace_dir(tmp, final)
@@ -85,7 +83,6 @@ def load_checkpoint(model, ckpt_dir: str | Path) -> dict:
     from megatron.core import dist_checkpointing
 
     meta = read_meta(ckpt_dir)
-    from pebr_mega.models.arch import arch_from_hf_config
 
     saved_arch = arch_from_hf_config(meta["hf_config"], f"{ckpt_dir}/{META_FILE}")
     if saved_arch.text != model.arch.text or saved_arch.vision != model.arch.vision:

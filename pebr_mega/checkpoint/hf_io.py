@@ -14,6 +14,7 @@ import torch
 
 from pebr_mega.checkpoint.hf_mapping import normalize_hf_name
 from pebr_mega.errors import CheckpointError
+from pebr_mega.outputs import MARKER
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -94,8 +95,6 @@ def is_weight_file(path: Path) -> bool:
 def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy every non-weight file (config, tokenizer, processor, chat template, generation config, ...), but not
     the record of what pebr wrote into `src` (`pebr_mega.outputs.MARKER`: it describes `src`, not a copy)."""
-    from pebr_mega.outputs import MARKER
-
     src, dst = Path(src), Path(dst)
     copied = []
     for p in sorted(src.iterdir()):

@@ -13,6 +13,7 @@ import torch
 from pebr_mega.checkpoint.hf_io import HFWeights
 from pebr_mega.checkpoint.hf_mapping import HFMapping, canonical_mcore_name, split_for_tp
 from pebr_mega.errors import CheckpointError
+from pebr_mega.models.arch import arch_from_hf_dir
 from pebr_mega.models.config import ModelConfig
 
 
@@ -66,7 +67,6 @@ def build_from_hf(hf_dir: str | Path, cfg: ModelConfig, parallel_output: bool = 
     """This rank's model stage for `cfg` (tp/pp as initialised by `init_parallel`), with the HF weights loaded."""
     from megatron.core import parallel_state as mpu
 
-    from pebr_mega.models.arch import arch_from_hf_dir
     from pebr_mega.models.qwen25_vl import build_model
 
     arch = arch_from_hf_dir(hf_dir)

@@ -6,12 +6,23 @@ loader (`pebr_mega.config.load_config`); the cross-field rules by `__post_init__
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pebr_mega.config_fields import check_fields, choice, positive
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+FP8_TOKEN_MULTIPLE = 16
+
+
+def token_multiple(tp: int = 1, sequence_parallel: bool = False) -> int:
+    """What the token count of a packed row is padded to a multiple of: 16 (FP8 GEMMs), times TP under sequence
+    parallelism, else lcm(16, TP); why: `pebr_mega.models.packing`. Here, importable without Megatron, so that
+    the planner and the start-up checks (`pebr_mega.plan`) use the packer's very rule."""
+    if sequence_parallel:
+        return FP8_TOKEN_MULTIPLE * tp
+    return math.lcm(FP8_TOKEN_MULTIPLE, tp)
 
 
 @dataclass

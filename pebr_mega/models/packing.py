@@ -11,7 +11,8 @@ form its layer spec takes:
   sample by sample with host reads of every boundary in every layer (see `SDPACoreAttention`).
 - `te` spec: Megatron's own THD `PackedSeqParams` (`cu_seqlens`, `max_seqlen`) for TE's fused attention.
 
-The row length T is padded to `token_multiple(tp, sequence_parallel)`: FP8 GEMMs need the token dimension
+The row length T is padded to `token_multiple(tp, sequence_parallel)` (in `models.config`, free of Megatron
+for the planner; re-exported here): FP8 GEMMs need the token dimension
 divisible by 16 (Transformer Engine, `transformer_engine/pytorch/utils.py: assert_dim_for_fp8_exec`, and
 Megatron's own VLM code pads to it), and sequence parallelism splits the row into TP equal parts
 (`megatron/core/tensor_parallel/mappings.py`: `_split_along_first_dim` asserts divisibility), each of which
@@ -19,7 +20,6 @@ then needs the multiple of 16. Padding is applied on CPU too: the CPU twin enfor
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -27,8 +27,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from pebr_mega.models.attention import Segments
-
-FP8_TOKEN_MULTIPLE = 16
+from pebr_mega.models.config import FP8_TOKEN_MULTIPLE, token_multiple  # noqa: F401 (the rule, re-exported here)
 
 
 @dataclass
@@ -37,13 +36,6 @@ class PackedSegments(PackedSeqParams):
 
     qkv_format: str = "sbhd"
     segments: Segments | None = None
-
-
-def token_multiple(tp: int = 1, sequence_parallel: bool = False) -> int:
-    """What the packed token count must be a multiple of (see the module docstring)."""
-    if sequence_parallel:
-        return FP8_TOKEN_MULTIPLE * tp
-    return math.lcm(FP8_TOKEN_MULTIPLE, tp)
 
 
 def packed_seq_params(lengths: Sequence[int], spec: str, device: torch.device | str) -> PackedSeqParams:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pebr_mega.parallel.cpu_compat import megatron_on_cpu, seed_model_parallel_rng
+from pebr_mega.parallel.launch import free_port
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,6 @@ def init_distributed(backend: str | None = None, timeout_minutes: int = 30) -> N
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        from pebr_mega.parallel.launch import free_port
-
         os.environ["MASTER_PORT"] = str(free_port())
     cuda = torch.cuda.is_available()
     if cuda:

@@ -13,6 +13,8 @@ import socket
 import traceback
 from typing import Any, Callable
 
+from pebr_mega.parallel.cpu_compat import enable_cpu_compat
+
 
 def free_port() -> int:
     """A TCP port that was free a moment ago on 127.0.0.1."""
@@ -37,8 +39,6 @@ def _child(rank: int, fn: Callable, world: int, port: int, results, args: tuple,
            megatron_only: bool) -> None:
     os.environ.update(env)
     if megatron_only:
-        from pebr_mega.parallel.cpu_compat import enable_cpu_compat
-
         enable_cpu_compat()  # a rank that runs only Megatron keeps the CPU layer for its whole life
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

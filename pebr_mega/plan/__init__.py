@@ -1,7 +1,7 @@
 """Will a run fit, and how fast will it go: answered from the config and the architecture, before any GPU-hour.
 
 - `make_plan(cfg, arch, cluster)`: per-GPU memory of the colocated schedule (actor, optimizer, reference,
-  activations, logits; SGLang's weights, KV cache and CUDA graphs), its feasibility, a step-time estimate per
+  activations, the log-probs of the target positions; SGLang's weights, KV cache and CUDA graphs), its feasibility, a step-time estimate per
   phase from the FLOPs and the card's measured rates, and every parallel layout ranked (`pebr plan`);
 - `check_startup(cfg, world_size, command)`: the same divisibility and size rules, run at the start of
   `pebr train`/`sft`/`sample`/`pipeline` before anything is loaded.

@@ -10,11 +10,12 @@ The rules and where they come from:
   evenly, and the vocabulary is not padded (docs/MODEL.md: logits stay exact); TP stays inside a node.
 - PP: every stage needs at least one decoder layer; uneven splits are allowed, the last stage takes the rest
   (`models/qwen25_vl._pipeline_split`).
-- world size = TP x PP x DP (`parallel/groups.init_parallel`); a mini-batch needs at least one sequence per
-  data-parallel rank (`MegatronActor.train_step`).
-- FP8 (Transformer Engine): GEMM dims multiple of 16 and token counts padded to a multiple of 16
-  (TE `assert_dim_for_fp8_exec`); sequence parallelism: token counts a multiple of TP (docs/MODEL.md,
-  "Sequence packing"); so the micro-batch token budget must be such a multiple.
+- world size = TP x PP x DP (`parallel/groups.init_parallel`); every update needs at least one sequence per
+  data-parallel rank (`MegatronActor.train_step`): for GRPO the updates the trainer cuts from a rollout step
+  (whole mini-batches, then the rest: `trainer/grpo.py`), for SFT a batch.
+- FP8 (Transformer Engine): GEMM dims multiple of 16. Token counts need no rule: the packer pads every
+  micro-batch to `models.config.token_multiple` (16, x TP with sequence parallelism) itself; a budget that
+  is not such a multiple gets a note (a full micro-batch is padded past it).
 - prompt + response (or the SFT cutoff) within the model's `max_position_embeddings`.
 - SGLang: rollout TP divides the GPUs per node (a group must not straddle nodes, `rollout/sglang_engine.py`)
   and the attention heads; `mem_fraction_static` in (0, 1).
@@ -29,6 +30,7 @@ from typing import Any
 
 from pebr_mega.config_fields import ConfigError
 from pebr_mega.models.arch import QwenVLArch
+from pebr_mega.models.config import token_multiple
 from pebr_mega.plan.shapes import try_resolve_arch
 
 COMMANDS = ("train", "sft", "sample", "pipeline")
@@ -116,24 +118,54 @@ def _grpo_stage(cfg: Any, stage: str | None = None) -> Any:
     return grpo.resolved()
 
 
+def _grpo_update_check(cfg: Any, g: Any, dp: int, r: CheckResult) -> None:
+    """The GRPO trainer's updates against `dp` data-parallel ranks. A rollout step of grpo.rollout_batch_size
+    prompts x rollout.n samples is cut into updates of grpo.mini_batch_size prompts, the last of them what remains
+    (all of the step's prompts when it has fewer than a mini-batch): trainer/grpo.py `_update`. Every update needs
+    at least one sequence per rank (`MegatronActor.train_step`); the log-prob passes over the whole step do not
+    (a rank left without sequences takes part with padding only)."""
+    n, rbs, mbs = cfg.rollout.n, g.rollout_batch_size, g.mini_batch_size
+    full, rest = divmod(rbs, mbs)
+    need = math.ceil(dp / n)  # prompts per update that feed every rank
+    if not full:  # one update of the whole step
+        if rbs * n < dp:
+            r.errors.append(f"grpo.rollout_batch_size={rbs} x rollout.n={n} = {rbs * n} sequences per update ({g.stage}: "
+                            f"the step has fewer prompts than grpo.mini_batch_size={mbs}, so one update of all of them) "
+                            f"cannot feed {dp} data-parallel ranks; use grpo.rollout_batch_size >= {need} or a larger "
+                            f"model.tp x model.pp")
+            return
+        r.notes.append(f"{g.stage}: grpo.rollout_batch_size={rbs} < grpo.mini_batch_size={mbs}: each step makes one "
+                       f"update of its {rbs} prompts")
+    elif mbs * n < dp:
+        r.errors.append(f"grpo.mini_batch_size={mbs} x rollout.n={n} = {mbs * n} sequences per update ({g.stage}) cannot "
+                        f"feed {dp} data-parallel ranks; use grpo.mini_batch_size >= {need} or a larger model.tp x model.pp")
+        return
+    elif rest and rest * n < dp:
+        good = min((k for k in range(need, rbs + 1) if rbs % k == 0 or rbs % k >= need), key=lambda k: (abs(k - mbs), k))
+        r.errors.append(f"{g.stage}: the last update of each step gets grpo.rollout_batch_size={rbs} mod "
+                        f"grpo.mini_batch_size={mbs} = {rest} prompts x rollout.n={n} = {rest * n} sequences, fewer than "
+                        f"the {dp} data-parallel ranks; use grpo.mini_batch_size={good} (every update >= {need} prompts) "
+                        f"or a larger model.tp x model.pp")
+        return
+    elif rest:
+        r.notes.append(f"{g.stage}: grpo.rollout_batch_size={rbs} is not a multiple of grpo.mini_batch_size={mbs}: the "
+                       f"last update of each step has {rest} prompts")
+    per_update = min(rbs, mbs) * n
+    if per_update % dp:
+        r.notes.append(f"{g.stage}: {per_update} sequences per update over {dp} data-parallel ranks: some ranks get one "
+                       f"more (the packer balances their tokens; a multiple of {dp} balances the counts too)")
+    if need > 1:
+        r.notes.append(f"{g.stage}: an update needs >= {need} prompts to feed {dp} data-parallel ranks; prompts skipped in a "
+                       f"step (unreadable image, over-long prompt) come off its last update ({rest or min(rbs, mbs)} "
+                       f"prompts), and fewer than {need} left stop the run")
+
+
 def batch_check(cfg: Any, job: str, dp: int, tp: int, stage: str | None = None) -> CheckResult:
     """Batch sizes against `dp` data-parallel ranks, and the micro-batch token budget, for one job."""
     r = CheckResult()
     mbt = cfg.actor.micro_batch_tokens
     if job == "grpo":
-        g = _grpo_stage(cfg, stage)
-        n = cfg.rollout.n
-        seqs = g.mini_batch_size * n
-        if seqs < dp:
-            r.errors.append(f"grpo.mini_batch_size={g.mini_batch_size} x rollout.n={n} = {seqs} sequences per update "
-                            f"({g.stage}) cannot feed {dp} data-parallel ranks; use grpo.mini_batch_size >= "
-                            f"{math.ceil(dp / n)} or a larger model.tp x model.pp")
-        elif seqs % dp:
-            r.notes.append(f"{g.stage}: {seqs} sequences per update over {dp} data-parallel ranks: some ranks get one "
-                           f"more (grpo.mini_batch_size x rollout.n a multiple of {dp} balances them)")
-        if g.rollout_batch_size % g.mini_batch_size:
-            r.notes.append(f"{g.stage}: grpo.rollout_batch_size={g.rollout_batch_size} is not a multiple of "
-                           f"grpo.mini_batch_size={g.mini_batch_size}: the last update of each step is smaller")
+        _grpo_update_check(cfg, _grpo_stage(cfg, stage), dp, r)
         longest = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
     elif job == "sft":
         if cfg.sft.batch_size < dp:
@@ -145,13 +177,15 @@ def batch_check(cfg: Any, job: str, dp: int, tp: int, stage: str | None = None) 
         longest = cfg.sft.cutoff_len
     else:
         return r
-    multiple = math.lcm(16 if cfg.model.fp8 != "none" else 1, tp if cfg.model.sequence_parallel else 1)
-    if multiple > 1 and mbt % multiple:
-        why = " and ".join(w for w, on in (("FP8 pads token counts to 16", cfg.model.fp8 != "none"),
-                                           (f"sequence parallelism to a multiple of TP={tp}",
-                                            cfg.model.sequence_parallel)) if on)
-        r.errors.append(f"actor.micro_batch_tokens={mbt} must be a multiple of {multiple} ({why}); use "
-                        f"actor.micro_batch_tokens={mbt // multiple * multiple or multiple}")
+    # The packer pads every micro-batch to this multiple itself (actor/packing.py, models.config.token_multiple):
+    # any budget runs, but one that is not a multiple lets a full micro-batch grow past it.
+    multiple = token_multiple(tp, cfg.model.sequence_parallel)
+    if mbt % multiple:
+        why = (f"16 for FP8 GEMMs x TP={tp} for sequence parallelism" if cfg.model.sequence_parallel else
+               "16 for FP8 GEMMs, applied on every run" if multiple == 16 else f"lcm(16, TP={tp})")
+        r.notes.append(f"actor.micro_batch_tokens={mbt}: the packer pads every micro-batch to a multiple of {multiple} "
+                       f"({why}), so a full one holds up to {mbt - mbt % multiple + multiple} tokens; "
+                       f"actor.micro_batch_tokens={mbt // multiple * multiple or multiple} keeps them within the budget")
     if longest > mbt:
         r.notes.append(f"{job}: sequences of up to {longest} tokens exceed actor.micro_batch_tokens={mbt}; each such "
                        f"sequence gets a micro-batch of its own")

@@ -17,6 +17,11 @@ an fp32 copy of its input and the fp32 normalised value; the GLU keeps the `x_li
 output and the product). The CPU profile is checked against measured saved bytes in tests/test_plan.py; the
 CUDA profile differs from it only in those two places. The `te` spec is counted as the `torch` spec.
 
+The last stage computes log-probs at the target positions only (actor/losses.py): their hidden states are
+gathered after the final norm, and `actor.logprobs_from` either materialises their logits [N, V/tp] (the fused
+kernel's backward overwrites them with their gradient) or runs the chunked hidden-state kernel (one chunk of
+logits at a time, recomputed in backward). N is what the planner says a micro-batch trains (`planner.Workload`).
+
 The rollout engine (SGLang) sizes its KV cache as SGLang's `ModelRunner.profile_max_num_token` does: of the
 memory free when the engine starts (the actor, its gradient buffer and main parameters and the reference are
 already resident), `mem_fraction_static` goes to the weights and the KV cache, the rest stays free; the
@@ -44,6 +49,10 @@ ALLOCATOR_HEADROOM = 0.10
 CUDA_GRAPH_BYTES = int(1.0 * GIB)
 # SGLang's default chunked-prefill chunk, tokens (its ServerArgs picks 8192 or more on 80 GB+ cards).
 SGLANG_PREFILL_CHUNK = 8192
+# Logits per chunk of the hidden-state log-prob path (`kernels/_linear_triton.py`, CHUNK_ELEMENTS; not imported:
+# that module imports Triton, which must not be chosen before the tests pick its interpreter; a test compares).
+HIDDEN_PATH_CHUNK_ELEMENTS = 2**28
+LOGPROB_PATHS = ("logits", "hidden")
 
 
 # ------------------------------------------------------------------------------------------------ parameters
@@ -225,11 +234,17 @@ def vision_bytes(v: VisionArch, grids: list[tuple[int, int, int]], b: int, recom
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """What one packed micro-batch holds: its tokens and the patch grids of its images."""
+    """What one packed micro-batch holds: its tokens (padding included), the patch grids of its images and its
+    trained targets (the positions whose hidden states reach the output layer)."""
 
     tokens: int
     grids: tuple[tuple[int, int, int], ...] = ()
     slots: int = 0  # n x max_len of the packed row's samples (the padded attention's batch); 0: = tokens
+    targets: int | None = None  # None: every token (the upper bound)
+
+    @property
+    def target_count(self) -> int:
+        return self.tokens if self.targets is None else self.targets
 
 
 def stage_activation_bytes(arch: QwenVLArch, sp: StageParams, mb: MicroBatch, tp: int, b: int, recompute: str,
@@ -257,30 +272,66 @@ def stage_activation_bytes(arch: QwenVLArch, sp: StageParams, mb: MicroBatch, tp
             out["vision recompute"] = extra
         out["embedding"] = T * (8 + 1)  # token ids (int64) for the embedding backward, the image-pad mask
     if last:
-        norm = (b * t.hidden_size + 4) if profile.fused_rms_norm else (8 * t.hidden_size + 4)
-        out["head"] = T * (norm + b * t.hidden_size)  # final norm and the output layer's input
+        out["head"] = head_bytes(t, T, mb.target_count, tp, b, profile, sequence_parallel)
     return out
 
 
-def logits_bytes(t: TextArch, tokens: int, tp: int, b: int) -> int:
-    """The vocabulary-parallel logits of one micro-batch [tokens, V / tp] in the activation dtype."""
-    return tokens * (t.vocab_size // tp) * b
+def head_bytes(t: TextArch, tokens: int, targets: int, tp: int, b: int, profile: KernelProfile,
+               sequence_parallel: bool = False) -> float:
+    """Bytes the last stage keeps for backward after its decoder layers: the final norm's (over every token; split
+    over TP with sequence parallelism) and, of the `targets` positions only, their gathered hidden states (the
+    output layer's input) and int64 index. The gather's backward keeps only the index (models/qwen25_vl.py,
+    `target_hidden`), so the final hidden states of the other tokens are freed after the forward."""
+    h = t.hidden_size
+    sp = tp if sequence_parallel else 1
+    norm = (b * h + 4) if profile.fused_rms_norm else (8 * h + 4)
+    return tokens * norm / sp + targets * (b * h + 8)
 
 
-def backward_workspace_bytes(t: TextArch, sp: StageParams, tokens: int, tp: int, b: int, last: bool) -> float:
-    """Gradients that exist at the peak of backward, beyond the saved activations and the logits.
+def logits_bytes(t: TextArch, rows: int, tp: int, b: int) -> int:
+    """Vocabulary-parallel logits [rows, V / tp] in the activation dtype."""
+    return rows * (t.vocab_size // tp) * b
 
-    On the last stage: the logits' gradient (the Triton log-prob kernel writes a [N, V/tp] gradient,
-    docs/PERFORMANCE.md) plus the larger of the output layer's weight gradient and a layer's largest weight
-    gradient (each whole for a moment before DDP adds it into the fp32 buffer: this actor has no
-    gradient-accumulation fusion), with the gradient of the hidden states. Other stages: the hidden-state
-    gradient received from the next stage and the largest weight gradient. Calibrated on CPU (tests/test_plan.py).
+
+def hidden_path_chunk_rows(t: TextArch, tp: int) -> int:
+    """Rows per chunk of the hidden-state path (`kernels.linear_logprobs`' default: about 2^28 logits)."""
+    return max(1, HIDDEN_PATH_CHUNK_ELEMENTS // (t.vocab_size // tp))
+
+
+def logprob_bytes(t: TextArch, targets: int, tp: int, b: int, path: str) -> tuple[float, float]:
+    """(kept from the forward to the backward, transient at the start of backward) by the log-prob path of
+    `actor.logprobs_from` (actor/losses.py `target_logprobs`) for `targets` target positions.
+
+    `logits`: the targets' logits [N, V / tp], kept by the fused log-prob kernel, whose backward overwrites them
+    with their gradient (`inplace_backward`): nothing transient. `hidden`: `kernels.linear_logprobs` keeps only
+    per-target statistics; one chunk of logits exists in forward and again, recomputed, in backward. Both: per
+    target, the float32 log-prob, log-sum-exp and entropy and the int64 target id.
+    """
+    if path not in LOGPROB_PATHS:
+        raise ValueError(f"log-prob path {path!r} is not one of {LOGPROB_PATHS}")
+    stats = 20.0 * targets
+    if path == "logits":
+        return stats + logits_bytes(t, targets, tp, b), 0.0
+    return stats, float(logits_bytes(t, min(targets, hidden_path_chunk_rows(t, tp)), tp, b))
+
+
+def backward_workspace_bytes(t: TextArch, sp: StageParams, tokens: int, tp: int, b: int, last: bool,
+                             targets: int | None = None) -> float:
+    """Gradients that exist at the peak of backward, beyond the saved activations and the log-prob path's own
+    (`logprob_bytes`).
+
+    On the last stage: the larger of the output layer's weight gradient and a layer's largest weight gradient
+    (each whole for a moment before DDP adds it into the fp32 buffer: this actor has no gradient-accumulation
+    fusion), the targets' hidden-state gradient, and the hidden-state gradient of every token (the gather's
+    backward scatters the targets' into it). Other stages: the hidden-state gradient received from the next
+    stage and the largest weight gradient. Calibrated on CPU (tests/test_plan.py).
     """
     hidden = tokens * t.hidden_size * b
     if not last:
         return hidden + sp.largest_layer_tensor * b
     output = t.vocab_size // tp * t.hidden_size
-    return logits_bytes(t, tokens, tp, b) + max(output, sp.largest_layer_tensor) * b + hidden
+    n = tokens if targets is None else targets
+    return max(output, sp.largest_layer_tensor) * b + hidden + n * t.hidden_size * b
 
 
 # ------------------------------------------------------------------------------------------------ tables

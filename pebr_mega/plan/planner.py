@@ -6,7 +6,10 @@ the card's memory on the most loaded GPU. Layouts are ranked by estimated step t
 why. What one step processes (the workload) comes from the config: GRPO (`grpo.*` of the configured stage,
 `rollout.*`, `data.max_prompt_length`, one square image at `images.max_pixels` per prompt) or SFT
 (`sft.batch_size` conversations of `sft.cutoff_len` tokens per update); lengths are the configured maxima
-unless overridden.
+unless overridden. A GRPO step's updates are cut as the trainer cuts them (whole mini-batches, then the rest);
+a micro-batch is the token budget filled and padded as the packer pads it, whose targets (the positions whose
+log-probs are computed) are the response share of its tokens at those lengths, or for SFT every token (the
+assistant share is not known before the data: the upper bound).
 """
 from __future__ import annotations
 
@@ -15,7 +18,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pebr_mega.actor.config import logprobs_path
 from pebr_mega.models.arch import QwenVLArch
+from pebr_mega.models.config import token_multiple
 from pebr_mega.plan import memory as mem
 from pebr_mega.plan import timing
 from pebr_mega.plan.checks import CheckResult, batch_check, divisors, layout_check, length_check, rollout_check
@@ -59,6 +64,7 @@ class Workload:
     freeze_vision: bool
     freeze_projector: bool
     micro_batch_tokens: int
+    logprob_path: str = "logits"  # what actor.logprobs_from runs on CUDA
 
     @property
     def seq_tokens(self) -> int:
@@ -68,18 +74,40 @@ class Workload:
     def sequences(self) -> int:
         return self.prompts * self.n
 
+    def update_prompts(self) -> list[int]:
+        """Prompts of each update of one PPO epoch of a step, as the GRPO trainer cuts them (trainer/grpo.py,
+        `_update`): whole mini-batches of the step's prompts, then what remains (all of them when there are fewer
+        than a mini-batch)."""
+        full, rest = divmod(self.prompts, self.mini_batch_prompts)
+        return [self.mini_batch_prompts] * full + ([rest] if rest else [])
+
     @property
     def updates(self) -> int:
-        return math.ceil(self.prompts / self.mini_batch_prompts) * self.ppo_epochs
+        return len(self.update_prompts()) * self.ppo_epochs
+
+    @property
+    def target_share(self) -> float:
+        """Share of a sequence's tokens whose log-probs are computed: GRPO, the response; SFT, every token (the
+        upper bound: the assistant share of a conversation is not known before the data)."""
+        return 1.0 if self.job == "sft" else self.response_tokens / self.seq_tokens
+
+    def target_note(self) -> str:
+        """Where the target count comes from, for the report."""
+        if self.job == "sft":
+            return "SFT: the assistant share is not known before the data, so every token (the upper bound)"
+        return (f"the response share {self.response_tokens}/{self.seq_tokens} of the packed tokens at the planned "
+                f"lengths")
 
     def grids(self, count: int) -> list[tuple[int, int, int]]:
         return [self.image_grid] * count
 
-    def micro_batch(self) -> mem.MicroBatch:
-        """The heaviest micro-batch: the token budget (or one longest sequence) filled, images in proportion."""
+    def micro_batch(self, multiple: int = 1) -> mem.MicroBatch:
+        """The heaviest micro-batch: the token budget (or one longest sequence) filled, images and targets in
+        proportion, padded as the packer pads it (to a multiple of `multiple`, `models.config.token_multiple`)."""
         tokens = max(self.micro_batch_tokens, self.seq_tokens)
         images = math.ceil(tokens * self.images_per_prompt / self.seq_tokens)
-        return mem.MicroBatch(tokens, tuple(self.grids(images)))
+        targets = math.ceil(tokens * self.target_share)
+        return mem.MicroBatch(-(-tokens // multiple) * multiple, tuple(self.grids(images)), targets=targets)
 
     def micro_batches(self, sequences: int) -> int:
         """Packed micro-batches for `sequences` sequences on one rank."""
@@ -90,17 +118,19 @@ def workload_from_config(cfg: Any, arch: QwenVLArch, job: str = "grpo", prompt_t
                          response_tokens: int | None = None, images_per_prompt: int = 1) -> Workload:
     """The step the config describes (see the module docstring)."""
     grid = mem.square_image_grid(arch.vision, cfg.images.max_pixels)
+    path = logprobs_path(cfg.actor.logprobs_from, "cuda")
     if job == "sft":
         s = cfg.sft
         return Workload("sft", "sft", s.batch_size, 1, prompt_tokens or s.cutoff_len, 0, images_per_prompt, grid,
-                        s.batch_size, 1, False, s.freeze_vision, s.freeze_projector, cfg.actor.micro_batch_tokens)
+                        s.batch_size, 1, False, s.freeze_vision, s.freeze_projector, cfg.actor.micro_batch_tokens,
+                        path)
     if job != "grpo":
         raise ValueError(f"job {job!r} is not 'grpo' or 'sft'")
     g = cfg.grpo.resolved()
     return Workload("grpo", g.stage, g.rollout_batch_size, cfg.rollout.n, prompt_tokens or cfg.data.max_prompt_length,
                     cfg.rollout.max_new_tokens if response_tokens is None else response_tokens, images_per_prompt,
                     grid, g.mini_batch_size, g.ppo_epochs, cfg.algo.kl_coef > 0, cfg.actor.freeze_vision,
-                    cfg.actor.freeze_projector, cfg.actor.micro_batch_tokens)
+                    cfg.actor.freeze_projector, cfg.actor.micro_batch_tokens, path)
 
 
 def uses_distributed_optimizer(cfg: Any) -> bool:
@@ -183,8 +213,8 @@ def training_table(arch: QwenVLArch, cfg: Any, w: Workload, layout: Layout, gpu:
     last = stage == pp - 1
     opt = _optimizer(w, sp, cfg, dp, distributed)
     other = _optimizer(w, sp, cfg, dp, not distributed)
-    mb = w.micro_batch()
-    per_rank = math.ceil(w.mini_batch_prompts * w.n / dp)
+    mb = w.micro_batch(token_multiple(tp, m.sequence_parallel))
+    per_rank = math.ceil(max(w.update_prompts()) * w.n / dp)
     in_flight = min(pp - stage, w.micro_batches(per_rank)) if pp > 1 else 1
     t = MemoryTable()
     t.add("CUDA context, NCCL (training rank)", mem.CUDA_CONTEXT_BYTES, "outside the caching allocator; assumed")
@@ -228,17 +258,31 @@ def training_table(arch: QwenVLArch, cfg: Any, w: Workload, layout: Layout, gpu:
                   "for comparison", counted=False)
         t.add("activations: embedding inputs", in_flight * acts["embedding"])
     if last:
-        t.add("activations: final norm + output-layer input", acts["head"])
-        t.add(f"logits [{mb.tokens}, V/{tp}] ({m.params_dtype})", mem.logits_bytes(arch.text, mb.tokens, tp, b),
-              "the actor's path: Triton log-probs read the logits, no fp32 copy")
-        t.add("  (fused hidden-state path, one 2^28-logit chunk)", min(2**28, mb.tokens * arch.text.vocab_size // tp) * b,
-              "kernels.linear_logprobs; not wired into the actor", counted=False)
-    t.add("backward workspace", mem.backward_workspace_bytes(arch.text, sp, mb.tokens, tp, b, last),
-          "logit gradient + largest weight gradient + hidden-state gradient" if last else
+        t.add("activations: final norm + the targets' hidden states", acts["head"],
+              f"{mb.target_count} target positions of {mb.tokens} tokens: {w.target_note()}")
+        for path in (w.logprob_path, *(p for p in mem.LOGPROB_PATHS if p != w.logprob_path)):
+            kept, transient = mem.logprob_bytes(arch.text, mb.target_count, tp, b, path)
+            if path == "logits":
+                label = f"log-probs: target logits [{mb.target_count}, V/{tp}] ({m.params_dtype})"
+                note = "kept for backward, which overwrites them with their gradient"
+            else:
+                rows = min(mb.target_count, mem.hidden_path_chunk_rows(arch.text, tp))
+                label = f"log-probs: hidden-state chunk [{rows}, V/{tp}] ({m.params_dtype})"
+                note = "kernels.linear_logprobs: in forward, recomputed in backward"
+            if path == w.logprob_path:
+                how = f"actor.logprobs_from={cfg.actor.logprobs_from}" + (f" ({path} on CUDA)" if
+                                                                          cfg.actor.logprobs_from == "auto" else "")
+                if cfg.actor.kernels == "torch":  # the reference gathers the vocabulary and keeps fp32 copies
+                    note += "; actor.kernels=torch keeps several fp32 copies [N, V] more: not modelled"
+                t.add(label, kept + transient, f"{how}: {note}")
+            else:
+                t.add(f"  ({label})", kept + transient, f"actor.logprobs_from={path}, for comparison", counted=False)
+    t.add("backward workspace", mem.backward_workspace_bytes(arch.text, sp, mb.tokens, tp, b, last, mb.target_count),
+          "largest weight gradient + the targets' and every token's hidden-state gradient" if last else
           "received hidden-state gradient + largest weight gradient")
     if rollout:
         t.add("SGLang CUDA graphs (kept)", mem.CUDA_GRAPH_BYTES, "assumed; released too by SGLangs that tag them")
-    dynamic = sum(r.bytes for r in t.rows if r.counted and (r.name.startswith(("activations", "logits", "backward"))))
+    dynamic = sum(r.bytes for r in t.rows if r.counted and (r.name.startswith(("activations", "log-probs", "backward"))))
     t.add(f"caching-allocator headroom ({mem.ALLOCATOR_HEADROOM:.0%} of the dynamic part)",
           mem.ALLOCATOR_HEADROOM * dynamic, "assumed")
     return t
@@ -295,7 +339,8 @@ def phase_times(arch: QwenVLArch, cfg: Any, w: Workload, layout: Layout, cluster
     gpu, m = cluster.gpu, cfg.model
     b = mem.DTYPE_BYTES[m.params_dtype]
     grids = w.grids(w.images_per_prompt)
-    f = timing.sequence_flops(arch, w.prompt_tokens, w.response_tokens, grids)
+    f = timing.sequence_flops(arch, w.prompt_tokens, w.response_tokens, grids,
+                              targets=math.ceil(w.seq_tokens * w.target_share))
     seqs_replica = w.sequences / layout.dp
     mbt = max(w.micro_batch_tokens, w.seq_tokens)
     out: dict[str, float] = {}
@@ -311,20 +356,25 @@ def phase_times(arch: QwenVLArch, cfg: Any, w: Workload, layout: Layout, cluster
         passes = 2 if w.with_reference else 1
         mbs = w.micro_batches(math.ceil(seqs_replica))
         out["log-probs"] = passes * timing.model_phase_seconds(arch, gpu, layout, seqs_replica * f.decoder,
-                                                               seqs_replica * f.vision, mbs, mbt, 2, b)
+                                                               seqs_replica * f.vision, mbs, mbt, 2, b,
+                                                               seqs_replica * f.output)
     # Update: forward + backward (3 forwards) plus what recompute runs again.
     fwd_dec = {"none": 3.0, "selective": 3.0, "full": 4.0}[m.recompute_granularity]
     fwd_vis = 4.0 if m.vision_recompute else 3.0
     collectives = 6 if m.recompute_granularity == "full" else 4
-    per_update_seqs = w.mini_batch_prompts * w.n / layout.dp
-    mbs = w.micro_batches(math.ceil(per_update_seqs))
-    one = timing.model_phase_seconds(arch, gpu, layout, fwd_dec * per_update_seqs * f.decoder,
-                                     fwd_vis * per_update_seqs * f.vision, mbs, mbt, collectives, b)
+    fwd_out = 4.0 if w.logprob_path == "hidden" else 3.0  # the hidden-state path recomputes the logits in backward
     sp = mem.stage_params(arch, layout.tp, layout.pp, 0)
     trainable = sp.trainable(w.freeze_vision, w.freeze_projector)
     extra = (timing.dp_grad_seconds(gpu, trainable, layout, cluster.gpus_per_node)
              + timing.optimizer_seconds(gpu, trainable, layout.dp if distributed else 1))
-    out["update"] = w.updates * (one + extra)
+    update = 0.0
+    for prompts in w.update_prompts():
+        seqs = prompts * w.n / layout.dp
+        mbs = w.micro_batches(math.ceil(seqs))
+        update += extra + timing.model_phase_seconds(arch, gpu, layout, fwd_dec * seqs * f.decoder,
+                                                     fwd_vis * seqs * f.vision, mbs, mbt, collectives, b,
+                                                     fwd_out * seqs * f.output)
+    out["update"] = w.ppo_epochs * update
     if w.job == "grpo":
         out["weight sync"] = mem.engine_weight_bytes(arch, 1) / gpu.rate("nvlink").value
     return out
@@ -336,7 +386,11 @@ def evaluate_layout(arch: QwenVLArch, cfg: Any, w: Workload, cluster: Cluster, t
     """Checks, memory and time of one layout."""
     world = cluster.world
     layout = Layout(tp, pp, world // (tp * pp) if world % (tp * pp) == 0 else 0)
-    model_cfg = dataclasses.replace(cfg.model, tp=tp, pp=pp)
+    try:
+        model_cfg = dataclasses.replace(cfg.model, tp=tp, pp=pp)
+    except ValueError as e:  # a cross-field rule of ModelConfig refuses this layout (sequence parallelism at TP 1)
+        return LayoutPlan(layout, valid=False, fits=False, reason=str(e), checks=CheckResult(errors=[str(e)]),
+                          short_reason=str(e))
     checks = layout_check(arch, model_cfg, world, cluster.gpus_per_node)
     if checks.ok and layout.dp:
         trial = dataclasses.replace(cfg, model=model_cfg)

@@ -34,8 +34,10 @@ def _workload_lines(plan: Plan) -> list[str]:
     img_tokens = g[0] * g[1] * g[2] // plan.arch.vision.spatial_merge_size**2
     side = g[1] * plan.arch.vision.patch_size
     if w.job == "grpo":
+        sizes = w.update_prompts()
+        last = f", the last of each epoch {sizes[-1]}" if sizes[-1] != sizes[0] else ""
         head = (f"step ({w.stage}): {w.prompts} prompts x {w.n} samples = {w.sequences} sequences of <= {w.prompt_tokens} "
-                f"prompt + {w.response_tokens} response tokens; {w.updates} update(s) of {w.mini_batch_prompts} prompts"
+                f"prompt + {w.response_tokens} response tokens; {w.updates} update(s) of {sizes[0]} prompts{last}"
                 f"; reference model: {'yes' if w.with_reference else 'no'}")
     else:
         head = f"step (sft): one update of {w.prompts} conversations of <= {w.prompt_tokens} tokens"
@@ -125,7 +127,9 @@ def plan_to_json(plan: Plan) -> dict:
                     "gpu_memory_gib": round(c.gpu.memory_bytes / GIB, 2)},
         "workload": {"job": w.job, "stage": w.stage, "prompts": w.prompts, "n": w.n, "prompt_tokens": w.prompt_tokens,
                      "response_tokens": w.response_tokens, "images_per_prompt": w.images_per_prompt,
-                     "micro_batch_tokens": w.micro_batch_tokens, "updates": w.updates},
+                     "micro_batch_tokens": w.micro_batch_tokens, "updates": w.updates,
+                     "update_prompts": w.update_prompts(), "target_share": round(w.target_share, 4),
+                     "logprobs_from": w.logprob_path},
         "configured": None if plan.configured is None else {"tp": plan.configured.tp, "pp": plan.configured.pp,
                                                              "dp": plan.configured.dp},
         "distributed_optimizer": plan.distributed_optimizer,

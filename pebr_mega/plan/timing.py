@@ -5,8 +5,10 @@
   engine's weights and the batch's KV cache at the measured copy bandwidth (or is compute-bound, whichever is
   slower), in waves of as many sequences as the KV cache holds;
 - log-probs (actor and reference, forward only) and update (forward + backward, plus the recomputed
-  forwards) at the measured training model TFLOP/s; the vision tower is replicated over TP, so its FLOPs are
-  not divided by TP; a pipeline runs at its slowest stage with a (M + PP - 1) / M bubble factor;
+  forwards) at the measured training model TFLOP/s; the output layer runs at the target positions only (the
+  response; every token for SFT, an upper bound), in backward once more with the hidden-state log-prob path,
+  which recomputes its logits; the vision tower is replicated over TP, so its FLOPs are not divided by TP; a
+  pipeline runs at its slowest stage with a (M + PP - 1) / M bubble factor;
 - TP all-reduces (2 per layer forward, 2 backward, of tokens x hidden) and the DP gradient all-reduce (fp32,
   once per update) at assumed NCCL bus bandwidths; the Adam step reads and writes ~36 bytes per parameter;
 - weight sync: the engine's weights once over NVLink.
@@ -27,20 +29,25 @@ from pebr_mega.plan.memory import stage_layers, total_parameters
 
 @dataclass(frozen=True)
 class SequenceFlops:
-    """Forward FLOPs of one sequence: decoder (with output layer), vision tower, prefill (no logits but one)."""
+    """Forward FLOPs of one sequence: decoder layers, output layer (at the targets only), vision tower, prefill
+    (no logits but one)."""
 
     decoder: float
+    output: float
     vision: float
     prefill: float
 
 
-def sequence_flops(arch: QwenVLArch, prompt: int, response: int, grids: list[tuple[int, int, int]]) -> SequenceFlops:
-    """Forward FLOPs of a sequence of `prompt + response` tokens with images of these patch grids."""
+def sequence_flops(arch: QwenVLArch, prompt: int, response: int, grids: list[tuple[int, int, int]],
+                   targets: int | None = None) -> SequenceFlops:
+    """Forward FLOPs of a sequence of `prompt + response` tokens with images of these patch grids; the actor applies
+    the output layer to its `targets` positions only (default: the response)."""
     t = arch.text
     vis = float(vision_forward_flops(arch.vision, torch.tensor(grids, dtype=torch.long))) if grids else 0.0
-    dec = float(decoder_forward_flops(t, prompt + response))
-    prefill = float(decoder_forward_flops(t, prompt)) - 2.0 * (prompt - 1) * t.hidden_size * t.vocab_size + vis
-    return SequenceFlops(dec, vis, prefill)
+    head = 2.0 * t.hidden_size * t.vocab_size  # the output layer, per position
+    dec = float(decoder_forward_flops(t, prompt + response)) - head * (prompt + response)
+    prefill = float(decoder_forward_flops(t, prompt)) - head * (prompt - 1) + vis
+    return SequenceFlops(dec, head * (response if targets is None else targets), vis, prefill)
 
 
 def allreduce_seconds(nbytes: float, ranks: int, busbw: float) -> float:
@@ -59,12 +66,14 @@ class Layout:
 
 def model_phase_seconds(arch: QwenVLArch, gpu: GpuSpec, layout: Layout, decoder_flops: float, vision_flops: float,
                         micro_batches: int, tokens_per_mb: int, collectives_per_layer: int,
-                        act_bytes: int = 2) -> float:
-    """Seconds for one DP replica to run `decoder_flops` + `vision_flops` (its share) through its TP x PP GPUs."""
+                        act_bytes: int = 2, output_flops: float = 0.0) -> float:
+    """Seconds for one DP replica to run `decoder_flops` + `vision_flops` + `output_flops` (its share: decoder
+    layers over the stages, the tower on the first, the output layer on the last) through its TP x PP GPUs."""
     rate = gpu.rate("train").value
     layers = stage_layers(arch.text.num_layers, layout.pp)
     L = arch.text.num_layers
     stage = [decoder_flops * n / L / layout.tp + (vision_flops if i == 0 else 0.0) for i, n in enumerate(layers)]
+    stage[-1] += output_flops / layout.tp
     m = max(micro_batches, 1)
     compute = max(stage) / rate * (m + layout.pp - 1) / m
     per_ar = allreduce_seconds(tokens_per_mb * arch.text.hidden_size * act_bytes, layout.tp, gpu.rate("nvlink").value)

@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
+from pebr_mega.lifetime import die_with_parent
+
 OK, ERROR, TIMEOUT = "ok", "error", "timeout"
 READY = "ready"
 START_TIMEOUT_S = 300.0  # a worker that has not started by then means the installation is broken
@@ -82,8 +84,6 @@ def worker_main(fd: int, memory_mb: int) -> None:
     """A worker (run as `python -c`, see `RewardPool._start_worker`): receive chunks of calls over the socket
     `fd`, answer each call as soon as it returns; exit on None or when the parent is gone."""
     import importlib
-
-    from pebr_mega.lifetime import die_with_parent
 
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)

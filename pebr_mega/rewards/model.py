@@ -3,6 +3,10 @@
     stage1 (perception RL) = 0.4 clip + 0.4 keyword + 0.1 format + 0.1 length   (accuracy logged, weight 0)
     stage2 (reasoning RL)  = 0.9 accuracy + 0.1 format
 
+The preset is the stage's: the caller names it (`build_reward(cfg, stage)`; the GRPO trainer passes
+`grpo.stage`, the one stage switch). This config holds no stage of its own, so a stage-2 run cannot score
+with stage-1 rewards because a second key was left at its default.
+
 Which components are computed: every one with a non-zero weight, plus accuracy and format always (both are
 cheap and are the numbers to watch in either stage). A component that is not computed is absent from the
 result, never reported as 0.
@@ -45,9 +49,9 @@ TEXT_REWARDS: dict[str, Callable[..., float]] = {"format": format_reward, "accur
 
 @dataclass
 class RewardConfig:
-    """Which stage preset to use, optional weight overrides, and the CLIP scorer's settings."""
+    """Weight overrides of the stage preset, answer grading, the CLIP scorer's and the grading pool's settings
+    (the preset itself is chosen by the stage: `build_reward(cfg, stage)`)."""
 
-    stage: str = choice("stage1", ["stage1", "stage2"], "stage1 = perception RL, stage2 = reasoning RL")
     answer_grading: str = choice("upstream", list(GRADINGS),
                                  "how the answer is taken from a response (pebr_mega.rewards.text); the "
                                  "difficulty sampling and evaluation grade the same way")
@@ -109,9 +113,12 @@ class RewardResult:
     timed_out: bool = False  # grading overran rewards.timeout_s: the sample scores 0
 
 
-def preset_weights(cfg: RewardConfig) -> dict[str, float]:
-    """The stage preset with `cfg.weights` applied; unknown or non-finite weights are a PebrError."""
-    weights = dict(STAGE_WEIGHTS[cfg.stage])
+def preset_weights(cfg: RewardConfig, stage: str) -> dict[str, float]:
+    """`stage`'s preset with `cfg.weights` applied; an unknown stage, unknown or non-finite weights are a
+    PebrError."""
+    if stage not in STAGE_WEIGHTS:
+        raise PebrError(f"unknown reward preset {stage!r}; valid: {list(STAGE_WEIGHTS)}")
+    weights = dict(STAGE_WEIGHTS[stage])
     for name, w in cfg.weights.items():
         if name not in weights:
             raise PebrError(f"unknown reward component in rewards.weights.{name}; valid: {list(COMPONENTS)}")
@@ -242,15 +249,16 @@ def summarize(results: Sequence[RewardResult]) -> dict[str, float]:
     return out
 
 
-def build_reward(cfg: RewardConfig, clip_scorer: Any = None, pool: RewardPool | None = None) -> RewardModel:
-    """The reward model for `cfg`. Loads the CLIP scorer when the preset needs it and none is passed in.
+def build_reward(cfg: RewardConfig, stage: str, clip_scorer: Any = None, pool: RewardPool | None = None) -> RewardModel:
+    """The reward model of `stage`'s preset (`stage1` | `stage2`) under `cfg`. Loads the CLIP scorer when the
+    preset needs it and none is passed in.
 
     A preset that needs CLIP with no `rewards.clip_model_dir` fails here, at start-up, not mid-run.
     """
-    weights = preset_weights(cfg)
+    weights = preset_weights(cfg, stage)
     if weights["clip"] != 0 and clip_scorer is None:
         if not cfg.clip_model_dir:
-            raise PebrError(f"rewards.stage={cfg.stage} gives the CLIP reward weight {weights['clip']} but "
+            raise PebrError(f"the {stage} preset gives the CLIP reward weight {weights['clip']} but "
                             "rewards.clip_model_dir is not set: point it at a local CLIP-family checkpoint "
                             "(FG-CLIP large upstream; `pebr make-tiny-clip --out DIR` for a tiny random one), "
                             "or set rewards.weights.clip=0")

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-from pebr_mega.data.images import ImageConfig, ImageDecoder, load_image, num_image_tokens, policy_view
+from pebr_mega.data.images import (ImageConfig, ImageDecoder, load_image, num_image_tokens, open_image, policy_view,
+                                   target_size)
 from pebr_mega.data.prompts import render_prompt_ids
 from pebr_mega.data.records import DataConfig, GRPORecord
 from pebr_mega.data.template import PromptTemplate
@@ -89,7 +90,13 @@ class RequestBuilder:
     def build(self, records: Sequence[GRPORecord], image_root: str | Path) -> tuple[list[RolloutRequest], RequestReport]:
         """Requests for every usable record, in order, and the report of those skipped."""
         report = RequestReport()
-        requests = []
+        return list(self.iter_build(records, image_root, report)), report
+
+    def iter_build(self, records: Iterable[GRPORecord], image_root: str | Path,
+                   report: RequestReport) -> Iterator[RolloutRequest]:
+        """`build`, one record at a time: a request (with its pixel values) exists only once it is asked for,
+        so a caller that consumes a batch at a time holds one batch of images. `report` counts as it goes; it
+        is complete once the iterator is exhausted."""
         for record in records:
             try:
                 req = self.build_one(record, image_root)
@@ -102,6 +109,53 @@ class RequestBuilder:
             if len(req.prompt_ids) > self.max_prompt_length and self.filter_overlong:
                 report.skip("prompt_too_long", record.qid, f"{len(req.prompt_ids)} > {self.max_prompt_length} tokens")
                 continue
-            requests.append(req)
-        report.built = len(requests)
-        return requests, report
+            report.built += 1
+            yield req
+
+    def prompt_length(self, record: GRPORecord, image_root: str | Path) -> int:
+        """The token count of `record`'s prompt without decoding its images: each image's size comes from its
+        file header, its token count from the smart-resize target under the decoder's bounds (what `build_one`
+        gets from the decoded pixels: both backends take the grid from `target_size`). ImageError / DataError
+        as `build_one` (an image that fails only when its pixels are decoded passes here)."""
+        cfg = self.decoder.cfg
+        tokens = []
+        for path in record.image_paths(image_root):
+            image = open_image(path)
+            try:
+                h, w = target_size(image.height, image.width, cfg, str(path))
+            finally:
+                image.close()
+            tokens += num_image_tokens([[1, h // cfg.patch_size, w // cfg.patch_size]], self.merge_size)
+        return len(render_prompt_ids(self.tokenizer, record.problem, tokens, where=f"record {record.qid}",
+                                     template=self.template))
+
+    def screen(self, records: Sequence[GRPORecord], image_root: str | Path,
+               lengths: bool = True) -> tuple[list[GRPORecord], RequestReport]:
+        """The records `build` would turn into requests, decided from image headers (no pixel decode), and the
+        report of the others, with `build`'s reasons. `lengths=False` checks the images only (no tokenizer)."""
+        report = RequestReport()
+        kept = []
+        for record in records:
+            try:
+                n = self.prompt_length(record, image_root) if lengths else self._check_images(record, image_root)
+            except ImageError as e:
+                report.skip("image", record.qid, str(e))
+                continue
+            except DataError as e:
+                report.skip("record", record.qid, str(e))
+                continue
+            if lengths and n > self.max_prompt_length and self.filter_overlong:
+                report.skip("prompt_too_long", record.qid, f"{n} > {self.max_prompt_length} tokens")
+                continue
+            kept.append(record)
+        report.built = len(kept)
+        return kept, report
+
+    def _check_images(self, record: GRPORecord, image_root: str | Path) -> int:
+        for path in record.image_paths(image_root):
+            image = open_image(path)
+            try:
+                target_size(image.height, image.width, self.decoder.cfg, str(path))
+            finally:
+                image.close()
+        return 0

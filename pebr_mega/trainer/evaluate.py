@@ -14,6 +14,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
+from pebr_mega.data.records import GRPORecord
 from pebr_mega.rewards import RewardModel, RewardSample, accuracy_reward, format_reward
 from pebr_mega.rewards.guard import RewardPool, score_components
 from pebr_mega.rewards.model import RewardConfig, reward_pool
@@ -121,14 +122,20 @@ class Evaluator:
     validation sampling (`rollout.val_*`) and the stage's reward preset."""
 
     def __init__(self, ctx: RunContext, lifecycle: EngineLifecycle, eval_file: str, max_samples: int,
-                 reward_model: RewardModel | None) -> None:
+                 reward_model: RewardModel | None, records: Sequence[GRPORecord] | None = None) -> None:
         self.ctx = ctx
         self.lifecycle = lifecycle
-        self.eval_file = eval_file
+        self.eval_file = eval_file  # where the records come from (their images resolve against its folder)
         self.reward_model = reward_model
-        records = ctx.load_records(eval_file, "eval")
+        records = list(records) if records is not None else ctx.load_records(eval_file, "eval")
         self.records = records[:max_samples] if max_samples else records
         self._requests: list[RolloutRequest] | None = None
+
+    @classmethod
+    def of_records(cls, ctx: RunContext, lifecycle: EngineLifecycle, records: Sequence[GRPORecord], data_file: str,
+                   max_samples: int, reward_model: RewardModel | None) -> "Evaluator":
+        """An evaluation of `records` read from `data_file` (a stage's held-out slice, `grpo.eval_holdout`)."""
+        return cls(ctx, lifecycle, data_file, max_samples, reward_model, records=records)
 
     def requests(self) -> list[RolloutRequest]:
         """The eval set's requests (built on first use; skipped records reported once)."""

@@ -26,8 +26,9 @@ from pebr_mega.rollout.factory import rollout_sampling
 from pebr_mega.rollout.mismatch import token_mult_prob_error
 from pebr_mega.rollout.types import Sample
 from pebr_mega.trainer.data_order import EpochSampler
-from pebr_mega.trainer.evaluate import generation_rows, to_reward_sample
+from pebr_mega.trainer.evaluate import Evaluator, generation_rows, to_reward_sample
 from pebr_mega.trainer.stage import StageResult, StageTrainer
+from pebr_mega.trainer.stage_data import RLSchedule, load_stage_records
 
 
 class GRPOTrainer(StageTrainer):
@@ -37,22 +38,22 @@ class GRPOTrainer(StageTrainer):
         self.stage = cfg.grpo.resolved()
         super().__init__(cfg, self.stage, name=self.stage.stage, init_model=self.stage.init_model,
                          inputs=[self.stage.train_file])
-        self.records = self.ctx.load_records(self.stage.train_file, "train")
+        # Filtered before batching, then batched with the last partial batch dropped (trainer/stage_data.py).
+        self.data = load_stage_records(cfg, self.stage, self.ctx.requests, log=self.ctx.log)
+        self.records = self.data.train
+        self.schedule = RLSchedule.of(cfg, self.stage, len(self.records))
+        self.schedule.require_steps(self.stage, len(self.data.holdout))
         self.sampler = EpochSampler(self.records, self.stage.rollout_batch_size, seed=cfg.run.seed,
-                                    shuffle=self.stage.shuffle)
-        self.updates_per_step = max(1, math.ceil(self.stage.rollout_batch_size / self.stage.mini_batch_size))
-        self.total_steps = self._total_steps()
+                                    shuffle=self.stage.shuffle, drop_last=True)
+        self.total_steps = self.schedule.total_steps
+        self.ctx.log(self.schedule.summary(self.stage.stage, len(self.data.holdout)))
         self.build_engine()  # first: SGLang sizes its KV pool from the free memory (see trainer/stage.py)
-        self.actor = self.build_actor(cfg.actor, self.total_steps * self.updates_per_step * self.stage.ppo_epochs)
+        self.actor = self.build_actor(cfg.actor, self.total_steps * self.schedule.updates_per_step)
         self.ref_actor = self.build_actor(cfg.actor, 1, trainable=False) if cfg.algo.kl_coef > 0 else None
-        self.reward_model = build_reward(cfg.rewards)
-        self.evaluator = self.build_evaluator(self.reward_model)
-
-    def _total_steps(self) -> int:
-        """floor(#prompts / rollout batch) x epochs (PEBR_FACTS), at least 1; `max_steps` caps it."""
-        per_epoch = max(1, len(self.records) // self.stage.rollout_batch_size)
-        total = per_epoch * self.stage.epochs
-        return min(total, self.stage.max_steps) if self.stage.max_steps > 0 else total
+        self.reward_model = build_reward(cfg.rewards, self.stage.stage)  # grpo.stage picks the preset
+        self.evaluator = (self.build_evaluator(self.reward_model) if not self.data.holdout else
+                          Evaluator.of_records(self.ctx, self.lifecycle, self.data.holdout, self.stage.train_file,
+                                               self.loop.eval_max_samples, self.reward_model))
 
     # ------------------------------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
@@ -76,9 +77,10 @@ class GRPOTrainer(StageTrainer):
 
     def rollout(self, metrics: dict[str, float]) -> list[Sample]:
         """The next batch's requests, answered n times each by the engine (synced from the actor first)."""
-        _, records = self.sampler.next_batch()
+        epoch, records = self.sampler.next_batch()
         requests, report = self.ctx.requests.build(records, self.ctx.image_root(self.stage.train_file))
         metrics.update(report.metrics())
+        metrics["epoch"] = epoch
         sampling = rollout_sampling(self.cfg.rollout, self.ctx.tokenizer, seed=self.cfg.run.seed * 1_000_003 + self.step)
         with self.lifecycle.rollout_phase() as engine:
             t0 = time.perf_counter()

@@ -98,19 +98,47 @@ def _model_of(work: Path, stage: str, results: dict, fallback: str) -> str:
     return res["model_dir"] if res and res.get("model_dir") else fallback
 
 
-def _run_sft(cfg: PebrConfig, work: Path, results: dict) -> dict:
+def sft_stage_config(cfg: PebrConfig, work: Path) -> PebrConfig:
+    """The config the pipeline's SFT stage runs with."""
     c = _stage_cfg(cfg, work / "sft", cfg.pipeline.sft_file)
     c.sft.init_model, c.sft.train_file = cfg.pipeline.base_model, cfg.pipeline.sft_file
     c.data.eval_file = cfg.pipeline.eval_file or c.data.eval_file
-    return SFTTrainer(c).train().to_dict()
+    return c
 
 
-def _run_sample(cfg: PebrConfig, work: Path, results: dict) -> dict:
+def sample_stage_config(cfg: PebrConfig, work: Path, results: dict) -> PebrConfig:
+    """The config the pipeline's sampling stage runs with (from the SFT model)."""
     c = _stage_cfg(cfg, work / "sample", cfg.pipeline.grpo_file)
     c.sample.model = _model_of(work, "sft", results, cfg.pipeline.base_model)
     c.sample.dataset = cfg.pipeline.grpo_file
     c.sample.output = str(work / "sample" / "rollouts.jsonl")
-    return run_sampling(c, progress=cfg.logging.progress_bar)
+    return c
+
+
+def grpo_stage_config(cfg: PebrConfig, work: Path, stage: str, train_file: Path, init: str) -> PebrConfig:
+    """The config the pipeline's GRPO `stage` runs with: `grpo.stage` picks its sizes and reward preset."""
+    c = _stage_cfg(cfg, work / stage, cfg.pipeline.grpo_file)
+    c.grpo.stage = stage
+    c.grpo.init_model, c.grpo.train_file = init, str(train_file)
+    c.grpo.eval_file = cfg.pipeline.eval_file or c.grpo.eval_file
+    return c
+
+
+GRPO_INPUTS = {"stage1": "easycase.json", "stage2": "mediumcase.json"}
+
+
+def grpo_init_model(cfg: PebrConfig, work: Path, results: dict, stage: str) -> str:
+    """Where a GRPO stage starts: stage 1 from the SFT model, stage 2 from stage 1's (each falling back)."""
+    sft = _model_of(work, "sft", results, cfg.pipeline.base_model)
+    return sft if stage == "stage1" else _model_of(work, "stage1", results, sft)
+
+
+def _run_sft(cfg: PebrConfig, work: Path, results: dict) -> dict:
+    return SFTTrainer(sft_stage_config(cfg, work)).train().to_dict()
+
+
+def _run_sample(cfg: PebrConfig, work: Path, results: dict) -> dict:
+    return run_sampling(sample_stage_config(cfg, work, results), progress=cfg.logging.progress_bar)
 
 
 def _run_split(cfg: PebrConfig, work: Path, results: dict) -> dict:
@@ -122,26 +150,24 @@ def _run_split(cfg: PebrConfig, work: Path, results: dict) -> dict:
     return {"counts": res.counts(), "dir": str(out)}
 
 
-def _run_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, data_file: str, init: str) -> dict:
-    path = work / "split" / data_file
-    if _count(path) == 0:
-        print(f"[pipeline] {stage}: {path} holds no questions; the stage is skipped and passes {init} on")
-        return {"model_dir": init, "skipped": f"no questions in {path}"}
-    c = _stage_cfg(cfg, work / stage, cfg.pipeline.grpo_file)
-    c.grpo.stage, c.rewards.stage = stage, stage
-    c.grpo.init_model, c.grpo.train_file = init, str(path)
-    c.grpo.eval_file = cfg.pipeline.eval_file or c.grpo.eval_file
+def _run_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str) -> dict:
+    path = work / "split" / GRPO_INPUTS[stage]
+    init = grpo_init_model(cfg, work, results, stage)
+    c = grpo_stage_config(cfg, work, stage, path, init)
+    count, batch = _count(path), c.grpo.resolved().rollout_batch_size
+    if count < batch:  # no full rollout batch: upstream's loader (drop_last) would have no step either
+        why = f"{count} questions in {path}, fewer than one rollout batch (grpo.rollout_batch_size={batch})"
+        print(f"[pipeline] {stage}: {why}; the stage is skipped and passes {init} on")
+        return {"model_dir": init, "skipped": why}
     return GRPOTrainer(c).train().to_dict()
 
 
 def _run_stage1(cfg: PebrConfig, work: Path, results: dict) -> dict:
-    return _run_grpo(cfg, work, results, "stage1", "easycase.json",
-                     _model_of(work, "sft", results, cfg.pipeline.base_model))
+    return _run_grpo(cfg, work, results, "stage1")
 
 
 def _run_stage2(cfg: PebrConfig, work: Path, results: dict) -> dict:
-    init = _model_of(work, "stage1", results, _model_of(work, "sft", results, cfg.pipeline.base_model))
-    return _run_grpo(cfg, work, results, "stage2", "mediumcase.json", init)
+    return _run_grpo(cfg, work, results, "stage2")
 
 
 def _run_export(cfg: PebrConfig, work: Path, results: dict) -> dict:

@@ -15,6 +15,8 @@ import dataclasses
 import json
 import os
 from collections import Counter
+from itertools import islice
+from typing import Iterator, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -24,16 +26,22 @@ from pebr_mega.errors import DataError
 from pebr_mega.outputs import claim_output_file
 from pebr_mega.rewards.model import reward_pool
 from pebr_mega.rollout.factory import make_rollout_engine, sampling_params
+from pebr_mega.rollout.requests import RequestReport
 from pebr_mega.trainer.context import RunContext
 from pebr_mega.trainer.evaluate import grade_answers
 from pebr_mega.trainer.lifecycle import EngineLifecycle
+
+T = TypeVar("T")
 
 
 def run_sampling(cfg: PebrConfig, progress: bool = True) -> dict:
     """Sample `cfg.sample.n` answers per question of `cfg.sample.dataset` with `cfg.sample.model`; returns a summary.
 
     There is no actor: the engine's weights are the ones it loaded from `sample.model`, valid until its first
-    release, so every batch runs inside one rollout phase (which needs no sync).
+    release, so every batch runs inside one rollout phase (which needs no sync). Requests (with their pixel
+    values, large at the 4,194,304-pixel cap) are built a batch at a time and dropped after it: the batches,
+    their seeds and the output are those of building every request first and cutting the list into
+    `sample.batch_size` pieces; the skip report is complete at the end.
     """
     sc = cfg.sample
     if not sc.output:
@@ -42,36 +50,60 @@ def run_sampling(cfg: PebrConfig, progress: bool = True) -> dict:
     out = claim_output_file(sc.output, [sc.dataset, sc.model], what="sample.output")
     ctx = RunContext.for_generation(cfg, sc.model, "sample", images=dataclasses.replace(cfg.images, max_pixels=sc.max_pixels))
     records = ctx.load_records(sc.dataset, "GRPO")
-    requests, report = ctx.requests.build(records, ctx.image_root(sc.dataset))
-    if report.skipped:
-        print(report.summary())
+    report = RequestReport()
     pool = reward_pool(cfg.rewards)
     lifecycle = EngineLifecycle(make_rollout_engine(cfg.rollout, sc.model, ctx.device, seed=cfg.run.seed))
     tmp = out.with_name(out.name + ".tmp")
-    correct = Counter()
+    correct: Counter = Counter()
+    sampled: list[str] = []  # the qids of the questions sampled, in order
     timeouts = failures = 0
-    bar = tqdm(total=len(requests), desc="sample", disable=not progress)
+    bar = tqdm(total=len(records), desc="sample", disable=not progress)
+    requests = ctx.requests.iter_build(records, ctx.image_root(sc.dataset), report)
     with tmp.open("w", encoding="utf-8") as f, lifecycle.rollout_phase() as engine:
-        for start in range(0, len(requests), sc.batch_size):
-            chunk = requests[start:start + sc.batch_size]
-            sampling = sampling_params(ctx.tokenizer, sc.n, sc.temperature, sc.top_p, cfg.rollout.max_new_tokens,
-                                       seed=cfg.run.seed + start)
-            samples = engine.generate(chunk, sampling)
-            grades = grade_answers(pool, [(s.response_text, s.request.record.answer) for s in samples],
-                                   with_format=False, grading=cfg.rewards.answer_grading)
-            timeouts, failures = timeouts + grades.timeouts, failures + grades.failures
-            for s, score in zip(samples, grades.accuracy):
-                correct[s.record_id] += int(score >= sc.correct_threshold)
-                f.write(json.dumps({"qid": s.record_id, "response": s.response_text,
-                                    "ground_truth": s.request.record.answer, "score": score}) + "\n")
-            bar.update(len(chunk))
+        for chunk in _batches(requests, sc.batch_size):
+            start = len(sampled)  # the chunk's offset in the list of every request: its seed, as before
+            sampled += [r.record_id for r in chunk]
+            t, fl = _sample_batch(cfg, ctx, engine, pool, chunk, cfg.run.seed + start, f, correct)
+            timeouts, failures = timeouts + t, failures + fl
+            del chunk  # this batch's pixel values go before the next batch is built
+            bar.update(report.built + sum(report.skipped.values()) - bar.n)
+    bar.update(len(records) - bar.n)
     bar.close()
     os.replace(tmp, out)
-    hist = Counter(correct[r.record_id] for r in requests)
-    summary = {"questions": len(requests), "samples": len(requests) * sc.n, "output": str(out),
+    if report.skipped:
+        print(report.summary())
+    hist = Counter(correct[q] for q in sampled)
+    summary = {"questions": len(sampled), "samples": len(sampled) * sc.n, "output": str(out),
                "skipped": dict(report.skipped), "correct_histogram": {str(k): hist[k] for k in sorted(hist)},
                "grading_timeouts": timeouts, "grading_failures": failures}
     print(f"sampled {summary['samples']} answers for {summary['questions']} questions -> {out}; "
           f"correct-of-{sc.n} histogram {summary['correct_histogram']}"
           + (f"; {timeouts} answers timed out in grading (scored 0)" if timeouts else ""))
     return summary
+
+
+def _sample_batch(cfg: PebrConfig, ctx: RunContext, engine, pool, chunk: list, seed: int, f,
+                  correct: Counter) -> tuple[int, int]:
+    """Answer and grade one batch of requests, write its lines to `f`; returns (grading timeouts, failures).
+    Everything that holds the batch's requests is local here and gone when it returns."""
+    sc = cfg.sample
+    sampling = sampling_params(ctx.tokenizer, sc.n, sc.temperature, sc.top_p, cfg.rollout.max_new_tokens, seed=seed)
+    samples = engine.generate(chunk, sampling)
+    grades = grade_answers(pool, [(s.response_text, s.request.record.answer) for s in samples],
+                           with_format=False, grading=cfg.rewards.answer_grading)
+    for s, score in zip(samples, grades.accuracy):
+        correct[s.record_id] += int(score >= sc.correct_threshold)
+        f.write(json.dumps({"qid": s.record_id, "response": s.response_text,
+                            "ground_truth": s.request.record.answer, "score": score}) + "\n")
+    return grades.timeouts, grades.failures
+
+
+def _batches(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    """Successive lists of `size` items (the last one shorter), taken from `items` only as each is needed; a
+    list is not referenced here once it has been handed out."""
+    while True:
+        chunk = list(islice(items, size))
+        if not chunk:
+            return
+        yield chunk
+        del chunk

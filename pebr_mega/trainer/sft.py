@@ -56,8 +56,13 @@ class SFTTrainer(StageTrainer):
             self.ctx.log(f"sft data: {self.skipped}")
         if not self.seqs:
             raise DataError(f"{train_file}: no usable SFT conversations")
-        self.sampler = EpochSampler(self.seqs, sft.batch_size, seed=cfg.run.seed)
+        # The last partial batch of an epoch is kept, as the HF Trainer LLaMA-Factory runs keeps it
+        # (`dataloader_drop_last` off): ceil(conversations / batch) updates per epoch (trainer/data_order.py).
+        self.sampler = EpochSampler(self.seqs, sft.batch_size, seed=cfg.run.seed, drop_last=False)
         self.total_steps = self.sampler.steps_per_epoch() * sft.epochs
+        self.ctx.log(f"sft: {len(self.seqs)} conversations, batch {sft.batch_size} -> {self.sampler.steps_per_epoch()} "
+                     f"steps per epoch (the last one partial when it does not divide) x {sft.epochs} epochs = "
+                     f"{self.total_steps} steps")
         if self.loop.eval_file or cfg.data.eval_file:
             self.build_engine()  # before the actor: memory order (see trainer/stage.py)
         actor_cfg = sft_actor_config(cfg.actor, sft)
@@ -66,8 +71,7 @@ class SFTTrainer(StageTrainer):
                      f"(from sft.*; every other actor.* key applies)")
         self.actor = self.build_actor(actor_cfg, self.total_steps)
         # Held-out reward of the SFT model with the stage-2 preset (accuracy and format).
-        self.evaluator = self.build_evaluator(build_reward(dataclasses.replace(cfg.rewards, stage="stage2"))
-                                              if self.lifecycle is not None else None)
+        self.evaluator = self.build_evaluator(build_reward(cfg.rewards, "stage2") if self.lifecycle is not None else None)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer update on the next batch of conversations (loss on the assistant tokens)."""

@@ -1,0 +1,272 @@
+"""`--dry-run` of `pebr train`, `sft`, `sample` and `pipeline`: the resolved plan as JSON, no model loaded.
+
+Each stage is one object whose first keys are
+
+    stage, prompts, rollout_batch, mini_batch, epochs, steps_per_epoch, total_steps,
+    updates_per_step, samples_per_step, reward_weights, grading
+
+followed by what they were computed from: the data file, the records read and skipped by reason, the
+filters applied (`filters`) and those that need more than the config and the data (`filters_not_applied`,
+with the reason), the partial batch an epoch drops, the evaluation set. The numbers come from the same
+functions the trainers call (`trainer/stage_data.py`, `trainer/data_order.py`), so a dry run prints the run
+that starts. What needs no model is applied: record validation, image files and their headers (sizes), and
+the prompt-length filter when the stage's tokenizer (the `init_model` / `sample.model` directory) exists; the
+model's weights are never read. SFT counts the conversations LLaMA-Factory's ShareGPT rules accept;
+tokenising and decoding images (truncation, unreadable pixels) happen when the stage starts.
+
+`pebr pipeline --dry-run` gives one object per stage with a `status`: `to run`, `done` (a `DONE` file),
+`skipped` (as the pipeline would skip it) or `pending input` (the file it reads is written by an earlier stage:
+the object then says which, and leaves the counts that depend on it `null`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from pebr_mega.config import PebrConfig
+from pebr_mega.data.images import ImageConfig
+from pebr_mega.data.pil_backend import PilImageDecoder
+from pebr_mega.data.records import image_root_for, load_grpo_records, read_json_items
+from pebr_mega.data.sft_records import SkipRecord, resolve_sft_source, to_conversation
+from pebr_mega.data.template import load_prompt_template
+from pebr_mega.errors import PebrError
+from pebr_mega.rewards import preset_weights
+from pebr_mega.rollout.requests import RequestBuilder
+from pebr_mega.stage_config import GRPOTrainerConfig
+from pebr_mega.trainer.stage_data import FILTER_LENGTH, RLSchedule, load_stage_records
+
+PLAN_KEYS = ("stage", "prompts", "rollout_batch", "mini_batch", "epochs", "steps_per_epoch", "total_steps",
+             "updates_per_step", "samples_per_step", "reward_weights", "grading")
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def dry_run(cfg: PebrConfig, command: str, log: Callable[[str], None] = _stderr) -> dict | list[dict]:
+    """The plan of `command` (`train`, `sft`, `sample`: one object; `pipeline`: one per stage)."""
+    plans = {"train": grpo_plan, "sft": sft_plan, "sample": sample_plan, "pipeline": pipeline_plan}
+    return plans[command](cfg, log=log)
+
+
+def plan_error(plan: dict | list[dict]) -> str | None:
+    """The reason the planned run cannot start (the first stage's `error`), or None."""
+    for p in plan if isinstance(plan, list) else [plan]:
+        if p.get("error"):
+            return f"{p['stage']}: {p['error']}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ GRPO
+def grpo_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
+    """One GRPO stage (`grpo.stage`) over `grpo.train_file`, filtered as the trainer filters it."""
+    stage = cfg.grpo.resolved()
+    builder, why = _request_builder(cfg, cfg.images, stage.init_model, "grpo.init_model")
+    data = load_stage_records(cfg, stage, builder, log=log, lengths=why is None)
+    if why is not None:
+        data.not_applied[FILTER_LENGTH] = why
+    schedule = RLSchedule.of(cfg, stage, len(data.train))
+    plan = _grpo_head(cfg, stage, schedule)
+    plan.update({"train_file": stage.train_file, "records_read": data.read, "skipped": dict(sorted(data.skipped.items())),
+                 "filters": data.filters, "filters_not_applied": data.not_applied,
+                 "dropped_per_epoch": schedule.dropped_per_epoch, "max_steps": stage.max_steps,
+                 "ppo_epochs": stage.ppo_epochs, "n": cfg.rollout.n, "seed": cfg.run.seed,
+                 "eval": _grpo_eval(cfg, stage, len(data.holdout))})
+    try:
+        schedule.require_steps(stage, len(data.holdout))
+    except PebrError as e:
+        plan["error"] = str(e)
+    _warn_clip(cfg, plan)
+    return plan
+
+
+def _grpo_head(cfg: PebrConfig, stage: GRPOTrainerConfig, schedule: RLSchedule | None) -> dict:
+    """The required keys of a GRPO stage; the data-dependent ones are None without a `schedule`."""
+    static = RLSchedule.of(cfg, stage, 0)
+    return {"stage": stage.stage, "prompts": schedule.prompts if schedule else None,
+            "rollout_batch": stage.rollout_batch_size, "mini_batch": stage.mini_batch_size, "epochs": stage.epochs,
+            "steps_per_epoch": schedule.steps_per_epoch if schedule else None,
+            "total_steps": schedule.total_steps if schedule else None,
+            "updates_per_step": static.updates_per_step, "samples_per_step": static.samples_per_step,
+            "reward_weights": preset_weights(cfg.rewards, stage.stage), "grading": cfg.rewards.answer_grading}
+
+
+def _grpo_eval(cfg: PebrConfig, stage: GRPOTrainerConfig, held_out: int) -> dict:
+    if held_out:
+        return {"source": "grpo.eval_holdout", "records": held_out, "max_samples": stage.eval_max_samples}
+    return _eval_file(cfg, stage.eval_file, "grpo.eval_file", stage.eval_max_samples)
+
+
+def _eval_file(cfg: PebrConfig, stage_file: str, stage_key: str, max_samples: int) -> dict:
+    key, path = (stage_key, stage_file) if stage_file else ("data.eval_file", cfg.data.eval_file or "")
+    if not path:
+        return {"source": None, "note": "no evaluation (no eval file, no grpo.eval_holdout)"}
+    out: dict[str, Any] = {"source": key, "file": path, "max_samples": max_samples}
+    if Path(path).is_file():
+        out["records"] = len(load_grpo_records(path, cfg.data.image_root, require_images=cfg.data.require_images).records)
+    else:
+        out["records"] = None
+        out["note"] = "the file does not exist (yet)"
+    return out
+
+
+def _warn_clip(cfg: PebrConfig, plan: dict) -> None:
+    weights = plan.get("reward_weights") or {}
+    if weights.get("clip") and not cfg.rewards.clip_model_dir:
+        plan.setdefault("warnings", []).append(
+            f"the {plan['stage']} preset gives the CLIP reward weight {weights['clip']} but rewards.clip_model_dir "
+            "is not set: the run stops at start-up")
+
+
+def _request_builder(cfg: PebrConfig, images: ImageConfig, model_dir: str, key: str) -> tuple[RequestBuilder, str | None]:
+    """The stage's request builder for the screen, and why prompt lengths cannot be checked (None when they
+    can: the tokenizer of `model_dir` loads; the weights are not read)."""
+    decoder = PilImageDecoder(images)  # only its size rules are used: no pixel is decoded
+    template = load_prompt_template(cfg.data.format_prompt)
+    tokenizer, why = None, None
+    if not model_dir or not Path(model_dir).is_dir():
+        why = f"{key}={model_dir!r} does not exist (yet): its tokenizer counts the prompt tokens"
+    else:
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except Exception as e:  # a directory without tokenizer files, or unreadable ones
+            why = f"{key}={model_dir!r}: no tokenizer loads ({type(e).__name__})"
+    return RequestBuilder(tokenizer, decoder, cfg.data.max_prompt_length, cfg.data.filter_overlong_prompts,
+                          images.merge_size, template), why
+
+
+# ------------------------------------------------------------------------------------------------ SFT
+def sft_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
+    """The SFT warm-up over `sft.train_file`: the conversations LLaMA-Factory's ShareGPT rules accept; the last
+    partial batch of an epoch is kept (ceil)."""
+    sft = cfg.sft
+    path, columns = resolve_sft_source(sft.train_file, sft.dataset_info, sft.dataset_name)
+    items, bad = read_json_items(path)
+    skipped = Counter(s.reason for s in bad)
+    root = image_root_for(str(path), cfg.data.image_root)
+    kept = 0
+    for item in items:
+        try:
+            to_conversation(item.value, columns, root, item.location)
+            kept += 1
+        except SkipRecord as e:
+            skipped[e.args[0]] += 1
+    per_epoch = math.ceil(kept / sft.batch_size)
+    eval_info = _eval_file(cfg, sft.eval_file, "sft.eval_file", sft.eval_max_samples)
+    plan = {"stage": "sft", "prompts": kept, "rollout_batch": None, "mini_batch": sft.batch_size,
+            "epochs": sft.epochs, "steps_per_epoch": per_epoch, "total_steps": per_epoch * sft.epochs,
+            "updates_per_step": 1, "samples_per_step": sft.batch_size,
+            "reward_weights": preset_weights(cfg.rewards, "stage2") if eval_info["source"] else None,
+            "grading": cfg.rewards.answer_grading,
+            "train_file": str(path), "records_read": len(items) + len(bad), "skipped": dict(sorted(skipped.items())),
+            "filters": ["conversations: ShareGPT columns, roles and turns, one <image> per image "
+                        "(data/sft_records.py, LLaMA-Factory's rules)"],
+            "filters_not_applied": {"images decoded, tokenised, truncated at sft.cutoff_len":
+                                    "needs the pixels and the tokenizer: counted when the stage starts"},
+            "last_batch": (kept % sft.batch_size) or min(kept, sft.batch_size), "seed": cfg.run.seed, "eval": eval_info}
+    if kept == 0:
+        plan["error"] = f"{path}: no usable SFT conversations"
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def sample_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
+    """Difficulty sampling: every question of `sample.dataset` that makes a prompt, n answers each, the last
+    partial batch included, at sampling's own pixel cap."""
+    sc = cfg.sample
+    images = dataclasses.replace(cfg.images, max_pixels=sc.max_pixels)
+    loaded = load_grpo_records(sc.dataset, cfg.data.image_root, require_images=cfg.data.require_images)
+    if loaded.skipped:
+        log(f"sample data: {loaded.report()}")
+    builder, why = _request_builder(cfg, images, sc.model, "sample.model")
+    kept, report = builder.screen(loaded.records, image_root_for(sc.dataset, cfg.data.image_root),
+                                  lengths=why is None)
+    skipped = Counter(loaded.counts)
+    skipped.update(report.skipped)
+    steps = math.ceil(len(kept) / sc.batch_size)
+    filters = ["records: fields, one <image> per image, duplicate qids (data/records.py)",
+               f"images readable and within [images.min_pixels, sample.max_pixels={sc.max_pixels}], from their headers"]
+    return {"stage": "sample", "prompts": len(kept), "rollout_batch": sc.batch_size, "mini_batch": None, "epochs": 1,
+            "steps_per_epoch": steps, "total_steps": steps, "updates_per_step": 0,
+            "samples_per_step": sc.batch_size * sc.n, "reward_weights": None, "grading": cfg.rewards.answer_grading,
+            "dataset": sc.dataset, "records_read": loaded.total, "skipped": dict(sorted(skipped.items())),
+            "filters": filters + ([FILTER_LENGTH] if why is None else []),
+            "filters_not_applied": {FILTER_LENGTH: why} if why else {}, "n": sc.n, "output": sc.output}
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+def pipeline_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> list[dict]:
+    """One object per stage of `pipeline.stages`, each configured as `run_pipeline` configures it."""
+    from pebr_mega.trainer import pipeline as pl  # heavy (the trainers import Megatron): only for this command
+
+    p = cfg.pipeline
+    unknown = [s for s in p.stages if s not in pl.STAGES]
+    if unknown:
+        raise PebrError(f"pipeline.stages has unknown stages {unknown}; valid: {list(pl.STAGES)}")
+    for key in ("base_model", "sft_file", "grpo_file"):
+        if not getattr(p, key):
+            raise PebrError(f"pipeline.{key} is not set")
+    work = Path(p.work_dir)
+    results: dict[str, dict] = {}  # finished stages' results, and where a stage to run will write its model
+    out = []
+    for stage in pl.STAGES:
+        if stage not in p.stages:
+            continue
+        done = pl.stage_result(work, stage)
+        if done is not None:
+            results[stage] = done
+            out.append({"stage": stage, "status": "done", "done_file": str(work / stage / "DONE")})
+            continue
+        plan = _pipeline_stage(cfg, work, results, stage, log)
+        out.append(plan)
+    return out
+
+
+def _pipeline_stage(cfg: PebrConfig, work: Path, results: dict, stage: str, log: Callable[[str], None]) -> dict:
+    from pebr_mega.trainer import pipeline as pl
+
+    if stage == "sft":
+        results["sft"] = {"model_dir": str(work / "sft" / "hf")}
+        return {**sft_plan(pl.sft_stage_config(cfg, work), log), "status": "to run"}
+    if stage == "sample":
+        return {**sample_plan(pl.sample_stage_config(cfg, work, results), log), "status": "to run"}
+    if stage == "split":
+        rollouts = work / "sample" / "rollouts.jsonl"
+        status = "to run" if rollouts.is_file() else "pending input"
+        return {"stage": "split", "status": status, "input": str(rollouts), "n": cfg.sample.n,
+                "correct_threshold": cfg.sample.correct_threshold,
+                "writes": [str(work / "split" / f) for f in ("easycase.json", "mediumcase.json", "hardcase.json")]}
+    if stage in ("stage1", "stage2"):
+        return _pipeline_grpo(cfg, work, results, stage, log)
+    return {"stage": "export", "status": "to run", "writes": str(work / "final")}
+
+
+def _pipeline_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, log: Callable[[str], None]) -> dict:
+    from pebr_mega.trainer import pipeline as pl
+
+    path = work / "split" / pl.GRPO_INPUTS[stage]
+    init = pl.grpo_init_model(cfg, work, results, stage)
+    c = pl.grpo_stage_config(cfg, work, stage, path, init)
+    g = c.grpo.resolved()
+    results[stage] = {"model_dir": str(work / stage / "hf")}
+    if not path.is_file():
+        plan = _grpo_head(c, g, None)
+        plan.update({"status": "pending input", "train_file": str(path), "init_model": init,
+                     "note": f"{path} is written by the split stage: prompts and steps follow from it"})
+        _warn_clip(c, plan)
+        return plan
+    count = len(read_json_items(path)[0])
+    if count < g.rollout_batch_size:  # as run_pipeline: the stage is skipped and passes its model on
+        results[stage] = {"model_dir": init}
+        plan = _grpo_head(c, g, None)
+        plan.update({"status": "skipped", "train_file": str(path), "init_model": init,
+                     "note": f"{count} questions, fewer than one rollout batch (grpo.rollout_batch_size="
+                             f"{g.rollout_batch_size}): the stage passes {init} on"})
+        return plan
+    return {**grpo_plan(c, log), "status": "to run", "init_model": init}
