@@ -1,8 +1,10 @@
 """The `pebr` command: thin subcommands over the library.
 
-Each subcommand is an `_add_<name>` function that declares its arguments and a handler that imports the
-library lazily (so `pebr --help` is fast) and returns an exit code. Library errors that are the user's to fix
-(`ConfigError`, `DataError`, ...) are printed as one line and exit with status 2, never as a traceback.
+Each subcommand is an `_add_<name>` function that declares its arguments and a handler that returns an exit
+code. The light modules (data records and files, outputs, errors: no torch) are imported here; a handler imports
+what loads torch, transformers or Megatron itself, so `pebr --help` and the data commands start fast. Library
+errors that are the user's to fix (`ConfigError`, `DataError`, ...) are printed as one line and exit with status
+2, never as a traceback.
 """
 from __future__ import annotations
 
@@ -10,7 +12,20 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
-if TYPE_CHECKING:  # the library is imported lazily, so that `pebr --help` is fast
+from pebr_mega import __version__
+from pebr_mega.data.corpus import tokenizer_corpus
+from pebr_mega.data.llamafactory import register_dataset
+from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_records
+from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
+from pebr_mega.data.split import SPLIT_FILES, format_summary, split_files
+from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
+from pebr_mega.data.template import model_prompt_template
+from pebr_mega.errors import DataError, PebrError
+from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
+from pebr_mega.outputs import claim_output_dir, claim_output_file, plot_path
+from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
+
+if TYPE_CHECKING:  # the config tree imports torch: handlers import it lazily
     from pebr_mega.config import PebrConfig
 
 Handler = Callable[[argparse.Namespace], int]
@@ -40,10 +55,6 @@ def _add_tiny_model(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
-    from pebr_mega.data.corpus import tokenizer_corpus
-    from pebr_mega.outputs import claim_output_dir
-
     claim_output_dir(args.out, what="--out")
 
     cfg = TinyModelConfig(seed=args.seed, tie_word_embeddings=args.tie_embeddings)
@@ -91,7 +102,6 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pebr_mega.logging import DEFAULT_PLOT_KEYS, plot_metrics
-    from pebr_mega.outputs import claim_output_file, plot_path
 
     files = []
     for d in args.run_dirs:
@@ -176,9 +186,6 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
-    from pebr_mega.outputs import claim_output_dir
-
     claim_output_dir(args.out, what="--out")
     cfg = SynthConfig(num=args.num, num_sft=args.num_sft, num_eval=args.num_eval, seed=args.seed,
                       width=args.width, height=args.height, min_objects=args.min_objects,
@@ -208,9 +215,6 @@ def _add_filter_sft(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_filter_sft(args: argparse.Namespace) -> int:
-    from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
-    from pebr_mega.outputs import claim_output_file
-
     claim_output_file(args.output, [args.input], what="--output")
     claim_output_file(sidecar_path(args.output), [args.input], what="the dropped-records file")
     res = filter_sft_file(args.input, args.output, args.image_root, decode=not args.no_decode,
@@ -234,8 +238,6 @@ def _add_register_llamafactory(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_register_llamafactory(args: argparse.Namespace) -> int:
-    from pebr_mega.data.llamafactory import register_dataset
-
     replaced = register_dataset(args.dataset_info, args.name, args.file)
     print(f"{'updated' if replaced else 'added'} '{args.name}' -> {args.file} in {args.dataset_info}")
     return 0
@@ -258,9 +260,6 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
-    from pebr_mega.data.split import SPLIT_FILES, format_summary, split_files
-    from pebr_mega.outputs import claim_output_dir
-
     claim_output_dir(args.out_dir, [args.rollouts, args.dataset], what="--out-dir",
                      writes=[*SPLIT_FILES.values(), "summary.json"])
     res = split_files(args.rollouts, args.dataset, args.out_dir, args.n, args.correct_threshold)
@@ -287,10 +286,6 @@ def _add_make_tiny_clip(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_make_tiny_clip(args: argparse.Namespace) -> int:
-    from pebr_mega.data.corpus import tokenizer_corpus
-    from pebr_mega.outputs import claim_output_dir
-    from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
-
     claim_output_dir(args.out, what="--out")
     cfg = TinyClipConfig(seed=args.seed, image_size=args.image_size, patch_size=args.patch_size,
                          hidden_size=args.hidden_size, num_layers=args.layers)
@@ -328,18 +323,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
+    from pebr_mega.config import load_config
     from pebr_mega.data.decoders import make_image_decoder
-    from pebr_mega.data.records import image_root_for, load_grpo_records
-    from pebr_mega.data.template import model_prompt_template
     from pebr_mega.rollout.factory import sampling_params
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import RequestBuilder
     from pebr_mega.trainer.evaluate import evaluate
-    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
-    from pebr_mega.errors import DataError
-    from pebr_mega.outputs import claim_output_file
-
-    from pebr_mega.config import load_config
 
     cfg = load_config(args.config, [])  # the generation length and the grading the run trained with
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else cfg.rollout.max_new_tokens
@@ -407,13 +397,11 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
+    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
     from pebr_mega.data.decoders import make_image_decoder
-    from pebr_mega.data.records import GRPORecord
-    from pebr_mega.data.template import model_prompt_template
     from pebr_mega.rollout.factory import sampling_params
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
     from pebr_mega.rollout.requests import RequestBuilder
-    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 
     check_hf_model_dir(args.model, "--model")
     template = model_prompt_template(args.model, args.format_prompt)
@@ -442,18 +430,18 @@ def _check_startup(cfg: PebrConfig, command: str) -> None:
             print(f"pebr {command}: note: {note}", file=sys.stderr)
 
 
-def _run_sft(cfg: PebrConfig) -> str:
+def _run_sft(cfg: PebrConfig, restart: bool = False) -> str:
     from pebr_mega.trainer.sft import SFTTrainer
 
     _check_startup(cfg, "sft")
-    return f"sft done: model {SFTTrainer(cfg).train().model_dir}"
+    return f"sft done: model {SFTTrainer(cfg, restart=restart).train().model_dir}"
 
 
-def _run_train(cfg: PebrConfig) -> str:
+def _run_train(cfg: PebrConfig, restart: bool = False) -> str:
     from pebr_mega.trainer.grpo import GRPOTrainer
 
     _check_startup(cfg, "train")
-    return f"{cfg.grpo.stage} done: model {GRPOTrainer(cfg).train().model_dir}"
+    return f"{cfg.grpo.stage} done: model {GRPOTrainer(cfg, restart=restart).train().model_dir}"
 
 
 def _run_sample(cfg: PebrConfig) -> str:
@@ -463,26 +451,37 @@ def _run_sample(cfg: PebrConfig) -> str:
     return f"sampling done: {run_sampling(cfg)['output']}"
 
 
-def _run_pipeline(cfg: PebrConfig) -> str:
+def _run_pipeline(cfg: PebrConfig, restart: bool = False) -> str:
     from pebr_mega.trainer.pipeline import run_pipeline
 
     _check_startup(cfg, "pipeline")
-    res = run_pipeline(cfg)
+    res = run_pipeline(cfg, restart=restart)
     return f"pipeline done: {res.get('export', {}).get('model_dir', cfg.pipeline.work_dir)}"
 
 
 CONFIG_COMMANDS = {
     "sft": (_run_sft, "SFT warm-up on the Megatron actor (sft.* settings)",
             "Full fine-tune on ShareGPT conversations, loss on assistant tokens; writes run.output_dir/hf. "
-            "Resumes from its checkpoints. Launch with torchrun for several GPUs."),
+            "Resumes from its checkpoints (when run.output_dir holds a run with other settings, it stops: "
+            "--force-restart discards that run). Launch with torchrun for several GPUs."),
     "sample": (_run_sample, "difficulty sampling: n answers per GRPO question (sample.* settings)",
                "Writes sample.output (JSONL: qid, response, ground_truth, score), overwriting it."),
     "train": (_run_train, "one GRPO stage (grpo.stage=stage1|stage2) on the Megatron actor",
               "GRPO from grpo.init_model on grpo.train_file with the stage's reward preset; writes "
-              "run.output_dir/{metrics.jsonl,checkpoints,hf}. Resumes from its checkpoints."),
+              "run.output_dir/{metrics.jsonl,checkpoints,hf}. Resumes from its checkpoints (when run.output_dir "
+              "holds a run with other settings, it stops: --force-restart discards that run)."),
     "pipeline": (_run_pipeline, "the whole recipe: sft -> sample -> split -> stage1 -> stage2 -> export",
                  "Runs pipeline.stages in pipeline.work_dir, skipping finished stages and resuming an "
-                 "interrupted one."),
+                 "interrupted one (a stage run with other settings stops it: --force-restart redoes that stage "
+                 "and the ones after it)."),
+}
+
+
+# The commands that resume what their output directory holds, and what --force-restart discards there.
+RESTARTABLE = {
+    "sft": "start over: discard the run in run.output_dir (checkpoints, metrics, results)",
+    "train": "start over: discard the run in run.output_dir (checkpoints, metrics, results)",
+    "pipeline": "redo the stages run with other settings, and the stages after them, instead of stopping",
 }
 
 
@@ -494,6 +493,8 @@ def _add_config_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--dry-run", action="store_true",
                        help="print the resolved plan (prompts, batches, epochs, steps, reward weights) as JSON and "
                             "exit without loading a model; `pebr config` prints the resolved config")
+        if name in RESTARTABLE:
+            p.add_argument("--force-restart", action="store_true", help=RESTARTABLE[name])
         p.set_defaults(handler=_cmd_config_command, run=run)
 
 
@@ -503,7 +504,7 @@ def _cmd_config_command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         return _dry_run(cfg, args.command)
-    print(args.run(cfg))
+    print(args.run(cfg, restart=True) if getattr(args, "force_restart", False) else args.run(cfg))
     return 0
 
 
@@ -511,7 +512,6 @@ def _dry_run(cfg: PebrConfig, command: str) -> int:
     """The plan as JSON on stdout (docs/TRAINING.md, "Dry run"); a plan that cannot start ends as one error line."""
     import json
 
-    from pebr_mega.errors import DataError
     from pebr_mega.trainer.dry_run import dry_run, plan_error
 
     plan = dry_run(cfg, command)
@@ -533,7 +533,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-eval", type=int, default=256, help="held-out questions")
     p.add_argument("--teacher-error", type=float, default=None,
                    help="fraction of the SFT teacher's reasoning answers that are off by one (default: the demo's, "
-                        "see docs/DEMO.md; 0 = right answers)")
+                        "see docs/DEMO.md; 0 = a perfect teacher)")
     p.add_argument("--description-omission", type=float, default=None,
                    help="fraction of the SFT teacher's descriptions that leave out the scene's last group (default: "
                         "the demo's, see docs/DEMO.md; 0 = complete descriptions)")
@@ -583,10 +583,10 @@ def _add_compare_logits(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_compare_logits(args: argparse.Namespace) -> int:
+    import torch
+
     from pebr_mega.checkpoint.compare import DEFAULT_PROMPT, compare_logits, sample_inputs
     from pebr_mega.models.specs import resolve_spec
-
-    import torch
 
     resolve_spec(args.spec)  # an unusable backend fails here, before any rank starts
     if args.tp < 1 or args.pp < 1:
@@ -626,7 +626,6 @@ def build_parser() -> argparse.ArgumentParser:
     """The `pebr` argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="pebr", description="PeBR-R1 on Megatron-Core: SFT, sampling, "
                                      "two-stage GRPO for Qwen2.5-VL, checkpoints and tools.")
-    from pebr_mega import __version__
 
     parser.add_argument("--version", action="version", version=f"pebr-mega {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -653,7 +652,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 1
-    from pebr_mega.errors import PebrError
 
     try:
         return int(args.handler(args) or 0)

@@ -24,3 +24,7 @@ class BackendUnavailableError(PebrError):
 
 class OutputError(PebrError):
     """An output path would overwrite an input, a directory, or files pebr did not write; the message names it."""
+
+
+class SettingsMismatchError(PebrError):
+    """An output directory holds results made with other settings; the message names the differing keys."""

@@ -6,6 +6,15 @@
 `log_generations` writes `logging.log_generations` sampled prompt/response/reward rows per step to
 `generations.jsonl` in the run directory and, when wandb is on, as a `generations` table (upstream EasyR1
 logs a few validation generations the same way: `trainer.val_generations_to_log`).
+
+Resuming (`MetricsLogger(resume=True, start_step=k)`): a killed run may have logged steps after its newest
+checkpoint; the resumed run repeats them. Both files are therefore cut back to the rows of steps <= k
+(rewritten aside and renamed into place, so a kill during the cut leaves the old file or the new one) before
+the first new row, and the run's rows come out exactly once per step. wandb continues the same run: its id is
+kept in `wandb-run-id` in the run directory and passed back to `wandb.init(id=..., resume="allow")`. wandb
+itself keeps the first value logged at a step and ignores a later one for a step it has seen (with a
+warning), so the steps a killed run logged after its checkpoint keep the values of the first try there;
+the run's own record, `metrics.jsonl`, holds the resumed values.
 """
 from __future__ import annotations
 
@@ -13,12 +22,14 @@ import json
 import math
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from pebr_mega.config_fields import check_fields, choice
 from pebr_mega.errors import BackendUnavailableError
+from pebr_mega.outputs import write_text_atomic
 from pebr_mega.parallel.groups import rank
 
 # The keys shown on the console line, in order, with their format; everything goes to metrics.jsonl.
@@ -33,6 +44,11 @@ CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
     ("response_length/mean", "len {:.0f}"),
     ("tokens_per_s", "{:.0f} tok/s"),
     ("time/step", "{:.1f}s/step"),
+)
+# Counts of skipped work, shown on the console line only when not zero.
+COUNT_KEYS = (
+    ("skipped_batches", "batch skipped: no buildable request"),
+    ("skipped_updates", "{:.0f} updates skipped: non-finite"),
 )
 
 
@@ -56,6 +72,7 @@ class LoggingConfig:
 
 
 GENERATIONS_FILE = "generations.jsonl"
+WANDB_ID_FILE = "wandb-run-id"
 GENERATION_COLUMNS = ("step", "qid", "prompt", "response", "reward", "answer")
 
 def format_metrics_line(step: int, total: int | None, metrics: Mapping[str, Any], extra_keys: Sequence[str] = ()) -> str:
@@ -65,6 +82,10 @@ def format_metrics_line(step: int, total: int | None, metrics: Mapping[str, Any]
     for key, fmt in CONSOLE_KEYS:
         v = metrics.get(key)
         if isinstance(v, (int, float)) and math.isfinite(v):
+            parts.append(fmt.format(v))
+    for key, fmt in COUNT_KEYS:
+        v = metrics.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v) and v:
             parts.append(fmt.format(v))
     for key in extra_keys:
         if key in metrics:
@@ -83,9 +104,11 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.total = total_steps
         self.path = self.run_dir / "metrics.jsonl"
-        if not resume:
-            for stale in (self.path, self.run_dir / GENERATIONS_FILE):
-                stale.unlink(missing_ok=True)
+        for own in (self.path, self.run_dir / GENERATIONS_FILE):
+            if resume:
+                truncate_steps(own, start_step)
+            else:
+                own.unlink(missing_ok=True)
         self._file = self.path.open("a", encoding="utf-8")
         self._t0 = time.time()
         self._bar = None
@@ -93,9 +116,9 @@ class MetricsLogger:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, file=sys.stderr)
-        self._wandb = self._init_wandb(run_config) if cfg.wandb_mode != "disabled" else None
+        self._wandb = self._init_wandb(run_config, resume) if cfg.wandb_mode != "disabled" else None
 
-    def _init_wandb(self, run_config: Mapping[str, Any] | None):
+    def _init_wandb(self, run_config: Mapping[str, Any] | None, resume: bool):
         try:
             import wandb
         except ImportError as e:
@@ -103,7 +126,20 @@ class MetricsLogger:
                                           f"({e}); pip install wandb") from None
         return wandb.init(project=self.cfg.wandb_project, name=self.cfg.wandb_run_name or None,
                           mode=self.cfg.wandb_mode, dir=str(self.run_dir), config=dict(run_config or {}),
+                          id=self.wandb_run_id(resume), resume="allow",
                           reinit="finish_previous")
+
+    def wandb_run_id(self, resume: bool) -> str:
+        """The wandb run id of this run directory: the stored one when resuming, else a new one (stored).
+        (A new id comes from the OS's randomness: drawing it must not move the seeded generators.)"""
+        path = self.run_dir / WANDB_ID_FILE
+        if resume and path.is_file():
+            stored = path.read_text(encoding="utf-8").strip()
+            if stored:
+                return stored
+        run_id = uuid.uuid4().hex[:16]
+        write_text_atomic(path, run_id + "\n")
+        return run_id
 
     def log(self, step: int, metrics: Mapping[str, Any], console: bool = True) -> None:
         """Record one step's metrics (numbers; non-finite values are written as null).
@@ -161,6 +197,29 @@ def log_generations(cfg: LoggingConfig, run_dir: str | Path, step: int, rows: Se
                                 data=[[rec.get(c) for c in GENERATION_COLUMNS] for rec in records])
             wandb.run.log({"generations": table}, step=step)
     return len(records)
+
+
+def truncate_steps(path: str | Path, last_step: int) -> bool:
+    """Cut a JSONL file of `{"step": ...}` rows back to the rows of steps <= `last_step`, atomically (written
+    aside, then renamed); a torn line (a run killed mid-write) goes too. Returns whether the file changed."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    text = p.read_text(encoding="utf-8")
+    kept, changed = [], not text.endswith("\n") and bool(text)
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and _is_number(row.get("step")) and row["step"] <= last_step
+        except json.JSONDecodeError:
+            keep = False
+        if keep:
+            kept.append(line + "\n")
+        else:
+            changed = True
+    if changed:
+        write_text_atomic(p, "".join(kept))
+    return changed
 
 
 def _jsonable(v: Any) -> Any:

@@ -161,6 +161,20 @@ def check_replace_dir(out: PathLike, sources: Iterable[PathLike | None], overwri
                           "another directory")
 
 
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """Write `text` to `path` through a temporary sibling and a rename: a reader (or a run killed mid-write)
+    sees the old content or the new one, never a part."""
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p
+
+
 def plot_path(out: PathLike | None, default: PathLike, name: str = "curves.png") -> Path:
     """The file a command writes: `default` when `out` is None, `out/name` when `out` is a directory (existing,
     or written with a trailing separator), else `out` itself."""

@@ -80,8 +80,8 @@ def tiny_model_dir_alt(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_alt"), cfg, tokenizer_corpus())
 
 
-# The trainer and demo jobs (tests/trainer_scenarios.py) run in their own processes beside the suite.
-_JOBS = ("trainers", "demo")
+# The trainer, demo and kill jobs (tests/trainer_scenarios.py) run in their own processes beside the suite.
+_JOBS = ("trainers", "demo", "kills")
 _BACKGROUND: dict = {}
 
 
@@ -120,7 +120,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def trainer_runs() -> dict:
-    """What the trainer and demo jobs reported (waiting for them): `{"tmp", "trainers", "demo"}`."""
+    """What the trainer, demo and kill jobs reported (waiting for them): `{"tmp", "trainers", "demo", "kills"}`."""
     import json
 
     if "root" not in _BACKGROUND:

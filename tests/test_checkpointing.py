@@ -138,3 +138,40 @@ def test_checkpoint_without_manifest_loads_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert m.latest() == d
+
+
+def test_pruning_never_counts_a_damaged_checkpoint_as_kept(tmp_path, megatron_ckpt):
+    m = _run_with_checkpoints(tmp_path, megatron_ckpt, steps=(10, 20))
+    m.keep_last = 2
+    _truncate(_largest_distcp(m.path(20)))  # the newest is damaged on disk
+    m.save(30, lambda d: (shutil.copytree(megatron_ckpt, d / "actor"),
+                          torch.save({"step": 30}, d / "trainer_state.pt")))
+    # Kept: the two newest intact ones (30 and 10); the damaged 20 is removed, never counted.
+    assert m.steps() == [10, 30] and verify_checkpoint(m.path(10)) is None
+    assert not list(m.root.glob(".del-step_*"))
+
+
+def _latest_on_two_ranks(rank: int, root: str) -> str | None:
+    import torch.distributed as dist
+
+    from pebr_mega.trainer import checkpointing
+
+    dist.init_process_group("gloo")  # the launcher's RANK, WORLD_SIZE and MASTER_* are set
+
+    if rank == 1:  # only rank 0 reads the files; rank 1 takes its verdict
+        def refuse(path):
+            raise AssertionError(f"rank 1 verified {path}")
+
+        checkpointing.verify_checkpoint = refuse
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        latest = CheckpointManager(root).latest()
+    return None if latest is None else Path(latest).name
+
+
+def test_rank_zero_verifies_and_every_rank_takes_its_verdict(tmp_path, megatron_ckpt):
+    from pebr_mega.parallel.launch import spawn
+
+    m = _run_with_checkpoints(tmp_path, megatron_ckpt)
+    (m.path(20) / "actor" / ".metadata").unlink()
+    assert spawn(_latest_on_two_ranks, 2, str(m.root), megatron_only=False) == ["step_10", "step_10"]

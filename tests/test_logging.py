@@ -4,12 +4,19 @@ from __future__ import annotations
 import json
 import math
 
-from pebr_mega.logging import LoggingConfig, MetricsLogger, format_metrics_line, plot_metrics, read_metrics
+from pebr_mega.logging import (GENERATIONS_FILE, WANDB_ID_FILE, LoggingConfig, MetricsLogger, format_metrics_line,
+                               plot_metrics, read_metrics)
 
 
 def test_line_shows_present_keys_in_order():
     line = format_metrics_line(3, 10, {"loss": 0.25, "reward/total": 0.5, "kl": float("nan"), "time/step": 2.0})
     assert line == "step 3/10 | reward 0.500 | loss 0.2500 | 2.0s/step"
+
+
+def test_skipped_work_shows_on_the_line_only_when_there_is_some():
+    assert "skipped" not in format_metrics_line(1, 2, {"loss": 0.5, "skipped_batches": 0.0, "skipped_updates": 0.0})
+    line = format_metrics_line(2, 2, {"skipped_batches": 1.0, "skipped_updates": 2.0})
+    assert "batch skipped: no buildable request" in line and "2 updates skipped" in line
 
 
 def test_jsonl_written_and_torn_line_skipped(tmp_path, capsys):
@@ -38,11 +45,34 @@ def test_extra_metrics_of_a_logged_step_skip_the_console_and_the_bar(tmp_path, c
 
 
 def test_resume_appends_and_fresh_run_truncates(tmp_path):
-    for resume, expect in ((False, 1), (True, 2), (False, 1)):
-        log = MetricsLogger(LoggingConfig(progress_bar=False), tmp_path, resume=resume)
-        log.log(1, {"loss": 1.0})
+    for resume, start, expect in ((False, 0, [1]), (True, 1, [1, 2]), (False, 0, [1])):
+        log = MetricsLogger(LoggingConfig(progress_bar=False), tmp_path, resume=resume, start_step=start)
+        log.log(start + 1, {"loss": 1.0})
         log.close()
-        assert len(read_metrics(tmp_path / "metrics.jsonl")) == expect
+        assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == expect
+
+
+def test_resume_cuts_metrics_and_generations_back_to_the_resumed_step(tmp_path):
+    # A run killed after logging steps 1-4 (and half a row) whose newest checkpoint is step 2.
+    rows = [{"step": s, "loss": float(s)} for s in (1, 2, 3, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 5, "lo')
+    (tmp_path / GENERATIONS_FILE).write_text("".join(json.dumps({"step": s, "qid": "q"}) + "\n" for s in (1, 3)))
+    log = MetricsLogger(LoggingConfig(progress_bar=False), tmp_path, resume=True, start_step=2)
+    for s in (3, 4, 5):
+        log.log(s, {"loss": 10.0 * s})
+    log.close()
+    got = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in got] == [1, 2, 3, 4, 5] and got[2]["loss"] == 30.0
+    assert [r["step"] for r in read_metrics(tmp_path / GENERATIONS_FILE)] == [1]
+    assert not list(tmp_path.glob(".*.tmp"))  # the cut went through a renamed temporary file
+
+
+def test_wandb_run_id_is_kept_across_a_resume(tmp_path):
+    log = MetricsLogger(LoggingConfig(progress_bar=False), tmp_path)
+    first = log.wandb_run_id(resume=False)
+    assert log.wandb_run_id(resume=True) == first and (tmp_path / WANDB_ID_FILE).read_text().strip() == first
+    assert log.wandb_run_id(resume=False) != first  # a fresh run is a new wandb run
+    log.close()
 
 
 def test_plot_writes_png(tmp_path):

@@ -215,3 +215,45 @@ def test_stage_result_is_standard_json():
     back = json.loads(text)
     assert back["mean_reward"] is None and back["eval_after"] == {"eval/accuracy": None, "eval/count": 2.0}
     assert not any(isinstance(v, float) and math.isnan(v) for v in back.values())
+
+
+# -------------------------------------------------------------------------- items 4, 5 and 7: real kills
+# The `kills` job (tests/trainer_scenarios.py with tests/kill_resume.py) SIGKILLs a tiny `pebr train` and a
+# tiny `pebr pipeline` at fixed points (in an actor update, between a checkpoint's files and its manifest,
+# right after a metrics row, in sampling), reruns each until it finishes, and compares with a run that was
+# never interrupted.
+@pytest.fixture(scope="module")
+def kills(trainer_runs) -> dict:
+    return trainer_runs["kills"]
+
+
+@pytest.mark.parametrize("command", ["train", "pipeline"])
+def test_sigkill_and_rerun_equals_an_uninterrupted_run(kills, command):
+    from trainer_scenarios import PIPELINE_KILLS, TRAIN_KILLS
+
+    got = kills[command]
+    planned = TRAIN_KILLS if command == "train" else PIPELINE_KILLS
+    # Every planned kill happened (a real SIGKILL), then one rerun finished with status 0 ...
+    assert [tuple(r["kill"]) for r in got["runs"][:-1]] == [tuple(k) for k in planned]
+    assert all(r["killed"] for r in got["runs"][:-1]) and got["runs"][-1] == {"kill": None, "killed": False, "rc": 0}
+    # ... and after each kill the metrics were a prefix of the uninterrupted run's (no repeated or stale step),
+    # and at the end every record (metrics, generations, result, rollouts, splits, DONE) and the exported
+    # weights equal the uninterrupted run's, up to timings.
+    assert got["problems"] == []
+
+
+def test_force_restart_discards_the_run_and_an_empty_train_file_is_one_line(kills):
+    got = kills["restart_empty"]
+    last = got["log"].strip().splitlines()[-1]
+    assert got["rc"] == 2 and "Traceback" not in got["log"], got["log"]
+    assert last.startswith("pebr train: error: ") and "empty.json" in last and "no usable records" in last
+    assert "build_actor" not in got["counts"] and "make_rollout_engine" not in got["counts"]  # before any model
+    assert "checkpoints" not in got["left"] and "metrics.jsonl" not in got["left"]  # the old run is gone
+
+
+def test_rerun_with_other_settings_is_one_line_naming_the_key(kills):
+    got = kills["mismatch"]
+    last = got["log"].strip().splitlines()[-1]
+    assert got["rc"] == 2 and "Traceback" not in got["log"], got["log"]
+    assert "made with other settings: actor.lr 0.001 -> 0.002; pass --force-restart" in last, last
+    assert got["checkpoints"] == got["checkpoints_before"]  # nothing was touched

@@ -76,7 +76,6 @@ def test_grpo_stage_resumes_to_the_uninterrupted_metrics(runs):
                 "mismatch/token_mult_prob_error", "response_length/mean", "sync/bytes"):
         assert key in rows[-1] and rows[-1][key] is not None, key
     assert Path(got["result"]["model_dir"], "config.json").is_file()
-    assert got["interrupted"] and got["saved_step_2"]
     resumed = read_metrics(runs["tmp"] / "grpo" / "part" / "metrics.jsonl")
     assert [r["step"] for r in resumed if "reward/total" in r] == [1, 2, 3]
     generations = [json.loads(line) for line in
@@ -87,9 +86,31 @@ def test_grpo_stage_resumes_to_the_uninterrupted_metrics(runs):
     assert _comparable(resumed) == _comparable(rows)
 
 
+def test_first_ctrl_c_saves_the_finished_step_and_a_second_aborts(runs):
+    got = _ok(runs, "grpo")
+    full = _comparable(read_metrics(runs["tmp"] / "grpo" / "full" / "metrics.jsonl"))
+    # One SIGINT in step 2: step 2 is finished and saved (its data position past exactly two batches).
+    stop = got["stop"]
+    assert stop["how"] == "stopped" and list(stop["saved"]) == ["step_2"] and stop["steps_logged"] == [1, 2, 2]
+    assert stop["saved"]["step_2"] == {"epoch": 0, "offset": 2 * 4}
+    # A second SIGINT in step 3's update: nothing more is saved, step 2's checkpoint is untouched.
+    abort = got["abort"]
+    assert abort["how"] == "aborted" and sorted(abort["saved"]) == ["step_1", "step_2"]
+    assert abort["after_resume"]["step_2"] == abort["manifests"]["step_2"]
+    for name in ("part", "part_abort"):
+        assert _comparable(read_metrics(runs["tmp"] / "grpo" / name / "metrics.jsonl")) == full, name
+
+
 def test_non_finite_reward_skips_the_update(runs):
     got = _ok(runs, "nan")
     assert got["skipped_updates"] == 2 and got["unchanged"]
+
+
+def test_a_batch_with_no_buildable_request_is_skipped_and_counted(runs):
+    got = _ok(runs, "nan")
+    empty = got["empty"]
+    assert empty["skipped_batches"] == 1.0 and empty["requests/skipped_image"] == 2, empty
+    assert "loss" not in empty and got["position"] == {"epoch": 1, "offset": 0}  # past both batches of the file
 
 
 def test_stage2_epochs_drop_the_partial_batch_in_upstreams_order_with_a_holdout(runs):

@@ -1,10 +1,12 @@
 """The trainers and the demo as `pebr` runs them, in their own processes (started by conftest).
 
-Two independent jobs: the trainer scenarios (SFT, a GRPO stage run straight and interrupted/resumed, a
-non-finite reward, the pipeline) on the tiny model, and `pebr demo` at toy sizes. Megatron enters the CPU
-compatibility layer only inside its own calls there, and the pytest process never initialises process groups
-or touches Megatron's globals. conftest starts both as soon as the tests are collected, so they run beside
-the rest of the suite; tests/test_trainer.py and tests/test_demo.py check what they report (`trainer_runs`).
+Three independent jobs: the trainer scenarios (SFT, a GRPO stage run straight and interrupted/resumed, a
+non-finite reward and an unbuildable batch, the pipeline) on the tiny model; `pebr demo` at toy sizes; and
+the kills (`pebr train` and `pebr pipeline` SIGKILLed at chosen points and rerun, with
+tests/kill_resume.py). Megatron enters the CPU compatibility layer only inside its own calls there, and the
+pytest process never initialises process groups or touches Megatron's globals. conftest starts the jobs as
+soon as the tests are collected, so they run beside the rest of the suite; tests/test_trainer.py,
+tests/test_demo.py and tests/test_reliability.py check what they report (`trainer_runs`).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pebr_mega.config import load_config
 
 
 def _args(tmp: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    """The tiny runs' settings as `key=value` overrides (what `pebr` takes on its command line)."""
     return [f"run.output_dir={tmp}", "model.spec=torch", "model.params_dtype=float32",
             "images.min_pixels=3136", "images.max_pixels=50176", "logging.progress_bar=false",
             f"data.eval_file={data / 'eval.json'}", "rollout.n=4", "rollout.max_new_tokens=12",
@@ -50,39 +53,87 @@ def _sft(model, data, tmp):
 
 
 def _grpo_full_and_resumed(model, data, tmp):
-    from pebr_mega.trainer.grpo import GRPOTrainer
+    """A GRPO stage run straight, and run twice more with real signals sent to this process, then resumed:
+    one SIGINT in step 2's rollout (step 2 finishes, is saved, and the run stops), and a SIGINT in step 3's
+    rollout followed by a second one in its update (the run aborts: nothing more is saved; step 2's
+    periodic checkpoint stays as it was)."""
+    import os
+    import signal
 
-    def config(name):
+    import torch
+
+    from pebr_mega.trainer.grpo import GRPOTrainer
+    from pebr_mega.trainer.interrupt import StopRequested
+
+    def config(name, *extra):
         return _grpo(tmp / name, model, data, "grpo.max_steps=3", "grpo.save_every=0", "grpo.eval_every=2",
-                     "logging.log_generations=2")
+                     "logging.log_generations=2", *extra)
 
     res = GRPOTrainer(config("full")).train()
-    # Interrupt the same run after step 2 (Ctrl-C): it saves and exits; a new run resumes at step 2.
-    original, calls = GRPOTrainer.train_step, {"n": 0}
+    out = {"result": res.to_dict()}
 
-    def interrupting(self):
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original(self)
+    def signalled_run(name, signals, *extra):
+        """Run `name`, sending SIGINT to this process when step `k` enters `method`, for each (method, k)."""
+        originals = {method: getattr(GRPOTrainer, method) for method, _ in signals}
 
-    GRPOTrainer.train_step = interrupting
-    try:
-        GRPOTrainer(config("part")).train()
-        interrupted = False
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        GRPOTrainer.train_step = original
-    saved = (tmp / "part" / "checkpoints" / "step_2" / "COMPLETE").is_file()
-    GRPOTrainer(config("part")).train()
-    return {"result": res.to_dict(), "interrupted": interrupted, "saved_step_2": saved}
+        def sending(method, step):
+            def wrapper(self, *args, **kwargs):
+                if self.step + 1 == step:
+                    os.kill(os.getpid(), signal.SIGINT)
+                return originals[method](self, *args, **kwargs)
+            return wrapper
+
+        for method, step in signals:
+            setattr(GRPOTrainer, method, sending(method, step))
+        try:
+            GRPOTrainer(config(name, *extra)).train()
+            how = "finished"
+        except StopRequested:
+            how = "stopped"
+        except KeyboardInterrupt:
+            how = "aborted"
+        finally:
+            for method, original in originals.items():
+                setattr(GRPOTrainer, method, original)
+        ckpts = tmp / name / "checkpoints"
+        saved = {p.name: torch.load(p / "trainer_state.pt", weights_only=False)["data"]
+                 for p in sorted(ckpts.glob("step_*"))} if ckpts.is_dir() else {}
+        manifests = {p.name: (p / "MANIFEST.json").stat().st_mtime_ns for p in ckpts.glob("step_*")}
+        rows = read_metrics(tmp / name / "metrics.jsonl")
+        GRPOTrainer(config(name, *extra)).train()
+        return {"how": how, "saved": saved, "manifests": manifests, "steps_logged": [r["step"] for r in rows]}
+
+    from pebr_mega.logging import read_metrics
+
+    out["stop"] = signalled_run("part", [("rollout", 2)])
+    out["abort"] = signalled_run("part_abort", [("rollout", 3), ("_update", 3)], "grpo.save_every=1")
+    out["abort"]["after_resume"] = {p.name: (p / "MANIFEST.json").stat().st_mtime_ns
+                                    for p in (tmp / "part_abort" / "checkpoints").glob("step_*")}
+    return out
 
 
 def _non_finite_reward(model, data, tmp):
+    """Two steps of one trainer on four records in file order: the first batch scores NaN (the update is
+    skipped), the second holds only records whose image files are cut in half: their headers pass the
+    screen before batching, their pixels do not decode (no request can be built: the step is skipped and
+    counted, and the data position moves on)."""
+    import shutil
+
     from pebr_mega.trainer.grpo import GRPOTrainer
 
-    trainer = GRPOTrainer(_grpo(tmp, model, data, "grpo.max_steps=1", "grpo.save_every=0", "data.eval_file="))
+    records = json.loads((data / "grpo.json").read_text())[:4]
+    for r in records[2:]:
+        bad = f"truncated_{r['qid']}.png"
+        whole = (data / r["images"][0]).read_bytes()
+        (tmp / bad).write_bytes(whole[: len(whole) // 2])
+        r["images"] = [bad]
+    for r in records[:2]:
+        shutil.copy(data / r["images"][0], tmp / Path(r["images"][0]).name)
+        r["images"] = [Path(r["images"][0]).name]
+    (tmp / "grpo4.json").write_text(json.dumps(records))
+    trainer = GRPOTrainer(_grpo(tmp / "run", model, data, "grpo.max_steps=2", "grpo.save_every=0", "data.eval_file=",
+                                f"grpo.train_file={tmp / 'grpo4.json'}", "grpo.shuffle=false",
+                                "grpo.rollout_batch_size=2", "grpo.mini_batch_size=1"))
     real_score = trainer.reward_model.score
 
     def nan_scores(batch):
@@ -94,8 +145,10 @@ def _non_finite_reward(model, data, tmp):
     trainer.reward_model.score = nan_scores
     before = [p.detach().clone() for p in trainer.actor.module.parameters()]
     m = trainer.train_step()
-    return {"skipped_updates": m["skipped_updates"],
-            "unchanged": all(bool((a == p).all()) for a, p in zip(before, trainer.actor.module.parameters()))}
+    unchanged = all(bool((a == p).all()) for a, p in zip(before, trainer.actor.module.parameters()))
+    empty = trainer.train_step()
+    return {"skipped_updates": m["skipped_updates"], "unchanged": unchanged, "empty": empty,
+            "position": trainer.sampler.position.state_dict()}
 
 
 def _epochs_holdout_and_dry_run(model, data, tmp):
@@ -192,8 +245,70 @@ def demo(out: str) -> dict:
     return {"rc": rc, "printed": printed.getvalue()}
 
 
+# ---------------------------------------------------------------------------------------------- the kills
+# Where `pebr train` and `pebr pipeline` are SIGKILLed, in turn (tests/kill_resume.py's points: the n-th call
+# of the run that is killed). tools/soak_kill_resume.py draws many more at random.
+TRAIN_KILLS = (("update", 3), ("save", 1), ("metrics", 1))
+PIPELINE_KILLS = (("save", 2), ("generate", 2), ("update", 2))
+
+
+def train_argv(root: Path, model: Path, data: Path) -> list[str]:
+    """A tiny `pebr train`: 4 steps, a checkpoint and an evaluation every 2, generations logged."""
+    return ["train", *_grpo_args(root, model, data, "grpo.max_steps=4", "grpo.save_every=2", "grpo.eval_every=2",
+                                     "grpo.keep_last=2", "grpo.rollout_batch_size=2", "grpo.eval_max_samples=2",
+                                     "rollout.n=2", "rollout.max_new_tokens=8", "logging.log_generations=2",
+                                     "rewards.num_workers=1")]
+
+
+def pipeline_argv(root: Path, model: Path, data: Path) -> list[str]:
+    """A tiny `pebr pipeline`: SFT (2 steps), sampling (2 batches), split (every question easy), stage 1
+    (2 steps) and the export; a checkpoint at every step."""
+    return ["pipeline", *_args(root / "unused", model, data, f"pipeline.work_dir={root}",
+                                   f"pipeline.base_model={model}", f"pipeline.sft_file={data / 'sft.json'}",
+                                   f"pipeline.grpo_file={data / 'grpo.json'}",
+                                   "pipeline.stages=[sft,sample,split,stage1,export]", "data.eval_file=",
+                                   "sft.epochs=1", "sft.batch_size=8", "sft.save_every=1", "sample.n=2",
+                                   "sample.batch_size=8", "sample.correct_threshold=0.0", "grpo.max_steps=2",
+                                   "grpo.save_every=1", "grpo.rollout_batch_size=2", "grpo.mini_batch_size=2",
+                                   "rollout.n=2", "rollout.max_new_tokens=8", "rewards.weights.clip=0.0",
+                                   "rewards.num_workers=1", "logging.log_generations=1")]
+
+
+def kills(model: Path, data: Path, out: Path) -> dict:
+    """The kill chains of `pebr train` and `pebr pipeline` against their uninterrupted runs, then what a
+    rerun with other settings does (`--force-restart`; an empty train file). Returns what the tests check."""
+    import kill_resume as kr
+
+    logs = out / "logs"
+    logs.mkdir(parents=True)
+    report: dict = {"model": str(model), "data": str(data)}
+    for name, argv, chain in (("train", train_argv, TRAIN_KILLS), ("pipeline", pipeline_argv, PIPELINE_KILLS)):
+        ref = kr.run_child(argv(out / f"{name}_ref", model, data), logs / f"{name}_ref.log")
+        if ref["rc"] != 0:
+            raise RuntimeError(f"the uninterrupted {name} run failed:\n{ref['log']}")
+        (logs / name).mkdir()
+        report[name] = {"argv": argv(out / name, model, data), "reference_counts": ref["counts"],
+                        **kr.kill_chain(argv(out / name, model, data), out / name, out / f"{name}_ref", chain,
+                                        logs / name)}
+    # A rerun of the finished train run with another learning rate: one line, nothing touched.
+    run = out / "train"
+    before = sorted(str(p.relative_to(run)) for p in (run / "checkpoints").rglob("*"))
+    mismatch = kr.run_child([*report["train"]["argv"], "actor.lr=2e-3"], logs / "mismatch.log")
+    report["mismatch"] = {"rc": mismatch["rc"], "log": mismatch["log"], "checkpoints_before": before,
+                          "checkpoints": sorted(str(p.relative_to(run)) for p in (run / "checkpoints").rglob("*"))}
+    # --force-restart into the finished train run, with an empty train file: the old run is discarded, then
+    # the empty file is a one-line error before any model is built.
+    (out / "empty.json").write_text("[]")
+    restarted = kr.run_child([*report["train"]["argv"], f"grpo.train_file={out / 'empty.json'}", "--force-restart"],
+                             logs / "restart_empty.log")
+    report["restart_empty"] = {"rc": restarted["rc"], "log": restarted["log"], "counts": restarted["counts"],
+                               "left": sorted(p.name for p in run.iterdir())}
+    return report
+
+
 def run_job(job: str, out: Path) -> dict:
-    """`trainers`: the tiny model and synthetic data, then every trainer scenario; `demo`: `pebr demo`."""
+    """`trainers`: the tiny model and synthetic data, then every trainer scenario; `demo`: `pebr demo`;
+    `kills`: the kill chains (`kills`)."""
     import torch
 
     torch.set_num_threads(1)  # as in the pytest process (conftest): tiny matmuls on a small machine
@@ -205,6 +320,11 @@ def run_job(job: str, out: Path) -> dict:
 
     model = build_tiny_model(out / "model", TinyModelConfig(seed=0), tokenizer_corpus())
     data = write_synthetic_dataset(out / "synth", SynthConfig(num=12, num_sft=16, num_eval=4, seed=3)).out_dir
+    if job == "kills":
+        import kill_resume
+
+        kill_resume.preload()
+        return kills(Path(model), Path(data), out / "kills")
     return trainer_scenarios(str(model), str(data), str(out / "trainers"))
 
 
@@ -221,6 +341,8 @@ if __name__ == "__main__":  # python tests/trainer_scenarios.py {trainers|demo} 
         os._exit(1)
 
     threading.Thread(target=_exit_with_pytest, daemon=True).start()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the kills job forks after training a tokenizer
+    sys.path.insert(0, str(Path(__file__).parent))
     job_name, out_dir = sys.argv[1], Path(sys.argv[2])
     out_dir.mkdir(parents=True, exist_ok=True)
     result = run_job(job_name, out_dir)

@@ -30,6 +30,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from pebr_mega.actor.megatron_actor import MegatronActor
 from pebr_mega.errors import CheckpointError
@@ -108,6 +109,7 @@ class CheckpointManager:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
+        self._verified: set[tuple] = set()  # `_files_key`s of checkpoints found intact
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -124,20 +126,43 @@ class CheckpointManager:
         """The newest complete checkpoint that passes `verify_checkpoint`, or None.
 
         A damaged newer one is skipped with a `CheckpointWarning` naming it and what is wrong. One written
-        without a manifest (before verification existed) is used as it is, with a warning.
+        without a manifest (before verification existed) is used as it is, with a warning. In a distributed
+        job rank 0 alone reads and hashes the files and the others take its verdict (one broadcast): every
+        rank loads the same checkpoint, and the files are read once, not once per rank.
         """
+        step = self._newest_intact() if rank() == 0 else None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            verdict = [step]
+            dist.broadcast_object_list(verdict, src=0)
+            step = verdict[0]
+        return None if step is None else self.path(step)
+
+    def _newest_intact(self) -> int | None:
+        self._recover()
         for step in reversed(self.steps()):
-            path = self.path(step)
-            problem = verify_checkpoint(path)
+            problem = self._problem(step)
             if problem is None:
-                return path
+                return step
+            path = self.path(step)
             if problem == f"no {MANIFEST}":
                 warnings.warn(f"checkpoint {path} has no {MANIFEST} (written before checkpoints were verified): "
-                              "loading it unverified", CheckpointWarning, stacklevel=2)
-                return path
+                              "loading it unverified", CheckpointWarning, stacklevel=3)
+                return step
             warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to an older one",
-                          CheckpointWarning, stacklevel=2)
+                          CheckpointWarning, stacklevel=3)
         return None
+
+    def _problem(self, step: int) -> str | None:
+        """`verify_checkpoint` of `step`, remembered while none of its files changed (size and mtime): a
+        checkpoint is hashed at most once per process (at its commit or when first needed), and any later
+        write to one of its files makes it hashed again."""
+        key = _files_key(self.path(step))
+        if key is not None and key in self._verified:
+            return None
+        problem = verify_checkpoint(self.path(step))
+        if problem is None and key is not None:
+            self._verified.add(key)
+        return problem
 
     def path(self, step: int) -> Path:
         """Directory of the checkpoint of `step` (whether or not it exists)."""
@@ -155,7 +180,8 @@ class CheckpointManager:
         Multi-rank savers call `prepare` on one rank, let every rank write into `tmp_path(step)`, then `commit`.
         """
         self.root.mkdir(parents=True, exist_ok=True)
-        for stale in self.root.glob(".tmp-step_*"):
+        self._recover()
+        for stale in [*self.root.glob(".tmp-step_*"), *self.root.glob(".old-step_*"), *self.root.glob(".del-step_*")]:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = self.tmp_path(step)
         tmp.mkdir()
@@ -182,12 +208,37 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+        key = _files_key(final)
+        if key is not None:
+            self._verified.add(key)  # its files were just hashed
         self._prune()
         return final
 
+    def _recover(self) -> None:
+        """A run killed between the two renames of a re-save left the old copy as `.old-step_N` and no
+        `step_N`: put it back."""
+        for old in self.root.glob(".old-step_*") if self.root.is_dir() else ():
+            final = self.root / old.name[len(".old-"):]
+            if not final.exists() and (old / COMPLETE).is_file():
+                old.rename(final)
+
     def _prune(self) -> None:
-        for step in self.steps()[: -self.keep_last]:
-            shutil.rmtree(self.path(step), ignore_errors=True)
+        """Keep the `keep_last` newest intact checkpoints and remove every other one (damaged ones too: each
+        was named in a warning when it was found). A damaged checkpoint never counts toward `keep_last`, so
+        an intact older one is never removed in favour of it. Removal renames first, so a kill mid-way leaves
+        no half-deleted checkpoint under a valid name."""
+        steps = self.steps()
+        if len(steps) <= self.keep_last:
+            return
+        kept = 0
+        for step in reversed(steps):
+            if kept < self.keep_last and self._problem(step) in (None, f"no {MANIFEST}"):
+                kept += 1
+                continue
+            doomed = self.root / f".del-step_{step}"
+            shutil.rmtree(doomed, ignore_errors=True)
+            self.path(step).rename(doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def require(self, path: str | Path) -> Path:
         """Validate a checkpoint directory given by the user; CheckpointError if it is not complete or fails
@@ -244,6 +295,15 @@ class StageCheckpoints:
         state = torch.load(latest / TRAINER_STATE, weights_only=False)
         set_rng_state(state["rng"])
         return state
+
+
+def _files_key(path: Path) -> tuple | None:
+    """The checkpoint directory and each file's relative path, size and mtime (None when unreadable)."""
+    try:
+        return (str(path), *sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+                                   for f in path.rglob("*") if f.is_file()))
+    except OSError:
+        return None
 
 
 def rng_state() -> dict:

@@ -6,11 +6,19 @@ no engine: the trainers build those in the order memory needs (`pebr_mega.traine
 
 A run directory (`run.output_dir`):
 
-    config.yaml  metrics.jsonl  checkpoints/step_N/{actor/, trainer_state.pt}  hf/  result.json
+    config.yaml  fingerprint.json  metrics.jsonl  generations.jsonl  checkpoints/step_N/{actor/, trainer_state.pt}
+    hf/  result.json  wandb-run-id
+
+`fingerprint.json` records the settings that define the run (`pebr_mega.trainer.fingerprint`); a rerun into
+the directory with other settings stops before anything loads, unless it is told to restart, which discards
+the old run's state (`RESTART_DISCARDS`).
 """
 from __future__ import annotations
 
+import json
+import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,14 +34,20 @@ from pebr_mega.data.images import ImageConfig
 from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_records
 from pebr_mega.data.template import PromptTemplate, load_prompt_template, write_prompt_template
 from pebr_mega.checkpoint.hf_io import check_hf_model_dir
-from pebr_mega.errors import DataError
-from pebr_mega.outputs import claim_output_dir
+from pebr_mega.errors import DataError, SettingsMismatchError
+from pebr_mega.logging import GENERATIONS_FILE, WANDB_ID_FILE
+from pebr_mega.outputs import claim_output_dir, write_text_atomic
 from pebr_mega.parallel.groups import ParallelState, init_parallel, rank
 from pebr_mega.rollout.requests import RequestBuilder
+from pebr_mega.trainer.fingerprint import (FINGERPRINT, describe_diff, diff_settings, fingerprint_record,
+                                           read_fingerprint)
 
 
 # What a run writes into run.output_dir (an input there would be overwritten: refused at start-up).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "hf", "result.json")
+RUN_FILES = ("config.yaml", FINGERPRINT, "metrics.jsonl", GENERATIONS_FILE, "checkpoints", "hf", "result.json",
+             WANDB_ID_FILE, "wandb")
+# A restart removes the old run's state (wandb's local files stay: they are the old wandb run's history).
+RESTART_DISCARDS = (FINGERPRINT, "metrics.jsonl", GENERATIONS_FILE, "checkpoints", "hf", "result.json", WANDB_ID_FILE)
 
 
 @dataclass
@@ -51,12 +65,17 @@ class RunContext:
     requests: RequestBuilder
 
     @classmethod
-    def for_training(cls, cfg: PebrConfig, init_model: str, stage: str, inputs: Sequence[str] = ()) -> "RunContext":
+    def for_training(cls, cfg: PebrConfig, init_model: str, stage: str, inputs: Sequence[str] = (),
+                     settings: dict | None = None, restart: bool = False) -> "RunContext":
         """Process groups for `model.tp`/`model.pp`, seeds, the run directory and the HF-side helpers of
         `init_model` (an HF directory: the stage's starting weights). The run directory is claimed against
-        `init_model` and `inputs` (the stage's data files): a run never writes over what it reads."""
+        `init_model` and `inputs` (the stage's data files): a run never writes over what it reads. `settings`
+        (`fingerprint.stage_settings`) are checked against the directory's record before anything else
+        (`prepare_run_dir`); `restart` discards a previous run there."""
         init_model = str(check_hf_model_dir(init_model, f"{stage}: init_model"))
         out_dir = claim_output_dir(cfg.run.output_dir, [init_model, *inputs], what="run.output_dir", writes=RUN_FILES)
+        if settings is not None:
+            prepare_run_dir(out_dir, stage, settings, restart)
         parallel = init_parallel(cfg.model.tp, cfg.model.pp, seed=cfg.run.seed)
         seed_everything(cfg.run.seed)
         if rank() == 0:
@@ -107,6 +126,52 @@ class RunContext:
         if not loaded.records:
             raise DataError(f"{path}: no usable records for {self.stage} ({what})")
         return loaded.records
+
+
+def prepare_run_dir(out_dir: Path, stage: str, settings: dict, restart: bool = False) -> None:
+    """Check `settings` against the run directory's `fingerprint.json` and record them (rank 0 writes).
+
+    A directory recorded with other settings that holds run state (`has_run_state`) raises
+    `SettingsMismatchError` naming the differing keys, unless `restart`, which discards the old run's state
+    (`RESTART_DISCARDS`) first; one without run state (a run that stopped before its first checkpoint) is
+    simply recorded anew. Every rank reads the record;
+    only rank 0 changes the directory.
+    """
+    out_dir = Path(out_dir)
+    recorded = read_fingerprint(out_dir / FINGERPRINT)
+    diff = diff_settings(recorded, settings) if recorded is not None else []
+    if diff and not restart and has_run_state(out_dir):
+        raise SettingsMismatchError(
+            f"run.output_dir {out_dir} holds a {stage} run made with other settings: {describe_diff(diff)}; "
+            "pass --force-restart to discard it, or choose a new run.output_dir")
+    if _launch_rank() != 0:
+        return
+    if restart:
+        for name in RESTART_DISCARDS:
+            target = out_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        for stale in out_dir.glob(".rank*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    elif recorded is None and (out_dir / "checkpoints").is_dir():
+        print(f"{stage}: {out_dir} has no {FINGERPRINT} (a run of an older pebr): resuming it without comparing "
+              "settings")
+    write_text_atomic(out_dir / FINGERPRINT, json.dumps({"fingerprint": fingerprint_record(stage, settings)},
+                                                       indent=1, sort_keys=True) + "\n")
+
+
+def has_run_state(out_dir: Path) -> bool:
+    """Whether a run directory holds what a rerun would resume or reuse: a checkpoint, the result or the
+    exported model (a run stopped before its first checkpoint leaves nothing to protect)."""
+    return (any((out_dir / "checkpoints").glob("step_*")) or (out_dir / "result.json").is_file()
+            or (out_dir / "hf").exists())
+
+
+def _launch_rank() -> int:
+    """This process's rank, also before the process groups exist (the launcher's RANK)."""
+    return rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def seed_everything(seed: int) -> None:

@@ -27,6 +27,7 @@ from pebr_mega.rollout.mismatch import token_mult_prob_error
 from pebr_mega.rollout.types import Sample
 from pebr_mega.trainer.data_order import EpochSampler
 from pebr_mega.trainer.evaluate import Evaluator, generation_rows, to_reward_sample
+from pebr_mega.trainer.fingerprint import stage_settings
 from pebr_mega.trainer.stage import StageResult, StageTrainer
 from pebr_mega.trainer.stage_data import RLSchedule, load_stage_records
 
@@ -34,10 +35,10 @@ from pebr_mega.trainer.stage_data import RLSchedule, load_stage_records
 class GRPOTrainer(StageTrainer):
     """Runs `cfg.grpo` (one stage) from `cfg.grpo.init_model` into `cfg.run.output_dir`."""
 
-    def __init__(self, cfg: PebrConfig) -> None:
+    def __init__(self, cfg: PebrConfig, restart: bool = False) -> None:
         self.stage = cfg.grpo.resolved()
         super().__init__(cfg, self.stage, name=self.stage.stage, init_model=self.stage.init_model,
-                         inputs=[self.stage.train_file])
+                         inputs=[self.stage.train_file], settings=stage_settings(cfg, "grpo"), restart=restart)
         # Filtered before batching, then batched with the last partial batch dropped (trainer/stage_data.py).
         self.data = load_stage_records(cfg, self.stage, self.ctx.requests, log=self.ctx.log)
         self.records = self.data.train
@@ -59,8 +60,14 @@ class GRPOTrainer(StageTrainer):
     def train_step(self) -> dict[str, float]:
         """One rollout step and its PPO updates; returns the step's metrics."""
         t_step = time.perf_counter()
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {"skipped_batches": 0.0}
         samples = self.rollout(metrics)
+        if not samples:  # no request of the batch could be built: the step trains nothing, and says so
+            metrics["skipped_batches"] = 1.0
+            self.ctx.log(f"{self.name} step {self.step + 1}: no request of the batch could be built "
+                         f"({', '.join(f'{k} {v:g}' for k, v in metrics.items() if k.startswith('requests/skipped_'))}); "
+                         "the step is skipped")
+            return metrics
         self.score(samples, metrics)
         seqs = self.logprobs(samples, metrics)
         t0 = time.perf_counter()
@@ -81,6 +88,8 @@ class GRPOTrainer(StageTrainer):
         requests, report = self.ctx.requests.build(records, self.ctx.image_root(self.stage.train_file))
         metrics.update(report.metrics())
         metrics["epoch"] = epoch
+        if not requests:  # every record failed to build (the screen reads headers only: pixels can still fail)
+            return []
         sampling = rollout_sampling(self.cfg.rollout, self.ctx.tokenizer, seed=self.cfg.run.seed * 1_000_003 + self.step)
         with self.lifecycle.rollout_phase() as engine:
             t0 = time.perf_counter()

@@ -1,8 +1,13 @@
 """The whole recipe as one command: sft -> sample -> split -> stage 1 -> stage 2 -> export.
 
-Every stage writes into `pipeline.work_dir/<stage>/` and, when it has finished, a `DONE` file holding its
-result. A re-run skips the stages that are done and resumes an interrupted one from its newest checkpoint
-(the trainers resume by themselves). Each stage starts from the previous one's HF directory:
+Every stage writes into `pipeline.work_dir/<stage>/`: a `STARTED` file when it starts and, when it has
+finished, a `DONE` file holding its result; both carry the stage's fingerprint (`stage_fingerprints`: the
+settings that define its result, `pebr_mega.trainer.fingerprint`, plus the digest of the stage before it)
+and are written atomically. A re-run skips the stages that are done and resumes an interrupted one from its
+newest checkpoint (the trainers resume by themselves). A stage recorded with other settings than the
+re-run's stops the re-run before anything loads, with one line naming the first such stage and the keys
+that differ; with `restart` (`--force-restart`) that stage and every stage after it are discarded and run
+again, and the stages before it stay done. Each stage starts from the previous one's HF directory:
 
     sft/hf  --sample-->  sample/rollouts.jsonl  --split-->  split/{easy,medium,hard}case.json
     stage1 (easy, from sft/hf) -> stage1/hf;  stage2 (medium, from stage1/hf) -> stage2/hf -> final/
@@ -23,8 +28,10 @@ from pebr_mega.checkpoint.hf_io import atomic_dir
 from pebr_mega.config import PebrConfig
 from pebr_mega.data.records import image_root_for
 from pebr_mega.data.split import format_summary, split_files
-from pebr_mega.errors import PebrError
-from pebr_mega.outputs import claim_output_dir
+from pebr_mega.errors import PebrError, SettingsMismatchError
+from pebr_mega.outputs import claim_output_dir, write_text_atomic
+from pebr_mega.trainer.fingerprint import (describe_diff, diff_settings, fingerprint_record, read_fingerprint,
+                                           settings_digest, stage_settings)
 from pebr_mega.trainer.grpo import GRPOTrainer
 from pebr_mega.trainer.sample import run_sampling
 from pebr_mega.trainer.sft import SFTTrainer
@@ -32,19 +39,84 @@ from pebr_mega.trainer.sft import SFTTrainer
 STAGES = ("sft", "sample", "split", "stage1", "stage2", "export")
 
 
+# A stage's own folders under the work directory (export also writes `final/`).
+_FOLDERS = {stage: (stage,) for stage in STAGES} | {"export": ("export", "final")}
+# Keys a GRPO stage of the pipeline derives from the stages before it (covered by their fingerprints).
+_DERIVED_GRPO = ("grpo.init_model", "grpo.train_file")
+
+
 def _done_file(work: Path, stage: str) -> Path:
     return work / stage / "DONE"
+
+
+def _started_file(work: Path, stage: str) -> Path:
+    return work / stage / "STARTED"
 
 
 def stage_result(work: str | Path, stage: str) -> dict | None:
     """The recorded result of a finished stage, or None."""
     f = _done_file(Path(work), stage)
-    return json.loads(f.read_text()) if f.is_file() else None
+    if not f.is_file():
+        return None
+    data = json.loads(f.read_text())
+    # A DONE file of an older pebr holds the result alone.
+    return data["result"] if isinstance(data, dict) and "fingerprint" in data and "result" in data else data
 
 
-def _mark_done(work: Path, stage: str, result: dict) -> dict:
+def stage_fingerprints(cfg: PebrConfig, work: Path) -> dict[str, dict]:
+    """Each stage's settings: those of the config the stage runs with (`fingerprint.stage_settings`), less
+    what it derives from earlier stages, plus `after.<previous stage>`, the digest of the previous stage's
+    settings (so a stage's fingerprint covers every stage before it)."""
+    own = {
+        "sft": stage_settings(sft_stage_config(cfg, work), "sft"),
+        "sample": stage_settings(sample_stage_config(cfg, work, {}), "sample", exclude=("sample.model",)),
+        "split": stage_settings(cfg, "split"),
+        "stage1": stage_settings(grpo_stage_config(cfg, work, "stage1", Path(), ""), "grpo", exclude=_DERIVED_GRPO),
+        "stage2": stage_settings(grpo_stage_config(cfg, work, "stage2", Path(), ""), "grpo", exclude=_DERIVED_GRPO),
+        "export": {},
+    }
+    chained: dict[str, dict] = {}
+    for i, stage in enumerate(STAGES):
+        chained[stage] = dict(own[stage])
+        if i:
+            chained[stage][f"after.{STAGES[i - 1]}"] = settings_digest(chained[STAGES[i - 1]])
+    return chained
+
+
+def check_recorded_stages(work: Path, plan: dict[str, dict], restart: bool, log: Callable[[str], None]) -> None:
+    """Compare each stage's recorded fingerprint (DONE, else STARTED) with `plan`; at the first that differs,
+    raise `SettingsMismatchError` naming the keys, or with `restart` discard it and every later stage."""
+    for i, stage in enumerate(STAGES):
+        recorded = read_fingerprint(_done_file(work, stage)) or read_fingerprint(_started_file(work, stage))
+        if recorded is None:
+            continue  # not run here yet, or recorded by an older pebr (its DONE stays valid)
+        diff = diff_settings(recorded, plan[stage])
+        if not diff:
+            continue
+        own = [d for d in diff if not d.startswith("after.")]
+        why = describe_diff(own) if own else f"the stage before it ({STAGES[i - 1]}) has other settings now"
+        later = list(STAGES[i:])
+        if not restart:
+            raise SettingsMismatchError(
+                f"pipeline.work_dir {work}: stage {stage} was run with other settings: {why}; pass --force-restart "
+                f"to redo {', '.join(later)}, or choose a new pipeline.work_dir")
+        log(f"[pipeline] {stage} was run with other settings ({why}): discarding {', '.join(later)}")
+        for s in later:
+            for folder in _FOLDERS[s]:
+                shutil.rmtree(work / folder, ignore_errors=True)
+        return
+
+
+def _mark_started(work: Path, stage: str, settings: dict) -> None:
+    claim_output_dir(work / stage, what="pipeline stage folder")
+    write_text_atomic(_started_file(work, stage),
+                      json.dumps({"fingerprint": fingerprint_record(stage, settings)}, indent=1) + "\n")
+
+
+def _mark_done(work: Path, stage: str, result: dict, settings: dict) -> dict:
     _done_file(work, stage).parent.mkdir(parents=True, exist_ok=True)
-    _done_file(work, stage).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_text_atomic(_done_file(work, stage), json.dumps(
+        {"result": result, "fingerprint": fingerprint_record(stage, settings)}, indent=2, default=str) + "\n")
     return result
 
 
@@ -52,8 +124,9 @@ def _count(path: Path) -> int:
     return len(json.loads(path.read_text())) if path.is_file() else 0
 
 
-def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Run the stages listed in `cfg.pipeline.stages` in order; returns each stage's result."""
+def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print, restart: bool = False) -> dict[str, dict]:
+    """Run the stages listed in `cfg.pipeline.stages` in order; returns each stage's result. `restart`
+    discards the stages recorded with other settings (and the stages after them) instead of stopping."""
     p = cfg.pipeline
     unknown = [s for s in p.stages if s not in STAGES]
     if unknown:
@@ -63,6 +136,8 @@ def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print) -> dict[st
             raise PebrError(f"pipeline.{key} is not set")
     work = claim_output_dir(p.work_dir, [p.base_model, p.sft_file, p.grpo_file, p.eval_file],
                             what="pipeline.work_dir", writes=[*STAGES, "final"])
+    plan = stage_fingerprints(cfg, work)
+    check_recorded_stages(work, plan, restart, log)
     results: dict[str, dict] = {}
     runners = {"sft": _run_sft, "sample": _run_sample, "split": _run_split, "stage1": _run_stage1,
                "stage2": _run_stage2, "export": _run_export}
@@ -75,10 +150,11 @@ def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print) -> dict[st
             results[stage] = done
             continue
         log(f"[pipeline] {stage}: starting")
+        _mark_started(work, stage, plan[stage])
         t0 = time.time()
         res = runners[stage](cfg, work, results)
         res["seconds"] = round(time.time() - t0, 1)
-        results[stage] = _mark_done(work, stage, res)
+        results[stage] = _mark_done(work, stage, res, plan[stage])
         log(f"[pipeline] {stage}: done in {res['seconds']:.0f}s")
     return results
 

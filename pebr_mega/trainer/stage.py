@@ -4,9 +4,20 @@
 its constructor with the helpers here, in the order memory needs (torchtitan's shape: small methods named
 by step). Each concern has one place, so later work extends the loop without copying it:
 
-- resume: `resume()`;           - interrupt handling: `on_interrupt()`;
+- resume: `resume()`;           - Ctrl-C / SIGTERM: `stop_if_requested()`, `on_abort()`;
 - saving: `save()`;             - evaluation: `evaluate()`;
 - metrics: the `MetricsLogger` from `make_logger()`, and `summarize()` / `write_result()` for `result.json`.
+
+What survives what (docs/TRAINING.md has the table):
+- A step k is done when its metrics row, its periodic evaluation and its periodic save are; a checkpoint of
+  step k is published only after every row of step k is in `metrics.jsonl`, so a kill anywhere leaves a
+  newest checkpoint whose rows are all written, and a rerun resumes there and cuts the metrics back to it.
+- Ctrl-C or SIGTERM inside step k (`pebr_mega.trainer.interrupt`): step k finishes, step k is saved (unless
+  its periodic save did it), one line says where, and the run exits; a rerun goes on with step k+1. A second
+  one aborts at once and saves nothing: the newest checkpoint stays as it was, and a rerun repeats what came
+  after it.
+- A run directory records the settings of its run (`fingerprint.json`); another run's settings stop the
+  start-up, or, told to restart, discard the old state (`RunContext.for_training`).
 
 Build order (`build_engine` before `build_actor`): the rollout engine starts first and releases its memory,
 because SGLang sizes its KV pool from the GPU memory free when it loads; the actor and the reference
@@ -34,6 +45,7 @@ from pebr_mega.trainer.checkpointing import StageCheckpoints
 from pebr_mega.trainer.context import RunContext
 from pebr_mega.trainer.data_order import EpochSampler
 from pebr_mega.trainer.evaluate import Evaluator
+from pebr_mega.trainer.interrupt import StopRequested, StopRequests
 from pebr_mega.trainer.lifecycle import EngineLifecycle, actor_weights
 
 # Dense bf16 peak of the cards we know, for MFU (TFLOP/s).
@@ -81,12 +93,13 @@ class StageTrainer:
     step: int = 0
 
     def __init__(self, cfg: PebrConfig, loop: StageLoopConfig, name: str, init_model: str,
-                 inputs: Sequence[str] = ()) -> None:
+                 inputs: Sequence[str] = (), settings: dict | None = None, restart: bool = False) -> None:
         self.cfg = cfg
         self.loop = loop
         self.name = name
         self.init_model = init_model
-        self.ctx = RunContext.for_training(cfg, init_model, name, [*inputs, loop.eval_file or cfg.data.eval_file or ""])
+        self.ctx = RunContext.for_training(cfg, init_model, name, [*inputs, loop.eval_file or cfg.data.eval_file or ""],
+                                           settings=settings, restart=restart)
         self.checkpoints = StageCheckpoints(self.ctx.out_dir / "checkpoints", loop.keep_last, name)
         self.resumed: dict = {}  # the trainer state of the checkpoint this run resumed from
         self._num_params: int | None = None
@@ -119,21 +132,20 @@ class StageTrainer:
         self.step = self.resume()
         logger = self.make_logger()
         result = StageResult(model_dir=str(self.ctx.out_dir / "hf"), steps=self.total_steps)
-        try:
-            result.eval_before = self.evaluate("before", logger, stored="eval_before")
-            while self.step < self.total_steps:
-                metrics = self.train_step()
-                self.step += 1
-                logger.log(self.step, metrics)
-                if self.loop.eval_every and self.step % self.loop.eval_every == 0 and self.step < self.total_steps:
-                    self.evaluate(f"at step {self.step}", logger, log_step=self.step)
-                if self.loop.save_every and self.step % self.loop.save_every == 0:
+        with StopRequests() as stop:
+            try:
+                result.eval_before = self.evaluate("before", logger, stored="eval_before")
+                while self.step < self.total_steps:
+                    self.stop_if_requested(stop, logger)
+                    self.run_step(logger)
+                if self.checkpoints.last_step() != self.step:
                     self.save()
-        except KeyboardInterrupt:
-            self.on_interrupt(logger)
-            raise
-        if self.checkpoints.last_step() != self.step:
-            self.save()
+                self.stop_if_requested(stop, logger)
+            except StopRequested:
+                raise
+            except KeyboardInterrupt:
+                self.on_abort(logger)
+                raise
         result.eval_after = self.evaluate("after", logger)
         logger.close()
         # The run's format prompt goes with the weights: the next stage, `pebr eval` and `pebr infer` use it.
@@ -141,6 +153,17 @@ class StageTrainer:
         self.summarize(result, read_metrics(self.ctx.out_dir / "metrics.jsonl"))
         self.write_result(result)
         return result
+
+    def run_step(self, logger: MetricsLogger) -> None:
+        """Step `self.step + 1` and its bookkeeping, in the order that keeps a kill safe: the metrics row, the
+        periodic evaluation (logged at the step), then the periodic save."""
+        metrics = self.train_step()
+        self.step += 1
+        logger.log(self.step, metrics)
+        if self.loop.eval_every and self.step % self.loop.eval_every == 0 and self.step < self.total_steps:
+            self.evaluate(f"at step {self.step}", logger, log_step=self.step)
+        if self.loop.save_every and self.step % self.loop.save_every == 0:
+            self.save()
 
     def train_step(self) -> dict[str, float]:
         """One step of the stage; returns its metrics."""
@@ -167,10 +190,25 @@ class StageTrainer:
                  **{k: v for k, v in self.resumed.items() if k.startswith("eval_")}}
         self.checkpoints.save(self.step, self.actor, state)
 
-    def on_interrupt(self, logger: MetricsLogger) -> None:
-        """Ctrl-C: save the current step so a re-run resumes there, and close the metrics."""
-        logger.message(f"interrupted: saving step {self.step} to {self.checkpoints.root}")
-        self.save()
+    def stop_if_requested(self, stop: StopRequests, logger: MetricsLogger) -> None:
+        """At a step boundary: when a stop was asked for (on any rank), save the completed step unless it is
+        saved already, say where a rerun goes on, and raise `StopRequested`."""
+        if not stop.agreed():
+            return
+        if self.step > 0 and self.checkpoints.last_step() != self.step:
+            self.save()
+        where = (f"step {self.step} is saved in {self.checkpoints.manager.path(self.step)}" if self.step
+                 else "no step was completed, nothing to save")
+        logger.message(f"stopped by {stop.requested} after step {self.step} of {self.total_steps}: {where}; "
+                       "rerun the same command to resume")
+        logger.close()
+        raise StopRequested(stop.requested)
+
+    def on_abort(self, logger: MetricsLogger) -> None:
+        """A second Ctrl-C (or any KeyboardInterrupt): nothing more is saved; say where a rerun resumes."""
+        last = self.checkpoints.last_step()
+        resume_at = f"step {last} ({self.checkpoints.manager.path(last)})" if last is not None else "the start"
+        logger.message(f"aborted in step {self.step + 1}: nothing saved; a rerun resumes from {resume_at}")
         logger.close()
 
     def evaluate(self, when: str, logger: MetricsLogger, stored: str | None = None,
