@@ -14,13 +14,23 @@ import json
 import random
 import time
 from dataclasses import asdict
+from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from importlib import resources
-
+from pebr_mega.config import load_config
+from pebr_mega.data.corpus import tokenizer_corpus
+from pebr_mega.data.images import load_image
+from pebr_mega.data.synthetic import (HARD_NEGATIVE_KINDS, OMIT_KIND, SynthConfig, describe_scene, hard_negatives,
+                                      load_scenes, write_synthetic_dataset)
 from pebr_mega.errors import DataError
-
+from pebr_mega.logging import read_metrics
+from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model
+from pebr_mega.rewards.clip import ClipAlignmentScorer
+from pebr_mega.rewards.clip_training import ClipPair, ClipTrainingConfig, retrieval_metrics, train_clip
+from pebr_mega.rewards.model import RewardConfig
+from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
+from pebr_mega.trainer.pipeline import run_pipeline
 
 # The demo's SFT teacher is sloppy on reasoning questions (see `SynthConfig.sft_teacher_error`): the error
 # stage 2's verifiable reward has to correct. `--description-omission` makes its descriptions leave out the
@@ -37,8 +47,6 @@ CLIP_EVAL_NEGATIVES = 4  # hard negatives per held-out image for the retrieval m
 
 def demo_clip_config(seed: int) -> "TinyClipConfig":  # noqa: F821 (imported below, lazily like the rest)
     """The demo's tiny CLIP: 112 px images in 28 px patches (one patch per cell of the scenes' grid)."""
-    from pebr_mega.rewards.tiny_clip import TinyClipConfig
-
     return TinyClipConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, projection_dim=64,
                           image_size=112, patch_size=28, seed=seed)
 
@@ -56,11 +64,6 @@ def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: 
     `rewards` (a `RewardConfig`) gives the CLIP scorer's image size, text length and threshold, which the
     CLIP's training uses too; the returned dict holds the paths and the CLIP's record (`clip_record`).
     """
-    from pebr_mega.data.corpus import tokenizer_corpus
-    from pebr_mega.data.synthetic import HARD_NEGATIVE_KINDS, OMIT_KIND, SynthConfig, write_synthetic_dataset
-    from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model
-    from pebr_mega.rewards.model import RewardConfig
-
     model, data, clip = out / "model", out / "data", out / "clip"
     synth = SynthConfig(num=num_grpo, num_sft=num_sft, num_eval=num_eval, seed=seed, max_objects=4,
                         sft_teacher_error=teacher_error, sft_description_omission=description_omission)
@@ -80,10 +83,6 @@ def clip_pairs(data: Path, splits: Sequence[str], negatives: int, seed: int,
                kinds: Sequence[str] | None = None) -> list:
     """(image, true description, hard negatives) for every image of `splits`, negatives drawn from `seed` (of
     the perception-error `kinds`, default `HARD_NEGATIVE_KINDS`); images without any are left out."""
-    from pebr_mega.data.images import load_image
-    from pebr_mega.data.synthetic import HARD_NEGATIVE_KINDS, describe_scene, hard_negatives, load_scenes
-    from pebr_mega.rewards.clip_training import ClipPair
-
     kinds = tuple(kinds or HARD_NEGATIVE_KINDS)
     tag = "" if kinds == HARD_NEGATIVE_KINDS else "/" + "+".join(kinds)
     pairs = []
@@ -102,12 +101,6 @@ def prepare_clip(clip: Path, data: Path, seed: int, rewards: Any, steps: int | N
     perception-error `kinds`, default `HARD_NEGATIVE_KINDS`) and measure it on the held-out images against
     `HARD_NEGATIVE_KINDS` negatives and, apart, against descriptions missing a group; returns (and writes to
     `clip/training.json`) the measurements. Reused when recorded with the same settings."""
-    from pebr_mega.data.corpus import tokenizer_corpus
-    from pebr_mega.data.synthetic import HARD_NEGATIVE_KINDS, OMIT_KIND
-    from pebr_mega.rewards.clip import ClipAlignmentScorer
-    from pebr_mega.rewards.clip_training import ClipTrainingConfig, retrieval_metrics, train_clip
-    from pebr_mega.rewards.tiny_clip import build_tiny_clip
-
     kinds = tuple(kinds or HARD_NEGATIVE_KINDS)
     model_cfg = demo_clip_config(seed)
     train_cfg = ClipTrainingConfig(seed=seed, threshold=rewards.clip_threshold)
@@ -166,9 +159,6 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
              overrides: Sequence[str] = (), teacher_error: float = DEMO_TEACHER_ERROR,
              clip_steps: int | None = None, description_omission: float = DEMO_DESCRIPTION_OMISSION) -> dict:
     """Run the demo into `out_dir`; returns the summary (also written to `out_dir/summary.json`)."""
-    from pebr_mega.config import load_config
-    from pebr_mega.trainer.pipeline import run_pipeline
-
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -254,8 +244,6 @@ def plot_demo(out: Path, summary: dict) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pebr_mega.logging import read_metrics
 
     stages = ("sft", "stage1", "stage2")
     held = [{"stage": st, **{k: (summary.get(st) or {}).get("eval_" + k.split("/")[1]) for k in HELD_OUT_KEYS}}
