@@ -25,6 +25,14 @@ def test_demo_writes_summary_and_curves(trainer_runs):
     assert clip["eval_images"] == 4 and clip["training"]["steps"] == 4
     assert summary["clip_retrieval_accuracy"] == clip["clip_retrieval_accuracy"]
     assert {"clip_reward_true", "clip_reward_negative"} <= set(summary["clip"])
+    # The demo's teacher (both of its errors, docs/DEMO.md) is recorded with the data and in the summary, and
+    # the CLIP is measured on descriptions that leave a group out, the teacher's perception error.
+    from pebr_mega.trainer.demo import DEMO_DESCRIPTION_OMISSION, DEMO_TEACHER_ERROR, SYNTH_RECORD
+    assert summary["teacher"] == {"reasoning_error": DEMO_TEACHER_ERROR, "description_omission": DEMO_DESCRIPTION_OMISSION}
+    synth = json.loads((out / "data" / SYNTH_RECORD).read_text())
+    assert (synth["sft_teacher_error"], synth["sft_description_omission"]) == (DEMO_TEACHER_ERROR, DEMO_DESCRIPTION_OMISSION)
+    assert set(clip["omission"]) == {"images", "pairwise_accuracy", "reward_true", "reward_omitted"}
+    assert clip["negative_kinds"] == ["count", "color", "shape"] + (["omit"] if DEMO_DESCRIPTION_OMISSION else [])
     # Stage 1 runs with the recipe's weights: the demo overrides none of them (the CLIP reward is on).
     assert yaml.safe_load((out / "pipeline" / "sft" / "config.yaml").read_text())["rewards"]["weights"] == {}
     held = [json.loads(x) for x in (out / "heldout.jsonl").read_text().splitlines()]
@@ -51,3 +59,7 @@ def test_demo_refuses_to_reuse_data_written_with_other_settings(tmp_path, capsys
     assert rc == 2
     err = capsys.readouterr().err
     assert "sft_teacher_error=0.6 (asked 0.0)" in err and str(data) in err and "choose another --out" in err
+    (data / SYNTH_RECORD).write_text(json.dumps({"seed": 0, "sft_description_omission": 0.7}))
+    rc = main(["demo", "--out", str(tmp_path), "--description-omission", "0.3", "--seed", "0"])
+    assert rc == 2
+    assert "sft_description_omission=0.7 (asked 0.3)" in capsys.readouterr().err

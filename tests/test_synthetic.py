@@ -204,6 +204,59 @@ def test_a_sloppy_teacher_errs_only_in_sft_reasoning_answers(dataset, tmp_path):
         write_synthetic_dataset(tmp_path / "bad", SynthConfig(num=4, sft_teacher_error=1.5))
 
 
+def _description_line(response: str) -> str:
+    return re.search(r"### Image Description:(.*)", response).group(1).strip()
+
+
+def test_an_omitting_teacher_leaves_out_the_last_group_of_sft_descriptions_only(dataset, tmp_path):
+    """sft_description_omission: SFT descriptions of scenes with 2+ groups lose their last group at about the
+    asked rate, drawn by seed; the rest of each response and every GRPO / held-out record stay complete."""
+    omitting = tmp_path / "omitting"
+    write_synthetic_dataset(omitting, SynthConfig(num=48, num_sft=160, seed=7, sft_description_omission=0.7))
+    clean = tmp_path / "clean"
+    write_synthetic_dataset(clean, SynthConfig(num=48, num_sft=160, seed=7))
+    for name in ("grpo.json", "eval.json", "scenes.json"):  # only the SFT descriptions differ
+        assert _load(omitting, name) == _load(clean, name), name
+    for rec in _load(omitting, "grpo.json") + _load(omitting, "eval.json"):
+        assert rec["description"] == _description(_load(omitting, "scenes.json")[rec["images"][0]]["objects"])
+    scenes = _load(omitting, "scenes.json")
+    multi = omitted = 0
+    for a, b in zip(_load(clean, "sft.json"), _load(omitting, "sft.json")):
+        full, got = _description_line(a["messages"][1]["content"]), _description_line(b["messages"][1]["content"])
+        assert full == _description(scenes[a["images"][0]]["objects"])
+        groups = full.rstrip(".").split(", ")
+        # everything after the description (rationale, steps, answer) is the teacher's correct one
+        assert a["messages"][1]["content"].split(full, 1)[1] == b["messages"][1]["content"].split(got, 1)[1]
+        if len(groups) < 2:
+            assert got == full
+            continue
+        multi += 1
+        omitted += got != full
+        assert got in (full, ", ".join(groups[:-1]) + ".")
+    assert multi >= 60 and 0.55 <= omitted / multi <= 0.85, (omitted, multi)
+    again = tmp_path / "again"
+    write_synthetic_dataset(again, SynthConfig(num=48, num_sft=160, seed=7, sft_description_omission=0.7))
+    assert (again / "sft.json").read_bytes() == (omitting / "sft.json").read_bytes()
+    other = tmp_path / "other"  # another seed draws other omissions (and other scenes)
+    write_synthetic_dataset(other, SynthConfig(num=48, num_sft=160, seed=8, sft_description_omission=0.7))
+    assert (other / "sft.json").read_bytes() != (omitting / "sft.json").read_bytes()
+    with pytest.raises(ValueError, match="sft_description_omission"):
+        write_synthetic_dataset(tmp_path / "bad", SynthConfig(num=4, sft_description_omission=-0.1))
+
+
+def test_omission_rate_zero_and_one(tmp_path):
+    """At 0 every SFT description is complete; at 1 every one of a scene with 2+ groups omits its last group."""
+    for rate in (0.0, 1.0):
+        out = tmp_path / str(rate)
+        write_synthetic_dataset(out, SynthConfig(num=8, num_sft=64, seed=3, sft_description_omission=rate))
+        scenes = _load(out, "scenes.json")
+        for rec in _load(out, "sft.json"):
+            full = _description(scenes[rec["images"][0]]["objects"])
+            groups = full.rstrip(".").split(", ")
+            got = _description_line(rec["messages"][1]["content"])
+            assert got == (", ".join(groups[:-1]) + "." if rate == 1.0 and len(groups) > 1 else full), (rate, full, got)
+
+
 def test_images_pass_the_image_pipeline(dataset):
     grpo = _load(dataset, "grpo.json")[:4]
     out = PilImageDecoder(ImageConfig()).decode_and_preprocess([dataset / r["images"][0] for r in grpo])
@@ -219,6 +272,9 @@ def test_cli_synth_and_bad_sizes(tmp_path, capsys):
     assert cli_main(["synth", "--out", str(tmp_path / "e"), "--max-objects", "40"]) == 2
     assert cli_main(["synth", "--out", str(tmp_path / "e"), "--sft-teacher-error", "1.5"]) == 2
     assert "sft_teacher_error must be in [0, 1]" in capsys.readouterr().err
+    assert cli_main(["synth", "--out", str(tmp_path / "e"), "--sft-description-omission", "2"]) == 2
+    assert "sft_description_omission must be in [0, 1]" in capsys.readouterr().err
+    assert cli_main(["synth", "--out", str(tmp_path / "f"), "--num", "4", "--sft-description-omission", "1"]) == 0
 
 
 def test_tokenizer_corpus_covers_the_synthetic_vocabulary(dataset):
@@ -255,7 +311,7 @@ def _single_errors(truth: Counter) -> list[Counter]:
 def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dataset):
     import random
 
-    from pebr_mega.data.synthetic import describe_scene, hard_negatives, load_scenes
+    from pebr_mega.data.synthetic import OMIT_KIND, describe_scene, hard_negatives, load_scenes
     from pebr_mega.rewards.perception import description_groups
 
     def counts(text: str) -> Counter:
@@ -277,5 +333,13 @@ def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dat
             assert got in allowed, (describe_scene(scene), text)
             kinds["count" if sum(got.values()) != sum(truth.values()) or set(got) == set(truth) else "swap"] += 1
     assert kinds["count"] > 20 and kinds["swap"] > 20
+    # "omit" alone: the description without one whole group; none for a scene of one group
+    for scene in scenes.values():
+        truth = counts(describe_scene(scene))
+        omitted = hard_negatives(scene, rng, 4, (OMIT_KIND,))
+        assert len(omitted) == (min(4, len(truth)) if len(truth) > 1 else 0), (describe_scene(scene), omitted)
+        for text in omitted:
+            got = counts(text)
+            assert len(got) == len(truth) - 1 and all(truth[k] == v for k, v in got.items())
     again = hard_negatives(next(iter(scenes.values())), random.Random(3), 5)
     assert again == hard_negatives(next(iter(scenes.values())), random.Random(3), 5)

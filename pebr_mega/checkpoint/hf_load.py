@@ -67,7 +67,7 @@ def build_from_hf(hf_dir: str | Path, cfg: ModelConfig, parallel_output: bool = 
     """This rank's model stage for `cfg` (tp/pp as initialised by `init_parallel`), with the HF weights loaded."""
     from megatron.core import parallel_state as mpu
 
-    from pebr_mega.models.qwen25_vl import build_model
+    from pebr_mega.models.qwen25_vl import build_model  # Megatron: this module loads without it (weights only)
 
     arch = arch_from_hf_dir(hf_dir)
     if (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size()) != (cfg.tp, cfg.pp):

@@ -13,7 +13,8 @@ word, so a ~1 M-parameter model can learn part of it.
                               the question is about, with counts: "2 red circles"), description
     sft.json                  ShareGPT records: user turn = PeBR instruction + problem, assistant turn = a
                               PeBR-format response (description, rationale, 1-3 steps, answer), correct unless
-                              `cfg.sft_teacher_error` makes the teacher sloppy on reasoning questions; images
+                              the teacher is made sloppy: `cfg.sft_teacher_error` (reasoning answers one off)
+                              or `cfg.sft_description_omission` (a description missing its last group); images
     eval.json                 held-out GRPO records (their own images and qids)
     scenes.json               the generator's scene per image: size and objects (shape, color, x, y, size)
 
@@ -79,11 +80,17 @@ class SynthConfig:
     # fraction of the SFT answers ends one above what the teacher's own last step computed. The GRPO and
     # held-out answers stay correct, so RL's verifiable reward can undo what SFT learnt from the teacher.
     sft_teacher_error: float = 0.0
+    # A teacher whose descriptions are incomplete, as distilled captions often are: this fraction of the SFT
+    # responses (of scenes with two groups or more) describe the image without its last group ("2 red circles."
+    # for "2 red circles, 1 blue square."); rationale, steps and answer stay right. The GRPO and held-out records
+    # keep the full description, so the perception rewards of stage 1 can undo the habit.
+    sft_description_omission: float = 0.0
 
     def split_sizes(self) -> dict[str, int]:
         """Examples per split, with the defaults resolved."""
-        if not 0.0 <= self.sft_teacher_error <= 1.0:
-            raise ValueError(f"sft_teacher_error must be in [0, 1], got {self.sft_teacher_error}")
+        for key in ("sft_teacher_error", "sft_description_omission"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
         sizes = {"grpo": self.num,
                  "sft": self.num if self.num_sft is None else self.num_sft,
                  "eval": max(32, self.num // 4) if self.num_eval is None else self.num_eval}
@@ -224,13 +231,19 @@ def describe_groups(groups: list[tuple[int, str, str]]) -> str:
 
 
 HARD_NEGATIVE_KINDS = ("count", "color", "shape")
+OMIT_KIND = "omit"  # a whole group left out: the omitting teacher's error (`SynthConfig.sft_description_omission`)
 
 
 def perturb_groups(groups: list[tuple[int, str, str]], rng: random.Random,
                    kind: str) -> list[tuple[int, str, str]]:
     """The groups with one perception error of `kind`: one count one off ("count": a count +-1, which may drop a
-    group or add an absent one as 1), or one group's colour ("color") or shape ("shape") replaced."""
+    group or add an absent one as 1), one group's colour ("color") or shape ("shape") replaced, or one whole
+    group left out ("omit": an incomplete description; a scene of one group is returned unchanged)."""
     groups = list(groups)
+    if kind == OMIT_KIND:
+        if len(groups) > 1:
+            del groups[rng.randrange(len(groups))]
+        return groups
     if kind == "count":
         present = {(c, s) for _, c, s in groups}
         absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
@@ -250,7 +263,7 @@ def perturb_groups(groups: list[tuple[int, str, str]], rng: random.Random,
         else:
             groups[i] = (n, c, rng.choice([x for x in SHAPES if x != s]))
         return groups
-    raise ValueError(f"unknown perception error kind {kind!r}; known: {HARD_NEGATIVE_KINDS}")
+    raise ValueError(f"unknown perception error kind {kind!r}; known: {(*HARD_NEGATIVE_KINDS, OMIT_KIND)}")
 
 
 def hard_negatives(scene: Scene, rng: random.Random, k: int,
@@ -376,10 +389,18 @@ def make_question(scene: Scene, rng: random.Random, kind: str | None = None) -> 
     raise ValueError(f"unknown question kind {kind!r}; known: {QUESTION_KINDS}")
 
 
-def sft_response(scene: Scene, question: Question, answer: str | None = None) -> str:
-    """The PeBR-format response to `question`: correct, or ending in `answer` instead of the right one."""
-    return format_response(describe_scene(scene), question.rationale, question.steps,
-                           question.answer if answer is None else answer)
+def sft_response(scene: Scene, question: Question, answer: str | None = None, description: str | None = None) -> str:
+    """The PeBR-format response to `question`: correct, or ending in `answer` instead of the right one, or
+    describing the image as `description` instead of the scene's full description."""
+    return format_response(describe_scene(scene) if description is None else description, question.rationale,
+                           question.steps, question.answer if answer is None else answer)
+
+
+def omit_last_group(scene: Scene) -> str:
+    """The scene's description without the last group it lists ("2 red circles." for "2 red circles, 1 blue
+    square."); the full description for a scene of one group."""
+    groups = _groups(scene)
+    return describe_groups(groups[:-1] if len(groups) > 1 else groups)
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -390,19 +411,23 @@ def grpo_record(example: Example) -> dict:
             "images": [example.image_path], "key_words": q.key_words, "description": describe_scene(example.scene)}
 
 
-def teacher_response(example: Example, error_rate: float, seed: int) -> str:
+def teacher_response(example: Example, error_rate: float, seed: int, omission: float = 0.0) -> str:
     """The SFT teacher's response: correct, except that on reasoning questions, with probability
-    `error_rate` (drawn per example from `seed` and the qid), the final answer is one above its last step."""
+    `error_rate` (drawn per example from `seed` and the qid), the final answer is one above its last step, and
+    that with probability `omission` (drawn independently, the same way) the description leaves out the last
+    group it would list (`omit_last_group`; scenes of one group are always described in full)."""
     q = example.question
     wrong = q.kind in REASONING_KINDS and random.Random(f"pebr-synth/{seed}/teacher/{example.qid}").random() < error_rate
-    return sft_response(example.scene, q, str(int(q.answer) + 1) if wrong else None)
+    omits = random.Random(f"pebr-synth/{seed}/omission/{example.qid}").random() < omission
+    return sft_response(example.scene, q, str(int(q.answer) + 1) if wrong else None,
+                        omit_last_group(example.scene) if omits else None)
 
 
-def sft_record(example: Example, teacher_error: float = 0.0, seed: int = 0) -> dict:
+def sft_record(example: Example, teacher_error: float = 0.0, seed: int = 0, omission: float = 0.0) -> dict:
     """The example as a ShareGPT record whose assistant turn is the teacher's PeBR response (`teacher_response`)."""
     user = build_prompt_text(IMAGE_TOKEN + example.question.problem)
     return {"messages": [{"role": "user", "content": user},
-                         {"role": "assistant", "content": teacher_response(example, teacher_error, seed)}],
+                         {"role": "assistant", "content": teacher_response(example, teacher_error, seed, omission)}],
             "images": [example.image_path]}
 
 
@@ -472,7 +497,8 @@ def write_synthetic_dataset(out_dir: str | Path, cfg: SynthConfig) -> SynthSumma
             (out / ex.image_path).write_bytes(ex.png)
             scenes[ex.image_path] = asdict(ex.scene)
     _write_json(out / "grpo.json", [grpo_record(ex) for ex in splits["grpo"]])
-    _write_json(out / "sft.json", [sft_record(ex, cfg.sft_teacher_error, cfg.seed) for ex in splits["sft"]])
+    _write_json(out / "sft.json", [sft_record(ex, cfg.sft_teacher_error, cfg.seed, cfg.sft_description_omission)
+                                   for ex in splits["sft"]])
     _write_json(out / "eval.json", [grpo_record(ex) for ex in splits["eval"]])
     _write_json(out / "scenes.json", scenes)
     kinds = Counter(ex.question.kind for examples in splits.values() for ex in examples)

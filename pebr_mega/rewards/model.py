@@ -190,7 +190,7 @@ class RewardModel:
 
     def _score_clip(self, batch: Sequence[RewardSample], results: list[RewardResult]) -> None:
         """CLIP rewards: the similarity of each sample's first image and its description (module docstring)."""
-        from pebr_mega.rewards.clip import similarity_to_reward
+        from pebr_mega.rewards.clip import similarity_to_reward  # transformers: only when a CLIP weight is set
 
         pairs: list[tuple[int, Any, str]] = []
         for i, (sample, res) in enumerate(zip(batch, results)):
@@ -262,7 +262,7 @@ def build_reward(cfg: RewardConfig, stage: str, clip_scorer: Any = None, pool: R
                             "rewards.clip_model_dir is not set: point it at a local CLIP-family checkpoint "
                             "(FG-CLIP large upstream; `pebr make-tiny-clip --out DIR` for a tiny random one), "
                             "or set rewards.weights.clip=0")
-        from pebr_mega.rewards.clip import ClipAlignmentScorer
+        from pebr_mega.rewards.clip import ClipAlignmentScorer  # transformers: only when a CLIP weight is set
 
         try:
             clip_scorer = ClipAlignmentScorer(cfg.clip_model_dir, cfg.clip_device, cfg.clip_image_size,

@@ -14,17 +14,30 @@ import json
 import random
 import time
 from dataclasses import asdict
+from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from importlib import resources
-
+from pebr_mega.config import load_config
+from pebr_mega.data.corpus import tokenizer_corpus
+from pebr_mega.data.images import load_image
+from pebr_mega.data.synthetic import (HARD_NEGATIVE_KINDS, OMIT_KIND, SynthConfig, describe_scene, hard_negatives,
+                                      load_scenes, write_synthetic_dataset)
 from pebr_mega.errors import DataError
+from pebr_mega.logging import read_metrics
+from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model
+from pebr_mega.rewards.clip import ClipAlignmentScorer
+from pebr_mega.rewards.clip_training import ClipPair, ClipTrainingConfig, retrieval_metrics, train_clip
+from pebr_mega.rewards.model import RewardConfig
+from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
+from pebr_mega.trainer.pipeline import run_pipeline
 
-
-# The demo's SFT teacher is sloppy on reasoning questions (see `SynthConfig.sft_teacher_error`): the
-# error stage 2's verifiable reward has to correct. docs/DEMO.md reports the demo with and without it.
+# The demo's SFT teacher is sloppy on reasoning questions (see `SynthConfig.sft_teacher_error`): the error
+# stage 2's verifiable reward has to correct. `--description-omission` makes its descriptions leave out the
+# scene's last group too (`SynthConfig.sft_description_omission`), an error for stage 1's perception rewards;
+# it is off by default because stage 1 did not correct it at this scale (docs/DEMO.md reports both).
 DEMO_TEACHER_ERROR = 0.6
+DEMO_DESCRIPTION_OMISSION = 0.0
 SYNTH_RECORD = "synth_config.json"  # the SynthConfig the demo's data were written with
 CLIP_RECORD = "training.json"  # the trained tiny CLIP's settings and held-out retrieval metrics
 CLIP_TRAIN_SPLITS = ("sft", "grpo")  # the CLIP never sees the held-out images
@@ -34,8 +47,6 @@ CLIP_EVAL_NEGATIVES = 4  # hard negatives per held-out image for the retrieval m
 
 def demo_clip_config(seed: int) -> "TinyClipConfig":  # noqa: F821 (imported below, lazily like the rest)
     """The demo's tiny CLIP: 112 px images in 28 px patches (one patch per cell of the scenes' grid)."""
-    from pebr_mega.rewards.tiny_clip import TinyClipConfig
-
     return TinyClipConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, projection_dim=64,
                           image_size=112, patch_size=28, seed=seed)
 
@@ -46,53 +57,51 @@ def demo_config_path() -> Path:
 
 
 def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: int,
-                   teacher_error: float = 0.0, rewards: Any = None, clip_steps: int | None = None) -> dict[str, Any]:
+                   teacher_error: float = 0.0, rewards: Any = None, clip_steps: int | None = None,
+                   description_omission: float = 0.0) -> dict[str, Any]:
     """Tiny model, synthetic data and the trained tiny CLIP under `out` (each reused when already there).
 
     `rewards` (a `RewardConfig`) gives the CLIP scorer's image size, text length and threshold, which the
     CLIP's training uses too; the returned dict holds the paths and the CLIP's record (`clip_record`).
     """
-    from pebr_mega.data.corpus import tokenizer_corpus
-    from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
-    from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model
-    from pebr_mega.rewards.model import RewardConfig
-
     model, data, clip = out / "model", out / "data", out / "clip"
     synth = SynthConfig(num=num_grpo, num_sft=num_sft, num_eval=num_eval, seed=seed, max_objects=4,
-                        sft_teacher_error=teacher_error)
+                        sft_teacher_error=teacher_error, sft_description_omission=description_omission)
     check_reused_data(data, asdict(synth))
     if not (model / "config.json").is_file():
         build_tiny_model(model, TinyModelConfig(seed=seed), tokenizer_corpus())
     if not (data / "eval.json").is_file():
         write_synthetic_dataset(data, synth)
         (data / SYNTH_RECORD).write_text(json.dumps(asdict(synth), indent=1) + "\n")
-    record = prepare_clip(clip, data, seed, rewards or RewardConfig(), clip_steps)
+    # An omitting teacher's error is one the CLIP reward must see: its training negatives then leave out groups too.
+    kinds = (*HARD_NEGATIVE_KINDS, OMIT_KIND) if description_omission > 0 else HARD_NEGATIVE_KINDS
+    record = prepare_clip(clip, data, seed, rewards or RewardConfig(), clip_steps, kinds)
     return {"model": model, "data": data, "clip": clip, "clip_record": record}
 
 
-def clip_pairs(data: Path, splits: Sequence[str], negatives: int, seed: int) -> list:
-    """(image, true description, hard negatives) for every image of `splits`, negatives drawn from `seed`."""
-    from pebr_mega.data.images import load_image
-    from pebr_mega.data.synthetic import describe_scene, hard_negatives, load_scenes
-    from pebr_mega.rewards.clip_training import ClipPair
-
+def clip_pairs(data: Path, splits: Sequence[str], negatives: int, seed: int,
+               kinds: Sequence[str] | None = None) -> list:
+    """(image, true description, hard negatives) for every image of `splits`, negatives drawn from `seed` (of
+    the perception-error `kinds`, default `HARD_NEGATIVE_KINDS`); images without any are left out."""
+    kinds = tuple(kinds or HARD_NEGATIVE_KINDS)
+    tag = "" if kinds == HARD_NEGATIVE_KINDS else "/" + "+".join(kinds)
     pairs = []
     for split in splits:
-        rng = random.Random(f"pebr-demo/{seed}/clip-negatives/{split}")
+        rng = random.Random(f"pebr-demo/{seed}/clip-negatives/{split}{tag}")
         for path, scene in sorted(load_scenes(data, split).items()):
-            pairs.append(ClipPair(load_image(data / path), describe_scene(scene),
-                                  hard_negatives(scene, rng, negatives)))
+            wrong = hard_negatives(scene, rng, negatives, kinds)
+            if wrong:
+                pairs.append(ClipPair(load_image(data / path), describe_scene(scene), wrong))
     return pairs
 
 
-def prepare_clip(clip: Path, data: Path, seed: int, rewards: Any, steps: int | None = None) -> dict:
-    """Build the tiny CLIP, train it on the training splits (`rewards.clip_training`) and measure it on the
-    held-out images; returns (and writes to `clip/training.json`) the measurements. Reused when recorded."""
-    from pebr_mega.data.corpus import tokenizer_corpus
-    from pebr_mega.rewards.clip import ClipAlignmentScorer
-    from pebr_mega.rewards.clip_training import ClipTrainingConfig, retrieval_metrics, train_clip
-    from pebr_mega.rewards.tiny_clip import build_tiny_clip
-
+def prepare_clip(clip: Path, data: Path, seed: int, rewards: Any, steps: int | None = None,
+                 kinds: Sequence[str] | None = None) -> dict:
+    """Build the tiny CLIP, train it on the training splits (`rewards.clip_training`; hard negatives of the
+    perception-error `kinds`, default `HARD_NEGATIVE_KINDS`) and measure it on the held-out images against
+    `HARD_NEGATIVE_KINDS` negatives and, apart, against descriptions missing a group; returns (and writes to
+    `clip/training.json`) the measurements. Reused when recorded with the same settings."""
+    kinds = tuple(kinds or HARD_NEGATIVE_KINDS)
     model_cfg = demo_clip_config(seed)
     train_cfg = ClipTrainingConfig(seed=seed, threshold=rewards.clip_threshold)
     if steps is not None:
@@ -100,27 +109,36 @@ def prepare_clip(clip: Path, data: Path, seed: int, rewards: Any, steps: int | N
     record = clip / CLIP_RECORD
     if record.is_file() and (clip / "config.json").is_file():
         saved = json.loads(record.read_text())
-        if (saved.get("model"), saved.get("training")) != (asdict(model_cfg), asdict(train_cfg)):
+        if (saved.get("model"), saved.get("training"), saved.get("negative_kinds", list(HARD_NEGATIVE_KINDS))) != (
+                asdict(model_cfg), asdict(train_cfg), list(kinds)):
             raise DataError(f"{clip} holds a CLIP trained with other settings ({record}); "
                             "choose another --out (or delete that directory)")
         return saved
     t0, c0 = time.perf_counter(), time.process_time()
     build_tiny_clip(clip, tokenizer_corpus(), model_cfg)
-    stats = train_clip(clip, clip_pairs(data, CLIP_TRAIN_SPLITS, CLIP_NEGATIVE_POOL, seed), train_cfg,
+    stats = train_clip(clip, clip_pairs(data, CLIP_TRAIN_SPLITS, CLIP_NEGATIVE_POOL, seed, kinds), train_cfg,
                        rewards.clip_image_size, rewards.clip_max_text_tokens,
                        log=lambda line: print(line, flush=True))
     scorer = ClipAlignmentScorer(clip, "cpu", rewards.clip_image_size, rewards.clip_max_text_tokens)
     held_out = clip_pairs(data, ("eval",), CLIP_EVAL_NEGATIVES, seed)
     measured = retrieval_metrics(scorer, held_out, rewards.clip_threshold)
+    # Incomplete descriptions alone (one group left out; scenes of two groups or more): what the demo teacher's
+    # omissions look like to the CLIP reward.
+    omitted = clip_pairs(data, ("eval",), CLIP_EVAL_NEGATIVES, seed, kinds=(OMIT_KIND,))
+    omission = retrieval_metrics(scorer, omitted, rewards.clip_threshold)
     result = {**{k: round(v, 4) for k, v in measured.items()}, "eval_images": len(held_out),
-              "eval_negatives_per_image": CLIP_EVAL_NEGATIVES,
+              "eval_negatives_per_image": CLIP_EVAL_NEGATIVES, "negative_kinds": list(kinds),
+              "omission": {"images": len(omitted), "pairwise_accuracy": round(omission["clip_pairwise_accuracy"], 4),
+                           "reward_true": round(omission["clip_reward_true"], 4),
+                           "reward_omitted": round(omission["clip_reward_negative"], 4)},
               "train_final": {k: round(v, 4) for k, v in stats.items()},
               "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
               "model": asdict(model_cfg), "training": asdict(train_cfg)}
     record.write_text(json.dumps(result, indent=1) + "\n")
     print(f"[demo] tiny CLIP trained in {result['seconds']:.0f}s: held-out retrieval "
           f"{result['clip_retrieval_accuracy']:.3f} (true description above all {CLIP_EVAL_NEGATIVES} hard negatives), "
-          f"reward of true {result['clip_reward_true']:.2f} vs hard negatives {result['clip_reward_negative']:.2f}")
+          f"reward of true {result['clip_reward_true']:.2f} vs hard negatives {result['clip_reward_negative']:.2f}, "
+          f"vs descriptions missing a group {result['omission']['reward_omitted']:.2f}")
     return result
 
 
@@ -139,11 +157,8 @@ def check_reused_data(data: Path, wanted: dict) -> None:
 
 def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: int = 1024, num_eval: int = 256,
              overrides: Sequence[str] = (), teacher_error: float = DEMO_TEACHER_ERROR,
-             clip_steps: int | None = None) -> dict:
+             clip_steps: int | None = None, description_omission: float = DEMO_DESCRIPTION_OMISSION) -> dict:
     """Run the demo into `out_dir`; returns the summary (also written to `out_dir/summary.json`)."""
-    from pebr_mega.config import load_config
-    from pebr_mega.trainer.pipeline import run_pipeline
-
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -159,10 +174,13 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
         *overrides,
     ])
     print(f"[demo] building the tiny model, the synthetic data and a tiny CLIP in {out} (the SFT teacher gets "
-          f"{teacher_error:.0%} of its reasoning answers wrong by one: docs/DEMO.md)")
-    assets = prepare_assets(out, seed, num_grpo, num_sft, num_eval, teacher_error, cfg.rewards, clip_steps)
+          f"{teacher_error:.0%} of its reasoning answers wrong by one and leaves the last group out of "
+          f"{description_omission:.0%} of its descriptions: docs/DEMO.md)")
+    assets = prepare_assets(out, seed, num_grpo, num_sft, num_eval, teacher_error, cfg.rewards, clip_steps,
+                            description_omission)
     results = run_pipeline(cfg)
-    summary = summarize(results, time.time() - t0, assets["clip_record"])
+    summary = summarize(results, time.time() - t0, assets["clip_record"],
+                        {"reasoning_error": teacher_error, "description_omission": description_omission})
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_demo(out, summary)
     print_summary(summary, out)
@@ -195,9 +213,10 @@ def _stage_summary(res: dict | None) -> dict:
     return {k: v for k, v in out.items() if not (isinstance(v, float) and v != v)}  # drop NaN (n/a) entries
 
 
-def summarize(results: dict, wall: float, clip: dict | None = None) -> dict:
+def summarize(results: dict, wall: float, clip: dict | None = None, teacher: dict | None = None) -> dict:
     """`{"sft": {...}, "stage1": {...}, "stage2": {...}, "wall_seconds": ..., "clip_retrieval_accuracy": ...}`
-    from the pipeline's results and the trained CLIP's record."""
+    from the pipeline's results and the trained CLIP's record; `teacher` (the SFT teacher's error rates) is
+    recorded as given."""
     sft = _stage_summary(results.get("sft"))
     # For SFT the "reward" is the held-out stage-2 preset reward (0.9 accuracy + 0.1 format).
     sft["mean_reward"] = sft.get("eval_reward")
@@ -206,6 +225,7 @@ def summarize(results: dict, wall: float, clip: dict | None = None) -> dict:
             "stage1": _stage_summary(results.get("stage1")), "stage2": _stage_summary(results.get("stage2")),
             "clip_retrieval_accuracy": clip.get("clip_retrieval_accuracy"),
             "clip": {k: v for k, v in clip.items() if k not in ("model", "training")},
+            "teacher": dict(teacher or {}),
             "final_model": results.get("export", {}).get("model_dir"), "wall_seconds": round(wall, 1)}
 
 
@@ -224,8 +244,6 @@ def plot_demo(out: Path, summary: dict) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from pebr_mega.logging import read_metrics
 
     stages = ("sft", "stage1", "stage2")
     held = [{"stage": st, **{k: (summary.get(st) or {}).get("eval_" + k.split("/")[1]) for k in HELD_OUT_KEYS}}
