@@ -503,18 +503,18 @@ def _cmd_config_command(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        return _dry_run(cfg, args.command)
+        return _dry_run(cfg, args.command, getattr(args, "force_restart", False))
     print(args.run(cfg, restart=True) if getattr(args, "force_restart", False) else args.run(cfg))
     return 0
 
 
-def _dry_run(cfg: PebrConfig, command: str) -> int:
+def _dry_run(cfg: PebrConfig, command: str, restart: bool = False) -> int:
     """The plan as JSON on stdout (docs/TRAINING.md, "Dry run"); a plan that cannot start ends as one error line."""
     import json
 
     from pebr_mega.trainer.dry_run import dry_run, plan_error
 
-    plan = dry_run(cfg, command)
+    plan = dry_run(cfg, command, restart=restart)
     print(json.dumps(plan, indent=1))
     error = plan_error(plan)
     if error:

@@ -136,17 +136,21 @@ def test_train_dry_run_holdout_and_what_cannot_start(tmp_path, capsys):
     assert rc == 2 and "nothing left to train on" in err
 
 
-def test_pipeline_dry_run_plans_each_stage_and_names_pending_inputs(tiny_model_dir, tmp_path, capsys):
+def _pipeline_overrides(tmp_path, model) -> list[str]:
+    """A tiny pipeline: 5 usable SFT conversations (and one odd), 12 GRPO questions, batches of 4."""
     sft = tmp_path / "sft.json"
     sft.write_text(json.dumps([{"messages": [{"role": "user", "content": "<image>What is it?"},
                                              {"role": "assistant", "content": "A square."}], "images": ["56x56.png"]}] * 5
                               + [{"messages": [{"role": "user", "content": "odd"}]}]))
     grpo = _grpo_file(tmp_path, [(56, 56)] * 12)
-    work = tmp_path / "work"
-    argv = ["pipeline", "--dry-run", f"pipeline.work_dir={work}", f"pipeline.base_model={tiny_model_dir}",
-            f"pipeline.sft_file={sft}", f"pipeline.grpo_file={grpo}", "images.min_pixels=3136",
-            "images.max_pixels=50176", "sample.max_pixels=50176", "sft.batch_size=2", "grpo.rollout_batch_size=4",
-            "grpo.mini_batch_size=4"]
+    return [f"pipeline.work_dir={tmp_path / 'work'}", f"pipeline.base_model={model}", f"pipeline.sft_file={sft}",
+            f"pipeline.grpo_file={grpo}", "images.min_pixels=3136", "images.max_pixels=50176", "sample.max_pixels=50176",
+            "sft.batch_size=2", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4"]
+
+
+def test_pipeline_dry_run_plans_each_stage_and_names_pending_inputs(tiny_model_dir, tmp_path, capsys):
+    argv = ["pipeline", "--dry-run", *_pipeline_overrides(tmp_path, tiny_model_dir)]
+    grpo, work = tmp_path / "grpo.json", tmp_path / "work"
     rc, plans, _ = _dry(capsys, *argv)
     by = {p["stage"]: p for p in plans}
     assert rc == 0 and list(by) == ["sft", "sample", "split", "stage1", "stage2", "export"]
@@ -173,6 +177,74 @@ def test_pipeline_dry_run_plans_each_stage_and_names_pending_inputs(tiny_model_d
     assert s2["status"] == "to run" and s2["init_model"] == str(tiny_model_dir)  # stage 1 passes the SFT model on
     assert (s2["prompts"], s2["steps_per_epoch"], s2["total_steps"], s2["dropped_per_epoch"]) == (9, 2, 4, 1)
     assert not (work / "stage2").exists()
+
+
+def test_pipeline_dry_run_checks_the_recorded_fingerprints_as_the_run_does(tiny_model_dir, tmp_path, capsys):
+    """A work directory whose sft, sample and split are done and whose stage 1 was interrupted, each recorded
+    with its fingerprint (`pipeline._mark_done` / `_mark_started`, as the run writes them). The dry run reports
+    what the run does: done stages stay done; with another `sample.n` the run stops before anything runs with
+    the same error (the real run is started to compare), or with --force-restart sample and every later stage
+    are planned as the run finds them after discarding their folders. The dry run itself touches nothing."""
+    from pebr_mega.config import load_config
+    from pebr_mega.outputs import claim_output_dir
+    from pebr_mega.trainer import pipeline as pl
+
+    overrides = _pipeline_overrides(tmp_path, tiny_model_dir)
+    work = tmp_path / "work"
+    claim_output_dir(work)  # as the run claims it
+    recorded = pl.stage_fingerprints(load_config(None, overrides), work)
+    pl._mark_done(work, "sft", {"model_dir": str(tiny_model_dir)}, recorded["sft"])
+    (work / "sample" / "rollouts.jsonl").parent.mkdir()
+    (work / "sample" / "rollouts.jsonl").write_text('{"qid": "q0", "score": 1.0}\n')
+    pl._mark_done(work, "sample", {"output": str(work / "sample" / "rollouts.jsonl")}, recorded["sample"])
+    rows = json.loads((tmp_path / "grpo.json").read_text())
+    (work / "split").mkdir()
+    (work / "split" / "easycase.json").write_text(json.dumps(rows[:4]))
+    (work / "split" / "mediumcase.json").write_text(json.dumps(rows[4:]))
+    pl._mark_done(work, "split", {"dir": str(work / "split")}, recorded["split"])
+    pl._mark_started(work, "stage1", recorded["stage1"])
+    before = sorted(str(f.relative_to(work)) for f in work.rglob("*"))
+
+    # The same settings: the finished stages are done, the interrupted one and the rest run.
+    rc, plans, _ = _dry(capsys, "pipeline", "--dry-run", *overrides)
+    status = {p["stage"]: p["status"] for p in plans}
+    assert rc == 0 and status == {"sft": "done", "sample": "done", "split": "done", "stage1": "to run",
+                                  "stage2": "to run", "export": "to run"}
+    assert plans[3]["prompts"] == 4 and plans[3]["init_model"] == str(tiny_model_dir)
+
+    # Another sample.n: the real run stops at start-up with one line naming the key ...
+    assert main(["pipeline", *overrides, "sample.n=3"]) == 2
+    real = capsys.readouterr().err.strip().splitlines()[-1]
+    assert real.startswith("pebr pipeline: error: ") and "stage sample was run with other settings: sample.n 8 -> 3; " \
+        "pass --force-restart to redo sample, split, stage1, stage2, export" in real, real
+    # ... and the dry run reports that stop, with the same message, and exits with the same status.
+    rc, plans, err = _dry(capsys, "pipeline", "--dry-run", *overrides, "sample.n=3")
+    by = {p["stage"]: p for p in plans}
+    assert rc == 2 and real.removeprefix("pebr pipeline: error: ") in err.strip().splitlines()[-1]
+    assert {s: p["status"] for s, p in by.items()} == {"sft": "done", "sample": "settings differ", "split": "stopped",
+                                                     "stage1": "stopped", "stage2": "stopped", "export": "stopped"}
+    assert by["sample"]["differences"] == "sample.n 8 -> 3" and "prompts" not in by["split"]
+    # A recorded stage outside pipeline.stages stops the run as well, and is named.
+    rc, plans, err = _dry(capsys, "pipeline", "--dry-run", *overrides, "sample.n=3", "pipeline.stages=[stage2,export]")
+    assert rc == 2 and [(p["stage"], p["status"]) for p in plans] == \
+        [("sample", "settings differ"), ("stage2", "stopped"), ("export", "stopped")]
+
+    # With --force-restart: sample is redone, and the split and GRPO inputs it would discard count as absent.
+    rc, plans, _ = _dry(capsys, "pipeline", "--dry-run", "--force-restart", *overrides, "sample.n=3")
+    by = {p["stage"]: p for p in plans}
+    assert rc == 0 and {s: p["status"] for s, p in by.items()} == {
+        "sft": "done", "sample": "to run", "split": "pending input", "stage1": "pending input",
+        "stage2": "pending input", "export": "to run"}
+    assert by["sample"]["restart"] == "sample was run with other settings (sample.n 8 -> 3): discarding sample, " \
+                                      "split, stage1, stage2, export"
+    assert by["sample"]["n"] == 3 and by["stage1"]["prompts"] is None and "restart" not in by["split"]
+    # Outside pipeline.stages, the discarded stage is named and the stages after it start from what is left.
+    rc, plans, _ = _dry(capsys, "pipeline", "--dry-run", "--force-restart", *overrides, "sample.n=3",
+                        "pipeline.stages=[sft,stage1]")
+    assert rc == 0 and [(p["stage"], p["status"]) for p in plans] == \
+        [("sft", "done"), ("sample", "discarded"), ("stage1", "pending input")]
+    assert plans[2]["init_model"] == str(tiny_model_dir)
+    assert sorted(str(f.relative_to(work)) for f in work.rglob("*")) == before  # the dry runs wrote nothing
 
 
 def test_training_commands_fail_at_start_up_with_one_line(tmp_path, capsys):

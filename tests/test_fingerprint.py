@@ -12,8 +12,8 @@ from pebr_mega.config import load_config
 from pebr_mega.errors import SettingsMismatchError
 from pebr_mega.trainer.context import prepare_run_dir
 from pebr_mega.trainer.fingerprint import FINGERPRINT, diff_settings, read_fingerprint, stage_settings
-from pebr_mega.trainer.pipeline import (STAGES, _mark_done, check_recorded_stages, stage_fingerprints,
-                                        stage_result)
+from pebr_mega.trainer.pipeline import (STAGES, _mark_done, check_recorded_stages, find_mismatch,
+                                        stage_fingerprints, stage_result)
 
 
 def _cfg(tmp: Path, *extra: str):
@@ -84,6 +84,11 @@ def test_pipeline_stages_record_their_fingerprint_and_a_change_invalidates_the_l
 
     changed = stage_fingerprints(_pipeline_cfg(tmp_path, "sample.n=3"), work)
     assert changed["sft"] == plan["sft"] and changed["stage2"] != plan["stage2"]  # the chain carries it on
+    # The comparison alone (what `pebr pipeline --dry-run` reports) reads and discards nothing.
+    found = find_mismatch(work, changed)
+    assert (found.stage, found.why, found.redo) == ("sample", "sample.n 8 -> 3", STAGES[1:])
+    assert found.folders() == [work / s for s in STAGES[1:]] + [work / "final"]
+    assert find_mismatch(work, plan) is None and all((work / s / "DONE").is_file() for s in STAGES)
     with pytest.raises(SettingsMismatchError, match=r"stage sample was run with other settings: sample\.n 8 -> 3; "
                                                     r"pass --force-restart to redo sample, split, stage1, stage2"):
         check_recorded_stages(work, changed, restart=False, log=print)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -249,6 +250,45 @@ def test_force_restart_discards_the_run_and_an_empty_train_file_is_one_line(kill
     assert last.startswith("pebr train: error: ") and "empty.json" in last and "no usable records" in last
     assert "build_actor" not in got["counts"] and "make_rollout_engine" not in got["counts"]  # before any model
     assert "checkpoints" not in got["left"] and "metrics.jsonl" not in got["left"]  # the old run is gone
+
+
+# The child that runs `pebr sft` (kill_resume.run_child: `pebr_mega.cli.main` in a forked child that counts the
+# model builds), in a fresh interpreter: the run initialises a process group, which the pytest process must not.
+_SFT_CHILD = """
+import json, sys
+from pathlib import Path
+import kill_resume
+kill_resume.preload()
+print(json.dumps([kill_resume.run_child(argv, Path(log)) for argv, log in json.loads(sys.argv[1])]))
+"""
+
+
+def test_sft_with_an_empty_train_file_is_one_line_before_any_model(tiny_model_dir, tmp_path):
+    """`pebr sft` on an empty file and on an empty JSON list: status 2, one line naming the file, and neither the
+    actor nor a rollout engine was built (as `pebr train` in the kills job)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    runs = []
+    for name, content in (("empty.json", ""), ("list.json", "[]")):
+        (tmp_path / name).write_text(content)
+        argv = ["sft", f"sft.init_model={tiny_model_dir}", f"sft.train_file={tmp_path / name}",
+                f"run.output_dir={tmp_path / ('run_' + name[:-5])}"]
+        runs.append((argv, str(tmp_path / f"{name}.log")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    proc = subprocess.run([sys.executable, "-c", _SFT_CHILD, json.dumps(runs)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (argv, _), got in zip(runs, json.loads(proc.stdout.strip().splitlines()[-1])):
+        assert got["rc"] == 2 and "Traceback" not in got["log"], got["log"]
+        errors = [line for line in got["log"].splitlines() if ": error: " in line]
+        path = argv[2].split("=", 1)[1]
+        assert errors == [f"pebr sft: error: {path}: no usable SFT conversations (read 0, skipped {{}})"], got["log"]
+        assert got["log"].strip().splitlines()[-1] == errors[0]
+        assert "build_actor" not in got["counts"] and "make_rollout_engine" not in got["counts"]  # before any model
+        run = Path(argv[3].split("=", 1)[1])
+        assert not (run / "checkpoints").exists() and not (run / "hf").exists()
 
 
 def test_rerun_with_other_settings_is_one_line_naming_the_key(kills):

@@ -16,7 +16,11 @@ tokenising and decoding images (truncation, unreadable pixels) happen when the s
 
 `pebr pipeline --dry-run` gives one object per stage with a `status`: `to run`, `done` (a `DONE` file),
 `skipped` (as the pipeline would skip it) or `pending input` (the file it reads is written by an earlier stage:
-the object then says which, and leaves the counts that depend on it `null`).
+the object then says which, and leaves the counts that depend on it `null`). The stages' recorded fingerprints
+are checked first, by the pipeline's own functions: a stage recorded with other settings is `settings differ`,
+with the error the run stops with (every stage not done is then `stopped`); with `--force-restart` that stage
+carries a `restart` note and it and the later stages are planned as the run plans them once their folders are
+discarded (a discarded stage outside `pipeline.stages` is `discarded`).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import math
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pebr_mega.config import PebrConfig
 from pebr_mega.data.images import ImageConfig
@@ -39,6 +43,9 @@ from pebr_mega.rollout.requests import RequestBuilder
 from pebr_mega.stage_config import GRPOTrainerConfig
 from pebr_mega.trainer.stage_data import FILTER_LENGTH, RLSchedule, load_stage_records
 
+if TYPE_CHECKING:
+    from pebr_mega.trainer.pipeline import StageMismatch
+
 PLAN_KEYS = ("stage", "prompts", "rollout_batch", "mini_batch", "epochs", "steps_per_epoch", "total_steps",
              "updates_per_step", "samples_per_step", "reward_weights", "grading")
 
@@ -47,9 +54,13 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def dry_run(cfg: PebrConfig, command: str, log: Callable[[str], None] = _stderr) -> dict | list[dict]:
-    """The plan of `command` (`train`, `sft`, `sample`: one object; `pipeline`: one per stage)."""
-    plans = {"train": grpo_plan, "sft": sft_plan, "sample": sample_plan, "pipeline": pipeline_plan}
+def dry_run(cfg: PebrConfig, command: str, log: Callable[[str], None] = _stderr,
+            restart: bool = False) -> dict | list[dict]:
+    """The plan of `command` (`train`, `sft`, `sample`: one object; `pipeline`: one per stage, `restart` as
+    `pebr pipeline --force-restart`)."""
+    if command == "pipeline":
+        return pipeline_plan(cfg, log=log, restart=restart)
+    plans = {"train": grpo_plan, "sft": sft_plan, "sample": sample_plan}
     return plans[command](cfg, log=log)
 
 
@@ -171,7 +182,8 @@ def sft_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
                                     "needs the pixels and the tokenizer: counted when the stage starts"},
             "last_batch": (kept % sft.batch_size) or min(kept, sft.batch_size), "seed": cfg.run.seed, "eval": eval_info}
     if kept == 0:
-        plan["error"] = f"{path}: no usable SFT conversations"
+        plan["error"] = (f"{path}: no usable SFT conversations (read {len(items) + len(bad)}, skipped "
+                         f"{dict(sorted(skipped.items()))})")
     return plan
 
 
@@ -201,8 +213,12 @@ def sample_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
-def pipeline_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> list[dict]:
-    """One object per stage of `pipeline.stages`, each configured as `run_pipeline` configures it."""
+def pipeline_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr, restart: bool = False) -> list[dict]:
+    """One object per stage of `pipeline.stages`, each configured as `run_pipeline` configures it, after the
+    recorded fingerprints are compared as `run_pipeline` compares them (`pipeline.find_mismatch`): a stage
+    recorded with other settings stops the run (`settings differ`, with the real run's error; every stage not
+    done is then `stopped`), or with `restart` (`--force-restart`) it and every later stage are planned as
+    if their folders were already discarded."""
     from pebr_mega.trainer import pipeline as pl  # heavy (the trainers import Megatron): only for this command
 
     p = cfg.pipeline
@@ -213,22 +229,67 @@ def pipeline_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> list
         if not getattr(p, key):
             raise PebrError(f"pipeline.{key} is not set")
     work = Path(p.work_dir)
-    results: dict[str, dict] = {}  # finished stages' results, and where a stage to run will write its model
+    mismatch = pl.find_mismatch(work, pl.stage_fingerprints(cfg, work))
+    if mismatch is not None and not restart:
+        return _stopped_pipeline(work, p.stages, mismatch)
+    found = _WorkDir(mismatch)
+    # finished stages' results, and where a stage to run will write its model; a discarded stage that is not
+    # run again has no result, so the stages after it fall back as they do on a missing DONE file
+    results: dict[str, dict] = {s: {"model_dir": None} for s in found.discarded if s not in p.stages}
     out = []
     for stage in pl.STAGES:
+        if mismatch is not None and stage == mismatch.stage and stage not in p.stages:
+            out.append({"stage": stage, "status": "discarded", "restart": mismatch.restart_note()})
         if stage not in p.stages:
             continue
-        done = pl.stage_result(work, stage)
+        done = None if stage in found.discarded else pl.stage_result(work, stage)
         if done is not None:
             results[stage] = done
             out.append({"stage": stage, "status": "done", "done_file": str(work / stage / "DONE")})
             continue
-        plan = _pipeline_stage(cfg, work, results, stage, log)
+        plan = _pipeline_stage(cfg, work, results, stage, log, found)
+        if mismatch is not None and stage == mismatch.stage:
+            plan["restart"] = mismatch.restart_note()
         out.append(plan)
     return out
 
 
-def _pipeline_stage(cfg: PebrConfig, work: Path, results: dict, stage: str, log: Callable[[str], None]) -> dict:
+def _stopped_pipeline(work: Path, stages: list[str], mismatch: StageMismatch) -> list[dict]:
+    """The plan of a run that stops at start-up on `mismatch`: finished stages stay done, nothing runs."""
+    from pebr_mega.trainer import pipeline as pl
+
+    out = []
+    for stage in pl.STAGES:
+        if stage == mismatch.stage:
+            out.append({"stage": stage, "status": "settings differ", "differences": mismatch.why,
+                        "error": str(mismatch.error())})
+        elif stage in stages and stage not in mismatch.redo and pl.stage_result(work, stage) is not None:
+            out.append({"stage": stage, "status": "done", "done_file": str(work / stage / "DONE")})
+        elif stage in stages:
+            out.append({"stage": stage, "status": "stopped",
+                        "note": f"the run stops at stage {mismatch.stage} before any stage runs"})
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class _WorkDir:
+    """The work directory as a `--force-restart` rerun finds it after its start-up check: the folders of the
+    mismatched stage and of every later stage discarded (nothing discarded without a mismatch)."""
+
+    mismatch: StageMismatch | None = None
+
+    @property
+    def discarded(self) -> tuple[str, ...]:
+        return self.mismatch.redo if self.mismatch is not None else ()
+
+    def has_file(self, path: Path) -> bool:
+        """Whether the run finds the file `path`."""
+        folders = self.mismatch.folders() if self.mismatch is not None else []
+        return path.is_file() and not any(f == path or f in path.parents for f in folders)
+
+
+def _pipeline_stage(cfg: PebrConfig, work: Path, results: dict, stage: str, log: Callable[[str], None],
+                    found: _WorkDir) -> dict:
     from pebr_mega.trainer import pipeline as pl
 
     if stage == "sft":
@@ -238,16 +299,17 @@ def _pipeline_stage(cfg: PebrConfig, work: Path, results: dict, stage: str, log:
         return {**sample_plan(pl.sample_stage_config(cfg, work, results), log), "status": "to run"}
     if stage == "split":
         rollouts = work / "sample" / "rollouts.jsonl"
-        status = "to run" if rollouts.is_file() else "pending input"
+        status = "to run" if found.has_file(rollouts) else "pending input"
         return {"stage": "split", "status": status, "input": str(rollouts), "n": cfg.sample.n,
                 "correct_threshold": cfg.sample.correct_threshold,
                 "writes": [str(work / "split" / f) for f in ("easycase.json", "mediumcase.json", "hardcase.json")]}
     if stage in ("stage1", "stage2"):
-        return _pipeline_grpo(cfg, work, results, stage, log)
+        return _pipeline_grpo(cfg, work, results, stage, log, found)
     return {"stage": "export", "status": "to run", "writes": str(work / "final")}
 
 
-def _pipeline_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, log: Callable[[str], None]) -> dict:
+def _pipeline_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, log: Callable[[str], None],
+                   found: _WorkDir) -> dict:
     from pebr_mega.trainer import pipeline as pl
 
     path = work / "split" / pl.GRPO_INPUTS[stage]
@@ -255,7 +317,7 @@ def _pipeline_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, log: 
     c = pl.grpo_stage_config(cfg, work, stage, path, init)
     g = c.grpo.resolved()
     results[stage] = {"model_dir": str(work / stage / "hf")}
-    if not path.is_file():
+    if not found.has_file(path):
         plan = _grpo_head(c, g, None)
         plan.update({"status": "pending input", "train_file": str(path), "init_model": init,
                      "note": f"{path} is written by the split stage: prompts and steps follow from it"})

@@ -21,6 +21,7 @@ import copy
 import json
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -83,9 +84,37 @@ def stage_fingerprints(cfg: PebrConfig, work: Path) -> dict[str, dict]:
     return chained
 
 
-def check_recorded_stages(work: Path, plan: dict[str, dict], restart: bool, log: Callable[[str], None]) -> None:
-    """Compare each stage's recorded fingerprint (DONE, else STARTED) with `plan`; at the first that differs,
-    raise `SettingsMismatchError` naming the keys, or with `restart` discard it and every later stage."""
+@dataclass(frozen=True)
+class StageMismatch:
+    """The first stage whose recorded fingerprint differs from the run's: why (one line), and what a rerun does
+    about it (stop with `error()`, or with `--force-restart` discard the `redo` stages' folders)."""
+
+    work: Path
+    stage: str
+    why: str
+
+    @property
+    def redo(self) -> tuple[str, ...]:
+        """The stage and every stage after it (a restart discards them all)."""
+        return STAGES[STAGES.index(self.stage):]
+
+    def error(self) -> SettingsMismatchError:
+        """The error a rerun without `--force-restart` stops with."""
+        return SettingsMismatchError(
+            f"pipeline.work_dir {self.work}: stage {self.stage} was run with other settings: {self.why}; pass "
+            f"--force-restart to redo {', '.join(self.redo)}, or choose a new pipeline.work_dir")
+
+    def restart_note(self) -> str:
+        """What a rerun with `--force-restart` says before discarding."""
+        return f"{self.stage} was run with other settings ({self.why}): discarding {', '.join(self.redo)}"
+
+    def folders(self) -> list[Path]:
+        """The folders a restart removes."""
+        return [self.work / folder for s in self.redo for folder in _FOLDERS[s]]
+
+
+def find_mismatch(work: Path, plan: dict[str, dict]) -> StageMismatch | None:
+    """The first stage whose recorded fingerprint (DONE, else STARTED) differs from `plan`, or None. Reads only."""
     for i, stage in enumerate(STAGES):
         recorded = read_fingerprint(_done_file(work, stage)) or read_fingerprint(_started_file(work, stage))
         if recorded is None:
@@ -95,16 +124,21 @@ def check_recorded_stages(work: Path, plan: dict[str, dict], restart: bool, log:
             continue
         own = [d for d in diff if not d.startswith("after.")]
         why = describe_diff(own) if own else f"the stage before it ({STAGES[i - 1]}) has other settings now"
-        later = list(STAGES[i:])
-        if not restart:
-            raise SettingsMismatchError(
-                f"pipeline.work_dir {work}: stage {stage} was run with other settings: {why}; pass --force-restart "
-                f"to redo {', '.join(later)}, or choose a new pipeline.work_dir")
-        log(f"[pipeline] {stage} was run with other settings ({why}): discarding {', '.join(later)}")
-        for s in later:
-            for folder in _FOLDERS[s]:
-                shutil.rmtree(work / folder, ignore_errors=True)
+        return StageMismatch(work, stage, why)
+    return None
+
+
+def check_recorded_stages(work: Path, plan: dict[str, dict], restart: bool, log: Callable[[str], None]) -> None:
+    """Compare each stage's recorded fingerprint with `plan` (`find_mismatch`); at the first that differs,
+    raise `SettingsMismatchError` naming the keys, or with `restart` discard it and every later stage."""
+    mismatch = find_mismatch(work, plan)
+    if mismatch is None:
         return
+    if not restart:
+        raise mismatch.error()
+    log(f"[pipeline] {mismatch.restart_note()}")
+    for folder in mismatch.folders():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _mark_started(work: Path, stage: str, settings: dict) -> None:

@@ -57,7 +57,8 @@ class SFTTrainer(StageTrainer):
         if self.skipped:
             self.ctx.log(f"sft data: {self.skipped}")
         if not self.seqs:
-            raise DataError(f"{train_file}: no usable SFT conversations")
+            raise DataError(f"{train_file}: no usable SFT conversations (read {self.skipped.total}, skipped "
+                            f"{dict(sorted(self.skipped.skipped.items()))})")
         # The last partial batch of an epoch is kept, as the HF Trainer LLaMA-Factory runs keeps it
         # (`dataloader_drop_last` off): ceil(conversations / batch) updates per epoch (trainer/data_order.py).
         self.sampler = EpochSampler(self.seqs, sft.batch_size, seed=cfg.run.seed, drop_last=False)
