@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from pebr_mega.data.images import (ImageConfig, ImageDecoder, load_image, num_image_tokens, open_image, policy_view,
                                    target_size)
@@ -98,19 +98,11 @@ class RequestBuilder:
         so a caller that consumes a batch at a time holds one batch of images. `report` counts as it goes; it
         is complete once the iterator is exhausted."""
         for record in records:
-            try:
-                req = self.build_one(record, image_root)
-            except ImageError as e:
-                report.skip("image", record.qid, str(e))
-                continue
-            except DataError as e:
-                report.skip("record", record.qid, str(e))
-                continue
-            if len(req.prompt_ids) > self.max_prompt_length and self.filter_overlong:
-                report.skip("prompt_too_long", record.qid, f"{len(req.prompt_ids)} > {self.max_prompt_length} tokens")
-                continue
-            report.built += 1
-            yield req
+            req = self._admit(record, report, lambda: self.build_one(record, image_root),
+                              lambda r: len(r.prompt_ids))
+            if req is not None:
+                report.built += 1
+                yield req
 
     def prompt_length(self, record: GRPORecord, image_root: str | Path) -> int:
         """The token count of `record`'s prompt without decoding its images: each image's size comes from its
@@ -136,20 +128,32 @@ class RequestBuilder:
         report = RequestReport()
         kept = []
         for record in records:
-            try:
-                n = self.prompt_length(record, image_root) if lengths else self._check_images(record, image_root)
-            except ImageError as e:
-                report.skip("image", record.qid, str(e))
-                continue
-            except DataError as e:
-                report.skip("record", record.qid, str(e))
-                continue
-            if lengths and n > self.max_prompt_length and self.filter_overlong:
-                report.skip("prompt_too_long", record.qid, f"{n} > {self.max_prompt_length} tokens")
-                continue
-            kept.append(record)
+            if lengths:
+                n = self._admit(record, report, lambda: self.prompt_length(record, image_root), lambda n: n)
+            else:
+                n = self._admit(record, report, lambda: self._check_images(record, image_root), lambda n: None)
+            if n is not None:
+                kept.append(record)
         report.built = len(kept)
         return kept, report
+
+    def _admit(self, record: GRPORecord, report: RequestReport, make: Callable[[], Any],
+               prompt_len: Callable[[Any], int | None]) -> Any:
+        """`make()`, or None with the skip counted in `report` under `build`'s reasons: an image that fails, a
+        bad record, or (when `prompt_len` of the result is known) a prompt over `max_prompt_length`."""
+        try:
+            made = make()
+        except ImageError as e:
+            report.skip("image", record.qid, str(e))
+            return None
+        except DataError as e:
+            report.skip("record", record.qid, str(e))
+            return None
+        n = prompt_len(made)
+        if n is not None and n > self.max_prompt_length and self.filter_overlong:
+            report.skip("prompt_too_long", record.qid, f"{n} > {self.max_prompt_length} tokens")
+            return None
+        return made
 
     def _check_images(self, record: GRPORecord, image_root: str | Path) -> int:
         for path in record.image_paths(image_root):
