@@ -98,7 +98,7 @@ class StageTrainer:
         self.name = spec.stage
         self.init_model = spec.init_model
         self.ctx = RunContext.for_training(cfg, spec, restart=restart)
-        self.checkpoints = StageCheckpoints(self.ctx.out_dir / "checkpoints", loop.keep_last, name)
+        self.checkpoints = StageCheckpoints(self.ctx.out_dir / "checkpoints", loop.keep_last, spec.stage)
         self.resumed: dict = {}  # the trainer state of the checkpoint this run resumed from
         self._num_params: int | None = None
 
