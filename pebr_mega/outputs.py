@@ -6,7 +6,8 @@ Every command that writes claims its outputs first, before it loads anything:
   path or the same file through a link), and, if it exists and is not empty, was written by pebr before.
 - `claim_output_dir(path, inputs, writes)`: the path is not a file, is not an input and does not lie inside
   an input directory; none of the entries it will write (`writes`, names relative to it) is or holds an
-  input; and, if it exists and is not empty, pebr created it.
+  input; and, if it exists and is not empty, pebr created it. `check_output_dir` is that check alone (it
+  changes nothing: a dry run asks it what the run would do).
 - `check_replace_dir(out, sources, overwrite)`: for tools that replace a whole directory (export, convert):
   never the source, never inside it, never holding it; a non-empty directory only with `overwrite`.
 
@@ -114,12 +115,13 @@ def claim_output_file(path: PathLike, inputs: Iterable[PathLike | None] = (), wh
     return p
 
 
-def claim_output_dir(path: PathLike, inputs: Iterable[PathLike | None] = (), what: str = "output directory",
+def check_output_dir(path: PathLike, inputs: Iterable[PathLike | None] = (), what: str = "output directory",
                      writes: Sequence[str] = ()) -> Path:
-    """Check that writing into the directory `path` destroys nothing, create it and mark it as pebr's.
+    """Check that writing into the directory `path` destroys nothing; reads only (`claim_output_dir` claims).
 
     `writes` lists the entries (files or folders, relative to `path`) the command will write or replace: an
-    input that is one of them, or lies inside one, is refused. Raises `OutputError` naming the path.
+    input that is one of them, or lies inside one, is refused. Returns `path` as given; raises `OutputError`
+    naming the path.
     """
     p = Path(path)
     rp = resolved(p)
@@ -137,6 +139,15 @@ def claim_output_dir(path: PathLike, inputs: Iterable[PathLike | None] = (), wha
     if rp.is_dir() and not _is_empty(rp) and not written_by_pebr(rp):
         raise OutputError(f"{what} {p} already exists, is not empty and was not created by pebr (no {MARKER}); "
                           "choose a new or empty directory")
+    return p
+
+
+def claim_output_dir(path: PathLike, inputs: Iterable[PathLike | None] = (), what: str = "output directory",
+                     writes: Sequence[str] = ()) -> Path:
+    """Check that writing into the directory `path` destroys nothing (`check_output_dir`), create it and mark
+    it as pebr's. Returns `path` as given; raises `OutputError` naming the path."""
+    p = check_output_dir(path, inputs, what, writes)
+    rp = resolved(p)
     rp.mkdir(parents=True, exist_ok=True)
     marker = _read_marker(rp)
     if not marker.get("dir"):

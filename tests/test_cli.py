@@ -136,6 +136,107 @@ def test_train_dry_run_holdout_and_what_cannot_start(tmp_path, capsys):
     assert rc == 2 and "nothing left to train on" in err
 
 
+def _last_error(capsys, argv: list[str]) -> tuple[int, str]:
+    """Run `pebr` for real; its exit status and last stderr line."""
+    rc = main(argv)
+    return rc, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _tree(path: Path) -> list[str]:
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*"))
+
+
+def test_train_dry_run_reports_the_run_directory_as_the_run_finds_it(tiny_model_dir, tmp_path, capsys):
+    """`run_dir` of `pebr train --dry-run` is what the run's start-up does with run.output_dir: a run directory
+    written by the run's own functions (claim, fingerprint, a committed checkpoint) is resumed from its step;
+    with another lr the real `pebr train` stops before loading a model, and the dry run ends with the same line
+    and status; with --force-restart it lists what the run discards (the run's own restart, applied to a copy,
+    removes exactly that); a directory pebr did not create is refused with the run's error. The dry run itself
+    writes nothing."""
+    import shutil
+
+    from pebr_mega.config import load_config
+    from pebr_mega.outputs import claim_output_dir
+    from pebr_mega.trainer.checkpointing import CheckpointManager
+    from pebr_mega.trainer.context import RUN_FILES, RunSpec, prepare_run_dir
+
+    data = _grpo_file(tmp_path, [(56, 56)] * 8)
+    run = tmp_path / "run"
+    common = ["grpo.stage=stage2", f"grpo.train_file={data}", f"grpo.init_model={tiny_model_dir}",
+              "images.min_pixels=3136", "images.max_pixels=50176", "grpo.rollout_batch_size=4",
+              "grpo.mini_batch_size=4"]
+    overrides = [*common, f"run.output_dir={run}"]
+    rc, plan, _ = _dry(capsys, "train", "--dry-run", *overrides)
+    assert rc == 0 and plan["run_dir"] == {"path": str(run), "status": "new"} and not run.exists()
+
+    spec = RunSpec.grpo(load_config(None, overrides))
+    claim_output_dir(run, [spec.init_model, *spec.inputs], what="run.output_dir", writes=RUN_FILES)
+    prepare_run_dir(run, spec.stage, spec.settings)
+    CheckpointManager(run / "checkpoints").save(3, lambda d: (d / "trainer_state.pt").write_bytes(b"state"))
+    before = _tree(run)
+    rc, plan, _ = _dry(capsys, "train", "--dry-run", *overrides)
+    assert rc == 0 and plan["run_dir"]["status"] == "resume" and plan["run_dir"]["checkpoint_step"] == 3
+
+    rc_real, real = _last_error(capsys, ["train", *overrides, "actor.lr=3e-4"])
+    assert rc_real == 2 and real.startswith(f"pebr train: error: run.output_dir {run} holds a stage2 run made with "
+                                            "other settings: actor.lr "), real
+    assert real.endswith("-> 0.0003; pass --force-restart to discard it, or choose a new run.output_dir")
+    rc, plan, err = _dry(capsys, "train", "--dry-run", *overrides, "actor.lr=3e-4")
+    assert rc == 2 and err.strip().splitlines()[-1] == real
+    assert plan["run_dir"]["status"] == "settings differ" and plan["run_dir"]["error"] == \
+        real.removeprefix("pebr train: error: ")
+    assert [d.split()[0] for d in plan["run_dir"]["differences"]] == ["actor.lr"] and plan["total_steps"] == 4
+
+    rc, plan, _ = _dry(capsys, "train", "--dry-run", "--force-restart", *overrides, "actor.lr=3e-4")
+    assert rc == 0 and plan["run_dir"]["status"] == "restart"
+    assert plan["run_dir"]["discards"] == ["fingerprint.json", "checkpoints"]
+    assert _tree(run) == before  # no dry run touched the directory
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    prepare_run_dir(copy, spec.stage, spec.settings, restart=True)  # the run's own restart
+    assert sorted({f.split("/")[0] for f in before} - {f.split("/")[0] for f in _tree(copy)}) == ["checkpoints"]
+    # (fingerprint.json is discarded, then recorded anew)
+
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("not pebr's")
+    rc_real, real = _last_error(capsys, ["train", *common, f"run.output_dir={user}"])
+    assert rc_real == 2 and "was not created by pebr" in real
+    rc, plan, err = _dry(capsys, "train", "--dry-run", *common, f"run.output_dir={user}")
+    assert rc == 2 and err.strip().splitlines()[-1] == real and plan["run_dir"]["status"] == "refused"
+    assert plan["run_dir"]["error"] == real.removeprefix("pebr train: error: ")
+    # An output directory inside the starting model's directory (an input) is refused the same way.
+    rc, plan, err = _dry(capsys, "train", "--dry-run", *common, f"run.output_dir={tiny_model_dir / 'run'}")
+    assert rc == 2 and plan["run_dir"]["status"] == "refused" and "lies inside the input" in err
+
+
+def test_sft_dry_run_stops_as_the_sft_run_does_on_other_settings(tiny_model_dir, tmp_path, capsys):
+    """The same check for `pebr sft`: a run recorded with sft.lr 1e-5 and a checkpoint; another sft.lr stops
+    the real run and the dry run with one identical line and status 2; the same settings resume."""
+    from pebr_mega.config import load_config
+    from pebr_mega.outputs import claim_output_dir
+    from pebr_mega.trainer.checkpointing import CheckpointManager
+    from pebr_mega.trainer.context import RunSpec, prepare_run_dir
+
+    _grpo_file(tmp_path, [(56, 56)])
+    sft = tmp_path / "sft.json"
+    sft.write_text(json.dumps([{"messages": [{"role": "user", "content": "<image>What is it?"},
+                                             {"role": "assistant", "content": "A square."}], "images": ["56x56.png"]}] * 3))
+    run = tmp_path / "run"
+    overrides = [f"sft.train_file={sft}", f"sft.init_model={tiny_model_dir}", "sft.batch_size=2",
+                 f"run.output_dir={run}"]
+    spec = RunSpec.sft(load_config(None, overrides))
+    claim_output_dir(run)
+    prepare_run_dir(run, spec.stage, spec.settings)
+    CheckpointManager(run / "checkpoints").save(1, lambda d: (d / "trainer_state.pt").write_bytes(b"state"))
+    rc, plan, _ = _dry(capsys, "sft", "--dry-run", *overrides)
+    assert rc == 0 and (plan["run_dir"]["status"], plan["run_dir"]["checkpoint_step"]) == ("resume", 1)
+    rc_real, real = _last_error(capsys, ["sft", *overrides, "sft.lr=2e-5"])
+    assert rc_real == 2 and "holds a sft run made with other settings: sft.lr 1e-05 -> 2e-05" in real, real
+    rc, plan, err = _dry(capsys, "sft", "--dry-run", *overrides, "sft.lr=2e-5")
+    assert rc == 2 and err.strip().splitlines()[-1] == real and plan["run_dir"]["differences"] == ["sft.lr 1e-05 -> 2e-05"]
+
+
 def _pipeline_overrides(tmp_path, model) -> list[str]:
     """A tiny pipeline: 5 usable SFT conversations (and one odd), 12 GRPO questions, batches of 4."""
     sft = tmp_path / "sft.json"

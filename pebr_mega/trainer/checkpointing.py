@@ -26,15 +26,17 @@ import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from pebr_mega.actor.megatron_actor import MegatronActor
 from pebr_mega.errors import CheckpointError
 from pebr_mega.parallel.groups import barrier, rank
+
+if TYPE_CHECKING:  # annotations only: reading a run's checkpoint steps (a dry run) needs no Megatron
+    from pebr_mega.actor.megatron_actor import MegatronActor
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"

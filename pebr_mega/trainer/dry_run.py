@@ -7,7 +7,11 @@ Each stage is one object whose first keys are
 
 followed by what they were computed from: the data file, the records read and skipped by reason, the
 filters applied (`filters`) and those that need more than the config and the data (`filters_not_applied`,
-with the reason), the partial batch an epoch drops, the evaluation set. The numbers come from the same
+with the reason), the partial batch an epoch drops, the evaluation set. `train` and `sft` add `run_dir`: what
+the run's start-up finds in `run.output_dir`, decided by the run's own read-only checks
+(`context.check_run_dir`): `new`, `resume` (from which checkpoint step), `settings differ` (the differing keys
+and the error the run stops with: the dry run then ends with that line, status 2), `restart` (with
+`--force-restart`: what is discarded) or `refused` (not a directory pebr created, or one holding an input). The numbers come from the same
 functions the trainers call (`trainer/stage_data.py`, `trainer/data_order.py`), so a dry run prints the run
 that starts. What needs no model is applied: record validation, image files and their headers (sizes), and
 the prompt-length filter when the stage's tokenizer (the `init_model` / `sample.model` directory) exists; the
@@ -41,6 +45,7 @@ from pebr_mega.errors import PebrError
 from pebr_mega.rewards import preset_weights
 from pebr_mega.rollout.requests import RequestBuilder
 from pebr_mega.stage_config import GRPOTrainerConfig
+from pebr_mega.trainer.context import RunSpec, check_run_dir
 from pebr_mega.trainer.stage_data import FILTER_LENGTH, RLSchedule, load_stage_records
 
 if TYPE_CHECKING:
@@ -54,19 +59,38 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+# The commands that train into run.output_dir, and the spec their trainer checks it against.
+RUN_SPECS: dict[str, Callable[[PebrConfig], RunSpec]] = {"train": RunSpec.grpo, "sft": RunSpec.sft}
+
+
 def dry_run(cfg: PebrConfig, command: str, log: Callable[[str], None] = _stderr,
             restart: bool = False) -> dict | list[dict]:
-    """The plan of `command` (`train`, `sft`, `sample`: one object; `pipeline`: one per stage, `restart` as
-    `pebr pipeline --force-restart`)."""
+    """The plan of `command` (`train`, `sft`, `sample`: one object; `pipeline`: one per stage), `restart` as
+    the command's `--force-restart`. `train` and `sft` carry `run_dir`, what their start-up finds in
+    `run.output_dir` (`context.check_run_dir`)."""
     if command == "pipeline":
         return pipeline_plan(cfg, log=log, restart=restart)
     plans = {"train": grpo_plan, "sft": sft_plan, "sample": sample_plan}
-    return plans[command](cfg, log=log)
+    run_dir = check_run_dir(cfg, RUN_SPECS[command](cfg), restart=restart) if command in RUN_SPECS else None
+    try:
+        plan = plans[command](cfg, log=log)
+    except PebrError:
+        if run_dir is not None and run_dir.error is not None:
+            raise run_dir.error from None  # the run stops at its run directory, before it reads the data
+        raise
+    if run_dir is not None:
+        plan["run_dir"] = run_dir.report()
+    return plan
 
 
 def plan_error(plan: dict | list[dict]) -> str | None:
-    """The reason the planned run cannot start (the first stage's `error`), or None."""
-    for p in plan if isinstance(plan, list) else [plan]:
+    """The reason the planned run cannot start, or None: the run directory's error as the run states it (its
+    start-up checks the directory before it reads the data), else the first stage's `error`."""
+    plans = plan if isinstance(plan, list) else [plan]
+    for p in plans:
+        if (p.get("run_dir") or {}).get("error"):
+            return p["run_dir"]["error"]
+    for p in plans:
         if p.get("error"):
             return f"{p['stage']}: {p['error']}"
     return None

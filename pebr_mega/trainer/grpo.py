@@ -25,9 +25,9 @@ from pebr_mega.rollout.engine import group_samples
 from pebr_mega.rollout.factory import rollout_sampling
 from pebr_mega.rollout.mismatch import token_mult_prob_error
 from pebr_mega.rollout.types import Sample
+from pebr_mega.trainer.context import RunSpec
 from pebr_mega.trainer.data_order import EpochSampler
 from pebr_mega.trainer.evaluate import Evaluator, generation_rows, to_reward_sample
-from pebr_mega.trainer.fingerprint import stage_settings
 from pebr_mega.trainer.stage import StageResult, StageTrainer
 from pebr_mega.trainer.stage_data import RLSchedule, load_stage_records
 
@@ -37,8 +37,7 @@ class GRPOTrainer(StageTrainer):
 
     def __init__(self, cfg: PebrConfig, restart: bool = False) -> None:
         self.stage = cfg.grpo.resolved()
-        super().__init__(cfg, self.stage, name=self.stage.stage, init_model=self.stage.init_model,
-                         inputs=[self.stage.train_file], settings=stage_settings(cfg, "grpo"), restart=restart)
+        super().__init__(cfg, self.stage, RunSpec.grpo(cfg), restart=restart)
         # Filtered before batching, then batched with the last partial batch dropped (trainer/stage_data.py).
         self.data = load_stage_records(cfg, self.stage, self.ctx.requests, log=self.ctx.log)
         self.records = self.data.train

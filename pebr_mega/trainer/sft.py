@@ -20,8 +20,8 @@ from pebr_mega.data.sft_records import SFTReport, encode_sft_file, resolve_sft_s
 from pebr_mega.errors import DataError
 from pebr_mega.rewards import build_reward
 from pebr_mega.stage_config import SFTConfig
+from pebr_mega.trainer.context import RunSpec
 from pebr_mega.trainer.data_order import EpochSampler
-from pebr_mega.trainer.fingerprint import stage_settings
 from pebr_mega.trainer.stage import StageResult, StageTrainer
 
 
@@ -46,8 +46,7 @@ class SFTTrainer(StageTrainer):
 
     def __init__(self, cfg: PebrConfig, restart: bool = False) -> None:
         sft = cfg.sft
-        super().__init__(cfg, sft, name="sft", init_model=sft.init_model, inputs=[sft.train_file, sft.dataset_info],
-                         settings=stage_settings(cfg, "sft"), restart=restart)
+        super().__init__(cfg, sft, RunSpec.sft(cfg), restart=restart)
         train_file, columns = resolve_sft_source(sft.train_file, sft.dataset_info, sft.dataset_name)
         self.seqs, self.skipped = load_sft_sequences(train_file, self.ctx.tokenizer, self.ctx.decoder,
                                                      self.ctx.image_root(str(train_file)), sft.cutoff_len,

@@ -17,7 +17,7 @@ What survives what (docs/TRAINING.md has the table):
   one aborts at once and saves nothing: the newest checkpoint stays as it was, and a rerun repeats what came
   after it.
 - A run directory records the settings of its run (`fingerprint.json`); another run's settings stop the
-  start-up, or, told to restart, discard the old state (`RunContext.for_training`).
+  start-up, or, told to restart, discard the old state (`RunContext.for_training`, `context.inspect_run_dir`).
 
 Build order (`build_engine` before `build_actor`): the rollout engine starts first and releases its memory,
 because SGLang sizes its KV pool from the GPU memory free when it loads; the actor and the reference
@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -42,7 +42,7 @@ from pebr_mega.rewards import RewardModel
 from pebr_mega.rollout.factory import make_rollout_engine
 from pebr_mega.stage_config import StageLoopConfig
 from pebr_mega.trainer.checkpointing import StageCheckpoints
-from pebr_mega.trainer.context import RunContext
+from pebr_mega.trainer.context import RunContext, RunSpec
 from pebr_mega.trainer.data_order import EpochSampler
 from pebr_mega.trainer.evaluate import Evaluator
 from pebr_mega.trainer.interrupt import StopRequested, StopRequests
@@ -92,15 +92,13 @@ class StageTrainer:
     evaluator: Evaluator | None = None
     step: int = 0
 
-    def __init__(self, cfg: PebrConfig, loop: StageLoopConfig, name: str, init_model: str,
-                 inputs: Sequence[str] = (), settings: dict | None = None, restart: bool = False) -> None:
+    def __init__(self, cfg: PebrConfig, loop: StageLoopConfig, spec: RunSpec, restart: bool = False) -> None:
         self.cfg = cfg
         self.loop = loop
-        self.name = name
-        self.init_model = init_model
-        self.ctx = RunContext.for_training(cfg, init_model, name, [*inputs, loop.eval_file or cfg.data.eval_file or ""],
-                                           settings=settings, restart=restart)
-        self.checkpoints = StageCheckpoints(self.ctx.out_dir / "checkpoints", loop.keep_last, name)
+        self.name = spec.stage
+        self.init_model = spec.init_model
+        self.ctx = RunContext.for_training(cfg, spec, restart=restart)
+        self.checkpoints = StageCheckpoints(self.ctx.out_dir / "checkpoints", loop.keep_last, spec.stage)
         self.resumed: dict = {}  # the trainer state of the checkpoint this run resumed from
         self._num_params: int | None = None
 
