@@ -171,6 +171,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
         f"pipeline.grpo_file={data / 'grpo.json'}",
         f"pipeline.eval_file={data / 'eval.json'}",
         f"rewards.clip_model_dir={out / 'clip'}",
+        "sft.eval_before=false",  # the base model is random (accuracy 0): nothing to measure before SFT
         *overrides,
     ])
     print(f"[demo] building the tiny model, the synthetic data and a tiny CLIP in {out} (the SFT teacher gets "

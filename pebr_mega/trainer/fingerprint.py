@@ -38,6 +38,7 @@ OPERATIONAL = frozenset({
     "run.output_dir", "run.peak_tflops",
     # how often the loop saves and evaluates, and how many checkpoints it keeps
     "grpo.save_every", "grpo.keep_last", "grpo.eval_every", "sft.save_every", "sft.keep_last", "sft.eval_every",
+    "grpo.eval_before", "sft.eval_before",
     # layout over devices and memory savings (a checkpoint resumes at another TP/PP)
     "model.tp", "model.pp", "model.sequence_parallel", "model.recompute_granularity", "model.recompute_method",
     "model.recompute_num_layers", "model.vision_recompute", "actor.micro_batch_tokens",

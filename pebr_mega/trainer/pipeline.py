@@ -36,6 +36,7 @@ from pebr_mega.trainer.fingerprint import (describe_diff, diff_settings, fingerp
 from pebr_mega.trainer.grpo import GRPOTrainer
 from pebr_mega.trainer.sample import run_sampling
 from pebr_mega.trainer.sft import SFTTrainer
+from pebr_mega.trainer.stage import eval_set_of
 
 STAGES = ("sft", "sample", "split", "stage1", "stage2", "export")
 
@@ -269,7 +270,27 @@ def _run_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str) -> dict:
         why = f"{count} questions in {path}, fewer than one rollout batch (grpo.rollout_batch_size={batch})"
         print(f"[pipeline] {stage}: {why}; the stage is skipped and passes {init} on")
         return {"model_dir": init, "skipped": why}
-    return GRPOTrainer(c).train().to_dict()
+    known = known_evaluation(results, init, eval_set_of(c, c.grpo.resolved()))
+    return GRPOTrainer(c, eval_before=known).train().to_dict()
+
+
+# Evaluation metrics that depend on the stage's reward function (each stage has its own preset).
+REWARD_METRICS = ("eval/reward",)
+
+
+def known_evaluation(results: dict, model_dir: str, eval_set: dict | None) -> dict | None:
+    """The final evaluation an earlier stage of this pipeline made of `model_dir` (the model it exported) on
+    `eval_set`, without the metrics of that stage's reward function, or None. A GRPO stage starting from that
+    model need not measure it again: the same weights answer the same questions with the same settings the
+    same way when the evaluation is greedy, so accuracy, format and description scores are the same; the reward-weighted
+    score is not carried over (the next stage weighs the rewards otherwise) and is not re-measured either."""
+    if eval_set is None or eval_set["temperature"] != 0:  # a sampled evaluation is re-measured
+        return None
+    for res in results.values():
+        if (res and res.get("model_dir") == model_dir and res.get("eval_after") and not res.get("skipped")
+                and res.get("eval_set") == eval_set):
+            return {k: v for k, v in res["eval_after"].items() if not k.startswith(REWARD_METRICS)}
+    return None
 
 
 def _run_stage1(cfg: PebrConfig, work: Path, results: dict) -> dict:

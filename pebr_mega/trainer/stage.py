@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +61,7 @@ class StageResult:
     steps: int
     eval_before: dict = field(default_factory=dict)
     eval_after: dict = field(default_factory=dict)
+    eval_set: dict | None = None  # what the evaluations measured on (`eval_set_of`)
     mean_reward: float = float("nan")
     first_reward: float = float("nan")
     last_reward: float = float("nan")
@@ -69,6 +71,21 @@ class StageResult:
     def to_dict(self) -> dict:
         """Standard JSON: a number that is not available (NaN) is None (`null`), in nested metrics too."""
         return _finite_or_none(dict(self.__dict__))
+
+
+def eval_set_of(cfg: PebrConfig, loop: StageLoopConfig) -> dict | None:
+    """What a stage's held-out evaluation measures on: its file (resolved) and sample cap; None when it has no
+    evaluation set or evaluates on a slice of its own training file (`grpo.eval_holdout`). Two stages with the
+    same `eval_set` give the same model the same evaluation when it is greedy (temperature 0)."""
+    if getattr(loop, "eval_holdout", 0):
+        return None
+    eval_file = loop.eval_file or cfg.data.eval_file or ""
+    if not eval_file:
+        return None
+    r = cfg.rollout
+    return {"file": str(Path(eval_file).resolve()), "max_samples": loop.eval_max_samples,
+            "temperature": r.val_temperature, "n": r.val_n, "max_new_tokens": r.max_new_tokens,
+            "grading": cfg.rewards.answer_grading}
 
 
 def _finite_or_none(v: Any) -> Any:
@@ -92,9 +109,12 @@ class StageTrainer:
     evaluator: Evaluator | None = None
     step: int = 0
 
-    def __init__(self, cfg: PebrConfig, loop: StageLoopConfig, spec: RunSpec, restart: bool = False) -> None:
+    def __init__(self, cfg: PebrConfig, loop: StageLoopConfig, spec: RunSpec, restart: bool = False,
+                 eval_before: dict | None = None) -> None:
         self.cfg = cfg
         self.loop = loop
+        # the starting model's evaluation on this stage's set, when the caller has it (the pipeline's previous stage)
+        self.known_eval_before = eval_before or None
         self.name = spec.stage
         self.init_model = spec.init_model
         self.ctx = RunContext.for_training(cfg, spec, restart=restart)
@@ -129,10 +149,11 @@ class StageTrainer:
         """Run every remaining step (resuming from the newest checkpoint), evaluate, export; returns the result."""
         self.step = self.resume()
         logger = self.make_logger()
-        result = StageResult(model_dir=str(self.ctx.out_dir / "hf"), steps=self.total_steps)
+        result = StageResult(model_dir=str(self.ctx.out_dir / "hf"), steps=self.total_steps,
+                             eval_set=eval_set_of(self.cfg, self.loop))
         with StopRequests() as stop:
             try:
-                result.eval_before = self.evaluate("before", logger, stored="eval_before")
+                result.eval_before = self.evaluate_before(logger)
                 while self.step < self.total_steps:
                     self.stop_if_requested(stop, logger)
                     self.run_step(logger)
@@ -208,6 +229,16 @@ class StageTrainer:
         resume_at = f"step {last} ({self.checkpoints.manager.path(last)})" if last is not None else "the start"
         logger.message(f"aborted in step {self.step + 1}: nothing saved; a rerun resumes from {resume_at}")
         logger.close()
+
+    def evaluate_before(self, logger: MetricsLogger) -> dict[str, float]:
+        """The starting model's evaluation: the caller's (`eval_before=`, the same model on the same set), else
+        measured, or none when `loop.eval_before` is off; a resumed run keeps the one it stored."""
+        if "eval_before" not in self.resumed:
+            if self.known_eval_before is not None:
+                self.resumed["eval_before"] = dict(self.known_eval_before)
+            elif not self.loop.eval_before:
+                return {}
+        return self.evaluate("before", logger, stored="eval_before")
 
     def evaluate(self, when: str, logger: MetricsLogger, stored: str | None = None,
                  log_step: int | None = None) -> dict[str, float]:

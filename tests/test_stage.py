@@ -1,0 +1,79 @@
+"""The stage loop's evaluation before training: measured, skipped (`eval_before: false`), or taken from the
+pipeline's previous stage when that stage evaluated the same model on the same set greedily."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pebr_mega.config import load_config
+from pebr_mega.logging import LoggingConfig, MetricsLogger
+from pebr_mega.trainer.pipeline import known_evaluation
+from pebr_mega.trainer.stage import StageTrainer, eval_set_of
+
+
+class RecordingEvaluator:
+    """An evaluator that returns fixed metrics and counts its runs (the stage loop only calls `run`)."""
+
+    def __init__(self, metrics: dict) -> None:
+        self.metrics, self.runs = metrics, 0
+
+    def run(self) -> dict:
+        self.runs += 1
+        return dict(self.metrics)
+
+
+def _stage(tmp_path: Path, known: dict | None, eval_before: bool = True) -> StageTrainer:
+    # The loop's evaluation logic alone: no model, engine or process group is built.
+    st = object.__new__(StageTrainer)
+    cfg = load_config(None, [f"sft.eval_before={str(eval_before).lower()}"])
+    st.cfg, st.loop, st.resumed, st.known_eval_before = cfg, cfg.sft, {}, known
+    st.evaluator = RecordingEvaluator({"eval/accuracy": 0.25, "eval/count": 8.0})
+    return st
+
+
+def test_evaluate_before_measures_skips_or_reuses(tmp_path):
+    logger = MetricsLogger(LoggingConfig(progress_bar=False), tmp_path / "run")
+    measured = _stage(tmp_path, None)
+    assert measured.evaluate_before(logger) == {"eval/accuracy": 0.25, "eval/count": 8.0}
+    assert measured.evaluator.runs == 1 and measured.resumed["eval_before"]["eval/accuracy"] == 0.25
+
+    skipped = _stage(tmp_path, None, eval_before=False)
+    assert skipped.evaluate_before(logger) == {} and skipped.evaluator.runs == 0
+
+    known = {"eval/accuracy": 0.5, "eval/count": 8.0}
+    reused = _stage(tmp_path, known)
+    assert reused.evaluate_before(logger) == known and reused.evaluator.runs == 0
+    # a resumed run keeps the evaluation it stored, whatever the caller passes
+    resumed = _stage(tmp_path, known)
+    resumed.resumed["eval_before"] = {"eval/accuracy": 0.125}
+    assert resumed.evaluate_before(logger) == {"eval/accuracy": 0.125} and resumed.evaluator.runs == 0
+    logger.close()
+
+
+def test_eval_set_names_the_file_and_the_settings(tmp_path):
+    f = tmp_path / "eval.json"
+    cfg = load_config(None, [f"data.eval_file={f}", "rollout.val_temperature=0"])
+    s = eval_set_of(cfg, cfg.grpo)
+    assert s == {"file": str(f.resolve()), "max_samples": 0, "temperature": 0.0, "n": cfg.rollout.val_n,
+                 "max_new_tokens": cfg.rollout.max_new_tokens, "grading": "upstream"}
+    assert eval_set_of(cfg, cfg.sft) == s  # SFT and GRPO stages read the same set the same way
+    cfg.grpo.eval_holdout = 4  # a slice of the stage's own training file: its own set
+    assert eval_set_of(cfg, cfg.grpo) is None
+    assert eval_set_of(load_config(None, ["data.eval_file="]), cfg.sft) is None
+
+
+def test_known_evaluation_only_for_the_same_model_set_and_a_greedy_evaluation(tmp_path):
+    f = tmp_path / "eval.json"
+    cfg = load_config(None, [f"data.eval_file={f}", "rollout.val_temperature=0"])
+    same = eval_set_of(cfg, cfg.grpo)
+    after = {"eval/accuracy": 0.5, "eval/description_exact": 0.25, "eval/reward": 0.7, "eval/count": 8.0}
+    results = {"sft": {"model_dir": "/w/sft/hf", "eval_after": after, "eval_set": same},
+               "stage1": {"model_dir": "/w/sft/hf", "skipped": "3 questions, fewer than one rollout batch"}}
+    # the reward-weighted score belongs to the SFT stage's rewards: not carried over
+    assert known_evaluation(results, "/w/sft/hf", same) == {"eval/accuracy": 0.5, "eval/description_exact": 0.25,
+                                                           "eval/count": 8.0}
+    assert known_evaluation(results, "/w/stage1/hf", same) is None  # another model
+    assert known_evaluation(results, "/w/sft/hf", {**same, "max_samples": 4}) is None  # another set
+    assert known_evaluation(results, "/w/sft/hf", None) is None
+    sampled = {**same, "temperature": 0.5}
+    results["sft"]["eval_set"] = sampled
+    assert known_evaluation(results, "/w/sft/hf", sampled) is None  # a sampled evaluation is measured again
