@@ -58,44 +58,45 @@ def _datasheet(value: float, unit: str, what: str) -> Rate:
     return Rate(value, unit, f"{what} (vendor datasheet, not measured by this project)", measured=False)
 
 
+def _links(nvlink_busbw: float, nvlink_gen: int, internode: str = "") -> dict[str, Rate]:
+    """The assumed NCCL rates of a card: all-reduce bus bandwidth on its NVLink and between nodes."""
+    return {"nvlink": Rate(nvlink_busbw, "B/s", f"NCCL all-reduce bus bandwidth on NVLink {nvlink_gen} (assumed, "
+                                                "typical nccl-tests figure; not measured by this project)", False),
+            "internode": Rate(_IB_BUSBW, "B/s", f"NCCL bus bandwidth between nodes{internode} (assumed; not measured "
+                                                "by this project)", False)}
+
+
+_IB_PER_NODE = ", 8 x 400 Gb/s InfiniBand per node"
+
+
+def _a100(name: str, label: str, memory_mib: int, hbm_bytes_per_s: float, hbm: str) -> GpuSpec:
+    """An A100: datasheet rates; no A100 was measured, so its training rate is the peak times the H100's
+    measured train/matmul ratio (398.8 / 728 = 0.55)."""
+    return GpuSpec(name, label, memory_mib * 2**20, {
+        "matmul": _datasheet(312e12, "FLOP/s", "A100 dense bf16 peak 312 TFLOP/s"),
+        "train": _datasheet(312e12 * 398.8 / 728, "FLOP/s", "A100 peak x the H100's measured train/matmul ratio 0.55"),
+        "copy": _datasheet(hbm_bytes_per_s * 0.9, "B/s", f"{hbm} x 0.9"),
+        **_links(_NVLINK3_BUSBW, 3),
+    })
+
+
 GPUS: dict[str, GpuSpec] = {
     "h100-80gb": GpuSpec("h100-80gb", "NVIDIA H100 80GB HBM3 (SXM)", 81559 * 2**20, {
         "matmul": Rate(728e12, "FLOP/s", f"{_PERF} 'Kernels', bf16 8192^3 matmul, {_H100_RUN}", True),
         "train": Rate(398.8e12, "FLOP/s", f"{_PERF} 'Train step' row: 7B-shaped 4+4v layers, seq 4096, torch spec, "
                                           f"model TFLOP/s, {_H100_RUN}", True),
         "copy": Rate(3.01e12, "B/s", f"{_PERF} 'Kernels', device copy bandwidth (read + write), {_H100_RUN}", True),
-        "nvlink": Rate(_NVLINK4_BUSBW, "B/s", "NCCL all-reduce bus bandwidth on NVLink 4 (assumed, typical "
-                                             "nccl-tests figure; not measured by this project)", False),
-        "internode": Rate(_IB_BUSBW, "B/s", "NCCL bus bandwidth between nodes, 8 x 400 Gb/s InfiniBand per node "
-                                            "(assumed; not measured by this project)", False),
+        **_links(_NVLINK4_BUSBW, 4, _IB_PER_NODE),
     }),
     "h200-141gb": GpuSpec("h200-141gb", "NVIDIA H200 141GB HBM3e (SXM)", 143771 * 2**20, {
         "matmul": Rate(701e12, "FLOP/s", f"{_ANCHORS}: bf16 matmul 8192^3 (770-800 seen on other runs)", True),
         "train": Rate(519e12, "FLOP/s", f"{_ANCHORS}: actor step, Megatron-Core local spec + SDPA, 7B-shaped 4 layers, "
                                         "seq 4096, model TFLOP/s (text only)", True),
         "copy": Rate(4.27e12, "B/s", f"{_ANCHORS}: device-to-device copy (read + write)", True),
-        "nvlink": Rate(_NVLINK4_BUSBW, "B/s", "NCCL all-reduce bus bandwidth on NVLink 4 (assumed, typical "
-                                             "nccl-tests figure; not measured by this project)", False),
-        "internode": Rate(_IB_BUSBW, "B/s", "NCCL bus bandwidth between nodes, 8 x 400 Gb/s InfiniBand per node "
-                                            "(assumed; not measured by this project)", False),
+        **_links(_NVLINK4_BUSBW, 4, _IB_PER_NODE),
     }),
-    "a100-80gb": GpuSpec("a100-80gb", "NVIDIA A100-SXM4-80GB", 81920 * 2**20, {
-        "matmul": _datasheet(312e12, "FLOP/s", "A100 dense bf16 peak 312 TFLOP/s"),
-        # No A100 measurement: the H100's measured train/matmul ratio (398.8 / 728 = 0.55) applied to the peak.
-        "train": _datasheet(312e12 * 398.8 / 728, "FLOP/s", "A100 peak x the H100's measured train/matmul ratio 0.55"),
-        "copy": _datasheet(2.039e12 * 0.9, "B/s", "A100 80GB HBM2e 2.04 TB/s x 0.9"),
-        "nvlink": Rate(_NVLINK3_BUSBW, "B/s", "NCCL all-reduce bus bandwidth on NVLink 3 (assumed, typical "
-                                             "nccl-tests figure; not measured by this project)", False),
-        "internode": Rate(_IB_BUSBW, "B/s", "NCCL bus bandwidth between nodes (assumed; not measured)", False),
-    }),
-    "a100-40gb": GpuSpec("a100-40gb", "NVIDIA A100-SXM4-40GB", 40960 * 2**20, {
-        "matmul": _datasheet(312e12, "FLOP/s", "A100 dense bf16 peak 312 TFLOP/s"),
-        "train": _datasheet(312e12 * 398.8 / 728, "FLOP/s", "A100 peak x the H100's measured train/matmul ratio 0.55"),
-        "copy": _datasheet(1.555e12 * 0.9, "B/s", "A100 40GB HBM2 1.56 TB/s x 0.9"),
-        "nvlink": Rate(_NVLINK3_BUSBW, "B/s", "NCCL all-reduce bus bandwidth on NVLink 3 (assumed, typical "
-                                             "nccl-tests figure; not measured by this project)", False),
-        "internode": Rate(_IB_BUSBW, "B/s", "NCCL bus bandwidth between nodes (assumed; not measured)", False),
-    }),
+    "a100-80gb": _a100("a100-80gb", "NVIDIA A100-SXM4-80GB", 81920, 2.039e12, "A100 80GB HBM2e 2.04 TB/s"),
+    "a100-40gb": _a100("a100-40gb", "NVIDIA A100-SXM4-40GB", 40960, 1.555e12, "A100 40GB HBM2 1.56 TB/s"),
 }
 
 
