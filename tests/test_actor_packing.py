@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pebr_mega.actor.packing import ActorSequence, pack, pack_micro_batches, plan_micro_batches, plan_stats
-from pebr_mega.models.packing import token_multiple
+from pebr_mega.models.config import token_multiple
 
 
 def _check_plan(lengths, budget, dp):

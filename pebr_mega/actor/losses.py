@@ -30,15 +30,9 @@ import torch
 from torch import Tensor
 
 from pebr_mega import kernels
-from pebr_mega.actor.config import LOGPROBS_FROM, LOGPROBS_FROM_DEFAULT, logprobs_path  # noqa: F401 (re-exported)
 from pebr_mega.actor.packing import MicroBatch
 from pebr_mega.kernels import reference
 from pebr_mega.kernels.reference import grpo_loss_reference
-
-
-def resolve_logprobs_from(choice: str, device: torch.device) -> str:
-    """`auto` -> this device type's default; otherwise the choice itself."""
-    return logprobs_path(choice, device.type)
 
 
 @dataclass

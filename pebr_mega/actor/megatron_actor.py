@@ -46,18 +46,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pebr_mega.actor.config import ActorConfig
-from pebr_mega.actor.losses import (LossScale, grpo_microbatch_loss, resolve_logprobs_from, sft_microbatch_loss,
-                                    target_logprobs)
-from pebr_mega.actor.packing import ActorSequence, MicroBatch, pack, plan_micro_batches, plan_stats
+from pebr_mega.actor.config import ActorConfig, logprobs_path
+from pebr_mega.actor.losses import LossScale, grpo_microbatch_loss, sft_microbatch_loss, target_logprobs
+from pebr_mega.actor.packing import ActorSequence, MicroBatch, pack_micro_batches, plan_micro_batches, plan_stats
 from pebr_mega.checkpoint.dist import META_FILE, TEMPLATE_DIR, load_checkpoint, read_meta, save_checkpoint
 from pebr_mega.checkpoint.hf_io import HFWeights, replace_dir
 from pebr_mega.checkpoint.hf_load import build_from_hf
 from pebr_mega.checkpoint.hf_mapping import canonical_mcore_name, tp_split_dim
 from pebr_mega.errors import CheckpointError
 from pebr_mega.models.arch import arch_from_hf_config
-from pebr_mega.models.config import ModelConfig
-from pebr_mega.models.packing import packed_seq_params, token_multiple
+from pebr_mega.models.config import ModelConfig, token_multiple
+from pebr_mega.models.packing import packed_seq_params
 from pebr_mega.models.qwen25_vl import build_model
 from pebr_mega.models.rope_index import sample_positions
 from pebr_mega.parallel.cpu_compat import megatron_on_cpu
@@ -117,7 +116,7 @@ class MegatronActor:
         self.tp_group = mpu.get_tensor_model_parallel_group() if self.tp_size > 1 else None
         self.device = next(model.parameters()).device
         self.kernels_impl = self._resolve_kernels(cfg.kernels)
-        self.logprobs_from = resolve_logprobs_from(cfg.logprobs_from, self.device)
+        self.logprobs_from = logprobs_path(cfg.logprobs_from, self.device.type)
         # Every packed row is padded to this many tokens (FP8 GEMMs; sequence-parallel splits): models.packing.
         self.token_multiple = token_multiple(self.tp_size, bool(model.config.sequence_parallel))
         # Micro-batches have different lengths: let the pipeline exchange shapes first.
@@ -230,8 +229,8 @@ class MegatronActor:
         """This rank's packed, padded micro-batches of `seqs` (all ranks pass the same list)."""
         plan = self.plan(seqs) if plan is None else plan
         pad_id = 0 if self.arch.image_token_id != 0 and self.arch.video_token_id != 0 else 1
-        return [pack([seqs[i] for i in group], self.positions, self.token_multiple, pad_id)
-                for group in plan[self.dp_rank]]
+        return pack_micro_batches(seqs, self.cfg.micro_batch_tokens, self.positions, self.dp_size, self.dp_rank,
+                                  self.token_multiple, pad_id, plan=plan)
 
     def _model_inputs(self, mb: MicroBatch) -> dict:
         dev = self.device
@@ -328,10 +327,10 @@ class MegatronActor:
         if len(seqs) < self.dp_size:
             raise ValueError(f"{len(seqs)} sequences cannot feed {self.dp_size} data-parallel ranks")
         self._check_loss_inputs(seqs, loss)
-        denominator = self._denominator(seqs, loss)
+        agg = getattr(loss.algo, "agg", "token-mean") if loss.kind == "grpo" else "token-mean"
+        denominator = self._denominator(seqs, agg)
         plan = self.plan(seqs)
         mbs = self.micro_batches(seqs, plan)
-        agg = getattr(loss.algo, "agg", "token-mean") if loss.kind == "grpo" else "token-mean"
         scale = LossScale(denominator, len(mbs), self.dp_size, per_microbatch=agg == "token-mean-microbatch")
         weight = self.module.output_weight if self.is_last_stage else None
         if loss.kind == "grpo":
@@ -372,8 +371,8 @@ class MegatronActor:
             if need_ref and s.ref_logprobs is None:
                 raise ValueError(f"sequence {i}: algo.kl_coef > 0 needs ref_logprobs (from the reference actor)")
 
-    def _denominator(self, seqs: Sequence[ActorSequence], loss: LossSpec) -> float:
-        agg = getattr(loss.algo, "agg", "token-mean") if loss.kind == "grpo" else "token-mean"
+    @staticmethod
+    def _denominator(seqs: Sequence[ActorSequence], agg: str) -> float:
         if agg in ("token-mean", "token-mean-microbatch"):
             return float(sum(s.num_targets for s in seqs))
         return float(sum(1 for s in seqs if s.num_targets > 0))

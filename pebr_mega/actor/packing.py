@@ -186,7 +186,7 @@ def pack(seqs: Sequence[ActorSequence], positions: PositionFn, multiple: int = 1
             pix.append(s.pixel_values)
             grids.append(s.image_grid_thw)
     lengths = [len(s.input_ids) for s in seqs]
-    pad = (-len(ids)) % multiple if ids else multiple
+    pad = pad_tokens(len(ids), multiple)
     if pad:
         ids.extend([pad_token_id] * pad)
         pos_parts.append(torch.arange(pad).expand(3, -1))
@@ -209,10 +209,19 @@ def pack(seqs: Sequence[ActorSequence], positions: PositionFn, multiple: int = 1
     )
 
 
+def pad_tokens(real: int, multiple: int) -> int:
+    """The padding `pack` appends to a micro-batch of `real` tokens: up to the next multiple, and one whole
+    `multiple` for an empty micro-batch (it still runs the forward, so it needs a row)."""
+    return (-real) % multiple if real else multiple
+
+
 def pack_micro_batches(seqs: Sequence[ActorSequence], max_tokens: int, positions: PositionFn, dp_size: int = 1,
-                       dp_rank: int = 0, multiple: int = 1, pad_token_id: int = 0) -> list[MicroBatch]:
-    """This data-parallel rank's micro-batches of `seqs`, planned over all ranks by `plan_micro_batches`."""
-    plan = plan_micro_batches([len(s.input_ids) for s in seqs], max_tokens, dp_size)
+                       dp_rank: int = 0, multiple: int = 1, pad_token_id: int = 0,
+                       plan: list[list[list[int]]] | None = None) -> list[MicroBatch]:
+    """This data-parallel rank's micro-batches of `seqs` under `plan` (default: `plan_micro_batches` over all
+    ranks, which every rank computes alike)."""
+    if plan is None:
+        plan = plan_micro_batches([len(s.input_ids) for s in seqs], max_tokens, dp_size)
     return [pack([seqs[i] for i in group], positions, multiple, pad_token_id) for group in plan[dp_rank]]
 
 
@@ -222,7 +231,7 @@ def plan_stats(plan: list[list[list[int]]], lengths: Sequence[int], multiple: in
     for rank in plan:
         for group in rank:
             real = sum(lengths[i] for i in group)
-            pad = (-real) % multiple if real else multiple
+            pad = pad_tokens(real, multiple)
             sizes.append(real + pad)
             pads += pad
     if not sizes:

@@ -12,7 +12,7 @@ form its layer spec takes:
 - `te` spec: Megatron's own THD `PackedSeqParams` (`cu_seqlens`, `max_seqlen`) for TE's fused attention.
 
 The row length T is padded to `token_multiple(tp, sequence_parallel)` (in `models.config`, free of Megatron
-for the planner; re-exported here): FP8 GEMMs need the token dimension
+for the planner): FP8 GEMMs need the token dimension
 divisible by 16 (Transformer Engine, `transformer_engine/pytorch/utils.py: assert_dim_for_fp8_exec`, and
 Megatron's own VLM code pads to it), and sequence parallelism splits the row into TP equal parts
 (`megatron/core/tensor_parallel/mappings.py`: `_split_along_first_dim` asserts divisibility), each of which
@@ -27,7 +27,6 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from pebr_mega.models.attention import Segments
-from pebr_mega.models.config import FP8_TOKEN_MULTIPLE, token_multiple  # noqa: F401 (the rule, re-exported here)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pebr_mega.actor.config import LOGPROBS_FROM
 from pebr_mega.models.arch import QwenVLArch, TextArch, VisionArch
 from pebr_mega.models.vision import frame_lengths, window_order
 
@@ -52,7 +53,7 @@ SGLANG_PREFILL_CHUNK = 8192
 # Logits per chunk of the hidden-state log-prob path (`kernels/_linear_triton.py`, CHUNK_ELEMENTS; not imported:
 # that module imports Triton, which must not be chosen before the tests pick its interpreter; a test compares).
 HIDDEN_PATH_CHUNK_ELEMENTS = 2**28
-LOGPROB_PATHS = ("logits", "hidden")
+LOGPROB_PATHS = tuple(p for p in LOGPROBS_FROM if p != "auto")  # the actor's paths (auto picks one)
 
 
 # ------------------------------------------------------------------------------------------------ parameters
