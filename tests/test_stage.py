@@ -53,9 +53,12 @@ def test_eval_set_names_the_file_and_the_settings(tmp_path):
     f = tmp_path / "eval.json"
     cfg = load_config(None, [f"data.eval_file={f}", "rollout.val_temperature=0"])
     s = eval_set_of(cfg, cfg.grpo)
-    assert s == {"file": str(f.resolve()), "max_samples": 0, "temperature": 0.0, "n": cfg.rollout.val_n,
+    assert s == {"file": str(f.resolve()), "image_root": str(tmp_path.resolve()), "max_samples": 0, "temperature": 0.0, "n": cfg.rollout.val_n,
                  "max_new_tokens": cfg.rollout.max_new_tokens, "grading": "upstream"}
     assert eval_set_of(cfg, cfg.sft) == s  # SFT and GRPO stages read the same set the same way
+    # the same file with its images read from another folder is another set
+    assert eval_set_of(load_config(None, [f"data.eval_file={f}", f"data.image_root={tmp_path / 'other'}",
+                                          "rollout.val_temperature=0"]), cfg.grpo) != s
     cfg.grpo.eval_holdout = 4  # a slice of the stage's own training file: its own set
     assert eval_set_of(cfg, cfg.grpo) is None
     assert eval_set_of(load_config(None, ["data.eval_file="]), cfg.sft) is None
@@ -77,3 +80,21 @@ def test_known_evaluation_only_for_the_same_model_set_and_a_greedy_evaluation(tm
     sampled = {**same, "temperature": 0.5}
     results["sft"]["eval_set"] = sampled
     assert known_evaluation(results, "/w/sft/hf", sampled) is None  # a sampled evaluation is measured again
+
+
+def test_a_held_out_slice_and_an_eval_file_set_after_loading_are_refused(tmp_path):
+    """The pipeline sets `grpo.eval_file` from `pipeline.eval_file` after the config is loaded: the check on the
+    stage's final config still names both keys."""
+    import pytest
+
+    from pebr_mega.config import ConfigError
+    from pebr_mega.trainer.stage_data import check_eval_source
+
+    cfg = load_config(None, ["grpo.eval_holdout=4", "data.eval_file="])
+    check_eval_source(cfg, cfg.grpo)  # the slice alone is fine
+    cfg.grpo.eval_file = str(tmp_path / "eval.json")
+    with pytest.raises(ConfigError, match=r"grpo.eval_holdout=4 and grpo.eval_file=.*eval.json"):
+        check_eval_source(cfg, cfg.grpo)
+    cfg.grpo.eval_file, cfg.data.eval_file = "", str(tmp_path / "val.json")
+    with pytest.raises(ConfigError, match=r"grpo.eval_holdout=4 and data.eval_file=.*val.json"):
+        check_eval_source(cfg, cfg.grpo)

@@ -172,8 +172,7 @@ def _request_builder(cfg: PebrConfig, images: ImageConfig, model_dir: str, key: 
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         except Exception as e:  # a directory without tokenizer files, or unreadable ones
             why = f"{key}={model_dir!r}: no tokenizer loads ({type(e).__name__})"
-    return RequestBuilder(tokenizer, decoder, cfg.data.max_prompt_length, cfg.data.filter_overlong_prompts,
-                          images.merge_size, template), why
+    return RequestBuilder.from_config(cfg.data, images, tokenizer, decoder, template), why
 
 
 # ------------------------------------------------------------------------------------------------ SFT

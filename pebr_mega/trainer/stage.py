@@ -38,6 +38,7 @@ from pebr_mega.actor.megatron_actor import MegatronActor, build_actor
 from pebr_mega.checkpoint.export import export_to_hf
 from pebr_mega.checkpoint.gather import count_parameters
 from pebr_mega.config import PebrConfig, to_dict
+from pebr_mega.data.records import image_root_for
 from pebr_mega.logging import LoggingConfig, MetricsLogger, read_metrics
 from pebr_mega.rewards import RewardModel
 from pebr_mega.rollout.factory import make_rollout_engine
@@ -83,7 +84,8 @@ def eval_set_of(cfg: PebrConfig, loop: StageLoopConfig) -> dict | None:
     if not eval_file:
         return None
     r = cfg.rollout
-    return {"file": str(Path(eval_file).resolve()), "max_samples": loop.eval_max_samples,
+    root = Path(image_root_for(eval_file, cfg.data.image_root)).resolve()  # where its images are read from
+    return {"file": str(Path(eval_file).resolve()), "image_root": str(root), "max_samples": loop.eval_max_samples,
             "temperature": r.val_temperature, "n": r.val_n, "max_new_tokens": r.max_new_tokens,
             "grading": cfg.rewards.answer_grading}
 

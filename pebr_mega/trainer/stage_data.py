@@ -53,10 +53,14 @@ class StageRecords:
 
 
 def check_eval_source(cfg: PebrConfig, stage: GRPOTrainerConfig) -> None:
-    """A held-out slice and an eval file are two evaluation sets: a ConfigError naming both keys."""
-    if stage.eval_holdout and cfg.data.eval_file and not stage.eval_file:
-        raise ConfigError(f"grpo.eval_holdout={stage.eval_holdout} and data.eval_file={cfg.data.eval_file!r} both give "
-                          f"{stage.stage} an evaluation set: set one of them (data.eval_file= to use the held-out slice)")
+    """A held-out slice and an eval file are two evaluation sets: a ConfigError naming both keys. Checked here,
+    on the stage's final config (the pipeline sets `grpo.eval_file` after loading, from `pipeline.eval_file`)."""
+    if not stage.eval_holdout:
+        return
+    key, value = ("grpo.eval_file", stage.eval_file) if stage.eval_file else ("data.eval_file", cfg.data.eval_file)
+    if value:
+        raise ConfigError(f"grpo.eval_holdout={stage.eval_holdout} and {key}={value!r} both give {stage.stage} an "
+                          f"evaluation set: set one of them ({key}= to use the held-out slice)")
 
 
 def load_stage_records(cfg: PebrConfig, stage: GRPOTrainerConfig, builder: RequestBuilder | None,
