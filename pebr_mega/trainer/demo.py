@@ -45,7 +45,7 @@ CLIP_NEGATIVE_POOL = 8  # hard negatives per training image (each step draws fro
 CLIP_EVAL_NEGATIVES = 4  # hard negatives per held-out image for the retrieval metrics
 
 
-def demo_clip_config(seed: int) -> "TinyClipConfig":  # noqa: F821 (imported below, lazily like the rest)
+def demo_clip_config(seed: int) -> TinyClipConfig:
     """The demo's tiny CLIP: 112 px images in 28 px patches (one patch per cell of the scenes' grid)."""
     return TinyClipConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2, projection_dim=64,
                           image_size=112, patch_size=28, seed=seed)

@@ -245,12 +245,7 @@ def pipeline_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr, restart
     from pebr_mega.trainer import pipeline as pl  # heavy (the trainers import Megatron): only for this command
 
     p = cfg.pipeline
-    unknown = [s for s in p.stages if s not in pl.STAGES]
-    if unknown:
-        raise PebrError(f"pipeline.stages has unknown stages {unknown}; valid: {list(pl.STAGES)}")
-    for key in ("base_model", "sft_file", "grpo_file"):
-        if not getattr(p, key):
-            raise PebrError(f"pipeline.{key} is not set")
+    pl.check_pipeline_config(p)
     work = Path(p.work_dir)
     mismatch = pl.find_mismatch(work, pl.stage_fingerprints(cfg, work))
     if mismatch is not None and not restart:

@@ -20,6 +20,7 @@ are gigabytes; a pipeline's own models are covered by the stage chain). A key th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -96,9 +97,17 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes."""
+    """The SHA-256 of a file's bytes; read once per process while the file's size and mtime stay the same (a
+    pipeline's start-up fingerprints the same data files for several stages)."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return _sha256_of(p, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
-    with Path(path).open("rb") as f:
+    with path.open("rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest()

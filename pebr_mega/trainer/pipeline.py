@@ -31,6 +31,7 @@ from pebr_mega.data.records import image_root_for
 from pebr_mega.data.split import format_summary, split_files
 from pebr_mega.errors import PebrError, SettingsMismatchError
 from pebr_mega.outputs import claim_output_dir, write_text_atomic
+from pebr_mega.stage_config import PipelineConfig
 from pebr_mega.trainer.fingerprint import (describe_diff, diff_settings, fingerprint_record, read_fingerprint,
                                            settings_digest, stage_settings)
 from pebr_mega.trainer.grpo import GRPOTrainer
@@ -163,12 +164,7 @@ def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print, restart: b
     """Run the stages listed in `cfg.pipeline.stages` in order; returns each stage's result. `restart`
     discards the stages recorded with other settings (and the stages after them) instead of stopping."""
     p = cfg.pipeline
-    unknown = [s for s in p.stages if s not in STAGES]
-    if unknown:
-        raise PebrError(f"pipeline.stages has unknown stages {unknown}; valid: {list(STAGES)}")
-    for key in ("base_model", "sft_file", "grpo_file"):
-        if not getattr(p, key):
-            raise PebrError(f"pipeline.{key} is not set")
+    check_pipeline_config(p)
     work = claim_output_dir(p.work_dir, [p.base_model, p.sft_file, p.grpo_file, p.eval_file],
                             what="pipeline.work_dir", writes=[*STAGES, "final"])
     plan = stage_fingerprints(cfg, work)
@@ -192,6 +188,16 @@ def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print, restart: b
         results[stage] = _mark_done(work, stage, res, plan[stage])
         log(f"[pipeline] {stage}: done in {res['seconds']:.0f}s")
     return results
+
+
+def check_pipeline_config(p: PipelineConfig) -> None:
+    """PebrError for unknown stages or a missing input of `pipeline` (its section of the config)."""
+    unknown = [s for s in p.stages if s not in STAGES]
+    if unknown:
+        raise PebrError(f"pipeline.stages has unknown stages {unknown}; valid: {list(STAGES)}")
+    for key in ("base_model", "sft_file", "grpo_file"):
+        if not getattr(p, key):
+            raise PebrError(f"pipeline.{key} is not set")
 
 
 def _stage_cfg(cfg: PebrConfig, out_dir: Path, data_file: str | None = None) -> PebrConfig:
