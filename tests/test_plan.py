@@ -285,7 +285,8 @@ def test_startup_checks_name_keys_and_alternatives():
     assert r.ok and any("splits 36 layers unevenly" in n for n in r.notes)
 
     r = run_checks(_cfg("7b", "pipeline.stages=[sft]", "sft.batch_size=1", "model.tp=1"), 8, "pipeline", 8)
-    assert any("sft.batch_size=1" in e for e in r.errors)
+    assert r.errors == ["sft.batch_size=1 conversations per update cannot feed 8 data-parallel ranks; use "
+                        "sft.batch_size >= 8 or a larger model.tp x model.pp"]
 
 
 def test_grpo_updates_feed_every_data_parallel_rank():

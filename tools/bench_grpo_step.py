@@ -97,6 +97,11 @@ def write_random_hf_model(arch, out: Path, device, seed: int) -> Path:
         model = Qwen2_5_VLForConditionalGeneration._from_config(hf_config(arch), dtype=torch.bfloat16)
     model.save_pretrained(out, safe_serialization=True)
     del model
+    from pebr_mega.models.arch import arch_from_hf_dir
+
+    # hf_config is the inverse of the project's reader: the benchmark's two actors must see the same model
+    if arch_from_hf_dir(out) != arch:
+        raise RuntimeError(f"{out}: config.json reads back as another architecture than the one benchmarked")
     return out
 
 
