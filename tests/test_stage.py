@@ -98,3 +98,18 @@ def test_a_held_out_slice_and_an_eval_file_set_after_loading_are_refused(tmp_pat
     cfg.grpo.eval_file, cfg.data.eval_file = "", str(tmp_path / "val.json")
     with pytest.raises(ConfigError, match=r"grpo.eval_holdout=4 and data.eval_file=.*val.json"):
         check_eval_source(cfg, cfg.grpo)
+
+
+def test_the_pipeline_skips_a_grpo_stage_without_one_full_batch_after_the_held_out_slice(tmp_path):
+    import json
+
+    from pebr_mega.trainer.pipeline import grpo_skip_reason
+
+    split = tmp_path / "easycase.json"
+    split.write_text(json.dumps([{"qid": str(i)} for i in range(6)]))
+    cfg = load_config(None, ["grpo.rollout_batch_size=4", "data.eval_file="])
+    assert grpo_skip_reason(cfg, split) is None  # 6 questions: one batch of 4
+    cfg.grpo.eval_holdout = 3  # 3 left to train on: the trainer would find no full batch
+    assert grpo_skip_reason(cfg, split) == (f"6 questions in {split} (3 held out for evaluation), fewer than one "
+                                            "rollout batch (grpo.rollout_batch_size=4)")
+    assert grpo_skip_reason(cfg, tmp_path / "missing.json").startswith("0 questions")

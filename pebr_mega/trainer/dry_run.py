@@ -341,12 +341,11 @@ def _pipeline_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, log: 
                      "note": f"{path} is written by the split stage: prompts and steps follow from it"})
         _warn_clip(c, plan)
         return plan
-    count = len(read_json_items(path)[0])
-    if count < g.rollout_batch_size:  # as run_pipeline: the stage is skipped and passes its model on
+    why = pl.grpo_skip_reason(c, path)
+    if why is not None:  # as run_pipeline: the stage is skipped and passes its model on
         results[stage] = {"model_dir": init}
         plan = _grpo_head(c, g, None)
         plan.update({"status": "skipped", "train_file": str(path), "init_model": init,
-                     "note": f"{count} questions, fewer than one rollout batch (grpo.rollout_batch_size="
-                             f"{g.rollout_batch_size}): the stage passes {init} on"})
+                     "note": f"{why}: the stage passes {init} on"})
         return plan
     return {**grpo_plan(c, log), "status": "to run", "init_model": init}

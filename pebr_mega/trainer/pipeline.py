@@ -27,7 +27,7 @@ from typing import Callable
 
 from pebr_mega.checkpoint.hf_io import atomic_dir
 from pebr_mega.config import PebrConfig
-from pebr_mega.data.records import image_root_for
+from pebr_mega.data.records import image_root_for, read_json_items
 from pebr_mega.data.split import format_summary, split_files
 from pebr_mega.errors import PebrError, SettingsMismatchError
 from pebr_mega.outputs import claim_output_dir, write_text_atomic
@@ -156,8 +156,16 @@ def _mark_done(work: Path, stage: str, result: dict, settings: dict) -> dict:
     return result
 
 
-def _count(path: Path) -> int:
-    return len(json.loads(path.read_text())) if path.is_file() else 0
+def grpo_skip_reason(c: PebrConfig, path: Path) -> str | None:
+    """Why the pipeline skips a GRPO stage, or None: its split file holds fewer questions, less the held-out
+    evaluation slice, than one rollout batch (upstream's loader drops a partial batch: no step either)."""
+    g = c.grpo.resolved()
+    count = len(read_json_items(path)[0]) if path.is_file() else 0
+    if count - g.eval_holdout >= g.rollout_batch_size:
+        return None
+    held = f" ({g.eval_holdout} held out for evaluation)" if g.eval_holdout else ""
+    return (f"{count} questions in {path}{held}, fewer than one rollout batch "
+            f"(grpo.rollout_batch_size={g.rollout_batch_size})")
 
 
 def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print, restart: bool = False) -> dict[str, dict]:
@@ -271,9 +279,8 @@ def _run_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str) -> dict:
     path = work / "split" / GRPO_INPUTS[stage]
     init = grpo_init_model(cfg, work, results, stage)
     c = grpo_stage_config(cfg, work, stage, path, init)
-    count, batch = _count(path), c.grpo.resolved().rollout_batch_size
-    if count < batch:  # no full rollout batch: upstream's loader (drop_last) would have no step either
-        why = f"{count} questions in {path}, fewer than one rollout batch (grpo.rollout_batch_size={batch})"
+    why = grpo_skip_reason(c, path)
+    if why is not None:
         print(f"[pipeline] {stage}: {why}; the stage is skipped and passes {init} on")
         return {"model_dir": init, "skipped": why}
     known = known_evaluation(results, init, eval_set_of(c, c.grpo.resolved()))
