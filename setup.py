@@ -1,15 +1,28 @@
 """Packaging for pebr-mega.
 
-`kernels/` is installed as `pebr_mega.kernels`: a top-level `kernels` package would collide with the
-unrelated `kernels` distribution on PyPI.
+`kernels/` is installed as `pebr_mega.kernels` through the committed link `pebr_mega/kernels -> ../kernels`.
+It has no `__init__.py` on purpose: Python runs in the checkout with the checkout on `sys.path` (`python -m
+pytest`, `python -c`, a notebook), and transformers imports Hugging Face's `kernels` distribution; a regular
+package anywhere on the path outranks a folder without `__init__.py` (PEP 420), so `import kernels` finds the
+distribution while `pebr_mega.kernels.ops` is ours.
+
+Version windows: each library whose internals the project leans on is bounded below by the oldest release the
+code was read against or run on, and above by the first release nobody has tested (the README's "Versions"
+table says which release ran where). `pebr_mega/versions.py` reads these windows back from the installed
+metadata: the test log prints the resolved versions, and start-up refuses a GPU backend outside its window.
 """
 from setuptools import find_packages, setup
 
 CORE = [
-    "torch>=2.4",
-    "transformers>=4.57",
-    "megatron-core>=0.16",
-    "triton>=3.4",
+    # torch: 2.13 in CI (CPU), 2.11 on the lent H100; SGLang pins torch exactly (0.5.13: 2.11, 0.5.23: 2.14.1).
+    "torch>=2.11,<2.16",
+    # transformers: the Qwen2.5-VL modelling and processing code the conversion and the HF engine use. 5.25 in
+    # CI; SGLang pins it exactly (0.5.13: 5.8.1, 0.5.23: 5.19.0), so the window reaches down to 5.8.
+    "transformers>=5.8,<6",
+    # megatron-core: 0.16.1 in CI (the newest for Python 3.11), 0.19 read for Python 3.12 machines.
+    "megatron-core>=0.16,<0.20",
+    # triton: 3.9 in CI (interpreter), 3.6 on the lent H100.
+    "triton>=3.6,<4",
     "safetensors>=0.4",
     "tokenizers>=0.21",
     "pillow>=10.0",
@@ -57,7 +70,6 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=packages,
-    package_dir={"pebr_mega.kernels": "kernels"},
     package_data={"pebr_mega": ["configs/*.yaml", "templates/*.jinja"]},
     install_requires=CORE,
     extras_require=EXTRAS,

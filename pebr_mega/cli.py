@@ -13,6 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from pebr_mega import __version__
+from pebr_mega.versions import version_line
 from pebr_mega.data.corpus import tokenizer_corpus
 from pebr_mega.data.llamafactory import register_dataset
 from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_records
@@ -627,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pebr", description="PeBR-R1 on Megatron-Core: SFT, sampling, "
                                      "two-stage GRPO for Qwen2.5-VL, checkpoints and tools.")
 
-    parser.add_argument("--version", action="version", version=f"pebr-mega {__version__}")
+    parser.add_argument("--version", action="version", version=f"pebr-mega {__version__} ({version_line()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in COMMANDS:
         add(sub)

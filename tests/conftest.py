@@ -17,24 +17,7 @@ if not torch.cuda.is_available():
 # dominate small matmuls on a 2-core machine (spawned ranks set the same in their workers).
 torch.set_num_threads(1)
 
-# `kernels/` is installed as `pebr_mega.kernels` through setup.py's package_dir. When another checkout of this
-# repository is the one pip-installed in editable mode (git worktrees), that mapping would point there: bind
-# `pebr_mega.kernels` to this checkout's folder so the tests always exercise the code beside them.
 _ROOT = Path(__file__).resolve().parents[1]
-if (_ROOT / "kernels" / "__init__.py").is_file():
-    import importlib.util
-    import sys
-
-    import pebr_mega
-
-    if Path(pebr_mega.__file__).resolve().parent == _ROOT / "pebr_mega":
-        _spec = importlib.util.spec_from_file_location(
-            "pebr_mega.kernels", _ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(_ROOT / "kernels")]
-        )
-        _mod = importlib.util.module_from_spec(_spec)
-        sys.modules["pebr_mega.kernels"] = _mod
-        _spec.loader.exec_module(_mod)
-        pebr_mega.kernels = _mod
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -44,6 +27,15 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 def pytest_addoption(parser):
     parser.addoption("--reverse", action="store_true", default=False,
                      help="run the tests in reverse order (checks that no test depends on an earlier one)")
+
+
+def pytest_sessionstart(session):
+    """The test log's first line: the library versions this run resolved (a failure then names its release)."""
+    from pebr_mega.versions import version_line
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"versions: {version_line()}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,8 +6,7 @@ import os
 
 import torch
 
-import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout)
-from pebr_mega import kernels
+from pebr_mega.kernels import ops as kernels
 from pebr_mega.kernels.reference import logprobs_reference
 
 

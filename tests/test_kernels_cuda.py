@@ -11,9 +11,8 @@ import os
 import pytest
 import torch
 
-import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout)
 from kernel_checks import check_logprobs_against_reference
-from pebr_mega import kernels
+from pebr_mega.kernels import ops as kernels
 from pebr_mega.kernels.reference import AGG_MODES, KL_TYPES, grpo_loss_reference, logprobs_reference
 
 pytestmark = pytest.mark.gpu

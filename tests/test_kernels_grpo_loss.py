@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout)
-from pebr_mega import kernels
+from pebr_mega.kernels import ops as kernels
 from pebr_mega.algo import grpo as algo
 from pebr_mega.kernels.reference import grpo_loss_reference
 from kernel_checks import enable_interpreter

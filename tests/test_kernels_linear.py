@@ -12,8 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout, also in spawned ranks)
-from pebr_mega import kernels
+from pebr_mega.kernels import ops as kernels
 from pebr_mega.kernels.reference import linear_logprobs_reference, logprobs_reference
 from kernel_checks import enable_interpreter
 
@@ -75,7 +74,7 @@ def test_bad_weight_shape_is_named():
 def _tp_worker(rank: int, world: int, init_file: str) -> None:
     import importlib
 
-    from pebr_mega import kernels as k
+    from pebr_mega.kernels import ops as k
 
     importlib.import_module("pebr_mega.kernels._logprobs_triton").MAX_BLOCK_V = 64
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)

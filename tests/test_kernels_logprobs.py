@@ -16,8 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout, also in spawned ranks)
-from pebr_mega import kernels
+from pebr_mega.kernels import ops as kernels
 from kernel_checks import check_logprobs_against_reference, enable_interpreter
 from pebr_mega.kernels.reference import logprobs_reference
 
@@ -111,7 +110,7 @@ def test_cpu_without_interpreter_takes_the_torch_reference(monkeypatch):
 
 
 def _tp_worker(rank: int, world: int, init_file: str) -> None:
-    from pebr_mega import kernels as k
+    from pebr_mega.kernels import ops as k
 
     lt = importlib.import_module("pebr_mega.kernels._logprobs_triton")
     lt.MAX_BLOCK_V = 64

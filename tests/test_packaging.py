@@ -68,3 +68,33 @@ def test_ci_installs_exactly_one_dali_wheel_and_runs_the_readme_command():
     assert len(set().union(*(dali_wheels(extras[e]) for e in ci[0]))) == 1  # the CPU tests of DALI need one
     readme_tests = [c for c in told_combinations()["README.md"] if "test" in c]
     assert readme_tests == ci  # .ci/run runs the README's test command
+
+
+def test_the_checkout_does_not_shadow_hugging_face_kernels(tiny_model_dir):
+    """Python started in the repository root (as `python -m pytest`, `python -c` or a notebook there) imports
+    transformers' models and loads an HF model directory, while `pebr_mega.kernels` is still this checkout's
+    kernels/ folder. A top-level kernels/__init__.py would shadow Hugging Face's `kernels` distribution, which
+    transformers imports (ImportError: cannot import name 'CUDAProperties' from 'kernels')."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, kernels, transformers.activations\n"
+        "from transformers import Qwen2_5_VLForConditionalGeneration as M\n"
+        f"m = M.from_pretrained({str(tiny_model_dir)!r})\n"
+        "assert sum(p.numel() for p in m.parameters()) > 0\n"
+        "from pebr_mega.kernels import ops, reference\n"
+        "print(kernels.__file__); print(ops.__file__); print(reference.__file__)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    hf_kernels, ops_file, reference_file = (Path(line).resolve() for line in r.stdout.split())
+    assert ROOT not in hf_kernels.parents, hf_kernels  # the distribution, not this checkout
+    assert ops_file == ROOT / "kernels" / "ops.py" and reference_file == ROOT / "kernels" / "reference.py"
+
+
+def test_kernels_folder_is_a_namespace_portion_linked_into_the_package():
+    """The layout the test above relies on: no kernels/__init__.py, and pebr_mega/kernels links to kernels/."""
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    link = ROOT / "pebr_mega" / "kernels"
+    assert link.is_symlink() and link.resolve() == (ROOT / "kernels").resolve()

@@ -14,7 +14,7 @@ import json
 import traceback
 from pathlib import Path
 
-import conftest  # noqa: F401  (binds pebr_mega.kernels to this checkout; offline settings, as in the tests)
+import conftest  # noqa: F401  (offline settings and the Triton mode, as in the tests)
 from pebr_mega.config import load_config
 
 

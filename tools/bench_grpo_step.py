@@ -351,7 +351,7 @@ def time_logprob_paths(arch, n_rows: int, device) -> dict[str, float]:
     """Forward + backward ms of `actor.logprobs_from` = logits and = hidden at n_rows targets."""
     import torch
 
-    from pebr_mega import kernels
+    from pebr_mega.kernels import ops as kernels
 
     if device.type != "cuda":
         return {}

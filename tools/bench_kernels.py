@@ -47,19 +47,11 @@ class Row:
 
 
 def import_kernels():
-    """pebr_mega.kernels from this checkout (kernels/ is installed as pebr_mega.kernels)."""
-    import importlib.util
-
+    """`pebr_mega.kernels.ops` from this checkout (`pebr_mega/kernels` links to the top-level `kernels/`)."""
     sys.path.insert(0, str(ROOT))
-    import pebr_mega
+    from pebr_mega.kernels import ops
 
-    spec = importlib.util.spec_from_file_location(
-        "pebr_mega.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["pebr_mega.kernels"] = module
-    spec.loader.exec_module(module)
-    pebr_mega.kernels = module
-    return module
+    return ops
 
 
 def liger():

@@ -33,12 +33,10 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         || { echo "gpu_checks: installing .whl/ failed"; exit 1; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# This checkout on the path. Where it is not pip-installed (an editable install would need setuptools from an
-# index, which such a machine cannot reach), kernels/ is bound as pebr_mega.kernels (setup.py's package_dir)
-# through a link.
+# This checkout on the path (an editable install would need setuptools from an index, which such a machine
+# cannot reach); pebr_mega/kernels is the committed link to kernels/.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-python3 -c "import pebr_mega.kernels" 2> /dev/null || ln -s ../kernels pebr_mega/kernels
-python3 -c "import pebr_mega.kernels" || { echo "gpu_checks: cannot import pebr_mega.kernels"; exit 1; }
+python3 -c "import pebr_mega.kernels.ops" || { echo "gpu_checks: cannot import pebr_mega.kernels.ops"; exit 1; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 - <<'EOF'

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pebr_mega import kernels
+from pebr_mega.kernels import ops as kernels
 from pebr_mega.actor.packing import MicroBatch
 from pebr_mega.kernels import reference
 from pebr_mega.kernels.reference import grpo_loss_reference

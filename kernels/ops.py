@@ -1,4 +1,8 @@
-"""Triton kernels, installed as `pebr_mega.kernels`: fused log-probs/entropy and the fused GRPO loss.
+"""The public kernels of `pebr_mega.kernels.ops`: fused log-probs/entropy and the fused GRPO loss.
+
+`kernels/` has no `__init__.py` on purpose: it is installed as the namespace package `pebr_mega.kernels`
+(setup.py), and a checkout on `sys.path` must not shadow Hugging Face's `kernels` distribution, which
+transformers imports (PEP 420: a regular package anywhere on the path outranks a namespace portion).
 
 Public functions (each differentiable):
 
