@@ -17,8 +17,9 @@ CORE = [
     # torch: 2.13 in CI (CPU), 2.11 on the lent H100; SGLang pins torch exactly (0.5.13: 2.11, 0.5.23: 2.14.1).
     "torch>=2.11,<2.16",
     # transformers: the Qwen2.5-VL modelling and processing code the conversion and the HF engine use. 5.25 in
-    # CI; SGLang pins it exactly (0.5.13: 5.8.1, 0.5.23: 5.19.0), so the window reaches down to 5.8.
-    "transformers>=5.8,<6",
+    # CI and the whole suite at 5.19.0, the release SGLang 0.5.23 pins exactly; 5.8.1 (SGLang 0.5.13's pin)
+    # fails it (AutoImageProcessor needs torchvision there, and the rope-index and vision references differ).
+    "transformers>=5.19,<6",
     # megatron-core: 0.16.1 in CI (the newest for Python 3.11), 0.19 read for Python 3.12 machines.
     "megatron-core>=0.16,<0.20",
     # triton: 3.9 in CI (interpreter), 3.6 on the lent H100.
@@ -57,7 +58,9 @@ EXTRAS = {
     # FG-CLIP (the CLIP reward's checkpoint upstream) ships modelling code that imports torchvision.ops; install
     # the torchvision build that matches your torch.
     "clip": ["torchvision>=0.19"],
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "import-linter>=2.1"],
+    # TensorBoard event files beside wandb (logging.tensorboard); the tests read them back with its reader.
+    "tensorboard": ["tensorboard>=2.14"],
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "import-linter>=2.1", "tensorboard>=2.14"],
 }
 
 packages = find_packages(include=["pebr_mega", "pebr_mega.*"]) + ["pebr_mega.kernels"]

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One node: run a pebr subcommand on every local GPU with torchrun.
 #
-#   launch/torchrun.sh train --config launch/configs/qwen2_5_vl_7b_stage1.yaml [key=value ...]
-#   GPUS=4 launch/torchrun.sh sft --config launch/configs/qwen2_5_vl_7b_sft.yaml
+#   launch/torchrun.sh train --config launch/configs/qwen2_5_vl_7b.yaml grpo.stage=stage1 [key=value ...]
+#   GPUS=4 launch/torchrun.sh sft --config launch/configs/qwen2_5_vl_3b.yaml
 #   DRY_RUN=1 launch/torchrun.sh train --config ...   # print the command and the resolved config, run nothing
 set -euo pipefail
 GPUS=${GPUS:-$(python3 -c "import torch; print(max(torch.cuda.device_count(), 1))")}

@@ -78,14 +78,17 @@ def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="print the resolved configuration",
                        description="Load a YAML config, apply key=value overrides and print the result.")
     p.add_argument("--config", default=None, help="YAML config file")
+    p.add_argument("--get", default=None, metavar="KEY",
+                   help="print only this dotted key's value (e.g. pipeline.work_dir; for scripts)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.set_defaults(handler=_cmd_config)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from pebr_mega.config import load_config, to_yaml
+    from pebr_mega.config import config_value, load_config, to_yaml
 
-    print(to_yaml(load_config(args.config, args.overrides)), end="")
+    cfg = load_config(args.config, args.overrides)
+    print(config_value(cfg, args.get) if args.get else to_yaml(cfg), end="" if not args.get else "\n")
     return 0
 
 
@@ -161,6 +164,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     plan = make_plan(cfg, arch, Cluster(args.nodes, args.gpus_per_node, gpu), args.job, source,
                      args.prompt_tokens, args.response_tokens, args.images_per_prompt)
     print(json.dumps(plan_to_json(plan), indent=1) if args.json else format_plan(plan))
+    if plan.configured_errors:  # the table shows what would run; the configured run itself would not start
+        print(f"pebr plan: the configured layout fails {len(plan.configured_errors)} start-up check(s): "
+              f"{plan.configured_errors[0]}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -224,6 +231,33 @@ def _cmd_filter_sft(args: argparse.Namespace) -> int:
     for line in res.summary_lines():
         print("  " + line)
     print(f"wrote {args.output} ({len(res.kept)} records); dropped records listed in {sidecar_path(args.output)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- merge-sft
+def _add_merge_sft(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge-sft", help="merge SFT files (filtered Mulberry-SFT + PeBR's SFT set) into one",
+                       description="Concatenate ShareGPT SFT files in the order given; each record's relative image "
+                                   "paths are rewritten relative to the output file's folder (no image is copied), "
+                                   "so `pebr sft` with sft.image_root empty finds them. Missing images are listed.")
+    p.add_argument("--input", nargs=2, action="append", required=True, metavar=("FILE", "IMAGE_DIR"),
+                   help="an SFT file and the folder its image paths are relative to (repeat per file)")
+    p.add_argument("--output", required=True, help="the merged JSON list to write (e.g. dataset/sft/pebr_sft.json)")
+    p.set_defaults(handler=_cmd_merge_sft)
+
+
+def _cmd_merge_sft(args: argparse.Namespace) -> int:
+    from pebr_mega.data.sft_merge import merge_sft_files
+
+    claim_output_file(args.output, [f for f, _ in args.input], what="--output")
+    res = merge_sft_files([(f, d) for f, d in args.input], args.output)
+    for src in res.sources:
+        missing = f", {len(src.missing_images)} image(s) not found (first: {src.missing_images[0]})" \
+            if src.missing_images else ""
+        print(f"merge-sft: {src.path}: {src.records} records, images from {src.image_root}{missing}")
+    if res.skipped:
+        print(f"merge-sft: skipped {dict(sorted(res.skipped.items()))}")
+    print(f"wrote {res.output} ({res.records} records)")
     return 0
 
 
@@ -419,13 +453,16 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- training
 # The config-driven commands share one shape: `--config C [k=v ...] [--dry-run]`, then one library call.
-def _check_startup(cfg: PebrConfig, command: str) -> None:
-    """Every divisibility and size rule (pebr_mega.plan) before anything loads; notes go to stderr on rank 0."""
+def _check_startup(cfg: PebrConfig, command: str, world_size: int | None = None) -> None:
+    """Every start-up rule before anything loads: the divisibility and size rules (pebr_mega.plan) on the world
+    the launcher gives (`world_size`: a dry run's --world-size) and every input path the command opens
+    (plan/paths.py); the real run and `--dry-run` both call this. Notes go to stderr on rank 0."""
     import os
 
     from pebr_mega.plan import check_startup
+    from pebr_mega.plan.paths import check_inputs
 
-    result = check_startup(cfg, command=command)
+    result = check_startup(cfg, world_size=world_size, command=command, also=check_inputs(cfg, command))
     if os.environ.get("RANK", "0") == "0":
         for note in result.notes:
             print(f"pebr {command}: note: {note}", file=sys.stderr)
@@ -492,8 +529,12 @@ def _add_config_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--config", default=None, help="YAML config file")
         p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
         p.add_argument("--dry-run", action="store_true",
-                       help="print the resolved plan (prompts, batches, epochs, steps, reward weights) as JSON and "
-                            "exit without loading a model; `pebr config` prints the resolved config")
+                       help="run every start-up check, print the resolved plan (prompts, batches, epochs, steps, "
+                            "reward weights) as JSON and exit without loading a model; `pebr config` prints the "
+                            "resolved config")
+        p.add_argument("--world-size", type=int, default=None,
+                       help="with --dry-run: the number of processes the run will have (default: WORLD_SIZE, else 1, "
+                            "as the run itself)")
         if name in RESTARTABLE:
             p.add_argument("--force-restart", action="store_true", help=RESTARTABLE[name])
         p.set_defaults(handler=_cmd_config_command, run=run)
@@ -504,6 +545,7 @@ def _cmd_config_command(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
+        _check_startup(cfg, args.command, args.world_size)
         return _dry_run(cfg, args.command, getattr(args, "force_restart", False))
     print(args.run(cfg, restart=True) if getattr(args, "force_restart", False) else args.run(cfg))
     return 0
@@ -615,6 +657,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_config_commands,
     _add_demo,
     _add_filter_sft,
+    _add_merge_sft,
     _add_register_llamafactory,
     _add_split,
     _add_make_tiny_clip,

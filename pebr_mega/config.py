@@ -190,3 +190,14 @@ def to_dict(cfg: PebrConfig) -> dict:
 def to_yaml(cfg: PebrConfig) -> str:
     """The config as YAML text."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_value(cfg: PebrConfig, key: str) -> Any:
+    """The value at dotted `key` of a loaded config (`pebr config --get`); an unknown key names the valid ones."""
+    node: Any = cfg
+    for part in key.split("."):
+        names = [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
+        if part not in names:
+            raise ConfigError(f"unknown config key '{key}'" + (f"; valid here: {', '.join(names)}" if names else ""))
+        node = getattr(node, part)
+    return node

@@ -1,7 +1,11 @@
 """Metrics: a progress bar with ETA, one readable console line per step, `metrics.jsonl`, wandb, plots.
 
 `MetricsLogger` is the only sink trainers write metrics to. wandb is optional: `mode: disabled` (default),
-`offline` (writes a local run directory, needs no network, sync later with `wandb sync`) or `online`.
+`offline` (writes a local run directory, needs no network, sync later with `wandb sync`) or `online`; so is
+TensorBoard (`logging.tensorboard: true`: event files in `run_dir/tensorboard`, `pip install tensorboard`).
+`logging.metric_names: verl` gives wandb and TensorBoard the names verl and EasyR1 dashboards plot
+(`VERL_NAMES`: `actor/pg_loss`, `critic/score/mean`, `timing_s/step`, ...); `metrics.jsonl`, the console and
+`pebr plot` keep ours, so that one run directory reads the same whichever names its dashboards use.
 
 `log_generations` writes `logging.log_generations` sampled prompt/response/reward rows per step to
 `generations.jsonl` in the run directory and, when wandb is on, as a `generations` table (upstream EasyR1
@@ -45,6 +49,27 @@ CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
     ("tokens_per_s", "{:.0f} tok/s"),
     ("time/step", "{:.1f}s/step"),
 )
+# verl's / EasyR1's name for each of our metrics with the same meaning (verl `dp_actor.update_policy`,
+# `trainer/metric_utils.compute_data_metrics` and `compute_timing_metrics`; EasyR1's `ray_trainer.py`).
+# Unlisted metrics keep their names; `kl` and `kl_loss` are the same value (the KL term before its coefficient,
+# as verl's `actor/kl_loss`); `time/logprobs` covers the old and the reference log-probs together.
+VERL_NAMES: dict[str, str] = {
+    "loss": "actor/loss", "pg_loss": "actor/pg_loss", "kl_loss": "actor/kl_loss", "kl": "actor/kl_loss",
+    "entropy": "actor/entropy", "clip_frac": "actor/pg_clipfrac", "clip_frac_dual": "actor/pg_clipfrac_lower",
+    "approx_kl": "actor/ppo_kl", "grad_norm": "actor/grad_norm", "lr": "actor/lr",
+    "reward/total": "critic/score/mean", "advantage/abs_mean": "critic/advantages/abs_mean",
+    "time/rollout": "timing_s/gen", "time/reward": "timing_s/reward", "time/logprobs": "timing_s/old_log_prob",
+    "time/update": "timing_s/update_actor", "time/sync": "timing_s/sync_weights", "time/step": "timing_s/step",
+}
+
+
+def external_names(metrics: Mapping[str, Any], names: str) -> dict[str, Any]:
+    """`metrics` under the names the dashboards use: ours (`names="pebr"`) or verl's (`"verl"`, `VERL_NAMES`)."""
+    if names == "pebr":
+        return dict(metrics)
+    return {VERL_NAMES.get(k, k): v for k, v in metrics.items()}
+
+
 # Counts of skipped work, shown on the console line only when not zero.
 COUNT_KEYS = (
     ("skipped_batches", "batch skipped: no buildable request"),
@@ -63,6 +88,9 @@ class LoggingConfig:
     console_every: int = 1
     extra_console_keys: list[str] = field(default_factory=list)
     log_generations: int = 0  # rollout samples (prompt, response, reward) logged per GRPO step; 0 = none
+    tensorboard: bool = False  # event files in run_dir/tensorboard (needs `pip install tensorboard`)
+    # Metric names in wandb and TensorBoard: ours, or verl's/EasyR1's (VERL_NAMES); metrics.jsonl keeps ours.
+    metric_names: str = choice("pebr", ["pebr", "verl"])
 
     def __post_init__(self) -> None:
         check_fields("logging", {
@@ -117,6 +145,16 @@ class MetricsLogger:
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True, file=sys.stderr)
         self._wandb = self._init_wandb(run_config, resume) if cfg.wandb_mode != "disabled" else None
+        self._tensorboard = self._init_tensorboard() if cfg.tensorboard else None
+
+    def _init_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise BackendUnavailableError(f"logging.tensorboard=true but TensorBoard does not import ({e}); "
+                                          "pip install tensorboard") from None
+        # A resumed run appends a new event file; TensorBoard shows the later value of a step logged twice.
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
     def _init_wandb(self, run_config: Mapping[str, Any] | None, resume: bool):
         try:
@@ -150,8 +188,14 @@ class MetricsLogger:
         clean = {k: _jsonable(v) for k, v in metrics.items()}
         self._file.write(json.dumps({"step": step, "wall": round(time.time() - self._t0, 3), **clean}) + "\n")
         self._file.flush()
+        shown = external_names({k: v for k, v in clean.items() if v is not None}, self.cfg.metric_names)
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in clean.items() if v is not None}, step=step)
+            self._wandb.log(shown, step=step)
+        if self._tensorboard is not None:
+            for key, value in shown.items():
+                if _is_number(value):
+                    self._tensorboard.add_scalar(key, value, global_step=step)
+            self._tensorboard.flush()
         if not console:
             return
         line = format_metrics_line(step, self.total, metrics, self.cfg.extra_console_keys)
@@ -174,6 +218,8 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.close()
         self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
         if self._wandb is not None:
             self._wandb.finish()
 

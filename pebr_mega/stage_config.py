@@ -94,19 +94,25 @@ class GRPOTrainerConfig(StageLoopConfig):
 class SFTConfig(StageLoopConfig):
     """The SFT warm-up (upstream: full fine-tune, lr 1e-5, warmup 0.1, cosine, 2 epochs, cutoff 4096).
 
-    `lr`, `warmup_ratio`, `lr_schedule`, `freeze_vision` and `freeze_projector` are this stage's and win over
-    the `actor.*` keys of the same names (the module docstring's precedence rule); the other `actor.*` keys
-    (betas, weight decay, clipping, micro-batch tokens, kernels) apply here too.
+    `lr`, `warmup_ratio`, `lr_schedule`, `weight_decay`, `freeze_vision` and `freeze_projector` are this stage's
+    and win over the `actor.*` keys of the same names (the module docstring's precedence rule); the other
+    `actor.*` keys (betas, clipping, micro-batch tokens, kernels) apply here too.
     """
 
     init_model: str = ""
     train_file: str = ""  # ShareGPT JSON or JSONL (messages/role/content or conversations/from/value)
     dataset_info: str = ""  # optional LLaMA-Factory dataset_info.json whose entry gives the columns and tags
     dataset_name: str = ""  # the entry of dataset_info (its file_name is used when train_file is empty)
+    # Where the SFT file's relative image paths resolve (LLaMA-Factory's media_dir); empty: the SFT file's own
+    # folder. Not data.image_root, which is the GRPO images' folder.
+    image_root: str = ""
     # LLaMA-Factory's image bounds before the processor (hparams image_max_pixels / image_min_pixels defaults)
     image_max_pixels: int = 768 * 768
     image_min_pixels: int = 32 * 32
     lr: float = 1e-5
+    # Upstream's SFT runs LLaMA-Factory's HF Trainer, whose weight_decay defaults to 0.0 and which
+    # docs/qwen2_5vl_full_sft.yaml does not set; the GRPO stages' actor.weight_decay is 1e-2.
+    weight_decay: float = 0.0
     warmup_ratio: float = 0.1
     lr_schedule: str = choice("cosine", ["constant", "cosine", "linear"])
     epochs: int = 2

@@ -58,6 +58,13 @@ def _grpo_file(tmp_path, sizes: list[tuple[int, int]], name: str = "grpo.json") 
     return tmp_path / name
 
 
+def _model_dir(tmp_path) -> str:
+    """A directory standing where the config expects a model: the dry run checks it exists and reads no weights
+    (without a tokenizer in it, the prompt-length filter is named as not applied)."""
+    (tmp_path / "model").mkdir(exist_ok=True)
+    return str(tmp_path / "model")
+
+
 def _dry(capsys, *argv: str) -> tuple[int, object, str]:
     rc = main(list(argv))
     out = capsys.readouterr()
@@ -68,8 +75,9 @@ def test_train_dry_run_on_the_7b_config_counts_upstreams_steps(tmp_path, capsys)
     """Issue 13's check: the 7B config, stage 2, 1,100 prompts, batch 512, 2 epochs -> 2 full batches per epoch,
     4 steps, 76 prompts sitting out each epoch; the plan is JSON, nothing is loaded or written."""
     data = _grpo_file(tmp_path, [(56, 56)] * 1100)
-    rc, plan, _ = _dry(capsys, "train", "--dry-run", "--config", CONFIG_7B, "grpo.stage=stage2",
-                       f"grpo.train_file={data}", f"data.image_root={tmp_path}", f"run.output_dir={tmp_path / 'run'}")
+    rc, plan, _ = _dry(capsys, "train", "--dry-run", "--world-size", "8", "--config", CONFIG_7B, "grpo.stage=stage2",
+                       f"grpo.train_file={data}", f"data.image_root={tmp_path}", f"run.output_dir={tmp_path / 'run'}",
+                       f"grpo.init_model={_model_dir(tmp_path)}")
     assert rc == 0
     assert list(plan)[:11] == ["stage", "prompts", "rollout_batch", "mini_batch", "epochs", "steps_per_epoch",
                                "total_steps", "updates_per_step", "samples_per_step", "reward_weights", "grading"]
@@ -78,8 +86,8 @@ def test_train_dry_run_on_the_7b_config_counts_upstreams_steps(tmp_path, capsys)
         "steps_per_epoch": 2, "total_steps": 4, "updates_per_step": 4, "samples_per_step": 512 * 8,
         "reward_weights": STAGE2, "grading": "upstream"}
     assert plan["dropped_per_epoch"] == 76 and plan["records_read"] == 1100
-    # The config's init_model is not on this machine: the prompt-length filter is named as not applied.
-    assert any("max_prompt_length" in k and "does not exist" in v for k, v in plan["filters_not_applied"].items())
+    # The model directory holds no tokenizer: the prompt-length filter is named as not applied.
+    assert any("max_prompt_length" in k and "grpo.init_model" in v for k, v in plan["filters_not_applied"].items())
     assert not (tmp_path / "run").exists()
 
 
@@ -87,11 +95,14 @@ def test_grpo_stage_alone_selects_the_reward_preset(tmp_path, capsys):
     """Issue 13, item 5: grpo.stage is the one switch (stage 2 used to train with stage-1 rewards unless
     rewards.stage said so too); the old key is refused, naming its replacement."""
     data = _grpo_file(tmp_path, [(56, 56)] * 8)
-    common = [f"grpo.train_file={data}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4"]
+    common = [f"grpo.train_file={data}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4",
+              f"grpo.init_model={_model_dir(tmp_path)}"]
     assert _dry(capsys, "train", "--dry-run", "grpo.stage=stage2", *common)[1]["reward_weights"] == STAGE2
-    rc, plan, _ = _dry(capsys, "train", "--dry-run", "grpo.stage=stage1", *common)
+    # Stage 1 needs the CLIP checkpoint: unset, the dry run stops as the run's start-up does, naming the key.
+    rc, plan, err = _dry(capsys, "train", "--dry-run", "grpo.stage=stage1", *common)
+    assert rc == 2 and plan is None and "rewards.clip_model_dir='' is not set" in err
+    rc, plan, _ = _dry(capsys, "train", "--dry-run", "grpo.stage=stage1", *common, f"rewards.clip_model_dir={tmp_path}")
     assert rc == 0 and plan["reward_weights"] == STAGE1
-    assert "rewards.clip_model_dir is not set" in plan["warnings"][0]
     rc, _, err = _dry(capsys, "train", "--dry-run", "grpo.stage=stage2", "rewards.stage=stage1", *common)
     assert rc == 2 and "rewards.stage" in err and "grpo.stage alone selects the reward preset" in err
 
@@ -124,7 +135,8 @@ def test_train_dry_run_applies_the_prompt_length_filter_with_the_stage_tokenizer
 
 def test_train_dry_run_holdout_and_what_cannot_start(tmp_path, capsys):
     data = _grpo_file(tmp_path, [(56, 56)] * 10)
-    common = ["grpo.stage=stage2", f"grpo.train_file={data}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4"]
+    common = ["grpo.stage=stage2", f"grpo.train_file={data}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4",
+              f"grpo.init_model={_model_dir(tmp_path)}"]
     rc, plan, _ = _dry(capsys, "train", "--dry-run", *common, "grpo.eval_holdout=3")
     assert rc == 0 and (plan["prompts"], plan["steps_per_epoch"], plan["dropped_per_epoch"]) == (7, 1, 3)
     assert plan["eval"]["source"] == "grpo.eval_holdout" and plan["eval"]["records"] == 3
@@ -246,7 +258,8 @@ def _pipeline_overrides(tmp_path, model) -> list[str]:
     grpo = _grpo_file(tmp_path, [(56, 56)] * 12)
     return [f"pipeline.work_dir={tmp_path / 'work'}", f"pipeline.base_model={model}", f"pipeline.sft_file={sft}",
             f"pipeline.grpo_file={grpo}", "images.min_pixels=3136", "images.max_pixels=50176", "sample.max_pixels=50176",
-            "sft.batch_size=2", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4"]
+            "sft.batch_size=2", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4",
+            f"rewards.clip_model_dir={_model_dir(tmp_path)}"]  # stage 1's CLIP: only its existence is checked here
 
 
 def test_pipeline_dry_run_plans_each_stage_and_names_pending_inputs(tiny_model_dir, tmp_path, capsys):
@@ -350,6 +363,68 @@ def test_pipeline_dry_run_checks_the_recorded_fingerprints_as_the_run_does(tiny_
 
 def test_training_commands_fail_at_start_up_with_one_line(tmp_path, capsys):
     assert main(["train", f"run.output_dir={tmp_path}", f"grpo.init_model={tmp_path / 'nope'}"]) == 2
-    assert "nope: directory does not exist" in capsys.readouterr().err
+    assert f"grpo.init_model='{tmp_path / 'nope'}' directory does not exist" in capsys.readouterr().err
     assert main(["sft", f"run.output_dir={tmp_path}", "model.tp=0"]) == 2
     assert "config key 'model.tp' = 0" in capsys.readouterr().err
+
+
+def test_dry_run_runs_the_start_up_checks_of_the_run(tiny_model_dir, tmp_path, capsys):
+    """Issue 24, item 4: what the real start-up refuses, the dry run refuses too (one shared check), naming the
+    key: a layout the world cannot hold, a misspelt CLIP directory, no config at all, a split file not written
+    yet; `--world-size` gives the dry run the launcher's world."""
+    data = _grpo_file(tmp_path, [(56, 56)] * 8)
+    common = ["grpo.stage=stage2", f"grpo.train_file={data}", f"grpo.init_model={tiny_model_dir}",
+              "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4"]
+    rc, plan, err = _dry(capsys, "train", "--dry-run", *common, "model.tp=3")
+    assert rc == 2 and plan is None and "model.tp=3" in err and "world size 1" in err and "--world-size" in err
+    real_rc, real = _last_error(capsys, ["train", *common, "model.tp=3", f"run.output_dir={tmp_path / 'run'}"])
+    assert real_rc == 2 and "model.tp=3" in real  # the real run, with the same check
+    rc, _, err = _dry(capsys, "train", "--dry-run", "--world-size", "2", *common, "model.tp=2", "model.pp=1")
+    assert "model.tp=2 x model.pp=1" not in err and "world size" not in err  # 2 ranks hold tp=2
+    rc, _, err = _dry(capsys, "train", "--dry-run", *common, "grpo.stage=stage1",
+                      f"rewards.clip_model_dir={tmp_path / 'FG-CLIP-lrage'}")
+    assert rc == 2 and f"rewards.clip_model_dir='{tmp_path / 'FG-CLIP-lrage'}' directory does not exist" in err
+    rc, _, err = _dry(capsys, "train", "--dry-run")
+    assert rc == 2 and "grpo.init_model='' is not set" in err and "grpo.train_file='' is not set" in err
+    rc, _, err = _dry(capsys, "train", "--dry-run", *common, f"grpo.train_file={tmp_path / 'split/mediumcase.json'}")
+    assert rc == 2 and "grpo.train_file=" in err and "run `pebr sample` and `pebr split` first" in err
+
+
+def test_plan_exits_non_zero_naming_the_failing_check_of_the_configured_layout(capsys):
+    assert main(["plan", "--config", CONFIG_7B, "model.tp=3"]) == 2
+    out = capsys.readouterr()
+    assert "the configured layout cannot start on this cluster" in out.out
+    assert "model.tp=3 must divide the 8 GPUs per node" in out.out and "model.tp=3" in out.err
+    assert main(["plan", "--config", CONFIG_7B]) == 0
+
+
+def test_sft_dry_run_counts_unreadable_images_and_reads_them_from_sft_image_root(tiny_model_dir, tmp_path, capsys):
+    """Issue 24, item 3: SFT images resolve against sft.image_root (else the SFT file's folder), never the GRPO
+    images' data.image_root; a dry run in which every image is unreadable counts them and exits non-zero."""
+    images = tmp_path / "sft_images"
+    images.mkdir()
+    Image.fromarray(np.full((56, 56, 3), 9, dtype=np.uint8)).save(images / "a.png")
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    rows = [{"messages": [{"role": "user", "content": "<image>What is it?"},
+                          {"role": "assistant", "content": "A square."}], "images": [name]}
+            for name in ("a.png", "broken.png", "missing.png")]
+    sft = tmp_path / "sft.json"
+    sft.write_text(json.dumps(rows))
+    common = ["sft", "--dry-run", f"sft.init_model={tiny_model_dir}", f"sft.train_file={sft}",
+              f"run.output_dir={tmp_path / 'run'}", "sft.batch_size=1", f"data.image_root={tmp_path / 'grpo_images'}"]
+    (tmp_path / "grpo_images").mkdir()
+    rc, plan, _ = _dry(capsys, *common, f"sft.image_root={images}")
+    assert rc == 0 and plan["prompts"] == 1 and plan["skipped"] == {"image": 2} and plan["image_root"] == str(images)
+    rc, plan, err = _dry(capsys, *common)  # the SFT file's folder holds none of them
+    assert rc == 2 and plan["prompts"] == 0 and plan["skipped"] == {"image": 3} and "no usable SFT" in err
+
+
+def test_sft_weight_decay_is_upstreams_zero_and_its_own_key():
+    """Issue 24, item 7: LLaMA-Factory's HF Trainer SFT has weight decay 0.0; the GRPO stages keep actor's 1e-2."""
+    from pebr_mega.config import load_config
+    from pebr_mega.trainer.sft import sft_actor_config
+
+    cfg = load_config(CONFIG_7B)
+    assert cfg.actor.weight_decay == 1e-2 and sft_actor_config(cfg.actor, cfg.sft).weight_decay == 0.0
+    cfg = load_config(CONFIG_7B, ["sft.weight_decay=0.05"])
+    assert sft_actor_config(cfg.actor, cfg.sft).weight_decay == 0.05

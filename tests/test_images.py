@@ -14,7 +14,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 from pebr_mega.config import load_config
 from pebr_mega.data.decoders import make_image_decoder, resolve_backend
-from pebr_mega.data.images import ImageConfig, load_image, num_image_tokens, smart_resize
+from pebr_mega.data.images import ImageConfig, load_image, num_image_tokens, smart_resize, to_rgb
 from pebr_mega.data.pil_backend import PilImageDecoder
 from pebr_mega.errors import BackendUnavailableError, ImageError
 
@@ -50,7 +50,12 @@ def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 def _reference(images: list[Image.Image], min_pixels: int, max_pixels: int) -> dict:
-    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)(images=images, return_tensors="pt")
+    """transformers' Qwen2-VL PIL processor on the images after our RGB rule (`to_rgb`: transparency composited
+    on white, tested on its own below). The rule goes first because transformers changed its own conversion of
+    palette, grayscale and RGBA images between 5.19 and 5.25 (`image_processing_backends.py`), and both are in
+    the supported window: what is compared is the resize, rescale, normalisation and patch order."""
+    rgb = [to_rgb(image) for image in images]
+    return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)(images=rgb, return_tensors="pt")
 
 
 # ---------------------------------------------------------------------------------------------- sizes

@@ -75,3 +75,26 @@ def test_shipped_configs_carry_upstream_sampling_values_and_need_no_eval_file(na
             assert getattr(getattr(cfg, section), key) == value, f"{section}.{key}"
     assert not cfg.data.eval_file and not cfg.pipeline.eval_file and not cfg.grpo.eval_file
     assert cfg.data.format_prompt is None  # the packaged template
+
+
+@pytest.mark.parametrize("script", ["pebr_sft.sbatch", "pebr_sample.sbatch", "pebr_stage1.sbatch",
+                                    "pebr_stage2.sbatch"])
+def test_sbatch_writes_under_the_configs_own_work_dir(script):
+    """A 3B config sent through the 7B default scripts writes under its own pipeline.work_dir (checkpoints/pebr_3b),
+    never into the 7B run's directories; WORK still overrides it."""
+    out = _dry(script, CONFIG="launch/configs/qwen2_5_vl_3b.yaml")
+    first = out.splitlines()[0]
+    assert "pebr_7b" not in first and "checkpoints/pebr_3b/" in first, first
+    assert "pebr_7b" not in out.split("\n", 1)[1].split("pipeline:")[0].replace("Qwen2.5-VL-7B", "")
+    assert "ckpt/w/" in _dry(script, CONFIG="launch/configs/qwen2_5_vl_3b.yaml", WORK="ckpt/w").splitlines()[0]
+
+
+def test_every_config_a_launch_header_names_exists():
+    """Each `--config F` and `CONFIG=F` in the launch scripts' and docs' example lines is a shipped file."""
+    import re
+
+    texts = [p.read_text() for p in SCRIPTS] + [(ROOT / "README.md").read_text(), (ROOT / "docs/TRAINING.md").read_text()]
+    named = {m for t in texts for m in re.findall(r"(?:--config |CONFIG=)(launch/configs/[\w.\-]+\.yaml)", t)}
+    assert named, "no example names a config"
+    missing = sorted(n for n in named if not (ROOT / n).is_file())
+    assert not missing, missing

@@ -132,3 +132,42 @@ def test_generations_go_to_a_wandb_table_offline(tmp_path, monkeypatch):
     table = json.loads(tables[0].read_text())
     assert table["columns"] == ["step", "qid", "prompt", "response", "reward", "answer"]
     assert [row[1] for row in table["data"]] == ["q0", "q1", "q2"]
+
+
+def _tensorboard_scalars(log_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of the event files under `log_dir`, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_sink_with_verl_metric_names(tmp_path):
+    """Issue 24, item 6: TensorBoard beside wandb, and verl/EasyR1's metric names on the dashboards while
+    metrics.jsonl keeps ours; values that are not finite numbers are left out of the event file."""
+    import pytest
+
+    pytest.importorskip("tensorboard")
+    cfg = LoggingConfig(progress_bar=False, tensorboard=True, metric_names="verl")
+    log = MetricsLogger(cfg, tmp_path)
+    log.log(1, {"pg_loss": 0.25, "reward/total": 0.5, "time/step": 2.0, "reward/format": 1.0, "grad_norm": float("nan")})
+    log.log(2, {"pg_loss": 0.125, "reward/total": 0.75, "time/step": 1.5, "reward/format": 1.0})
+    log.close()
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["actor/pg_loss"] == [(1, 0.25), (2, 0.125)]
+    assert scalars["critic/score/mean"] == [(1, 0.5), (2, 0.75)] and scalars["timing_s/step"] == [(1, 2.0), (2, 1.5)]
+    assert scalars["reward/format"] == [(1, 1.0), (2, 1.0)] and "actor/grad_norm" not in scalars
+    assert [sorted(k for k in r if k not in ("step", "wall")) for r in read_metrics(tmp_path / "metrics.jsonl")][1] == \
+        ["pg_loss", "reward/format", "reward/total", "time/step"]
+
+
+def test_verl_names_are_a_renaming_without_collisions_of_different_values():
+    from pebr_mega.logging import VERL_NAMES, external_names
+
+    targets = {}
+    for ours, theirs in VERL_NAMES.items():
+        targets.setdefault(theirs, []).append(ours)
+    assert {t: o for t, o in targets.items() if len(o) > 1} == {"actor/kl_loss": ["kl_loss", "kl"]}  # same value
+    assert external_names({"loss": 1.0, "x/y": 2.0}, "pebr") == {"loss": 1.0, "x/y": 2.0}
+    assert external_names({"loss": 1.0, "x/y": 2.0}, "verl") == {"actor/loss": 1.0, "x/y": 2.0}

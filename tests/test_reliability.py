@@ -100,12 +100,15 @@ def test_split_out_dir_holding_its_dataset(dataset, tmp_path, capsys):
 def test_training_into_its_own_init_model_or_a_user_directory(tiny_model_dir, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    assert main(["train", f"grpo.init_model={model}", f"run.output_dir={model}"]) == 2
+    data = model / "data.json"  # inputs that exist, so that the start-up reaches the output checks
+    data.write_text("[]")
+    assert main(["train", "grpo.stage=stage2", f"grpo.init_model={model}", f"grpo.train_file={data}",
+                 f"run.output_dir={model}"]) == 2
     assert "is or lies inside the input" in _err_line(capsys)
-    assert main(["sft", f"sft.init_model={model}", f"run.output_dir={tmp_path}"]) == 2  # holds other files
-    assert "was not created by pebr" in _err_line(capsys)
+    assert main(["sft", f"sft.init_model={model}", f"sft.train_file={data}", f"run.output_dir={tmp_path}"]) == 2
+    assert "was not created by pebr" in _err_line(capsys)  # tmp_path holds other files
     assert main(["pipeline", f"pipeline.work_dir={tmp_path}", f"pipeline.base_model={model}",
-                 "pipeline.sft_file=a.json", "pipeline.grpo_file=b.json"]) == 2
+                 f"pipeline.sft_file={data}", f"pipeline.grpo_file={data}", f"rewards.clip_model_dir={model}"]) == 2
     assert "pipeline.work_dir" in _err_line(capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
@@ -153,8 +156,9 @@ def test_missing_model_says_the_directory_does_not_exist(dataset, tmp_path, caps
     assert main(["eval", "--model", str(missing), "--dataset", str(dataset / "eval.json")]) == 2
     err = _err_line(capsys)
     assert f"{missing}: directory does not exist" in err and "huggingface" not in err.lower()
-    assert main(["train", f"grpo.init_model={missing}", f"run.output_dir={tmp_path / 'run'}"]) == 2
-    assert "directory does not exist" in _err_line(capsys)
+    assert main(["train", "grpo.stage=stage2", f"grpo.init_model={missing}", f"grpo.train_file={dataset / 'eval.json'}",
+                 f"run.output_dir={tmp_path / 'run'}"]) == 2
+    assert f"grpo.init_model='{missing}' directory does not exist" in _err_line(capsys)
 
 
 @pytest.mark.parametrize("content", ["", "[]", '{"qid": "1"}', '{\n  "not": "a list"\n}'])

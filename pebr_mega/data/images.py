@@ -177,7 +177,8 @@ def has_alpha(image: Image.Image) -> bool:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, compositing any transparency onto white (what the transformers processor does)."""
+    """RGB, compositing any transparency onto white (what transformers 5.25's Qwen2-VL processor does; how it
+    converts palette, grayscale and RGBA images changed between releases, so the rule is ours, stated here)."""
     if has_alpha(image):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -287,18 +287,28 @@ def run_checks(cfg: Any, world: int, command: str, gpus_per_node: int | None = N
 
 
 def check_startup(cfg: Any, world_size: int | None = None, command: str = "train",
-                  gpus_per_node: int | None = None) -> CheckResult:
+                  gpus_per_node: int | None = None, also: CheckResult | None = None) -> CheckResult:
     """Check every rule for `command` before anything is loaded; raise StartupCheckError listing each failure.
 
     `world_size` and `gpus_per_node` default to the launcher's WORLD_SIZE and LOCAL_WORLD_SIZE (1 and
-    unknown without a launcher). Returns the result (its notes) when the run can start.
+    unknown without a launcher). `also`: the results of other start-up checks (the input paths), reported
+    in the same error. Returns the result (its notes) when the run can start.
     """
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if gpus_per_node is None and os.environ.get("LOCAL_WORLD_SIZE"):
         gpus_per_node = int(os.environ["LOCAL_WORLD_SIZE"])
     r = run_checks(cfg, world, command, gpus_per_node)
+    if also is not None:
+        r.extend(also)
     if r.errors:
         lines = "\n".join(f"  - {e}" for e in r.errors)
-        raise StartupCheckError(f"{len(r.errors)} start-up check(s) failed for `pebr {command}` on {world} GPU(s):\n"
-                                f"{lines}")
+        layout = any("world size" in e for e in r.errors)
+        source = ("" if not layout or world_size is not None or "WORLD_SIZE" in os.environ else
+                  " (no launcher: WORLD_SIZE unset; under torchrun it is --nproc-per-node x nodes, and a dry run "
+                  "takes --world-size N)")
+        if len(r.errors) == 1:  # one failure: one line, as every other error of the CLI
+            raise StartupCheckError(f"start-up check failed for `pebr {command}` on {world} GPU(s){source}: "
+                                    f"{r.errors[0]}")
+        raise StartupCheckError(f"{len(r.errors)} start-up check(s) failed for `pebr {command}` on {world} GPU(s)"
+                                f"{source}:\n{lines}")
     return r

@@ -23,7 +23,8 @@ from pebr_mega.models.arch import QwenVLArch
 from pebr_mega.models.config import token_multiple
 from pebr_mega.plan import memory as mem
 from pebr_mega.plan import timing
-from pebr_mega.plan.checks import CheckResult, batch_check, divisors, layout_check, length_check, rollout_check
+from pebr_mega.plan.checks import (CheckResult, batch_check, divisors, layout_check, length_check, rollout_check,
+                                   run_checks)
 from pebr_mega.plan.hardware import GpuSpec
 from pebr_mega.plan.memory import GIB, MemoryTable
 from pebr_mega.plan.timing import Layout
@@ -191,6 +192,8 @@ class Plan:
     mem_fraction: float
     mem_fraction_assumed: bool
     rates: dict[str, str]
+    # Why the configured model.tp/model.pp cannot start on this cluster (the start-up checks' lines); empty: it can.
+    configured_errors: list[str] = field(default_factory=list)
 
     @property
     def total_parameters(self) -> int:
@@ -473,4 +476,7 @@ def make_plan(cfg: Any, arch: QwenVLArch, cluster: Cluster, job: str = "grpo", a
         detail = next((p for p in layouts if p.training is not None), None)
     gpu = cluster.gpu
     rates = {name: gpu.rate(name).describe() for name in ("train", "copy", "nvlink", "internode")}
-    return Plan(arch, arch_source, cluster, w, configured, layouts, detail, distributed, frac, frac_cfg is None, rates)
+    # The configured layout through the very checks `pebr train` runs at start-up on this cluster.
+    errors = run_checks(cfg, cluster.world, "sft" if job == "sft" else "train", cluster.gpus_per_node, arch).errors
+    return Plan(arch, arch_source, cluster, w, configured, layouts, detail, distributed, frac, frac_cfg is None, rates,
+                errors)

@@ -62,6 +62,9 @@ def format_plan(plan: Plan) -> str:
            f"cluster: {c.nodes} node(s) x {c.gpus_per_node} {gpu.label} ({card / GIB:.1f} GiB each) = {c.world} GPUs"]
     out += _workload_lines(plan)
     d = plan.detail
+    if plan.configured_errors:
+        out.append("the configured layout cannot start on this cluster (the start-up checks of the run):")
+        out += [f"  - {e}" for e in plan.configured_errors]
     if d is None:
         out.append("no layout passes the start-up checks on this cluster; see the reasons below")
     else:
@@ -69,7 +72,7 @@ def format_plan(plan: Plan) -> str:
         if plan.configured and (plan.configured.tp, plan.configured.pp) == (lay.tp, lay.pp):
             which = "the configured layout"
         else:
-            which = "the fastest valid layout (the configured one cannot run here: see the layout table)"
+            which = "the fastest valid layout (the configured one cannot start here: see the failed checks above)"
         out.append(f"per GPU for model.tp={lay.tp} model.pp={lay.pp} -> DP={lay.dp}, {which}; optimizer "
                    f"{'distributed' if plan.distributed_optimizer else 'not distributed'} (actor.distributed_optimizer)")
         out.append("")
@@ -132,6 +135,7 @@ def plan_to_json(plan: Plan) -> dict:
                      "logprobs_from": w.logprob_path},
         "configured": None if plan.configured is None else {"tp": plan.configured.tp, "pp": plan.configured.pp,
                                                              "dp": plan.configured.dp},
+        "configured_errors": plan.configured_errors,
         "distributed_optimizer": plan.distributed_optimizer,
         "mem_fraction_static": plan.mem_fraction,
         "detail": None if d is None else {**d.to_json(), "training": _rows(d.training), "rollout": _rows(d.rollout)},

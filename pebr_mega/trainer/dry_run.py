@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from pebr_mega.config import PebrConfig
-from pebr_mega.data.images import ImageConfig
+from pebr_mega.data.images import ImageConfig, open_image
 from pebr_mega.data.pil_backend import PilImageDecoder
 from pebr_mega.data.records import image_root_for, load_grpo_records, read_json_items
 from pebr_mega.data.sft_records import SkipRecord, resolve_sft_source, to_conversation
 from pebr_mega.data.template import load_prompt_template
-from pebr_mega.errors import PebrError
+from pebr_mega.errors import ImageError, PebrError
 from pebr_mega.rewards import preset_weights
 from pebr_mega.rollout.requests import RequestBuilder
 from pebr_mega.stage_config import GRPOTrainerConfig
@@ -183,14 +183,17 @@ def sft_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
     path, columns = resolve_sft_source(sft.train_file, sft.dataset_info, sft.dataset_name)
     items, bad = read_json_items(path)
     skipped = Counter(s.reason for s in bad)
-    root = image_root_for(str(path), cfg.data.image_root)
+    root = image_root_for(str(path), sft.image_root)
     kept = 0
     for item in items:
         try:
-            to_conversation(item.value, columns, root, item.location)
+            for image in to_conversation(item.value, columns, root, item.location).images:
+                open_image(image).close()  # the header only: a missing or unreadable file is skipped at start-up
             kept += 1
         except SkipRecord as e:
             skipped[e.args[0]] += 1
+        except ImageError:
+            skipped["image"] += 1  # the reason name the SFT start-up counts (data/sft_records.encode_sft_file)
     per_epoch = math.ceil(kept / sft.batch_size)
     eval_info = _eval_file(cfg, sft.eval_file, "sft.eval_file", sft.eval_max_samples)
     plan = {"stage": "sft", "prompts": kept, "rollout_batch": None, "mini_batch": sft.batch_size,
@@ -199,9 +202,11 @@ def sft_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
             "reward_weights": preset_weights(cfg.rewards, "stage2") if eval_info["source"] else None,
             "grading": cfg.rewards.answer_grading,
             "train_file": str(path), "records_read": len(items) + len(bad), "skipped": dict(sorted(skipped.items())),
+            "image_root": str(root),
             "filters": ["conversations: ShareGPT columns, roles and turns, one <image> per image "
-                        "(data/sft_records.py, LLaMA-Factory's rules)"],
-            "filters_not_applied": {"images decoded, tokenised, truncated at sft.cutoff_len":
+                        "(data/sft_records.py, LLaMA-Factory's rules)",
+                        "images: every file exists and its header reads (sft.image_root, else the file's folder)"],
+            "filters_not_applied": {"pixels decoded, tokenised, truncated at sft.cutoff_len":
                                     "needs the pixels and the tokenizer: counted when the stage starts"},
             "last_batch": (kept % sft.batch_size) or min(kept, sft.batch_size), "seed": cfg.run.seed, "eval": eval_info}
     if kept == 0:

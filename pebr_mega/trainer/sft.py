@@ -16,6 +16,7 @@ from pebr_mega.actor.megatron_actor import LossSpec
 from pebr_mega.actor.packing import ActorSequence
 from pebr_mega.config import PebrConfig
 from pebr_mega.data.images import ImageDecoder
+from pebr_mega.data.records import image_root_for
 from pebr_mega.data.sft_records import SFTReport, encode_sft_file, resolve_sft_source
 from pebr_mega.errors import DataError
 from pebr_mega.rewards import build_reward
@@ -49,7 +50,7 @@ class SFTTrainer(StageTrainer):
         super().__init__(cfg, sft, RunSpec.sft(cfg), restart=restart)
         train_file, columns = resolve_sft_source(sft.train_file, sft.dataset_info, sft.dataset_name)
         self.seqs, self.skipped = load_sft_sequences(train_file, self.ctx.tokenizer, self.ctx.decoder,
-                                                     self.ctx.image_root(str(train_file)), sft.cutoff_len,
+                                                     image_root_for(str(train_file), sft.image_root), sft.cutoff_len,
                                                      cfg.images.merge_size, columns=columns,
                                                      image_max_pixels=sft.image_max_pixels,
                                                      image_min_pixels=sft.image_min_pixels)
