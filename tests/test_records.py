@@ -63,6 +63,19 @@ def test_every_bad_record_is_skipped_with_reason_location_and_qid(tmp_path):
     assert "3 of 12 records loaded" in report and "duplicate_qid" in report and "index 7 qid=ok1" in report
 
 
+def test_empty_answer_and_empty_problem_are_named_counted_skips(tmp_path):
+    recs = [_rec("ok"), _rec("blank", answer=""), _rec("spaces", answer="  \n"), _rec("noq", problem="<image>"),
+            _rec("noq2", problem=" <image> \n"), _rec("zero", answer=0)]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(recs))
+    res = load_grpo_records(f)
+    assert [r.qid for r in res.records] == ["ok", "zero"]  # the number 0 is an answer ("0"), not an empty one
+    assert res.counts == {"empty_answer": 2, "empty_problem": 2}
+    assert {s.qid for s in res.skipped if s.reason == "empty_answer"} == {"blank", "spaces"}
+    report = res.report()
+    assert "empty_answer" in report and "index 1 qid=blank" in report and "empty_problem" in report
+
+
 def test_jsonl_malformed_lines_are_counted_not_fatal(tmp_path):
     f = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(_rec("a")), "{not json", "", json.dumps(_rec("b")),
                                             '{"qid": "c", "problem": "<image>"'])

@@ -201,6 +201,12 @@ def parse_grpo_record(raw: Any, notes: Counter | None = None) -> GRPORecord:
         answer = str(answer)
     if not isinstance(answer, str):
         raise ValueError(f"bad_field: answer must be a string, got {type(raw['answer']).__name__}")
+    # A blank answer cannot be graded (MathRuler would call it equal to a blank response), and a problem that
+    # is nothing but its image tokens asks nothing: both are named skips, never trained on.
+    if not answer.strip():
+        raise ValueError(f"empty_answer: answer is {answer!r}")
+    if not raw["problem"].replace(IMAGE_TOKEN, "").strip():
+        raise ValueError(f"empty_problem: problem is {raw['problem']!r}")
     if not _is_str_list(raw["images"]):
         raise ValueError("bad_field: images must be a list of strings")
     key_words = raw.get("key_words")
@@ -231,6 +237,7 @@ def load_grpo_records(path: str | Path, image_root: str | Path | None = None,
     """Load and validate GRPO records from a JSON list or JSONL file.
 
     Skipped (counted, with location and qid): malformed JSONL lines, non-objects, missing or ill-typed fields,
+    a blank answer (`empty_answer`), a problem with no text besides its `<image>` tokens (`empty_problem`),
     a problem without `<image>` or whose `<image>` count differs from `len(images)`, a repeated qid (the
     first one is kept) and, when `require_images`, a record with an image file that does not exist under
     `image_root` (default: the dataset file's folder).
