@@ -340,7 +340,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     check_hf_model_dir(args.model, "--model")
     if args.results:
         claim_output_file(args.results, [args.dataset, args.model], what="--results")
-    loaded = load_grpo_records(args.dataset, args.image_root)
+    loaded = load_grpo_records(args.dataset, args.image_root, allow_outside_root=cfg.data.allow_images_outside_root)
     if loaded.skipped:
         print(loaded.report())
     records = loaded.records[: args.max_samples or None]

@@ -138,3 +138,41 @@ def test_data_config_is_part_of_root_schema():
     cfg = load_config(None, ["data.eval_file=g.json", "data.max_prompt_length=1024"])
     assert (cfg.data.eval_file, cfg.data.max_prompt_length) == ("g.json", 1024)
     assert cfg.data.image_root is None
+
+
+def test_images_outside_the_image_root_are_named_skips_unless_allowed(tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    (root / "img").mkdir(parents=True), outside.mkdir()
+    (outside / "secret.png").write_bytes(b"x")
+    (root / "img" / "in.png").write_bytes(b"x")
+    (root / "img" / "link.png").symlink_to(outside / "secret.png")  # points out of the root
+    (root / "img" / "alias.png").symlink_to(root / "img" / "in.png")  # points inside: fine
+    recs = [_rec("in", images=["img/in.png"]), _rec("up", images=["../outside/secret.png"]),
+            _rec("abs", images=[str(outside / "secret.png")]), _rec("link", images=["img/link.png"]),
+            _rec("alias", images=["img/alias.png"]), _rec("dots", images=["img/../img/in.png"])]
+    f = root / "d.json"
+    f.write_text(json.dumps(recs))
+    res = load_grpo_records(f, require_images=True)
+    assert [r.qid for r in res.records] == ["in", "alias", "dots"]
+    assert res.counts == {"image_outside_root": 3}
+    by_qid = {s.qid: s for s in res.skipped}
+    assert "../outside/secret.png ->" in by_qid["up"].detail and str(outside / "secret.png") in by_qid["up"].detail
+    assert "data.allow_images_outside_root" in by_qid["abs"].detail
+    assert "image_outside_root" in res.report() and "qid=link" in res.report()
+    allowed = load_grpo_records(f, require_images=True, allow_outside_root=True)
+    assert len(allowed.records) == 6 and not allowed.skipped
+
+
+def test_the_data_section_decides_about_images_outside_the_root(tmp_path):
+    from pebr_mega.data.records import load_grpo_file
+
+    (tmp_path / "outside.png").write_bytes(b"x")
+    root = tmp_path / "data"
+    root.mkdir()
+    f = root / "d.json"
+    f.write_text(json.dumps([_rec("up", images=["../outside.png"])]))
+    cfg = load_config(None, [])
+    assert cfg.data.allow_images_outside_root is False
+    assert load_grpo_file(f, cfg.data).counts == {"image_outside_root": 1}
+    cfg = load_config(None, ["data.allow_images_outside_root=true"])
+    assert [r.qid for r in load_grpo_file(f, cfg.data).records] == ["up"]

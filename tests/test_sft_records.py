@@ -214,3 +214,23 @@ def test_bad_records_are_counted_by_reason(tmp_path, tok, decoder):
     assert report.skipped == {"bad_roles": 1, "odd_turns": 1, "image": 1, "image_count_mismatch": 1,
                               "tool_turns": 1, "no_messages": 1, "malformed_json": 1}
     assert "kept 1 of 8" in str(report)
+
+
+def test_images_outside_the_image_root_are_refused_unless_allowed(tmp_path, tok, decoder):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    _png(root / "in.png", 56, 56, 5)
+    _png(outside / "secret.png", 56, 56, 6)
+    (root / "link.png").symlink_to(outside / "secret.png")  # a symlink pointing out of the root
+
+    def rec(path):
+        return {"messages": [{"role": "user", "content": "<image>How many?"},
+                             {"role": "assistant", "content": "### The final answer is: 2"}], "images": [path]}
+
+    f = _write(tmp_path / "sft.json", [rec("in.png"), rec("../outside/secret.png"), rec(str(outside / "secret.png")),
+                                       rec("link.png")])
+    examples, report = encode_sft_file(f, tok, decoder, root, 4096)
+    assert [e.location for e in examples] == ["index 0"]
+    assert report.skipped == {"image_outside_root": 3} and "image_outside_root" in str(report)
+    examples, report = encode_sft_file(f, tok, decoder, root, 4096, allow_outside_root=True)
+    assert len(examples) == 4 and not report.skipped

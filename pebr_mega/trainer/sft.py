@@ -52,7 +52,8 @@ class SFTTrainer(StageTrainer):
                                                      self.ctx.image_root(str(train_file)), sft.cutoff_len,
                                                      cfg.images.merge_size, columns=columns,
                                                      image_max_pixels=sft.image_max_pixels,
-                                                     image_min_pixels=sft.image_min_pixels)
+                                                     image_min_pixels=sft.image_min_pixels,
+                                                     allow_outside_root=cfg.data.allow_images_outside_root)
         if self.skipped:
             self.ctx.log(f"sft data: {self.skipped}")
         if not self.seqs:
