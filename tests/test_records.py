@@ -176,3 +176,16 @@ def test_the_data_section_decides_about_images_outside_the_root(tmp_path):
     assert load_grpo_file(f, cfg.data).counts == {"image_outside_root": 1}
     cfg = load_config(None, ["data.allow_images_outside_root=true"])
     assert [r.qid for r in load_grpo_file(f, cfg.data).records] == ["up"]
+
+
+BOM = "\ufeff"  # what Windows editors put at the start of a UTF-8 file
+
+
+def test_a_utf8_bom_is_accepted_in_jsonl_and_json_files(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(BOM + json.dumps(_rec("a")) + "\n" + json.dumps(_rec("b")) + "\n", encoding="utf-8")
+    res = load_grpo_records(jsonl)
+    assert [r.qid for r in res.records] == ["a", "b"] and not res.skipped  # line 1 used to be malformed_json
+    pretty = tmp_path / "d.json"
+    pretty.write_text(BOM + json.dumps([_rec("a"), _rec("b")], indent=2), encoding="utf-8")
+    assert [r.qid for r in load_grpo_records(pretty).records] == ["a", "b"]  # used to be "no usable records"

@@ -146,14 +146,14 @@ def read_json_items(path: str | Path) -> tuple[list[RawItem], list[Skip]]:
     """Read a JSON list or a JSONL file into items; malformed JSONL lines come back as skips.
 
     A file whose first non-blank character is `[` is one JSON list; anything else is JSONL (blank lines are
-    ignored). Raises `DataError` naming the file when it is missing or unparseable as a whole (a broken JSON
+    ignored). A UTF-8 byte-order mark at the start is accepted (Windows editors write one). Raises `DataError` naming the file when it is missing or unparseable as a whole (a broken JSON
     list, or a JSONL file in which no line parses).
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # utf-8-sig: the same text, less a leading BOM
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {p}: {e}") from None
     if text.lstrip().startswith("["):

@@ -17,7 +17,8 @@ Upstream trains the warm-up with LLaMA-Factory (`docs/qwen2_5vl_full_sft.yaml` i
   `image_max_pixels` (768 x 768 by default) and up to at least `image_min_pixels` (32 x 32) with the sides
   truncated to integers, then `convert("RGB")` (transparency dropped, not composited); sides under 28 px are
   raised to 28 and aspect ratios over 200 squashed to 180 (Qwen2-VL plugin). The image decoder then applies
-  the model's smart resize.
+  the model's smart resize. Before all that, and unlike LLaMA-Factory, the EXIF orientation is applied and a
+  16-bit (or 32-bit) image is scaled to 8 bits (`images.upright_8bit`), as for the RL images.
 - Truncation (`data/processor/supervised.py`, `processor_utils.infer_seqlen`): the conversation is a list of
   (source, target) pairs: source = the system prompt (first pair only) + the user turn + the assistant header,
   target = the reply + `<|im_end|>\\n`. Pairs are taken in order while the running length is under the cutoff;
@@ -42,7 +43,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from pebr_mega.data.images import ImageDecoder, num_image_tokens, open_image
+from pebr_mega.data.images import ImageDecoder, num_image_tokens, open_image, upright_8bit
 from pebr_mega.data.prompts import VISION_END, VISION_START, expand_image_placeholders
 from pebr_mega.data.records import outside_root, read_json_items
 from pebr_mega.data.template import IMAGE_TOKEN
@@ -79,7 +80,7 @@ def columns_from_dataset_info(dataset_info: str | Path, name: str) -> tuple[Shar
     against the json's folder, LLaMA-Factory's `dataset_dir`) when it names one; `DataError` when unusable."""
     path = Path(dataset_info)
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8-sig"))  # a leading BOM is accepted
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
     if not isinstance(info, dict) or name not in info:
@@ -209,6 +210,7 @@ def load_sft_image(path: str, max_pixels: int = LLAMAFACTORY_IMAGE_MAX_PIXELS,
     image = open_image(path)
     try:
         image.load()
+        image = upright_8bit(image)  # ours, not LLaMA-Factory's: EXIF orientation, 16-bit scaled (not clipped)
         if image.width * image.height > max_pixels:
             f = (max_pixels / (image.width * image.height)) ** 0.5
             image = image.resize((int(image.width * f), int(image.height * f)))
