@@ -134,6 +134,11 @@ def _element_hint(hint: Any) -> tuple[str, Any] | None:
     return None
 
 
+def _readable(hint: Any) -> bool:
+    """Whether this module reads values of type `hint` (str, int, float, bool, list[T], dict[str, T])."""
+    return _unwrap_optional(hint)[0] in _TYPE_NAMES or _element_hint(hint) is not None
+
+
 def _retype(value: Any, node: yaml.Node, hint: Any, key: str, source: str) -> Any:
     """`value` (what YAML made of `node`) re-read from `node`'s text by the declared type `hint`.
 
@@ -191,13 +196,13 @@ def _nested(parts: list[str], value: Any) -> dict:
 def override_layer(override: str, schema: type) -> DictConfig:
     """One `dotted.key=value` override as a config layer, its value read by the key's declared type.
 
-    A key this module cannot type (unknown, untyped, indexed with `[...]`, escaped) and a value holding an
-    interpolation go through OmegaConf's own dotlist parser unchanged.
+    A key this module cannot type (unknown, untyped such as a bare `dict`, indexed with `[...]`, escaped) and a
+    value holding an interpolation go through OmegaConf's own dotlist parser unchanged.
     """
     key, _, text = override.partition("=")
     hint = key_hint(schema, key) if "[" not in key and "\\" not in key else None
     source = f"override '{override}'"
-    if hint is None or _is_interpolation(text):
+    if hint is None or not _readable(hint) or _is_interpolation(text):
         return OmegaConf.from_dotlist([override])
     if _element_hint(hint) is not None:
         try:

@@ -193,3 +193,8 @@ def test_a_yaml_value_that_does_not_fit_names_key_file_and_type(tmp_path):
     f.write_text("run:\n  seed: 12:30\n")  # YAML 1.1 would have read 750
     with pytest.raises(ConfigError, match=r"'run\.seed' in .*c\.yaml: '12:30' is not an integer"):
         load_config(f)
+
+
+def test_untyped_mappings_keep_omegaconfs_reading():
+    cfg = load_config(None, ["rollout.sglang_args={mem_fraction_static: 0.8}", "rollout.sglang_args.chunked=512"])
+    assert cfg.rollout.sglang_args == {"mem_fraction_static": 0.8, "chunked": 512}
