@@ -238,11 +238,14 @@ def _cmd_filter_sft(args: argparse.Namespace) -> int:
 def _add_merge_sft(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge-sft", help="merge SFT files (filtered Mulberry-SFT + PeBR's SFT set) into one",
                        description="Concatenate ShareGPT SFT files in the order given; each record's relative image "
-                                   "paths are rewritten relative to the output file's folder (no image is copied), "
-                                   "so `pebr sft` with sft.image_root empty finds them. Missing images are listed.")
+                                   "paths are rewritten relative to one image root (no image is copied): the run "
+                                   "sets sft.image_root to it. Missing images are listed.")
     p.add_argument("--input", nargs=2, action="append", required=True, metavar=("FILE", "IMAGE_DIR"),
                    help="an SFT file and the folder its image paths are relative to (repeat per file)")
     p.add_argument("--output", required=True, help="the merged JSON list to write (e.g. dataset/sft/pebr_sft.json)")
+    p.add_argument("--image-root", default=None,
+                   help="the folder the merged image paths are relative to (default: the deepest folder holding "
+                        "every IMAGE_DIR); the SFT run's sft.image_root")
     p.set_defaults(handler=_cmd_merge_sft)
 
 
@@ -250,14 +253,17 @@ def _cmd_merge_sft(args: argparse.Namespace) -> int:
     from pebr_mega.data.sft_merge import merge_sft_files
 
     claim_output_file(args.output, [f for f, _ in args.input], what="--output")
-    res = merge_sft_files([(f, d) for f, d in args.input], args.output)
+    res = merge_sft_files([(f, d) for f, d in args.input], args.output, args.image_root)
     for src in res.sources:
         missing = f", {len(src.missing_images)} image(s) not found (first: {src.missing_images[0]})" \
             if src.missing_images else ""
         print(f"merge-sft: {src.path}: {src.records} records, images from {src.image_root}{missing}")
     if res.skipped:
         print(f"merge-sft: skipped {dict(sorted(res.skipped.items()))}")
-    print(f"wrote {res.output} ({res.records} records)")
+    if res.outside_root:
+        print(f"merge-sft: {len(res.outside_root)} absolute image path(s) lie outside {res.image_root}, kept as "
+              f"written (first: {res.outside_root[0]}); the SFT run skips them unless data.allow_images_outside_root")
+    print(f"wrote {res.output} ({res.records} records); train with sft.image_root={res.image_root}")
     return 0
 
 
@@ -374,7 +380,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     check_hf_model_dir(args.model, "--model")
     if args.results:
         claim_output_file(args.results, [args.dataset, args.model], what="--results")
-    loaded = load_grpo_records(args.dataset, args.image_root)
+    loaded = load_grpo_records(args.dataset, args.image_root, allow_outside_root=cfg.data.allow_images_outside_root)
     if loaded.skipped:
         print(loaded.report())
     records = loaded.records[: args.max_samples or None]

@@ -5,7 +5,9 @@ Each component owns its config dataclass in its own module (importing only the l
 into the root `PebrConfig` and validates what the user wrote:
 
 - an unknown key is an error naming the key and the keys that are valid at that level;
-- a value of the wrong type is an error naming the key, the value and the expected type;
+- a value is read by its key's declared type from the text as written, in files and overrides alike
+  (`pebr_mega.config_values`: a string key keeps `0123`, `12:30`, `yes` as typed); a value that does not fit
+  is an error naming the key, the value and the expected type;
 - a field declared with ``field(metadata={"choices": [...]})`` must take one of those values;
 - a file must hold a mapping of sections, a section or dict field a mapping, a list field a list;
 - an interpolation (`${other.key}`) must resolve;
@@ -30,6 +32,7 @@ from omegaconf.errors import (ConfigKeyError, InterpolationResolutionError, Omeg
 from pebr_mega.actor.config import ActorConfig
 from pebr_mega.algo.grpo import AlgoConfig
 from pebr_mega.config_fields import ConfigError, choice
+from pebr_mega.config_values import override_layer, typed_file_layer
 from pebr_mega.data.images import ImageConfig
 from pebr_mega.data.records import DataConfig
 from pebr_mega.logging import LoggingConfig
@@ -144,7 +147,8 @@ def _check_shapes(layer: Any, schema_obj: Any, source: str, prefix: str = "") ->
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), schema: type | None = None) -> PebrConfig:
     """Load `schema` (default: the root `PebrConfig`) from an optional YAML file, then apply overrides.
 
-    Overrides are `dotted.key=value` strings, applied in order after the file.
+    Overrides are `dotted.key=value` strings, applied in order after the file. Every scalar, in the file or
+    an override, is read from its text by its key's declared type (`pebr_mega.config_values`).
     """
     schema = schema or PebrConfig
     base = OmegaConf.structured(schema)
@@ -160,11 +164,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {p} must hold a mapping of sections (run:, rollout:, ...), "
                               f"not a {'list' if isinstance(loaded, ListConfig) else type(loaded).__name__}")
-        layers.append((loaded, str(p)))
+        # YAML 1.1 guessed each scalar's type; re-read the file's text by the keys' declared types instead.
+        layers.append((typed_file_layer(loaded, p.read_text(encoding="utf-8"), schema, str(p)), str(p)))
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' is not of the form key=value")
-        layers.append((OmegaConf.from_dotlist([ov]), f"override '{ov}'"))
+        layers.append((override_layer(ov, schema), f"override '{ov}'"))
     merged = base
     schema_obj = schema()
     for layer, source in layers:

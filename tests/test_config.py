@@ -124,3 +124,77 @@ def test_interpolations_that_resolve_still_work(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("pipeline:\n  work_dir: w\nrun:\n  output_dir: ${pipeline.work_dir}/x\n")
     assert load_config(f).run.output_dir == "w/x"
+
+
+# ------------------------------------------------------------------------ values read by the key's type (issue 23)
+# YAML 1.1 read these as 83, 202401, 750, True and 1000.0; a string key keeps the text as typed.
+STRING_TEXTS = ["0123", "2024_01", "12:30", "yes", "1e3", "off", "null", "[a, b]", "a: b", " 7 ", ""]
+
+
+@pytest.mark.parametrize("text", STRING_TEXTS)
+def test_a_string_key_keeps_the_override_text_as_typed(text):
+    assert load_config(None, [f"run.output_dir={text}"]).run.output_dir == text
+
+
+@pytest.mark.parametrize("text", ["0123", "2024_01", "12:30", "yes", "1e3"])
+def test_a_string_key_keeps_the_yaml_file_text_as_written(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"run:\n  output_dir: {text}\nlogging:\n  extra_console_keys: [{text}, x]\n")
+    cfg = load_config(f)
+    assert cfg.run.output_dir == text and cfg.logging.extra_console_keys == [text, "x"]
+
+
+def test_quotes_interpolations_and_null_keep_their_meaning(tmp_path):
+    cfg = load_config(None, ["actor.distributed_optimizer='off'", "run.output_dir=\"a b\"", "data.image_root=null",
+                             "grpo.epochs=~", "sample.output=${run.output_dir}/0123", "data.eval_file="])
+    assert cfg.actor.distributed_optimizer == "off" and cfg.run.output_dir == "a b"
+    assert cfg.data.image_root is None and cfg.grpo.epochs is None and cfg.data.eval_file is None
+    assert cfg.sample.output == "a b/0123"
+    assert load_config(None, ["data.image_root='null'"]).data.image_root == "null"  # quoted: the text
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  image_root: ~\n  eval_file: '0123'\nrun:\n  output_dir: \"x\\ty\"\n")
+    cfg = load_config(f)
+    assert (cfg.data.image_root, cfg.data.eval_file, cfg.run.output_dir) == (None, "0123", "x\ty")
+
+
+@pytest.mark.parametrize("override, value", [
+    ("run.seed=0123", 123), ("run.seed=-5", -5), ("run.seed=1_000", 1000),
+    ("actor.lr=1e-6", 1e-6), ("actor.lr=3", 3.0), ("actor.lr=.5", 0.5), ("run.peak_tflops=inf", float("inf")),
+    ("logging.progress_bar=yes", True), ("logging.progress_bar=Off", False), ("logging.progress_bar=0", False),
+    ("pipeline.stages=[sft, 0123]", ["sft", "0123"]), ("rewards.weights={format: 1, accuracy: 1e-1}",
+                                                       {"format": 1.0, "accuracy": 0.1}),
+])
+def test_typed_keys_read_the_text_by_their_type(override, value):
+    key = override.partition("=")[0]
+    got = load_config(None, [override])
+    for part in key.split("."):
+        got = getattr(got, part)
+    assert got == value
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("run.seed=12:30", "an integer"), ("run.seed=1e3", "an integer"), ("run.seed=1.5", "an integer"),
+    ("run.seed=0x10", "an integer"), ("run.seed=yes", "an integer"), ("actor.lr=12:30", "a number"),
+    ("actor.lr=fast", "a number"), ("logging.progress_bar=2", "a boolean"), ("logging.progress_bar=maybe", "a boolean"),
+    ("rewards.weights.format=high", "a number"), ("rewards.weights={format: x}", "a number"),
+    ("pipeline.stages=sft", "a list"), ("grpo.rollout_batch_size=4.0", "an integer"),
+])
+def test_a_value_that_does_not_fit_names_key_value_and_type(override, expected):
+    key, _, text = override.partition("=")
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    message = str(e.value)
+    assert f"'{key}" in message and repr(text.split(": ")[-1].rstrip("}")) in message and expected in message
+    assert "\n" not in message
+
+
+def test_a_yaml_value_that_does_not_fit_names_key_file_and_type(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("run:\n  seed: 12:30\n")  # YAML 1.1 would have read 750
+    with pytest.raises(ConfigError, match=r"'run\.seed' in .*c\.yaml: '12:30' is not an integer"):
+        load_config(f)
+
+
+def test_untyped_mappings_keep_omegaconfs_reading():
+    cfg = load_config(None, ["rollout.sglang_args={mem_fraction_static: 0.8}", "rollout.sglang_args.chunked=512"])
+    assert cfg.rollout.sglang_args == {"mem_fraction_static": 0.8, "chunked": 512}

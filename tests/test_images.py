@@ -228,3 +228,79 @@ def test_dali_backend_on_gpu_matches_its_cpu_pipeline_grid_and_pixels():
     assert torch.equal(out.image_grid_thw.cpu(), ref.image_grid_thw)
     assert (out.pixel_values.cpu() - ref.pixel_values).abs().mean().item() < DALI_MEAN_ABS_BOUND
     assert resolve_backend(ImageConfig(backend="auto")) == "dali"
+
+
+# ---------------------------------------------------------------------------------------------- bit depth, EXIF
+# Issue 23, item 9. The expectations are computed here with numpy from the pixels the test wrote, not with
+# the code under test: a linear map of the 16-bit range onto 0..255, and the rotation EXIF orientation 6 asks for.
+def _gradient16(width: int = 256, height: int = 40) -> np.ndarray:
+    """A horizontal 16-bit gradient spanning 0..65535 (uint16 [H, W])."""
+    row = np.round(np.linspace(0, 65535, width)).astype(np.uint16)
+    return np.tile(row, (height, 1))
+
+
+def _expected_8bit(values: np.ndarray, top: float) -> np.ndarray:
+    return np.clip(np.rint(values.astype(np.float64) * 255.0 / top), 0, 255).astype(np.uint8)
+
+
+def test_a_16_bit_png_is_scaled_to_8_bits_not_clipped(tmp_path):
+    path = tmp_path / "gradient16.png"
+    values = _gradient16()
+    Image.fromarray(values).save(path)  # a 16-bit grayscale PNG (PIL mode I;16)
+    assert Image.open(path).mode == "I;16"
+    rgb = np.asarray(load_image(path))
+    expected = _expected_8bit(values, 65535)
+    assert rgb.shape == (*values.shape, 3) and all(np.array_equal(rgb[..., c], expected) for c in range(3))
+    assert (rgb == 255).mean() < 0.01  # PIL's convert("RGB") made 99.6% of this image white
+
+
+@pytest.mark.parametrize("mode, values, top", [
+    ("I", _gradient16().astype(np.int32), 65535),  # 32-bit integers holding 16-bit samples (older Pillow's PNG)
+    ("F", _gradient16().astype(np.float32) / 65535, 1.0),  # floats in [0, 1]
+])
+def test_32_bit_integer_and_float_images_are_scaled_too(mode, values, top):
+    image = Image.fromarray(values, mode)
+    rgb = np.asarray(load_image(image))
+    assert np.abs(rgb[..., 0].astype(int) - _expected_8bit(values, top).astype(int)).max() <= 1  # float rounding
+
+
+def _exif_jpeg(path, orientation: int) -> np.ndarray:
+    """A 120 x 80 JPEG (wider than tall, a red block at the top left) tagged with `orientation`; returns its
+    pixels as stored (decoded without the tag)."""
+    stored = Image.new("RGB", (120, 80), (240, 240, 240))
+    ImageDraw.Draw(stored).rectangle((0, 0, 39, 19), fill=(220, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the EXIF Orientation tag
+    stored.save(path, format="JPEG", quality=95, exif=exif)
+    with Image.open(path) as raw:
+        return np.asarray(raw.convert("RGB"))
+
+
+def test_exif_orientation_6_is_applied(tmp_path):
+    path = tmp_path / "portrait.jpg"
+    stored = _exif_jpeg(path, 6)
+    # Orientation 6: the stored image must be turned 90 degrees clockwise to be shown upright.
+    expected = np.rot90(stored, k=-1)
+    shown = np.asarray(load_image(path))
+    assert shown.shape == (120, 80, 3) and np.array_equal(shown, expected)
+    assert tuple(shown[2, -3]) == tuple(stored[2, 2])  # the red corner moved from top left to top right
+    grid = PilImageDecoder(ImageConfig(min_pixels=576, max_pixels=50176)).decode_and_preprocess([path]).image_grid_thw
+    assert grid.tolist() == [[1, 8, 6]]  # taller than wide: 112 x 84 px after the smart resize
+
+
+def test_no_exif_or_orientation_1_is_left_as_stored(tmp_path):
+    path = tmp_path / "landscape.jpg"
+    stored = _exif_jpeg(path, 1)
+    assert np.array_equal(np.asarray(load_image(path)), stored)
+
+
+def test_dali_backend_agrees_with_pil_on_exif_and_16_bit_images(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    _exif_jpeg(tmp_path / "portrait.jpg", 6)
+    Image.fromarray(_gradient16(120, 90)).save(tmp_path / "gradient16.png")
+    sources = [str(tmp_path / "portrait.jpg"), str(tmp_path / "gradient16.png")]
+    cfg = ImageConfig(backend="dali", dali_batch_size=2, min_pixels=576, max_pixels=50176)
+    out = make_image_decoder(cfg, device="cpu").decode_and_preprocess(sources)
+    ref = PilImageDecoder(cfg).decode_and_preprocess(sources)
+    assert out.image_grid_thw.tolist() == ref.image_grid_thw.tolist() == [[1, 8, 6], [1, 6, 8]]
+    assert (out.pixel_values - ref.pixel_values).abs().mean().item() < DALI_MEAN_ABS_BOUND

@@ -63,6 +63,19 @@ def test_every_bad_record_is_skipped_with_reason_location_and_qid(tmp_path):
     assert "3 of 12 records loaded" in report and "duplicate_qid" in report and "index 7 qid=ok1" in report
 
 
+def test_empty_answer_and_empty_problem_are_named_counted_skips(tmp_path):
+    recs = [_rec("ok"), _rec("blank", answer=""), _rec("spaces", answer="  \n"), _rec("noq", problem="<image>"),
+            _rec("noq2", problem=" <image> \n"), _rec("zero", answer=0)]
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps(recs))
+    res = load_grpo_records(f)
+    assert [r.qid for r in res.records] == ["ok", "zero"]  # the number 0 is an answer ("0"), not an empty one
+    assert res.counts == {"empty_answer": 2, "empty_problem": 2}
+    assert {s.qid for s in res.skipped if s.reason == "empty_answer"} == {"blank", "spaces"}
+    report = res.report()
+    assert "empty_answer" in report and "index 1 qid=blank" in report and "empty_problem" in report
+
+
 def test_jsonl_malformed_lines_are_counted_not_fatal(tmp_path):
     f = _write_jsonl(tmp_path / "d.jsonl", [json.dumps(_rec("a")), "{not json", "", json.dumps(_rec("b")),
                                             '{"qid": "c", "problem": "<image>"'])
@@ -125,3 +138,54 @@ def test_data_config_is_part_of_root_schema():
     cfg = load_config(None, ["data.eval_file=g.json", "data.max_prompt_length=1024"])
     assert (cfg.data.eval_file, cfg.data.max_prompt_length) == ("g.json", 1024)
     assert cfg.data.image_root is None
+
+
+def test_images_outside_the_image_root_are_named_skips_unless_allowed(tmp_path):
+    root, outside = tmp_path / "data", tmp_path / "outside"
+    (root / "img").mkdir(parents=True), outside.mkdir()
+    (outside / "secret.png").write_bytes(b"x")
+    (root / "img" / "in.png").write_bytes(b"x")
+    (root / "img" / "link.png").symlink_to(outside / "secret.png")  # points out of the root
+    (root / "img" / "alias.png").symlink_to(root / "img" / "in.png")  # points inside: fine
+    recs = [_rec("in", images=["img/in.png"]), _rec("up", images=["../outside/secret.png"]),
+            _rec("abs", images=[str(outside / "secret.png")]), _rec("link", images=["img/link.png"]),
+            _rec("alias", images=["img/alias.png"]), _rec("dots", images=["img/../img/in.png"])]
+    f = root / "d.json"
+    f.write_text(json.dumps(recs))
+    res = load_grpo_records(f, require_images=True)
+    assert [r.qid for r in res.records] == ["in", "alias", "dots"]
+    assert res.counts == {"image_outside_root": 3}
+    by_qid = {s.qid: s for s in res.skipped}
+    assert "../outside/secret.png ->" in by_qid["up"].detail and str(outside / "secret.png") in by_qid["up"].detail
+    assert "data.allow_images_outside_root" in by_qid["abs"].detail
+    assert "image_outside_root" in res.report() and "qid=link" in res.report()
+    allowed = load_grpo_records(f, require_images=True, allow_outside_root=True)
+    assert len(allowed.records) == 6 and not allowed.skipped
+
+
+def test_the_data_section_decides_about_images_outside_the_root(tmp_path):
+    from pebr_mega.data.records import load_grpo_file
+
+    (tmp_path / "outside.png").write_bytes(b"x")
+    root = tmp_path / "data"
+    root.mkdir()
+    f = root / "d.json"
+    f.write_text(json.dumps([_rec("up", images=["../outside.png"])]))
+    cfg = load_config(None, [])
+    assert cfg.data.allow_images_outside_root is False
+    assert load_grpo_file(f, cfg.data).counts == {"image_outside_root": 1}
+    cfg = load_config(None, ["data.allow_images_outside_root=true"])
+    assert [r.qid for r in load_grpo_file(f, cfg.data).records] == ["up"]
+
+
+BOM = "\ufeff"  # what Windows editors put at the start of a UTF-8 file
+
+
+def test_a_utf8_bom_is_accepted_in_jsonl_and_json_files(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(BOM + json.dumps(_rec("a")) + "\n" + json.dumps(_rec("b")) + "\n", encoding="utf-8")
+    res = load_grpo_records(jsonl)
+    assert [r.qid for r in res.records] == ["a", "b"] and not res.skipped  # line 1 used to be malformed_json
+    pretty = tmp_path / "d.json"
+    pretty.write_text(BOM + json.dumps([_rec("a"), _rec("b")], indent=2), encoding="utf-8")
+    assert [r.qid for r in load_grpo_records(pretty).records] == ["a", "b"]  # used to be "no usable records"

@@ -110,6 +110,30 @@ def test_gradings_differ_where_documented(response, truth, lenient_answer):
     assert lenient != _upstream_accuracy(response, truth), response
 
 
+# Empty answers (issue 23, item 6): MathRuler calls two empty strings equal, so upstream pays 1.0 for an empty
+# final answer against an empty ground truth; ours scores 0 in both gradings.
+EMPTY_ANSWER_CASES = [
+    ("", ""),
+    ("### The final answer is: ", ""),
+    ("### The final answer is: 3", ""),
+    ("### The final answer is: 3", "   "),
+    (_response("### The final answer is: "), ""),
+    ("   ", "  "),
+]
+
+
+@pytest.mark.parametrize("grading", ["upstream", "lenient"])
+@pytest.mark.parametrize("response, truth", EMPTY_ANSWER_CASES)
+def test_empty_answer_or_ground_truth_scores_zero(response, truth, grading):
+    assert accuracy_reward(response, truth, grading=grading) == 0.0
+
+
+def test_upstream_would_pay_the_empty_pair_which_we_do_not():
+    assert _upstream_accuracy("### The final answer is: ", "") == 1.0  # the deviation, on record
+    assert accuracy_reward("### The final answer is: ", "") == 0.0
+    assert accuracy_reward("### The final answer is: 3", "3") == _upstream_accuracy("### The final answer is: 3", "3")
+
+
 def test_unknown_grading_is_an_error():
     with pytest.raises(ValueError, match="upstream"):
         accuracy_reward("### The final answer is: 1", "1", grading="strict")

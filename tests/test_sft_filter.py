@@ -155,3 +155,11 @@ def test_register_llamafactory_refuses_unreadable_file(tmp_path, capsys):
     info.write_text("[1, 2]")
     with pytest.raises(DataError, match="JSON object"):
         register_dataset(info, "x", "x.json")
+
+
+def test_register_llamafactory_reads_a_dataset_info_with_a_utf8_bom(tmp_path):
+    info = tmp_path / "dataset_info.json"
+    other = {"alpaca_en": {"file_name": "alpaca.json"}}
+    info.write_text("\ufeff" + json.dumps(other), encoding="utf-8")
+    assert register_dataset(info, "mine", "m.json") is False
+    assert json.loads(info.read_text(encoding="utf-8")) == {**other, "mine": sharegpt_entry("m.json")}

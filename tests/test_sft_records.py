@@ -214,3 +214,53 @@ def test_bad_records_are_counted_by_reason(tmp_path, tok, decoder):
     assert report.skipped == {"bad_roles": 1, "odd_turns": 1, "image": 1, "image_count_mismatch": 1,
                               "tool_turns": 1, "no_messages": 1, "malformed_json": 1}
     assert "kept 1 of 8" in str(report)
+
+
+def test_images_outside_the_image_root_are_refused_unless_allowed(tmp_path, tok, decoder):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir(), outside.mkdir()
+    _png(root / "in.png", 56, 56, 5)
+    _png(outside / "secret.png", 56, 56, 6)
+    (root / "link.png").symlink_to(outside / "secret.png")  # a symlink pointing out of the root
+
+    def rec(path):
+        return {"messages": [{"role": "user", "content": "<image>How many?"},
+                             {"role": "assistant", "content": "### The final answer is: 2"}], "images": [path]}
+
+    f = _write(tmp_path / "sft.json", [rec("in.png"), rec("../outside/secret.png"), rec(str(outside / "secret.png")),
+                                       rec("link.png")])
+    examples, report = encode_sft_file(f, tok, decoder, root, 4096)
+    assert [e.location for e in examples] == ["index 0"]
+    assert report.skipped == {"image_outside_root": 3} and "image_outside_root" in str(report)
+    examples, report = encode_sft_file(f, tok, decoder, root, 4096, allow_outside_root=True)
+    assert len(examples) == 4 and not report.skipped
+
+
+def test_sft_files_and_dataset_info_with_a_utf8_bom_are_read(tmp_path, tok, decoder):
+    records = [_role_content(TURNS[:1]), _role_content(TURNS[1:2])]
+    jsonl = tmp_path / "sft.jsonl"
+    jsonl.write_text("\ufeff" + "\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    pretty = tmp_path / "sft.json"
+    pretty.write_text("\ufeff" + json.dumps(records, indent=2), encoding="utf-8")
+    for f in (jsonl, pretty):
+        examples, report = encode_sft_file(f, tok, decoder, tmp_path, 4096)
+        assert len(examples) == 2 and not report.skipped, f
+    info = tmp_path / "dataset_info.json"
+    info.write_text("\ufeff" + json.dumps({"warm": {"file_name": "sft.json", "formatting": "sharegpt",
+                                                    "columns": {"messages": "messages"}}}), encoding="utf-8")
+    cols, file = columns_from_dataset_info(info, "warm")
+    assert file == pretty and cols.messages == "messages"
+
+
+def test_sft_images_are_upright_and_16_bit_images_scaled(tmp_path):
+    from pebr_mega.data.sft_records import load_sft_image
+
+    values = np.tile(np.round(np.linspace(0, 65535, 64)).astype(np.uint16), (48, 1))
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    gray = np.asarray(load_sft_image(str(tmp_path / "g16.png")))[..., 0]
+    assert np.array_equal(gray, np.rint(values / 257.0).astype(np.uint8))  # 255 / 65535 = 1 / 257
+    stored = Image.new("RGB", (90, 60), (200, 200, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "portrait.jpg", exif=exif)
+    assert load_sft_image(str(tmp_path / "portrait.jpg")).size == (60, 90)

@@ -119,3 +119,11 @@ def test_cli_split_prints_summary(tmp_path, capsys):
     rc = main(["split", "--rollouts", str(tmp_path / "nope.jsonl"), "--dataset", str(tmp_path / "data.json"),
                "--out-dir", str(tmp_path / "out")])
     assert rc == 2 and "nope.jsonl" in capsys.readouterr().err
+
+
+def test_a_rollouts_file_with_a_utf8_bom_reads_every_line(tmp_path):
+    f = tmp_path / "rollouts.jsonl"
+    lines = [json.dumps({"qid": "q1", "score": 1.0}), json.dumps({"qid": "q1", "score": 0.0})]
+    f.write_text("\ufeff" + "\n".join(lines) + "\n", encoding="utf-8")
+    rollouts = load_rollouts(f)
+    assert rollouts.scores == {"q1": [1.0, 0.0]} and not rollouts.malformed

@@ -9,10 +9,12 @@ Differences from the PIL backend (and so from transformers), all documented and 
 - DALI's cubic resampling is not PIL's: the uint8 resized pixels differ by a few levels at sharp edges. The grid
   (`image_grid_thw`) is identical; `tests/test_images.py` bounds the mean absolute difference of the normalised
   pixel values (0.004 measured on uniform noise, the worst case; 0.0001 on a flat-coloured shapes image).
-- Target sizes come from the image header (read with PIL, no pixel decode), so EXIF orientation is NOT applied
-  (`adjust_orientation=False`), exactly like the PIL backend.
-- Images with transparency are composited onto white with PIL first (DALI would drop the alpha channel), and
-  in-memory PIL images are re-encoded losslessly as PNG, so both backends see the same RGB pixels.
+- Images DALI would read differently from the PIL backend are decoded by PIL (`images.load_image`) and handed
+  to DALI as a lossless PNG, so both backends see the same RGB pixels: transparency (composited onto white;
+  DALI would drop the alpha channel), an EXIF orientation other than 1 (applied, as the PIL backend applies
+  it), more than 8 bits per sample (scaled to 8 bits, `images.to_8bit`), and in-memory PIL images. Every other
+  file goes to DALI as it is, with `adjust_orientation=False` (nothing is left to rotate; DALI never rotates
+  a second time). Target sizes come from the image header (read with PIL, no pixel decode).
 - A DALI decode failure does not say which sample failed: the batch is then re-run one image at a time to
   name the bad one in the `ImageError`.
 """
@@ -25,9 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pebr_mega.data.images import (ImageConfig, ImageSource, ProcessedImages, has_alpha,
-                                   load_image, normalize_and_patchify, open_image, source_name, stack_processed,
-                                   target_size)
+from pebr_mega.data.images import (HIGH_BIT_MODES, ImageConfig, ImageSource, ProcessedImages, exif_orientation,
+                                   has_alpha, load_image, normalize_and_patchify, open_image, source_name,
+                                   stack_processed, target_size)
 from pebr_mega.errors import BackendUnavailableError, ImageError
 
 
@@ -73,15 +75,20 @@ def build_pipeline(batch_size: int, num_threads: int, device_id: int | None) -> 
     return pipe
 
 
+def needs_pil(image: Image.Image) -> bool:
+    """Whether DALI, given the file as it is, would see other pixels than the PIL backend (module docstring)."""
+    return has_alpha(image) or exif_orientation(image) != 1 or image.mode in HIGH_BIT_MODES
+
+
 def encoded_bytes(source: ImageSource, name: str) -> tuple[bytes, tuple[int, int]]:
     """(encoded image bytes DALI can decode to the right RGB, (height, width) from the header)."""
     if not isinstance(source, Image.Image):
         with open_image(source, name) as image:
-            alpha, size = has_alpha(image), (image.height, image.width)
-        if not alpha:
+            via_pil, size = needs_pil(image), (image.height, image.width)
+        if not via_pil:
             data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else _read_file(source, name)
             return data, size
-    # Decode with PIL (compositing transparency onto white) and hand DALI a lossless PNG of the result.
+    # Decode with PIL (transparency onto white, upright, 8-bit) and hand DALI a lossless PNG of the result.
     rgb = load_image(source, name)
     buf = io.BytesIO()
     rgb.save(buf, format="PNG", compress_level=1)

@@ -2,7 +2,11 @@
 
 What the vision tower expects (the semantics of transformers' `Qwen2VLImageProcessor`, reimplemented here):
 
-1. RGB, with any transparency composited onto white.
+1. RGB, with any transparency composited onto white. Before that, two steps transformers' processor (and
+   upstream's EasyR1 / LLaMA-Factory loading) does not take, so that the model sees what a viewer shows: the
+   EXIF orientation is applied (`ImageOps.exif_transpose`: a portrait photo stored sideways arrives upright),
+   and a high-bit-depth image (PIL modes I;16*, I, F) is scaled to 8 bits (`to_8bit`), where PIL's
+   `convert` would clip every value above 255 (a 16-bit PNG turned almost all white).
 2. A bicubic resize to (h, w), both multiples of `factor` = patch 14 x merge 2 = 28, chosen by `smart_resize`
    so that h * w lies in [min_pixels, max_pixels] and the aspect ratio is kept as closely as possible.
 3. uint8 -> [0, 1] (x * (1/255) in float64, then float32), then (x - mean) / std with the OpenAI CLIP mean and
@@ -33,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Sequence, Union
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from pebr_mega.config_fields import check_fields, choice
 from pebr_mega.errors import ImageError
@@ -186,6 +191,65 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# PIL modes holding more than 8 bits per sample: 16-bit integer (PNG, TIFF), 32-bit integer, 32-bit float.
+HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+UINT16_MAX = 65535
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored, 2-8 = mirrored and/or rotated), 1 when absent or unreadable."""
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a malformed EXIF block: treat it as absent, as viewers do
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image as shown, after its EXIF orientation (from the header, no pixel decode)."""
+    swapped = exif_orientation(image) in (5, 6, 7, 8)  # the orientations that turn the image by 90 degrees
+    return (image.width, image.height) if swapped else (image.height, image.width)
+
+
+def _sample_range(values: np.ndarray, mode: str) -> tuple[float, float]:
+    """The value range that maps onto 0..255: the 16-bit range for 16-bit data, [0, 1] for floats within it,
+    else the image's own finite minimum and maximum (a 32-bit image has no other known range)."""
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0 and hi <= UINT16_MAX):
+        return 0.0, float(UINT16_MAX)  # Pillow opens 16-bit PNG/TIFF as I;16 (or I, in older versions)
+    if mode == "F" and lo >= 0 and hi <= 1:
+        return 0.0, 1.0
+    return lo, hi
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A high-bit-depth image (`HIGH_BIT_MODES`) scaled linearly to 8-bit "L" (rounded; NaN -> 0), with its
+    transparent colour key, if any, kept as an alpha band ("LA"); any other image unchanged.
+
+    PIL's own `convert("L")`/`convert("RGB")` clips these modes at 255 instead of scaling them.
+    """
+    if image.mode not in HIGH_BIT_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    lo, hi = _sample_range(values, image.mode)
+    scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    pixels = np.clip(np.nan_to_num(np.rint(scaled), nan=0.0), 0, 255).astype(np.uint8)
+    gray = Image.fromarray(pixels, "L")
+    key = image.info.get("transparency")
+    if isinstance(key, (int, float)):  # a PNG colour key is a sample value, in the 16-bit range
+        alpha = Image.fromarray(np.where(values == key, 0, 255).astype(np.uint8), "L")
+        return Image.merge("LA", (gray, alpha))
+    return gray
+
+
+def upright_8bit(image: Image.Image) -> Image.Image:
+    """A decoded image as a viewer shows it: EXIF orientation applied, high bit depths scaled to 8 bits."""
+    if exif_orientation(image) != 1:
+        image = ImageOps.exif_transpose(image)
+    return to_8bit(image)
+
+
 def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
     """Open `source` lazily (header only, no pixel decode); `ImageError` naming it when missing or unreadable."""
     name = name or source_name(source)
@@ -207,7 +271,7 @@ def open_image(source: ImageSource, name: str | None = None) -> Image.Image:
 
 
 def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
-    """Decode `source` (path, encoded bytes or PIL image) to an RGB PIL image.
+    """Decode `source` (path, encoded bytes or PIL image) to an RGB PIL image, upright and 8-bit (`upright_8bit`).
 
     Raises `ImageError` naming the file for a missing, corrupt or truncated image.
     """
@@ -215,7 +279,8 @@ def load_image(source: ImageSource, name: str | None = None) -> Image.Image:
     image = open_image(source, name)
     try:
         image.load()  # decode now: a truncated file only fails here
-        rgb = to_rgb(image)  # always a new image (convert copies), so closing the opened one is safe
+        # `to_rgb` always makes a new image (convert copies), so closing the opened one is safe.
+        rgb = to_rgb(upright_8bit(image))
         if isinstance(source, (str, os.PathLike)):
             rgb.info[SOURCE_KEY] = str(source)
         return rgb

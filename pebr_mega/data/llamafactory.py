@@ -32,7 +32,7 @@ def read_dataset_info(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         return {}
     try:
-        info = json.loads(p.read_text(encoding="utf-8"))
+        info = json.loads(p.read_text(encoding="utf-8-sig"))  # a leading BOM is accepted
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read existing {p} (left unchanged): {e}") from None
     if not isinstance(info, dict):

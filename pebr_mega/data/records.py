@@ -30,7 +30,12 @@ from pebr_mega.errors import DataError
 
 @dataclass
 class DataConfig:
-    """Where the datasets live and the length/size limits applied when building prompts."""
+    """Where the datasets live and the length/size limits applied when building prompts.
+
+    Images are read only from under the image root by default: a record naming an image that resolves outside
+    it (`../outside/x.png`, an absolute path, a symlink out of the root) is skipped and counted as
+    `image_outside_root` (GRPO and SFT records alike); `allow_images_outside_root: true` reads them.
+    """
 
     image_root: str | None = None  # images are resolved against this; default: the dataset file's folder
     eval_file: str | None = None  # GRPO-format validation set (a stage's own `eval_file` wins); none = no evaluation
@@ -41,6 +46,9 @@ class DataConfig:
     # Response length is `rollout.max_new_tokens`; image pixel bounds are `images.min_pixels/max_pixels`.
     filter_overlong_prompts: bool = True
     require_images: bool = True  # a record whose image file is missing is skipped at load time
+    # An image path that resolves (after `..` and symlinks) outside the image root - `../x.png`, an absolute path,
+    # a symlink pointing out - makes its record a counted `image_outside_root` skip, unless this is true.
+    allow_images_outside_root: bool = False
 
     def __post_init__(self) -> None:
         check_fields("data", {"max_prompt_length": positive(self.max_prompt_length)})
@@ -123,18 +131,29 @@ def image_root_for(data_file: str | Path, image_root: str | Path | None = None) 
     return str(image_root) if image_root else str(Path(data_file).parent)
 
 
+def outside_root(path: str | Path, root: str | Path) -> bool:
+    """Whether `path`, with `..` and symlinks resolved, lies outside `root` (resolved the same way)."""
+    return not Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
+def outside_root_detail(paths: Sequence[str | Path], root: str | Path) -> str:
+    """What an `image_outside_root` skip says: each offending path and where it resolves."""
+    shown = ", ".join(f"{p} -> {Path(p).resolve()}" for p in paths)
+    return f"{shown} is outside the image root {Path(root).resolve()} (data.allow_images_outside_root=true reads it)"
+
+
 def read_json_items(path: str | Path) -> tuple[list[RawItem], list[Skip]]:
     """Read a JSON list or a JSONL file into items; malformed JSONL lines come back as skips.
 
     A file whose first non-blank character is `[` is one JSON list; anything else is JSONL (blank lines are
-    ignored). Raises `DataError` naming the file when it is missing or unparseable as a whole (a broken JSON
+    ignored). A UTF-8 byte-order mark at the start is accepted (Windows editors write one). Raises `DataError` naming the file when it is missing or unparseable as a whole (a broken JSON
     list, or a JSONL file in which no line parses).
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # utf-8-sig: the same text, less a leading BOM
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {p}: {e}") from None
     if text.lstrip().startswith("["):
@@ -201,6 +220,12 @@ def parse_grpo_record(raw: Any, notes: Counter | None = None) -> GRPORecord:
         answer = str(answer)
     if not isinstance(answer, str):
         raise ValueError(f"bad_field: answer must be a string, got {type(raw['answer']).__name__}")
+    # A blank answer cannot be graded (MathRuler would call it equal to a blank response), and a problem that
+    # is nothing but its image tokens asks nothing: both are named skips, never trained on.
+    if not answer.strip():
+        raise ValueError(f"empty_answer: answer is {answer!r}")
+    if not raw["problem"].replace(IMAGE_TOKEN, "").strip():
+        raise ValueError(f"empty_problem: problem is {raw['problem']!r}")
     if not _is_str_list(raw["images"]):
         raise ValueError("bad_field: images must be a list of strings")
     key_words = raw.get("key_words")
@@ -227,13 +252,15 @@ def _raw_qid(raw: Any) -> str | None:
 
 
 def load_grpo_records(path: str | Path, image_root: str | Path | None = None,
-                      require_images: bool = False) -> LoadResult:
+                      require_images: bool = False, allow_outside_root: bool = False) -> LoadResult:
     """Load and validate GRPO records from a JSON list or JSONL file.
 
     Skipped (counted, with location and qid): malformed JSONL lines, non-objects, missing or ill-typed fields,
+    a blank answer (`empty_answer`), a problem with no text besides its `<image>` tokens (`empty_problem`),
     a problem without `<image>` or whose `<image>` count differs from `len(images)`, a repeated qid (the
-    first one is kept) and, when `require_images`, a record with an image file that does not exist under
-    `image_root` (default: the dataset file's folder).
+    first one is kept), unless `allow_outside_root` a record with an image path that resolves outside
+    `image_root` (`image_outside_root`), and, when `require_images`, a record with an image file that does not
+    exist under `image_root` (default: the dataset file's folder).
     """
     items, skipped = read_json_items(path)
     root = Path(image_root) if image_root is not None else Path(path).parent
@@ -252,6 +279,11 @@ def load_grpo_records(path: str | Path, image_root: str | Path | None = None,
             skipped.append(Skip("duplicate_qid", item.location, rec.qid, f"first seen at {seen[rec.qid]}"))
             continue
         seen[rec.qid] = item.location
+        if not allow_outside_root:
+            outside = [p for p in rec.image_paths(root) if outside_root(p, root)]
+            if outside:
+                skipped.append(Skip("image_outside_root", item.location, rec.qid, outside_root_detail(outside, root)))
+                continue
         if require_images:
             absent = [str(p) for p in rec.image_paths(root) if not p.is_file()]
             if absent:
@@ -260,6 +292,12 @@ def load_grpo_records(path: str | Path, image_root: str | Path | None = None,
         records.append(rec)
     total = len(items) + sum(1 for s in skipped if s.reason == "malformed_json")
     return LoadResult(str(path), records, skipped, total, notes)
+
+
+def load_grpo_file(path: str | Path, data: DataConfig) -> LoadResult:
+    """`load_grpo_records` under the data section's rules (image root, missing images, images outside the root)."""
+    return load_grpo_records(path, data.image_root, require_images=data.require_images,
+                             allow_outside_root=data.allow_images_outside_root)
 
 
 def save_records(path: str | Path, records: Sequence[GRPORecord]) -> Path:

@@ -2,10 +2,13 @@
 
 Upstream's README says to "merge its images and JSON files with the filtered Mulberry-SFT data" by hand. Here
 the records of every input are concatenated in the order given, unchanged except their image paths: each
-relative path is resolved against its own input's image folder and rewritten relative to the output file's
-folder, which is where `pebr sft` (and LLaMA-Factory, as its `dataset_dir`) looks for them. No image is
-copied or moved, so nothing can be lost; an image that does not exist where its record says is reported by
-name and the record kept as it is (`pebr filter-sft` and the SFT start-up are the places that drop records).
+relative path is resolved against its own input's image folder and rewritten relative to one image root, the
+folder that holds every input's image folder (their deepest common folder unless given). `pebr sft` reads
+them with `sft.image_root` set to that root; a path may not lead outside it (`data.allow_images_outside_root`),
+which is why the paths are not made relative to the output file with `..`. No image is copied or moved, so
+nothing can be lost; an image that does not exist where its record says, or that a record names by an
+absolute path outside the root, is reported by name and the record kept as it is (`pebr filter-sft` and the
+SFT start-up are the places that drop records).
 """
 from __future__ import annotations
 
@@ -34,51 +37,67 @@ class MergeResult:
     """What `merge_sft_files` wrote."""
 
     output: Path
+    image_root: Path  # what the merged paths are relative to: the run's sft.image_root
     sources: list[MergeSource]
     skipped: Counter = field(default_factory=Counter)
+    outside_root: list[str] = field(default_factory=list)
 
     @property
     def records(self) -> int:
         return sum(s.records for s in self.sources)
 
 
-def _rebase(image: Any, source: MergeSource, out_dir: Path) -> Any:
-    """`image` (a path string) made relative to `out_dir`; anything else (a URL, bytes) unchanged."""
+def _rebase(image: Any, source: MergeSource, result: MergeResult) -> Any:
+    """`image` (a path string) made relative to the merge's image root; anything else (a URL, bytes) unchanged,
+    and so is a path that leads outside the root (reported)."""
     if not isinstance(image, str) or "://" in image:
         return image
     where = Path(image) if os.path.isabs(image) else source.image_root / image
     if not where.is_file():
         source.missing_images.append(image)
-    return os.path.relpath(where.resolve() if where.exists() else where.absolute(), out_dir.resolve())
+    relative = os.path.relpath(os.path.realpath(where), result.image_root)
+    if relative.split(os.sep, 1)[0] == "..":
+        result.outside_root.append(image)
+        return image
+    return relative
 
 
-def _rebase_record(record: dict, source: MergeSource, out_dir: Path) -> dict:
+def _rebase_record(record: dict, source: MergeSource, result: MergeResult) -> dict:
     images = record.get("images")
     if images is None:
         return record
-    rebased = [_rebase(i, source, out_dir) for i in images] if isinstance(images, list) else \
-        _rebase(images, source, out_dir)
+    rebased = [_rebase(i, source, result) for i in images] if isinstance(images, list) else \
+        _rebase(images, source, result)
     return {**record, "images": rebased}
 
 
-def merge_sft_files(inputs: list[tuple[str | Path, str | Path | None]], output: str | Path) -> MergeResult:
+def merge_sft_files(inputs: list[tuple[str | Path, str | Path | None]], output: str | Path,
+                    image_root: str | Path | None = None) -> MergeResult:
     """Concatenate the SFT files `inputs` ((file, image folder or None for the file's own folder) pairs) into the
-    JSON list `output`, image paths rebased onto `output`'s folder. Lines that are not JSON, and items that are
-    not objects, are counted skips (by reason); a missing input is a `DataError` naming it."""
+    JSON list `output`, image paths rebased onto `image_root` (default: the deepest folder holding every input's
+    image folder). Lines that are not JSON, and items that are not objects, are counted skips (by reason); a
+    missing input or image folder, or an image folder outside `image_root`, is a `DataError` naming it."""
     out = Path(output)
-    merged: list[dict] = []
-    result = MergeResult(out, [])
-    for path, root in inputs:
-        source = MergeSource(Path(path), Path(root) if root else Path(path).parent)
+    sources = [MergeSource(Path(path), Path(root) if root else Path(path).parent) for path, root in inputs]
+    for source in sources:
         if not source.image_root.is_dir():
-            raise DataError(f"image folder of {path} not found: {source.image_root}")
+            raise DataError(f"image folder of {source.path} not found: {source.image_root}")
+    folders = [os.path.realpath(s.image_root) for s in sources]
+    root = Path(os.path.realpath(image_root) if image_root else os.path.commonpath(folders))
+    outside = [f for f in folders if os.path.relpath(f, root).split(os.sep, 1)[0] == ".."]
+    if outside:
+        raise DataError(f"image folder {outside[0]} is not inside --image-root {root}")
+    merged: list[dict] = []
+    result = MergeResult(out, root, [])
+    for source in sources:
+        path = source.path
         items, bad = read_json_items(path)
         result.skipped.update(s.reason for s in bad)
         for item in items:
             if not isinstance(item.value, dict):
                 result.skipped["not_an_object"] += 1
                 continue
-            merged.append(_rebase_record(item.value, source, out.parent))
+            merged.append(_rebase_record(item.value, source, result))
             source.records += 1
         result.sources.append(source)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,13 @@ Upstream trains the warm-up with LLaMA-Factory (`docs/qwen2_5vl_full_sft.yaml` i
   the rest must alternate user, assistant, ... and be even in number, else the record is skipped (counted
   here, by reason). Tool turns (observation / function) are not supported and are skipped the same way.
 - Images (`data/converter.py` `_find_medias`, `data/mm_plugin.py` `_preprocess_image`): a path is joined to
-  the image root when that file exists, else used as written; the image is scaled down to at most
+  the image root when that file exists, else used as written (here, one that resolves outside the image root
+  is the skip `image_outside_root` unless `data.allow_images_outside_root`); the image is scaled down to at most
   `image_max_pixels` (768 x 768 by default) and up to at least `image_min_pixels` (32 x 32) with the sides
   truncated to integers, then `convert("RGB")` (transparency dropped, not composited); sides under 28 px are
   raised to 28 and aspect ratios over 200 squashed to 180 (Qwen2-VL plugin). The image decoder then applies
-  the model's smart resize.
+  the model's smart resize. Before all that, and unlike LLaMA-Factory, the EXIF orientation is applied and a
+  16-bit (or 32-bit) image is scaled to 8 bits (`images.upright_8bit`), as for the RL images.
 - Truncation (`data/processor/supervised.py`, `processor_utils.infer_seqlen`): the conversation is a list of
   (source, target) pairs: source = the system prompt (first pair only) + the user turn + the assistant header,
   target = the reply + `<|im_end|>\\n`. Pairs are taken in order while the running length is under the cutoff;
@@ -41,9 +43,9 @@ from typing import Any, Sequence
 
 from PIL import Image
 
-from pebr_mega.data.images import ImageDecoder, num_image_tokens, open_image
+from pebr_mega.data.images import ImageDecoder, num_image_tokens, open_image, upright_8bit
 from pebr_mega.data.prompts import VISION_END, VISION_START, expand_image_placeholders
-from pebr_mega.data.records import read_json_items
+from pebr_mega.data.records import outside_root, read_json_items
 from pebr_mega.data.template import IMAGE_TOKEN
 from pebr_mega.errors import DataError, ImageError
 
@@ -78,7 +80,7 @@ def columns_from_dataset_info(dataset_info: str | Path, name: str) -> tuple[Shar
     against the json's folder, LLaMA-Factory's `dataset_dir`) when it names one; `DataError` when unusable."""
     path = Path(dataset_info)
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8-sig"))  # a leading BOM is accepted
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
     if not isinstance(info, dict) or name not in info:
@@ -144,8 +146,12 @@ class SkipRecord(Exception):
 
 
 def to_conversation(record: Any, columns: ShareGPTColumns | None, image_root: str | Path,
-                    location: str) -> Conversation:
-    """The record's aligned turns and resolved image paths (LLaMA-Factory's ShareGPT rules); `SkipRecord`."""
+                    location: str, allow_outside_root: bool = False) -> Conversation:
+    """The record's aligned turns and resolved image paths (LLaMA-Factory's ShareGPT rules); `SkipRecord`.
+
+    Unless `allow_outside_root`, an image path that resolves (after `..` and symlinks) outside `image_root` is
+    the skip `image_outside_root` (LLaMA-Factory reads any path it is given).
+    """
     if not isinstance(record, dict):
         raise SkipRecord("not_an_object")
     cols = columns or detect_columns(record)
@@ -185,6 +191,9 @@ def to_conversation(record: Any, columns: ShareGPTColumns | None, image_root: st
         if not all(isinstance(p, str) for p in images):
             raise SkipRecord("bad_images")
         paths = [_find_media(p, image_root) for p in images]
+        # Only a file that exists can be read from outside; a missing one is the `image` skip when it is opened.
+        if not allow_outside_root and any(outside_root(p, image_root) for p in paths if os.path.exists(p)):
+            raise SkipRecord("image_outside_root")
     if sum(m["content"].count(IMAGE_TOKEN) for m in messages) != len(paths):
         raise SkipRecord("image_count_mismatch")  # LLaMA-Factory stops with a ValueError here
     return Conversation(location, messages, paths)
@@ -201,6 +210,7 @@ def load_sft_image(path: str, max_pixels: int = LLAMAFACTORY_IMAGE_MAX_PIXELS,
     image = open_image(path)
     try:
         image.load()
+        image = upright_8bit(image)  # ours, not LLaMA-Factory's: EXIF orientation, 16-bit scaled (not clipped)
         if image.width * image.height > max_pixels:
             f = (max_pixels / (image.width * image.height)) ** 0.5
             image = image.resize((int(image.width * f), int(image.height * f)))
@@ -355,10 +365,13 @@ class SFTExample:
 def encode_sft_file(path: str | Path, tokenizer, decoder: ImageDecoder, image_root: str | Path, cutoff_len: int,
                     merge_size: int = 2, columns: ShareGPTColumns | None = None,
                     image_max_pixels: int = LLAMAFACTORY_IMAGE_MAX_PIXELS,
-                    image_min_pixels: int = LLAMAFACTORY_IMAGE_MIN_PIXELS) -> tuple[list[SFTExample], SFTReport]:
+                    image_min_pixels: int = LLAMAFACTORY_IMAGE_MIN_PIXELS,
+                    allow_outside_root: bool = False) -> tuple[list[SFTExample], SFTReport]:
     """Every usable conversation of a JSON or JSONL ShareGPT file, encoded; skips and truncations reported.
 
-    `columns` None detects them per record (`detect_columns`). A file that cannot be read is a `DataError`.
+    `columns` None detects them per record (`detect_columns`); `allow_outside_root` reads images that resolve
+    outside `image_root` (else they are the skip `image_outside_root`). A file that cannot be read is a
+    `DataError`.
     """
     items, bad_lines = read_json_items(path)
     report = SFTReport(str(path), total=len(items) + len(bad_lines))
@@ -366,7 +379,7 @@ def encode_sft_file(path: str | Path, tokenizer, decoder: ImageDecoder, image_ro
     examples: list[SFTExample] = []
     for item in items:
         try:
-            conv = to_conversation(item.value, columns, image_root, item.location)
+            conv = to_conversation(item.value, columns, image_root, item.location, allow_outside_root)
             images = [load_sft_image(p, image_max_pixels, image_min_pixels) for p in conv.images]
             proc = decoder.decode_and_preprocess(images).to("cpu") if images else None
             tokens = num_image_tokens(proc.image_grid_thw, merge_size) if proc is not None else []

@@ -142,7 +142,8 @@ def split_by_difficulty(records: Iterable[GRPORecord], rollouts: Rollouts, n: in
 def split_files(rollouts_path: str | Path, dataset_path: str | Path, out_dir: str | Path, n: int = 8,
                 threshold: float = 1.0) -> SplitResult:
     """Split `dataset_path` by `rollouts_path`; write easycase/mediumcase/hardcase.json and summary.json."""
-    loaded = load_grpo_records(dataset_path)
+    # No image is read here: where images may live is checked by the stage that trains on the split files.
+    loaded = load_grpo_records(dataset_path, allow_outside_root=True)
     result = split_by_difficulty(loaded.records, load_rollouts(rollouts_path), n, threshold)
     result.dataset_skipped = loaded.skipped
     out = Path(out_dir)

@@ -116,6 +116,9 @@ def accuracy_reward(text: str, answer: str, grading: str = "upstream") -> float:
     """1.0 if the response's answer matches `answer` under MathRuler's `grade_answer`, else 0.0.
 
     `grading` picks how the answer is taken from the response: "upstream" or "lenient" (module docstring).
+    An empty (blank) ground truth or an empty extracted answer scores 0.0: MathRuler calls two empty strings
+    equal, so upstream pays full reward for `### The final answer is:` with nothing after it on a record with
+    no answer. Every non-empty pair is graded exactly as upstream grades it.
     """
     from mathruler.grader import grade_answer
 
@@ -127,7 +130,10 @@ def accuracy_reward(text: str, answer: str, grading: str = "upstream") -> float:
             return 0.0
     else:
         raise ValueError(f"answer grading must be one of {list(GRADINGS)}, got {grading!r}")
-    return 1.0 if grade_answer(given, answer.strip()) else 0.0
+    truth = answer.strip()
+    if not truth or not given.strip():
+        return 0.0  # nothing to match, or nothing answered: MathRuler would call two empty strings equal
+    return 1.0 if grade_answer(given, truth) else 0.0
 
 
 def normalize_key_words(key_words: Sequence[str]) -> list[str]:

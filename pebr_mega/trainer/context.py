@@ -33,7 +33,7 @@ from pebr_mega.config import PebrConfig, to_yaml
 from pebr_mega.data.decoders import make_image_decoder
 from pebr_mega.data.images import ImageDecoder
 from pebr_mega.data.images import ImageConfig
-from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_records
+from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_file
 from pebr_mega.data.template import PromptTemplate, load_prompt_template, write_prompt_template
 from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.errors import DataError, OutputError, PebrError, SettingsMismatchError
@@ -147,7 +147,7 @@ class RunContext:
 
     def load_records(self, path: str, what: str) -> list[GRPORecord]:
         """The usable GRPO records of `path` (skips reported once); DataError when none is usable."""
-        loaded = load_grpo_records(path, self.cfg.data.image_root, require_images=self.cfg.data.require_images)
+        loaded = load_grpo_file(path, self.cfg.data)
         if loaded.skipped:
             self.log(f"{self.stage} {what} data: {loaded.report()}")
         if not loaded.records:

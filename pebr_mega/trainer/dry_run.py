@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from pebr_mega.config import PebrConfig
 from pebr_mega.data.images import ImageConfig, open_image
 from pebr_mega.data.pil_backend import PilImageDecoder
-from pebr_mega.data.records import image_root_for, load_grpo_records, read_json_items
+from pebr_mega.data.records import image_root_for, load_grpo_file, read_json_items
 from pebr_mega.data.sft_records import SkipRecord, resolve_sft_source, to_conversation
 from pebr_mega.data.template import load_prompt_template
 from pebr_mega.errors import ImageError, PebrError
@@ -142,7 +142,7 @@ def _eval_file(cfg: PebrConfig, stage_file: str, stage_key: str, max_samples: in
         return {"source": None, "note": "no evaluation (no eval file, no grpo.eval_holdout)"}
     out: dict[str, Any] = {"source": key, "file": path, "max_samples": max_samples}
     if Path(path).is_file():
-        out["records"] = len(load_grpo_records(path, cfg.data.image_root, require_images=cfg.data.require_images).records)
+        out["records"] = len(load_grpo_file(path, cfg.data).records)
     else:
         out["records"] = None
         out["note"] = "the file does not exist (yet)"
@@ -187,7 +187,9 @@ def sft_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
     kept = 0
     for item in items:
         try:
-            for image in to_conversation(item.value, columns, root, item.location).images:
+            conversation = to_conversation(item.value, columns, root, item.location,
+                                           cfg.data.allow_images_outside_root)
+            for image in conversation.images:
                 open_image(image).close()  # the header only: a missing or unreadable file is skipped at start-up
             kept += 1
         except SkipRecord as e:
@@ -221,7 +223,7 @@ def sample_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
     partial batch included, at sampling's own pixel cap."""
     sc = cfg.sample
     images = dataclasses.replace(cfg.images, max_pixels=sc.max_pixels)
-    loaded = load_grpo_records(sc.dataset, cfg.data.image_root, require_images=cfg.data.require_images)
+    loaded = load_grpo_file(sc.dataset, cfg.data)
     if loaded.skipped:
         log(f"sample data: {loaded.report()}")
     builder, why = _request_builder(cfg, images, sc.model, "sample.model")

@@ -53,7 +53,8 @@ class SFTTrainer(StageTrainer):
                                                      image_root_for(str(train_file), sft.image_root), sft.cutoff_len,
                                                      cfg.images.merge_size, columns=columns,
                                                      image_max_pixels=sft.image_max_pixels,
-                                                     image_min_pixels=sft.image_min_pixels)
+                                                     image_min_pixels=sft.image_min_pixels,
+                                                     allow_outside_root=cfg.data.allow_images_outside_root)
         if self.skipped:
             self.ctx.log(f"sft data: {self.skipped}")
         if not self.seqs:

@@ -3,8 +3,9 @@ and by `--dry-run`, so the plan printed is the run that starts.
 
 The records of `grpo.train_file` pass, in order:
 
-1. reading and validation (`data/records.load_grpo_records`): fields and types, one `<image>` per image,
-   duplicate qids, and (`data.require_images`) image files that exist;
+1. reading and validation (`data/records.load_grpo_file`): fields and types, a non-blank answer and problem,
+   one `<image>` per image, duplicate qids, image paths inside the image root (unless
+   `data.allow_images_outside_root`) and (`data.require_images`) image files that exist;
 2. the screen (`RequestBuilder.screen`), from image headers without decoding pixels: images readable and
    within the size rules, and the prompt at most `data.max_prompt_length` tokens
    (`data.filter_overlong_prompts`). Upstream filters over-long prompts when it builds the dataset, before
@@ -27,7 +28,7 @@ import torch
 
 from pebr_mega.config import PebrConfig
 from pebr_mega.config_fields import ConfigError
-from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_records
+from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_file
 from pebr_mega.errors import DataError
 from pebr_mega.rollout.requests import RequestBuilder
 from pebr_mega.stage_config import GRPOTrainerConfig
@@ -69,7 +70,7 @@ def load_stage_records(cfg: PebrConfig, stage: GRPOTrainerConfig, builder: Reque
     `lengths=False` screens the images only (no tokenizer). DataError when no record is usable."""
     check_eval_source(cfg, stage)
     path = stage.train_file
-    loaded = load_grpo_records(path, cfg.data.image_root, require_images=cfg.data.require_images)
+    loaded = load_grpo_file(path, cfg.data)
     out = StageRecords(path, loaded.records, read=loaded.total, skipped=Counter(loaded.counts),
                        filters=[FILTER_RECORDS] + ([FILTER_IMAGE_FILES] if cfg.data.require_images else []))
     if loaded.skipped:
