@@ -60,7 +60,9 @@ EXTRAS = {
     "clip": ["torchvision>=0.19"],
     # TensorBoard event files beside wandb (logging.tensorboard); the tests read them back with its reader.
     "tensorboard": ["tensorboard>=2.14"],
-    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "import-linter>=2.1", "tensorboard>=2.14"],
+    # Parquet GRPO files (EasyR1's layouts, `datasets`' exports).
+    "parquet": ["pyarrow>=15"],
+    "test": ["pytest>=8.0", "pytest-timeout>=2.3", "import-linter>=2.1", "tensorboard>=2.14", "pyarrow>=15"],
 }
 
 packages = find_packages(include=["pebr_mega", "pebr_mega.*"]) + ["pebr_mega.kernels"]

@@ -297,13 +297,19 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", required=True, help="folder for the split files and summary.json")
     p.add_argument("--n", type=int, default=8, help="samples per question (default 8)")
     p.add_argument("--correct-threshold", type=float, default=1.0, help="a sample is correct if score >= this")
+    p.add_argument("--prompt-key", default="problem", help="the dataset's problem column (EasyR1's data.prompt_key)")
+    p.add_argument("--answer-key", default="answer", help="the dataset's answer column (EasyR1's data.answer_key)")
+    p.add_argument("--image-key", default="images", help="the dataset's image column (EasyR1's data.image_key)")
     p.set_defaults(handler=_cmd_split)
 
 
 def _cmd_split(args: argparse.Namespace) -> int:
     claim_output_dir(args.out_dir, [args.rollouts, args.dataset], what="--out-dir",
                      writes=[*SPLIT_FILES.values(), "summary.json"])
-    res = split_files(args.rollouts, args.dataset, args.out_dir, args.n, args.correct_threshold)
+    from pebr_mega.data.records import Columns
+
+    res = split_files(args.rollouts, args.dataset, args.out_dir, args.n, args.correct_threshold,
+                      Columns(args.prompt_key, args.answer_key, args.image_key))
     total = sum(res.counts().values())
     print(f"split: {total} questions from {args.dataset}, n={args.n}, correct if score >= {args.correct_threshold}")
     for line in format_summary(res, args.out_dir):
@@ -694,9 +700,27 @@ def _quiet_known_fallback_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
 
 
+def _config_warnings_as_notes() -> None:
+    """A `ConfigWarning` (an allowed but probably unintended value, an EasyR1 key dropped) prints as one note
+    line naming the key, not as Python's file:line warning with the source line under it."""
+    import warnings
+
+    from pebr_mega.config_fields import ConfigWarning
+
+    default = warnings.formatwarning
+
+    def formatted(message, category, filename, lineno, line=None) -> str:
+        if issubclass(category, ConfigWarning):
+            return f"pebr: note: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatted
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pebr` console script; returns the process exit code."""
     _quiet_known_fallback_warnings()
+    _config_warnings_as_notes()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:

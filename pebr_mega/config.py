@@ -20,18 +20,21 @@ section's key wins over the `actor.*` key of the same name, for that stage only)
 # No `from __future__ import annotations`: OmegaConf resolves the root schema's field types at run time.
 
 import dataclasses
+import warnings
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import (ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException,
                               ValidationError)
 
 from pebr_mega.actor.config import ActorConfig
 from pebr_mega.algo.grpo import AlgoConfig
-from pebr_mega.config_fields import ConfigError, choice
+from pebr_mega.config_easyr1 import is_easyr1_key, is_easyr1_tree, translate_tree
+from pebr_mega.config_fields import ConfigError, ConfigWarning, choice
 from pebr_mega.config_values import override_layer, typed_file_layer
 from pebr_mega.data.images import ImageConfig
 from pebr_mega.data.records import DataConfig
@@ -164,11 +167,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {p} must hold a mapping of sections (run:, rollout:, ...), "
                               f"not a {'list' if isinstance(loaded, ListConfig) else type(loaded).__name__}")
-        # YAML 1.1 guessed each scalar's type; re-read the file's text by the keys' declared types instead.
-        layers.append((typed_file_layer(loaded, p.read_text(encoding="utf-8"), schema, str(p)), str(p)))
+        tree = OmegaConf.to_container(loaded)
+        if schema is PebrConfig and is_easyr1_tree(tree):
+            layers += _easyr1_layers(tree, str(p))
+        else:
+            # YAML 1.1 guessed each scalar's type; re-read the file's text by the keys' declared types instead.
+            layers.append((typed_file_layer(loaded, p.read_text(encoding="utf-8"), schema, str(p)), str(p)))
     for ov in overrides:
         if "=" not in ov:
             raise ConfigError(f"override '{ov}' is not of the form key=value")
+        key, _, text = ov.partition("=")
+        if schema is PebrConfig and is_easyr1_key(key):
+            layers += _easyr1_layers(_nested_value(key, yaml.safe_load(text) if text else None), f"override '{ov}'")
+            continue
         layers.append((override_layer(ov, schema), f"override '{ov}'"))
     merged = base
     schema_obj = schema()
@@ -185,6 +196,34 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
         raise ConfigError(f"config key '{key}': cannot resolve {str(e).splitlines()[0]}") from None
     _check_choices(cfg)
     return cfg
+
+
+def _nested_value(dotted: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def _as_override_text(value: Any) -> str:
+    """A translated EasyR1 value as the text of a pebr override (then read by the pebr key's type)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_as_override_text(v) for v in value) + "]"
+    return str(value)
+
+
+def _easyr1_layers(tree: dict, source: str) -> list[tuple[Any, str]]:
+    """EasyR1 settings (a config file's tree, or one override) as pebr layers; each dropped key is one
+    `ConfigWarning` line (`pebr_mega/config_easyr1.py` has the table)."""
+    settings, notes = translate_tree(tree)
+    for note in notes:
+        warnings.warn(f"{source}: {note}", ConfigWarning, stacklevel=3)
+    return [(override_layer(f"{key}={_as_override_text(value)}", PebrConfig), f"{source} ({key}, from EasyR1)")
+            for key, value in settings.items()]
 
 
 def to_dict(cfg: PebrConfig) -> dict:

@@ -11,9 +11,17 @@ that cannot be parsed at all is a `DataError` naming the file (and the line, for
 Leniencies, each lossless: an integer `qid` becomes its decimal string; a numeric `answer` becomes its
 string; a missing `key_words` becomes `[]` and is counted as a note (the keyword reward then warns per
 sample). Keys other than the five are kept in `GRPORecord.extra` and written back by `save_records`.
+
+EasyR1's layouts read too (`Columns`, from `data.prompt_key` / `answer_key` / `image_key`): JSON, JSONL or
+parquet (`read_data_items`), the problem, answer and images under other column names, a record without a qid
+(it gets `<file stem>-<position>`, counted as a note), and images
+embedded as bytes (Hugging Face `datasets` stores an Image column as `{"bytes": ..., "path": ...}`): those are
+written once, named by their content's hash, under `embedded_image_dir()`, and the record names that file, so
+every later stage (split files included) reads a path as for any other record.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -49,9 +57,29 @@ class DataConfig:
     # An image path that resolves (after `..` and symlinks) outside the image root - `../x.png`, an absolute path,
     # a symlink pointing out - makes its record a counted `image_outside_root` skip, unless this is true.
     allow_images_outside_root: bool = False
+    # Column names of a GRPO file (EasyR1's data.prompt_key, answer_key, image_key).
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    image_key: str = "images"
 
     def __post_init__(self) -> None:
-        check_fields("data", {"max_prompt_length": positive(self.max_prompt_length)})
+        check_fields("data", {"max_prompt_length": positive(self.max_prompt_length),
+                              "prompt_key": (bool(self.prompt_key), self.prompt_key, "must name a column"),
+                              "answer_key": (bool(self.answer_key), self.answer_key, "must name a column"),
+                              "image_key": (bool(self.image_key), self.image_key, "must name a column")})
+
+    @property
+    def columns(self) -> "Columns":
+        return Columns(self.prompt_key, self.answer_key, self.image_key)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Where a GRPO file keeps the problem, the answer and the images (EasyR1's prompt/answer/image keys)."""
+
+    problem: str = "problem"
+    answer: str = "answer"
+    images: str = "images"
 
 
 @dataclass
@@ -140,6 +168,87 @@ def outside_root_detail(paths: Sequence[str | Path], root: str | Path) -> str:
     """What an `image_outside_root` skip says: each offending path and where it resolves."""
     shown = ", ".join(f"{p} -> {Path(p).resolve()}" for p in paths)
     return f"{shown} is outside the image root {Path(root).resolve()} (data.allow_images_outside_root=true reads it)"
+
+
+def read_data_items(path: str | Path) -> tuple[list[RawItem], list[Skip]]:
+    """`read_json_items`, or the rows of a parquet file (`.parquet`; needs pyarrow: pip install pyarrow)."""
+    p = Path(path)
+    if p.suffix != ".parquet":
+        return read_json_items(p)
+    if not p.is_file():
+        raise DataError(f"data file not found: {p}")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{p} is parquet, which needs pyarrow: pip install pyarrow") from None
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... on a damaged file
+        raise DataError(f"cannot read {p} as parquet: {type(e).__name__}: {e}") from None
+    return [RawItem(f"row {i}", row) for i, row in enumerate(rows)], []
+
+
+def embedded_image_dir() -> Path:
+    """Where images embedded in data files are written (`$PEBR_CACHE`, else ~/.cache/pebr-mega)."""
+    base = os.environ.get("PEBR_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pebr-mega")
+    return Path(base) / "embedded-images"
+
+
+def _is_embedded(path: Path) -> bool:
+    return path.resolve().is_relative_to(embedded_image_dir().resolve())
+
+
+def _image_suffix(data: bytes) -> str:
+    signatures = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg", b"GIF8": ".gif", b"RIFF": ".webp", b"BM": ".bmp"}
+    return next((ext for sig, ext in signatures.items() if data.startswith(sig)), ".img")
+
+
+def write_embedded_image(data: bytes) -> str:
+    """The path of a file holding `data`, named by its SHA-256 (written once, atomically; the same bytes from
+    any record, process or rank share one file)."""
+    folder = embedded_image_dir()
+    path = folder / (hashlib.sha256(data).hexdigest()[:32] + _image_suffix(data))
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return str(path)
+
+
+def _image_entry(entry: Any) -> tuple[Any, bool]:
+    """One image of an EasyR1 row as a path string: a path, bytes, or `{"bytes": ..., "path": ...}`; and whether
+    it was embedded (written to a file here)."""
+    data = entry.get("bytes") if isinstance(entry, dict) else entry
+    if isinstance(data, (bytes, bytearray)) and data:
+        return write_embedded_image(bytes(data)), True
+    return (entry.get("path") if isinstance(entry, dict) else entry), False
+
+
+def normalise_columns(raw: Any, columns: Columns, qid: str, notes: Counter) -> Any:
+    """An EasyR1-layout row as a pebr record: columns renamed, a position qid where none is given, images as a
+    list of path strings (embedded bytes written to files). Anything else is left for `parse_grpo_record` to
+    judge, so a bad row is skipped with the usual reasons."""
+    if not isinstance(raw, dict):
+        return raw
+    row = dict(raw)
+    for ours, theirs in (("problem", columns.problem), ("answer", columns.answer), ("images", columns.images)):
+        if theirs != ours and theirs in row:
+            row[ours] = row.pop(theirs)
+    if "qid" not in row:
+        row["qid"] = qid
+        notes["qid missing (made from the file name and position)"] += 1
+    images = row.get("images")
+    if isinstance(images, (dict, bytes, bytearray)):  # one Image column value, not a list of them
+        images = [images]
+    if isinstance(images, list):
+        converted = [_image_entry(entry) for entry in images]
+        embedded = sum(was_embedded for _, was_embedded in converted)
+        if embedded:
+            notes["images embedded as bytes (written to files)"] += embedded
+        row["images"] = [path for path, _ in converted]
+    return row
 
 
 def read_json_items(path: str | Path) -> tuple[list[RawItem], list[Skip]]:
@@ -252,7 +361,8 @@ def _raw_qid(raw: Any) -> str | None:
 
 
 def load_grpo_records(path: str | Path, image_root: str | Path | None = None,
-                      require_images: bool = False, allow_outside_root: bool = False) -> LoadResult:
+                      require_images: bool = False, allow_outside_root: bool = False,
+                      columns: Columns = Columns()) -> LoadResult:
     """Load and validate GRPO records from a JSON list or JSONL file.
 
     Skipped (counted, with location and qid): malformed JSONL lines, non-objects, missing or ill-typed fields,
@@ -262,15 +372,16 @@ def load_grpo_records(path: str | Path, image_root: str | Path | None = None,
     `image_root` (`image_outside_root`), and, when `require_images`, a record with an image file that does not
     exist under `image_root` (default: the dataset file's folder).
     """
-    items, skipped = read_json_items(path)
+    items, skipped = read_data_items(path)
     root = Path(image_root) if image_root is not None else Path(path).parent
     notes: Counter = Counter()
     records: list[GRPORecord] = []
     seen: dict[str, str] = {}
-    for item in items:
-        qid = _raw_qid(item.value)
+    for position, item in enumerate(items):
+        raw = normalise_columns(item.value, columns, f"{Path(path).stem}-{position}", notes)
+        qid = _raw_qid(raw)
         try:
-            rec = parse_grpo_record(item.value, notes)
+            rec = parse_grpo_record(raw, notes)
         except ValueError as e:
             reason, _, detail = str(e).partition(": ")
             skipped.append(Skip(reason, item.location, qid, detail))
@@ -280,7 +391,7 @@ def load_grpo_records(path: str | Path, image_root: str | Path | None = None,
             continue
         seen[rec.qid] = item.location
         if not allow_outside_root:
-            outside = [p for p in rec.image_paths(root) if outside_root(p, root)]
+            outside = [p for p in rec.image_paths(root) if outside_root(p, root) and not _is_embedded(p)]
             if outside:
                 skipped.append(Skip("image_outside_root", item.location, rec.qid, outside_root_detail(outside, root)))
                 continue
@@ -297,7 +408,7 @@ def load_grpo_records(path: str | Path, image_root: str | Path | None = None,
 def load_grpo_file(path: str | Path, data: DataConfig) -> LoadResult:
     """`load_grpo_records` under the data section's rules (image root, missing images, images outside the root)."""
     return load_grpo_records(path, data.image_root, require_images=data.require_images,
-                             allow_outside_root=data.allow_images_outside_root)
+                             allow_outside_root=data.allow_images_outside_root, columns=data.columns)
 
 
 def save_records(path: str | Path, records: Sequence[GRPORecord]) -> Path:

@@ -122,6 +122,30 @@ def resolve_sft_source(train_file: str, dataset_info: str = "", dataset_name: st
     return file, cols
 
 
+def from_alpaca(record: dict[str, Any]) -> dict[str, Any]:
+    """An Alpaca-format record (`instruction`, optional `input`, `output`, optional `history` of [query, response]
+    pairs and `system`) as a `messages` record, the way LLaMA-Factory's AlpacaDatasetConverter builds its turns
+    (`data/converter.py`): history first, then the instruction and the input joined by a newline; other keys
+    (`images`) kept. A malformed history or non-string field is left for `to_conversation` to reject by name."""
+    query = record.get("instruction")
+    extra = record.get("input")
+    if isinstance(query, str) and isinstance(extra, str) and extra:
+        query = f"{query}\n{extra}"
+    messages: list[Any] = []
+    if record.get("system"):
+        messages.append({"role": "system", "content": record["system"]})
+    history = record.get("history") or []
+    if isinstance(history, list):
+        for pair in history:
+            if isinstance(pair, (list, tuple)) and len(pair) == 2:
+                messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+            else:
+                messages.append({"role": "user", "content": None})  # rejected downstream as bad_content
+    messages += [{"role": "user", "content": query}, {"role": "assistant", "content": record.get("output")}]
+    rest = {k: v for k, v in record.items() if k not in ("instruction", "input", "output", "history", "system")}
+    return {**rest, "messages": messages}
+
+
 def detect_columns(record: dict[str, Any]) -> ShareGPTColumns | None:
     """`messages` -> role/content/user/assistant; `conversations` -> LLaMA-Factory's defaults; else None."""
     if "messages" in record:
@@ -154,6 +178,9 @@ def to_conversation(record: Any, columns: ShareGPTColumns | None, image_root: st
     """
     if not isinstance(record, dict):
         raise SkipRecord("not_an_object")
+    if columns is None and "messages" not in record and "conversations" not in record and \
+            "instruction" in record and "output" in record:
+        record = from_alpaca(record)  # Alpaca layout (LLaMA-Factory's other dataset format)
     cols = columns or detect_columns(record)
     if cols is None or not isinstance(record.get(cols.messages), list):
         raise SkipRecord("no_messages")

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from pebr_mega.data.records import GRPORecord, Skip, load_grpo_records, read_json_items, save_records, write_json_atomic
+from pebr_mega.data.records import (Columns, GRPORecord, Skip, load_grpo_records, read_json_items, save_records,
+                                    write_json_atomic)
 from pebr_mega.errors import DataError
 
 SPLIT_FILES = {"easy": "easycase.json", "medium": "mediumcase.json", "hard": "hardcase.json"}
@@ -140,10 +141,11 @@ def split_by_difficulty(records: Iterable[GRPORecord], rollouts: Rollouts, n: in
 
 
 def split_files(rollouts_path: str | Path, dataset_path: str | Path, out_dir: str | Path, n: int = 8,
-                threshold: float = 1.0) -> SplitResult:
-    """Split `dataset_path` by `rollouts_path`; write easycase/mediumcase/hardcase.json and summary.json."""
+                threshold: float = 1.0, columns: Columns = Columns()) -> SplitResult:
+    """Split `dataset_path` (its problem, answer and image columns named by `columns`) by `rollouts_path`; write
+    easycase/mediumcase/hardcase.json (in pebr's layout) and summary.json."""
     # No image is read here: where images may live is checked by the stage that trains on the split files.
-    loaded = load_grpo_records(dataset_path, allow_outside_root=True)
+    loaded = load_grpo_records(dataset_path, allow_outside_root=True, columns=columns)
     result = split_by_difficulty(loaded.records, load_rollouts(rollouts_path), n, threshold)
     result.dataset_skipped = loaded.skipped
     out = Path(out_dir)

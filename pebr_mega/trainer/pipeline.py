@@ -12,8 +12,8 @@ again, and the stages before it stay done. Each stage starts from the previous o
     sft/hf  --sample-->  sample/rollouts.jsonl  --split-->  split/{easy,medium,hard}case.json
     stage1 (easy, from sft/hf) -> stage1/hf;  stage2 (medium, from stage1/hf) -> stage2/hf -> final/
 
-Upstream sends the hard questions back to the SFT warm-up; here they are written out (`split/hardcase.json`)
-for the user to add to the SFT set of a next round.
+Upstream's code trains on the easy and the medium questions and leaves the hard ones unused; here they are
+written out too (`split/hardcase.json`), for a user who wants them in the SFT set of a next round.
 """
 from __future__ import annotations
 
@@ -269,7 +269,7 @@ def _run_sample(cfg: PebrConfig, work: Path, results: dict) -> dict:
 def _run_split(cfg: PebrConfig, work: Path, results: dict) -> dict:
     out = work / "split"
     res = split_files(work / "sample" / "rollouts.jsonl", cfg.pipeline.grpo_file, out, n=cfg.sample.n,
-                      threshold=cfg.sample.correct_threshold)
+                      threshold=cfg.sample.correct_threshold, columns=cfg.data.columns)
     for line in format_summary(res, out):
         print(line)
     return {"counts": res.counts(), "dir": str(out)}
