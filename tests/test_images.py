@@ -112,10 +112,17 @@ def test_empty_batch_gives_empty_tensors():
 
 
 # ---------------------------------------------------------------------------------------------- data rules
-@pytest.mark.parametrize("width,height", [(1, 1), (27, 300), (300, 27)])
-def test_side_below_28_px_is_an_image_error(width, height):
+@pytest.mark.parametrize("width,height", [(1, 1), (27, 300), (300, 27), (13, 40)])
+def test_side_below_28_px_is_scaled_up_as_upstream_or_rejected_on_request(width, height):
+    """Issue 24, item 7: upstream's processor (transformers' smart_resize) scales a side under 28 px up to one
+    merged patch and passes the image on; `images.reject_small_sides` keeps the stricter rule."""
+    image = _noise(width, height, 0)
+    out = PilImageDecoder(ImageConfig()).decode_and_preprocess([image])
+    ref = _reference([image], 576, 802816)
+    assert torch.equal(out.image_grid_thw, ref["image_grid_thw"]) and min(out.image_grid_thw[0, 1:].tolist()) >= 2
+    assert (out.pixel_values - ref["pixel_values"]).abs().max().item() < 1e-5
     with pytest.raises(ImageError, match=r"#0.*>= 28 px"):
-        PilImageDecoder(ImageConfig()).decode_and_preprocess([_noise(width, height, 0)])
+        PilImageDecoder(ImageConfig(reject_small_sides=True)).decode_and_preprocess([image])
 
 
 def test_resized_size_outside_bounds_is_an_image_error():
@@ -208,8 +215,12 @@ def test_dali_backend_names_the_truncated_file_and_enforces_rules(tmp_path):
     dali = make_image_decoder(ImageConfig(backend="dali", dali_batch_size=4), device="cpu")
     with pytest.raises(ImageError, match="cut.png"):
         dali.decode_and_preprocess([full, str(truncated), full])
+    small = _encode(_noise(27, 300, 0))  # scaled up as PIL (and upstream) do, or refused on request
+    assert torch.equal(dali.decode_and_preprocess([small]).image_grid_thw,
+                       PilImageDecoder(ImageConfig()).decode_and_preprocess([small]).image_grid_thw)
+    strict = make_image_decoder(ImageConfig(backend="dali", reject_small_sides=True), device="cpu")
     with pytest.raises(ImageError, match=">= 28 px"):
-        dali.decode_and_preprocess([_encode(_noise(27, 300, 0))])
+        strict.decode_and_preprocess([small])
     with pytest.raises(ImageError, match="not found"):
         dali.decode_and_preprocess([str(tmp_path / "missing.png")])
     # The decoder recovers after a failed run.

@@ -32,7 +32,8 @@ def test_requests_built_and_skips_counted(tiny_model_dir, tmp_path):
         GRPORecord("q6", "<image>" + " word" * 400, "1", ["a.png"]),
         GRPORecord("q7", "no placeholder", "1", ["a.png"]),
     ]
-    dec = PilImageDecoder(ImageConfig(min_pixels=56 * 56, max_pixels=224 * 224))
+    # reject_small_sides: the 10 px side of tiny.png is one more image skip (by default it is scaled up).
+    dec = PilImageDecoder(ImageConfig(min_pixels=56 * 56, max_pixels=224 * 224, reject_small_sides=True))
     reqs, report = RequestBuilder(tok, dec, max_prompt_length=256).build(recs, tmp_path)
     assert [r.record_id for r in reqs] == ["q1", "q2"]
     for r in reqs:
@@ -69,8 +70,8 @@ def test_screen_from_headers_decides_as_build(tiny_model_dir, tmp_path):
              GRPORecord("thin", "<image>?", "1", ["thin.png"]), GRPORecord("bad", "<image>?", "1", ["bad.png"]),
              GRPORecord("gone", "<image>?", "1", ["missing.png"]), GRPORecord("np", "no placeholder", "1", ["s0.png"]),
              GRPORecord("trunc", "<image>?", "1", ["truncated.png"])]
-    builder = RequestBuilder(tok, PilImageDecoder(ImageConfig(min_pixels=56 * 56, max_pixels=224 * 224)),
-                             max_prompt_length=256)
+    builder = RequestBuilder(tok, PilImageDecoder(ImageConfig(min_pixels=56 * 56, max_pixels=224 * 224,
+                                                              reject_small_sides=True)), max_prompt_length=256)
     built, built_report = builder.build(recs, tmp_path)
     for req in built:
         assert builder.prompt_length(req.record, tmp_path) == len(req.prompt_ids), req.record_id

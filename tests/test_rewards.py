@@ -189,8 +189,9 @@ def test_keyword_fraction_case_insensitive():
     text = "There are three RED circles and a Blue square."
     assert keyword_reward(text, ["red", "blue", "green", "Circle"]) == 0.75
     assert keyword_reward("a speed of 3 km / h", ["km/h"]) == 1.0  # upstream matches in the normalised text
-    assert keyword_reward(text, ["  red ", ""]) == 1.0  # blank key words are ignored, not free matches
-    assert keyword_reward(text, []) == 0.0 and keyword_reward(text, ["", " "]) == 0.0
+    # strict: blank key words are ignored, not free matches; upstream: compared as written ("" is in any text)
+    assert keyword_reward(text, ["  red ", ""], "strict") == 1.0 and keyword_reward(text, ["  red ", ""]) == 0.5
+    assert keyword_reward(text, []) == 0.0 and keyword_reward(text, ["", " "], "strict") == 0.0
 
 
 def test_length_reward():
@@ -286,3 +287,18 @@ def test_reward_config_in_root_schema():
         load_config(None, ["grpo.stage=stage2", "rewards.stage=stage1"])
     with pytest.raises(ConfigError, match=r"rewards\.weights\.clip"):
         load_config(None, ["rewards.weights.clip=high"])
+
+
+@pytest.mark.parametrize("key_words,upstream,strict", [
+    (["Red", "circle"], 1.0, 1.0),
+    (["red", "circle "], 0.5, 1.0),    # upstream compares "circle " with its space (the text has "circle.")
+    (["", "square"], 0.5, 0.0),        # upstream: a blank key word is found in any text; strict drops it
+    (["  "], 0.0, 0.0),                # "  " is not in the text; strict has no key word left
+    ([], 0.0, 0.0),
+])
+def test_keyword_match_upstream_by_default_and_strict_on_request(key_words, upstream, strict):
+    """Issue 24, item 7: upstream's `key_word_reward` (`kw.lower() in response.lower()`, in pebr_1.py) by default;
+    `rewards.keyword_match=strict` strips and drops blank key words."""
+    text = "### Image Description: a red circle."
+    assert keyword_reward(text, key_words) == upstream
+    assert keyword_reward(text, key_words, "strict") == strict

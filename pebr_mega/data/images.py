@@ -23,10 +23,12 @@ backend itself. Two backends implement the `ImageDecoder` contract, each importi
 normalise/patchify on the GPU). `pebr_mega.data.decoders.make_image_decoder`, the only module that imports
 both, picks one.
 
-Data rules (PEBR_FACTS, "SFT warm-up data"): an image with a side < 28 px (one merged patch), one that cannot
-be opened, or one that is missing is rejected with an `ImageError` naming it; so is an aspect ratio > 200 (which
-transformers refuses with a ValueError) and an image whose smart-resized size falls outside the pixel bounds
-(`smart_resize` clamps a side to `factor`, which can exceed `max_pixels` for extreme aspect ratios).
+Data rules: an image that cannot be opened, or one that is missing, is rejected with an `ImageError` naming it;
+so is an aspect ratio > 200 (which transformers refuses with a ValueError) and an image whose smart-resized size
+falls outside the pixel bounds (`smart_resize` clamps a side to `factor`, which can exceed `max_pixels` for
+extreme aspect ratios). An image with a side under 28 px (one merged patch) is scaled up by `smart_resize`, as
+upstream's processor does (EasyR1 passes such images on); `images.reject_small_sides: true` rejects it instead
+(PEBR_FACTS' rule for the SFT data, which `pebr filter-sft` applies).
 """
 from __future__ import annotations
 
@@ -71,6 +73,8 @@ class ImageConfig:
     temporal_patch_size: int = 2
     dali_batch_size: int = 32  # images per DALI pipeline run (its max_batch_size)
     dali_threads: int = 2  # CPU threads of the DALI pipeline
+    # An image with a side under patch_size x merge_size (28) px: scaled up (upstream) or rejected (true).
+    reject_small_sides: bool = False
 
     def __post_init__(self) -> None:
         check_fields("images", {
@@ -140,7 +144,7 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
 def target_size(height: int, width: int, cfg: ImageConfig, name: str = "<image>") -> tuple[int, int]:
     """`smart_resize` under the data rules: `ImageError` naming `name` when the image must be rejected."""
     factor = cfg.patch_size * cfg.merge_size
-    if min(height, width) < factor:
+    if cfg.reject_small_sides and min(height, width) < factor:
         raise ImageError(f"image {name} is {width}x{height} px; both sides must be >= {factor} px "
                          f"(patch {cfg.patch_size} x merge {cfg.merge_size})")
     try:

@@ -33,8 +33,8 @@ from typing import Any, Callable, Sequence
 from pebr_mega.config_fields import check_fields, choice
 from pebr_mega.errors import PebrError
 from pebr_mega.rewards.guard import RewardPool, score_components, shared_pool
-from pebr_mega.rewards.text import (GRADINGS, accuracy_reward, extract_description, format_reward, keyword_reward,
-                                    length_reward, normalize_key_words)
+from pebr_mega.rewards.text import (GRADINGS, KEYWORD_MATCHES, accuracy_reward, extract_description, format_reward,
+                                    keyword_reward, length_reward, normalize_key_words)
 
 COMPONENTS = ("clip", "keyword", "format", "length", "accuracy")
 STAGE_WEIGHTS: dict[str, dict[str, float]] = {
@@ -56,6 +56,9 @@ class RewardConfig:
                                  "how the answer is taken from a response (pebr_mega.rewards.text); the "
                                  "difficulty sampling and evaluation grade the same way")
     weights: dict[str, float] = field(default_factory=dict)  # overrides of the preset, e.g. {clip: 0.5}
+    # Key words compared as written, lower-cased (upstream: a blank key word is always found), or stripped with
+    # blank ones dropped (strict).
+    keyword_match: str = choice("upstream", list(KEYWORD_MATCHES), "how key words are compared (rewards.text)")
     clip_model_dir: str | None = None  # a local CLIP-family checkpoint (FG-CLIP large upstream)
     clip_threshold: float = 0.4  # similarity at which the CLIP reward saturates at 1
     clip_device: str = "auto"  # auto = cuda when present; or "cpu", "cuda:1", ...
@@ -170,7 +173,7 @@ class RewardModel:
     def _text_args(self, name: str, s: RewardSample) -> tuple:
         """The arguments of the text reward `name` for sample `s` (what is sent to a worker)."""
         return {"format": (s.response,), "accuracy": (s.response, s.answer, self.cfg.answer_grading),
-                "keyword": (s.response, list(s.key_words)),
+                "keyword": (s.response, list(s.key_words), self.cfg.keyword_match),
                 "length": (s.response_tokens, self.cfg.length_limit)}[name]
 
     def _checked(self, name: str, value: Any, error: str | None, res: RewardResult) -> float:

@@ -136,17 +136,25 @@ def accuracy_reward(text: str, answer: str, grading: str = "upstream") -> float:
     return 1.0 if grade_answer(given, truth) else 0.0
 
 
+KEYWORD_MATCHES = ("upstream", "strict")
+
+
 def normalize_key_words(key_words: Sequence[str]) -> list[str]:
     """Key words lower-cased and stripped; blank ones are dropped (an empty string would match any text)."""
     return [k.strip().lower() for k in key_words if k.strip()]
 
 
-def keyword_reward(text: str, key_words: Sequence[str]) -> float:
+def keyword_reward(text: str, key_words: Sequence[str], match: str = "upstream") -> float:
     """Fraction of `key_words` found in the normalised `text` (case-insensitive substring); 0.0 for an empty list.
 
-    The empty case is a data problem, not a model failure: `RewardModel` counts it as a warning.
+    `match="upstream"` (default) compares each key word as it is, lower-cased (upstream's `key_word_reward` in
+    `pebr_1.py`): surrounding spaces must match too, and a blank key word is found in any text. `"strict"` strips
+    each key word and drops blank ones first (`normalize_key_words`). The empty case is a data problem, not a
+    model failure: `RewardModel` counts it as a warning.
     """
-    words = normalize_key_words(key_words)
+    if match not in KEYWORD_MATCHES:
+        raise ValueError(f"keyword match {match!r}; one of {KEYWORD_MATCHES}")
+    words = [k.lower() for k in key_words] if match == "upstream" else normalize_key_words(key_words)
     if not words:
         return 0.0
     low = normalize_response(text).lower()
