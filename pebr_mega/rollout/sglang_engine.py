@@ -34,8 +34,9 @@ OWNED_SERVER_ARGS = ("model_path", "tp_size", "base_gpu_id", "random_seed", "por
 ENV_UNSET_FOR_SGLANG = ("TORCHELASTIC_USE_AGENT_STORE", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 # What SGLang's constructor sets in the trainer's own environment for good (`_set_envs_and_config` in
 # srt/entrypoints/engine.py, 0.5.13 and 0.5.23): restored after it returns (see sglang_env_cleared).
-ENV_SET_BY_SGLANG = ("CUDA_DEVICE_MAX_CONNECTIONS", "NCCL_CUMEM_ENABLE", "NCCL_NVLS_ENABLE", "NCCL_MNNVL_ENABLE",
-                     "NCCL_GRAPH_MIXING_SUPPORT")
+# tests/test_sglang_contract.py checks that every NCCL_*/CUDA_* variable it writes is listed here.
+ENV_SET_BY_SGLANG = ("CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_MODULE_LOADING", "NCCL_CUMEM_ENABLE", "NCCL_NVLS_ENABLE",
+                     "NCCL_MNNVL_ENABLE", "NCCL_GRAPH_MIXING_SUPPORT")
 SGLANG_PORT_BASE = 30000  # SGLang's default `port`; each engine on a node gets its own (see engine_port)
 SGLANG_PORT_STRIDE = 100
 
