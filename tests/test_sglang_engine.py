@@ -607,3 +607,15 @@ def test_update_weights_opens_sglangs_weight_update_session_when_the_engine_has_
     failing.fail_bucket = None
     engine.update_weights(_buckets(1))  # the next sync opens a fresh session
     assert failing.calls[-4:] == (["begin", "load 2", "end", "flush"] if session else ["load 2", "load 2", "load 2", "flush"])
+
+
+def test_shutdown_stops_the_engine_and_refuses_later_calls():
+    stand_in = _WeightEngine(session=True)
+    stand_in.shutdown = lambda: stand_in.calls.append("shutdown")
+    engine = _weight_engine(stand_in)
+    engine.shutdown()
+    assert stand_in.calls == ["shutdown"] and engine.engine is None
+    for call in (lambda: engine.generate(_requests(1), SamplingParams(n=1)), lambda: engine.update_weights([]),
+                 engine.release_memory, engine.resume_memory):
+        with pytest.raises(PebrError, match="after the SGLang engine was shut down"):
+            call()

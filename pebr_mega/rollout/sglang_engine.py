@@ -452,6 +452,7 @@ class SGLangRolloutEngine:
         self._released: set[str] = set()
         self.gpu = gpu
         self.parallel_sampling = parallel_sampling
+        self._shut_down = False
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg: RolloutConfig, seed: int = 0) -> "SGLangRolloutEngine":
@@ -541,6 +542,7 @@ class SGLangRolloutEngine:
         The weights are discarded, not parked (SGLang's scheduler stashes only the model's buffers): they
         must be synced again after `resume_memory`, unless `enable_weights_cpu_backup` is in `sglang_args`.
         """
+        self._require_resident("release_memory", set())
         held = [t for t in self._memory_tags if t not in self._released]
         error = None
         if self.engine is not None and held:
@@ -558,6 +560,7 @@ class SGLangRolloutEngine:
         cache is only allocated once the sync buffers are gone. Resumed weights hold garbage until
         `update_weights` runs (unless SGLang's `enable_weights_cpu_backup` is passed).
         """
+        self._require_resident("resume_memory", set())
         phases = resume_phases(self._released, tags)
         error = None
         if self.engine is not None:
@@ -571,12 +574,22 @@ class SGLangRolloutEngine:
             self._released -= set(phase)
 
     def shutdown(self) -> None:
-        """Stop SGLang's subprocesses."""
+        """Stop SGLang's subprocesses (all of the engine's GPU memory goes with them); later calls are errors.
+
+        Every rank calls it (EngineLifecycle.close); an owner's failure is reported to all ranks."""
+        error = None
         if self.engine is not None:
-            self.engine.shutdown()
+            try:
+                self.engine.shutdown()
+            except Exception as exc:
+                error = exc
             self.engine = None
+        self._shut_down = True  # every later call refuses, on every rank
+        self._groups.agree(error, "shutting the SGLang engine down")
 
     def _require_resident(self, what: str, released: set[str]) -> None:
         # The same state on every rank, so all ranks raise together rather than some waiting in a collective.
+        if self._shut_down:
+            raise PebrError(f"{what}() after the SGLang engine was shut down")
         if released:
             raise PebrError(f"{what}() while SGLang's {sorted(released)} memory is released: call resume_memory() first")
