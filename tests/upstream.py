@@ -31,8 +31,9 @@ def _unavailable(reason: str):
     pytest.skip(f"upstream source unavailable: {reason}")
 
 
-def wheel(dist: str, version: str) -> Path:
-    """The cached wheel of `dist==version`, downloaded (no dependencies, binary only) when absent."""
+def wheel(dist: str, version: str, pip_args: tuple[str, ...] = ()) -> Path:
+    """The cached wheel of `dist==version`, downloaded (no dependencies, binary only) when absent; `pip_args`
+    name another interpreter or platform (e.g. a cp312-only wheel read on Python 3.11)."""
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     stem = dist.replace("-", "_")
@@ -40,7 +41,7 @@ def wheel(dist: str, version: str) -> Path:
     if found:
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-           "-q", "-d", str(folder), f"{dist}=={version}"]
+           "-q", *pip_args, "-d", str(folder), f"{dist}=={version}"]
     try:
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -51,12 +52,12 @@ def wheel(dist: str, version: str) -> Path:
     return found[0]
 
 
-def unpacked(dist: str, version: str, package: str) -> Path:
+def unpacked(dist: str, version: str, package: str, pip_args: tuple[str, ...] = ()) -> Path:
     """The folder holding `package`'s Python sources from the wheel (unpacked once, .py files only)."""
     target = cache_dir() / "src" / f"{dist}-{version}"
     done = target / ".complete"
     if not done.exists():
-        with zipfile.ZipFile(wheel(dist, version)) as zf:
+        with zipfile.ZipFile(wheel(dist, version, pip_args)) as zf:
             for name in zf.namelist():
                 if (name.endswith(".py") and name.startswith(f"{package}/")) or name.endswith("METADATA"):
                     zf.extract(name, target)
