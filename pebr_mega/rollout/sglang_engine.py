@@ -526,9 +526,9 @@ class SGLangRolloutEngine:
         self._groups.agree(error, "the SGLang weight update")
 
     def _load_bucket(self, bucket: WeightBucket) -> None:
-        # From SGLang 0.5.21 this must run inside begin_weight_update()/end_weight_update() (the scheduler's
-        # WeightUpdater.update_weights_from_tensor answers success=False outside a session:
-        # srt/managers/scheduler_components/weight_updater.py, 0.5.23); update_weights opens it.
+        # In newer SGLang (read: 0.5.23; 0.5.21 per issue 22) this must run inside begin_weight_update() /
+        # end_weight_update(): the scheduler's WeightUpdater.update_weights_from_tensor answers success=False
+        # outside a session (srt/managers/scheduler_components/weight_updater.py); update_weights opens it.
         # SGLang's colocated path shares CUDA tensors by IPC handle; host tensors are moved to our GPU (an
         # owner always has one; `gpu` is None only for an engine attached without a device, as in the tests).
         named = [(name, t if t.is_cuda or self.gpu is None else t.to(f"cuda:{self.gpu}")) for name, t in bucket]
