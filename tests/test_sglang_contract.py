@@ -33,12 +33,20 @@ from test_gpu_windows import setup_literal, window
 
 WINDOW_ENDS = ("0.5.13", "0.5.23")  # the lowest and highest release of setup.py's sglang window
 BELOW_WINDOW = "0.5.12"  # the last release whose Qwen2.5-VL processor ignores processor_output grids
+# SGLang publishes compiled wheels per CPython and glibc; naming one makes the download the same on any CI
+# machine (an older glibc than the wheel's would otherwise find none). Only its Python source is read.
+SGLANG_WHEEL = ("--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux_2_34_x86_64")
+
+
+def sglang_source(version: str) -> Path:
+    """The unpacked `sglang/` package of `version`."""
+    return upstream.unpacked("sglang", version, "sglang", pip_args=SGLANG_WHEEL)
 
 
 @pytest.fixture(scope="module", params=WINDOW_ENDS)
 def sglang_src(request) -> Path:
     """The unpacked `sglang/` package of one end of the window."""
-    return upstream.unpacked("sglang", request.param, "sglang")
+    return sglang_source(request.param)
 
 
 # ------------------------------------------------------------------------------------ what our code uses
@@ -248,14 +256,14 @@ def test_sglang_pins_fit_the_core_windows(sglang_src):
 def test_the_release_below_the_window_builds_text_mrope_for_processor_output():
     """0.5.12 fails the M-RoPE check that both ends of the window pass: the lower bound is where the source
     changed."""
-    src = upstream.unpacked("sglang", BELOW_WINDOW, "sglang")
+    src = sglang_source(BELOW_WINDOW)
     assert mrope_problems(src) and "getattr(ret" in mrope_problems(src)[0]
 
 
 def test_a_renamed_method_or_keyword_fails_the_contract(tmp_path):
     """The checks run on a copy of the newest wheel's source with `update_weights_from_tensor` renamed and the
     `tags` keyword of `release_memory_occupation` renamed: both are reported (and nothing else)."""
-    src = upstream.unpacked("sglang", WINDOW_ENDS[-1], "sglang")
+    src = sglang_source(WINDOW_ENDS[-1])
     copy = tmp_path / "sglang"
     shutil.copytree(src, copy, ignore=shutil.ignore_patterns("models", "layers", "hardware_backend"))
     path = copy / "srt" / "entrypoints" / "engine.py"
