@@ -6,7 +6,8 @@ calls, with every keyword argument it passes; every ServerArgs field and samplin
 memory tags, the output fields and shapes `parse_output` reads (`meta_info` keys, `(logprob, token_id, text)`
 log-prob entries, the finish-reason dicts); the request-major order of SGLang's own `n`; the `(success,
 message)` answers of the weight-update calls; the weight-update session where the scheduler requires one; the
-environment variables the constructor sets that `sglang_env_cleared` restores; and the Qwen2.5-VL processor
+environment variables the constructor sets that `sglang_env_cleared` restores; the per-rank weight payloads
+of rollout TP > 1 (`sglang_ipc_helpers`); and the Qwen2.5-VL processor
 building M-RoPE from `processor_output` image grids (which 0.5.12, just below the window, does not: checked
 too, so the lower bound is the source's, not a guess).
 
@@ -117,6 +118,30 @@ def contract_problems(src: Path) -> list[str]:
     problems += _parallel_sampling_problems(src)
     problems += _memory_tag_problems(src)
     problems += mrope_problems(src)
+    problems += _ipc_problems(src)
+    return problems
+
+
+def _ipc_problems(src: Path) -> list[str]:
+    """What `sglang_ipc_helpers` imports (rollout TP > 1), at the paths it tries, and its use by the scheduler."""
+    problems = []
+    utils_init = (src / "srt" / "utils" / "__init__.py").read_text()
+    serializer = upstream.find_class(upstream.parse(src / "srt" / "utils" / "common.py"), "MultiprocessingSerializer")
+    if "from sglang.srt.utils.common import *" not in utils_init or serializer is None \
+            or "serialize" not in upstream.methods(serializer):
+        problems.append("sglang.srt.utils no longer exports MultiprocessingSerializer.serialize")
+    if upstream.find_function(upstream.parse(src / "srt" / "utils" / "patch_torch.py"), "monkey_patch_torch_reductions") is None:
+        problems.append("sglang.srt.utils.patch_torch has no monkey_patch_torch_reductions")
+    runner = src / "srt" / "model_executor"
+    homes = [runner / "model_runner_components" / "weight_updater.py", runner / "model_runner.py"]
+    home = next((h for h in homes if h.exists() and upstream.find_class(upstream.parse(h), "LocalSerializedTensor")), None)
+    if home is None:
+        return problems + ["LocalSerializedTensor is at neither path sglang_ipc_helpers imports"]
+    tree = upstream.parse(home)
+    cls = upstream.find_class(tree, "LocalSerializedTensor")
+    unwrap = upstream.find_function(tree, "_unwrap_tensor")
+    if "values" not in upstream.annotated_fields(cls) or unwrap is None or "tensor.get(tp_rank)" not in ast.unparse(unwrap):
+        problems.append(f"{home.name}: LocalSerializedTensor(values=...) is no longer unwrapped per TP rank")
     return problems
 
 

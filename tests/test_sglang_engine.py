@@ -10,6 +10,7 @@ sglang installed.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import subprocess
@@ -443,10 +444,40 @@ def _engine_checks(rank: int, tp_size: int) -> dict:
             broken.release_memory()
         except Exception as exc:
             out["release_error"] = f"{type(exc).__name__}: {exc}"
+        if tp_size == 2:
+            out["per_rank_update"] = _per_rank_update(groups, rank, tags)
         out["groups_used"] = [(name, group is groups.cpu_group) for name, group in groups_used]
         return out
     finally:
         dist.all_gather_object, dist.barrier = real["all_gather_object"], real["barrier"]
+
+
+@dataclasses.dataclass
+class _LocalSerialized:
+    """Stands in for SGLang's LocalSerializedTensor: `values[r]` is TP rank r's payload."""
+
+    values: list
+
+
+def _per_rank_update(groups, rank: int, tags) -> dict:
+    """Rollout TP 2: each rank serialises its own bucket (its values are rank + 1); the owner's Engine call
+    gets one per-rank payload list per name. SGLang's serializer is replaced by a tag naming the rank and the
+    tensor's sum (CUDA IPC cannot run here)."""
+    stand_in = _WeightEngine(session=True) if groups.is_owner else None
+    if stand_in is not None:
+        received = []
+        load = stand_in.update_weights_from_tensor
+        stand_in.update_weights_from_tensor = lambda named_tensors, **kw: (received.append(named_tensors),
+                                                                           load(named_tensors, **kw))[1]
+    engine = SGLangRolloutEngine.__new__(SGLangRolloutEngine)
+    serialize = lambda t: f"rank{rank}:{float(t.sum())}".encode()  # noqa: E731
+    engine._attach(groups, stand_in, 9, 2, tags, gpu=None, ipc=(serialize, _LocalSerialized))
+    buckets = ([(f"w{b}.{j}", torch.full((2,), float(rank + 1))) for j in range(2)] for b in range(2))
+    engine.update_weights(buckets)
+    if stand_in is None:
+        return {}
+    return {"calls": stand_in.calls,
+            "named": [[(name, t.values) for name, t in named] for named in received]}
 
 
 def test_engine_collectives_use_one_gloo_group_at_world_size_2():
@@ -474,6 +505,10 @@ def _check_engine_collectives(tp_size: int, results: list) -> None:
     for r in results:
         assert f"rollout group {last_group} failed to generate: RuntimeError: scheduler died" in r["generate_error"]
         assert r["groups_used"] and all(on_gloo for _, on_gloo in r["groups_used"])
+    if tp_size == 2:  # one engine for both ranks: each TP rank's scheduler gets the copy on its own GPU
+        update = results[0]["per_rank_update"]
+        assert update["calls"] == ["begin", "load 2", "load 2", "end", "flush"] and results[1]["per_rank_update"] == {}
+        assert update["named"] == [[(f"w{b}.{j}", [b"rank0:2.0", b"rank1:4.0"]) for j in range(2)] for b in range(2)]
     assert results[0]["release_error"] == "RuntimeError: release refused"
     assert results[1]["release_error"] == ("PebrError: releasing SGLang's memory failed on rank 0: "
                                            "RuntimeError: release refused")

@@ -326,6 +326,24 @@ def sglang_memory_tags() -> list[str]:
     return list(GPU_MEMORY_ALL_TYPES)
 
 
+def sglang_ipc_helpers() -> tuple:
+    """(serialize, LocalSerializedTensor) of the installed SGLang, as its own multi-producer weight helper uses
+    them (srt/weight_sync/utils.py `update_weights`, 0.5.13 and 0.5.23): each producer serialises the tensors
+    on its own GPU (`MultiprocessingSerializer.serialize`, after `monkey_patch_torch_reductions`, which
+    names the device by UUID), and TP rank r's scheduler opens only `LocalSerializedTensor.values[r]`.
+    The class moved between the window's ends; tests/test_sglang_contract.py checks both paths' versions.
+    """
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+    try:  # 0.5.23
+        from sglang.srt.model_executor.model_runner_components.weight_updater import LocalSerializedTensor
+    except ImportError:  # 0.5.13
+        from sglang.srt.model_executor.model_runner import LocalSerializedTensor
+    monkey_patch_torch_reductions()
+    return MultiprocessingSerializer.serialize, LocalSerializedTensor
+
+
 def read_vision_ids(model_dir: str | Path) -> tuple[int, int]:
     """(image pad token id, spatial merge size) from the model's config.json."""
     path = Path(model_dir) / "config.json"
@@ -334,6 +352,20 @@ def read_vision_ids(model_dir: str | Path) -> tuple[int, int]:
         return int(cfg["image_token_id"]), int(cfg["vision_config"]["spatial_merge_size"])
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read image_token_id / vision_config.spatial_merge_size ({exc})") from exc
+
+
+def _per_rank_named_tensors(members: Sequence[list | str], local_serialized_tensor) -> list:
+    """[(name, LocalSerializedTensor(values=[rank 0's payload, rank 1's, ...]))] from each member's
+    [(name, payload)] (or its error message); every member must have sent the same names in the same order."""
+    failed = [m for m in members if isinstance(m, str)]
+    if failed:
+        raise PebrError(f"serialising a weight bucket failed: {failed[0]}")
+    names = [name for name, _ in members[0]]
+    for r, member in enumerate(members):
+        if [name for name, _ in member] != names:
+            raise PebrError(f"TP rank {r} of the rollout group sent other weights than rank 0 ({names[:3]}...)")
+    return [(name, local_serialized_tensor(values=[member[j][1] for member in members]))
+            for j, name in enumerate(names)]
 
 
 def _call_reporting(call, what: str) -> Exception | None:
@@ -409,6 +441,15 @@ class RolloutGroups:
         if self.world_size > 1:
             torch.distributed.barrier(group=self.cpu_group)
 
+    def gather_in_group(self, mine: Any) -> list | None:
+        """On a group's owner, every member's `mine` in TP-rank order; None on the other ranks (collective)."""
+        if self.world_size == 1:
+            return [mine]
+        everyone: list = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, mine, group=self.cpu_group)
+        first = self.group * self.tp_size
+        return everyone[first:first + self.tp_size] if self.is_owner else None
+
 
 # ------------------------------------------------------------------------------------------------ engine
 class SGLangRolloutEngine:
@@ -417,7 +458,7 @@ class SGLangRolloutEngine:
     def __init__(self, model_dir: str | Path, tp_size: int = 1, server_args: dict | None = None,
                  base_gpu_id: int | None = None, seed: int = 0) -> None:
         groups = RolloutGroups(tp_size)  # collective: before anything can fail on one rank only
-        engine, gpu, tags, error = None, None, [WEIGHTS, KV_CACHE], None
+        engine, gpu, tags, ipc, error = None, None, [WEIGHTS, KV_CACHE], None, None
         try:
             sglang = require_sglang()
             image_token_id, merge_size = read_vision_ids(model_dir)
@@ -431,6 +472,9 @@ class SGLangRolloutEngine:
                     raise ValueError(f"rank {groups.rank}: a rollout TP group of {tp_size} from GPU {gpu} does not fit "
                                      f"the {torch.cuda.device_count()} local GPUs; sglang_tp_size must divide GPUs per node")
                 tags = sglang_memory_tags()
+            if tp_size > 1:  # every member serialises its own copy of each bucket (update_weights)
+                ipc = sglang_ipc_helpers()
+            if groups.is_owner:
                 engine = start_sglang_engine(sglang, engine_server_args(model_dir, tp_size, gpu, seed + groups.group,
                                                                         server_args))
         except Exception as exc:
@@ -438,10 +482,11 @@ class SGLangRolloutEngine:
         groups.agree(error, "starting the SGLang engine")
         # Deterministic inference seeds each sample; SGLang's `n` shares one seed (see generate_inputs).
         parallel = not (server_args or {}).get("enable_deterministic_inference", False)
-        self._attach(groups, engine, image_token_id, merge_size, tags, gpu, parallel_sampling=parallel)
+        self._attach(groups, engine, image_token_id, merge_size, tags, gpu, parallel_sampling=parallel, ipc=ipc)
 
     def _attach(self, groups: RolloutGroups, engine, image_token_id: int, merge_size: int,
-                memory_tags: Sequence[str], gpu: int | None, parallel_sampling: bool = True) -> None:
+                memory_tags: Sequence[str], gpu: int | None, parallel_sampling: bool = True,
+                ipc: tuple | None = None) -> None:
         # The state every method uses; the constructor's only product (tests attach a stand-in Engine here).
         self._groups = groups
         self.rank, self.world_size, self.tp_size = groups.rank, groups.world_size, groups.tp_size
@@ -452,6 +497,7 @@ class SGLangRolloutEngine:
         self._released: set[str] = set()
         self.gpu = gpu
         self.parallel_sampling = parallel_sampling
+        self._ipc = ipc  # (serialize, LocalSerializedTensor) at rollout TP > 1 (sglang_ipc_helpers)
         self._shut_down = False
 
     @classmethod
@@ -502,7 +548,9 @@ class SGLangRolloutEngine:
         if session:
             error = _call_reporting(self.engine.begin_weight_update, "begin_weight_update")
         for bucket in buckets:
-            if self.engine is not None and error is None:
+            if self.tp_size > 1:
+                error = self._load_bucket_per_rank(bucket, error)
+            elif self.engine is not None and error is None:
                 try:
                     self._load_bucket(bucket)
                 except Exception as exc:
@@ -519,7 +567,7 @@ class SGLangRolloutEngine:
                     raise PebrError("SGLang did not flush its prefix cache after the weight update (requests running?)")
             except Exception as exc:
                 error = exc
-        if self.engine is not None and torch.cuda.is_available():
+        if (self.engine is not None or self.tp_size > 1) and torch.cuda.is_available():
             # Shared blocks whose consumers released them late wait in torch's IPC limbo, outside the caching
             # allocator; hand them back before the trainer empties the cache.
             torch.cuda.ipc_collect()
@@ -535,6 +583,36 @@ class SGLangRolloutEngine:
         ok, message = self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False)
         if not ok:
             raise CheckpointError(f"SGLang rejected a weight bucket ({[n for n, _ in named][:3]}...): {message}")
+
+    def _load_bucket_per_rank(self, bucket: WeightBucket, error: Exception | None) -> Exception | None:
+        """Rollout TP > 1: each rank of the group hands over its own copy of the bucket (collective).
+
+        Every rank holds the whole bucket on its own GPU (the sync all-gathers), which is rank r's scheduler's
+        GPU; passing the owner's tensors instead would make schedulers 1..t-1 open handles to the owner's GPU
+        (a CUDA context there each, and reads across GPUs): `Engine.update_weights_from_tensor` serialises
+        plain tensors once per TP rank (srt/entrypoints/engine.py). So every member serialises its bucket,
+        the owner collects them over gloo and passes one `LocalSerializedTensor` per name, and every member
+        keeps its bucket until the owner's call (its schedulers' copies and TP barrier) has returned, as
+        slime does (`_send_to_colocated_engine` in slime/backends/megatron_utils/update_weight/
+        update_weight_from_tensor.py). Returns the first error (the owner's), reported by update_weights.
+        """
+        payload: list | str
+        try:
+            serialize = self._ipc[0]
+            payload = [(name, serialize(t.detach())) for name, t in bucket]
+        except Exception as exc:  # still sent: the gather is collective
+            payload = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        members = self._groups.gather_in_group(payload)
+        if self.engine is not None and error is None:
+            try:
+                named = _per_rank_named_tensors(members, self._ipc[1])
+                ok, message = self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False)
+                if not ok:
+                    raise CheckpointError(f"SGLang rejected a weight bucket ({[n for n, _ in named][:3]}...): {message}")
+            except Exception as exc:
+                error = exc
+        self._groups.barrier()
+        return error
 
     def release_memory(self) -> None:
         """Release all of SGLang's GPU memory (weights, KV cache, CUDA graphs) so training can use it.
