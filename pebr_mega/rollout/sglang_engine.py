@@ -330,7 +330,8 @@ def sglang_ipc_helpers() -> tuple:
     """(serialize, LocalSerializedTensor) of the installed SGLang, as its own multi-producer weight helper uses
     them (srt/weight_sync/utils.py `update_weights`, 0.5.13 and 0.5.23): each producer serialises the tensors
     on its own GPU (`MultiprocessingSerializer.serialize`, after `monkey_patch_torch_reductions`, which
-    names the device by UUID), and TP rank r's scheduler opens only `LocalSerializedTensor.values[r]`.
+    names the device by UUID; process-wide, and nothing else in the trainer shares CUDA tensors between
+    processes), and TP rank r's scheduler opens only `LocalSerializedTensor.values[r]`.
     The class moved between the window's ends; tests/test_sglang_contract.py checks both paths' versions.
     """
     from sglang.srt.utils import MultiprocessingSerializer
@@ -654,16 +655,13 @@ class SGLangRolloutEngine:
     def shutdown(self) -> None:
         """Stop SGLang's subprocesses (all of the engine's GPU memory goes with them); later calls are errors.
 
-        Every rank calls it (EngineLifecycle.close); an owner's failure is reported to all ranks."""
-        error = None
-        if self.engine is not None:
-            try:
-                self.engine.shutdown()
-            except Exception as exc:
-                error = exc
-            self.engine = None
-        self._shut_down = True  # every later call refuses, on every rank
-        self._groups.agree(error, "shutting the SGLang engine down")
+        Not collective: every rank calls it at the end of a stage (EngineLifecycle.close), but also from a
+        `finally` while another rank may be inside a training collective after an error on this one; a
+        gather here would then hang instead of letting the launcher end the job. An owner's failure to stop
+        its engine is raised on that rank."""
+        engine, self.engine, self._shut_down = self.engine, None, True
+        if engine is not None:
+            engine.shutdown()
 
     def _require_resident(self, what: str, released: set[str]) -> None:
         # The same state on every rank, so all ranks raise together rather than some waiting in a collective.
