@@ -659,9 +659,12 @@ class SGLangRolloutEngine:
         `finally` while another rank may be inside a training collective after an error on this one; a
         gather here would then hang instead of letting the launcher end the job. An owner's failure to stop
         its engine is raised on that rank."""
-        engine, self.engine, self._shut_down = self.engine, None, True
-        if engine is not None:
-            engine.shutdown()
+        self._shut_down = True
+        if self.engine is not None:
+            try:
+                self.engine.shutdown()
+            finally:
+                self.engine = None
 
     def _require_resident(self, what: str, released: set[str]) -> None:
         # The same state on every rank, so all ranks raise together rather than some waiting in a collective.
