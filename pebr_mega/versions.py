@@ -88,3 +88,25 @@ def outside_window(names: tuple[str, ...]) -> list[str]:
             problems.append(f"{name} {version} is outside the tested window {window.specifier} ({where} of "
                             f"setup.py; docs/ROLLOUT.md says why); install a version inside it: {install}")
     return problems
+
+
+# The distributions behind each GPU backend, checked against their windows when that backend is chosen.
+GPU_BACKENDS: dict[str, tuple[str, ...]] = {
+    "sglang": ("sglang",),
+    "te": ("transformer-engine", "megatron-core"),
+    "flash_attn": ("flash-attn",),
+    "dali": ("nvidia-dali-cuda120", "nvidia-dali-cuda130"),
+}
+
+
+def require_in_window(backend: str, names: tuple[str, ...] | None = None) -> None:
+    """Refuse the GPU `backend` (a key of GPU_BACKENDS) when an installed distribution behind it is outside
+    its declared window: one BackendUnavailableError whose lines name the package, its version and the window.
+
+    Called where the backend is chosen, so a CPU run that never uses it is not refused for it.
+    """
+    from pebr_mega.errors import BackendUnavailableError
+
+    problems = outside_window(names if names is not None else GPU_BACKENDS[backend])
+    if problems:
+        raise BackendUnavailableError(f"backend '{backend}': " + "; ".join(problems))

@@ -26,9 +26,11 @@ def _dry(script: str, *args: str, **env: str) -> str:
 
 
 def test_stage2_sbatch_dry_run_resolves_stage_and_overrides():
-    out = _dry("pebr_stage2.sbatch", "actor.lr=2e-6", WORK="ckpt/w")
+    out = _dry("pebr_stage2.sbatch", "actor.lr=2e-6", WORK="ckpt/w", SLURM_CPUS_ON_NODE="64")
     first = out.splitlines()[0]
     assert first.startswith("srun ") and "torchrun --nnodes 1 --nproc-per-node 8" in first
+    # the one task per node gets the node's CPUs for its 8 ranks (srun's default is one CPU per task)
+    assert first.startswith("srun --ntasks-per-node 1 --cpus-per-task 64 ")
     assert "-m pebr_mega train --config launch/configs/qwen2_5_vl_7b.yaml grpo.stage=stage2" in first
     assert "stage: stage2" in out and "init_model: ckpt/w/stage1/hf" in out and "lr: 2.0e-06" in out
 

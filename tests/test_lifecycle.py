@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from pebr_mega.errors import PebrError
 from pebr_mega.rollout.factory import sampling_params
 from pebr_mega.rollout.hf_engine import HFRolloutEngine
+from pebr_mega.trainer import lifecycle as lifecycle_module
 from pebr_mega.trainer.lifecycle import EngineLifecycle
 
 
@@ -33,10 +34,17 @@ class RecordingEngine(HFRolloutEngine):
         return super().resume_memory(tags)
 
 
+    def shutdown(self):
+        self.calls.append("shutdown")
+        return super().shutdown()
+
+
 @pytest.fixture()
-def engine(tiny_model_dir):
+def engine(tiny_model_dir, monkeypatch):
     eng = RecordingEngine.from_pretrained(tiny_model_dir)
     eng.calls = []
+    # the allocator-cache frees are part of the order (torch.cuda.empty_cache on a GPU, nothing on CPU)
+    monkeypatch.setattr(lifecycle_module, "free_allocator_cache", lambda: eng.calls.append("free cache"))
     return eng
 
 
@@ -62,7 +70,9 @@ def test_each_phase_resumes_syncs_resumes_generates_and_releases(tiny_model_dir,
     for _ in range(2):
         with lifecycle.rollout_phase() as eng:
             assert eng.generate(requests, sampling)[0].response_ids == before
-    phase = ["resume ['weights']", "update_weights", "resume all", "generate", "release"]
+    # the training step's cached blocks go back before the weights are resumed, the sync buffers before the
+    # KV cache is (slime's order)
+    phase = ["free cache", "resume ['weights']", "update_weights", "free cache", "resume all", "generate", "release"]
     assert engine.calls == phase * 2 and lifecycle.last_sync == {"sync/bytes": 1.0}
 
 
@@ -72,7 +82,26 @@ def test_without_a_source_only_the_weights_loaded_at_construction_serve(tiny_mod
     with lifecycle.rollout_phase() as eng:
         eng.generate(requests, sampling)
         eng.generate(requests, sampling)
-    assert engine.calls == ["resume ['weights']", "resume all", "generate", "generate", "release"]
+    assert engine.calls == ["free cache", "resume ['weights']", "free cache", "resume all", "generate", "generate",
+                            "release"]
     with pytest.raises(PebrError, match="released and there is no weight source"):
         with lifecycle.rollout_phase():
             pass
+
+
+def test_close_shuts_the_engine_down_once_and_every_later_call_is_refused(tiny_model_dir, engine):
+    """A stage ends with `close()`: the engine is shut down (the pipeline's next stage builds its own) and the
+    HF engine, like SGLang's, refuses every call afterwards instead of answering from freed memory."""
+    requests, sampling = _request(tiny_model_dir, engine)
+    lifecycle = EngineLifecycle(engine, source=lambda eng: {})
+    lifecycle.close()
+    lifecycle.close()
+    assert engine.calls == ["shutdown", "free cache"] and engine.is_shut_down and lifecycle.source is None
+    assert all(p.numel() == 0 for p in engine.model.parameters())
+    with pytest.raises(PebrError, match="after the rollout engine was shut down"):
+        with lifecycle.rollout_phase():
+            pass
+    for call in (lambda: engine.generate(requests, sampling), lambda: engine.update_weights([]),
+                 engine.release_memory, engine.resume_memory):
+        with pytest.raises(PebrError, match="after the rollout engine was shut down"):
+            call()

@@ -10,6 +10,7 @@ sglang installed.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import subprocess
@@ -75,7 +76,7 @@ def test_unavailable_backend_names_reason_and_install_command(monkeypatch, tmp_p
         SGLangRolloutEngine(tmp_path, tp_size=1)
     msg = str(info.value)
     assert isinstance(info.value, PebrError)
-    assert INSTALL_HINT in msg and 'pip install "sglang[all]>=0.5"' in msg
+    assert INSTALL_HINT in msg and 'pip install -e ".[gpu]"' in msg and "sglang>=0.5.13,<0.5.24" in msg
     assert "sglang package cannot be imported" in msg
     if not torch.cuda.is_available():
         assert "no CUDA device" in msg
@@ -115,7 +116,7 @@ def test_shards_answered_per_group_regroup_into_request_order(num_groups):
     per_group = []
     for start, stop in bounds:
         shard = requests[start:stop]
-        inputs = generate_inputs(shard, sampling, start, image_token_id=9, merge_size=2)
+        inputs = generate_inputs(shard, sampling, start, image_token_id=9, merge_size=2, parallel_sampling=False)
         assert len(inputs["input_ids"]) == len(shard) * n
         rids = [r.record_id for r in shard for _ in range(n)]
         per_group.append([EngineOutput(rid, [p["sampling_seed"]], "", "length", [-0.5])
@@ -153,7 +154,8 @@ def test_sampling_params_translation():
     p = sglang_sampling_params(s, seed=None)
     assert p == {"temperature": 1.2, "top_p": 0.99, "top_k": -1, "max_new_tokens": 2048,
                  "skip_special_tokens": True, "stop_token_ids": [7, 8]}
-    assert "n" not in p  # requests are repeated instead, so the batch order stays request-major
+    assert "n" not in p  # one sample: SGLang's default n = 1
+    assert sglang_sampling_params(s, seed=None, n=8)["n"] == 8
     p = sglang_sampling_params(SamplingParams(top_k=0, temperature=0.0), seed=5)
     assert p["top_k"] == -1 and p["temperature"] == 0.0 and p["sampling_seed"] == 5 and "stop_token_ids" not in p
     assert sglang_sampling_params(SamplingParams(top_k=20), seed=None)["top_k"] == 20
@@ -187,9 +189,24 @@ def test_expand_image_pads_against_the_prompt_renderer(tiny_model_dir):
         expand_image_pads(render_prompt_ids(tok, "<image>", [3]), torch.tensor([[1, 4, 4]]), pad, merge)
 
 
+def test_generate_inputs_send_each_request_once_with_sglangs_own_n():
+    """SGLang's `n`: one entry per request (its image data processed and its prompt prefilled once), all n
+    samples of a request sharing one params dict, so no per-sample seed is sent; n = 1 keeps the seed."""
+    requests = _requests(3, with_images=True)
+    inputs = generate_inputs(requests, SamplingParams(n=4, seed=7), 10, image_token_id=9, merge_size=2)
+    assert inputs["input_ids"] == [r.prompt_ids for r in requests]
+    assert [len(item) for item in inputs["image_data"]] == [1, 1, 1]
+    assert inputs["image_data"][1] == [None] and inputs["image_data"][0][0]["format"] == "processor_output"
+    assert all(p["n"] == 4 and "sampling_seed" not in p for p in inputs["sampling_params"])
+    single = generate_inputs(requests, SamplingParams(n=1, seed=7), 10, image_token_id=9, merge_size=2)
+    assert [p["sampling_seed"] for p in single["sampling_params"]] == [17, 18, 19]
+    assert all("n" not in p for p in single["sampling_params"])
+
+
 def test_generate_inputs_repeat_requests_with_processor_output_images():
     requests = _requests(3, with_images=True)
-    inputs = generate_inputs(requests, SamplingParams(n=2, seed=None), 0, image_token_id=9, merge_size=2)
+    inputs = generate_inputs(requests, SamplingParams(n=2, seed=None), 0, image_token_id=9, merge_size=2,
+                             parallel_sampling=False)
     assert inputs["input_ids"] == [r.prompt_ids for r in requests for _ in range(2)]
     images = inputs["image_data"]
     assert len(images) == 6 and images[2] == [None] and images[3] == [None]
@@ -298,6 +315,9 @@ class _StubSGLang:
             _StubSGLang.seen = {"args": kwargs, "store": os.environ.get("TORCHELASTIC_USE_AGENT_STORE"),
                                 "master_port": os.environ.get("MASTER_PORT"),
                                 "alloc": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
+            # what SGLang's _set_envs_and_config does to the caller's environment (srt/entrypoints/engine.py)
+            os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "8"
+            os.environ["NCCL_CUMEM_ENABLE"] = os.environ["NCCL_NVLS_ENABLE"] = "0"
             child = _scheduler()  # inherits this process's environment, like a spawned scheduler
             _StubSGLang.seen["child_rc"] = child.wait(timeout=120)
             if kwargs.get("fail"):
@@ -311,6 +331,9 @@ def test_torchrun_store_variable_is_cleared_around_the_engine_constructor(monkey
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")  # the launch scripts' value (Megatron's overlap)
+    monkeypatch.delenv("NCCL_CUMEM_ENABLE", raising=False)
+    monkeypatch.delenv("NCCL_NVLS_ENABLE", raising=False)
     control = _scheduler(env=dict(os.environ))  # a scheduler started with torchrun's environment as is
     start_sglang_engine(_StubSGLang, {"model_path": "/m"})
     assert _StubSGLang.seen["store"] is None and _StubSGLang.seen["alloc"] is None
@@ -318,6 +341,10 @@ def test_torchrun_store_variable_is_cleared_around_the_engine_constructor(monkey
     assert _StubSGLang.seen["master_port"] == "29500" and _StubSGLang.seen["args"] == {"model_path": "/m"}
     assert os.environ["TORCHELASTIC_USE_AGENT_STORE"] == "True"
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    # what the constructor set for its own processes is gone from the trainer's: owner ranks and the rest
+    # create their NCCL communicators with one environment
+    assert os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert "NCCL_CUMEM_ENABLE" not in os.environ and "NCCL_NVLS_ENABLE" not in os.environ
     assert control.wait(timeout=120) == 3 and "rendezvous failed" in control.stdout.read()
 
     with pytest.raises(RuntimeError, match="engine start failed"):
@@ -353,8 +380,12 @@ class _StandInEngine:
             raise RuntimeError("scheduler died")
         outs = []
         for ids, p in zip(input_ids, sampling_params, strict=True):
-            resp = [p["sampling_seed"] % 1000, 7]
-            outs.append(_sglang_output(resp, [-0.25, -0.5], {"type": "stop", "matched": 7}, prompt_tokens=len(ids)))
+            # SGLang's own n answers request by request (TokenizerManager._handle_batch_request); without a
+            # seed the answer names its prompt's last id and the sample's position
+            for k in range(p.get("n", 1)):
+                tag = p["sampling_seed"] % 1000 if "sampling_seed" in p else ids[-1] * 10 + k
+                outs.append(_sglang_output([tag, 7], [-0.25, -0.5], {"type": "stop", "matched": 7},
+                                           prompt_tokens=len(ids)))
         return outs
 
     def release_memory_occupation(self, tags):
@@ -413,10 +444,40 @@ def _engine_checks(rank: int, tp_size: int) -> dict:
             broken.release_memory()
         except Exception as exc:
             out["release_error"] = f"{type(exc).__name__}: {exc}"
+        if tp_size == 2:
+            out["per_rank_update"] = _per_rank_update(groups, rank, tags)
         out["groups_used"] = [(name, group is groups.cpu_group) for name, group in groups_used]
         return out
     finally:
         dist.all_gather_object, dist.barrier = real["all_gather_object"], real["barrier"]
+
+
+@dataclasses.dataclass
+class _LocalSerialized:
+    """Stands in for SGLang's LocalSerializedTensor: `values[r]` is TP rank r's payload."""
+
+    values: list
+
+
+def _per_rank_update(groups, rank: int, tags) -> dict:
+    """Rollout TP 2: each rank serialises its own bucket (its values are rank + 1); the owner's Engine call
+    gets one per-rank payload list per name. SGLang's serializer is replaced by a tag naming the rank and the
+    tensor's sum (CUDA IPC cannot run here)."""
+    stand_in = _WeightEngine(session=True) if groups.is_owner else None
+    if stand_in is not None:
+        received = []
+        load = stand_in.update_weights_from_tensor
+        stand_in.update_weights_from_tensor = lambda named_tensors, **kw: (received.append(named_tensors),
+                                                                           load(named_tensors, **kw))[1]
+    engine = SGLangRolloutEngine.__new__(SGLangRolloutEngine)
+    serialize = lambda t: f"rank{rank}:{float(t.sum())}".encode()  # noqa: E731
+    engine._attach(groups, stand_in, 9, 2, tags, gpu=None, ipc=(serialize, _LocalSerialized))
+    buckets = ([(f"w{b}.{j}", torch.full((2,), float(rank + 1))) for j in range(2)] for b in range(2))
+    engine.update_weights(buckets)
+    if stand_in is None:
+        return {}
+    return {"calls": stand_in.calls,
+            "named": [[(name, t.values) for name, t in named] for named in received]}
 
 
 def test_engine_collectives_use_one_gloo_group_at_world_size_2():
@@ -434,7 +495,7 @@ def _check_engine_collectives(tp_size: int, results: list) -> None:
     assert [r["owner"] for r in results] == ([True, True] if tp_size == 1 else [True, False])
     assert all(r["backend"] == "gloo" and r["not_world"] for r in results)
     assert results[0]["samples"] == results[1]["samples"]
-    expected = [(f"r{i}", k, [(100 + 2 * i + k) % 1000, 7], [-0.25, -0.5], "stop") for i in range(5) for k in range(2)]
+    expected = [(f"r{i}", k, [(100 + i) * 10 + k, 7], [-0.25, -0.5], "stop") for i in range(5) for k in range(2)]
     assert [tuple(s) for s in results[0]["samples"]] == expected
     owners = [r for r in results if r["owner"]]
     for r in owners:  # release everything held; weights resumed alone first, then the rest in one call
@@ -444,6 +505,10 @@ def _check_engine_collectives(tp_size: int, results: list) -> None:
     for r in results:
         assert f"rollout group {last_group} failed to generate: RuntimeError: scheduler died" in r["generate_error"]
         assert r["groups_used"] and all(on_gloo for _, on_gloo in r["groups_used"])
+    if tp_size == 2:  # one engine for both ranks: each TP rank's scheduler gets the copy on its own GPU
+        update = results[0]["per_rank_update"]
+        assert update["calls"] == ["begin", "load 2", "load 2", "end", "flush"] and results[1]["per_rank_update"] == {}
+        assert update["named"] == [[(f"w{b}.{j}", [b"rank0:2.0", b"rank1:4.0"]) for j in range(2)] for b in range(2)]
     assert results[0]["release_error"] == "RuntimeError: release refused"
     assert results[1]["release_error"] == ("PebrError: releasing SGLang's memory failed on rank 0: "
                                            "RuntimeError: release refused")
@@ -506,3 +571,86 @@ def test_sglang_matches_hf_engine_greedy_before_and_after_a_weight_sync(tiny_mod
         compare()
     finally:
         sgl.shutdown()
+
+
+# ------------------------------------------------------------------------------- weight-update session
+class _WeightEngine:
+    """SGLang's weight-update calls as 0.5.13 (`session=False`) and 0.5.21+ (`session=True`) answer them: the
+    scheduler's WeightUpdater refuses update_weights_from_tensor outside begin/end_weight_update
+    (srt/managers/scheduler_components/weight_updater.py, 0.5.23), and a second begin while one is open."""
+
+    def __init__(self, session: bool, fail_bucket: int | None = None) -> None:
+        self.calls: list[str] = []
+        self.open = False
+        self.fail_bucket = fail_bucket
+        if session:
+            self.begin_weight_update = self._begin
+            self.end_weight_update = self._end
+
+    def _begin(self, selector: str = "all"):
+        self.calls.append("begin")
+        if self.open:
+            return False, "a weight-update session is already open; call end_weight_update() first"
+        self.open = True
+        return True, "Success"
+
+    def _end(self):
+        self.calls.append("end")
+        if not self.open:
+            return False, "no weight-update session is open; call begin_weight_update() first"
+        self.open = False
+        return True, "Success"
+
+    def update_weights_from_tensor(self, named_tensors, load_format=None, flush_cache=True):
+        self.calls.append(f"load {len(named_tensors)}")
+        if hasattr(self, "begin_weight_update") and not self.open:
+            return False, "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
+        if self.fail_bucket is not None and self.calls.count(f"load {len(named_tensors)}") == self.fail_bucket + 1:
+            return False, "shape mismatch"
+        return True, "Success"
+
+    def flush_cache(self):
+        self.calls.append("flush")
+        return True
+
+
+def _weight_engine(stand_in) -> SGLangRolloutEngine:
+    engine = SGLangRolloutEngine.__new__(SGLangRolloutEngine)
+    engine._attach(RolloutGroups(1), stand_in, 9, 2, [WEIGHTS, KV_CACHE], gpu=None)
+    return engine
+
+
+def _buckets(count: int):
+    return ([(f"w{b}.{j}", torch.zeros(2)) for j in range(2)] for b in range(count))
+
+
+@pytest.mark.parametrize("session", [False, True])
+def test_update_weights_opens_sglangs_weight_update_session_when_the_engine_has_one(session):
+    """0.5.21+ (begin/end present): every bucket loads inside one session, closed before the cache flush;
+    0.5.13: no session call at all. A failed bucket still closes the session, so the next sync can open one."""
+    stand_in = _WeightEngine(session)
+    _weight_engine(stand_in).update_weights(_buckets(3))
+    loads = ["load 2"] * 3
+    assert stand_in.calls == (["begin", *loads, "end", "flush"] if session else [*loads, "flush"])
+
+    failing = _WeightEngine(session, fail_bucket=1)
+    engine = _weight_engine(failing)
+    with pytest.raises(Exception, match="shape mismatch"):
+        engine.update_weights(_buckets(3))
+    assert failing.calls == (["begin", "load 2", "load 2", "end"] if session else ["load 2", "load 2"])
+    assert not failing.open
+    failing.fail_bucket = None
+    engine.update_weights(_buckets(1))  # the next sync opens a fresh session
+    assert failing.calls[-4:] == (["begin", "load 2", "end", "flush"] if session else ["load 2", "load 2", "load 2", "flush"])
+
+
+def test_shutdown_stops_the_engine_and_refuses_later_calls():
+    stand_in = _WeightEngine(session=True)
+    stand_in.shutdown = lambda: stand_in.calls.append("shutdown")
+    engine = _weight_engine(stand_in)
+    engine.shutdown()
+    assert stand_in.calls == ["shutdown"] and engine.engine is None
+    for call in (lambda: engine.generate(_requests(1), SamplingParams(n=1)), lambda: engine.update_weights([]),
+                 engine.release_memory, engine.resume_memory):
+        with pytest.raises(PebrError, match="after the SGLang engine was shut down"):
+            call()

@@ -161,6 +161,10 @@ def test_pipeline_skips_finished_stages(runs):
     assert "skipped" in res["stage1"] and res["stage2"]["steps"] == 1
     assert Path(res["export"]["model_dir"], "model.safetensors").is_file()
     assert res["export"]["source"] == res["stage2"]["model_dir"]
+    # every stage's rollout engine (sampling, stage 2) was shut down before the next one was built
+    engines = got["engines"]
+    assert engines["built"] >= 2 and engines["shut_down"] == engines["built"]
+    assert engines["running_at_build"] == [0] * engines["built"]
 
 
 def test_sampling_uses_its_own_pixel_cap(tiny_model_dir, tmp_path):

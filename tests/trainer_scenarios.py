@@ -186,8 +186,32 @@ def _epochs_holdout_and_dry_run(model, data, tmp):
             "epochs": [r["epoch"] for r in rows], "result": res.to_dict()}
 
 
+def _count_engines() -> dict:
+    """Instrument the real HF engine class in this scenario process: how many engines were built, how many
+    were shut down, and how many were still running whenever a new one was built (a stage's engine must be
+    gone before the next stage starts its own)."""
+    from pebr_mega.rollout.hf_engine import HFRolloutEngine
+
+    seen = {"built": 0, "shut_down": 0, "running_at_build": []}
+    init, shutdown = HFRolloutEngine.__init__, HFRolloutEngine.shutdown
+
+    def counted_init(self, *args, **kwargs):
+        seen["running_at_build"].append(seen["built"] - seen["shut_down"])
+        seen["built"] += 1
+        init(self, *args, **kwargs)
+
+    def counted_shutdown(self):
+        seen["shut_down"] += 1
+        shutdown(self)
+
+    HFRolloutEngine.__init__, HFRolloutEngine.shutdown = counted_init, counted_shutdown
+    return seen
+
+
 def _pipeline(model, data, tmp):
     from pebr_mega.trainer.pipeline import run_pipeline, stage_result
+
+    engines = _count_engines()
 
     cfg = _cfg(tmp, model, data, f"pipeline.work_dir={tmp / 'work'}", f"pipeline.base_model={model}",
                f"pipeline.sft_file={data / 'sft.json'}", f"pipeline.grpo_file={data / 'grpo.json'}", "sample.n=2",
@@ -206,6 +230,7 @@ def _pipeline(model, data, tmp):
     cfg.pipeline.stages = ["sft", "sample", "split", "stage1", "stage2", "export"]
     cfg.grpo.max_steps, cfg.grpo.rollout_batch_size, cfg.grpo.mini_batch_size = 1, 2, 2
     out["full"] = run_pipeline(cfg)
+    out["engines"] = engines
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 from pebr_mega.data.dali_backend import DaliImageDecoder, dali_import_error
 from pebr_mega.data.images import ImageConfig, ImageDecoder
 from pebr_mega.data.pil_backend import PilImageDecoder
+from pebr_mega.versions import require_in_window
 
 
 def resolve_backend(cfg: ImageConfig, device: torch.device | str | None = None) -> str:
@@ -29,5 +30,6 @@ def make_image_decoder(cfg: ImageConfig, device: torch.device | str | None = Non
     GPU for DALI when CUDA is present, else the CPU).
     """
     if resolve_backend(cfg, device) == "dali":
+        require_in_window("dali")
         return DaliImageDecoder(cfg, device)
     return PilImageDecoder(cfg, device)

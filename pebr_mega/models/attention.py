@@ -42,9 +42,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pebr_mega.errors import BackendUnavailableError
+from pebr_mega.versions import require_in_window
 
 ATTENTION_BACKENDS = ("auto", "varlen", "flash_attn", "sdpa")
-FLASH_ATTN_INSTALL = 'pip install --no-build-isolation "flash-attn>=2.5"'
+FLASH_ATTN_INSTALL = 'pip install --no-build-isolation "flash-attn>=2.6,<2.9"  # the gpu window of setup.py'
 _HALF = (torch.float16, torch.bfloat16)
 _MAX_FLASH_HEAD_DIM = 256
 
@@ -141,6 +142,8 @@ def check_backend(choice: str, device: torch.device, dtype: torch.dtype) -> None
     """Raise BackendUnavailableError when an explicitly chosen backend cannot run here (start-up check)."""
     if choice not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {choice!r} is not one of {list(ATTENTION_BACKENDS)}")
+    if choice == "flash_attn" or (choice == "auto" and device.type == "cuda" and flash_attn_available()):
+        require_in_window("flash_attn")  # the flash-attn that would run is one the code was read against
     if choice in ("auto", "sdpa"):
         return
     if device.type != "cuda" or dtype not in _HALF:

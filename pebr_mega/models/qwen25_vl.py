@@ -56,7 +56,7 @@ def transformer_config(arch: QwenVLArch, cfg: ModelConfig, perform_initializatio
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     t = arch.text
-    resolve_spec(cfg.spec)  # fail at start-up when the backend cannot load
+    resolve_spec(cfg.spec, cfg.fp8)  # fail at start-up when the backend cannot load (or FP8 would be ignored)
     if t.num_kv_heads % cfg.tp:
         raise ValueError(f"model.tp={cfg.tp} must divide the {t.num_kv_heads} key/value heads")
     if t.vocab_size % cfg.tp:

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pebr_mega.errors import BackendUnavailableError
+from pebr_mega.versions import require_in_window
 from pebr_mega.models.attention import Segments, varlen_attention
 
-TE_INSTALL = 'pip install --no-build-isolation "transformer-engine[pytorch]>=2.0"'
+TE_INSTALL = 'pip install --no-build-isolation -e ".[gpu]"  # transformer-engine[pytorch], window in setup.py'
 SPECS = ("auto", "te", "torch", "local")
 
 
@@ -37,10 +38,27 @@ def te_available() -> bool:
     return True
 
 
-def resolve_spec(spec: str) -> str:
-    """`auto` -> `te` (TE importable and CUDA present) or `torch`; an explicit `te` must be loadable."""
+def resolve_spec(spec: str, fp8: str = "none") -> str:
+    """`auto` -> `te` (TE importable and CUDA present) or `torch`; an explicit `te` must be loadable.
+
+    `fp8` other than "none" needs the `te` spec: with `auto` resolving to `torch` (no TE, or no CUDA) that is
+    an error, not a silent bf16 run (Megatron's local/torch layers ignore `TransformerConfig.fp8`). A `te`
+    choice checks the installed Transformer Engine and Megatron-Core against their windows in setup.py.
+    """
     if spec not in SPECS:
         raise ValueError(f"layer spec {spec!r} is not one of {list(SPECS)}")
+    resolved = _resolve(spec)
+    if fp8 != "none" and resolved != "te":
+        raise BackendUnavailableError(
+            f"model.fp8={fp8} needs the 'te' layer spec, but model.spec={spec} resolves to {resolved!r} here "
+            f"(Transformer Engine imports: {te_available()}, CUDA: {torch.cuda.is_available()}); install "
+            f"`{TE_INSTALL}` on a CUDA machine, or set model.fp8=none")
+    if resolved == "te":
+        require_in_window("te")
+    return resolved
+
+
+def _resolve(spec: str) -> str:
     if spec == "auto":
         return "te" if te_available() and torch.cuda.is_available() else "torch"
     if spec == "te" and not te_available():

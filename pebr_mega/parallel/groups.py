@@ -90,6 +90,20 @@ def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def launch_rank() -> int:
+    """This process's global rank, also before the process group exists (the launcher's RANK)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank of the job (`obj` itself outside one)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for every rank of the job (nothing to wait for outside a distributed job)."""
     if dist.is_initialized():

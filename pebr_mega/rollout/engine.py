@@ -37,8 +37,9 @@ class RolloutEngine(Protocol):
       since the last release.
 
     Exactly one owner drives this sequence: `pebr_mega.trainer.lifecycle.EngineLifecycle.rollout_phase`
-    (resume weights -> sync from the actor -> free the allocator cache -> resume the KV cache -> generate ->
-    release). No other code calls `release_memory` / `resume_memory`.
+    (free the allocator cache -> resume weights -> sync from the actor -> free the allocator cache -> resume
+    the KV cache -> generate -> release), and shuts the engine down at the end of its stage
+    (`EngineLifecycle.close`). No other code calls `release_memory` / `resume_memory` / `shutdown`.
     """
 
     def generate(self, requests: Sequence[RolloutRequest], sampling: SamplingParams) -> list[Sample]:
@@ -55,6 +56,10 @@ class RolloutEngine(Protocol):
 
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
         """Take back the released memory of `tags` ("weights", "kv_cache"; None = every released tag)."""
+        ...
+
+    def shutdown(self) -> None:
+        """Stop the engine for good (SGLang: its scheduler processes); every later call is an error."""
         ...
 
 

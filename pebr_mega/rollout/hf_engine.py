@@ -61,6 +61,7 @@ class HFRolloutEngine:
         self._layout = {name: (p.shape, p.dtype) for name, p in self._params.items()}
         self._released: set[str] = set()
         self._missing: set[str] = set()  # parameters without weights since the last release
+        self.is_shut_down = False  # after shutdown() every call is refused, as SGLang's engine is gone
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32,
@@ -147,6 +148,7 @@ class HFRolloutEngine:
 
         Refused while the weights' memory is released (`resume_memory(["weights"])` first, as SGLang requires).
         """
+        self._require_running("update_weights")
         if WEIGHTS in self._released:
             raise PebrError("update_weights() while the rollout engine's weight memory is released: "
                             "call resume_memory(['weights']) first")
@@ -169,6 +171,7 @@ class HFRolloutEngine:
 
         There is no KV pool between `generate` calls here, so only the bookkeeping of that tag changes.
         """
+        self._require_running("release_memory")
         for param in self._params.values():
             param.data = torch.empty(0, dtype=param.dtype, device=self.device)
         self._missing = set(self._params)
@@ -179,6 +182,7 @@ class HFRolloutEngine:
     def resume_memory(self, tags: Sequence[str] | None = None) -> None:
         """Take back the released memory of `tags` (None: all). Resumed weights hold undefined values until
         `update_weights` delivers them."""
+        self._require_running("resume_memory")
         wanted = set(self._released) if tags is None else set(tags) & self._released
         if WEIGHTS in wanted:
             for name in self._missing:
@@ -186,7 +190,24 @@ class HFRolloutEngine:
                 self._params[name].data = torch.empty(shape, dtype=dtype, device=self.device)
         self._released -= wanted
 
+    def shutdown(self) -> None:
+        """Free the model (its parameters' and buffers' storage) for good; every later call is an error.
+
+        SGLang's `Engine.shutdown()` stops the schedulers, which frees all of the engine's GPU memory; the
+        pipeline shuts each stage's engine down before the next stage builds its own (EngineLifecycle.close).
+        """
+        for tensor in [*self._params.values(), *self._buffers.values()]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=self.device)
+        self.is_shut_down = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _require_running(self, what: str) -> None:
+        if self.is_shut_down:
+            raise PebrError(f"{what}() after the rollout engine was shut down")
+
     def _require_weights(self, what: str) -> None:
+        self._require_running(what)
         if self._released:
             raise PebrError(f"{what}() while the rollout engine's {sorted(self._released)} memory is released: "
                             "call resume_memory() first")

@@ -23,14 +23,20 @@ import torch
 from pebr_mega.errors import BackendUnavailableError, CheckpointError, DataError, PebrError
 from pebr_mega.rollout.engine import RolloutConfig, WeightBucket
 from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
+from pebr_mega.versions import require_in_window
 
-INSTALL_HINT = 'pip install "sglang[all]>=0.5"'
+INSTALL_HINT = 'pip install -e ".[gpu]"  # sglang>=0.5.13,<0.5.24 (setup.py; docs/ROLLOUT.md says why)'
 WEIGHTS = "weights"  # SGLang's memory tags (sglang/srt/constants.py)
 KV_CACHE = "kv_cache"
 OWNED_SERVER_ARGS = ("model_path", "tp_size", "base_gpu_id", "random_seed", "port")
 # Inherited by SGLang's schedulers, these break them: torchrun's agent-store flag hangs their rendezvous,
 # expandable segments disable the memory saver (see sglang_env_cleared).
 ENV_UNSET_FOR_SGLANG = ("TORCHELASTIC_USE_AGENT_STORE", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+# What SGLang's constructor sets in the trainer's own environment for good (`_set_envs_and_config` in
+# srt/entrypoints/engine.py, 0.5.13 and 0.5.23): restored after it returns (see sglang_env_cleared).
+# tests/test_sglang_contract.py checks that every NCCL_*/CUDA_* variable it writes is listed here.
+ENV_SET_BY_SGLANG = ("CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_MODULE_LOADING", "NCCL_CUMEM_ENABLE", "NCCL_NVLS_ENABLE",
+                     "NCCL_MNNVL_ENABLE", "NCCL_GRAPH_MIXING_SUPPORT")
 SGLANG_PORT_BASE = 30000  # SGLang's default `port`; each engine on a node gets its own (see engine_port)
 SGLANG_PORT_STRIDE = 100
 
@@ -66,8 +72,8 @@ def shard_bounds(num_requests: int, num_groups: int) -> list[tuple[int, int]]:
 
 
 # ------------------------------------------------------------------------------ request translation (pure)
-def sglang_sampling_params(sampling: SamplingParams, seed: int | None) -> dict:
-    """SGLang's per-request `sampling_params` dict (n = 1: we repeat requests to keep the order ours).
+def sglang_sampling_params(sampling: SamplingParams, seed: int | None, n: int = 1) -> dict:
+    """SGLang's per-request `sampling_params` dict, asking for `n` samples of the request (SGLang's own `n`).
 
     Temperature 0 is passed as is: SGLang turns it into top_k = 1 (greedy). `sampling_seed` only changes
     sampling with the server argument `enable_deterministic_inference`; the model's EOS ids always stop.
@@ -79,6 +85,8 @@ def sglang_sampling_params(sampling: SamplingParams, seed: int | None) -> dict:
         "max_new_tokens": sampling.max_new_tokens,
         "skip_special_tokens": True,
     }
+    if n > 1:
+        params["n"] = n
     if sampling.stop_token_ids:
         params["stop_token_ids"] = [int(t) for t in sampling.stop_token_ids]
     if seed is not None:
@@ -129,21 +137,31 @@ def processor_output(request: RolloutRequest) -> list:
 
 
 def generate_inputs(shard: Sequence[RolloutRequest], sampling: SamplingParams, first_index: int,
-                    image_token_id: int, merge_size: int) -> dict:
-    """Keyword arguments of `Engine.generate` for a shard: each request repeated n times, in order.
+                    image_token_id: int, merge_size: int, parallel_sampling: bool = True) -> dict:
+    """Keyword arguments of `Engine.generate` for a shard; the outputs come n per request, request-major.
 
-    Sample k of global request i gets seed `sampling.seed + i*n + k`, so the n samples differ and no two
-    groups share a seed. (SGLang's own `n` would order the batch sample-major; repeating keeps ours.)
+    `parallel_sampling` (the default): each request once, with SGLang's own `n`. SGLang's tokenizer manager
+    then processes the request's image data once, prefills its prompt once (a max_new_tokens=0 request that
+    fills the prefix cache) and sends n copies of the tokenized request, collecting the answers request by
+    request (`TokenizerManager._handle_batch_request`, the `parallel_sample_num > 1` branch, 0.5.13 and
+    0.5.23), so the order is ours. The n samples share one sampling-params dict, so they cannot get distinct
+    `sampling_seed`s: none is sent for n > 1 (without `enable_deterministic_inference` SGLang ignores it).
+
+    Otherwise each request is repeated n times and sample k of global request i gets seed
+    `sampling.seed + i*n + k` (what deterministic inference needs for the samples to differ); n copies of
+    the pixel values then go through SGLang's processor, the ViT and prefill.
     """
+    n = sampling.n if parallel_sampling else 1
+    copies = 1 if parallel_sampling else sampling.n
     input_ids, image_data, params = [], [], []
     for i, req in enumerate(shard):
         ids = expand_image_pads(req.prompt_ids, req.image_grid_thw, image_token_id, merge_size, f"record '{req.record_id}'")
         images = processor_output(req)
-        for k in range(sampling.n):
-            seed = None if sampling.seed is None else sampling.seed + (first_index + i) * sampling.n + k
+        for k in range(copies):
+            seed = None if sampling.seed is None or n > 1 else sampling.seed + (first_index + i) * copies + k
             input_ids.append(ids)
             image_data.append(images)
-            params.append(sglang_sampling_params(sampling, seed))
+            params.append(sglang_sampling_params(sampling, seed, n))
     has_images = any(item != [None] for item in image_data)
     return {"input_ids": input_ids, "image_data": image_data if has_images else None, "sampling_params": params}
 
@@ -260,17 +278,21 @@ def sglang_env_cleared(names: Sequence[str] = ENV_UNSET_FOR_SGLANG) -> Iterator[
       work (fzyzcjy/torch_memory_saver#24), so `release_memory_occupation` would free nothing; slime removes
       both before it starts SGLang (slime/backends/sglang_utils/sglang_engine.py `launch_server_process`).
 
-    The schedulers are started inside the constructor, so restoring afterwards is safe.
+    The schedulers are started inside the constructor, so restoring afterwards is safe. The variables SGLang's
+    constructor sets in this process (`ENV_SET_BY_SGLANG`: `CUDA_DEVICE_MAX_CONNECTIONS=8`, NCCL's cuMem and
+    NVLS switches) are put back as well: only group owners build an engine, and the trainer's NCCL
+    communicators, created lazily at their first collective, must see the same environment on every rank.
     """
     saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    kept = {name: os.environ.get(name) for name in ENV_SET_BY_SGLANG}
     try:
         yield
     finally:
-        for name in names:
-            if name in saved:
-                os.environ[name] = saved[name]
-            else:
+        for name, value in [*((n, saved.get(n)) for n in names), *kept.items()]:
+            if value is None:
                 os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def start_sglang_engine(sglang, server_args: dict):
@@ -291,6 +313,7 @@ def require_sglang():
     if reasons:
         raise BackendUnavailableError("rollout engine 'sglang' is unavailable: " + "; ".join(reasons) +
                                       f". Install it with: {INSTALL_HINT} (on a CUDA machine), or set rollout.engine=hf")
+    require_in_window("sglang")  # e.g. 0.5.1-0.5.12 build text M-RoPE positions for our image requests
     return sglang
 
 
@@ -303,6 +326,25 @@ def sglang_memory_tags() -> list[str]:
     return list(GPU_MEMORY_ALL_TYPES)
 
 
+def sglang_ipc_helpers() -> tuple:
+    """(serialize, LocalSerializedTensor) of the installed SGLang, as its own multi-producer weight helper uses
+    them (srt/weight_sync/utils.py `update_weights`, 0.5.13 and 0.5.23): each producer serialises the tensors
+    on its own GPU (`MultiprocessingSerializer.serialize`, after `monkey_patch_torch_reductions`, which
+    names the device by UUID; process-wide, and nothing else in the trainer shares CUDA tensors between
+    processes), and TP rank r's scheduler opens only `LocalSerializedTensor.values[r]`.
+    The class moved between the window's ends; tests/test_sglang_contract.py checks both paths' versions.
+    """
+    from sglang.srt.utils import MultiprocessingSerializer
+    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+
+    try:  # 0.5.23
+        from sglang.srt.model_executor.model_runner_components.weight_updater import LocalSerializedTensor
+    except ImportError:  # 0.5.13
+        from sglang.srt.model_executor.model_runner import LocalSerializedTensor
+    monkey_patch_torch_reductions()
+    return MultiprocessingSerializer.serialize, LocalSerializedTensor
+
+
 def read_vision_ids(model_dir: str | Path) -> tuple[int, int]:
     """(image pad token id, spatial merge size) from the model's config.json."""
     path = Path(model_dir) / "config.json"
@@ -311,6 +353,36 @@ def read_vision_ids(model_dir: str | Path) -> tuple[int, int]:
         return int(cfg["image_token_id"]), int(cfg["vision_config"]["spatial_merge_size"])
     except (OSError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: cannot read image_token_id / vision_config.spatial_merge_size ({exc})") from exc
+
+
+def _per_rank_named_tensors(members: Sequence[list | str], local_serialized_tensor) -> list:
+    """[(name, LocalSerializedTensor(values=[rank 0's payload, rank 1's, ...]))] from each member's
+    [(name, payload)] (or its error message); every member must have sent the same names in the same order."""
+    failed = [m for m in members if isinstance(m, str)]
+    if failed:
+        raise PebrError(f"serialising a weight bucket failed: {failed[0]}")
+    names = [name for name, _ in members[0]]
+    for r, member in enumerate(members):
+        if [name for name, _ in member] != names:
+            raise PebrError(f"TP rank {r} of the rollout group sent other weights than rank 0 ({names[:3]}...)")
+    return [(name, local_serialized_tensor(values=[member[j][1] for member in members]))
+            for j, name in enumerate(names)]
+
+
+def _call_reporting(call, what: str) -> Exception | None:
+    """Run an Engine call that answers `(success, message)`; the failure (raised or reported) as an exception.
+
+    `Engine.begin_weight_update()` / `end_weight_update()` (SGLang 0.5.21+; srt/entrypoints/engine.py) return
+    the tokenizer manager's `Tuple[bool, str]` (`tokenizer_control_mixin.py`, 0.5.23); a session already open,
+    or none to close, comes back as success False, not as an exception.
+    """
+    try:
+        result = call()
+    except Exception as exc:
+        return exc
+    if isinstance(result, tuple) and result and result[0] is False:
+        return PebrError(f"SGLang refused {what}(): {result[1] if len(result) > 1 else ''}")
+    return None
 
 
 # ------------------------------------------------------------------------------------------ collectives
@@ -370,6 +442,15 @@ class RolloutGroups:
         if self.world_size > 1:
             torch.distributed.barrier(group=self.cpu_group)
 
+    def gather_in_group(self, mine: Any) -> list | None:
+        """On a group's owner, every member's `mine` in TP-rank order; None on the other ranks (collective)."""
+        if self.world_size == 1:
+            return [mine]
+        everyone: list = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, mine, group=self.cpu_group)
+        first = self.group * self.tp_size
+        return everyone[first:first + self.tp_size] if self.is_owner else None
+
 
 # ------------------------------------------------------------------------------------------------ engine
 class SGLangRolloutEngine:
@@ -378,7 +459,7 @@ class SGLangRolloutEngine:
     def __init__(self, model_dir: str | Path, tp_size: int = 1, server_args: dict | None = None,
                  base_gpu_id: int | None = None, seed: int = 0) -> None:
         groups = RolloutGroups(tp_size)  # collective: before anything can fail on one rank only
-        engine, gpu, tags, error = None, None, [WEIGHTS, KV_CACHE], None
+        engine, gpu, tags, ipc, error = None, None, [WEIGHTS, KV_CACHE], None, None
         try:
             sglang = require_sglang()
             image_token_id, merge_size = read_vision_ids(model_dir)
@@ -392,15 +473,21 @@ class SGLangRolloutEngine:
                     raise ValueError(f"rank {groups.rank}: a rollout TP group of {tp_size} from GPU {gpu} does not fit "
                                      f"the {torch.cuda.device_count()} local GPUs; sglang_tp_size must divide GPUs per node")
                 tags = sglang_memory_tags()
+            if tp_size > 1:  # every member serialises its own copy of each bucket (update_weights)
+                ipc = sglang_ipc_helpers()
+            if groups.is_owner:
                 engine = start_sglang_engine(sglang, engine_server_args(model_dir, tp_size, gpu, seed + groups.group,
                                                                         server_args))
         except Exception as exc:
             error = exc
         groups.agree(error, "starting the SGLang engine")
-        self._attach(groups, engine, image_token_id, merge_size, tags, gpu)
+        # Deterministic inference seeds each sample; SGLang's `n` shares one seed (see generate_inputs).
+        parallel = not (server_args or {}).get("enable_deterministic_inference", False)
+        self._attach(groups, engine, image_token_id, merge_size, tags, gpu, parallel_sampling=parallel, ipc=ipc)
 
     def _attach(self, groups: RolloutGroups, engine, image_token_id: int, merge_size: int,
-                memory_tags: Sequence[str], gpu: int | None) -> None:
+                memory_tags: Sequence[str], gpu: int | None, parallel_sampling: bool = True,
+                ipc: tuple | None = None) -> None:
         # The state every method uses; the constructor's only product (tests attach a stand-in Engine here).
         self._groups = groups
         self.rank, self.world_size, self.tp_size = groups.rank, groups.world_size, groups.tp_size
@@ -410,6 +497,9 @@ class SGLangRolloutEngine:
         self._memory_tags = list(memory_tags)
         self._released: set[str] = set()
         self.gpu = gpu
+        self.parallel_sampling = parallel_sampling
+        self._ipc = ipc  # (serialize, LocalSerializedTensor) at rollout TP > 1 (sglang_ipc_helpers)
+        self._shut_down = False
 
     @classmethod
     def from_config(cls, model_dir: str | Path, cfg: RolloutConfig, seed: int = 0) -> "SGLangRolloutEngine":
@@ -436,11 +526,13 @@ class SGLangRolloutEngine:
     def _generate_shard(self, shard: Sequence[RolloutRequest], sampling: SamplingParams, first: int) -> list[EngineOutput]:
         if not shard:
             return []
-        inputs = generate_inputs(shard, sampling, first, self.image_token_id, self.merge_size)
+        inputs = generate_inputs(shard, sampling, first, self.image_token_id, self.merge_size, self.parallel_sampling)
         outs = self.engine.generate(**inputs, return_logprob=True)
+        # Both forms answer n per request, request-major (generate_inputs); the prompt each answer came from:
+        per_entry = len(shard) * sampling.n // len(inputs["input_ids"])
+        prompt_lens = [len(ids) for ids in inputs["input_ids"] for _ in range(per_entry)]
         record_ids = [r.record_id for r in shard for _ in range(sampling.n)]
-        return [parse_output(o, rid, len(ids))
-                for o, rid, ids in zip(outs, record_ids, inputs["input_ids"], strict=True)]
+        return [parse_output(o, rid, n) for o, rid, n in zip(outs, record_ids, prompt_lens, strict=True)]
 
     def update_weights(self, buckets: Iterable[WeightBucket]) -> None:
         """Load (HF checkpoint name, full tensor) buckets, then flush the prefix cache once.
@@ -453,13 +545,22 @@ class SGLangRolloutEngine:
         """
         self._require_resident("update_weights", self._released & {WEIGHTS})
         error: Exception | None = None
+        session = self.engine is not None and hasattr(self.engine, "begin_weight_update")
+        if session:
+            error = _call_reporting(self.engine.begin_weight_update, "begin_weight_update")
         for bucket in buckets:
-            if self.engine is not None and error is None:
+            if self.tp_size > 1:
+                error = self._load_bucket_per_rank(bucket, error)
+            elif self.engine is not None and error is None:
                 try:
                     self._load_bucket(bucket)
                 except Exception as exc:
                     error = exc
             del bucket  # one bucket alive at a time: the generator builds the next one after this
+        if session:
+            # Closed also after a failed bucket: a session left open refuses the next begin_weight_update.
+            closed = _call_reporting(self.engine.end_weight_update, "end_weight_update")
+            error = error or closed
         if self.engine is not None and error is None:
             try:
                 result = self.engine.flush_cache()  # cached prefixes were computed with the old weights
@@ -467,18 +568,52 @@ class SGLangRolloutEngine:
                     raise PebrError("SGLang did not flush its prefix cache after the weight update (requests running?)")
             except Exception as exc:
                 error = exc
-        if self.engine is not None and torch.cuda.is_available():
+        if (self.engine is not None or self.tp_size > 1) and torch.cuda.is_available():
             # Shared blocks whose consumers released them late wait in torch's IPC limbo, outside the caching
             # allocator; hand them back before the trainer empties the cache.
             torch.cuda.ipc_collect()
         self._groups.agree(error, "the SGLang weight update")
 
     def _load_bucket(self, bucket: WeightBucket) -> None:
-        # SGLang's colocated path shares CUDA tensors by IPC handle; host tensors are moved to our GPU.
-        named = [(name, t if t.is_cuda else t.to(f"cuda:{self.gpu}")) for name, t in bucket]
+        # In newer SGLang (read: 0.5.23; 0.5.21 per issue 22) this must run inside begin_weight_update() /
+        # end_weight_update(): the scheduler's WeightUpdater.update_weights_from_tensor answers success=False
+        # outside a session (srt/managers/scheduler_components/weight_updater.py); update_weights opens it.
+        # SGLang's colocated path shares CUDA tensors by IPC handle; host tensors are moved to our GPU (an
+        # owner always has one; `gpu` is None only for an engine attached without a device, as in the tests).
+        named = [(name, t if t.is_cuda or self.gpu is None else t.to(f"cuda:{self.gpu}")) for name, t in bucket]
         ok, message = self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False)
         if not ok:
             raise CheckpointError(f"SGLang rejected a weight bucket ({[n for n, _ in named][:3]}...): {message}")
+
+    def _load_bucket_per_rank(self, bucket: WeightBucket, error: Exception | None) -> Exception | None:
+        """Rollout TP > 1: each rank of the group hands over its own copy of the bucket (collective).
+
+        Every rank holds the whole bucket on its own GPU (the sync all-gathers), which is rank r's scheduler's
+        GPU; passing the owner's tensors instead would make schedulers 1..t-1 open handles to the owner's GPU
+        (a CUDA context there each, and reads across GPUs): `Engine.update_weights_from_tensor` serialises
+        plain tensors once per TP rank (srt/entrypoints/engine.py). So every member serialises its bucket,
+        the owner collects them over gloo and passes one `LocalSerializedTensor` per name, and every member
+        keeps its bucket until the owner's call (its schedulers' copies and TP barrier) has returned, as
+        slime does (`_send_to_colocated_engine` in slime/backends/megatron_utils/update_weight/
+        update_weight_from_tensor.py). Returns the first error (the owner's), reported by update_weights.
+        """
+        payload: list | str
+        try:
+            serialize = self._ipc[0]
+            payload = [(name, serialize(t.detach())) for name, t in bucket]
+        except Exception as exc:  # still sent: the gather is collective
+            payload = f"rank {self.rank}: {type(exc).__name__}: {exc}"
+        members = self._groups.gather_in_group(payload)
+        if self.engine is not None and error is None:
+            try:
+                named = _per_rank_named_tensors(members, self._ipc[1])
+                ok, message = self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False)
+                if not ok:
+                    raise CheckpointError(f"SGLang rejected a weight bucket ({[n for n, _ in named][:3]}...): {message}")
+            except Exception as exc:
+                error = exc
+        self._groups.barrier()
+        return error
 
     def release_memory(self) -> None:
         """Release all of SGLang's GPU memory (weights, KV cache, CUDA graphs) so training can use it.
@@ -486,6 +621,7 @@ class SGLangRolloutEngine:
         The weights are discarded, not parked (SGLang's scheduler stashes only the model's buffers): they
         must be synced again after `resume_memory`, unless `enable_weights_cpu_backup` is in `sglang_args`.
         """
+        self._require_resident("release_memory", set())
         held = [t for t in self._memory_tags if t not in self._released]
         error = None
         if self.engine is not None and held:
@@ -503,6 +639,7 @@ class SGLangRolloutEngine:
         cache is only allocated once the sync buffers are gone. Resumed weights hold garbage until
         `update_weights` runs (unless SGLang's `enable_weights_cpu_backup` is passed).
         """
+        self._require_resident("resume_memory", set())
         phases = resume_phases(self._released, tags)
         error = None
         if self.engine is not None:
@@ -516,12 +653,22 @@ class SGLangRolloutEngine:
             self._released -= set(phase)
 
     def shutdown(self) -> None:
-        """Stop SGLang's subprocesses."""
+        """Stop SGLang's subprocesses (all of the engine's GPU memory goes with them); later calls are errors.
+
+        Not collective: every rank calls it at the end of a stage (EngineLifecycle.close), but also from a
+        `finally` while another rank may be inside a training collective after an error on this one; a
+        gather here would then hang instead of letting the launcher end the job. An owner's failure to stop
+        its engine is raised on that rank."""
+        self._shut_down = True
         if self.engine is not None:
-            self.engine.shutdown()
-            self.engine = None
+            try:
+                self.engine.shutdown()
+            finally:
+                self.engine = None
 
     def _require_resident(self, what: str, released: set[str]) -> None:
         # The same state on every rank, so all ranks raise together rather than some waiting in a collective.
+        if self._shut_down:
+            raise PebrError(f"{what}() after the SGLang engine was shut down")
         if released:
             raise PebrError(f"{what}() while SGLang's {sorted(released)} memory is released: call resume_memory() first")

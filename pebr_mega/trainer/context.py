@@ -39,7 +39,7 @@ from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.errors import DataError, OutputError, PebrError, SettingsMismatchError
 from pebr_mega.logging import GENERATIONS_FILE, WANDB_ID_FILE
 from pebr_mega.outputs import check_output_dir, claim_output_dir, write_text_atomic
-from pebr_mega.parallel.groups import ParallelState, init_parallel, rank
+from pebr_mega.parallel.groups import ParallelState, init_distributed, init_parallel, rank
 from pebr_mega.rollout.requests import RequestBuilder
 from pebr_mega.trainer.checkpointing import CheckpointManager
 from pebr_mega.trainer.fingerprint import (FINGERPRINT, describe_diff, diff_settings, fingerprint_record,
@@ -112,10 +112,17 @@ class RunContext:
     @classmethod
     def for_generation(cls, cfg: PebrConfig, model_dir: str, stage: str,
                        images: ImageConfig | None = None) -> "RunContext":
-        """No process groups (generation only, one process; every sampling call is seeded): the GPU when there is
-        one, the helpers
-        (`images`: image settings other than `cfg.images`, e.g. sampling's own pixel cap)."""
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        """No Megatron groups (generation only; every sampling call is seeded), the helpers (`images`: image
+        settings other than `cfg.images`, e.g. sampling's own pixel cap), and this rank's device.
+
+        Under a launcher (torchrun: WORLD_SIZE > 1) the process joins the job's default process group first
+        (`init_distributed`: NCCL with CUDA, gloo without, and the CUDA device of LOCAL_RANK), so each rank's
+        rollout engine starts on its own GPU, with its own port (`sglang_engine.engine_port`), and the
+        engine's collectives find the group; inside the pipeline the trainers' group is already there.
+        """
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            init_distributed()
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         return cls._with_helpers(cfg, stage, Path(cfg.run.output_dir), device, None, model_dir, images or cfg.images)
 
     @classmethod

@@ -4,12 +4,19 @@ The engine contract (`pebr_mega.rollout.engine.RolloutEngine`) says the weights 
 `release_memory()`. `EngineLifecycle.rollout_phase()` is the only code that moves the engine's memory, and it
 always runs the same sequence:
 
+    free the allocator cache          (the training step's peak, cached by torch, goes back to the driver)
     resume the weight memory          (contents undefined)
     sync the weights from the source  (the actor: Megatron shards -> HF tensors -> buckets)
     free the allocator cache          (torch.cuda.empty_cache(): the gather/bucket buffers go back to the driver)
     resume the KV cache               (SGLang sizes nothing here, but it must find the memory free)
     generate                          (the body of the `with`)
     release every tag                 (training gets the memory back; the weights are gone again)
+
+The first free is slime's order (THUDM/slime train.py at 624b824a8: `offload_train()` calls
+`actor_model.clear_memory()` before `rollout_manager.onload_weights`): resuming the weights maps their memory again through torch_memory_saver, outside
+torch's caching allocator, so the blocks the actor's forward/backward left cached must be returned first or
+the resume can fail with the GPU "full" of free-but-cached memory. `close()` shuts the engine down at the
+end of a stage (the pipeline runs the next stage's engine in the same process).
 
 How it knows whether the engine's weights are valid: they are valid after construction (the engine loaded
 them from disk) and after a sync, and invalid after every release. With a weight source attached (the
@@ -59,6 +66,7 @@ class EngineLifecycle:
         self.source = source
         self.weights_valid = True  # the engine loaded its weights from disk when it was built
         self.last_sync: dict[str, float] = {}
+        self.closed = False
 
     def attach(self, source: WeightSource) -> None:
         """Sync from `source` (the actor) at the start of every phase from now on."""
@@ -79,10 +87,13 @@ class EngineLifecycle:
 
         `last_sync` holds the sync's metrics ({} when the phase used the weights loaded at construction).
         """
+        if self.closed:
+            raise PebrError("rollout_phase() after the rollout engine was shut down (EngineLifecycle.close)")
         if self.source is None and not self.weights_valid:
             raise PebrError("the rollout engine's weights were released and there is no weight source to sync "
                             "them from: attach the actor (EngineLifecycle.attach) or keep one phase open")
         try:
+            free_allocator_cache()  # before the weights come back (see the module docstring)
             self.engine.resume_memory([WEIGHTS])
             self.last_sync = {}
             if self.source is not None:
@@ -94,3 +105,16 @@ class EngineLifecycle:
         finally:
             self.engine.release_memory()
             self.weights_valid = False
+
+    def close(self) -> None:
+        """Shut the engine down (its processes and all its GPU memory) and return the cache; idempotent.
+
+        A stage calls it when it ends, also on error: the pipeline's next stage builds a new engine in this
+        process, and SGLang sizes that engine's KV pool from the memory free when it starts.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        self.source = None  # drops the actor closure, so the actor can be collected with the stage
+        self.engine.shutdown()
+        free_allocator_cache()

@@ -18,6 +18,7 @@ written out too (`split/hardcase.json`), for a user who wants them in the SFT se
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import shutil
 import time
@@ -35,6 +36,7 @@ from pebr_mega.stage_config import PipelineConfig
 from pebr_mega.trainer.fingerprint import (describe_diff, diff_settings, fingerprint_record, read_fingerprint,
                                            settings_digest, stage_settings)
 from pebr_mega.trainer.grpo import GRPOTrainer
+from pebr_mega.trainer.lifecycle import free_allocator_cache
 from pebr_mega.trainer.sample import run_sampling
 from pebr_mega.trainer.sft import SFTTrainer
 from pebr_mega.trainer.stage import eval_set_of
@@ -192,6 +194,10 @@ def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print, restart: b
         _mark_started(work, stage, plan[stage])
         t0 = time.time()
         res = runners[stage](cfg, work, results)
+        # The stage's engine is shut down (EngineLifecycle.close); its actor is garbage now: collect it and give
+        # its cached blocks back before the next stage sizes its engine's KV pool from the free memory.
+        gc.collect()
+        free_allocator_cache()
         res["seconds"] = round(time.time() - t0, 1)
         results[stage] = _mark_done(work, stage, res, plan[stage])
         log(f"[pipeline] {stage}: done in {res['seconds']:.0f}s")

@@ -15,7 +15,9 @@ import dataclasses
 import json
 import os
 from collections import Counter
+from contextlib import nullcontext
 from itertools import islice
+from pathlib import Path
 from typing import Iterator, TypeVar
 
 from tqdm.auto import tqdm
@@ -24,6 +26,7 @@ from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.config import PebrConfig
 from pebr_mega.errors import DataError
 from pebr_mega.outputs import claim_output_file
+from pebr_mega.parallel.groups import barrier, broadcast_from_main, launch_rank
 from pebr_mega.rewards.model import reward_pool
 from pebr_mega.rollout.factory import make_rollout_engine, sampling_params
 from pebr_mega.rollout.requests import RequestReport
@@ -42,24 +45,45 @@ def run_sampling(cfg: PebrConfig, progress: bool = True) -> dict:
     values, large at the 4,194,304-pixel cap) are built a batch at a time and dropped after it: the batches,
     their seeds and the output are those of building every request first and cutting the list into
     `sample.batch_size` pieces; the skip report is complete at the end.
+
+    Under torchrun (or inside the pipeline's job) every rank builds the same requests and calls the engine
+    (SGLang's engine shares each batch among its rollout groups and gathers the answers on every rank; the HF
+    engine answers the whole batch on each rank); rank 0 alone grades, writes the file and replaces it, and
+    the summary is rank 0's on every rank. The engine is shut down at the end, also on error.
     """
     sc = cfg.sample
     if not sc.output:
         raise DataError("sample.output is not set: give the rollouts JSONL file to write")
     check_hf_model_dir(sc.model, "sample.model")
-    out = claim_output_file(sc.output, [sc.dataset, sc.model], what="sample.output")
+    writer = launch_rank() == 0
+    out = claim_output_file(sc.output, [sc.dataset, sc.model], what="sample.output") if writer else Path(sc.output)
     ctx = RunContext.for_generation(cfg, sc.model, "sample", images=dataclasses.replace(cfg.images, max_pixels=sc.max_pixels))
     records = ctx.load_records(sc.dataset, "GRPO")
-    report = RequestReport()
-    pool = reward_pool(cfg.rewards)
     lifecycle = EngineLifecycle(make_rollout_engine(cfg.rollout, sc.model, ctx.device, seed=cfg.run.seed))
-    tmp = out.with_name(out.name + ".tmp")
+    try:
+        summary = _sample_all(cfg, ctx, lifecycle, records, out if writer else None, progress and writer)
+    finally:
+        lifecycle.close()
+    summary = broadcast_from_main(summary)
+    barrier()  # the file is in place before any rank goes on (the pipeline's split reads it next)
+    return summary
+
+
+def _sample_all(cfg: PebrConfig, ctx: RunContext, lifecycle: EngineLifecycle, records: list, out: Path | None,
+                progress: bool) -> dict | None:
+    """Every batch through one rollout phase; with `out` (the writer) graded and written to `out`, returning the
+    summary; without it (another rank) only the engine calls, returning None."""
+    sc = cfg.sample
+    report = RequestReport()
+    pool = reward_pool(cfg.rewards) if out is not None else None
+    tmp = None if out is None else out.with_name(out.name + ".tmp")
     correct: Counter = Counter()
     sampled: list[str] = []  # the qids of the questions sampled, in order
     timeouts = failures = 0
     bar = tqdm(total=len(records), desc="sample", disable=not progress)
     requests = ctx.requests.iter_build(records, ctx.image_root(sc.dataset), report)
-    with tmp.open("w", encoding="utf-8") as f, lifecycle.rollout_phase() as engine:
+    with (tmp.open("w", encoding="utf-8") if tmp is not None else nullcontext()) as f, \
+            lifecycle.rollout_phase() as engine:
         for chunk in _batches(requests, sc.batch_size):
             start = len(sampled)  # the chunk's offset in the list of every request: its seed, as before
             sampled += [r.record_id for r in chunk]
@@ -69,6 +93,8 @@ def run_sampling(cfg: PebrConfig, progress: bool = True) -> dict:
             bar.update(report.built + sum(report.skipped.values()) - bar.n)
     bar.update(len(records) - bar.n)
     bar.close()
+    if out is None:
+        return None
     os.replace(tmp, out)
     if report.skipped:
         print(report.summary())
@@ -84,11 +110,14 @@ def run_sampling(cfg: PebrConfig, progress: bool = True) -> dict:
 
 def _sample_batch(cfg: PebrConfig, ctx: RunContext, engine, pool, chunk: list, seed: int, f,
                   correct: Counter) -> tuple[int, int]:
-    """Answer and grade one batch of requests, write its lines to `f`; returns (grading timeouts, failures).
-    Everything that holds the batch's requests is local here and gone when it returns."""
+    """Answer one batch of requests; the writer (`f` set) grades them and writes their lines to `f`. Returns
+    (grading timeouts, failures). Everything that holds the batch's requests is local here and gone when it
+    returns."""
     sc = cfg.sample
     sampling = sampling_params(ctx.tokenizer, sc.n, sc.temperature, sc.top_p, cfg.rollout.max_new_tokens, seed=seed)
-    samples = engine.generate(chunk, sampling)
+    samples = engine.generate(chunk, sampling)  # on every rank: a collective for the SGLang engine
+    if f is None:
+        return 0, 0
     grades = grade_answers(pool, [(s.response_text, s.request.record.answer) for s in samples],
                            with_format=False, grading=cfg.rewards.answer_grading)
     for s, score in zip(samples, grades.accuracy):

@@ -148,7 +148,17 @@ class StageTrainer:
 
     # ------------------------------------------------------------------------------------------ the loop
     def train(self) -> StageResult:
-        """Run every remaining step (resuming from the newest checkpoint), evaluate, export; returns the result."""
+        """Run every remaining step (resuming from the newest checkpoint), evaluate, export; returns the result.
+
+        The rollout engine is shut down when the stage ends, also on error or Ctrl-C: the pipeline's next
+        stage builds its own in this process (`EngineLifecycle.close`)."""
+        try:
+            return self._train()
+        finally:
+            if self.lifecycle is not None:
+                self.lifecycle.close()
+
+    def _train(self) -> StageResult:
         self.step = self.resume()
         logger = self.make_logger()
         result = StageResult(model_dir=str(self.ctx.out_dir / "hf"), steps=self.total_steps,
