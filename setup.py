@@ -52,18 +52,22 @@ EXTRAS = {
         # Transformer Engine: only through Megatron-Core's TE layer spec; megatron-core 0.16.1's own `dev` extra
         # (the TE releases NVIDIA tests it with) is >=2.9,<2.12. 0.19 gates newer TE features by version.
         "transformer-engine[pytorch]>=2.9,<2.12",
-        # SGLang (docs/ROLLOUT.md, "SGLang version window"): from 0.5.13, the first release whose Qwen2.5-VL
-        # processor builds M-RoPE positions from `processor_output` image data (0.5.1-0.5.12 pass
-        # `getattr(ret, "image_grid_thw", None)` = None when no raw image came: text positions, silently wrong;
-        # multimodal/processors/qwen_vl.py `process_mm_data_async`), through 0.5.23, the newest release read
-        # (its `Engine.begin_weight_update`/`end_weight_update` session is used). Their exact torch and
-        # transformers pins (0.5.13: 2.11.0 / 5.8.1; 0.5.23: 2.14.1 / 5.19.0) lie inside the core windows above.
-        # tests/test_sglang_contract.py checks both ends against the wheels' source.
-        "sglang>=0.5.13,<0.5.24",
-        # flash-attn 2: `flash_attn_varlen_func`'s positional layout (flash_attn/flash_attn_interface.py) is the
-        # same from 2.6 to 2.8.3; 3.x is another interface (Hopper's flash_attn_interface).
-        "flash-attn>=2.6,<2.9",
+        # SGLang (docs/ROLLOUT.md, "SGLang version window"). It pins torch and transformers exactly, so its window
+        # is bounded by the core windows above: 0.5.13-0.5.14 pin transformers 5.8.1 and 0.5.15-0.5.21 pin 5.12.1,
+        # on which this suite fails (AutoImageProcessor there needs torchvision; the rope-index and vision
+        # references differ); 0.5.22 and 0.5.23 pin torch 2.14.1 and transformers 5.19.0, the oldest transformers
+        # the whole suite passed on. Below 0.5.13 it would also be wrong: 0.5.1-0.5.12 pass
+        # `getattr(ret, "image_grid_thw", None)` = None to M-RoPE when no raw image came (text positions,
+        # silently; multimodal/processors/qwen_vl.py `process_mm_data_async`). 0.5.23 is the newest release read
+        # (its `Engine.begin_weight_update`/`end_weight_update` session is used). tests/test_sglang_contract.py
+        # checks both ends against the wheels' source and their pins against the core windows.
+        "sglang>=0.5.22,<0.5.24",
     ],
+    # flash-attn 2 (optional: without it the `torch` spec uses torch's varlen_attn): `flash_attn_varlen_func`'s
+    # positional layout (flash_attn/flash_attn_interface.py) is the same from 2.6 to 2.8.3; 3.x is another
+    # interface (Hopper's flash_attn_interface). Its own extra because it compiles against the torch already
+    # installed, which needs `pip install --no-build-isolation -e ".[flash-attn]"` (an extra cannot pass the flag).
+    "flash-attn": ["flash-attn>=2.6,<2.9"],
     # DALI: `fn.decoders.image`, `fn.resize`, `pipeline_def`; 2.4.0 runs CI's CPU tests of DALI.
     "dali-cuda120": ["nvidia-dali-cuda120>=1.50,<2.5"],  # CUDA 12 drivers; also CI's CPU tests of DALI
     "dali-cuda130": ["nvidia-dali-cuda130>=1.50,<2.5"],  # CUDA 13 drivers

@@ -58,14 +58,15 @@ def test_every_gpu_library_has_a_bounded_window():
 def test_sglang_window_excludes_the_wrong_mrope_releases_and_keeps_the_newest_read():
     sglang = window("sglang")
     assert not any(sglang.contains(f"0.5.{minor}") for minor in range(1, 13))  # text M-RoPE for our images
-    assert sglang.contains("0.5.13") and sglang.contains("0.5.23")
+    assert not any(sglang.contains(f"0.5.{minor}") for minor in range(13, 22))  # transformers 5.8.1 / 5.12.1 pins
+    assert sglang.contains("0.5.22") and sglang.contains("0.5.23")
     assert not sglang.contains("0.5.24") and not sglang.contains("0.6.0")  # not read yet
 
 
 def test_sglang_torch_and_transformers_pins_lie_inside_the_core_windows():
     """SGLang pins torch and transformers exactly (the wheels' METADATA, also checked against the downloaded
     wheels by tests/test_sglang_contract.py); both ends of its window must be installable with the core."""
-    pins = {"0.5.13": ("2.11.0", "5.8.1"), "0.5.23": ("2.14.1", "5.19.0")}
+    pins = {"0.5.22": ("2.14.1", "5.19.0"), "0.5.23": ("2.14.1", "5.19.0")}
     for sglang_version, (torch_pin, transformers_pin) in pins.items():
         assert window("sglang").contains(sglang_version)
         assert window("torch").contains(torch_pin), (sglang_version, torch_pin)
@@ -79,7 +80,7 @@ def test_a_backend_outside_its_window_is_refused_with_one_line_per_package(monke
     with pytest.raises(BackendUnavailableError) as err:
         versions.require_in_window("sglang")
     msg = str(err.value)
-    assert msg.startswith("backend 'sglang': sglang 0.5.12 is outside the tested window <0.5.24,>=0.5.13")
+    assert msg.startswith("backend 'sglang': sglang 0.5.12 is outside the tested window <0.5.24,>=0.5.22")
     assert "the 'gpu' extra of setup.py" in msg and "pip install -e '.[gpu]'" in msg
     with pytest.raises(BackendUnavailableError, match=r"megatron-core 0\.20\.0 is outside the tested window"):
         versions.require_in_window("te")  # TE 2.9.0 is inside; Megatron-Core is judged with it

@@ -32,8 +32,8 @@ from pebr_mega.rollout.types import RolloutRequest, SamplingParams
 import upstream
 from test_gpu_windows import setup_literal, window
 
-WINDOW_ENDS = ("0.5.13", "0.5.23")  # the lowest and highest release of setup.py's sglang window
-BELOW_WINDOW = "0.5.12"  # the last release whose Qwen2.5-VL processor ignores processor_output grids
+WINDOW_ENDS = ("0.5.22", "0.5.23")  # the lowest and highest release of setup.py's sglang window
+WRONG_MROPE = "0.5.12"  # the last release whose Qwen2.5-VL processor ignores processor_output grids
 # SGLang publishes compiled wheels per CPython and glibc; naming one makes the download the same on any CI
 # machine (an older glibc than the wheel's would otherwise find none). Only its Python source is read.
 SGLANG_WHEEL = ("--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux_2_34_x86_64")
@@ -251,8 +251,8 @@ def mrope_problems(src: Path) -> list[str]:
 # -------------------------------------------------------------------------------------------- tests
 def test_window_ends_are_setup_pys():
     spec = window("sglang")
-    assert all(spec.contains(v) for v in WINDOW_ENDS) and not spec.contains(BELOW_WINDOW)
-    assert str(spec) == str(SpecifierSet(">=0.5.13,<0.5.24"))
+    assert all(spec.contains(v) for v in WINDOW_ENDS) and not spec.contains(WRONG_MROPE)
+    assert str(spec) == str(SpecifierSet(">=0.5.22,<0.5.24"))
 
 
 def test_our_engine_uses_what_this_check_reads():
@@ -279,9 +279,9 @@ def test_sglang_pins_fit_the_core_windows(sglang_src):
 
 
 def test_the_release_below_the_window_builds_text_mrope_for_processor_output():
-    """0.5.12 fails the M-RoPE check that both ends of the window pass: the lower bound is where the source
-    changed."""
-    src = sglang_source(BELOW_WINDOW)
+    """0.5.12 fails the M-RoPE check that both ends of the window pass (0.5.13 is where the source changed; the
+    window starts later, at the first release whose transformers pin the suite passes on)."""
+    src = sglang_source(WRONG_MROPE)
     assert mrope_problems(src) and "getattr(ret" in mrope_problems(src)[0]
 
 

@@ -45,7 +45,7 @@ from pebr_mega.errors import BackendUnavailableError
 from pebr_mega.versions import require_in_window
 
 ATTENTION_BACKENDS = ("auto", "varlen", "flash_attn", "sdpa")
-FLASH_ATTN_INSTALL = 'pip install --no-build-isolation "flash-attn>=2.6,<2.9"  # the gpu window of setup.py'
+FLASH_ATTN_INSTALL = 'pip install --no-build-isolation -e ".[flash-attn]"  # setup.py\'s flash-attn window'
 _HALF = (torch.float16, torch.bfloat16)
 _MAX_FLASH_HEAD_DIM = 256
 
