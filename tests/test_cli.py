@@ -127,8 +127,9 @@ def test_train_dry_run_applies_the_prompt_length_filter_with_the_stage_tokenizer
     rc, plan, _ = _dry(capsys, "train", "--dry-run", "grpo.stage=stage2", f"grpo.train_file={data}",
                        f"grpo.init_model={tiny_model_dir}", "images.min_pixels=3136", "images.max_pixels=50176",
                        f"data.max_prompt_length={short + 10}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=2")
-    assert rc == 0 and plan["prompts"] == 9 and plan["records_read"] == 15
-    assert plan["skipped"] == {"image": 1, "prompt_too_long": 5}
+    # The 10 x 300 image is scaled up to one merged patch high (as upstream's processor does), not skipped.
+    assert rc == 0 and plan["prompts"] == 10 and plan["records_read"] == 15
+    assert plan["skipped"] == {"prompt_too_long": 5}
     assert (plan["steps_per_epoch"], plan["total_steps"], plan["updates_per_step"]) == (2, 4, 2)
     assert not plan["filters_not_applied"]
 

@@ -204,7 +204,8 @@ def test_image_size_errors_name_the_file(dataset, tiny_model_dir, tmp_path):
     Image.new("RGB", (10, 10)).save(tmp_path / "tiny.png")
     Image.new("RGB", (600, 3)).save(tmp_path / "thin.png")
     records = [GRPORecord(qid=q, problem="<image>How many?", answer="1", images=[f"{q}.png"]) for q in ("tiny", "thin")]
-    _, report = RequestBuilder(AutoTokenizer.from_pretrained(tiny_model_dir), make_image_decoder(ImageConfig(backend="pil")),
+    strict = ImageConfig(backend="pil", reject_small_sides=True)  # by default a side under 28 px is scaled up
+    _, report = RequestBuilder(AutoTokenizer.from_pretrained(tiny_model_dir), make_image_decoder(strict),
                                max_prompt_length=4096).build(records, tmp_path)
     assert report.skipped["image"] == 2
     tiny, thin = report.examples["image"]

@@ -75,3 +75,78 @@ def test_each_launch_command_resolves_in_dry_run_mode(argv):
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("torchrun --standalone --nnodes 1 --nproc-per-node 8")
+
+
+# ------------------------------------------------------------------------------------------------ rehearsal
+# What makes the 7B node's commands run on 2 CPU processes with the tiny model, appended to every command that
+# takes config overrides: fp32 and SDPA on CPU, one TP rank, the tiny processor's pixel bounds, short answers,
+# batches of 2, one step per GRPO stage, the HF engine and PIL.
+CPU_OVERRIDES = ["model.params_dtype=float32", "model.spec=torch", "model.tp=1", "images.min_pixels=3136",
+                 "images.max_pixels=50176", "sample.max_pixels=50176", "images.backend=pil", "rollout.engine=hf",
+                 "data.max_prompt_length=1024", "rollout.max_new_tokens=8", "sft.batch_size=2", "sft.epochs=1",
+                 "sft.cutoff_len=1024", "sample.batch_size=16", "grpo.rollout_batch_size=2", "grpo.mini_batch_size=2",
+                 "grpo.max_steps=1", "rollout.batch_size=16", "logging.progress_bar=false",
+                 # A random tiny model answers nothing right: every question counts as easy, so stage 2 trains on
+                 # the easy split too (the command's own grpo.train_file is overridden for that stage only).
+                 "sample.correct_threshold=0.0"]
+
+
+def _run(argv: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    out = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{' '.join(argv)}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out
+
+
+def _lay_out_the_node(work: Path, env: dict) -> None:
+    """The tiny model and CLIP where the configs expect Qwen2.5-VL-7B and FG-CLIP, and synthetic data laid out
+    as the section's table says the real downloads go."""
+    import json
+    import shutil
+
+    py = [sys.executable, "-m", "pebr_mega"]
+    (work / "launch").symlink_to(ROOT / "launch")
+    _run(py + ["tiny-model", "--out", "models/Qwen2.5-VL-7B-Instruct"], work, env)
+    _run(py + ["make-tiny-clip", "--out", "models/FG-CLIP-large"], work, env)
+    _run(py + ["synth", "--out", "synth", "--num", "8", "--num-eval", "4", "--seed", "0"], work, env)
+    synth = work / "synth"
+    sft = json.loads((synth / "sft.json").read_text())
+    for folder, json_path, rows in (("dataset/mulberry_images", "dataset/mulberry_sft.json", sft[:4]),
+                                    ("dataset/pebr_r1_sft", "dataset/pebr_r1_sft/pebr_sft.json", sft[4:])):
+        shutil.copytree(synth / "images", work / folder / "images", dirs_exist_ok=True)
+        (work / json_path).write_text(json.dumps(rows))
+    shutil.copytree(synth / "images", work / "dataset/grpo/pebr_grpo_images/images")
+    shutil.copy(synth / "grpo.json", work / "dataset/grpo/pebr_grpo_dataset.json")
+
+
+def test_the_section_rehearsed_on_cpu_through_torchrun(tmp_path):
+    """Every command of the section, in order, in a folder laid out as the section says, with the launch
+    scripts at GPUS=2 (torchrun on gloo) and `CPU_OVERRIDES` appended: SFT, sampling, split, stage 1 (CLIP
+    reward from the tiny CLIP), stage 2, each leaving its model. Downloads and pip are the only lines skipped."""
+    import os
+
+    work = tmp_path / "node"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GPUS": "2", "MASTER_PORT": "29561", "CUDA_VISIBLE_DEVICES": "",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    _lay_out_the_node(work, env)
+    ran = []
+    for argv in COMMANDS:
+        if argv[0] in ("pip", "huggingface-cli"):
+            continue
+        if argv[0] == "pebr":
+            cmd = [sys.executable, "-m", "pebr_mega", *argv[1:]]
+            takes_overrides = argv[1] in ("sft", "sample", "train", "plan", "pipeline")
+        else:
+            cmd = ["bash", str(ROOT / argv[0]), *argv[1:]]
+            takes_overrides = True
+        if takes_overrides and argv[1] != "plan":
+            cmd += CPU_OVERRIDES
+            if "grpo.stage=stage2" in argv:
+                cmd.append("grpo.train_file=checkpoints/pebr_7b/split/easycase.json")
+        ran.append(" ".join(argv[:2]))
+        _run(cmd, work, env)
+    assert ran.count("launch/torchrun.sh train") == 2 and "pebr merge-sft" in ran
+    ckpt = work / "checkpoints" / "pebr_7b"
+    for stage in ("sft", "stage1", "stage2"):
+        assert (ckpt / stage / "hf" / "config.json").is_file(), stage
+    assert (ckpt / "sample" / "rollouts.jsonl").is_file() and (ckpt / "split" / "easycase.json").is_file()
