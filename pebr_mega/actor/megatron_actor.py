@@ -439,13 +439,14 @@ class MegatronActor:
             (tmp / OPTIMIZER_DIR).mkdir(parents=True)
         barrier()
         save_checkpoint(self.module, tmp / MODEL_DIR, meta, template_dir=template)
-        if self.optimizer is not None:
+        if self._has_optimizer_state():
             dist_checkpointing.save(self._optimizer_sharded_state(is_loading=False), str(tmp / OPTIMIZER_DIR))
         barrier()
         if rank() == 0:
             if self.optimizer is None:
                 (tmp / OPTIMIZER_DIR).rmdir()
             record = {"format": ACTOR_FORMAT, "updates": self.updates, "trainable": self.trainable,
+                      "optimizer_state": self._has_optimizer_state(),
                       "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                       "saved_tp": self.tp_size, "saved_pp": self.pp_size, "saved_dp": self.dp_size,
                       "distributed_optimizer": self._distributed_optimizer() if self.trainable else None}
@@ -465,6 +466,14 @@ class MegatronActor:
         self._load_training_state(ckpt_dir, record)
         return record
 
+    def _has_optimizer_state(self) -> bool:
+        """Whether the optimizer holds a state to save: Adam creates its moments at the first applied update, so
+        before one (every update so far skipped as non-finite, or none run) there is none. Megatron saves such
+        an optimizer as an empty dictionary that no optimizer can load (its loader asks for every moment), so
+        that checkpoint records `optimizer_state: false` instead and its load keeps the fresh optimizer, which
+        is exactly the saved one."""
+        return self.optimizer is not None and self.updates > 0
+
     def _load_training_state(self, ckpt_dir: str | Path, record: dict) -> None:
         from megatron.core import dist_checkpointing
 
@@ -472,9 +481,16 @@ class MegatronActor:
         if self.optimizer is None:
             return
         opt_dir = Path(ckpt_dir) / OPTIMIZER_DIR
-        if not opt_dir.is_dir() or record.get("scheduler") is None:
+        if record.get("trainable") is False or record.get("scheduler") is None:
             raise CheckpointError(f"{ckpt_dir}: no optimizer state (saved by a frozen actor); "
                                   f"build a trainable actor from {Path(ckpt_dir) / MODEL_DIR} to start a fresh optimizer")
+        if self.updates == 0 and record.get("optimizer_state") in (False, None):
+            # Saved before the first applied update (`optimizer_state` false; a checkpoint written before that
+            # key existed had an empty state too): the optimizer had no state, as this fresh one has none.
+            self.scheduler.load_state_dict(record["scheduler"])
+            return
+        if not opt_dir.is_dir():
+            raise CheckpointError(f"{opt_dir}: the optimizer state is missing")
         if record.get("distributed_optimizer") not in (None, self._distributed_optimizer()):
             raise CheckpointError(f"{ckpt_dir}: optimizer state was saved with distributed_optimizer="
                                   f"{record['distributed_optimizer']}, this actor runs with {self._distributed_optimizer()}")
