@@ -21,9 +21,9 @@ from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
 from pebr_mega.data.split import SPLIT_FILES, format_summary, split_files
 from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
 from pebr_mega.data.template import model_prompt_template
-from pebr_mega.errors import DataError, PebrError
+from pebr_mega.errors import DataError, PebrError, describe_os_error
 from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
-from pebr_mega.outputs import claim_output_dir, claim_output_file, plot_path
+from pebr_mega.outputs import claim_output_dir, claim_output_file, lock_beside, plot_path
 from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
 
 if TYPE_CHECKING:  # the config tree imports torch: handlers import it lazily
@@ -320,6 +320,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grading", default=None, choices=["upstream", "lenient"],
                    help="how the answer is taken from a response (default: rewards.answer_grading of --config, "
                         "upstream unless it says otherwise)")
+    p.add_argument("--skip-verify", action="store_true",
+                   help="read the model even when its weights do not match its MANIFEST.json (forensics)")
     p.set_defaults(handler=_cmd_eval)
 
 
@@ -337,7 +339,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     grading = args.grading or cfg.rewards.answer_grading
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    check_hf_model_dir(args.model, "--model")
+    check_hf_model_dir(args.model, "--model", verify=not args.skip_verify)
     if args.results:
         claim_output_file(args.results, [args.dataset, args.model], what="--results")
     loaded = load_grpo_records(args.dataset, args.image_root)
@@ -449,7 +451,10 @@ def _run_sample(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.sample import run_sampling
 
     _check_startup(cfg, "sample")
-    return f"sampling done: {run_sampling(cfg)['output']}"
+    if not cfg.sample.output:  # run_sampling says what is missing
+        return f"sampling done: {run_sampling(cfg)['output']}"
+    with lock_beside(cfg.sample.output, "sample.output"):  # a second `pebr sample` on this file stops here
+        return f"sampling done: {run_sampling(cfg)['output']}"
 
 
 def _run_pipeline(cfg: PebrConfig, restart: bool = False) -> str:
@@ -515,11 +520,14 @@ def _dry_run(cfg: PebrConfig, command: str, restart: bool = False) -> int:
 
     from pebr_mega.trainer.dry_run import dry_run, plan_error
 
+    from pebr_mega.plan.checks import check_dry_run
+
     plan = dry_run(cfg, command, restart=restart)
     print(json.dumps(plan, indent=1))
     error = plan_error(plan)
     if error:
         raise DataError(error)
+    check_dry_run(cfg, command)  # the real start-up's rules: a plan the run would refuse fails here too
     return 0
 
 
@@ -580,6 +588,8 @@ def _add_compare_logits(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=None, help="user text after the image")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| allowed (fp32)")
     p.add_argument("--spec", default="auto", choices=["auto", "te", "torch", "local"], help="Megatron layer spec")
+    p.add_argument("--skip-verify", action="store_true",
+                   help="read the checkpoints even when they do not match their MANIFEST.json (forensics)")
     p.set_defaults(handler=_cmd_compare_logits)
 
 
@@ -587,6 +597,7 @@ def _cmd_compare_logits(args: argparse.Namespace) -> int:
     import torch
 
     from pebr_mega.checkpoint.compare import DEFAULT_PROMPT, compare_logits, sample_inputs
+    from pebr_mega.checkpoint.hf_io import verify_hf_weights
     from pebr_mega.models.specs import resolve_spec
 
     resolve_spec(args.spec)  # an unusable backend fails here, before any rank starts
@@ -594,8 +605,10 @@ def _cmd_compare_logits(args: argparse.Namespace) -> int:
         raise UserError(f"--tp {args.tp} and --pp {args.pp} must be >= 1")
     if torch.cuda.is_available() and args.tp * args.pp > torch.cuda.device_count():
         raise UserError(f"--tp {args.tp} x --pp {args.pp} ranks need that many GPUs; {torch.cuda.device_count()} visible")
+    verify_hf_weights(args.hf_dir, "--hf-dir", skip=args.skip_verify)  # before sample_inputs reads it
     inputs = sample_inputs(args.hf_dir, image=args.image, prompt=args.prompt or DEFAULT_PROMPT)
-    s = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, inputs=inputs, spec=args.spec)
+    s = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, inputs=inputs, spec=args.spec,
+                       verify=not args.skip_verify)
     print(f"tokens={s['tokens']} vocab={s['vocab']} tp={args.tp} pp={args.pp}")
     print(f"max_abs_diff={s['max_abs_diff']:.3e} mean_abs_diff={s['mean_abs_diff']:.3e} "
           f"cosine={s['cosine']:.8f} top1_agreement={s['top1_agreement']:.4f}")
@@ -645,6 +658,15 @@ def _quiet_known_fallback_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
 
 
+def _operation_of(e: BaseException, command: str) -> str:
+    """What was being done when `e` was raised, for its one-line message: the innermost pebr_mega function of its
+    traceback (e.g. `pebr train (in RunContext.for_training)`), else the command."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "pebr_mega" in f.filename.replace("\\", "/")]
+    return f"pebr {command} (in {frames[-1].name})" if frames else f"pebr {command}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pebr` console script; returns the process exit code."""
     _quiet_known_fallback_warnings()
@@ -658,6 +680,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except (UserError, PebrError, FileNotFoundError) as e:
         print(f"pebr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk (no space, read-only, permission) where the library did not name the operation
+        print(f"pebr {args.command}: error: {describe_os_error(e, _operation_of(e, args.command))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pebr {args.command}: interrupted", file=sys.stderr)

@@ -297,8 +297,25 @@ def check_startup(cfg: Any, world_size: int | None = None, command: str = "train
     if gpus_per_node is None and os.environ.get("LOCAL_WORLD_SIZE"):
         gpus_per_node = int(os.environ["LOCAL_WORLD_SIZE"])
     r = run_checks(cfg, world, command, gpus_per_node)
+    raise_failed(r, command, world)
+    return r
+
+
+def check_dry_run(cfg: Any, command: str = "train") -> CheckResult:
+    """The start-up checks a dry run can make without the cluster: every rule of `check_startup` on the launcher's
+    WORLD_SIZE when there is one, else on the smallest world the layout runs on (model.tp x model.pp GPUs), so a
+    plan made on a laptop fails where the run would (lengths over the model's positions, heads by TP, batches)
+    and not for the cluster it is not on. Raises StartupCheckError as `check_startup` does."""
+    layout = max(cfg.model.tp, 1) * max(cfg.model.pp, 1)
+    world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE") else layout
+    r = run_checks(cfg, world, command)
+    raise_failed(r, command, world)
+    return r
+
+
+def raise_failed(r: CheckResult, command: str, world: int) -> None:
+    """StartupCheckError listing every failed rule of `r`, one per line; nothing when all passed."""
     if r.errors:
         lines = "\n".join(f"  - {e}" for e in r.errors)
         raise StartupCheckError(f"{len(r.errors)} start-up check(s) failed for `pebr {command}` on {world} GPU(s):\n"
                                 f"{lines}")
-    return r
