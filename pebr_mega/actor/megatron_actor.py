@@ -53,6 +53,7 @@ from pebr_mega.checkpoint.dist import META_FILE, TEMPLATE_DIR, load_checkpoint, 
 from pebr_mega.checkpoint.hf_io import HFWeights, replace_dir
 from pebr_mega.checkpoint.hf_load import build_from_hf
 from pebr_mega.checkpoint.hf_mapping import canonical_mcore_name, tp_split_dim
+from pebr_mega.checkpoint.manifest import verify_before_reading
 from pebr_mega.errors import CheckpointError
 from pebr_mega.models.arch import arch_from_hf_config
 from pebr_mega.models.config import ModelConfig, token_multiple
@@ -416,6 +417,18 @@ class MegatronActor:
             if p.grad is not None:
                 p.grad.mul_(coef)
 
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether every weight of the model is finite, on every rank (collective: one all-reduce)."""
+        params = [p for p in self.module.parameters() if p.numel()]
+        ok = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            flag = ok.to(device=device, dtype=torch.int32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            return bool(flag.item())
+        return bool(ok)
+
     @property
     def lr(self) -> float:
         """The current learning rate (0 for a frozen actor)."""
@@ -575,7 +588,7 @@ def checkpoint_kind(path: str | Path) -> str:
 
 @megatron_on_cpu
 def build_actor(path: str | Path, model_cfg: ModelConfig, actor_cfg: ActorConfig, trainable: bool = True, total_updates: int = 1,
-                lr: float | None = None) -> MegatronActor:
+                lr: float | None = None, verify: bool = True) -> MegatronActor:
     """An actor for this rank (TP/PP as initialised by `init_parallel`) from any kind of model directory.
 
     - HF directory: the HF weights, a fresh optimizer;
@@ -583,6 +596,7 @@ def build_actor(path: str | Path, model_cfg: ModelConfig, actor_cfg: ActorConfig
       fresh optimizer;
     - actor checkpoint: weights, and (when `trainable`) optimizer state, schedule and update counter, so
       training resumes exactly where it stopped.
+    A checkpoint is checked against its manifest first (`verify`, on rank 0; `pebr_mega.checkpoint.manifest`).
     Collective over all ranks.
     """
     from megatron.core import parallel_state as mpu
@@ -592,6 +606,8 @@ def build_actor(path: str | Path, model_cfg: ModelConfig, actor_cfg: ActorConfig
     if kind == "hf":
         model = build_from_hf(path, model_cfg)
     else:
+        if verify and rank() == 0:  # a damaged checkpoint stops here (every rank stops with the job)
+            verify_before_reading(path, "model")
         layout = (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size())
         if layout != (model_cfg.tp, model_cfg.pp):
             raise ValueError(f"process groups are tp={layout[0]} pp={layout[1]} but the config asks "
