@@ -143,7 +143,8 @@ def _last_error(capsys, argv: list[str]) -> tuple[int, str]:
 
 
 def _tree(path: Path) -> list[str]:
-    return sorted(str(f.relative_to(path)) for f in path.rglob("*"))
+    """Every path below `path`, but the lock file a real run takes (`.pebr-lock`: held while it runs)."""
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.name != ".pebr-lock")
 
 
 def test_train_dry_run_reports_the_run_directory_as_the_run_finds_it(tiny_model_dir, tmp_path, capsys):
@@ -304,7 +305,7 @@ def test_pipeline_dry_run_checks_the_recorded_fingerprints_as_the_run_does(tiny_
     (work / "split" / "mediumcase.json").write_text(json.dumps(rows[4:]))
     pl._mark_done(work, "split", {"dir": str(work / "split")}, recorded["split"])
     pl._mark_started(work, "stage1", recorded["stage1"])
-    before = sorted(str(f.relative_to(work)) for f in work.rglob("*"))
+    before = _tree(work)
 
     # The same settings: the finished stages are done, the interrupted one and the rest run.
     rc, plans, _ = _dry(capsys, "pipeline", "--dry-run", *overrides)
@@ -345,7 +346,7 @@ def test_pipeline_dry_run_checks_the_recorded_fingerprints_as_the_run_does(tiny_
     assert rc == 0 and [(p["stage"], p["status"]) for p in plans] == \
         [("sft", "done"), ("sample", "discarded"), ("stage1", "pending input")]
     assert plans[2]["init_model"] == str(tiny_model_dir)
-    assert sorted(str(f.relative_to(work)) for f in work.rglob("*")) == before  # the dry runs wrote nothing
+    assert _tree(work) == before  # the dry runs wrote nothing
 
 
 def test_training_commands_fail_at_start_up_with_one_line(tmp_path, capsys):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +104,174 @@ def test_checkpoint_saved_before_the_first_update_resumes(dataset, tiny_model_di
     assert rerun["rc"] == 0 and "Traceback" not in rerun["log"], rerun["log"]
     assert "resumed from" in rerun["log"] and "(step 1)" in rerun["log"], rerun["log"]
     assert (tmp_path / "run" / "hf" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ item 2: one process per output directory
+def _wait_for_lock(lock_file: Path, pid: int, proc: subprocess.Popen, timeout: float = 120.0) -> dict:
+    """The lock file's record once the process `pid` has written it (it holds the lock from then on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        try:
+            info = json.loads(lock_file.read_text())
+            if info.get("pid") == pid:
+                return info
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{lock_file} never named pid {pid}")
+
+
+def _pebr(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pebr_mega", *argv], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _second_process_refused_then_stale_lock_ignored(argv: list[str], lock_file: Path, what: str) -> None:
+    """Start `pebr argv`; once it holds its lock, freeze it (SIGSTOP: it keeps the lock, deterministically); a
+    second identical command is refused with one line naming the first's pid and host; after a kill -9 of the
+    first, the lock file is left behind and a rerun runs to the end."""
+    import socket
+
+    first = subprocess.Popen([sys.executable, "-m", "pebr_mega", *argv], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        info = _wait_for_lock(lock_file, first.pid, first)
+        os.kill(first.pid, signal.SIGSTOP)
+        second = _pebr(*argv)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+        assert error_lines(second.stderr) == [second.stderr.strip().splitlines()[-1]], second.stderr
+        line = error_lines(second.stderr)[0]
+        assert f"{what} " in line and f"is in use by pid {first.pid} on host {socket.gethostname()}" in line, line
+        assert info["host"] == socket.gethostname()
+    finally:
+        first.kill()  # SIGKILL: works on a stopped process too
+        first.wait(60)
+    assert lock_file.is_file()  # left by the kill, and no obstacle:
+    rerun = _pebr(*argv)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+
+
+def test_two_trainings_in_one_run_directory(dataset, tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    _second_process_refused_then_stale_lock_ignored(
+        tiny_train(run, tiny_model_dir, dataset / "grpo.json"), run / ".pebr-lock", "run.output_dir")
+
+
+def test_two_samplings_into_one_output(dataset, tiny_model_dir, tmp_path):
+    out = tmp_path / "rollouts.jsonl"
+    argv = ["sample", f"sample.model={tiny_model_dir}", f"sample.dataset={dataset / 'grpo.json'}",
+            f"sample.output={out}", "sample.n=2", "rollout.max_new_tokens=8", "images.min_pixels=3136",
+            "images.max_pixels=50176", "sample.max_pixels=50176"]
+    _second_process_refused_then_stale_lock_ignored(argv, tmp_path / ".rollouts.jsonl.pebr-lock", "sample.output")
+    assert len(out.read_text().splitlines()) == 16  # 8 questions x 2, written once
+
+
+# ------------------------------------------------------------------ items 3 and 10: checkpoints and exports
+@pytest.fixture(scope="module")
+def mcore(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model converted to a Megatron checkpoint by the tool (which writes its MANIFEST.json)."""
+    out = tmp_path_factory.mktemp("mcore") / "ckpt"
+    got = subprocess.run([sys.executable, "tools/convert_hf_to_mcore.py", "--hf-dir", str(tiny_model_dir), "--out",
+                          str(out), "--quiet"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert (out / "MANIFEST.json").is_file()
+    return out
+
+
+def _export(mcore_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/export_to_hf.py", "--mcore-dir", str(mcore_dir), "--out", str(out),
+                           "--quiet", *extra], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def _largest_shard(ckpt: Path) -> Path:
+    return max((p for p in ckpt.rglob("*.distcp")), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["overwritten", "truncated"])
+def test_damaged_checkpoint_is_refused_by_export_and_the_readers(damage, mcore, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(mcore, ckpt)
+    shard = _largest_shard(ckpt)
+    data = bytearray(shard.read_bytes())
+    if damage == "overwritten":  # 4 KB of garbage in the middle, the size unchanged
+        mid = len(data) // 2
+        data[mid:mid + 4096] = os.urandom(4096)
+    else:
+        data = data[: len(data) // 2]
+    shard.write_bytes(bytes(data))
+    got = _export(ckpt, tmp_path / "hf")
+    assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr[-3000:]
+    line = got.stderr.strip().splitlines()[-1]
+    why = "does not match its checksum" if damage == "overwritten" else f"is {len(data)} bytes"
+    assert line.startswith(f"export_to_hf: error: --mcore-dir {ckpt} is damaged: {shard} {why}"), line
+    assert "--skip-verify" in line and not (tmp_path / "hf").exists()
+    # the logit comparison reads it too: refused before any model is built
+    assert main(["compare-logits", "--hf-dir", str(tiny_model_dir), "--mcore-dir", str(ckpt), "--spec", "torch"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"pebr compare-logits: error: --mcore-dir {ckpt} is damaged: {shard} {why}"), line
+    if damage == "overwritten":  # forensics: the override exports it anyway, saying so
+        forced = _export(ckpt, tmp_path / "hf", "--skip-verify")
+        assert forced.returncode == 0 and "not verified" in forced.stderr, forced.stderr[-3000:]
+
+
+def test_an_export_carries_a_manifest_that_eval_checks(mcore, tmp_path, dataset, capsys):
+    out = tmp_path / "hf"
+    stale = tmp_path / ".hf.tmp-0badc0de"  # what a kill -9 mid-export left: removed by the next export
+    stale.mkdir()
+    got = _export(mcore, out)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    assert (out / "MANIFEST.json").is_file()
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct((out / "config.json").stat().st_mode & 0o777)
+    weights = out / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[:-4096] + bytes(4096))
+    assert main(["eval", "--model", str(out), "--dataset", str(dataset / "eval.json")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"pebr eval: error: --model {out} is damaged: {weights} does not match its checksum"), line
+    weights.write_bytes(whole)
+    (out / "generation_config.json").write_text("{}\n")  # the user's to edit: not a damage
+    check_hf_model_dir(out, "--model")
+
+
+# A child that converts nothing itself: it runs the export tool with its shard writer wrapped so that the process
+# gets a real SIGTERM in the middle of writing the weights.
+_SIGTERM_EXPORT = """
+import os, signal, sys
+sys.path.insert(0, "tools")
+import pebr_mega.checkpoint.convert as convert
+real = convert.write_safetensors
+def writing_then_terminated(out, tensors, **kw):
+    next(iter(tensors))
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(out, tensors, **kw)
+convert.write_safetensors = writing_then_terminated
+import export_to_hf
+sys.exit(export_to_hf.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_during_an_export_removes_its_temporary(mcore, tmp_path):
+    got = subprocess.run([sys.executable, "-c", _SIGTERM_EXPORT, "--mcore-dir", str(mcore), "--out",
+                          str(tmp_path / "hf"), "--quiet"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert got.returncode == 130 and "Traceback" not in got.stderr, got.stderr[-3000:]
+    line = got.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"interrupted (SIGTERM) while writing {tmp_path / 'hf'}: removed its temporary directory"), line
+    assert list(tmp_path.iterdir()) == []  # no temporary, no lock file, no half export
+
+
+def test_dry_run_fails_where_the_run_refuses(dataset, tiny_model_dir, tmp_path, capsys):
+    """rollout.max_new_tokens over the model's positions: the real start-up refuses it, so does the dry run."""
+    argv = [f"run.output_dir={tmp_path / 'run'}", "grpo.stage=stage2", f"grpo.init_model={tiny_model_dir}",
+            f"grpo.train_file={dataset / 'grpo.json'}", "grpo.rollout_batch_size=4", "grpo.mini_batch_size=2",
+            "rollout.max_new_tokens=6000"]
+    assert main(["train", *argv]) == 2
+    real = capsys.readouterr().err.strip()
+    assert main(["train", "--dry-run", *argv]) == 2
+    dry = capsys.readouterr().err.strip()
+    assert "rollout.max_new_tokens=6000" in real and dry == real, (real, dry)
+    assert not (tmp_path / "run").exists()
