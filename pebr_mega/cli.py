@@ -660,11 +660,11 @@ def _quiet_known_fallback_warnings() -> None:
 
 def _operation_of(e: BaseException, command: str) -> str:
     """What was being done when `e` was raised, for its one-line message: the innermost pebr_mega function of its
-    traceback (e.g. `pebr train (in RunContext.for_training)`), else the command."""
+    traceback (`in claim_output_dir`), else the command."""
     import traceback
 
     frames = [f for f in traceback.extract_tb(e.__traceback__) if "pebr_mega" in f.filename.replace("\\", "/")]
-    return f"pebr {command} (in {frames[-1].name})" if frames else f"pebr {command}"
+    return f"in {frames[-1].name}" if frames else f"running pebr {command}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -275,3 +275,140 @@ def test_dry_run_fails_where_the_run_refuses(dataset, tiny_model_dir, tmp_path, 
     dry = capsys.readouterr().err.strip()
     assert "rollout.max_new_tokens=6000" in real and dry == real, (real, dry)
     assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------ item 5: diverged runs are not exported
+def test_diverged_runs_stop_before_saving_or_exporting(dataset, tiny_model_dir, tmp_path):
+    """`sft.lr=1e6`: step 1 applies a huge update, the next ones are skipped as non-finite; `actor.lr=1e6` in a
+    GRPO stage likewise. Each run stops at the step where most of its updates are skipped, with one line and
+    status 2: that step is not saved, no model is exported, and the newest checkpoint (the resume point) is the
+    one before. The SFT console shows the skipped updates as GRPO's does."""
+    sft_run, grpo_run = tmp_path / "sft", tmp_path / "grpo"
+    sft = tiny_sft(sft_run, tiny_model_dir, dataset, "sft.batch_size=2", "sft.lr=1e6")
+    grpo = tiny_train(grpo_run, tiny_model_dir, dataset / "grpo.json", "grpo.max_steps=4", "actor.lr=1e6")
+    got = run_in_children([(sft, tmp_path / "sft.log", None), (grpo, tmp_path / "grpo.log", None)])
+    for run, res, stage, key in ((sft_run, got[0], "sft", "sft.lr"), (grpo_run, got[1], "stage2", "actor.lr")):
+        log = res["log"]
+        assert res["rc"] == 2 and "Traceback" not in log, log
+        last = log.strip().splitlines()[-1]
+        assert error_lines(log) == [last], log
+        assert last.startswith(f"pebr {'sft' if stage == 'sft' else 'train'}: error: {stage} diverged at step 3: "
+                               "2 of 3 updates were skipped as non-finite"), last
+        assert f"the newest checkpoint is {run / 'checkpoints' / 'step_2'}, where a rerun resumes" in last
+        assert f"lower {key}" in last
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1", "step_2"]
+        assert not (run / "hf").exists() and not (run / "result.json").exists()
+        assert "updates skipped: non-finite" in log
+        assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_summary_of_a_stage_without_a_finite_reward():
+    """Every reward non-finite (written as null): the stage's summary has none, not a TypeError."""
+    from pebr_mega.trainer.grpo import GRPOTrainer
+    from pebr_mega.trainer.stage import StageResult
+
+    result = StageResult(model_dir="m", steps=2)
+    GRPOTrainer.summarize(None, result, [{"step": 1, "reward/total": None}, {"step": 2, "reward/total": None}])
+    assert result.to_dict()["mean_reward"] is None and result.to_dict()["last_reward"] is None
+
+
+# ------------------------------------------------------------------ item 7: OS errors are one line
+# A child that runs one `pebr` command after a hook (the OS errors are real: writes go to /dev/full, which fails
+# every write with ENOSPC).
+_HOOKED = """
+import json, sys
+argv = json.loads(sys.argv[1])
+exec(HOOK)
+from pebr_mega.cli import main
+sys.exit(main(argv))
+"""
+
+# The second metrics row goes to a full disk.
+_METRICS_TO_DEV_FULL = """
+import pebr_mega.logging as lg
+real = lg.MetricsLogger._write_row
+def full_disk_from_step_2(self, step, line):
+    if step >= 2 and self._file.name != "/dev/full":
+        self._file.close()
+        self._file = open("/dev/full", "a", encoding="utf-8")
+    return real(self, step, line)
+lg.MetricsLogger._write_row = full_disk_from_step_2
+"""
+
+# Step 2's checkpoint save meets a full disk: its trainer state is written to /dev/full (torch's zip writer turns
+# the ENOSPC into `RuntimeError: ... unexpected pos ...`), and the device says it has no space left.
+_SAVE_TO_DEV_FULL = """
+import os
+import pebr_mega.errors as errors
+import pebr_mega.trainer.checkpointing as ck
+real = ck.CheckpointManager.prepare
+def prepare_on_a_full_disk(self, step):
+    tmp = real(self, step)
+    if step == 2:
+        os.symlink("/dev/full", tmp / ck.TRAINER_STATE)
+        errors._free_bytes = lambda path: 0
+    return tmp
+ck.CheckpointManager.prepare = prepare_on_a_full_disk
+"""
+
+
+def _run_hooked(hook: str, argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", f"HOOK = {hook!r}\n" + _HOOKED, json.dumps(argv)], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("where", ["metrics", "checkpoint"])
+def test_a_full_disk_is_one_line_and_the_last_good_state_resumes(where, dataset, tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    argv = tiny_train(run, tiny_model_dir, dataset / "grpo.json", "grpo.max_steps=3")
+    got = _run_hooked(_METRICS_TO_DEV_FULL if where == "metrics" else _SAVE_TO_DEV_FULL, argv)
+    assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr[-3000:]
+    last = got.stderr.strip().splitlines()[-1]
+    assert error_lines(got.stderr) == [last], got.stderr
+    if where == "metrics":
+        assert last.startswith(f"pebr train: error: writing the metrics of step 2: {run / 'metrics.jsonl'}: no space "
+                               "left on the device (ENOSPC); the newest checkpoint is intact"), last
+    else:
+        assert last.startswith(f"pebr train: error: saving the checkpoint of step 2: "
+                               f"{run / 'checkpoints' / '.tmp-step_2'}: no space left on the device"), last
+        assert f"the newest checkpoint is still {run / 'checkpoints' / 'step_1'}" in last, last
+        assert not (run / "checkpoints" / ".tmp-step_2").exists()  # its space is given back
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]
+    rerun = _pebr(*argv)
+    assert rerun.returncode == 0 and "resumed from" in rerun.stderr + rerun.stdout, rerun.stderr[-3000:]
+
+
+def test_read_only_and_unreadable_paths_are_one_line(dataset, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A directory the OS refuses to create (/sys: EPERM even for root), a read-only file system and an
+    unreadable file (simulated: the tests run as root, whom chmod does not stop): one line naming the path."""
+    import errno
+
+    import pebr_mega.cli as cli
+
+    assert main(["synth", "--out", "/sys/pebr-test-out", "--num", "2"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("pebr synth: error: in ") and "/sys/pebr-test-out" in line \
+        and "operation not permitted (EPERM)" in line, line
+    assert main(["train", *tiny_train(Path("/sys/pebr-test-run"), tiny_model_dir, dataset / "grpo.json")[1:]]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "/sys/pebr-test-run" in line and "(EPERM)" in line and line.count("\n") == 0, line
+
+    def read_only(out, cfg):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(out) / "grpo.json"))
+
+    monkeypatch.setattr(cli, "write_synthetic_dataset", read_only)
+    assert main(["synth", "--out", str(tmp_path / "synth"), "--num", "2"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"pebr synth: error: in _cmd_synth: {tmp_path / 'synth' / 'grpo.json'}: read-only "
+                    "file system (EROFS)"), line
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(dataset / "grpo.json"))
+
+    monkeypatch.setattr(cli, "split_files", unreadable)
+    rollouts = tmp_path / "r.jsonl"
+    rollouts.write_text("")
+    assert main(["split", "--rollouts", str(rollouts), "--dataset", str(dataset / "grpo.json"), "--out-dir",
+                 str(tmp_path / "split")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.endswith(f"{dataset / 'grpo.json'}: permission denied (EACCES)"), line
