@@ -296,7 +296,8 @@ def test_diverged_runs_stop_before_saving_or_exporting(dataset, tiny_model_dir, 
                                "2 of 3 updates were skipped as non-finite"), last
         assert f"the newest checkpoint is {run / 'checkpoints' / 'step_2'}, where a rerun resumes" in last
         assert f"lower {key}" in last
-        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1", "step_2"]
+        assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == "step_2"  # step 3 is not saved
+        assert not (run / "checkpoints" / "step_3").exists()
         assert not (run / "hf").exists() and not (run / "result.json").exists()
         assert "updates skipped: non-finite" in log
         assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
