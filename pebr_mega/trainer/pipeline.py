@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pebr_mega.checkpoint.hf_io import atomic_dir
+from pebr_mega.checkpoint.hf_io import atomic_dir, verify_hf_weights
 from pebr_mega.config import PebrConfig
 from pebr_mega.data.records import image_root_for, read_json_items
 from pebr_mega.data.split import format_summary, split_files
@@ -320,6 +320,7 @@ def _run_stage2(cfg: PebrConfig, work: Path, results: dict) -> dict:
 def _run_export(cfg: PebrConfig, work: Path, results: dict) -> dict:
     src = Path(_model_of(work, "stage2", results, _model_of(work, "stage1", results,
                                                              _model_of(work, "sft", results, cfg.pipeline.base_model))))
+    verify_hf_weights(src, "the final model's source")  # a damaged stage model is not published as final
     with atomic_dir(work / "final") as tmp:
         for f in src.iterdir():
             if f.is_file():
