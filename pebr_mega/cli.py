@@ -518,9 +518,8 @@ def _dry_run(cfg: PebrConfig, command: str, restart: bool = False) -> int:
     """The plan as JSON on stdout (docs/TRAINING.md, "Dry run"); a plan that cannot start ends as one error line."""
     import json
 
-    from pebr_mega.trainer.dry_run import dry_run, plan_error
-
     from pebr_mega.plan.checks import check_dry_run
+    from pebr_mega.trainer.dry_run import dry_run, plan_error
 
     plan = dry_run(cfg, command, restart=restart)
     print(json.dumps(plan, indent=1))

@@ -303,6 +303,34 @@ def test_diverged_runs_stop_before_saving_or_exporting(dataset, tiny_model_dir, 
         assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_divergence_guard_rules():
+    """The guard's rules: non-finite weights stop at once; skipped updates stop the run from 2 on when they
+    outnumber the applied ones (one bad batch does not); at the end one skipped update not outweighed does."""
+    from pebr_mega.trainer.divergence import DivergedError, DivergenceGuard
+
+    def where() -> str:
+        return "the newest checkpoint is X"
+
+    guard = DivergenceGuard("stage2", "actor.lr", applied_at_start=5)
+    guard.check(1, 6, True, where)
+    with pytest.raises(DivergedError, match="stage2 diverged at step 2: the weights are no longer finite"):
+        guard.check(2, 7, False, where)
+    guard = DivergenceGuard("sft", "sft.lr")
+    guard.observe({"skipped_updates": 1.0})
+    guard.check(1, 0, True, where)  # one bad batch
+    guard.observe({"skipped_updates": 0.0})
+    guard.check(2, 1, True, where)
+    guard.observe({"skipped_updates": 1.0})
+    with pytest.raises(DivergedError, match=r"2 of 3 updates were skipped .* the newest checkpoint is X \(lower sft.lr"):
+        guard.check(3, 1, True, where)
+    final = DivergenceGuard("stage1", "actor.lr")
+    final.observe({"skipped_batches": 1.0})  # a step that ran no update
+    final.check_final(1, 0, where)
+    final.observe({"skipped_updates": 1.0})
+    with pytest.raises(DivergedError, match="1 of 1 updates were skipped"):
+        final.check_final(2, 0, where)
+
+
 def test_summary_of_a_stage_without_a_finite_reward():
     """Every reward non-finite (written as null): the stage's summary has none, not a TypeError."""
     from pebr_mega.trainer.grpo import GRPOTrainer

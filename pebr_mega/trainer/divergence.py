@@ -17,6 +17,7 @@ comes before that step's save: the newest checkpoint stays what it was, the resu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from pebr_mega.errors import PebrError
 
@@ -45,15 +46,16 @@ class DivergenceGuard:
         """Updates applied by this process: the actor's counter since the start."""
         return actor_updates - self.applied_at_start
 
-    def check(self, step: int, actor_updates: int, weights_finite: bool, where: str) -> None:
-        """At the boundary after `step`: raise when the weights are not finite or the updates mostly skipped."""
+    def check(self, step: int, actor_updates: int, weights_finite: bool, where: Callable[[], str]) -> None:
+        """At the boundary after `step`: raise when the weights are not finite or the updates mostly skipped.
+        `where()` says where a rerun resumes (asked only when the run stops)."""
         if not weights_finite:
             self._stop(step, "the weights are no longer finite (an applied update overflowed them)", where)
         applied = self.applied(actor_updates)
         if self.skipped >= MIN_SKIPPED and self.skipped > applied:
             self._stop(step, self._tally(applied), where)
 
-    def check_final(self, step: int, actor_updates: int, where: str) -> None:
+    def check_final(self, step: int, actor_updates: int, where: Callable[[], str]) -> None:
         """Before the final save and export: raise when any update was skipped and more skipped than applied."""
         applied = self.applied(actor_updates)
         if self.skipped and self.skipped > applied:
@@ -63,6 +65,6 @@ class DivergenceGuard:
         total = applied + self.skipped
         return f"{self.skipped} of {total} updates were skipped as non-finite (loss or gradient)"
 
-    def _stop(self, step: int, why: str, where: str) -> None:
+    def _stop(self, step: int, why: str, where: Callable[[], str]) -> None:
         raise DivergedError(f"{self.stage} diverged at step {step}: {why}; the model is neither saved nor exported, "
-                            f"{where} (lower {self.lr_key}, or look at the data, and rerun with --force-restart)")
+                            f"{where()} (lower {self.lr_key}, or look at the data, and rerun with --force-restart)")

@@ -163,7 +163,7 @@ class StageTrainer:
                 while self.step < self.total_steps:
                     self.stop_if_requested(stop, logger)
                     self.run_step(logger)
-                self.divergence.check_final(self.step, self.actor.updates, self.resume_point())
+                self.divergence.check_final(self.step, self.actor.updates, self.resume_point)
                 if self.checkpoints.last_step() != self.step:
                     self.save()
                 self.stop_if_requested(stop, logger)
@@ -190,7 +190,7 @@ class StageTrainer:
         logger.log(self.step, metrics)
         self.divergence.observe(metrics)
         # Before the step's save: a diverged step is never saved, the newest checkpoint stays the resume point.
-        self.divergence.check(self.step, self.actor.updates, self.actor.weights_finite(), self.resume_point())
+        self.divergence.check(self.step, self.actor.updates, self.actor.weights_finite(), self.resume_point)
         if self.loop.eval_every and self.step % self.loop.eval_every == 0 and self.step < self.total_steps:
             self.evaluate(f"at step {self.step}", logger, log_step=self.step)
         if self.loop.save_every and self.step % self.loop.save_every == 0:
