@@ -13,11 +13,15 @@ Every command that writes claims its outputs first, before it loads anything:
 
 One process at a time writes an output: `lock_output_dir(path)` (a run directory, a pipeline's work directory)
 and `lock_beside(path)` (a file, or a directory that is replaced whole: the sampling output, an export) take an
-exclusive `fcntl.flock` on a lock file, `.pebr-lock` in the directory or `.<name>.pebr-lock` beside the path. The
-lock file names its holder (pid, host, command); a second process is refused with an `OutputError` naming them.
-The kernel releases the lock when the holder dies, however it dies, so a lock file left by a kill -9 never
-blocks a rerun. A run directory's lock is held for the life of the process; a lock beside a path is released
-(and its file removed) when the write is done.
+exclusive lock on a lock file, `.pebr-lock` in the directory or `.<name>.pebr-lock` beside the path. The lock
+file names its holder (pid, host, command); a second process is refused with an `OutputError` naming them. The
+kernel releases the lock when the holder dies, however it dies, so a lock file left by a kill -9 never blocks a
+rerun. A run directory's lock is held for the life of the process; a lock beside a path is released (and its
+file removed) when the write is done. The lock is a POSIX record lock (`fcntl.lockf`), not `flock`: a `flock`
+belongs to the open file, which a forked child shares, so the writer processes Megatron forks during a
+checkpoint save kept a killed run's lock for as long as they lived and refused its rerun (seen in the kill
+soak); a record lock belongs to the process alone. Its one rule: this process must not open and close the lock
+file a second time while it holds the lock (closing any descriptor of it releases the lock), hence `_held`.
 
 What pebr wrote is recorded in a marker file, `.pebr-output.json`, in the directory concerned: `{"dir": true}`
 for a directory pebr created (a run, a synthetic dataset, a tiny model; the files in it count as pebr's), and
@@ -27,6 +31,7 @@ results, rollouts). A re-run into its own outputs therefore proceeds; anything e
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -241,9 +246,11 @@ def _acquire(lock_file: Path, what: str, target: Path) -> int | None:
     while True:
         fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
             os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             raise OutputError(f"{what} {target} is in use by {_holder_of(lock_file)}; wait for it to finish, or "
                               "choose another path") from None
         # The holder before us may have removed the file between our open and our lock (`lock_beside`): a lock
