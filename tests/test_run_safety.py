@@ -441,3 +441,27 @@ def test_read_only_and_unreadable_paths_are_one_line(dataset, tiny_model_dir, tm
                  str(tmp_path / "split")]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.endswith(f"{dataset / 'grpo.json'}: permission denied (EACCES)"), line
+
+
+# The export tool meets a full disk while it writes the weights.
+_EXPORT_ON_A_FULL_DISK = """
+import errno, sys
+sys.path.insert(0, "tools")
+import pebr_mega.checkpoint.convert as convert
+def full_disk(out, tensors, **kw):
+    raise OSError(errno.ENOSPC, "No space left on device", str(out / "shard-00000.tmp.safetensors"))
+convert.write_safetensors = full_disk
+import export_to_hf
+sys.exit(export_to_hf.main(sys.argv[1:]))
+"""
+
+
+def test_a_full_disk_during_an_export_is_one_line(mcore, tmp_path):
+    got = subprocess.run([sys.executable, "-c", _EXPORT_ON_A_FULL_DISK, "--mcore-dir", str(mcore), "--out",
+                          str(tmp_path / "hf"), "--quiet"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr[-3000:]
+    line = got.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"export_to_hf: error: exporting to {tmp_path / 'hf'}: {tmp_path}/.hf.tmp-") and \
+        line.endswith("shard-00000.tmp.safetensors: no space left on the device (ENOSPC)"), line
+    assert list(tmp_path.iterdir()) == []  # the unfinished export and the lock file are gone
