@@ -9,6 +9,7 @@ errors that are the user's to fix (`ConfigError`, `DataError`, ...) are printed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -451,9 +452,8 @@ def _run_sample(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.sample import run_sampling
 
     _check_startup(cfg, "sample")
-    if not cfg.sample.output:  # run_sampling says what is missing
-        return f"sampling done: {run_sampling(cfg)['output']}"
-    with lock_beside(cfg.sample.output, "sample.output"):  # a second `pebr sample` on this file stops here
+    # A second `pebr sample` on this file stops here (without an output, run_sampling says what is missing).
+    with lock_beside(cfg.sample.output, "sample.output") if cfg.sample.output else contextlib.nullcontext():
         return f"sampling done: {run_sampling(cfg)['output']}"
 
 

@@ -227,6 +227,14 @@ def _holder_of(lock_file: Path) -> str:
         return "another process (it has not written its name yet)"
 
 
+def _command_name() -> str:
+    """What this process is, for the holder's line: `pebr train`, or the script (`export_to_hf.py`)."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if script in ("pebr", "__main__.py", "-c", "-m"):
+        return " ".join(["pebr", *sys.argv[1:2]])
+    return script
+
+
 def _still_there(fd: int, lock_file: Path) -> bool:
     """Whether the descriptor `fd` is the file now at `lock_file` (not one removed since it was opened)."""
     try:
@@ -258,8 +266,7 @@ def _acquire(lock_file: Path, what: str, target: Path) -> int | None:
         if _still_there(fd, lock_file):
             break
         os.close(fd)
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
-            "command": " ".join(["pebr", *sys.argv[1:2]]) if sys.argv else "pebr"}
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": _command_name()}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
     _held[lock_file] = fd
