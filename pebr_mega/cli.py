@@ -9,6 +9,7 @@ errors that are the user's to fix (`ConfigError`, `DataError`, ...) are printed 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -21,9 +22,9 @@ from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
 from pebr_mega.data.split import SPLIT_FILES, format_summary, split_files
 from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
 from pebr_mega.data.template import model_prompt_template
-from pebr_mega.errors import DataError, PebrError
+from pebr_mega.errors import DataError, PebrError, describe_os_error
 from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
-from pebr_mega.outputs import claim_output_dir, claim_output_file, plot_path
+from pebr_mega.outputs import claim_output_dir, claim_output_file, lock_beside, plot_path
 from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
 
 if TYPE_CHECKING:  # the config tree imports torch: handlers import it lazily
@@ -366,6 +367,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grading", default=None, choices=["upstream", "lenient"],
                    help="how the answer is taken from a response (default: rewards.answer_grading of --config, "
                         "upstream unless it says otherwise)")
+    p.add_argument("--skip-verify", action="store_true",
+                   help="read the model even when its weights do not match its MANIFEST.json (forensics)")
     p.set_defaults(handler=_cmd_eval)
 
 
@@ -383,7 +386,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     grading = args.grading or cfg.rewards.answer_grading
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    check_hf_model_dir(args.model, "--model")
+    check_hf_model_dir(args.model, "--model", verify=not args.skip_verify)
     if args.results:
         claim_output_file(args.results, [args.dataset, args.model], what="--results")
     loaded = load_grpo_records(args.dataset, args.image_root, allow_outside_root=cfg.data.allow_images_outside_root)
@@ -465,16 +468,20 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- training
 # The config-driven commands share one shape: `--config C [k=v ...] [--dry-run]`, then one library call.
-def _check_startup(cfg: PebrConfig, command: str, world_size: int | None = None) -> None:
+def _check_startup(cfg: PebrConfig, command: str, dry_run: bool = False, world_size: int | None = None) -> None:
     """Every start-up rule before anything loads: the divisibility and size rules (pebr_mega.plan) on the world
-    the launcher gives (`world_size`: a dry run's --world-size) and every input path the command opens
-    (plan/paths.py); the real run and `--dry-run` both call this. Notes go to stderr on rank 0."""
+    the launcher gives and every input path the command opens (plan/paths.py); the real run and `--dry-run`
+    both call this (a dry run on `plan.checks.dry_run_world`: --world-size, WORLD_SIZE, the GPUs here, else
+    the layout's own tp x pp). Notes go to stderr on rank 0."""
     import os
 
     from pebr_mega.plan import check_startup
+    from pebr_mega.plan.checks import dry_run_world
     from pebr_mega.plan.paths import check_inputs
 
-    result = check_startup(cfg, world_size=world_size, command=command, also=check_inputs(cfg, command))
+    world, source = dry_run_world(cfg, world_size) if dry_run else (None, None)
+    result = check_startup(cfg, world_size=world, command=command, also=check_inputs(cfg, command),
+                           world_source=source)
     if os.environ.get("RANK", "0") == "0":
         for note in result.notes:
             print(f"pebr {command}: note: {note}", file=sys.stderr)
@@ -498,7 +505,9 @@ def _run_sample(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.sample import run_sampling
 
     _check_startup(cfg, "sample")
-    return f"sampling done: {run_sampling(cfg)['output']}"
+    # A second `pebr sample` on this file stops here (without an output, run_sampling says what is missing).
+    with lock_beside(cfg.sample.output, "sample.output") if cfg.sample.output else contextlib.nullcontext():
+        return f"sampling done: {run_sampling(cfg)['output']}"
 
 
 def _run_pipeline(cfg: PebrConfig, restart: bool = False) -> str:
@@ -545,8 +554,8 @@ def _add_config_commands(sub: argparse._SubParsersAction) -> None:
                             "reward weights) as JSON and exit without loading a model; `pebr config` prints the "
                             "resolved config")
         p.add_argument("--world-size", type=int, default=None,
-                       help="with --dry-run: the number of processes the run will have (default: WORLD_SIZE, else 1, "
-                            "as the run itself)")
+                       help="with --dry-run: the number of processes the run will have (default: WORLD_SIZE, else "
+                            "the GPUs visible here, else model.tp x model.pp)")
         if name in RESTARTABLE:
             p.add_argument("--force-restart", action="store_true", help=RESTARTABLE[name])
         p.set_defaults(handler=_cmd_config_command, run=run)
@@ -557,7 +566,7 @@ def _cmd_config_command(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        _check_startup(cfg, args.command, args.world_size)
+        _check_startup(cfg, args.command, dry_run=True, world_size=args.world_size)
         return _dry_run(cfg, args.command, getattr(args, "force_restart", False))
     print(args.run(cfg, restart=True) if getattr(args, "force_restart", False) else args.run(cfg))
     return 0
@@ -634,6 +643,8 @@ def _add_compare_logits(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", default=None, help="user text after the image")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max |logit diff| allowed (fp32)")
     p.add_argument("--spec", default="auto", choices=["auto", "te", "torch", "local"], help="Megatron layer spec")
+    p.add_argument("--skip-verify", action="store_true",
+                   help="read the checkpoints even when they do not match their MANIFEST.json (forensics)")
     p.set_defaults(handler=_cmd_compare_logits)
 
 
@@ -641,6 +652,7 @@ def _cmd_compare_logits(args: argparse.Namespace) -> int:
     import torch
 
     from pebr_mega.checkpoint.compare import DEFAULT_PROMPT, compare_logits, sample_inputs
+    from pebr_mega.checkpoint.hf_io import verify_hf_weights
     from pebr_mega.models.specs import resolve_spec
 
     resolve_spec(args.spec)  # an unusable backend fails here, before any rank starts
@@ -648,8 +660,10 @@ def _cmd_compare_logits(args: argparse.Namespace) -> int:
         raise UserError(f"--tp {args.tp} and --pp {args.pp} must be >= 1")
     if torch.cuda.is_available() and args.tp * args.pp > torch.cuda.device_count():
         raise UserError(f"--tp {args.tp} x --pp {args.pp} ranks need that many GPUs; {torch.cuda.device_count()} visible")
+    verify_hf_weights(args.hf_dir, "--hf-dir", skip=args.skip_verify)  # before sample_inputs reads it
     inputs = sample_inputs(args.hf_dir, image=args.image, prompt=args.prompt or DEFAULT_PROMPT)
-    s = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, inputs=inputs, spec=args.spec)
+    s = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, inputs=inputs, spec=args.spec,
+                       verify=not args.skip_verify)
     print(f"tokens={s['tokens']} vocab={s['vocab']} tp={args.tp} pp={args.pp}")
     print(f"max_abs_diff={s['max_abs_diff']:.3e} mean_abs_diff={s['mean_abs_diff']:.3e} "
           f"cosine={s['cosine']:.8f} top1_agreement={s['top1_agreement']:.4f}")
@@ -717,6 +731,15 @@ def _config_warnings_as_notes() -> None:
     warnings.formatwarning = formatted
 
 
+def _operation_of(e: BaseException, command: str) -> str:
+    """What was being done when `e` was raised, for its one-line message: the innermost pebr_mega function of its
+    traceback (`in claim_output_dir`), else the command."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "pebr_mega" in f.filename.replace("\\", "/")]
+    return f"in {frames[-1].name}" if frames else f"running pebr {command}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `pebr` console script; returns the process exit code."""
     _quiet_known_fallback_warnings()
@@ -731,6 +754,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except (UserError, PebrError, FileNotFoundError) as e:
         print(f"pebr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk (no space, read-only, permission) where the library did not name the operation
+        print(f"pebr {args.command}: error: {describe_os_error(e, _operation_of(e, args.command))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"pebr {args.command}: interrupted", file=sys.stderr)

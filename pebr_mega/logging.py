@@ -22,6 +22,7 @@ the run's own record, `metrics.jsonl`, holds the resumed values.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from pebr_mega.config_fields import check_fields, choice
-from pebr_mega.errors import BackendUnavailableError
+from pebr_mega.errors import BackendUnavailableError, storage_error
 from pebr_mega.outputs import write_text_atomic
 from pebr_mega.parallel.groups import rank
 
@@ -179,6 +180,19 @@ class MetricsLogger:
         write_text_atomic(path, run_id + "\n")
         return run_id
 
+    def _write_row(self, step: int, line: str) -> None:
+        """Append one row to `metrics.jsonl`; a disk that refuses it (full, read-only) is a `StorageError` naming
+        the file (a torn row it leaves is cut by the resume, `truncate_steps`)."""
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):  # closing flushes the rest again, which fails again
+                self._file.close()
+            raise storage_error(e, f"writing the metrics of step {step}", self.path,
+                                "the newest checkpoint is intact: free the space and rerun the same command to "
+                                "resume from it") from None
+
     def log(self, step: int, metrics: Mapping[str, Any], console: bool = True) -> None:
         """Record one step's metrics (numbers; non-finite values are written as null).
 
@@ -186,8 +200,7 @@ class MetricsLogger:
         wandb only, without a console line or a progress-bar tick.
         """
         clean = {k: _jsonable(v) for k, v in metrics.items()}
-        self._file.write(json.dumps({"step": step, "wall": round(time.time() - self._t0, 3), **clean}) + "\n")
-        self._file.flush()
+        self._write_row(step, json.dumps({"step": step, "wall": round(time.time() - self._t0, 3), **clean}) + "\n")
         shown = external_names({k: v for k, v in clean.items() if v is not None}, self.cfg.metric_names)
         if self._wandb is not None:
             self._wandb.log(shown, step=step)

@@ -11,6 +11,18 @@ Every command that writes claims its outputs first, before it loads anything:
 - `check_replace_dir(out, sources, overwrite)`: for tools that replace a whole directory (export, convert):
   never the source, never inside it, never holding it; a non-empty directory only with `overwrite`.
 
+One process at a time writes an output: `lock_output_dir(path)` (a run directory, a pipeline's work directory)
+and `lock_beside(path)` (a file, or a directory that is replaced whole: the sampling output, an export) take an
+exclusive lock on a lock file, `.pebr-lock` in the directory or `.<name>.pebr-lock` beside the path. The lock
+file names its holder (pid, host, command); a second process is refused with an `OutputError` naming them. The
+kernel releases the lock when the holder dies, however it dies, so a lock file left by a kill -9 never blocks a
+rerun. A run directory's lock is held for the life of the process; a lock beside a path is released (and its
+file removed) when the write is done. The lock is a POSIX record lock (`fcntl.lockf`), not `flock`: a `flock`
+belongs to the open file, which a forked child shares, so the writer processes Megatron forks during a
+checkpoint save kept a killed run's lock for as long as they lived and refused its rerun (seen in the kill
+soak); a record lock belongs to the process alone. Its one rule: this process must not open and close the lock
+file a second time while it holds the lock (closing any descriptor of it releases the lock), hence `_held`.
+
 What pebr wrote is recorded in a marker file, `.pebr-output.json`, in the directory concerned: `{"dir": true}`
 for a directory pebr created (a run, a synthetic dataset, a tiny model; the files in it count as pebr's), and
 `"files": [...]` for single files pebr wrote into some other directory (filtered SFT records, evaluation
@@ -19,14 +31,22 @@ results, rollouts). A re-run into its own outputs therefore proceeds; anything e
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import socket
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from pebr_mega.errors import OutputError
 
 MARKER = ".pebr-output.json"
+LOCK = ".pebr-lock"
+_held: dict[Path, int] = {}  # lock file -> descriptor, for the locks this process holds
 PathLike = str | os.PathLike
 
 
@@ -82,7 +102,7 @@ def written_by_pebr(path: PathLike) -> bool:
 
 def _is_empty(p: Path) -> bool:
     if p.is_dir():
-        return all(child.name == MARKER for child in p.iterdir())
+        return all(child.name in (MARKER, LOCK) for child in p.iterdir())
     return p.stat().st_size == 0
 
 
@@ -194,3 +214,86 @@ def plot_path(out: PathLike | None, default: PathLike, name: str = "curves.png")
     if Path(out).is_dir() or str(out).endswith((os.sep, "/")):
         return Path(out) / name
     return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------- locks
+def _holder_of(lock_file: Path) -> str:
+    """Who holds `lock_file`, as its holder wrote it ("pid 123 on host h, `pebr train`, since ...")."""
+    try:
+        info = json.loads(lock_file.read_text(encoding="utf-8"))
+        return (f"pid {info['pid']} on host {info['host']} (`{info['command']}`, since "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(info['since']))})")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not written its name yet)"
+
+
+def _command_name() -> str:
+    """What this process is, for the holder's line: `pebr train`, or the script (`export_to_hf.py`)."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if script in ("pebr", "__main__.py", "-c", "-m"):
+        return " ".join(["pebr", *sys.argv[1:2]])
+    return script
+
+
+def _still_there(fd: int, lock_file: Path) -> bool:
+    """Whether the descriptor `fd` is the file now at `lock_file` (not one removed since it was opened)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(lock_file))
+    except FileNotFoundError:
+        return False
+
+
+def _acquire(lock_file: Path, what: str, target: Path) -> int | None:
+    """Take the exclusive lock of `lock_file` for this process (None when it already holds it); raise
+    `OutputError` naming the holder when another process does."""
+    lock_file = resolved(lock_file)
+    if lock_file in _held:
+        if _still_there(_held[lock_file], lock_file):
+            return None
+        os.close(_held.pop(lock_file))  # its directory was removed and made anew (a restart): lock the new file
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            raise OutputError(f"{what} {target} is in use by {_holder_of(lock_file)}; wait for it to finish, or "
+                              "choose another path") from None
+        # The holder before us may have removed the file between our open and our lock (`lock_beside`): a lock
+        # on a removed file protects nothing, so take the lock of the file that is there now.
+        if _still_there(fd, lock_file):
+            break
+        os.close(fd)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "command": _command_name()}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    _held[lock_file] = fd
+    return fd
+
+
+def lock_output_dir(path: PathLike, what: str = "output directory") -> Path:
+    """Hold the lock of the directory `path` (its `.pebr-lock`) until this process ends; `OutputError` naming
+    the holder when another process holds it. Idempotent within a process. Multi-rank jobs call it on rank 0
+    alone (the ranks of one job are several processes)."""
+    p = resolved(path)
+    _acquire(p / LOCK, what, Path(path))
+    return Path(path)
+
+
+@contextmanager
+def lock_beside(path: PathLike, what: str = "output") -> Iterator[Path]:
+    """Hold the lock of `path` (a file, or a directory replaced whole) in the block: `.<name>.pebr-lock` beside it,
+    removed at the end. `OutputError` naming the holder when another process holds it."""
+    p = resolved(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = p.parent / f".{p.name}.pebr-lock"
+    fd = _acquire(lock_file, what, Path(path))
+    try:
+        yield Path(path)
+    finally:
+        if fd is not None:  # removed while held, so a process that opened it before takes the new file's lock
+            lock_file.unlink(missing_ok=True)
+            _held.pop(lock_file, None)
+            os.close(fd)

@@ -44,7 +44,9 @@ def _tools(calls: list[tuple]) -> list[subprocess.CompletedProcess]:
 
 
 def _digests(d: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir()) if p.is_file()}
+    """Every file's SHA-256, but the directory's own MANIFEST.json (an export's describes the export)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.iterdir())
+            if p.is_file() and p.name != "MANIFEST.json"}
 
 
 def _hf_state(d: Path) -> dict[str, torch.Tensor]:

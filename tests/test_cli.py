@@ -156,7 +156,8 @@ def _last_error(capsys, argv: list[str]) -> tuple[int, str]:
 
 
 def _tree(path: Path) -> list[str]:
-    return sorted(str(f.relative_to(path)) for f in path.rglob("*"))
+    """Every path below `path`, but the lock file a real run takes (`.pebr-lock`: held while it runs)."""
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.name != ".pebr-lock")
 
 
 def test_train_dry_run_reports_the_run_directory_as_the_run_finds_it(tiny_model_dir, tmp_path, capsys):
@@ -318,7 +319,7 @@ def test_pipeline_dry_run_checks_the_recorded_fingerprints_as_the_run_does(tiny_
     (work / "split" / "mediumcase.json").write_text(json.dumps(rows[4:]))
     pl._mark_done(work, "split", {"dir": str(work / "split")}, recorded["split"])
     pl._mark_started(work, "stage1", recorded["stage1"])
-    before = sorted(str(f.relative_to(work)) for f in work.rglob("*"))
+    before = _tree(work)
 
     # The same settings: the finished stages are done, the interrupted one and the rest run.
     rc, plans, _ = _dry(capsys, "pipeline", "--dry-run", *overrides)
@@ -359,7 +360,7 @@ def test_pipeline_dry_run_checks_the_recorded_fingerprints_as_the_run_does(tiny_
     assert rc == 0 and [(p["stage"], p["status"]) for p in plans] == \
         [("sft", "done"), ("sample", "discarded"), ("stage1", "pending input")]
     assert plans[2]["init_model"] == str(tiny_model_dir)
-    assert sorted(str(f.relative_to(work)) for f in work.rglob("*")) == before  # the dry runs wrote nothing
+    assert _tree(work) == before  # the dry runs wrote nothing
 
 
 def test_training_commands_fail_at_start_up_with_one_line(tmp_path, capsys):
@@ -376,8 +377,11 @@ def test_dry_run_runs_the_start_up_checks_of_the_run(tiny_model_dir, tmp_path, c
     data = _grpo_file(tmp_path, [(56, 56)] * 8)
     common = ["grpo.stage=stage2", f"grpo.train_file={data}", f"grpo.init_model={tiny_model_dir}",
               "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4"]
+    rc, plan, err = _dry(capsys, "train", "--dry-run", "--world-size", "1", *common, "model.tp=3")  # one GPU
+    assert rc == 2 and plan is None and "model.tp=3" in err and "world size 1" in err and "(--world-size)" in err
+    # No GPU here and no --world-size: the layout's own world (3), where the tiny model's heads still refuse tp=3.
     rc, plan, err = _dry(capsys, "train", "--dry-run", *common, "model.tp=3")
-    assert rc == 2 and plan is None and "model.tp=3" in err and "world size 1" in err and "--world-size" in err
+    assert rc == 2 and plan is None and "model.tp=3 does not divide the model's" in err
     real_rc, real = _last_error(capsys, ["train", *common, "model.tp=3", f"run.output_dir={tmp_path / 'run'}"])
     assert real_rc == 2 and "model.tp=3" in real  # the real run, with the same check
     rc, _, err = _dry(capsys, "train", "--dry-run", "--world-size", "2", *common, "model.tp=2", "model.pp=1")

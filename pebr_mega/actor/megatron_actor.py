@@ -53,6 +53,7 @@ from pebr_mega.checkpoint.dist import META_FILE, TEMPLATE_DIR, load_checkpoint, 
 from pebr_mega.checkpoint.hf_io import HFWeights, replace_dir
 from pebr_mega.checkpoint.hf_load import build_from_hf
 from pebr_mega.checkpoint.hf_mapping import canonical_mcore_name, tp_split_dim
+from pebr_mega.checkpoint.manifest import verify_before_reading
 from pebr_mega.errors import CheckpointError
 from pebr_mega.models.arch import arch_from_hf_config
 from pebr_mega.models.config import ModelConfig, token_multiple
@@ -416,6 +417,18 @@ class MegatronActor:
             if p.grad is not None:
                 p.grad.mul_(coef)
 
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Whether every weight of the model is finite, on every rank (collective: one all-reduce)."""
+        params = [p for p in self.module.parameters() if p.numel()]
+        ok = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            flag = ok.to(device=device, dtype=torch.int32).reshape(1)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            return bool(flag.item())
+        return bool(ok)
+
     @property
     def lr(self) -> float:
         """The current learning rate (0 for a frozen actor)."""
@@ -439,13 +452,14 @@ class MegatronActor:
             (tmp / OPTIMIZER_DIR).mkdir(parents=True)
         barrier()
         save_checkpoint(self.module, tmp / MODEL_DIR, meta, template_dir=template)
-        if self.optimizer is not None:
+        if self._has_optimizer_state():
             dist_checkpointing.save(self._optimizer_sharded_state(is_loading=False), str(tmp / OPTIMIZER_DIR))
         barrier()
         if rank() == 0:
             if self.optimizer is None:
                 (tmp / OPTIMIZER_DIR).rmdir()
             record = {"format": ACTOR_FORMAT, "updates": self.updates, "trainable": self.trainable,
+                      "optimizer_state": self._has_optimizer_state(),
                       "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                       "saved_tp": self.tp_size, "saved_pp": self.pp_size, "saved_dp": self.dp_size,
                       "distributed_optimizer": self._distributed_optimizer() if self.trainable else None}
@@ -465,6 +479,14 @@ class MegatronActor:
         self._load_training_state(ckpt_dir, record)
         return record
 
+    def _has_optimizer_state(self) -> bool:
+        """Whether the optimizer holds a state to save: Adam creates its moments at the first applied update, so
+        before one (every update so far skipped as non-finite, or none run) there is none. Megatron saves such
+        an optimizer as an empty dictionary that no optimizer can load (its loader asks for every moment), so
+        that checkpoint records `optimizer_state: false` instead and its load keeps the fresh optimizer, which
+        is exactly the saved one."""
+        return self.optimizer is not None and self.updates > 0
+
     def _load_training_state(self, ckpt_dir: str | Path, record: dict) -> None:
         from megatron.core import dist_checkpointing
 
@@ -472,9 +494,16 @@ class MegatronActor:
         if self.optimizer is None:
             return
         opt_dir = Path(ckpt_dir) / OPTIMIZER_DIR
-        if not opt_dir.is_dir() or record.get("scheduler") is None:
+        if record.get("trainable") is False or record.get("scheduler") is None:
             raise CheckpointError(f"{ckpt_dir}: no optimizer state (saved by a frozen actor); "
                                   f"build a trainable actor from {Path(ckpt_dir) / MODEL_DIR} to start a fresh optimizer")
+        if self.updates == 0 and record.get("optimizer_state") in (False, None):
+            # Saved before the first applied update (`optimizer_state` false; a checkpoint written before that
+            # key existed had an empty state too): the optimizer had no state, as this fresh one has none.
+            self.scheduler.load_state_dict(record["scheduler"])
+            return
+        if not opt_dir.is_dir():
+            raise CheckpointError(f"{opt_dir}: the optimizer state is missing")
         if record.get("distributed_optimizer") not in (None, self._distributed_optimizer()):
             raise CheckpointError(f"{ckpt_dir}: optimizer state was saved with distributed_optimizer="
                                   f"{record['distributed_optimizer']}, this actor runs with {self._distributed_optimizer()}")
@@ -559,7 +588,7 @@ def checkpoint_kind(path: str | Path) -> str:
 
 @megatron_on_cpu
 def build_actor(path: str | Path, model_cfg: ModelConfig, actor_cfg: ActorConfig, trainable: bool = True, total_updates: int = 1,
-                lr: float | None = None) -> MegatronActor:
+                lr: float | None = None, verify: bool = True) -> MegatronActor:
     """An actor for this rank (TP/PP as initialised by `init_parallel`) from any kind of model directory.
 
     - HF directory: the HF weights, a fresh optimizer;
@@ -567,6 +596,7 @@ def build_actor(path: str | Path, model_cfg: ModelConfig, actor_cfg: ActorConfig
       fresh optimizer;
     - actor checkpoint: weights, and (when `trainable`) optimizer state, schedule and update counter, so
       training resumes exactly where it stopped.
+    A checkpoint is checked against its manifest first (`verify`, on rank 0; `pebr_mega.checkpoint.manifest`).
     Collective over all ranks.
     """
     from megatron.core import parallel_state as mpu
@@ -576,6 +606,8 @@ def build_actor(path: str | Path, model_cfg: ModelConfig, actor_cfg: ActorConfig
     if kind == "hf":
         model = build_from_hf(path, model_cfg)
     else:
+        if verify and rank() == 0:  # a damaged checkpoint stops here (every rank stops with the job)
+            verify_before_reading(path, "model")
         layout = (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size())
         if layout != (model_cfg.tp, model_cfg.pp):
             raise ValueError(f"process groups are tp={layout[0]} pp={layout[1]} but the config asks "

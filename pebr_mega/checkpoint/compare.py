@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pebr_mega.checkpoint.hf_io import verify_hf_weights
+from pebr_mega.checkpoint.manifest import verify_before_reading
 from pebr_mega.models.rope_index import get_rope_index
 from pebr_mega.parallel.launch import spawn
 
@@ -143,8 +145,13 @@ def compare_worker(rank: int, hf_dir: str, mcore_dir: str | None, tp: int, pp: i
 
 
 def compare_logits(hf_dir: str | Path, mcore_dir: str | Path | None, tp: int = 1, pp: int = 1,
-                   inputs: dict | None = None, dtype: str = "float32", spec: str = "auto") -> dict[str, float]:
-    """Spawn tp*pp ranks, run both models on the same input, and return `logit_stats` plus the shapes."""
+                   inputs: dict | None = None, dtype: str = "float32", spec: str = "auto",
+                   verify: bool = True) -> dict[str, float]:
+    """Spawn tp*pp ranks, run both models on the same input, and return `logit_stats` plus the shapes. Both
+    directories are checked against their manifests first (`verify`; `pebr_mega.checkpoint.manifest`)."""
+    verify_hf_weights(hf_dir, "--hf-dir", skip=not verify)
+    if mcore_dir:
+        verify_before_reading(mcore_dir, "--mcore-dir", skip=not verify)
     inputs = inputs or sample_inputs(hf_dir)
     ref = hf_logits(hf_dir, inputs)
     plain = {k: v.numpy() for k, v in inputs.items()}

@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from pebr_mega.checkpoint.dist import TEMPLATE_DIR, iter_full_tensors, read_meta, save_checkpoint
-from pebr_mega.checkpoint.hf_io import HFWeights, atomic_dir, copy_aux_files, write_safetensors
+from pebr_mega.checkpoint.hf_io import HFWeights, atomic_dir, copy_aux_files, verify_hf_weights, write_safetensors
 from pebr_mega.checkpoint.hf_load import load_hf_weights
+from pebr_mega.checkpoint.manifest import verify_before_reading, write_manifest
 from pebr_mega.checkpoint.hf_mapping import MC_VISION, HFMapping
 from pebr_mega.errors import CheckpointError
 from pebr_mega.models.arch import arch_from_hf_config, arch_from_hf_dir
@@ -63,12 +64,14 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, progress: bool = True,
-                        overwrite: bool = False) -> Path:
-    """Write a Megatron distributed checkpoint of the HF Qwen2.5-VL in `hf_dir` to `out_dir`.
+                        overwrite: bool = False, verify: bool = True) -> Path:
+    """Write a Megatron distributed checkpoint of the HF Qwen2.5-VL in `hf_dir` to `out_dir`, with its manifest.
 
     A non-empty `out_dir` is replaced only with `overwrite`; one that is, holds or lies inside `hf_dir` never.
+    An `hf_dir` that pebr exported is checked against its manifest first (`verify`).
     """
     check_replace_dir(out_dir, [hf_dir], overwrite)
+    verify_hf_weights(hf_dir, "--hf-dir", skip=not verify)
     hf_dir = Path(hf_dir)
     arch = arch_from_hf_dir(hf_dir)
     weights = HFWeights(hf_dir)
@@ -85,20 +88,23 @@ def convert_hf_to_mcore(hf_dir: str | Path, out_dir: str | Path, progress: bool 
                 "source": str(hf_dir.resolve()),
                 # a tied checkpoint that nevertheless stores lm_head.weight gets it back on export
                 "hf_stores_tied_lm_head": arch.text.tie_word_embeddings and "lm_head.weight" in weights}
-        out = save_checkpoint(model, out_dir, meta, template_dir=hf_dir)
+        out = save_checkpoint(model, out_dir, meta, template_dir=hf_dir, manifest=True)
     if progress:
         print(f"wrote Megatron checkpoint {out} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters)")
     return out
 
 
 def export_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, hf_template: str | Path | None = None,
-                       progress: bool = True, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
+                       progress: bool = True, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+                       verify: bool = True) -> Path:
     """Write a complete HF model directory (weights + config + tokenizer + processor + templates).
 
     A non-empty `out_dir` is replaced only with `overwrite`; one that is, holds or lies inside the checkpoint
-    or the template never.
+    or the template never. The checkpoint is checked against its manifest first (`verify`; a damaged one is a
+    CheckpointError naming the file), and the export gets its own.
     """
     check_replace_dir(out_dir, [mcore_dir, hf_template], overwrite)
+    verify_before_reading(mcore_dir, "--mcore-dir", skip=not verify)
     mcore_dir = Path(mcore_dir)
     meta = read_meta(mcore_dir)
     template = Path(hf_template) if hf_template is not None else mcore_dir / TEMPLATE_DIR
@@ -136,6 +142,7 @@ def export_mcore_to_hf(mcore_dir: str | Path, out_dir: str | Path, hf_template: 
             raise CheckpointError(f"{mcore_dir}: checkpoint lacks tensors {missing[:5]}")
         copy_aux_files(template, tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        write_manifest(tmp)  # last: what the readers of the export check it against
     if progress:
         print(f"wrote HF model {out_dir} ({len(files)} safetensors file(s))")
     return Path(out_dir)

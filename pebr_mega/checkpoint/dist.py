@@ -5,7 +5,9 @@ TP/PP layout that wrote them), plus:
 - `pebr_mcore.json`: format tag, the HF `config.json` (so the architecture is known without a template),
   the HF key style and dtype of the source, and the layout that saved it;
 - `hf_template/`: the source's non-weight files (tokenizer, processor, chat template, generation config),
-  so exporting back to HF needs no template directory.
+  so exporting back to HF needs no template directory;
+- `MANIFEST.json` (a standalone checkpoint, `convert_hf_to_mcore`'s): every file's size and SHA-256, which its
+  readers check first (`pebr_mega.checkpoint.manifest`).
 
 Saves are atomic: all ranks write into `.NAME.tmp` beside the target, and rank 0 renames it into place after
 a barrier (an existing checkpoint is moved aside first and deleted last). A crash mid-save leaves the last
@@ -23,6 +25,7 @@ import torch
 
 from pebr_mega.checkpoint.hf_io import copy_aux_files, replace_dir
 from pebr_mega.checkpoint.hf_mapping import MC_LAYER, canonical_mcore_name
+from pebr_mega.checkpoint.manifest import write_manifest
 from pebr_mega.errors import CheckpointError
 from pebr_mega.lifetime import install_checkpoint_writer_queue
 from pebr_mega.models.arch import arch_from_hf_config
@@ -46,11 +49,13 @@ def read_meta(ckpt_dir: str | Path) -> dict:
     return meta
 
 
-def save_checkpoint(model, ckpt_dir: str | Path, meta: dict, template_dir: str | Path | None = None) -> Path:
+def save_checkpoint(model, ckpt_dir: str | Path, meta: dict, template_dir: str | Path | None = None,
+                    manifest: bool = False) -> Path:
     """Save `model` (this rank's stage) as a distributed checkpoint; collective over all ranks.
 
     `meta` must carry `hf_config` (the HF config dict); `template_dir`'s non-weight files are copied into
-    `hf_template/` (rank 0).
+    `hf_template/` (rank 0). `manifest`: write its `MANIFEST.json` last, before it is published (a standalone
+    checkpoint; one inside a training checkpoint is covered by that checkpoint's manifest).
     """
     from megatron.core import dist_checkpointing
 
@@ -73,6 +78,8 @@ def save_checkpoint(model, ckpt_dir: str | Path, meta: dict, template_dir: str |
         if template_dir is not None:
             (tmp / TEMPLATE_DIR).mkdir()
             copy_aux_files(template_dir, tmp / TEMPLATE_DIR)
+        if manifest:
+            write_manifest(tmp)
         replace_dir(tmp, final)
     barrier()
     return final

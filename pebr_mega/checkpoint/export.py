@@ -10,6 +10,7 @@ from typing import Callable
 
 from pebr_mega.checkpoint.gather import iter_hf_tensors
 from pebr_mega.checkpoint.hf_io import atomic_dir, copy_aux_files, write_safetensors
+from pebr_mega.checkpoint.manifest import write_manifest
 from pebr_mega.parallel.groups import barrier, rank
 
 
@@ -32,5 +33,6 @@ def export_to_hf(model, template_dir: str | Path, out_dir: str | Path,
         copy_aux_files(template_dir, tmp)
         if write_extra is not None:
             write_extra(tmp)
+        write_manifest(tmp)  # last: what the readers of the export check it against
     barrier()
     return Path(out_dir)

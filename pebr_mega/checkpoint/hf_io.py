@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import shutil
+import sys
+import threading
 import time
 import uuid
 from contextlib import contextmanager
@@ -14,7 +17,8 @@ import torch
 
 from pebr_mega.checkpoint.hf_mapping import normalize_hf_name
 from pebr_mega.errors import CheckpointError
-from pebr_mega.outputs import MARKER
+from pebr_mega.checkpoint.manifest import MANIFEST, verify_before_reading
+from pebr_mega.outputs import LOCK, MARKER
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -94,11 +98,12 @@ def is_weight_file(path: Path) -> bool:
 
 def copy_aux_files(src: str | Path, dst: str | Path) -> list[str]:
     """Copy every non-weight file (config, tokenizer, processor, chat template, generation config, ...), but not
-    the record of what pebr wrote into `src` (`pebr_mega.outputs.MARKER`: it describes `src`, not a copy)."""
+    what describes `src` itself, not a copy: the record of what pebr wrote (`pebr_mega.outputs.MARKER`), its
+    lock file and its `MANIFEST.json`."""
     src, dst = Path(src), Path(dst)
     copied = []
     for p in sorted(src.iterdir()):
-        if p.is_file() and not is_weight_file(p) and p.name != MARKER:
+        if p.is_file() and not is_weight_file(p) and p.name not in (MARKER, LOCK, MANIFEST):
             shutil.copy2(p, dst / p.name)
             copied.append(p.name)
     return copied
@@ -136,6 +141,8 @@ def write_safetensors(out_dir: str | Path, tensors: Iterable[tuple[str, torch.Te
         if progress is not None:
             progress.update(1)
     flush()
+    for name in tmp_names:
+        give_default_mode(out / name)
     total = len(tmp_names)
     if total == 1:
         os.replace(out / tmp_names[0], out / "model.safetensors")
@@ -149,19 +156,62 @@ def write_safetensors(out_dir: str | Path, tensors: Iterable[tuple[str, torch.Te
     return finals
 
 
+def give_default_mode(path: Path) -> None:
+    """Give a file the mode every other file gets (0666 less the umask: 0644 by default). safetensors creates
+    its files 0600, so an exported model's weights were readable by their owner alone while its config and
+    tokenizer were readable by all."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def _stale_temporaries(final: Path) -> list[Path]:
+    """Temporary directories of earlier writes of `final` that a kill left behind."""
+    return [p for p in final.parent.glob(f".{final.name}.tmp-*") if p.is_dir()]
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the block (as Ctrl-C does), so the block's clean-up runs; Python's own
+    default would end the process without it. Main thread only (where Python delivers signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `final`; on success it replaces `final` by renames.
 
     A crash before the end leaves `final` untouched (the temp dir is removed on an exception). When `final`
-    exists it is renamed aside first and deleted only after the new directory is in place.
+    exists it is renamed aside first and deleted only after the new directory is in place. Ctrl-C or SIGTERM
+    inside the block removes the temporary directory and says so on stderr (then the KeyboardInterrupt goes
+    on); temporaries a kill -9 left beside `final` are removed when the next write of `final` starts (the
+    caller holds `final`'s output lock, `pebr_mega.outputs`, so no other process is writing one).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _stale_temporaries(final):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        yield tmp
+        with _sigterm_raises():
+            yield tmp
+    except KeyboardInterrupt as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"interrupted ({e or 'SIGINT'}) while writing {final}: removed its temporary directory {tmp}; "
+              f"{final} is as it was", file=sys.stderr)
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -179,13 +229,14 @@ def replace_dir(new: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_hf_model_dir(path: str | Path, what: str = "model") -> Path:
+def check_hf_model_dir(path: str | Path, what: str = "model", verify: bool = True) -> Path:
     """Check, before anything loads it, that `path` is a readable HF model directory; returns it as a Path.
 
     Everything is read from local directories (nothing is downloaded), so a missing path is reported as such,
     not as a failed connection to the Hub. Every JSON file must parse, `config.json` must be an object and every
-    safetensors file must open (its header is read: a truncated, emptied or garbage file fails here). Raises
-    `CheckpointError` naming the file.
+    safetensors file must open (its header is read: a truncated, emptied or garbage file fails here). A directory
+    pebr exported carries a `MANIFEST.json`: its weight files are checked against it (`verify`; the other files
+    are the user's to edit). Raises `CheckpointError` naming the file.
     """
     p = Path(path) if path else None
     if p is None:
@@ -206,5 +257,14 @@ def check_hf_model_dir(path: str | Path, what: str = "model") -> Path:
             raise CheckpointError(f"{f} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
         if f.name == "config.json" and not isinstance(data, dict):
             raise CheckpointError(f"{f} must hold a JSON object, not a {type(data).__name__}")
+    verify_hf_weights(p, what, skip=not verify)
     HFWeights(p)
     return p
+
+
+def verify_hf_weights(path: str | Path, what: str, skip: bool = False) -> None:
+    """Check the weight files of an HF directory pebr exported (it has a `MANIFEST.json`) against that manifest;
+    the other files (config, generation config, templates) are the user's to edit. A directory without one
+    (an HF download) is not checked. `CheckpointError` naming the damaged file."""
+    if (Path(path) / MANIFEST).is_file():
+        verify_before_reading(path, what, skip=skip, selected=lambda rel: "/" not in rel and is_weight_file(Path(rel)))

@@ -10,21 +10,16 @@ The last two files of a commit are `COMPLETE` (step and caller's meta) and `MANI
 path, size and SHA-256 of every other file. A checkpoint damaged after its commit (a truncated or emptied
 file, a missing Megatron `.metadata`, overwritten bytes) fails `verify_checkpoint`; `latest()` then warns
 naming it and falls back to the newest intact one, instead of a raw unpickling error or weights that load
-silently and train into NaNs. Hashing reads every byte once more: files are read in 8 MiB chunks and hashed
-on several threads (hashlib releases the GIL), so the cost is the disk's (or page cache's) read bandwidth or
-one SHA-256 stream per core, whichever is lower; docs/PERFORMANCE.md ("Checkpoint verification") has the
-measurement.
+silently and train into NaNs. The manifest is `pebr_mega.checkpoint.manifest`'s, which every other reader of
+a checkpoint (export, conversion, evaluation, logit comparison) checks too; its docstring has the cost.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import re
 import shutil
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -32,7 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from pebr_mega.errors import CheckpointError
+from pebr_mega.checkpoint.manifest import (MANIFEST, MANIFEST_FORMAT, files_key, known_intact, remember_intact,
+                                           verify_checkpoint, write_manifest)
+from pebr_mega.errors import CheckpointError, storage_error
 from pebr_mega.parallel.groups import barrier, rank
 
 if TYPE_CHECKING:  # annotations only: reading a run's checkpoint steps (a dry run) needs no Megatron
@@ -40,67 +37,12 @@ if TYPE_CHECKING:  # annotations only: reading a run's checkpoint steps (a dry r
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 COMPLETE = "COMPLETE"
-MANIFEST = "MANIFEST.json"
-MANIFEST_FORMAT = "pebr-checkpoint-manifest/1"
-_CHUNK = 8 << 20
+__all__ = ["COMPLETE", "MANIFEST", "MANIFEST_FORMAT", "CheckpointManager", "CheckpointWarning", "StageCheckpoints",
+           "verify_checkpoint", "write_manifest"]
 
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (damaged) or could not be verified; the message names it."""
-
-
-# ---------------------------------------------------------------------------------------------- manifest
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def write_manifest(directory: str | Path) -> Path:
-    """Write `directory/MANIFEST.json`: relative path, size and SHA-256 of every file below it (atomically)."""
-    root = Path(directory)
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
-    with ThreadPoolExecutor(_threads()) as pool:
-        digests = list(pool.map(_sha256, files))
-    entries = [{"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": d}
-               for p, d in zip(files, digests)]
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": entries}, indent=1) + "\n")
-    os.replace(tmp, root / MANIFEST)
-    return root / MANIFEST
-
-
-def verify_checkpoint(directory: str | Path) -> str | None:
-    """None when every file in the manifest is present with its size and checksum, else what is wrong
-    (naming the file). A checkpoint without a manifest is reported as such."""
-    root = Path(directory)
-    if not (root / MANIFEST).is_file():
-        return f"no {MANIFEST}"
-    try:
-        manifest = json.loads((root / MANIFEST).read_text())
-        entries = manifest["files"]
-        expected = {e["path"]: (int(e["size"]), str(e["sha256"])) for e in entries}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{MANIFEST} is unreadable ({type(e).__name__})"
-    for rel, (size, _) in expected.items():  # sizes first: cheap, and most damage changes them
-        p = root / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        if p.stat().st_size != size:
-            return f"{rel} is {p.stat().st_size} bytes, {size} expected"
-    rels = list(expected)
-    with ThreadPoolExecutor(_threads()) as pool:
-        digests = list(pool.map(lambda rel: _sha256(root / rel), rels))
-    for rel, digest in zip(rels, digests):
-        if digest != expected[rel][1]:
-            return f"{rel} does not match its checksum (its bytes changed after the save)"
-    return None
 
 
 class CheckpointManager:
@@ -111,7 +53,6 @@ class CheckpointManager:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root = Path(root)
         self.keep_last = keep_last
-        self._verified: set[tuple] = set()  # `_files_key`s of checkpoints found intact
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints, oldest first."""
@@ -158,12 +99,12 @@ class CheckpointManager:
         """`verify_checkpoint` of `step`, remembered while none of its files changed (size and mtime): a
         checkpoint is hashed at most once per process (at its commit or when first needed), and any later
         write to one of its files makes it hashed again."""
-        key = _files_key(self.path(step))
-        if key is not None and key in self._verified:
+        key = files_key(self.path(step))
+        if known_intact(key):
             return None
         problem = verify_checkpoint(self.path(step))
-        if problem is None and key is not None:
-            self._verified.add(key)
+        if problem is None:
+            remember_intact(key)
         return problem
 
     def path(self, step: int) -> Path:
@@ -210,9 +151,7 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
-        key = _files_key(final)
-        if key is not None:
-            self._verified.add(key)  # its files were just hashed
+        remember_intact(files_key(final))  # its files were just hashed
         self._prune()
         return final
 
@@ -276,15 +215,28 @@ class StageCheckpoints:
         return steps[-1] if steps else None
 
     def save(self, step: int, actor: MegatronActor, state: dict) -> None:
-        """Checkpoint the actor and `state` (plus step and RNG states) atomically; collective over all ranks."""
-        if rank() == 0:
-            self.manager.prepare(step)
-        barrier()
+        """Checkpoint the actor and `state` (plus step and RNG states) atomically; collective over all ranks.
+
+        A disk that refuses the save (full, read-only) is a `StorageError` naming the checkpoint and the newest
+        one left intact; the unfinished temporary directory is removed (it would only hold the space)."""
         tmp = self.manager.tmp_path(step)
-        actor.save(tmp / "actor")
-        if rank() == 0:
-            torch.save({**state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
-            self.manager.commit(step, {"stage": self.stage})
+        try:
+            if rank() == 0:
+                self.manager.prepare(step)
+            barrier()
+            actor.save(tmp / "actor")
+            if rank() == 0:
+                torch.save({**state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
+                self.manager.commit(step, {"stage": self.stage})
+        except (OSError, RuntimeError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = self.last_step()
+            kept = f"the newest checkpoint is still {self.manager.path(last)}" if last is not None else "no checkpoint was saved yet"
+            failure = storage_error(e, f"saving the checkpoint of step {step}", tmp,
+                                    f"{kept}; free the space and rerun the same command to resume")
+            if failure is None:
+                raise
+            raise failure from None
         barrier()
 
     def load_latest(self, actor: MegatronActor) -> dict | None:
@@ -297,15 +249,6 @@ class StageCheckpoints:
         state = torch.load(latest / TRAINER_STATE, weights_only=False)
         set_rng_state(state["rng"])
         return state
-
-
-def _files_key(path: Path) -> tuple | None:
-    """The checkpoint directory and each file's relative path, size and mtime (None when unreadable)."""
-    try:
-        return (str(path), *sorted((str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
-                                   for f in path.rglob("*") if f.is_file()))
-    except OSError:
-        return None
 
 
 def rng_state() -> dict:

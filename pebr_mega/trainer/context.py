@@ -38,7 +38,7 @@ from pebr_mega.data.template import PromptTemplate, load_prompt_template, write_
 from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.errors import DataError, OutputError, PebrError, SettingsMismatchError
 from pebr_mega.logging import GENERATIONS_FILE, WANDB_ID_FILE
-from pebr_mega.outputs import check_output_dir, claim_output_dir, write_text_atomic
+from pebr_mega.outputs import check_output_dir, claim_output_dir, lock_output_dir, write_text_atomic
 from pebr_mega.parallel.groups import ParallelState, init_distributed, init_parallel, rank
 from pebr_mega.rollout.requests import RequestBuilder
 from pebr_mega.trainer.checkpointing import CheckpointManager
@@ -102,6 +102,8 @@ class RunContext:
         previous run there."""
         init_model = str(check_hf_model_dir(spec.init_model, f"{spec.stage}: init_model"))
         out_dir = claim_output_dir(cfg.run.output_dir, [init_model, *spec.inputs], what=RUN_DIR_KEY, writes=RUN_FILES)
+        if os.environ.get("RANK", "0") == "0":  # one process per job holds it (a job's ranks are processes)
+            lock_output_dir(out_dir, RUN_DIR_KEY)  # before anything in it changes: a second run stops here
         prepare_run_dir(out_dir, spec.stage, spec.settings, restart)
         parallel = init_parallel(cfg.model.tp, cfg.model.pp, seed=cfg.run.seed)
         seed_everything(cfg.run.seed)

@@ -127,7 +127,9 @@ class GRPOTrainer(StageTrainer):
 
     def summarize(self, result: StageResult, rows: list[dict]) -> None:
         """The mean, first and last training reward."""
-        rewards = [r["reward/total"] for r in rows if "reward/total" in r]
+        # A reward that was not finite is written as null: a stage may have none that is (every update skipped).
+        rewards = [r["reward/total"] for r in rows if isinstance(r.get("reward/total"), (int, float))
+                   and math.isfinite(r["reward/total"])]
         if rewards:
             result.mean_reward = sum(rewards) / len(rewards)
             result.first_reward, result.last_reward = rewards[0], rewards[-1]

@@ -20,18 +20,19 @@ from __future__ import annotations
 import copy
 import gc
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from pebr_mega.checkpoint.hf_io import atomic_dir
+from pebr_mega.checkpoint.hf_io import atomic_dir, verify_hf_weights
 from pebr_mega.config import PebrConfig
 from pebr_mega.data.records import image_root_for, read_json_items
 from pebr_mega.data.split import format_summary, split_files
 from pebr_mega.errors import PebrError, SettingsMismatchError
-from pebr_mega.outputs import claim_output_dir, write_text_atomic
+from pebr_mega.outputs import claim_output_dir, lock_output_dir, write_text_atomic
 from pebr_mega.stage_config import PipelineConfig
 from pebr_mega.trainer.fingerprint import (describe_diff, diff_settings, fingerprint_record, read_fingerprint,
                                            settings_digest, stage_settings)
@@ -177,6 +178,8 @@ def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print, restart: b
     check_pipeline_config(p)
     work = claim_output_dir(p.work_dir, [p.base_model, p.sft_file, p.grpo_file, p.eval_file],
                             what="pipeline.work_dir", writes=[*STAGES, "final"])
+    if os.environ.get("RANK", "0") == "0":  # one process per job holds it (a job's ranks are processes)
+        lock_output_dir(work, "pipeline.work_dir")
     plan = stage_fingerprints(cfg, work)
     check_recorded_stages(work, plan, restart, log)
     results: dict[str, dict] = {}
@@ -323,6 +326,7 @@ def _run_stage2(cfg: PebrConfig, work: Path, results: dict) -> dict:
 def _run_export(cfg: PebrConfig, work: Path, results: dict) -> dict:
     src = Path(_model_of(work, "stage2", results, _model_of(work, "stage1", results,
                                                              _model_of(work, "sft", results, cfg.pipeline.base_model))))
+    verify_hf_weights(src, "the final model's source")  # a damaged stage model is not published as final
     with atomic_dir(work / "final") as tmp:
         for f in src.iterdir():
             if f.is_file():

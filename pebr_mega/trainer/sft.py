@@ -82,6 +82,7 @@ class SFTTrainer(StageTrainer):
         t0 = time.perf_counter()
         epoch, batch = self.sampler.next_batch()
         m = self.actor.train_step(batch, LossSpec("sft"))
+        m["skipped_updates"] = m.pop("skipped", 0.0)  # as GRPO names it: the console shows it when not zero
         m["epoch"] = epoch
         m["time/step"] = time.perf_counter() - t0
         tokens = sum(len(q.input_ids) for q in batch)

@@ -39,6 +39,7 @@ from pebr_mega.checkpoint.export import export_to_hf
 from pebr_mega.checkpoint.gather import count_parameters
 from pebr_mega.config import PebrConfig, to_dict
 from pebr_mega.data.records import image_root_for
+from pebr_mega.errors import storage_error
 from pebr_mega.logging import LoggingConfig, MetricsLogger, read_metrics
 from pebr_mega.rewards import RewardModel
 from pebr_mega.rollout.factory import make_rollout_engine
@@ -46,6 +47,7 @@ from pebr_mega.stage_config import StageLoopConfig
 from pebr_mega.trainer.checkpointing import StageCheckpoints
 from pebr_mega.trainer.context import RunContext, RunSpec
 from pebr_mega.trainer.data_order import EpochSampler
+from pebr_mega.trainer.divergence import DivergedError, DivergenceGuard
 from pebr_mega.trainer.evaluate import Evaluator
 from pebr_mega.trainer.interrupt import StopRequested, StopRequests
 from pebr_mega.trainer.lifecycle import EngineLifecycle, actor_weights
@@ -160,6 +162,8 @@ class StageTrainer:
 
     def _train(self) -> StageResult:
         self.step = self.resume()
+        self.divergence = DivergenceGuard(self.name, "sft.lr" if self.name == "sft" else "actor.lr",
+                                          applied_at_start=self.actor.updates)
         logger = self.make_logger()
         result = StageResult(model_dir=str(self.ctx.out_dir / "hf"), steps=self.total_steps,
                              eval_set=eval_set_of(self.cfg, self.loop))
@@ -169,6 +173,7 @@ class StageTrainer:
                 while self.step < self.total_steps:
                     self.stop_if_requested(stop, logger)
                     self.run_step(logger)
+                self.divergence.check_final(self.step, self.actor.updates, self.resume_point)
                 if self.checkpoints.last_step() != self.step:
                     self.save()
                 self.stop_if_requested(stop, logger)
@@ -177,10 +182,12 @@ class StageTrainer:
             except KeyboardInterrupt:
                 self.on_abort(logger)
                 raise
+            except DivergedError:
+                logger.close()
+                raise
         result.eval_after = self.evaluate("after", logger)
         logger.close()
-        # The run's format prompt goes with the weights: the next stage, `pebr eval` and `pebr infer` use it.
-        export_to_hf(self.actor.module, self.init_model, result.model_dir, write_extra=self.ctx.write_prompt_template)
+        self.export(result.model_dir)
         self.summarize(result, read_metrics(self.ctx.out_dir / "metrics.jsonl"))
         self.write_result(result)
         return result
@@ -191,6 +198,9 @@ class StageTrainer:
         metrics = self.train_step()
         self.step += 1
         logger.log(self.step, metrics)
+        self.divergence.observe(metrics)
+        # Before the step's save: a diverged step is never saved, the newest checkpoint stays the resume point.
+        self.divergence.check(self.step, self.actor.updates, self.actor.weights_finite(), self.resume_point)
         if self.loop.eval_every and self.step % self.loop.eval_every == 0 and self.step < self.total_steps:
             self.evaluate(f"at step {self.step}", logger, log_step=self.step)
         if self.loop.save_every and self.step % self.loop.save_every == 0:
@@ -204,6 +214,25 @@ class StageTrainer:
         """Fill the stage-specific fields of `result` from the run's metrics rows."""
 
     # ------------------------------------------------------------------------------------------ one place each
+    def export(self, model_dir: str) -> None:
+        """The final HF model (with the run's format prompt, which the next stage, `pebr eval` and `pebr infer`
+        use); a disk that refuses it is a one-line `StorageError` (the unfinished export is removed)."""
+        try:
+            export_to_hf(self.actor.module, self.init_model, model_dir, write_extra=self.ctx.write_prompt_template)
+        except Exception as e:  # safetensors reports a full disk as its own error type (errors.storage_error)
+            failure = storage_error(e, "exporting the final model", model_dir,
+                                    f"the checkpoints are intact: free the space and rerun the same command to "
+                                    f"export it ({self.checkpoints.root})")
+            if failure is None:
+                raise
+            raise failure from None
+
+    def resume_point(self) -> str:
+        """Where a rerun resumes, for messages: the newest checkpoint, or the start."""
+        last = self.checkpoints.last_step()
+        return (f"the newest checkpoint is {self.checkpoints.manager.path(last)}, where a rerun resumes" if last
+                is not None else "no checkpoint was saved, a rerun starts over")
+
     def resume(self) -> int:
         """Load the newest complete checkpoint of this run, if any; returns the step to continue from."""
         state = self.checkpoints.load_latest(self.actor)
