@@ -504,9 +504,14 @@ def _run_train(cfg: PebrConfig, restart: bool = False) -> str:
 def _run_sample(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.sample import run_sampling
 
+    import os
+
     _check_startup(cfg, "sample")
-    # A second `pebr sample` on this file stops here (without an output, run_sampling says what is missing).
-    with lock_beside(cfg.sample.output, "sample.output") if cfg.sample.output else contextlib.nullcontext():
+    # A second `pebr sample` on this file stops here (without an output, run_sampling says what is missing). Under
+    # torchrun rank 0 alone writes the file (trainer/sample.py), so it alone holds the lock: the other ranks of
+    # the same job would otherwise find it taken by rank 0.
+    writer = cfg.sample.output and os.environ.get("RANK", "0") == "0"
+    with lock_beside(cfg.sample.output, "sample.output") if writer else contextlib.nullcontext():
         return f"sampling done: {run_sampling(cfg)['output']}"
 
 

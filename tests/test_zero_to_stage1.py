@@ -85,10 +85,10 @@ CPU_OVERRIDES = ["model.params_dtype=float32", "model.spec=torch", "model.tp=1",
                  "images.max_pixels=50176", "sample.max_pixels=50176", "images.backend=pil", "rollout.engine=hf",
                  "data.max_prompt_length=1024", "rollout.max_new_tokens=8", "sft.batch_size=2", "sft.epochs=1",
                  "sft.cutoff_len=1024", "sample.batch_size=16", "grpo.rollout_batch_size=2", "grpo.mini_batch_size=2",
-                 "grpo.max_steps=1", "rollout.batch_size=16", "logging.progress_bar=false",
-                 # A random tiny model answers nothing right: every question counts as easy, so stage 2 trains on
-                 # the easy split too (the command's own grpo.train_file is overridden for that stage only).
-                 "sample.correct_threshold=0.0"]
+                 "grpo.max_steps=1", "rollout.batch_size=16", "logging.progress_bar=false"]
+# A random tiny model answers nothing right, so the split is told that every answer counts as correct (all
+# questions easy), and stage 2 trains on the easy split too (its own grpo.train_file overridden, that stage only).
+SPLIT_OVERRIDES = ["--correct-threshold", "0"]
 
 
 def _run(argv: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
@@ -134,11 +134,15 @@ def test_the_section_rehearsed_on_cpu_through_torchrun(tmp_path):
         if argv[0] in ("pip", "huggingface-cli"):
             continue
         if argv[0] == "pebr":
-            cmd = [sys.executable, "-m", "pebr_mega", *argv[1:]]
+            # The node's 8 GPUs are the rehearsal's 2 processes (GPUS=2 for the launch script below).
+            args = ["2" if prev == "--world-size" else a for prev, a in zip([""] + argv[1:], argv[1:])]
+            cmd = [sys.executable, "-m", "pebr_mega", *args]
             takes_overrides = argv[1] in ("sft", "sample", "train", "plan", "pipeline")
         else:
             cmd = ["bash", str(ROOT / argv[0]), *argv[1:]]
             takes_overrides = True
+        if argv[:2] == ["pebr", "split"]:
+            cmd += SPLIT_OVERRIDES
         if takes_overrides and argv[1] != "plan":
             cmd += CPU_OVERRIDES
             if "grpo.stage=stage2" in argv:
