@@ -254,10 +254,14 @@ sys.exit(export_to_hf.main(sys.argv[1:]))
 """
 
 
+def _export_in_child(script: str, mcore: Path, out: Path) -> subprocess.CompletedProcess:
+    """`tools/export_to_hf.py` run by `script` (which patches the writer first) in its own process."""
+    return subprocess.run([sys.executable, "-c", script, "--mcore-dir", str(mcore), "--out", str(out), "--quiet"],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+
 def test_sigterm_during_an_export_removes_its_temporary(mcore, tmp_path):
-    got = subprocess.run([sys.executable, "-c", _SIGTERM_EXPORT, "--mcore-dir", str(mcore), "--out",
-                          str(tmp_path / "hf"), "--quiet"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=300)
+    got = _export_in_child(_SIGTERM_EXPORT, mcore, tmp_path / "hf")
     assert got.returncode == 130 and "Traceback" not in got.stderr, got.stderr[-3000:]
     line = got.stderr.strip().splitlines()[-1]
     assert line.startswith(f"interrupted (SIGTERM) while writing {tmp_path / 'hf'}: removed its temporary directory"), line
@@ -457,9 +461,7 @@ sys.exit(export_to_hf.main(sys.argv[1:]))
 
 
 def test_a_full_disk_during_an_export_is_one_line(mcore, tmp_path):
-    got = subprocess.run([sys.executable, "-c", _EXPORT_ON_A_FULL_DISK, "--mcore-dir", str(mcore), "--out",
-                          str(tmp_path / "hf"), "--quiet"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=300)
+    got = _export_in_child(_EXPORT_ON_A_FULL_DISK, mcore, tmp_path / "hf")
     assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr[-3000:]
     line = got.stderr.strip().splitlines()[-1]
     assert line.startswith(f"export_to_hf: error: exporting to {tmp_path / 'hf'}: {tmp_path}/.hf.tmp-") and \
