@@ -37,6 +37,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,9 +86,7 @@ def _read_marker(directory: Path) -> dict:
 
 
 def _write_marker(directory: Path, data: dict) -> None:
-    tmp = directory / f".{MARKER}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / MARKER)
+    write_text_atomic(directory / MARKER, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def written_by_pebr(path: PathLike) -> bool:
@@ -192,18 +191,44 @@ def check_replace_dir(out: PathLike, sources: Iterable[PathLike | None], overwri
                           "another directory")
 
 
-def write_text_atomic(path: PathLike, text: str) -> Path:
-    """Write `text` to `path` through a temporary sibling and a rename: a reader (or a run killed mid-write)
-    sees the old content or the new one, never a part."""
+def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary sibling and a rename: a reader, a run killed mid-write or a
+    power loss sees the old content or the new one, never a part. The temporary has a unique name (two writers
+    never share one), is flushed to the disk before the rename, and the folder after it, so the rename itself
+    survives a crash. Every small atomic write of the package (markers, manifests, records, metrics cut-backs,
+    images taken out of data files) goes through here."""
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(p.parent)
     return p
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (a rename into it) to the disk; file systems that cannot are left as they are."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """`write_bytes_atomic` of `text` in UTF-8."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def plot_path(out: PathLike | None, default: PathLike, name: str = "curves.png") -> Path:

@@ -107,3 +107,30 @@ def test_marker_is_not_copied_into_exported_model_directories(tmp_path):
     dst = tmp_path / "copy"
     dst.mkdir()
     assert copy_aux_files(src, dst) == ["config.json"] and not (dst / MARKER).exists()
+
+
+def test_atomic_writes_leave_no_temporary_and_keep_the_old_file_on_failure(tmp_path, monkeypatch):
+    """`write_bytes_atomic` (every small atomic write of the package): the new content whole, no temporary
+    left; a write that fails midway leaves the old file as it was and removes its temporary."""
+    import os
+
+    from pebr_mega.outputs import write_bytes_atomic, write_text_atomic
+
+    target = tmp_path / "state.json"
+    write_text_atomic(target, "old\n")
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    write_bytes_atomic(target, b"new\n")
+    assert target.read_bytes() == b"new\n" and len(synced) == 2  # the file, then its folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    try:
+        write_text_atomic(target, "half")
+    except OSError:
+        pass
+    assert target.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from pebr_mega.errors import CheckpointError
+from pebr_mega.outputs import write_text_atomic
 
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = "pebr-checkpoint-manifest/1"
@@ -54,10 +55,8 @@ def write_manifest(directory: str | Path) -> Path:
         digests = list(pool.map(_sha256, files))
     entries = [{"path": p.relative_to(root).as_posix(), "size": p.stat().st_size, "sha256": d}
                for p, d in zip(files, digests)]
-    tmp = root / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "files": entries}, indent=1) + "\n")
-    os.replace(tmp, root / MANIFEST)
-    return root / MANIFEST
+    text = json.dumps({"format": MANIFEST_FORMAT, "files": entries}, indent=1) + "\n"
+    return write_text_atomic(root / MANIFEST, text)
 
 
 def verify_checkpoint(directory: str | Path, prefix: str = "",

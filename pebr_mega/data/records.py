@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Sequence
 from pebr_mega.config_fields import check_fields, positive
 from pebr_mega.data.template import IMAGE_TOKEN
 from pebr_mega.errors import DataError
+from pebr_mega.outputs import write_bytes_atomic, write_text_atomic
 
 
 
@@ -210,10 +210,7 @@ def write_embedded_image(data: bytes) -> str:
     path = folder / (hashlib.sha256(data).hexdigest()[:32] + _image_suffix(data))
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, data)
     return str(path)
 
 
@@ -287,19 +284,10 @@ def read_json_items(path: str | Path) -> tuple[list[RawItem], list[Skip]]:
 
 
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
-    """Write `obj` as JSON to `path` through a temporary file and a rename (no half-written file on a crash)."""
+    """Write `obj` as JSON to `path` atomically (`outputs.write_text_atomic`: no half-written file on a crash)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=indent)
-            f.write("\n")
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
+    return write_text_atomic(p, json.dumps(obj, ensure_ascii=False, indent=indent) + "\n")
 
 
 # ------------------------------------------------------------------------------------------ validation
