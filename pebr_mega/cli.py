@@ -473,8 +473,7 @@ def _check_startup(cfg: PebrConfig, command: str, dry_run: bool = False, world_s
     the launcher gives and every input path the command opens (plan/paths.py); the real run and `--dry-run`
     both call this (a dry run on `plan.checks.dry_run_world`: --world-size, WORLD_SIZE, the GPUs here, else
     the layout's own tp x pp). Notes go to stderr on rank 0."""
-    import os
-
+    from pebr_mega.parallel.groups import launch_rank
     from pebr_mega.plan import check_startup
     from pebr_mega.plan.checks import dry_run_world
     from pebr_mega.plan.paths import check_inputs
@@ -482,7 +481,7 @@ def _check_startup(cfg: PebrConfig, command: str, dry_run: bool = False, world_s
     world, source = dry_run_world(cfg, world_size) if dry_run else (None, None)
     result = check_startup(cfg, world_size=world, command=command, also=check_inputs(cfg, command),
                            world_source=source)
-    if os.environ.get("RANK", "0") == "0":
+    if launch_rank() == 0:
         for note in result.notes:
             print(f"pebr {command}: note: {note}", file=sys.stderr)
 
@@ -504,13 +503,13 @@ def _run_train(cfg: PebrConfig, restart: bool = False) -> str:
 def _run_sample(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.sample import run_sampling
 
-    import os
+    from pebr_mega.parallel.groups import launch_rank
 
     _check_startup(cfg, "sample")
     # A second `pebr sample` on this file stops here (without an output, run_sampling says what is missing). Under
     # torchrun rank 0 alone writes the file (trainer/sample.py), so it alone holds the lock: the other ranks of
     # the same job would otherwise find it taken by rank 0.
-    writer = cfg.sample.output and os.environ.get("RANK", "0") == "0"
+    writer = cfg.sample.output and launch_rank() == 0
     with lock_beside(cfg.sample.output, "sample.output") if writer else contextlib.nullcontext():
         return f"sampling done: {run_sampling(cfg)['output']}"
 

@@ -33,9 +33,9 @@ from omegaconf.errors import (ConfigKeyError, InterpolationResolutionError, Omeg
 
 from pebr_mega.actor.config import ActorConfig
 from pebr_mega.algo.grpo import AlgoConfig
-from pebr_mega.config_easyr1 import is_easyr1_key, is_easyr1_tree, translate_tree
+from pebr_mega.config_easyr1 import is_easyr1_key, is_easyr1_tree, renamed_key, translate_tree
 from pebr_mega.config_fields import ConfigError, ConfigWarning, choice
-from pebr_mega.config_values import override_layer, typed_file_layer
+from pebr_mega.config_values import _nested, override_layer, typed_file_layer
 from pebr_mega.data.images import ImageConfig
 from pebr_mega.data.records import DataConfig
 from pebr_mega.logging import LoggingConfig
@@ -178,7 +178,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
             raise ConfigError(f"override '{ov}' is not of the form key=value")
         key, _, text = ov.partition("=")
         if schema is PebrConfig and is_easyr1_key(key):
-            layers += _easyr1_layers(_nested_value(key, yaml.safe_load(text) if text else None), f"override '{ov}'")
+            renamed = renamed_key(key)
+            if renamed is not None:  # the same meaning under another name: read by the pebr key's type, as typed
+                layers.append((override_layer(f"{renamed}={text}", schema), f"override '{ov}' ({renamed}, from EasyR1)"))
+            else:
+                layers += _easyr1_layers(_nested(key.split("."), yaml.safe_load(text) if text else None),
+                                         f"override '{ov}'")
             continue
         layers.append((override_layer(ov, schema), f"override '{ov}'"))
     merged = base
@@ -198,31 +203,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
     return cfg
 
 
-def _nested_value(dotted: str, value: Any) -> dict:
-    out: Any = value
-    for part in reversed(dotted.split(".")):
-        out = {part: out}
-    return out
-
-
-def _as_override_text(value: Any) -> str:
-    """A translated EasyR1 value as the text of a pebr override (then read by the pebr key's type)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_as_override_text(v) for v in value) + "]"
-    return str(value)
-
-
 def _easyr1_layers(tree: dict, source: str) -> list[tuple[Any, str]]:
     """EasyR1 settings (a config file's tree, or one override) as pebr layers; each dropped key is one
     `ConfigWarning` line (`pebr_mega/config_easyr1.py` has the table)."""
     settings, notes = translate_tree(tree)
     for note in notes:
         warnings.warn(f"{source}: {note}", ConfigWarning, stacklevel=3)
-    return [(override_layer(f"{key}={_as_override_text(value)}", PebrConfig), f"{source} ({key}, from EasyR1)")
+    return [(OmegaConf.create(_nested(key.split("."), value)), f"{source} ({key}, from EasyR1)")
             for key, value in settings.items()]
 
 

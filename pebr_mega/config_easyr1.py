@@ -75,6 +75,12 @@ def _local_file(key: str) -> Callable[[Any], Any]:
     return convert
 
 
+def _betas(v: Any) -> dict[str, Any]:
+    if not isinstance(v, (list, tuple)) or len(v) != 2:
+        raise ConfigError(f"worker.actor.optim.betas={v!r} must be [beta1, beta2]")
+    return {"actor.adam_beta1": v[0], "actor.adam_beta2": v[1]}
+
+
 def _loggers(v: Any) -> dict[str, Any]:
     loggers = [v] if isinstance(v, str) else list(v or [])
     unknown = [x for x in loggers if x not in ("console", "wandb", "tensorboard", "file")]
@@ -155,7 +161,7 @@ EASYR1_KEYS: dict[str, Rule] = {
     "worker.actor.optim.lr_warmup_ratio": Rule("actor.warmup_ratio"),
     "worker.actor.optim.strategy": Rule(convert=_expect("adamw", "worker.actor.optim.strategy={v!r}: pebr's optimizer "
                                                                  "is AdamW with fp32 states")),
-    "worker.actor.optim.betas": Rule("actor.betas"),  # -> actor.adam_beta1, actor.adam_beta2
+    "worker.actor.optim.betas": Rule("actor.adam_beta1, actor.adam_beta2", _betas),
     "worker.actor.fsdp.enable_full_shard": Rule(note=FSDP),
     "worker.actor.fsdp.enable_cpu_offload": Rule(note=FSDP),
     "worker.actor.fsdp.enable_rank0_init": Rule(note=FSDP),
@@ -232,10 +238,7 @@ def translate_key(key: str, value: Any) -> tuple[dict[str, Any], str | None]:
             rule.convert(value)  # raises when the value asks for a behaviour pebr lacks
         return {}, rule.note
     converted = rule.convert(value) if rule.convert is not None else value
-    if rule.target == "actor.betas":
-        beta1, beta2 = converted
-        return {"actor.adam_beta1": beta1, "actor.adam_beta2": beta2}, None
-    if isinstance(converted, dict) and "," in rule.target:  # one EasyR1 key, several pebr keys
+    if "," in rule.target:  # one EasyR1 key, several pebr keys: the converter gives each its value
         return converted, None
     return {rule.target: converted}, None
 
@@ -252,6 +255,14 @@ def translate_tree(tree: dict) -> tuple[dict[str, Any], list[str]]:
             dropped.setdefault(note, []).append(key)
     notes = [f"EasyR1 key{'s' if len(keys) > 1 else ''} {', '.join(keys)} ignored: {why}" for why, keys in dropped.items()]
     return settings, notes
+
+
+def renamed_key(key: str) -> str | None:
+    """The pebr key of an EasyR1 key that is only renamed (same meaning, same encoding), else None."""
+    rule = EASYR1_KEYS.get(key)
+    if rule is None or rule.target is None or rule.convert is not None or "," in rule.target:
+        return None
+    return rule.target
 
 
 def is_easyr1_key(key: str) -> bool:

@@ -25,6 +25,7 @@ text), so a file and the command line never disagree about a value.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -57,7 +58,9 @@ def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
+@functools.cache
 def _field_hints(cls: type) -> dict[str, Any]:
+    # Cached: the annotations are strings (`from __future__ import annotations`), evaluated once per class.
     return typing.get_type_hints(cls)
 
 

@@ -189,9 +189,12 @@ class MetricsLogger:
         except OSError as e:
             with contextlib.suppress(OSError):  # closing flushes the rest again, which fails again
                 self._file.close()
-            raise storage_error(e, f"writing the metrics of step {step}", self.path,
-                                "the newest checkpoint is intact: free the space and rerun the same command to "
-                                "resume from it") from None
+            failure = storage_error(e, f"writing the metrics of step {step}", self.path,
+                                    "the newest checkpoint is intact: free the space and rerun the same command to "
+                                    "resume from it")
+            if failure is None:  # not the disk's doing (storage_error judges): the error as it is
+                raise
+            raise failure from None
 
     def log(self, step: int, metrics: Mapping[str, Any], console: bool = True) -> None:
         """Record one step's metrics (numbers; non-finite values are written as null).

@@ -81,7 +81,7 @@ def outside_window(names: tuple[str, ...]) -> list[str]:
         if version is None or window is None:
             continue
         # Local tags (2.13.0+cpu) and pre-releases are judged by their release numbers.
-        release = Version(version)
+        release = Version(Version(version).base_version)
         if not SpecifierSet(window.specifier).contains(release, prereleases=True):
             where = f"the '{window.extra}' extra" if window.extra else "the core requirements"
             install = f"pip install -e '.[{window.extra}]'" if window.extra else "pip install -e ."

@@ -386,6 +386,7 @@ def test_dry_run_runs_the_start_up_checks_of_the_run(tiny_model_dir, tmp_path, c
     assert real_rc == 2 and "model.tp=3" in real  # the real run, with the same check
     rc, _, err = _dry(capsys, "train", "--dry-run", "--world-size", "2", *common, "model.tp=2", "model.pp=1")
     assert "model.tp=2 x model.pp=1" not in err and "world size" not in err  # 2 ranks hold tp=2
+    assert rc == 0  # the plan came out
     rc, _, err = _dry(capsys, "train", "--dry-run", *common, "grpo.stage=stage1",
                       f"rewards.clip_model_dir={tmp_path / 'FG-CLIP-lrage'}")
     assert rc == 2 and f"rewards.clip_model_dir='{tmp_path / 'FG-CLIP-lrage'}' directory does not exist" in err

@@ -63,16 +63,6 @@ def test_sglang_window_excludes_the_wrong_mrope_releases_and_keeps_the_newest_re
     assert not sglang.contains("0.5.24") and not sglang.contains("0.6.0")  # not read yet
 
 
-def test_sglang_torch_and_transformers_pins_lie_inside_the_core_windows():
-    """SGLang pins torch and transformers exactly (the wheels' METADATA, also checked against the downloaded
-    wheels by tests/test_sglang_contract.py); both ends of its window must be installable with the core."""
-    pins = {"0.5.22": ("2.14.1", "5.19.0"), "0.5.23": ("2.14.1", "5.19.0")}
-    for sglang_version, (torch_pin, transformers_pin) in pins.items():
-        assert window("sglang").contains(sglang_version)
-        assert window("torch").contains(torch_pin), (sglang_version, torch_pin)
-        assert window("transformers").contains(transformers_pin), (sglang_version, transformers_pin)
-
-
 def test_a_backend_outside_its_window_is_refused_with_one_line_per_package(monkeypatch):
     monkeypatch.setattr(versions, "declared_windows", checkout_windows)
     installed = {"sglang": "0.5.12", "transformer-engine": "2.9.0", "megatron-core": "0.20.0"}

@@ -76,7 +76,7 @@ def test_unavailable_backend_names_reason_and_install_command(monkeypatch, tmp_p
         SGLangRolloutEngine(tmp_path, tp_size=1)
     msg = str(info.value)
     assert isinstance(info.value, PebrError)
-    assert INSTALL_HINT in msg and 'pip install -e ".[gpu]"' in msg and "sglang>=0.5.13,<0.5.24" in msg
+    assert INSTALL_HINT in msg and 'pip install -e ".[gpu]"' in msg and "sglang window of setup.py" in msg
     assert "sglang package cannot be imported" in msg
     if not torch.cuda.is_available():
         assert "no CUDA device" in msg

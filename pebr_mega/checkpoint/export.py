@@ -10,7 +10,7 @@ from typing import Callable
 
 from pebr_mega.checkpoint.gather import iter_hf_tensors
 from pebr_mega.checkpoint.hf_io import atomic_dir, copy_aux_files, write_safetensors
-from pebr_mega.checkpoint.manifest import write_manifest
+from pebr_mega.checkpoint.manifest import files_key, remember_intact, write_manifest
 from pebr_mega.parallel.groups import barrier, rank
 
 
@@ -34,5 +34,7 @@ def export_to_hf(model, template_dir: str | Path, out_dir: str | Path,
         if write_extra is not None:
             write_extra(tmp)
         write_manifest(tmp)  # last: what the readers of the export check it against
+    # Just hashed: the next stage of this process (the pipeline) reads it without hashing 15 GB again.
+    remember_intact(files_key(Path(out_dir).resolve()))
     barrier()
     return Path(out_dir)

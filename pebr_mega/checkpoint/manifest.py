@@ -144,8 +144,10 @@ def verify_before_reading(path: str | Path, what: str, skip: bool = False,
     rel = Path(path).resolve().relative_to(root).as_posix()
     prefix = "" if rel == "." else rel + "/"
     key = files_key(root)
-    checked = (*key, prefix) if key is not None else None
-    if known_intact(key) or known_intact(checked):
+    # What was checked: the whole `prefix`, or only its `selected` files (then a later reader of the rest checks).
+    whole = (*key, prefix, "all") if key is not None else None
+    checked = whole if selected is None or key is None else (*key, prefix, "selected")
+    if known_intact(key) or known_intact(whole) or known_intact(checked):
         return
     damage = find_damage(root, prefix, selected)
     if damage is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pebr_mega.data.records import read_json_items, write_json_atomic
+from pebr_mega.data.records import outside_root, read_json_items, write_json_atomic
 from pebr_mega.errors import DataError
 
 
@@ -55,11 +55,10 @@ def _rebase(image: Any, source: MergeSource, result: MergeResult) -> Any:
     where = Path(image) if os.path.isabs(image) else source.image_root / image
     if not where.is_file():
         source.missing_images.append(image)
-    relative = os.path.relpath(os.path.realpath(where), result.image_root)
-    if relative.split(os.sep, 1)[0] == "..":
+    if outside_root(where, result.image_root):
         result.outside_root.append(image)
         return image
-    return relative
+    return os.path.relpath(os.path.realpath(where), result.image_root)
 
 
 def _rebase_record(record: dict, source: MergeSource, result: MergeResult) -> dict:
@@ -84,7 +83,7 @@ def merge_sft_files(inputs: list[tuple[str | Path, str | Path | None]], output: 
             raise DataError(f"image folder of {source.path} not found: {source.image_root}")
     folders = [os.path.realpath(s.image_root) for s in sources]
     root = Path(os.path.realpath(image_root) if image_root else os.path.commonpath(folders))
-    outside = [f for f in folders if os.path.relpath(f, root).split(os.sep, 1)[0] == ".."]
+    outside = [f for f in folders if outside_root(f, root)]
     if outside:
         raise DataError(f"image folder {outside[0]} is not inside --image-root {root}")
     merged: list[dict] = []

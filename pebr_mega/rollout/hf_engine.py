@@ -198,9 +198,7 @@ class HFRolloutEngine:
         """
         for tensor in [*self._params.values(), *self._buffers.values()]:
             tensor.data = torch.empty(0, dtype=tensor.dtype, device=self.device)
-        self.is_shut_down = True
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self.is_shut_down = True  # the allocator cache is freed by its one owner, EngineLifecycle.close
 
     def _require_running(self, what: str) -> None:
         if self.is_shut_down:

@@ -25,7 +25,7 @@ from pebr_mega.rollout.engine import RolloutConfig, WeightBucket
 from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
 from pebr_mega.versions import require_in_window
 
-INSTALL_HINT = 'pip install -e ".[gpu]"  # sglang>=0.5.13,<0.5.24 (setup.py; docs/ROLLOUT.md says why)'
+INSTALL_HINT = 'pip install -e ".[gpu]"  # the sglang window of setup.py (docs/ROLLOUT.md says why)'
 WEIGHTS = "weights"  # SGLang's memory tags (sglang/srt/constants.py)
 KV_CACHE = "kv_cache"
 OWNED_SERVER_ARGS = ("model_path", "tp_size", "base_gpu_id", "random_seed", "port")
@@ -529,7 +529,7 @@ class SGLangRolloutEngine:
         inputs = generate_inputs(shard, sampling, first, self.image_token_id, self.merge_size, self.parallel_sampling)
         outs = self.engine.generate(**inputs, return_logprob=True)
         # Both forms answer n per request, request-major (generate_inputs); the prompt each answer came from:
-        per_entry = len(shard) * sampling.n // len(inputs["input_ids"])
+        per_entry = sampling.n if self.parallel_sampling else 1
         prompt_lens = [len(ids) for ids in inputs["input_ids"] for _ in range(per_entry)]
         record_ids = [r.record_id for r in shard for _ in range(sampling.n)]
         return [parse_output(o, rid, n) for o, rid, n in zip(outs, record_ids, prompt_lens, strict=True)]
@@ -580,7 +580,11 @@ class SGLangRolloutEngine:
         # outside a session (srt/managers/scheduler_components/weight_updater.py); update_weights opens it.
         # SGLang's colocated path shares CUDA tensors by IPC handle; host tensors are moved to our GPU (an
         # owner always has one; `gpu` is None only for an engine attached without a device, as in the tests).
-        named = [(name, t if t.is_cuda or self.gpu is None else t.to(f"cuda:{self.gpu}")) for name, t in bucket]
+        self._send_bucket([(name, t if t.is_cuda or self.gpu is None else t.to(f"cuda:{self.gpu}"))
+                           for name, t in bucket])
+
+    def _send_bucket(self, named: list) -> None:
+        """One bucket into the engine (the cache is flushed once, after the last); `CheckpointError` when refused."""
         ok, message = self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False)
         if not ok:
             raise CheckpointError(f"SGLang rejected a weight bucket ({[n for n, _ in named][:3]}...): {message}")
@@ -606,10 +610,7 @@ class SGLangRolloutEngine:
         members = self._groups.gather_in_group(payload)
         if self.engine is not None and error is None:
             try:
-                named = _per_rank_named_tensors(members, self._ipc[1])
-                ok, message = self.engine.update_weights_from_tensor(named_tensors=named, flush_cache=False)
-                if not ok:
-                    raise CheckpointError(f"SGLang rejected a weight bucket ({[n for n, _ in named][:3]}...): {message}")
+                self._send_bucket(_per_rank_named_tensors(members, self._ipc[1]))
             except Exception as exc:
                 error = exc
         self._groups.barrier()

@@ -39,7 +39,7 @@ from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.errors import DataError, OutputError, PebrError, SettingsMismatchError
 from pebr_mega.logging import GENERATIONS_FILE, WANDB_ID_FILE
 from pebr_mega.outputs import check_output_dir, claim_output_dir, lock_output_dir, write_text_atomic
-from pebr_mega.parallel.groups import ParallelState, init_distributed, init_parallel, rank
+from pebr_mega.parallel.groups import ParallelState, init_distributed, init_parallel, launch_rank, rank
 from pebr_mega.rollout.requests import RequestBuilder
 from pebr_mega.trainer.checkpointing import CheckpointManager
 from pebr_mega.trainer.fingerprint import (FINGERPRINT, describe_diff, diff_settings, fingerprint_record,
@@ -102,7 +102,7 @@ class RunContext:
         previous run there."""
         init_model = str(check_hf_model_dir(spec.init_model, f"{spec.stage}: init_model"))
         out_dir = claim_output_dir(cfg.run.output_dir, [init_model, *spec.inputs], what=RUN_DIR_KEY, writes=RUN_FILES)
-        if os.environ.get("RANK", "0") == "0":  # one process per job holds it (a job's ranks are processes)
+        if launch_rank() == 0:  # one process per job holds it (a job's ranks are processes)
             lock_output_dir(out_dir, RUN_DIR_KEY)  # before anything in it changes: a second run stops here
         prepare_run_dir(out_dir, spec.stage, spec.settings, restart)
         parallel = init_parallel(cfg.model.tp, cfg.model.pp, seed=cfg.run.seed)
@@ -250,7 +250,7 @@ def prepare_run_dir(out_dir: Path, stage: str, settings: dict, restart: bool = F
     check = inspect_run_dir(out_dir, stage, settings, restart)
     if check.error is not None:
         raise check.error
-    if _launch_rank() != 0:
+    if launch_rank() != 0:
         return check
     if restart:
         for name in RESTART_DISCARDS:
@@ -275,10 +275,6 @@ def has_run_state(out_dir: Path) -> bool:
     return (any((out_dir / "checkpoints").glob("step_*")) or (out_dir / "result.json").is_file()
             or (out_dir / "hf").exists())
 
-
-def _launch_rank() -> int:
-    """This process's rank, also before the process groups exist (the launcher's RANK)."""
-    return rank() if torch.distributed.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def seed_everything(seed: int) -> None:

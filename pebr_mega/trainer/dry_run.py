@@ -115,7 +115,6 @@ def grpo_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
         schedule.require_steps(stage, len(data.holdout))
     except PebrError as e:
         plan["error"] = str(e)
-    _warn_clip(cfg, plan)
     return plan
 
 
@@ -147,14 +146,6 @@ def _eval_file(cfg: PebrConfig, stage_file: str, stage_key: str, max_samples: in
         out["records"] = None
         out["note"] = "the file does not exist (yet)"
     return out
-
-
-def _warn_clip(cfg: PebrConfig, plan: dict) -> None:
-    weights = plan.get("reward_weights") or {}
-    if weights.get("clip") and not cfg.rewards.clip_model_dir:
-        plan.setdefault("warnings", []).append(
-            f"the {plan['stage']} preset gives the CLIP reward weight {weights['clip']} but rewards.clip_model_dir "
-            "is not set: the run stops at start-up")
 
 
 def _request_builder(cfg: PebrConfig, images: ImageConfig, model_dir: str, key: str) -> tuple[RequestBuilder, str | None]:
@@ -346,7 +337,6 @@ def _pipeline_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, log: 
         plan = _grpo_head(c, g, None)
         plan.update({"status": "pending input", "train_file": str(path), "init_model": init,
                      "note": f"{path} is written by the split stage: prompts and steps follow from it"})
-        _warn_clip(c, plan)
         return plan
     why = pl.grpo_skip_reason(c, path)
     if why is not None:  # as run_pipeline: the stage is skipped and passes its model on

@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pebr_mega.data.records import image_root_for, read_json_items
 from pebr_mega.data.split import format_summary, split_files
 from pebr_mega.errors import PebrError, SettingsMismatchError
 from pebr_mega.outputs import claim_output_dir, lock_output_dir, write_text_atomic
+from pebr_mega.parallel.groups import launch_rank
 from pebr_mega.stage_config import PipelineConfig
 from pebr_mega.trainer.fingerprint import (describe_diff, diff_settings, fingerprint_record, read_fingerprint,
                                            settings_digest, stage_settings)
@@ -178,7 +178,7 @@ def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print, restart: b
     check_pipeline_config(p)
     work = claim_output_dir(p.work_dir, [p.base_model, p.sft_file, p.grpo_file, p.eval_file],
                             what="pipeline.work_dir", writes=[*STAGES, "final"])
-    if os.environ.get("RANK", "0") == "0":  # one process per job holds it (a job's ranks are processes)
+    if launch_rank() == 0:  # one process per job holds it (a job's ranks are processes)
         lock_output_dir(work, "pipeline.work_dir")
     plan = stage_fingerprints(cfg, work)
     check_recorded_stages(work, plan, restart, log)

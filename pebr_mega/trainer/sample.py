@@ -56,12 +56,12 @@ def run_sampling(cfg: PebrConfig, progress: bool = True) -> dict:
         raise DataError("sample.output is not set: give the rollouts JSONL file to write")
     check_hf_model_dir(sc.model, "sample.model")
     writer = launch_rank() == 0
-    out = claim_output_file(sc.output, [sc.dataset, sc.model], what="sample.output") if writer else Path(sc.output)
+    out = claim_output_file(sc.output, [sc.dataset, sc.model], what="sample.output") if writer else None
     ctx = RunContext.for_generation(cfg, sc.model, "sample", images=dataclasses.replace(cfg.images, max_pixels=sc.max_pixels))
     records = ctx.load_records(sc.dataset, "GRPO")
     lifecycle = EngineLifecycle(make_rollout_engine(cfg.rollout, sc.model, ctx.device, seed=cfg.run.seed))
     try:
-        summary = _sample_all(cfg, ctx, lifecycle, records, out if writer else None, progress and writer)
+        summary = _sample_all(cfg, ctx, lifecycle, records, out, progress and writer)
     finally:
         lifecycle.close()
     summary = broadcast_from_main(summary)
