@@ -1,10 +1,12 @@
 """Errors the user can act on. The CLI prints them as one line (no traceback) and exits with status 2."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 from pathlib import Path
+from typing import Callable, Iterator
 
 
 class PebrError(Exception):
@@ -79,6 +81,24 @@ def storage_error(e: BaseException, operation: str, path: str | os.PathLike, aft
         message = (f"{operation}: {path}: no space left on the device ({free} bytes free; the writer said: "
                    f"{str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__})")
     return StorageError(f"{message}{'; ' + after if after else ''}")
+
+
+@contextlib.contextmanager
+def storage_errors(operation: str, path: str | os.PathLike, after: str | Callable[[], str] = "",
+                   catch: tuple[type[BaseException], ...] = (Exception,),
+                   cleanup: Callable[[], None] | None = None) -> Iterator[None]:
+    """Around a write under `path`: an error of `catch` runs `cleanup` (the write's temporary), then becomes the
+    one-line `StorageError` of `storage_error` when it is the disk's doing, else propagates as it is. `after`
+    (or a function giving it, evaluated at the failure) says what is left on disk and what to do."""
+    try:
+        yield
+    except catch as e:
+        if cleanup is not None:
+            cleanup()
+        failure = storage_error(e, operation, path, after() if callable(after) else after)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def _free_bytes(path: str | os.PathLike) -> int | None:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from pebr_mega.config_fields import check_fields, choice
-from pebr_mega.errors import BackendUnavailableError, storage_error
+from pebr_mega.errors import BackendUnavailableError, storage_errors
 from pebr_mega.outputs import write_text_atomic
 from pebr_mega.parallel.groups import rank
 
@@ -183,18 +183,15 @@ class MetricsLogger:
     def _write_row(self, step: int, line: str) -> None:
         """Append one row to `metrics.jsonl`; a disk that refuses it (full, read-only) is a `StorageError` naming
         the file (a torn row it leaves is cut by the resume, `truncate_steps`)."""
-        try:
+        with storage_errors(f"writing the metrics of step {step}", self.path,
+                            "the newest checkpoint is intact: free the space and rerun the same command to resume "
+                            "from it", catch=(OSError,), cleanup=self._close_quietly):
             self._file.write(line)
             self._file.flush()
-        except OSError as e:
-            with contextlib.suppress(OSError):  # closing flushes the rest again, which fails again
-                self._file.close()
-            failure = storage_error(e, f"writing the metrics of step {step}", self.path,
-                                    "the newest checkpoint is intact: free the space and rerun the same command to "
-                                    "resume from it")
-            if failure is None:  # not the disk's doing (storage_error judges): the error as it is
-                raise
-            raise failure from None
+
+    def _close_quietly(self) -> None:
+        with contextlib.suppress(OSError):  # closing flushes the rest again, which fails again
+            self._file.close()
 
     def log(self, step: int, metrics: Mapping[str, Any], console: bool = True) -> None:
         """Record one step's metrics (numbers; non-finite values are written as null).

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from pebr_mega.checkpoint.manifest import (MANIFEST, MANIFEST_FORMAT, files_key, known_intact, remember_intact,
                                            verify_checkpoint, write_manifest)
-from pebr_mega.errors import CheckpointError, storage_error
+from pebr_mega.errors import CheckpointError, storage_errors
 from pebr_mega.parallel.groups import barrier, rank
 
 if TYPE_CHECKING:  # annotations only: reading a run's checkpoint steps (a dry run) needs no Megatron
@@ -220,7 +220,8 @@ class StageCheckpoints:
         A disk that refuses the save (full, read-only) is a `StorageError` naming the checkpoint and the newest
         one left intact; the unfinished temporary directory is removed (it would only hold the space)."""
         tmp = self.manager.tmp_path(step)
-        try:
+        with storage_errors(f"saving the checkpoint of step {step}", tmp, self._after_failed_save,
+                            catch=(OSError, RuntimeError), cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
             if rank() == 0:
                 self.manager.prepare(step)
             barrier()
@@ -228,16 +229,13 @@ class StageCheckpoints:
             if rank() == 0:
                 torch.save({**state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
                 self.manager.commit(step, {"stage": self.stage})
-        except (OSError, RuntimeError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            last = self.last_step()
-            kept = f"the newest checkpoint is still {self.manager.path(last)}" if last is not None else "no checkpoint was saved yet"
-            failure = storage_error(e, f"saving the checkpoint of step {step}", tmp,
-                                    f"{kept}; free the space and rerun the same command to resume")
-            if failure is None:
-                raise
-            raise failure from None
         barrier()
+
+    def _after_failed_save(self) -> str:
+        last = self.last_step()
+        kept = f"the newest checkpoint is still {self.manager.path(last)}" if last is not None else \
+            "no checkpoint was saved yet"
+        return f"{kept}; free the space and rerun the same command to resume"
 
     def load_latest(self, actor: MegatronActor) -> dict | None:
         """Load the newest complete checkpoint into `actor`, restore the RNG states and return the trainer

@@ -45,6 +45,8 @@ def sft_actor_config(actor: ActorConfig, sft: SFTConfig) -> ActorConfig:
 class SFTTrainer(StageTrainer):
     """Runs `cfg.sft` from `cfg.sft.init_model` into `cfg.run.output_dir`."""
 
+    lr_key = "sft.lr"
+
     def __init__(self, cfg: PebrConfig, restart: bool = False) -> None:
         sft = cfg.sft
         super().__init__(cfg, sft, RunSpec.sft(cfg), restart=restart)

@@ -39,7 +39,7 @@ from pebr_mega.checkpoint.export import export_to_hf
 from pebr_mega.checkpoint.gather import count_parameters
 from pebr_mega.config import PebrConfig, to_dict
 from pebr_mega.data.records import image_root_for
-from pebr_mega.errors import storage_error
+from pebr_mega.errors import storage_errors
 from pebr_mega.logging import LoggingConfig, MetricsLogger, read_metrics
 from pebr_mega.rewards import RewardModel
 from pebr_mega.rollout.factory import make_rollout_engine
@@ -112,6 +112,7 @@ class StageTrainer:
     lifecycle: EngineLifecycle | None = None
     evaluator: Evaluator | None = None
     step: int = 0
+    lr_key = "actor.lr"  # the key to lower when updates diverge (SFT: its own sft.lr)
 
     def __init__(self, cfg: PebrConfig, loop: StageLoopConfig, spec: RunSpec, restart: bool = False,
                  eval_before: dict | None = None) -> None:
@@ -162,8 +163,7 @@ class StageTrainer:
 
     def _train(self) -> StageResult:
         self.step = self.resume()
-        self.divergence = DivergenceGuard(self.name, "sft.lr" if self.name == "sft" else "actor.lr",
-                                          applied_at_start=self.actor.updates)
+        self.divergence = DivergenceGuard(self.name, self.lr_key, applied_at_start=self.actor.updates)
         logger = self.make_logger()
         result = StageResult(model_dir=str(self.ctx.out_dir / "hf"), steps=self.total_steps,
                              eval_set=eval_set_of(self.cfg, self.loop))
@@ -217,15 +217,11 @@ class StageTrainer:
     def export(self, model_dir: str) -> None:
         """The final HF model (with the run's format prompt, which the next stage, `pebr eval` and `pebr infer`
         use); a disk that refuses it is a one-line `StorageError` (the unfinished export is removed)."""
-        try:
+        # Any exception type: safetensors reports a full disk as its own error type (errors.storage_error).
+        with storage_errors("exporting the final model", model_dir,
+                            "the checkpoints are intact: free the space and rerun the same command to export it "
+                            f"({self.checkpoints.root})"):
             export_to_hf(self.actor.module, self.init_model, model_dir, write_extra=self.ctx.write_prompt_template)
-        except Exception as e:  # safetensors reports a full disk as its own error type (errors.storage_error)
-            failure = storage_error(e, "exporting the final model", model_dir,
-                                    f"the checkpoints are intact: free the space and rerun the same command to "
-                                    f"export it ({self.checkpoints.root})")
-            if failure is None:
-                raise
-            raise failure from None
 
     def resume_point(self) -> str:
         """Where a rerun resumes, for messages: the newest checkpoint, or the start."""
