@@ -375,10 +375,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pebr_mega.checkpoint.hf_io import check_hf_model_dir
     from pebr_mega.config import load_config
-    from pebr_mega.data.decoders import make_image_decoder
     from pebr_mega.rollout.factory import sampling_params
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
-    from pebr_mega.rollout.requests import RequestBuilder
     from pebr_mega.trainer.evaluate import evaluate
 
     cfg = load_config(args.config, [])  # the generation length and the grading the run trained with
@@ -397,8 +395,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise DataError(f"{args.dataset}: no usable records to evaluate ({loaded.total} read, "
                         f"{len(loaded.skipped)} skipped)")
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=args.batch_size)
-    builder = RequestBuilder(engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)),
-                             template=model_prompt_template(args.model, args.format_prompt))
+    builder = _model_request_builder(args.model, engine.tokenizer, args.format_prompt)
     requests, report = builder.build(records, image_root_for(args.dataset, args.image_root))
     if report.skipped:
         print(report.summary())
@@ -414,21 +411,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_config_from_model(model_dir: str):
-    """Pixel bounds from the model's own preprocessor_config.json (what it was trained with), else defaults."""
-    import json
-    from pathlib import Path
-
+def _model_request_builder(model_dir: str, tokenizer, format_prompt: str | None):
+    """The request builder of `pebr eval` and `pebr infer`: the model's own image bounds and prompt template
+    (`--format-prompt` over it), no prompt-length rule."""
+    from pebr_mega.data.decoders import make_image_decoder
     from pebr_mega.data.images import ImageConfig
+    from pebr_mega.rollout.requests import RequestBuilder
 
-    f = Path(model_dir) / "preprocessor_config.json"
-    default = ImageConfig()
-    if not f.is_file():
-        return default
-    pc = json.loads(f.read_text())
-    size = pc.get("size") or {}
-    return ImageConfig(min_pixels=int(pc.get("min_pixels") or size.get("shortest_edge") or default.min_pixels),
-                       max_pixels=int(pc.get("max_pixels") or size.get("longest_edge") or default.max_pixels))
+    images = ImageConfig.of_model(model_dir)
+    return RequestBuilder.from_config(None, images, tokenizer, make_image_decoder(images),
+                                      model_prompt_template(model_dir, format_prompt))
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
@@ -448,19 +440,14 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_infer(args: argparse.Namespace) -> int:
     from pebr_mega.checkpoint.hf_io import check_hf_model_dir
-    from pebr_mega.data.decoders import make_image_decoder
     from pebr_mega.rollout.factory import sampling_params
     from pebr_mega.rollout.hf_engine import HFRolloutEngine
-    from pebr_mega.rollout.requests import RequestBuilder
 
     check_hf_model_dir(args.model, "--model")
-    template = model_prompt_template(args.model, args.format_prompt)
     engine = HFRolloutEngine.from_pretrained(args.model, batch_size=1)
     question = args.question if "<image>" in args.question else "<image>" + args.question
     record = GRPORecord(qid="infer", problem=question, answer="", images=[args.image])
-    builder = RequestBuilder(engine.tokenizer, make_image_decoder(_image_config_from_model(args.model)),
-                             template=template)
-    req = builder.build_one(record, ".")
+    req = _model_request_builder(args.model, engine.tokenizer, args.format_prompt).build_one(record, ".")
     sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
     print(engine.generate([req], sampling)[0].response_text)
     return 0
@@ -473,7 +460,7 @@ def _check_startup(cfg: PebrConfig, command: str, dry_run: bool = False, world_s
     the launcher gives and every input path the command opens (plan/paths.py); the real run and `--dry-run`
     both call this (a dry run on `plan.checks.dry_run_world`: --world-size, WORLD_SIZE, the GPUs here, else
     the layout's own tp x pp). Notes go to stderr on rank 0."""
-    from pebr_mega.parallel.groups import launch_rank
+    from pebr_mega.parallel.groups import is_main_rank
     from pebr_mega.plan import check_startup
     from pebr_mega.plan.checks import dry_run_world
     from pebr_mega.plan.paths import check_inputs
@@ -481,7 +468,7 @@ def _check_startup(cfg: PebrConfig, command: str, dry_run: bool = False, world_s
     world, source = dry_run_world(cfg, world_size) if dry_run else (None, None)
     result = check_startup(cfg, world_size=world, command=command, also=check_inputs(cfg, command),
                            world_source=source)
-    if launch_rank() == 0:
+    if is_main_rank():
         for note in result.notes:
             print(f"pebr {command}: note: {note}", file=sys.stderr)
 
@@ -503,13 +490,13 @@ def _run_train(cfg: PebrConfig, restart: bool = False) -> str:
 def _run_sample(cfg: PebrConfig) -> str:
     from pebr_mega.trainer.sample import run_sampling
 
-    from pebr_mega.parallel.groups import launch_rank
+    from pebr_mega.parallel.groups import is_main_rank
 
     _check_startup(cfg, "sample")
     # A second `pebr sample` on this file stops here (without an output, run_sampling says what is missing). Under
     # torchrun rank 0 alone writes the file (trainer/sample.py), so it alone holds the lock: the other ranks of
     # the same job would otherwise find it taken by rank 0.
-    writer = cfg.sample.output and launch_rank() == 0
+    writer = cfg.sample.output and is_main_rank()
     with lock_beside(cfg.sample.output, "sample.output") if writer else contextlib.nullcontext():
         return f"sampling done: {run_sampling(cfg)['output']}"
 

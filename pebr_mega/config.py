@@ -42,9 +42,10 @@ from pebr_mega.logging import LoggingConfig
 from pebr_mega.models.config import ModelConfig
 from pebr_mega.rewards.model import RewardConfig
 from pebr_mega.rollout.engine import RolloutConfig
-from pebr_mega.stage_config import GRPOTrainerConfig, PipelineConfig, SampleConfig, SFTConfig
+from pebr_mega.stage_config import GRPOTrainerConfig, PipelineConfig, SampleConfig, SFTConfig, StageLoopConfig
 
-__all__ = ["ConfigError", "PebrConfig", "RunConfig", "choice", "load_config", "to_dict", "to_yaml"]
+__all__ = ["ConfigError", "EvalSource", "PebrConfig", "RunConfig", "choice", "eval_source", "load_config", "to_dict",
+           "to_yaml"]
 
 
 @dataclass
@@ -73,6 +74,23 @@ class PebrConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+
+@dataclass(frozen=True)
+class EvalSource:
+    """The held-out file a stage evaluates on, and the config key that named it (for messages)."""
+
+    key: str  # "grpo.eval_file", "sft.eval_file" or "data.eval_file"
+    path: str  # "" when the stage has no eval file
+
+
+def eval_source(cfg: PebrConfig, loop: StageLoopConfig) -> EvalSource:
+    """The eval file of the stage `loop` (`cfg.grpo`, `cfg.sft`, or a pipeline stage's copy): its own
+    `<section>.eval_file`, else the shared `data.eval_file`. The one place that fallback is decided; a held-out
+    slice of the training file (`grpo.eval_holdout`) is the trainer's other source and excludes this one."""
+    if loop.eval_file:
+        return EvalSource(f"{loop.section}.eval_file", loop.eval_file)
+    return EvalSource("data.eval_file", cfg.data.eval_file or "")
 
 
 def _valid_keys(schema: Any, dotted: str) -> list[str]:
@@ -200,6 +218,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), s
         key = getattr(e, "full_key", None) or "?"
         raise ConfigError(f"config key '{key}': cannot resolve {str(e).splitlines()[0]}") from None
     _check_choices(cfg)
+    if isinstance(cfg, PebrConfig):
+        # The stage's upstream sizes, decided here once: no component fills them again.
+        cfg.grpo = cfg.grpo.with_stage_defaults()
     return cfg
 
 

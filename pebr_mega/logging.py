@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from pebr_mega.config_fields import check_fields, choice
 from pebr_mega.errors import BackendUnavailableError, storage_errors
 from pebr_mega.outputs import write_text_atomic
-from pebr_mega.parallel.groups import rank
+from pebr_mega.parallel.groups import is_main_rank
 
 # The keys shown on the console line, in order, with their format; everything goes to metrics.jsonl.
 CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
@@ -242,7 +242,7 @@ def log_generations(cfg: LoggingConfig, run_dir: str | Path, step: int, rows: Se
     than `step`) to `run_dir/generations.jsonl`, and log them as the wandb table `generations` when a wandb
     run is active. Only rank 0 writes. Returns the number of rows written."""
     rows = list(rows)[: max(cfg.log_generations, 0)]
-    if not rows or rank() != 0:
+    if not rows or not is_main_rank():
         return 0
     records = [{"step": step, **{k: _jsonable(v) for k, v in row.items()}} for row in rows]
     with (Path(run_dir) / GENERATIONS_FILE).open("a", encoding="utf-8") as f:

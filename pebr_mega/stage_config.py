@@ -3,10 +3,12 @@
 They are the trainers' own settings, declared here (a leaf importing only `config_fields`) rather than in
 `pebr_mega/trainer/`, because the root `pebr_mega.config` composes them and the trainers import the root.
 
-Stage-dependent upstream values are `None` by default and filled by `GRPOTrainerConfig.resolved()`:
-stage 1 uses 560 prompts per rollout step and 112 per update (5 updates), 1 epoch; stage 2 uses
-512 and 128 (4 updates), 2 epochs (PEBR_FACTS). `grpo.stage` is the one stage switch: it picks these values
-and the reward preset (the rewards section has no stage of its own).
+Stage-dependent upstream values are `None` in the schema and filled once, when the config is loaded
+(`pebr_mega.config.load_config` calls `GRPOTrainerConfig.with_stage_defaults`): stage 1 uses 560 prompts per
+rollout step and 112 per update (5 updates), 1 epoch; stage 2 uses 512 and 128 (4 updates), 2 epochs
+(PEBR_FACTS). `grpo.stage` is the one stage switch: it picks these values and the reward preset (the rewards
+section has no stage of its own). Code that runs a loaded config as another stage (the pipeline runs both)
+asks for `GRPOTrainerConfig.for_stage`, which refills the values the stage, not the user, chose.
 
 Precedence between a stage section and the shared sections (one rule): a key that a stage section declares
 under the same name as a key of `actor.*` (the SFT section's `lr`, `warmup_ratio`, `lr_schedule`,
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 from pebr_mega.config_fields import ConfigError, check_fields, choice, optional_positive, positive
 
@@ -31,6 +33,8 @@ STAGE_DEFAULTS = {
 @dataclass
 class StageLoopConfig:
     """The keys the one stage loop (`pebr_mega.trainer.stage.StageTrainer`) reads, the same in every stage."""
+
+    section: ClassVar[str]  # the config section the stage's keys live under (named in messages)
 
     save_every: int = 0  # steps between checkpoints; 0 = only when interrupted and at the end
     keep_last: int = 1  # complete checkpoints kept
@@ -55,6 +59,7 @@ class StageLoopConfig:
 class GRPOTrainerConfig(StageLoopConfig):
     """One GRPO stage: data sizes, epochs, checkpointing and evaluation."""
 
+    section: ClassVar[str] = "grpo"
     stage: str = choice("stage1", ["stage1", "stage2"])
     init_model: str = ""  # HF dir or Megatron checkpoint the stage starts from (also the frozen reference)
     train_file: str = ""  # GRPO records (easycase.json for stage 1, mediumcase.json for stage 2)
@@ -84,10 +89,20 @@ class GRPOTrainerConfig(StageLoopConfig):
             raise ConfigError(f"grpo.eval_holdout={self.eval_holdout} and grpo.eval_file={self.eval_file!r} both give "
                               "the stage an evaluation set: set one of them")
 
-    def resolved(self) -> "GRPOTrainerConfig":
-        """A copy with the stage's upstream values filled where the user left `None`."""
-        values = {k: v for k, v in STAGE_DEFAULTS[self.stage].items() if getattr(self, k) is None}
-        return dataclasses.replace(self, **values)
+    def with_stage_defaults(self) -> "GRPOTrainerConfig":
+        """A copy with the stage's upstream values filled where the user left `None` (`load_config` calls it
+        once). The copy remembers which keys the stage filled, so that `for_stage` can refill them."""
+        filled = {k: v for k, v in STAGE_DEFAULTS[self.stage].items() if getattr(self, k) is None}
+        out = dataclasses.replace(self, **filled)
+        # Not a field: not a config key, not in to_dict/to_yaml; copies (deepcopy, pickle) keep it.
+        out._stage_filled = frozenset(filled) | getattr(self, "_stage_filled", frozenset())
+        return out
+
+    def for_stage(self, stage: str) -> "GRPOTrainerConfig":
+        """This (loaded) config run as `stage`: the values the old stage filled are the new stage's, the
+        values the user set stay."""
+        unset = {k: None for k in getattr(self, "_stage_filled", ())}
+        return dataclasses.replace(self, stage=stage, **unset).with_stage_defaults()
 
 
 @dataclass
@@ -99,6 +114,7 @@ class SFTConfig(StageLoopConfig):
     `actor.*` keys (betas, clipping, micro-batch tokens, kernels) apply here too.
     """
 
+    section: ClassVar[str] = "sft"
     init_model: str = ""
     train_file: str = ""  # ShareGPT JSON or JSONL (messages/role/content or conversations/from/value)
     dataset_info: str = ""  # optional LLaMA-Factory dataset_info.json whose entry gives the columns and tags

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pebr_mega.config import ConfigError, choice, load_config
+from pebr_mega.config import ConfigError, choice, load_config, to_yaml
 
 
 @dataclass
@@ -148,7 +148,8 @@ def test_quotes_interpolations_and_null_keep_their_meaning(tmp_path):
     cfg = load_config(None, ["actor.distributed_optimizer='off'", "run.output_dir=\"a b\"", "data.image_root=null",
                              "grpo.epochs=~", "sample.output=${run.output_dir}/0123", "data.eval_file="])
     assert cfg.actor.distributed_optimizer == "off" and cfg.run.output_dir == "a b"
-    assert cfg.data.image_root is None and cfg.grpo.epochs is None and cfg.data.eval_file is None
+    assert cfg.data.image_root is None and cfg.data.eval_file is None
+    assert cfg.grpo.epochs == 1  # null: the stage's own value, filled at load (stage 1: one epoch)
     assert cfg.sample.output == "a b/0123"
     assert load_config(None, ["data.image_root='null'"]).data.image_root == "null"  # quoted: the text
     f = tmp_path / "c.yaml"
@@ -198,3 +199,23 @@ def test_a_yaml_value_that_does_not_fit_names_key_file_and_type(tmp_path):
 def test_untyped_mappings_keep_omegaconfs_reading():
     cfg = load_config(None, ["rollout.sglang_args={mem_fraction_static: 0.8}", "rollout.sglang_args.chunked=512"])
     assert cfg.rollout.sglang_args == {"mem_fraction_static": 0.8, "chunked": 512}
+
+
+def test_the_stage_sizes_are_filled_at_load_and_refilled_for_another_stage():
+    cfg = load_config(None, ["grpo.mini_batch_size=64"])
+    g = cfg.grpo
+    assert (g.stage, g.rollout_batch_size, g.mini_batch_size, g.epochs) == ("stage1", 560, 64, 1)
+    s2 = g.for_stage("stage2")  # the pipeline runs the loaded config as stage 2: the user's 64 stays
+    assert (s2.stage, s2.rollout_batch_size, s2.mini_batch_size, s2.epochs) == ("stage2", 512, 64, 2)
+    assert s2.for_stage("stage1") == g
+    assert "rollout_batch_size: 560" in to_yaml(cfg)  # what the run uses is what it records
+
+
+def test_a_stage_evaluates_on_its_own_eval_file_else_the_shared_one():
+    from pebr_mega.config import EvalSource, eval_source
+
+    cfg = load_config(None, ["data.eval_file=shared.json", "sft.eval_file=own.json"])
+    assert eval_source(cfg, cfg.sft) == EvalSource("sft.eval_file", "own.json")
+    assert eval_source(cfg, cfg.grpo) == EvalSource("data.eval_file", "shared.json")
+    default = load_config(None, [])
+    assert eval_source(default, default.grpo).path == ""

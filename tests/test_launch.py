@@ -51,7 +51,7 @@ def test_shipped_configs_load_with_upstream_values():
     from pebr_mega.trainer.demo import demo_config_path
 
     cfg = load_config(ROOT / "launch/configs/qwen2_5_vl_7b.yaml", ["grpo.stage=stage2"])
-    g = cfg.grpo.resolved()
+    g = cfg.grpo
     assert (g.rollout_batch_size, g.mini_batch_size, g.epochs) == (512, 128, 2)
     assert (cfg.actor.lr, cfg.algo.kl_coef, cfg.algo.clip_high, cfg.rollout.n, cfg.rollout.temperature) == (1e-6, 0.01, 0.3, 8, 1.2)
     assert load_config(demo_config_path()).model.spec == "torch"

@@ -61,7 +61,7 @@ from pebr_mega.models.packing import packed_seq_params
 from pebr_mega.models.qwen25_vl import build_model
 from pebr_mega.models.rope_index import sample_positions
 from pebr_mega.parallel.cpu_compat import megatron_on_cpu
-from pebr_mega.parallel.groups import barrier, rank
+from pebr_mega.parallel.groups import barrier, is_main_rank
 
 ACTOR_META = "actor.json"
 ACTOR_FORMAT = "pebr-actor/1"
@@ -446,7 +446,7 @@ class MegatronActor:
         meta, template = self._checkpoint_meta()
         final = Path(ckpt_dir)
         tmp = final.parent / f".{final.name}.tmp"
-        if rank() == 0:
+        if is_main_rank():
             if tmp.exists():
                 shutil.rmtree(tmp)
             (tmp / OPTIMIZER_DIR).mkdir(parents=True)
@@ -455,7 +455,7 @@ class MegatronActor:
         if self._has_optimizer_state():
             dist_checkpointing.save(self._optimizer_sharded_state(is_loading=False), str(tmp / OPTIMIZER_DIR))
         barrier()
-        if rank() == 0:
+        if is_main_rank():
             if self.optimizer is None:
                 (tmp / OPTIMIZER_DIR).rmdir()
             record = {"format": ACTOR_FORMAT, "updates": self.updates, "trainable": self.trainable,
@@ -606,7 +606,7 @@ def build_actor(path: str | Path, model_cfg: ModelConfig, actor_cfg: ActorConfig
     if kind == "hf":
         model = build_from_hf(path, model_cfg)
     else:
-        if verify and rank() == 0:  # a damaged checkpoint stops here (every rank stops with the job)
+        if verify and is_main_rank():  # a damaged checkpoint stops here (every rank stops with the job)
             verify_before_reading(path, "model")
         layout = (mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size())
         if layout != (model_cfg.tp, model_cfg.pp):

@@ -29,7 +29,7 @@ from pebr_mega.checkpoint.manifest import write_manifest
 from pebr_mega.errors import CheckpointError
 from pebr_mega.lifetime import install_checkpoint_writer_queue
 from pebr_mega.models.arch import arch_from_hf_config
-from pebr_mega.parallel.groups import barrier, rank
+from pebr_mega.parallel.groups import barrier, is_main_rank
 
 META_FILE = "pebr_mcore.json"
 TEMPLATE_DIR = "hf_template"
@@ -62,14 +62,14 @@ def save_checkpoint(model, ckpt_dir: str | Path, meta: dict, template_dir: str |
     install_checkpoint_writer_queue()  # Megatron's writer would start a manager process that outlives a SIGKILL
     final = Path(ckpt_dir)
     tmp = final.parent / f".{final.name}.tmp"
-    if rank() == 0:
+    if is_main_rank():
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     barrier()
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
     barrier()
-    if rank() == 0:
+    if is_main_rank():
         from megatron.core import parallel_state as mpu
 
         record = {"format": FORMAT, **meta, "saved_tp": mpu.get_tensor_model_parallel_world_size(),

@@ -11,7 +11,7 @@ from typing import Callable
 from pebr_mega.checkpoint.gather import iter_hf_tensors
 from pebr_mega.checkpoint.hf_io import atomic_dir, copy_aux_files, write_safetensors
 from pebr_mega.checkpoint.manifest import files_key, remember_intact, write_manifest
-from pebr_mega.parallel.groups import barrier, rank
+from pebr_mega.parallel.groups import barrier, is_main_rank
 
 
 def export_to_hf(model, template_dir: str | Path, out_dir: str | Path,
@@ -23,7 +23,7 @@ def export_to_hf(model, template_dir: str | Path, out_dir: str | Path,
     iterates the weights); rank 0 writes, atomically.
     """
     tensors = iter_hf_tensors(model)
-    if rank() != 0:
+    if not is_main_rank():
         for _ in tensors:
             pass
         barrier()

@@ -85,6 +85,21 @@ class ImageConfig:
                            f"must be >= 1 and <= images.max_pixels = {self.max_pixels}"),
         })
 
+    @classmethod
+    def of_model(cls, model_dir: str | Path) -> "ImageConfig":
+        """Pixel bounds from an HF model's own preprocessor_config.json (what it was trained with), else the
+        defaults: how a command prompting an exported model (`pebr eval`, `pebr infer`) sizes its images."""
+        import json
+
+        f = Path(model_dir) / "preprocessor_config.json"
+        default = cls()
+        if not f.is_file():
+            return default
+        pc = json.loads(f.read_text())
+        size = pc.get("size") or {}
+        return cls(min_pixels=int(pc.get("min_pixels") or size.get("shortest_edge") or default.min_pixels),
+                   max_pixels=int(pc.get("max_pixels") or size.get("longest_edge") or default.max_pixels))
+
 
 @dataclass
 class ProcessedImages:

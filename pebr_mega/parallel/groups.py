@@ -118,3 +118,9 @@ def destroy_parallel(process_group: bool = False) -> None:
         mpu.destroy_model_parallel()
     if process_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def is_main_rank() -> bool:
+    """Whether this process is the job's rank 0, the one that prints and writes the run's shared files; also
+    before the process group exists (the launcher's RANK), so every rank-0 test gives one answer."""
+    return launch_rank() == 0

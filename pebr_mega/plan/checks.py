@@ -114,8 +114,7 @@ def layout_check(arch: QwenVLArch | None, model_cfg: Any, world: int, gpus_per_n
 
 # ------------------------------------------------------------------------------------------------ the jobs
 def _grpo_stage(cfg: Any, stage: str | None = None) -> Any:
-    grpo = cfg.grpo if stage is None else dataclasses.replace(cfg.grpo, stage=stage)
-    return grpo.resolved()
+    return cfg.grpo if stage is None else cfg.grpo.for_stage(stage)
 
 
 def _grpo_update_check(cfg: Any, g: Any, dp: int, r: CheckResult) -> None:

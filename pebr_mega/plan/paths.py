@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pebr_mega.config import eval_source
 from pebr_mega.plan.checks import CheckResult
 from pebr_mega.rewards.model import preset_weights
 
@@ -37,9 +38,9 @@ def _grpo_inputs(cfg: Any, stage: str) -> list[Input]:
                  "the SFT model's hf/ export for stage 1, the stage-1 model's for stage 2"),
            Input("grpo.train_file", g.train_file, "file",
                  f"`pebr split` writes {split}: run `pebr sample` and `pebr split` first")]
-    if g.eval_file or cfg.data.eval_file:
-        out.append(Input("grpo.eval_file" if g.eval_file else "data.eval_file", g.eval_file or cfg.data.eval_file,
-                         "file"))
+    source = eval_source(cfg, g)
+    if source.path:
+        out.append(Input(source.key, source.path, "file"))
     return out
 
 
@@ -61,8 +62,8 @@ def command_inputs(cfg: Any, command: str) -> list[Input]:
             [Input("sft.train_file", sft.train_file, "file", "`pebr merge-sft` writes it (docs/TRAINING.md)")]
             if sft.train_file or not sft.dataset_info else [])
         root = [Input("sft.image_root", sft.image_root, "dir")] if sft.image_root else []
-        eval_file = sft.eval_file or cfg.data.eval_file or ""
-        evals = [Input("sft.eval_file" if sft.eval_file else "data.eval_file", eval_file, "file")] if eval_file else []
+        source = eval_source(cfg, sft)
+        evals = [Input(source.key, source.path, "file")] if source.path else []
         return [Input("sft.init_model", sft.init_model, "dir")] + data + root + evals
     if command == "sample":
         sc = cfg.sample

@@ -127,7 +127,7 @@ def workload_from_config(cfg: Any, arch: QwenVLArch, job: str = "grpo", prompt_t
                         path)
     if job != "grpo":
         raise ValueError(f"job {job!r} is not 'grpo' or 'sft'")
-    g = cfg.grpo.resolved()
+    g = cfg.grpo
     return Workload("grpo", g.stage, g.rollout_batch_size, cfg.rollout.n, prompt_tokens or cfg.data.max_prompt_length,
                     cfg.rollout.max_new_tokens if response_tokens is None else response_tokens, images_per_prompt,
                     grid, g.mini_batch_size, g.ppo_epochs, cfg.algo.kl_coef > 0, cfg.actor.freeze_vision,

@@ -99,20 +99,6 @@ class RolloutConfig:
             warn_field("rollout", "n", 1, "one sample per prompt has no group to compare with: every GRPO "
                        "advantage is the score itself, without a baseline (the recipe uses 8)")
 
-    def sampling(self, stop_token_ids: Sequence[int], seed: int | None = None, validation: bool = False,
-                 banned_token_ids: Sequence[int] = ()) -> SamplingParams:
-        """The SamplingParams for training rollouts, or for validation when `validation`."""
-        return SamplingParams(
-            n=self.val_n if validation else self.n,
-            temperature=self.val_temperature if validation else self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            max_new_tokens=self.max_new_tokens,
-            stop_token_ids=list(stop_token_ids),
-            seed=seed,
-            banned_token_ids=list(banned_token_ids),
-        )
-
 
 def group_samples(samples: Sequence[Sample]) -> Iterator[list[Sample]]:
     """Yield consecutive runs of samples that answer the same record (the GRPO groups)."""

@@ -59,16 +59,19 @@ def vision_token_ids(tokenizer) -> list[int]:
 
 
 def sampling_params(tokenizer, n: int, temperature: float, top_p: float, max_new_tokens: int,
-                    seed: int | None) -> SamplingParams:
-    """SamplingParams that stop at Qwen's end tokens and never emit vision tokens."""
-    return SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                    seed: int | None, top_k: int = -1) -> SamplingParams:
+    """SamplingParams that stop at Qwen's end tokens and never emit vision tokens: the one builder (`top_k`
+    -1 = off)."""
+    return SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                           stop_token_ids=stop_token_ids(tokenizer), seed=seed,
                           banned_token_ids=vision_token_ids(tokenizer))
 
 
 def rollout_sampling(rollout_cfg: RolloutConfig, tokenizer, seed: int | None,
                      validation: bool = False) -> SamplingParams:
-    """The training (or, with `validation`, the evaluation) sampling of `rollout_cfg` with Qwen's stop and
-    banned tokens."""
-    return rollout_cfg.sampling(stop_token_ids(tokenizer), seed=seed, validation=validation,
-                                banned_token_ids=vision_token_ids(tokenizer))
+    """The training (or, with `validation`, the evaluation: `val_n` samples at `val_temperature`) sampling of
+    `rollout_cfg`; top-p, top-k and the length are the training rollouts' in both."""
+    n, temperature = ((rollout_cfg.val_n, rollout_cfg.val_temperature) if validation
+                      else (rollout_cfg.n, rollout_cfg.temperature))
+    return sampling_params(tokenizer, n, temperature, rollout_cfg.top_p, rollout_cfg.max_new_tokens, seed,
+                           top_k=rollout_cfg.top_k)

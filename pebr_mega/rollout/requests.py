@@ -65,9 +65,13 @@ class RequestBuilder:
     template: PromptTemplate | None = None  # None: the packaged format prompt
 
     @classmethod
-    def from_config(cls, data: DataConfig, images: ImageConfig, tokenizer, decoder: ImageDecoder,
+    def from_config(cls, data: DataConfig | None, images: ImageConfig, tokenizer, decoder: ImageDecoder,
                     template: PromptTemplate | None = None) -> "RequestBuilder":
-        """The builder the `data` and `images` config sections describe."""
+        """The builder the `data` and `images` config sections describe: the one place a builder is made.
+        `data` None: no prompt-length rule (a one-shot command prompting an exported model, which reads no
+        `data` section)."""
+        if data is None:
+            return cls(tokenizer, decoder, merge_size=images.merge_size, template=template)
         return cls(tokenizer, decoder, data.max_prompt_length, data.filter_overlong_prompts, images.merge_size,
                    template)
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from pebr_mega.checkpoint.manifest import (MANIFEST, MANIFEST_FORMAT, files_key, known_intact, remember_intact,
                                            verify_checkpoint, write_manifest)
 from pebr_mega.errors import CheckpointError, storage_errors
-from pebr_mega.parallel.groups import barrier, rank
+from pebr_mega.parallel.groups import barrier, is_main_rank
 
 if TYPE_CHECKING:  # annotations only: reading a run's checkpoint steps (a dry run) needs no Megatron
     from pebr_mega.actor.megatron_actor import MegatronActor
@@ -73,7 +73,7 @@ class CheckpointManager:
         job rank 0 alone reads and hashes the files and the others take its verdict (one broadcast): every
         rank loads the same checkpoint, and the files are read once, not once per rank.
         """
-        step = self._newest_intact() if rank() == 0 else None
+        step = self._newest_intact() if is_main_rank() else None
         if dist.is_initialized() and dist.get_world_size() > 1:
             verdict = [step]
             dist.broadcast_object_list(verdict, src=0)
@@ -222,11 +222,11 @@ class StageCheckpoints:
         tmp = self.manager.tmp_path(step)
         with storage_errors(f"saving the checkpoint of step {step}", tmp, self._after_failed_save,
                             catch=(OSError, RuntimeError), cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
-            if rank() == 0:
+            if is_main_rank():
                 self.manager.prepare(step)
             barrier()
             actor.save(tmp / "actor")
-            if rank() == 0:
+            if is_main_rank():
                 torch.save({**state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
                 self.manager.commit(step, {"stage": self.stage})
         barrier()

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from pebr_mega.config import PebrConfig, to_yaml
+from pebr_mega.config import PebrConfig, eval_source, to_yaml
 from pebr_mega.data.decoders import make_image_decoder
 from pebr_mega.data.images import ImageDecoder
 from pebr_mega.data.images import ImageConfig
@@ -39,7 +39,7 @@ from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.errors import DataError, OutputError, PebrError, SettingsMismatchError
 from pebr_mega.logging import GENERATIONS_FILE, WANDB_ID_FILE
 from pebr_mega.outputs import check_output_dir, claim_output_dir, lock_output_dir, write_text_atomic
-from pebr_mega.parallel.groups import ParallelState, init_distributed, init_parallel, launch_rank, rank
+from pebr_mega.parallel.groups import ParallelState, init_distributed, init_parallel, is_main_rank
 from pebr_mega.rollout.requests import RequestBuilder
 from pebr_mega.trainer.checkpointing import CheckpointManager
 from pebr_mega.trainer.fingerprint import (FINGERPRINT, describe_diff, diff_settings, fingerprint_record,
@@ -67,15 +67,14 @@ class RunSpec:
     @classmethod
     def grpo(cls, cfg: PebrConfig) -> "RunSpec":
         """The GRPO stage `grpo.stage`: its train file and its evaluation set."""
-        g = cfg.grpo.resolved()
-        return cls(g.stage, g.init_model, (g.train_file, g.eval_file or cfg.data.eval_file or ""),
-                   stage_settings(cfg, "grpo"))
+        g = cfg.grpo
+        return cls(g.stage, g.init_model, (g.train_file, eval_source(cfg, g).path), stage_settings(cfg, "grpo"))
 
     @classmethod
     def sft(cls, cfg: PebrConfig) -> "RunSpec":
         """The SFT warm-up: its train file, its `dataset_info.json` and its evaluation set."""
         sft = cfg.sft
-        return cls("sft", sft.init_model, (sft.train_file, sft.dataset_info, sft.eval_file or cfg.data.eval_file or ""),
+        return cls("sft", sft.init_model, (sft.train_file, sft.dataset_info, eval_source(cfg, sft).path),
                    stage_settings(cfg, "sft"))
 
 
@@ -102,12 +101,12 @@ class RunContext:
         previous run there."""
         init_model = str(check_hf_model_dir(spec.init_model, f"{spec.stage}: init_model"))
         out_dir = claim_output_dir(cfg.run.output_dir, [init_model, *spec.inputs], what=RUN_DIR_KEY, writes=RUN_FILES)
-        if launch_rank() == 0:  # one process per job holds it (a job's ranks are processes)
+        if is_main_rank():  # one process per job holds it (a job's ranks are processes)
             lock_output_dir(out_dir, RUN_DIR_KEY)  # before anything in it changes: a second run stops here
         prepare_run_dir(out_dir, spec.stage, spec.settings, restart)
         parallel = init_parallel(cfg.model.tp, cfg.model.pp, seed=cfg.run.seed)
         seed_everything(cfg.run.seed)
-        if rank() == 0:
+        if is_main_rank():
             (out_dir / "config.yaml").write_text(to_yaml(cfg))
         return cls._with_helpers(cfg, spec.stage, out_dir, parallel.device, parallel, init_model, cfg.images)
 
@@ -140,14 +139,9 @@ class RunContext:
         """Write the run's format prompt into an exported model directory (`format_prompt.jinja`)."""
         write_prompt_template(model_dir, self.prompt_template)
 
-    @property
-    def is_main(self) -> bool:
-        """Whether this process prints and writes the run's files (rank 0)."""
-        return rank() == 0
-
     def log(self, message: str) -> None:
         """Print once per job (rank 0)."""
-        if self.is_main:
+        if is_main_rank():
             print(message)
 
     def image_root(self, data_file: str) -> str:
@@ -250,7 +244,7 @@ def prepare_run_dir(out_dir: Path, stage: str, settings: dict, restart: bool = F
     check = inspect_run_dir(out_dir, stage, settings, restart)
     if check.error is not None:
         raise check.error
-    if launch_rank() != 0:
+    if not is_main_rank():
         return check
     if restart:
         for name in RESTART_DISCARDS:

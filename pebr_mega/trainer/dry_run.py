@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from pebr_mega.config import PebrConfig
+from pebr_mega.config import PebrConfig, eval_source
 from pebr_mega.data.images import ImageConfig, open_image
 from pebr_mega.data.pil_backend import PilImageDecoder
 from pebr_mega.data.records import image_root_for, load_grpo_file, read_json_items
@@ -44,7 +44,7 @@ from pebr_mega.data.template import load_prompt_template
 from pebr_mega.errors import ImageError, PebrError
 from pebr_mega.rewards import preset_weights
 from pebr_mega.rollout.requests import RequestBuilder
-from pebr_mega.stage_config import GRPOTrainerConfig
+from pebr_mega.stage_config import GRPOTrainerConfig, StageLoopConfig
 from pebr_mega.trainer.context import RunSpec, check_run_dir
 from pebr_mega.trainer.stage_data import FILTER_LENGTH, RLSchedule, load_stage_records
 
@@ -99,7 +99,7 @@ def plan_error(plan: dict | list[dict]) -> str | None:
 # ------------------------------------------------------------------------------------------------ GRPO
 def grpo_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
     """One GRPO stage (`grpo.stage`) over `grpo.train_file`, filtered as the trainer filters it."""
-    stage = cfg.grpo.resolved()
+    stage = cfg.grpo
     builder, why = _request_builder(cfg, cfg.images, stage.init_model, "grpo.init_model")
     data = load_stage_records(cfg, stage, builder, log=log, lengths=why is None)
     if why is not None:
@@ -132,14 +132,15 @@ def _grpo_head(cfg: PebrConfig, stage: GRPOTrainerConfig, schedule: RLSchedule |
 def _grpo_eval(cfg: PebrConfig, stage: GRPOTrainerConfig, held_out: int) -> dict:
     if held_out:
         return {"source": "grpo.eval_holdout", "records": held_out, "max_samples": stage.eval_max_samples}
-    return _eval_file(cfg, stage.eval_file, "grpo.eval_file", stage.eval_max_samples)
+    return _eval_file(cfg, stage)
 
 
-def _eval_file(cfg: PebrConfig, stage_file: str, stage_key: str, max_samples: int) -> dict:
-    key, path = (stage_key, stage_file) if stage_file else ("data.eval_file", cfg.data.eval_file or "")
+def _eval_file(cfg: PebrConfig, loop: StageLoopConfig) -> dict:
+    source = eval_source(cfg, loop)
+    path = source.path
     if not path:
         return {"source": None, "note": "no evaluation (no eval file, no grpo.eval_holdout)"}
-    out: dict[str, Any] = {"source": key, "file": path, "max_samples": max_samples}
+    out: dict[str, Any] = {"source": source.key, "file": path, "max_samples": loop.eval_max_samples}
     if Path(path).is_file():
         out["records"] = len(load_grpo_file(path, cfg.data).records)
     else:
@@ -188,7 +189,7 @@ def sft_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
         except ImageError:
             skipped["image"] += 1  # the reason name the SFT start-up counts (data/sft_records.encode_sft_file)
     per_epoch = math.ceil(kept / sft.batch_size)
-    eval_info = _eval_file(cfg, sft.eval_file, "sft.eval_file", sft.eval_max_samples)
+    eval_info = _eval_file(cfg, sft)
     plan = {"stage": "sft", "prompts": kept, "rollout_batch": None, "mini_batch": sft.batch_size,
             "epochs": sft.epochs, "steps_per_epoch": per_epoch, "total_steps": per_epoch * sft.epochs,
             "updates_per_step": 1, "samples_per_step": sft.batch_size,
@@ -331,7 +332,7 @@ def _pipeline_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, log: 
     path = work / "split" / pl.GRPO_INPUTS[stage]
     init = pl.grpo_init_model(cfg, work, results, stage)
     c = pl.grpo_stage_config(cfg, work, stage, path, init)
-    g = c.grpo.resolved()
+    g = c.grpo
     results[stage] = {"model_dir": str(work / stage / "hf")}
     if not found.has_file(path):
         plan = _grpo_head(c, g, None)

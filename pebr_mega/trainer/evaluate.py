@@ -15,6 +15,7 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from pebr_mega.data.records import GRPORecord
+from pebr_mega.parallel.groups import is_main_rank
 from pebr_mega.rewards import RewardModel, RewardSample, accuracy_reward, format_reward
 from pebr_mega.rewards.guard import RewardPool, score_components
 from pebr_mega.rewards.model import RewardConfig, reward_pool
@@ -152,5 +153,5 @@ class Evaluator:
         sampling = rollout_sampling(cfg.rollout, self.ctx.tokenizer, seed=cfg.run.seed, validation=True)
         with self.lifecycle.rollout_phase() as engine:
             return evaluate(engine, requests, sampling, reward_model=self.reward_model,
-                            batch_size=cfg.rollout.batch_size, progress=self.ctx.is_main and cfg.logging.progress_bar,
+                            batch_size=cfg.rollout.batch_size, progress=is_main_rank() and cfg.logging.progress_bar,
                             grading=cfg.rewards.answer_grading)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from pebr_mega.actor.config import ActorConfig
-from pebr_mega.config import PebrConfig, to_dict
+from pebr_mega.config import PebrConfig, eval_source, to_dict
 from pebr_mega.stage_config import SFTConfig
 
 FINGERPRINT = "fingerprint.json"
@@ -118,11 +118,9 @@ def stage_settings(cfg: PebrConfig, kind: str, exclude: Iterable[str] = ()) -> d
     as a flat `{dotted key: value}` mapping (JSON values); `exclude` drops keys a caller derives itself."""
     if kind not in _SECTIONS:
         raise ValueError(f"unknown stage kind {kind!r}; valid: {sorted(_SECTIONS)}")
-    if kind == "grpo":
-        cfg = dataclasses.replace(cfg, grpo=cfg.grpo.resolved())  # None and the stage's default are one setting
     flat = _flatten(to_dict(cfg))
     wanted = set(_KEYS.get(kind, ()))
-    if kind == "sft" and (cfg.sft.eval_file or cfg.data.eval_file):
+    if kind == "sft" and eval_source(cfg, cfg.sft).path:
         wanted |= set(_SFT_EVAL) | {k for k in flat if k.startswith("rewards.")}
     sections = _SECTIONS[kind]
     dropped = OPERATIONAL | set(_SHADOWED.get(kind, ())) | set(exclude)

@@ -36,7 +36,7 @@ class GRPOTrainer(StageTrainer):
     """Runs `cfg.grpo` (one stage) from `cfg.grpo.init_model` into `cfg.run.output_dir`."""
 
     def __init__(self, cfg: PebrConfig, restart: bool = False, eval_before: dict | None = None) -> None:
-        self.stage = cfg.grpo.resolved()
+        self.stage = cfg.grpo
         super().__init__(cfg, self.stage, RunSpec.grpo(cfg), restart=restart, eval_before=eval_before)
         # Filtered before batching, then batched with the last partial batch dropped (trainer/stage_data.py).
         self.data = load_stage_records(cfg, self.stage, self.ctx.requests, log=self.ctx.log)

@@ -32,7 +32,7 @@ from pebr_mega.data.records import image_root_for, read_json_items
 from pebr_mega.data.split import format_summary, split_files
 from pebr_mega.errors import PebrError, SettingsMismatchError
 from pebr_mega.outputs import claim_output_dir, lock_output_dir, write_text_atomic
-from pebr_mega.parallel.groups import launch_rank
+from pebr_mega.parallel.groups import is_main_rank
 from pebr_mega.stage_config import PipelineConfig
 from pebr_mega.trainer.fingerprint import (describe_diff, diff_settings, fingerprint_record, read_fingerprint,
                                            settings_digest, stage_settings)
@@ -162,7 +162,7 @@ def _mark_done(work: Path, stage: str, result: dict, settings: dict) -> dict:
 def grpo_skip_reason(c: PebrConfig, path: Path) -> str | None:
     """Why the pipeline skips a GRPO stage, or None: its split file holds fewer questions, less the held-out
     evaluation slice, than one rollout batch (upstream's loader drops a partial batch: no step either)."""
-    g = c.grpo.resolved()
+    g = c.grpo
     count = len(read_json_items(path)[0]) if path.is_file() else 0
     if count - g.eval_holdout >= g.rollout_batch_size:
         return None
@@ -178,7 +178,7 @@ def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print, restart: b
     check_pipeline_config(p)
     work = claim_output_dir(p.work_dir, [p.base_model, p.sft_file, p.grpo_file, p.eval_file],
                             what="pipeline.work_dir", writes=[*STAGES, "final"])
-    if launch_rank() == 0:  # one process per job holds it (a job's ranks are processes)
+    if is_main_rank():  # one process per job holds it (a job's ranks are processes)
         lock_output_dir(work, "pipeline.work_dir")
     plan = stage_fingerprints(cfg, work)
     check_recorded_stages(work, plan, restart, log)
@@ -252,7 +252,7 @@ def sample_stage_config(cfg: PebrConfig, work: Path, results: dict) -> PebrConfi
 def grpo_stage_config(cfg: PebrConfig, work: Path, stage: str, train_file: Path, init: str) -> PebrConfig:
     """The config the pipeline's GRPO `stage` runs with: `grpo.stage` picks its sizes and reward preset."""
     c = _stage_cfg(cfg, work / stage, cfg.pipeline.grpo_file)
-    c.grpo.stage = stage
+    c.grpo = c.grpo.for_stage(stage)
     c.grpo.init_model, c.grpo.train_file = init, str(train_file)
     c.grpo.eval_file = cfg.pipeline.eval_file or c.grpo.eval_file
     return c
@@ -292,7 +292,7 @@ def _run_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str) -> dict:
     if why is not None:
         print(f"[pipeline] {stage}: {why}; the stage is skipped and passes {init} on")
         return {"model_dir": init, "skipped": why}
-    known = known_evaluation(results, init, eval_set_of(c, c.grpo.resolved()))
+    known = known_evaluation(results, init, eval_set_of(c, c.grpo))
     return GRPOTrainer(c, eval_before=known).train().to_dict()
 
 

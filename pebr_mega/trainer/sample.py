@@ -26,7 +26,7 @@ from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.config import PebrConfig
 from pebr_mega.errors import DataError
 from pebr_mega.outputs import claim_output_file
-from pebr_mega.parallel.groups import barrier, broadcast_from_main, launch_rank
+from pebr_mega.parallel.groups import barrier, broadcast_from_main, is_main_rank
 from pebr_mega.rewards.model import reward_pool
 from pebr_mega.rollout.factory import make_rollout_engine, sampling_params
 from pebr_mega.rollout.requests import RequestReport
@@ -55,7 +55,7 @@ def run_sampling(cfg: PebrConfig, progress: bool = True) -> dict:
     if not sc.output:
         raise DataError("sample.output is not set: give the rollouts JSONL file to write")
     check_hf_model_dir(sc.model, "sample.model")
-    writer = launch_rank() == 0
+    writer = is_main_rank()
     out = claim_output_file(sc.output, [sc.dataset, sc.model], what="sample.output") if writer else None
     ctx = RunContext.for_generation(cfg, sc.model, "sample", images=dataclasses.replace(cfg.images, max_pixels=sc.max_pixels))
     records = ctx.load_records(sc.dataset, "GRPO")

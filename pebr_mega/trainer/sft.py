@@ -14,7 +14,7 @@ from pathlib import Path
 from pebr_mega.actor.config import ActorConfig
 from pebr_mega.actor.megatron_actor import LossSpec
 from pebr_mega.actor.packing import ActorSequence
-from pebr_mega.config import PebrConfig
+from pebr_mega.config import PebrConfig, eval_source
 from pebr_mega.data.images import ImageDecoder
 from pebr_mega.data.records import image_root_for
 from pebr_mega.data.sft_records import SFTReport, encode_sft_file, resolve_sft_source
@@ -69,7 +69,7 @@ class SFTTrainer(StageTrainer):
         self.ctx.log(f"sft: {len(self.seqs)} conversations, batch {sft.batch_size} -> {self.sampler.steps_per_epoch()} "
                      f"steps per epoch (the last one partial when it does not divide) x {sft.epochs} epochs = "
                      f"{self.total_steps} steps")
-        if self.loop.eval_file or cfg.data.eval_file:
+        if eval_source(cfg, self.loop).path:
             self.build_engine()  # before the actor: memory order (see trainer/stage.py)
         actor_cfg = sft_actor_config(cfg.actor, sft)
         self.ctx.log(f"sft: lr {actor_cfg.lr:g}, warmup {actor_cfg.warmup_ratio:g}, schedule {actor_cfg.lr_schedule}, "

@@ -37,10 +37,11 @@ from pebr_mega.actor.config import ActorConfig
 from pebr_mega.actor.megatron_actor import MegatronActor, build_actor
 from pebr_mega.checkpoint.export import export_to_hf
 from pebr_mega.checkpoint.gather import count_parameters
-from pebr_mega.config import PebrConfig, to_dict
+from pebr_mega.config import PebrConfig, eval_source, to_dict
 from pebr_mega.data.records import image_root_for
 from pebr_mega.errors import storage_errors
 from pebr_mega.logging import LoggingConfig, MetricsLogger, read_metrics
+from pebr_mega.parallel.groups import is_main_rank
 from pebr_mega.rewards import RewardModel
 from pebr_mega.rollout.factory import make_rollout_engine
 from pebr_mega.stage_config import StageLoopConfig
@@ -82,7 +83,7 @@ def eval_set_of(cfg: PebrConfig, loop: StageLoopConfig) -> dict | None:
     same `eval_set` give the same model the same evaluation when it is greedy (temperature 0)."""
     if getattr(loop, "eval_holdout", 0):
         return None
-    eval_file = loop.eval_file or cfg.data.eval_file or ""
+    eval_file = eval_source(cfg, loop).path
     if not eval_file:
         return None
     r = cfg.rollout
@@ -144,7 +145,7 @@ class StageTrainer:
 
     def build_evaluator(self, reward_model: RewardModel | None) -> Evaluator | None:
         """The held-out evaluation of `loop.eval_file` (else `data.eval_file`); None without an eval set."""
-        eval_file = self.loop.eval_file or self.cfg.data.eval_file or ""
+        eval_file = eval_source(self.cfg, self.loop).path
         if not eval_file or self.lifecycle is None:
             return None
         return Evaluator(self.ctx, self.lifecycle, eval_file, self.loop.eval_max_samples, reward_model)
@@ -300,7 +301,7 @@ class StageTrainer:
 
     def make_logger(self) -> MetricsLogger:
         """The metrics logger of this run (appending when resumed); other ranks write under `.rank<r>/`."""
-        main = self.ctx.is_main
+        main = is_main_rank()
         lcfg = self.cfg.logging if main else LoggingConfig(progress_bar=False)
         run_dir = self.ctx.out_dir if main else self.ctx.out_dir / f".rank{self.ctx.parallel.rank}"
         return MetricsLogger(lcfg, run_dir, self.total_steps, run_config=to_dict(self.cfg), desc=self.name,

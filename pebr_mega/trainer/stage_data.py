@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from pebr_mega.config import PebrConfig
+from pebr_mega.config import PebrConfig, eval_source
 from pebr_mega.config_fields import ConfigError
 from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_file
 from pebr_mega.errors import DataError
@@ -58,10 +58,10 @@ def check_eval_source(cfg: PebrConfig, stage: GRPOTrainerConfig) -> None:
     on the stage's final config (the pipeline sets `grpo.eval_file` after loading, from `pipeline.eval_file`)."""
     if not stage.eval_holdout:
         return
-    key, value = ("grpo.eval_file", stage.eval_file) if stage.eval_file else ("data.eval_file", cfg.data.eval_file)
-    if value:
-        raise ConfigError(f"grpo.eval_holdout={stage.eval_holdout} and {key}={value!r} both give {stage.stage} an "
-                          f"evaluation set: set one of them ({key}= to use the held-out slice)")
+    source = eval_source(cfg, stage)
+    if source.path:
+        raise ConfigError(f"grpo.eval_holdout={stage.eval_holdout} and {source.key}={source.path!r} both give "
+                          f"{stage.stage} an evaluation set: set one of them ({source.key}= to use the held-out slice)")
 
 
 def load_stage_records(cfg: PebrConfig, stage: GRPOTrainerConfig, builder: RequestBuilder | None,
