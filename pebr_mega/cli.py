@@ -502,7 +502,7 @@ def _run_sample(cfg: PebrConfig) -> str:
 
 
 def _run_pipeline(cfg: PebrConfig, restart: bool = False) -> str:
-    from pebr_mega.trainer.pipeline import run_pipeline
+    from pebr_mega.recipe.pipeline import run_pipeline
 
     _check_startup(cfg, "pipeline")
     res = run_pipeline(cfg, restart=restart)
@@ -567,7 +567,7 @@ def _dry_run(cfg: PebrConfig, command: str, restart: bool = False) -> int:
     """The plan as JSON on stdout (docs/TRAINING.md, "Dry run"); a plan that cannot start ends as one error line."""
     import json
 
-    from pebr_mega.trainer.dry_run import dry_run, plan_error
+    from pebr_mega.recipe.dry_run import dry_run, plan_error
 
     plan = dry_run(cfg, command, restart=restart)
     print(json.dumps(plan, indent=1))
@@ -602,7 +602,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from pebr_mega.trainer.demo import DEMO_DESCRIPTION_OMISSION, DEMO_TEACHER_ERROR, run_demo
+    from pebr_mega.recipe.demo import DEMO_DESCRIPTION_OMISSION, DEMO_TEACHER_ERROR, run_demo
 
     teacher_error = DEMO_TEACHER_ERROR if args.teacher_error is None else args.teacher_error
     omission = DEMO_DESCRIPTION_OMISSION if args.description_omission is None else args.description_omission

@@ -42,7 +42,7 @@ class StageLoopConfig:
     eval_file: str = ""  # GRPO-format held-out set; "" = data.eval_file
     eval_max_samples: int = 0  # 0 = all
     # Evaluate the starting model before the first step. The pipeline does not re-measure a model the stage
-    # before it has just evaluated on the same set (trainer/pipeline.py); false skips it (a random base model).
+    # before it has just evaluated on the same set (recipe/pipeline.py); false skips it (a random base model).
     eval_before: bool = True
 
     def check_loop(self, section: str) -> None:

@@ -33,10 +33,10 @@ from typing import Callable, Sequence
 # it or on leaving it.
 KILL_POINTS: dict[str, tuple[str, str, str]] = {
     "update": ("pebr_mega.actor.megatron_actor", "MegatronActor.train_step", "enter"),
-    "save": ("pebr_mega.trainer.checkpointing", "write_manifest", "enter"),
+    "save": ("pebr_mega.run.stage_checkpoints", "write_manifest", "enter"),
     "metrics": ("pebr_mega.logging", "MetricsLogger.log", "exit"),
     "generate": ("pebr_mega.rollout.hf_engine", "HFRolloutEngine.generate", "enter"),
-    "done": ("pebr_mega.trainer.pipeline", "_mark_done", "enter"),
+    "done": ("pebr_mega.recipe.pipeline", "_mark_done", "enter"),
     "export": ("pebr_mega.trainer.stage", "export_to_hf", "enter"),
 }
 # Calls that build a model (counted, to show that an error came before any).
@@ -53,7 +53,7 @@ def preload() -> None:
     import torch
 
     torch.set_num_threads(1)
-    for module in ("pebr_mega.cli", "pebr_mega.trainer.pipeline", "pebr_mega.trainer.grpo", "pebr_mega.trainer.sft",
+    for module in ("pebr_mega.cli", "pebr_mega.recipe.pipeline", "pebr_mega.trainer.grpo", "pebr_mega.trainer.sft",
                    "pebr_mega.actor.megatron_actor", "pebr_mega.rollout.hf_engine", "pebr_mega.rewards.guard",
                    "megatron.core.dist_checkpointing", "transformers"):
         importlib.import_module(module)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pebr_mega.errors import CheckpointError
-from pebr_mega.trainer.checkpointing import (MANIFEST, CheckpointManager, CheckpointWarning, verify_checkpoint,
+from pebr_mega.run.stage_checkpoints import (MANIFEST, CheckpointManager, CheckpointWarning, verify_checkpoint,
                                              write_manifest)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,7 +154,7 @@ def test_pruning_never_counts_a_damaged_checkpoint_as_kept(tmp_path, megatron_ck
 def _latest_on_two_ranks(rank: int, root: str) -> str | None:
     import torch.distributed as dist
 
-    from pebr_mega.trainer import checkpointing
+    from pebr_mega.run import stage_checkpoints as checkpointing
 
     dist.init_process_group("gloo")  # the launcher's RANK, WORLD_SIZE and MASTER_* are set
 

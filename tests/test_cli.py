@@ -171,8 +171,8 @@ def test_train_dry_run_reports_the_run_directory_as_the_run_finds_it(tiny_model_
 
     from pebr_mega.config import load_config
     from pebr_mega.outputs import claim_output_dir
-    from pebr_mega.trainer.checkpointing import CheckpointManager
-    from pebr_mega.trainer.context import RUN_FILES, RunSpec, prepare_run_dir
+    from pebr_mega.run.stage_checkpoints import CheckpointManager
+    from pebr_mega.run.run_dir import RUN_FILES, RunSpec, prepare_run_dir
 
     data = _grpo_file(tmp_path, [(56, 56)] * 8)
     run = tmp_path / "run"
@@ -229,8 +229,8 @@ def test_sft_dry_run_stops_as_the_sft_run_does_on_other_settings(tiny_model_dir,
     the real run and the dry run with one identical line and status 2; the same settings resume."""
     from pebr_mega.config import load_config
     from pebr_mega.outputs import claim_output_dir
-    from pebr_mega.trainer.checkpointing import CheckpointManager
-    from pebr_mega.trainer.context import RunSpec, prepare_run_dir
+    from pebr_mega.run.stage_checkpoints import CheckpointManager
+    from pebr_mega.run.run_dir import RunSpec, prepare_run_dir
 
     _grpo_file(tmp_path, [(56, 56)])
     sft = tmp_path / "sft.json"
@@ -303,7 +303,7 @@ def test_pipeline_dry_run_checks_the_recorded_fingerprints_as_the_run_does(tiny_
     are planned as the run finds them after discarding their folders. The dry run itself touches nothing."""
     from pebr_mega.config import load_config
     from pebr_mega.outputs import claim_output_dir
-    from pebr_mega.trainer import pipeline as pl
+    from pebr_mega.recipe import pipeline as pl
 
     overrides = _pipeline_overrides(tmp_path, tiny_model_dir)
     work = tmp_path / "work"

@@ -27,7 +27,7 @@ def test_demo_writes_summary_and_curves(trainer_runs):
     assert {"clip_reward_true", "clip_reward_negative"} <= set(summary["clip"])
     # The demo's teacher (both of its errors, docs/DEMO.md) is recorded with the data and in the summary, and
     # the CLIP is measured on descriptions that leave a group out, the teacher's perception error.
-    from pebr_mega.trainer.demo import DEMO_DESCRIPTION_OMISSION, DEMO_TEACHER_ERROR, SYNTH_RECORD
+    from pebr_mega.recipe.demo import DEMO_DESCRIPTION_OMISSION, DEMO_TEACHER_ERROR, SYNTH_RECORD
     assert summary["teacher"] == {"reasoning_error": DEMO_TEACHER_ERROR, "description_omission": DEMO_DESCRIPTION_OMISSION}
     synth = json.loads((out / "data" / SYNTH_RECORD).read_text())
     assert (synth["sft_teacher_error"], synth["sft_description_omission"]) == (DEMO_TEACHER_ERROR, DEMO_DESCRIPTION_OMISSION)
@@ -47,7 +47,7 @@ def test_demo_writes_summary_and_curves(trainer_runs):
 
 
 def test_demo_refuses_to_reuse_data_written_with_other_settings(tmp_path, capsys):
-    from pebr_mega.trainer.demo import SYNTH_RECORD, check_reused_data
+    from pebr_mega.recipe.demo import SYNTH_RECORD, check_reused_data
 
     data = tmp_path / "data"
     data.mkdir()

@@ -10,9 +10,9 @@ import pytest
 from pebr_mega.cli import build_parser
 from pebr_mega.config import load_config
 from pebr_mega.errors import SettingsMismatchError
-from pebr_mega.trainer.context import prepare_run_dir
-from pebr_mega.trainer.fingerprint import FINGERPRINT, diff_settings, read_fingerprint, stage_settings
-from pebr_mega.trainer.pipeline import (STAGES, _mark_done, check_recorded_stages, find_mismatch,
+from pebr_mega.run.run_dir import prepare_run_dir
+from pebr_mega.run.fingerprint import FINGERPRINT, diff_settings, read_fingerprint, stage_settings
+from pebr_mega.recipe.pipeline import (STAGES, _mark_done, check_recorded_stages, find_mismatch,
                                         stage_fingerprints, stage_result)
 
 

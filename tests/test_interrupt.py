@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from pebr_mega.trainer.interrupt import StopRequested, StopRequests
+from pebr_mega.run.interrupt import StopRequested, StopRequests
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

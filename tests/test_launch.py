@@ -48,7 +48,7 @@ def test_torchrun_dry_run_and_config_errors_surface():
 
 def test_shipped_configs_load_with_upstream_values():
     from pebr_mega.config import load_config
-    from pebr_mega.trainer.demo import demo_config_path
+    from pebr_mega.recipe.demo import demo_config_path
 
     cfg = load_config(ROOT / "launch/configs/qwen2_5_vl_7b.yaml", ["grpo.stage=stage2"])
     g = cfg.grpo

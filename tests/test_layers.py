@@ -1,6 +1,6 @@
-"""The layering of the package (`.importlinter`: cli > {trainer, plan} > config > components > models/checkpoint/algo >
-parallel/kernels > config_fields > errors) holds: `lint-imports` passes, so a new cycle or an upward import
-fails the suite."""
+"""The layering of the package (`.importlinter`: cli > recipe > {trainer, plan} > run > config > components >
+models/checkpoint/algo > parallel/kernels > config_fields > errors) holds: `lint-imports` passes, so a new cycle
+or an upward import fails the suite."""
 from __future__ import annotations
 
 import os

@@ -373,7 +373,7 @@ lg.MetricsLogger._write_row = full_disk_from_step_2
 _SAVE_TO_DEV_FULL = """
 import os
 import pebr_mega.errors as errors
-import pebr_mega.trainer.checkpointing as ck
+import pebr_mega.run.stage_checkpoints as ck
 real = ck.CheckpointManager.prepare
 def prepare_on_a_full_disk(self, step):
     tmp = real(self, step)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pebr_mega.config import load_config
 from pebr_mega.logging import LoggingConfig, MetricsLogger
-from pebr_mega.trainer.pipeline import known_evaluation
+from pebr_mega.recipe.pipeline import known_evaluation
 from pebr_mega.trainer.stage import StageTrainer, eval_set_of
 
 
@@ -103,7 +103,7 @@ def test_a_held_out_slice_and_an_eval_file_set_after_loading_are_refused(tmp_pat
 def test_the_pipeline_skips_a_grpo_stage_without_one_full_batch_after_the_held_out_slice(tmp_path):
     import json
 
-    from pebr_mega.trainer.pipeline import grpo_skip_reason
+    from pebr_mega.recipe.pipeline import grpo_skip_reason
 
     split = tmp_path / "easycase.json"
     split.write_text(json.dumps([{"qid": str(i)} for i in range(6)]))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pebr_mega.errors import CheckpointError
-from pebr_mega.trainer.checkpointing import CheckpointManager
+from pebr_mega.run.stage_checkpoints import CheckpointManager
 from pebr_mega.trainer.data_order import DataPosition, EpochSampler
 
 

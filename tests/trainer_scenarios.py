@@ -63,7 +63,7 @@ def _grpo_full_and_resumed(model, data, tmp):
     import torch
 
     from pebr_mega.trainer.grpo import GRPOTrainer
-    from pebr_mega.trainer.interrupt import StopRequested
+    from pebr_mega.run.interrupt import StopRequested
 
     def config(name, *extra):
         return _grpo(tmp / name, model, data, "grpo.max_steps=3", "grpo.save_every=0", "grpo.eval_every=2",
@@ -209,7 +209,7 @@ def _count_engines() -> dict:
 
 
 def _pipeline(model, data, tmp):
-    from pebr_mega.trainer.pipeline import run_pipeline, stage_result
+    from pebr_mega.recipe.pipeline import run_pipeline, stage_result
 
     engines = _count_engines()
 

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_rewards import _cpu
 
-    from pebr_mega.trainer.checkpointing import verify_checkpoint, write_manifest
+    from pebr_mega.run.stage_checkpoints import verify_checkpoint, write_manifest
 
     size = int(args.gib * 2**30)
     block = os.urandom(64 << 20)

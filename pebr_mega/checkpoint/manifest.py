@@ -2,7 +2,7 @@
 
 `MANIFEST.json` lists the relative path, size and SHA-256 of every file below its directory; it is written
 last, so its presence also says the directory is whole. Training checkpoints carry one (`step_N/`,
-`pebr_mega.trainer.checkpointing`), as do the Megatron checkpoints `convert_hf_to_mcore` writes and the HF
+`pebr_mega.run.stage_checkpoints`), as do the Megatron checkpoints `convert_hf_to_mcore` writes and the HF
 directories the exports write.
 
 Every reader checks a checkpoint against the manifest of the directory that holds it before it loads a byte

@@ -25,7 +25,7 @@ from pebr_mega.rollout.engine import group_samples
 from pebr_mega.rollout.factory import rollout_sampling
 from pebr_mega.rollout.mismatch import token_mult_prob_error
 from pebr_mega.rollout.types import Sample
-from pebr_mega.trainer.context import RunSpec
+from pebr_mega.run.run_dir import RunSpec
 from pebr_mega.trainer.data_order import EpochSampler
 from pebr_mega.trainer.evaluate import Evaluator, generation_rows, to_reward_sample
 from pebr_mega.trainer.stage import StageResult, StageTrainer

@@ -21,7 +21,7 @@ from pebr_mega.data.sft_records import SFTReport, encode_sft_file, resolve_sft_s
 from pebr_mega.errors import DataError
 from pebr_mega.rewards import build_reward
 from pebr_mega.stage_config import SFTConfig
-from pebr_mega.trainer.context import RunSpec
+from pebr_mega.run.run_dir import RunSpec
 from pebr_mega.trainer.data_order import EpochSampler
 from pebr_mega.trainer.stage import StageResult, StageTrainer
 

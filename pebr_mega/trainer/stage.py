@@ -12,12 +12,12 @@ What survives what (docs/TRAINING.md has the table):
 - A step k is done when its metrics row, its periodic evaluation and its periodic save are; a checkpoint of
   step k is published only after every row of step k is in `metrics.jsonl`, so a kill anywhere leaves a
   newest checkpoint whose rows are all written, and a rerun resumes there and cuts the metrics back to it.
-- Ctrl-C or SIGTERM inside step k (`pebr_mega.trainer.interrupt`): step k finishes, step k is saved (unless
+- Ctrl-C or SIGTERM inside step k (`pebr_mega.run.interrupt`): step k finishes, step k is saved (unless
   its periodic save did it), one line says where, and the run exits; a rerun goes on with step k+1. A second
   one aborts at once and saves nothing: the newest checkpoint stays as it was, and a rerun repeats what came
   after it.
 - A run directory records the settings of its run (`fingerprint.json`); another run's settings stop the
-  start-up, or, told to restart, discard the old state (`RunContext.for_training`, `context.inspect_run_dir`).
+  start-up, or, told to restart, discard the old state (`RunContext.for_training`, `run_dir.inspect_run_dir`).
 
 Build order (`build_engine` before `build_actor`): the rollout engine starts first and releases its memory,
 because SGLang sizes its KV pool from the GPU memory free when it loads; the actor and the reference
@@ -45,12 +45,13 @@ from pebr_mega.parallel.groups import is_main_rank
 from pebr_mega.rewards import RewardModel
 from pebr_mega.rollout.factory import make_rollout_engine
 from pebr_mega.stage_config import StageLoopConfig
-from pebr_mega.trainer.checkpointing import StageCheckpoints
-from pebr_mega.trainer.context import RunContext, RunSpec
+from pebr_mega.run.stage_checkpoints import StageCheckpoints
+from pebr_mega.run.run_dir import RunSpec
+from pebr_mega.trainer.context import RunContext
 from pebr_mega.trainer.data_order import EpochSampler
 from pebr_mega.trainer.divergence import DivergedError, DivergenceGuard
 from pebr_mega.trainer.evaluate import Evaluator
-from pebr_mega.trainer.interrupt import StopRequested, StopRequests
+from pebr_mega.run.interrupt import StopRequested, StopRequests
 from pebr_mega.trainer.lifecycle import EngineLifecycle, actor_weights
 
 # Dense bf16 peak of the cards we know, for MFU (TFLOP/s).

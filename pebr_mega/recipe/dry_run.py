@@ -9,7 +9,7 @@ followed by what they were computed from: the data file, the records read and sk
 filters applied (`filters`) and those that need more than the config and the data (`filters_not_applied`,
 with the reason), the partial batch an epoch drops, the evaluation set. `train` and `sft` add `run_dir`: what
 the run's start-up finds in `run.output_dir`, decided by the run's own read-only checks
-(`context.check_run_dir`): `new`, `resume` (from which checkpoint step), `settings differ` (the differing keys
+(`run.run_dir.check_run_dir`): `new`, `resume` (from which checkpoint step), `settings differ` (the differing keys
 and the error the run stops with: the dry run then ends with that line, status 2), `restart` (with
 `--force-restart`: what is discarded) or `refused` (not a directory pebr created, or one holding an input). The numbers come from the same
 functions the trainers call (`trainer/stage_data.py`, `trainer/data_order.py`), so a dry run prints the run
@@ -45,11 +45,11 @@ from pebr_mega.errors import ImageError, PebrError
 from pebr_mega.rewards import preset_weights
 from pebr_mega.rollout.requests import RequestBuilder
 from pebr_mega.stage_config import GRPOTrainerConfig, StageLoopConfig
-from pebr_mega.trainer.context import RunSpec, check_run_dir
+from pebr_mega.run.run_dir import RunSpec, check_run_dir
 from pebr_mega.trainer.stage_data import FILTER_LENGTH, RLSchedule, load_stage_records
 
 if TYPE_CHECKING:
-    from pebr_mega.trainer.pipeline import StageMismatch
+    from pebr_mega.recipe.pipeline import StageMismatch
 
 PLAN_KEYS = ("stage", "prompts", "rollout_batch", "mini_batch", "epochs", "steps_per_epoch", "total_steps",
              "updates_per_step", "samples_per_step", "reward_weights", "grading")
@@ -67,7 +67,7 @@ def dry_run(cfg: PebrConfig, command: str, log: Callable[[str], None] = _stderr,
             restart: bool = False) -> dict | list[dict]:
     """The plan of `command` (`train`, `sft`, `sample`: one object; `pipeline`: one per stage), `restart` as
     the command's `--force-restart`. `train` and `sft` carry `run_dir`, what their start-up finds in
-    `run.output_dir` (`context.check_run_dir`)."""
+    `run.output_dir` (`run.run_dir.check_run_dir`)."""
     if command == "pipeline":
         return pipeline_plan(cfg, log=log, restart=restart)
     plans = {"train": grpo_plan, "sft": sft_plan, "sample": sample_plan}
@@ -241,7 +241,7 @@ def pipeline_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr, restart
     recorded with other settings stops the run (`settings differ`, with the real run's error; every stage not
     done is then `stopped`), or with `restart` (`--force-restart`) it and every later stage are planned as
     if their folders were already discarded."""
-    from pebr_mega.trainer import pipeline as pl  # heavy (the trainers import Megatron): only for this command
+    from pebr_mega.recipe import pipeline as pl  # heavy (the trainers import Megatron): only for this command
 
     p = cfg.pipeline
     pl.check_pipeline_config(p)
@@ -273,7 +273,7 @@ def pipeline_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr, restart
 
 def _stopped_pipeline(work: Path, stages: list[str], mismatch: StageMismatch) -> list[dict]:
     """The plan of a run that stops at start-up on `mismatch`: finished stages stay done, nothing runs."""
-    from pebr_mega.trainer import pipeline as pl
+    from pebr_mega.recipe import pipeline as pl
 
     out = []
     for stage in pl.STAGES:
@@ -307,7 +307,7 @@ class _WorkDir:
 
 def _pipeline_stage(cfg: PebrConfig, work: Path, results: dict, stage: str, log: Callable[[str], None],
                     found: _WorkDir) -> dict:
-    from pebr_mega.trainer import pipeline as pl
+    from pebr_mega.recipe import pipeline as pl
 
     if stage == "sft":
         results["sft"] = {"model_dir": str(work / "sft" / "hf")}
@@ -327,7 +327,7 @@ def _pipeline_stage(cfg: PebrConfig, work: Path, results: dict, stage: str, log:
 
 def _pipeline_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, log: Callable[[str], None],
                    found: _WorkDir) -> dict:
-    from pebr_mega.trainer import pipeline as pl
+    from pebr_mega.recipe import pipeline as pl
 
     path = work / "split" / pl.GRPO_INPUTS[stage]
     init = pl.grpo_init_model(cfg, work, results, stage)

@@ -7,7 +7,7 @@ loaded, so a result made with other settings is never resumed or reused silently
   one line naming the differing keys (`old -> new`); `--force-restart` discards the old run's state.
 - `pebr pipeline`: each stage's `STARTED` and `DONE` files carry the stage's fingerprint, which includes the
   digest of the stage before it, so a changed stage invalidates every stage after it
-  (`pebr_mega.trainer.pipeline`).
+  (`pebr_mega.recipe.pipeline`).
 
 What is recorded (`stage_settings`): every key of the sections a stage reads, except the `OPERATIONAL` ones,
 which change where results go, how often they are saved or reported, how the work is laid out over the

@@ -2,7 +2,7 @@
 
 Every stage writes into `pipeline.work_dir/<stage>/`: a `STARTED` file when it starts and, when it has
 finished, a `DONE` file holding its result; both carry the stage's fingerprint (`stage_fingerprints`: the
-settings that define its result, `pebr_mega.trainer.fingerprint`, plus the digest of the stage before it)
+settings that define its result, `pebr_mega.run.fingerprint`, plus the digest of the stage before it)
 and are written atomically. A re-run skips the stages that are done and resumes an interrupted one from its
 newest checkpoint (the trainers resume by themselves). A stage recorded with other settings than the
 re-run's stops the re-run before anything loads, with one line naming the first such stage and the keys
@@ -34,7 +34,7 @@ from pebr_mega.errors import PebrError, SettingsMismatchError
 from pebr_mega.outputs import claim_output_dir, lock_output_dir, write_text_atomic
 from pebr_mega.parallel.groups import is_main_rank
 from pebr_mega.stage_config import PipelineConfig
-from pebr_mega.trainer.fingerprint import (describe_diff, diff_settings, fingerprint_record, read_fingerprint,
+from pebr_mega.run.fingerprint import (describe_diff, diff_settings, fingerprint_record, read_fingerprint,
                                            settings_digest, stage_settings)
 from pebr_mega.trainer.grpo import GRPOTrainer
 from pebr_mega.trainer.lifecycle import free_allocator_cache

@@ -30,7 +30,7 @@ from pebr_mega.rewards.clip import ClipAlignmentScorer
 from pebr_mega.rewards.clip_training import ClipPair, ClipTrainingConfig, retrieval_metrics, train_clip
 from pebr_mega.rewards.model import RewardConfig
 from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
-from pebr_mega.trainer.pipeline import run_pipeline
+from pebr_mega.recipe.pipeline import run_pipeline
 
 # The demo's SFT teacher is sloppy on reasoning questions (see `SynthConfig.sft_teacher_error`): the error
 # stage 2's verifiable reward has to correct. `--description-omission` makes its descriptions leave out the
