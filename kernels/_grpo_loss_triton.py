@@ -1,6 +1,6 @@
 """The fused GRPO loss: one Triton pass over the ``[B, T]`` token tensors, forward and gradient together.
 
-The formulas are those of `pebr_mega.algo.grpo` (documented there). Per token, with lr = log pi - log pi_old:
+The formulas are those of `pebr_mega.kernels.reference.grpo_loss_reference` (documented there). Per token, with lr = log pi - log pi_old:
 
     r  = exp(clamp(lr, -20, 20))
     L1 = -A r,  L2 = -A clamp(r, 1 - cl, 1 + ch),  Lc = max(L1, L2),  L = min(Lc, -A c) if A < 0 else Lc

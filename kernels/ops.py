@@ -11,7 +11,7 @@ Public functions (each differentiable):
 - ``linear_logprobs(hidden, weight, token_ids, ...)``: the same straight from hidden states and the
   lm_head weight, chunked over rows so the full logits never exist.
 - ``grpo_loss(logprobs, old_logprobs, advantages, mask, ...)``: PPO-clip + dual-clip + KL + masking +
-  aggregation fused; matches `pebr_mega.algo.grpo.grpo_loss`.
+  aggregation fused; matches `pebr_mega.kernels.reference.grpo_loss_reference`.
 
 Dispatch: CUDA tensors run the Triton kernels; CPU tensors run the same kernels in Triton's interpreter
 when ``TRITON_INTERPRET=1`` is set (the tests), otherwise the torch references of `reference.py` (the CPU
@@ -25,8 +25,8 @@ import os
 import torch
 from torch import Tensor
 
-from .reference import (AGG_MODES, KL_TYPES, METRIC_NAMES, check_loss_inputs, grpo_loss_reference,
-                        linear_logprobs_reference, logprobs_reference)
+from .reference import (METRIC_NAMES, check_loss_inputs, grpo_loss_reference, linear_logprobs_reference,
+                        logprobs_reference)
 
 __all__ = ["grpo_loss", "linear_logprobs", "logprobs", "use_triton"]
 
@@ -155,7 +155,7 @@ def grpo_loss(
     entropy: Tensor | None = None,
     denominator: float | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The GRPO loss, fused: see `pebr_mega.algo.grpo.grpo_loss` for the formulas and the metrics.
+    """The GRPO loss, fused: see `pebr_mega.kernels.reference.grpo_loss_reference` for the formulas and the metrics.
 
     All tensors ``[B, T]`` (advantages broadcast per token, mask nonzero on response tokens). Only
     ``logprobs`` receives a gradient. ``denominator`` replaces the batch's own token (token-mean) or

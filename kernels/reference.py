@@ -1,7 +1,7 @@
 """Plain torch references for the fused kernels: the test oracle and the CPU path without the interpreter.
 
-This is also the one torch implementation of the GRPO objective (`grpo_loss_reference` and its parts);
-`pebr_mega.algo.grpo` re-exports it.
+This is also the one torch implementation of the GRPO objective (`grpo_loss_reference` and its parts),
+imported under these names wherever the objective is computed in torch.
 
 Written independently of the Triton code, in the most direct form (full `log_softmax`, autograd for the
 gradients), so they materialise `[N, V]` intermediates: fine on CPU for tests and the tiny demo, never
@@ -114,8 +114,8 @@ def check_loss_inputs(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor
 
 
 # ------------------------------------------------------------------------------------ the GRPO objective
-# The one torch implementation of the GRPO loss. `pebr_mega.algo.grpo` re-exports these functions (kernels
-# sit below algo in the dependency order); the fused kernel is tested against `grpo_loss_reference` in
+# The one torch implementation of the GRPO loss (kernels sit below algo in the dependency order, so it lives
+# here); the fused kernel is tested against `grpo_loss_reference` in
 # float64, and this module against loops over rows and a case analysis in tests/test_grpo.py.
 
 

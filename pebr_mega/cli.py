@@ -30,9 +30,6 @@ from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
 if TYPE_CHECKING:  # the config tree imports torch: handlers import it lazily
     from pebr_mega.config import PebrConfig
 
-Handler = Callable[[argparse.Namespace], int]
-
-
 class UserError(Exception):
     """An error the user can fix (bad path, bad config); printed without a traceback."""
 

@@ -120,7 +120,7 @@ def microbatch_token_mean(lp, old, adv, mask, ref, plan) -> torch.Tensor:
     """Upstream PeBR-R1's `loss_avg_mode: token` (its EasyR1 0.3.2.dev0 fork, dp_actor.update_policy): each
     micro-batch's token mean of (policy loss + kl_coef * KL), divided by the micro-batches per rank (gradient
     accumulation), averaged over the data-parallel ranks (FSDP's gradient mean)."""
-    from pebr_mega.algo.grpo import kl_penalty, policy_loss_per_token
+    from pebr_mega.kernels.reference import kl_penalty, policy_loss_per_token
 
     pg, _, _ = policy_loss_per_token(lp, old, adv, ALGO["clip_low"], ALGO["clip_high"], ALGO["clip_dual"])
     per_token = (pg + ALGO["kl_coef"] * kl_penalty(lp, ref, ALGO["kl_type"])) * mask
@@ -137,7 +137,7 @@ def reference_step(hf_dir, seqs: list[dict], kind: str = "grpo", agg: str = "tok
     """Loss, total grad norm and (with `opt`) the weights after one clipped AdamW step, all in float64.
 
     `plan` (`actor.packing.plan_micro_batches`) is the micro-batch partition `token-mean-microbatch` needs."""
-    from pebr_mega.algo.grpo import grpo_loss
+    from pebr_mega.kernels.reference import grpo_loss_reference
     from pebr_mega.checkpoint.hf_mapping import normalize_hf_name
 
     model = hf_model(hf_dir)
@@ -153,7 +153,7 @@ def reference_step(hf_dir, seqs: list[dict], kind: str = "grpo", agg: str = "tok
         if agg == MICRO:
             loss = microbatch_token_mean(lp, old, adv, mask, ref, plan)
         else:
-            loss, _ = grpo_loss(lp, old, adv, mask, ref, agg=agg, **ALGO)
+            loss, _ = grpo_loss_reference(lp, old, adv, mask, ref, agg=agg, **ALGO)
     else:
         loss = -(lp * mask).sum() / mask.sum()
     loss.backward()

@@ -1,4 +1,4 @@
-"""The Megatron actor against transformers + `algo.grpo`: log-probs, losses, gradient norms, AdamW updates,
+"""The Megatron actor against transformers + the GRPO objective: log-probs, losses, gradient norms, AdamW updates,
 non-finite skips and freezing, at (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1) and (1,1,2), and at TP=2 with
 sequence parallelism; both log-prob paths (target logits, hidden-state kernel); every aggregation mode.
 Every packed micro-batch is padded (to 16, or 32 at TP=2 with SP), so equality with transformers on the
@@ -7,7 +7,7 @@ unpadded samples also shows that the padding changes no log-prob, loss or gradie
 One launch of two gloo ranks (CPU) does all the Megatron work: first each rank runs alone in a one-rank
 world (the two ranks check different things at TP=PP=DP=1, side by side), then both join a two-rank world
 and go through DP=2, TP=2 and PP=2. The references are computed here, in float64, with transformers'
-`Qwen2_5_VLForConditionalGeneration`, `pebr_mega.algo.grpo.grpo_loss` and `torch.optim.AdamW`, on
+`Qwen2_5_VLForConditionalGeneration`, the GRPO loss of `tests/helpers.py` and `torch.optim.AdamW`, on
 image+text sequences of different lengths packed several to a micro-batch (one longer than a micro-batch).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GRPO math (pebr_mega.algo.grpo) against independent element-by-element references and Monte Carlo."""
+"""GRPO math (pebr_mega.algo.grpo and the objective in pebr_mega.kernels.reference) against independent element-by-element references and Monte Carlo."""
 from __future__ import annotations
 
 import math
@@ -7,16 +7,9 @@ import statistics
 import pytest
 import torch
 
-from pebr_mega.algo.grpo import (
-    AlgoConfig,
-    aggregate,
-    group_advantages,
-    grpo_loss,
-    kl_penalty,
-    masked_mean,
-    policy_loss_per_token,
-    token_advantages,
-)
+from pebr_mega.algo.grpo import AlgoConfig, group_advantages, token_advantages
+from pebr_mega.kernels.reference import (aggregate, grpo_loss_reference, kl_penalty, masked_mean,
+                                         policy_loss_per_token)
 from pebr_mega.config import ConfigError, load_config
 
 
@@ -193,7 +186,7 @@ def test_grpo_loss_adds_kl_to_the_policy_loss_and_reports_metrics():
     adv = token_advantages(torch.randn(shape[0], generator=g, dtype=torch.float64), mask)
     ent = torch.rand(shape, generator=g, dtype=torch.float64) * 3
     for agg in ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean"):
-        loss, m = grpo_loss(lp, old, adv, mask, ref, kl_coef=0.05, agg=agg, entropy=ent)
+        loss, m = grpo_loss_reference(lp, old, adv, mask, ref, kl_coef=0.05, agg=agg, entropy=ent)
         pg, clipped, dual = policy_loss_per_token(lp, old, adv)
         kl = kl_penalty(lp, ref, "low_var_kl")
         assert loss.item() == pytest.approx(aggregate(pg, mask, agg).item() + 0.05 * aggregate(kl, mask, agg).item(),
@@ -206,10 +199,10 @@ def test_grpo_loss_adds_kl_to_the_policy_loss_and_reports_metrics():
     assert m["approx_kl"].item() == pytest.approx((old - lp)[keep].mean().item(), rel=1e-12)
     assert m["neg_logprob"].item() == pytest.approx((-lp)[keep].mean().item(), rel=1e-12)
     assert m["entropy"].item() == pytest.approx(ent[keep].mean().item(), rel=1e-12)
-    no_ref, m2 = grpo_loss(lp, old, adv, mask)
+    no_ref, m2 = grpo_loss_reference(lp, old, adv, mask)
     assert "kl_loss" not in m2 and no_ref.item() == pytest.approx(m2["pg_loss"].item(), rel=1e-12)
     with pytest.raises(ValueError, match="old_logprobs shape"):
-        grpo_loss(lp, old[:, :2], adv, mask)
+        grpo_loss_reference(lp, old[:, :2], adv, mask)
 
 
 # --------------------------------------------------------------------------------------------- config

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pebr_mega.errors import CheckpointError
 from pebr_mega.run.stage_checkpoints import (MANIFEST, CheckpointManager, CheckpointWarning, verify_checkpoint,
                                              write_manifest)
 
@@ -102,8 +101,6 @@ def test_damaged_newest_checkpoint_is_named_and_skipped(kind, tmp_path, megatron
     with pytest.warns(CheckpointWarning, match=rf"step_20 is damaged \(.*{expected.split()[0]}"):
         latest = m.latest()
     assert latest == m.path(10)
-    with pytest.raises(CheckpointError, match="step_20 is damaged"):
-        m.require(m.path(20))
     assert torch.load(latest / "trainer_state.pt", weights_only=False)["step"] == 10
 
 

@@ -1,7 +1,7 @@
 """Fused GRPO loss kernels (Triton interpreter) against the torch reference in float64.
 
 The reference is the one torch implementation of the objective (`kernels.reference.grpo_loss_reference`,
-re-exported as `pebr_mega.algo.grpo.grpo_loss`; tests/test_grpo.py checks it against loops over rows).
+tests/test_algo_grpo.py checks it against loops over rows).
 Rows are tiled in 16-token blocks here, so a row spans several programs and the per-tile partial sums
 are exercised; batches of more than 64 rows make the finishing kernel loop over row blocks. Inputs cover every regime: clipped above and below, dual-clipped, the log-ratio clamp,
 the k3 clamp, fully masked rows and garbage (even inf/NaN) at masked positions.
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pebr_mega.kernels import ops as kernels
-from pebr_mega.algo import grpo as algo
+from pebr_mega.algo.grpo import token_advantages
 from pebr_mega.kernels.reference import grpo_loss_reference
 from kernel_checks import enable_interpreter
 
@@ -38,7 +38,7 @@ def make_batch(b: int, t: int, seed: int, dtype=torch.float32):
     ref = lp + torch.randn(b, t, generator=g) * 1.5  # some k3 values beyond the clamp at 10
     adv_seq = torch.randn(b, generator=g)
     adv_seq[:2] = torch.tensor([1.0, -1.0])[:b]  # both signs present
-    adv = algo.token_advantages(adv_seq, mask)
+    adv = token_advantages(adv_seq, mask)
     ent = torch.rand(b, t, generator=g) * 2
     if b > 1:
         old[1, 0] = lp[1, 0] - 30.0  # log-ratio clamped at +20
@@ -56,7 +56,7 @@ def check(b, t, seed, dtype=torch.float32, mask_dtype=torch.bool, with_ref=True,
     loss, metrics = kernels.grpo_loss(x, old, adv, mask, ref, entropy=ent, **kw)
     x64 = lp.double().requires_grad_()
     as64 = [None if v is None else v.double() for v in (old, adv, ref, ent)]
-    loss_ref, metrics_ref = algo.grpo_loss(x64, as64[0], as64[1], mask, as64[2], entropy=as64[3], **kw)
+    loss_ref, metrics_ref = grpo_loss_reference(x64, as64[0], as64[1], mask, as64[2], entropy=as64[3], **kw)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     torch.testing.assert_close(loss.double(), loss_ref.detach(), rtol=1e-5, atol=1e-6)
     assert metrics.keys() == metrics_ref.keys()
@@ -106,11 +106,10 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradient():
 
 
 def test_one_torch_reference_cpu_fallback_and_bad_inputs_raise(monkeypatch):
-    assert algo.grpo_loss is grpo_loss_reference  # one implementation of the objective, re-exported
     lp, old, adv, ref, ent, mask = make_batch(5, 12, seed=9, dtype=torch.float64)
     monkeypatch.delenv("TRITON_INTERPRET")
     cpu_loss, _ = kernels.grpo_loss(lp.float(), old.float(), adv.float(), mask, ref.float())
-    torch.testing.assert_close(cpu_loss.double(), algo.grpo_loss(lp, old, adv, mask, ref)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cpu_loss.double(), grpo_loss_reference(lp, old, adv, mask, ref)[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="advantages shape"):
         kernels.grpo_loss(lp, old, adv[:, :3], mask)
     with pytest.raises(ValueError, match="agg 'mean'"):

@@ -21,7 +21,7 @@ variable-length attention call per layer, log-probs of the target positions only
 Megatron's optimizer with fp32 master weights). Baseline: transformers' `Qwen2_5_VLForConditionalGeneration`
 (sdpa attention) on padded batches of `--hf-micro-batch` sequences (prompts left-padded, responses
 right-padded, as verl / EasyR1 lay them out), float32 log-softmax of the response logits, the same loss
-(`pebr_mega.algo.grpo.grpo_loss`), `torch.optim.AdamW` on the bf16 parameters.
+(`pebr_mega.kernels.reference.grpo_loss_reference`), `torch.optim.AdamW` on the bf16 parameters.
 
 Reported per phase and implementation: seconds, tokens/s (prompt + image + response tokens), model
 TFLOP/s and MFU against a bf16 matmul (8192^3) measured in the same run, and peak memory. Model FLOPs are
@@ -296,7 +296,8 @@ def run_baseline(hf_dir: Path, arch, samples, args, device) -> dict:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from pebr_mega.algo.grpo import AlgoConfig, grpo_loss
+    from pebr_mega.algo.grpo import AlgoConfig
+    from pebr_mega.kernels.reference import grpo_loss_reference
 
     def load():
         return Qwen2_5_VLForConditionalGeneration.from_pretrained(
@@ -322,7 +323,7 @@ def run_baseline(hf_dir: Path, arch, samples, args, device) -> dict:
         for k, i in enumerate(chunks):
             lp, resp = hf_response_logprobs(policy, samples[i: i + mb], device, arch)
             a = torch.tensor(adv[i: i + mb], device=device)[:, None].expand_as(lp)
-            loss, _ = grpo_loss(lp, old[k], a, resp, ref[k], algo.clip_low, algo.clip_high, algo.clip_dual,
+            loss, _ = grpo_loss_reference(lp, old[k], a, resp, ref[k], algo.clip_low, algo.clip_high, algo.clip_dual,
                                 algo.kl_coef, algo.kl_type, "token-mean", denominator=float(total))
             loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

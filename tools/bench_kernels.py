@@ -234,7 +234,7 @@ def bench_linear(k, size: dict, mm_rate: float, rows: list[Row]) -> dict:
 
 
 def bench_grpo_loss(k, size: dict, copy_bw: float, rows: list[Row]) -> Row:
-    from pebr_mega.algo.grpo import grpo_loss as torch_grpo_loss
+    from pebr_mega.kernels.reference import grpo_loss_reference
 
     b, t = size["loss_rows"], size["loss_cols"]
     name = f"GRPO loss {b * t:,} tokens ({b}x{t}) fp32"
@@ -247,10 +247,10 @@ def bench_grpo_loss(k, size: dict, copy_bw: float, rows: list[Row]) -> Row:
     # minimum traffic: read 4 fp32 tensors and a bool mask once, write the fp32 gradient once
     floor_bytes = b * t * (4 * 4 + 1 + 4)
     ours_loss, _ = k.grpo_loss(lp, old, adv, mask, ref)
-    torch_loss, _ = torch_grpo_loss(lp, old, adv, mask, ref)
+    torch_loss, _ = grpo_loss_reference(lp, old, adv, mask, ref)
     check = max_diff(ours_loss, torch_loss)
     result = None
-    for method, fn in (("torch eager (algo.grpo)", torch_grpo_loss), ("ours", k.grpo_loss)):
+    for method, fn in (("torch eager (algo.grpo)", grpo_loss_reference), ("ours", k.grpo_loss)):
         ms, gb = measure(lambda: torch.autograd.grad(fn(lp, old, adv, mask, ref)[0], lp)[0])
         rows.append(bandwidth_row(Row(name, method, "fwd+bwd", ms, gb, check=check if method == "ours" else ""),
                                   floor_bytes, copy_bw))

@@ -1,11 +1,9 @@
-"""GRPO math in plain torch: settings, group advantages, and the objective (KL estimators, the PPO-clip
-policy loss, aggregation, metrics).
+"""GRPO math in plain torch: settings (`AlgoConfig`) and group advantages.
 
-The objective has one torch implementation, `pebr_mega.kernels.reference` (kernels sit below algo in the
-dependency order, and the fused Triton kernel `pebr_mega.kernels.grpo_loss` is tested against it in
-float64); this module re-exports it under its algorithmic names (`grpo_loss`, `kl_penalty`,
-`policy_loss_per_token`, `row_weights`, `aggregate`, `masked_mean`). Every function works in any floating
-dtype (float64 in tests) and on any device.
+The objective (KL estimators, the PPO-clip policy loss, aggregation, metrics) has one torch implementation,
+`pebr_mega.kernels.reference` (`grpo_loss_reference` and its parts; kernels sit below algo in the dependency
+order, and the fused Triton kernel `pebr_mega.kernels.ops.grpo_loss` is tested against it in float64): import
+it from there. Every function works in any floating dtype (float64 in tests) and on any device.
 
 Conventions (following EasyR1 0.3 / verl, which PeBR-R1 is built on):
 
@@ -24,11 +22,8 @@ from torch import Tensor
 
 from pebr_mega.config_fields import check_fields, choice
 
-# The objective, its modes and clamps (and why the clamps) live with the kernels, below this module.
-from pebr_mega.kernels.reference import (AGG_MODES, KL_TYPES, LOG_RATIO_CLAMP,  # noqa: F401 (re-exported)
-                                        LOW_VAR_KL_CLAMP, aggregate, check_loss_inputs, kl_penalty,
-                                        masked_mean, policy_loss_per_token, row_weights)
-from pebr_mega.kernels.reference import grpo_loss_reference as grpo_loss  # noqa: F401 (re-exported)
+# The objective's modes live with its one implementation, below this module.
+from pebr_mega.kernels.reference import AGG_MODES, KL_TYPES
 
 # How a mini-batch's token losses become the one number that is minimised: the three modes of
 # `row_weights`, normalised over the whole mini-batch (every micro-batch and data-parallel rank), plus

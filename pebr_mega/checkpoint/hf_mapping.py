@@ -54,7 +54,6 @@ _TE_ALIASES = {
 _QKV = ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias")
 _FC1 = "mlp.linear_fc1.weight"
 _LAYER_RE = re.compile(r"^language_model\.decoder\.layers\.(\d+)\.(.+)$")
-_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def canonical_mcore_name(name: str) -> str:
@@ -166,30 +165,6 @@ class HFMapping:
         if suffix == _FC1:
             return [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
         raise CheckpointError(f"no HF counterpart for Megatron parameter '{mcore_name}'")
-
-    def mcore_name_for_hf(self, hf_name: str) -> str:
-        """The mcore parameter an HF tensor belongs to."""
-        hf = normalize_hf_name(hf_name)
-        if hf == HF_EMBED:
-            return EMBED
-        if hf == HF_NORM:
-            return FINAL_NORM
-        if hf == HF_LM_HEAD:
-            return OUTPUT
-        if hf.startswith(HF_VISION):
-            return MC_VISION + hf[len(HF_VISION):]
-        m = _HF_LAYER_RE.match(hf)
-        if m:
-            for mc, h in _LAYER_RENAMES.items():
-                if m.group(2) == h:
-                    return f"{MC_LAYER}{m.group(1)}.{mc}"
-            for x in "qkv":
-                for kind in ("weight", "bias"):
-                    if m.group(2) == f"self_attn.{x}_proj.{kind}":
-                        return f"{MC_LAYER}{m.group(1)}.self_attention.linear_qkv.{kind}"
-            if m.group(2) in ("mlp.gate_proj.weight", "mlp.up_proj.weight"):
-                return f"{MC_LAYER}{m.group(1)}.{_FC1}"
-        raise CheckpointError(f"HF tensor '{hf_name}' is not part of a Qwen2.5-VL checkpoint")
 
     # --------------------------------------------------------------------------------------- tensors
     def _fuse_qkv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

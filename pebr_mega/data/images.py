@@ -224,12 +224,6 @@ def exif_orientation(image: Image.Image) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def oriented_size(image: Image.Image) -> tuple[int, int]:
-    """(height, width) of the image as shown, after its EXIF orientation (from the header, no pixel decode)."""
-    swapped = exif_orientation(image) in (5, 6, 7, 8)  # the orientations that turn the image by 90 degrees
-    return (image.width, image.height) if swapped else (image.height, image.width)
-
-
 def _sample_range(values: np.ndarray, mode: str) -> tuple[float, float]:
     """The value range that maps onto 0..255: the 16-bit range for 16-bit data, [0, 1] for floats within it,
     else the image's own finite minimum and maximum (a 32-bit image has no other known range)."""

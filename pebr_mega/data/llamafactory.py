@@ -13,8 +13,6 @@ from typing import Any
 from pebr_mega.data.records import write_json_atomic
 from pebr_mega.errors import DataError
 
-DEFAULT_DATASET_NAME = "pebr_r1_warm_up"
-
 
 def sharegpt_entry(file_name: str) -> dict[str, Any]:
     """The `dataset_info.json` entry for a ShareGPT file with messages and images."""

@@ -55,7 +55,6 @@ QUESTION_KINDS = PERCEPTION_KINDS + REASONING_KINDS
 WORDS = ("how many are there what color is the remove all objects object left more than need to count "
          "only total minus number of in image ones none i it").split()
 
-SPLITS = ("grpo", "sft", "eval")
 QUESTION_CANDIDATES = 4  # questions drawn per image; the one with the rarest answer so far is kept
 
 

@@ -14,12 +14,12 @@ Mapping onto Megatron:
   positions whose next token is trained: the output layer is then applied by the loss, to those rows only
   (`output_weight()`), so no `[tokens, vocab / tp]` logits of prompt tokens are ever made.
 
-`model_provider(arch, cfg)` returns Megatron's `(pre_process, post_process, vp_stage) -> model` callable.
+`build_model(arch, cfg, pre_process, post_process, vp_stage)` is Megatron's model-provider contract: it builds
+this rank's pipeline stage.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -302,12 +302,3 @@ def build_model(arch: QwenVLArch, cfg: ModelConfig, pre_process: bool = True, po
             p.data = p.data.to(config.params_dtype)
     return model
 
-
-def model_provider(arch: QwenVLArch, cfg: ModelConfig, parallel_output: bool = True,
-                   perform_initialization: bool = False) -> Callable[..., Qwen25VLModel]:
-    """Megatron's model-provider contract: `(pre_process, post_process, vp_stage=None) -> model`."""
-
-    def provide(pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> Qwen25VLModel:
-        return build_model(arch, cfg, pre_process, post_process, vp_stage, parallel_output, perform_initialization)
-
-    return provide

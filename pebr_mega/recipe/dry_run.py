@@ -51,10 +51,6 @@ from pebr_mega.trainer.stage_data import FILTER_LENGTH, RLSchedule, load_stage_r
 if TYPE_CHECKING:
     from pebr_mega.recipe.pipeline import StageMismatch
 
-PLAN_KEYS = ("stage", "prompts", "rollout_batch", "mini_batch", "epochs", "steps_per_epoch", "total_steps",
-             "updates_per_step", "samples_per_step", "reward_weights", "grading")
-
-
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 

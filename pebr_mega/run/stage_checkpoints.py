@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from pebr_mega.checkpoint.manifest import (MANIFEST, MANIFEST_FORMAT, files_key, known_intact, remember_intact,
                                            verify_checkpoint, write_manifest)
-from pebr_mega.errors import CheckpointError, storage_errors
+from pebr_mega.errors import storage_errors
 from pebr_mega.parallel.groups import barrier, is_main_rank
 
 if TYPE_CHECKING:  # annotations only: reading a run's checkpoint steps (a dry run) needs no Megatron
@@ -180,17 +180,6 @@ class CheckpointManager:
             shutil.rmtree(doomed, ignore_errors=True)
             self.path(step).rename(doomed)
             shutil.rmtree(doomed, ignore_errors=True)
-
-    def require(self, path: str | Path) -> Path:
-        """Validate a checkpoint directory given by the user; CheckpointError if it is not complete or fails
-        verification."""
-        p = Path(path)
-        if not (p / COMPLETE).is_file():
-            raise CheckpointError(f"{p} is not a complete checkpoint (no {COMPLETE} marker)")
-        problem = verify_checkpoint(p)
-        if problem is not None and problem != f"no {MANIFEST}":
-            raise CheckpointError(f"{p} is damaged: {problem}")
-        return p
 
 
 TRAINER_STATE = "trainer_state.pt"

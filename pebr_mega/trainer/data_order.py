@@ -18,7 +18,7 @@ LLaMA-Factory runs does (`dataloader_drop_last` is off by default): that last ba
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence, TypeVar
+from typing import Sequence, TypeVar
 
 import torch
 
@@ -93,11 +93,6 @@ class EpochSampler:
         batch = [self.records[i] for i in self.order(epoch)[start:end]]
         self.position = DataPosition(epoch, end) if end < usable else DataPosition(epoch + 1, 0)
         return epoch, batch
-
-    def batches(self, num_steps: int) -> Iterator[tuple[int, list[T]]]:
-        """`num_steps` successive batches."""
-        for _ in range(num_steps):
-            yield self.next_batch()
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved with `position.state_dict()`."""
