@@ -116,14 +116,52 @@ def _frozen(name: str, freeze: str) -> bool:
     return visual and ((freeze == "all") or (freeze == "vision" and not merger))
 
 
+# The GRPO loss from its formulas, for the comparisons with the actor. Written here, apart from
+# `pebr_mega.kernels.reference` (which the actor's torch path runs), so that a mistake there shows as a
+# difference instead of being checked against itself: the clip is the case analysis on the advantage's sign
+# (not the library's max/min form), the aggregation loops over rows.
+def grpo_token_losses(lp, old, adv, ref, clip_low: float, clip_high: float, clip_dual: float, kl_coef: float,
+                      kl_type: str) -> torch.Tensor:
+    """Per-token GRPO loss [B, T]: asymmetric PPO-clip with dual clip, plus kl_coef x the KL estimator.
+
+    With r = exp(clamp(lp - old, -20, 20)): for A >= 0 the loss is -A min(r, 1 + clip_high) (the gain is
+    capped once r passes 1 + clip_high); for A < 0 it is |A| min(max(r, 1 - clip_low), clip_dual) (floored
+    at the lower bound, capped by the dual clip). KL, with d = ref - lp: k1 = -d, k2 = d^2 / 2, low_var_kl
+    (k3) = exp(d) - d - 1 on d clamped to [-20, 20], the result clamped to [-10, 10] (EasyR1)."""
+    r = torch.exp((lp - old).clamp(-20.0, 20.0))
+    gain = -adv * torch.clamp(r, max=1.0 + clip_high)
+    cost = -adv * torch.clamp(torch.clamp(r, min=1.0 - clip_low), max=clip_dual)
+    pg = torch.where(adv >= 0, gain, cost)
+    d = ref - lp
+    if kl_type == "k1":
+        kl = -d
+    elif kl_type == "k2":
+        kl = d * d / 2
+    else:
+        dc = d.clamp(-20.0, 20.0)
+        kl = (torch.exp(dc) - dc - 1).clamp(-10.0, 10.0)
+    return pg + kl_coef * kl
+
+
+def grpo_loss_by_rows(per_token: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """Aggregate per-token losses by looping over the rows' response tokens: token-mean = all tokens' mean;
+    seq-mean-token-sum = the mean over rows of each row's sum; seq-mean-token-mean = the mean of row means."""
+    rows = [per_token[b][mask[b] != 0] for b in range(per_token.shape[0])]
+    rows = [r for r in rows if r.numel()]
+    if agg == "token-mean":
+        return sum(r.sum() for r in rows) / sum(r.numel() for r in rows)
+    if agg == "seq-mean-token-sum":
+        return sum(r.sum() for r in rows) / len(rows)
+    if agg == "seq-mean-token-mean":
+        return sum(r.mean() for r in rows) / len(rows)
+    raise ValueError(f"no reference for agg {agg!r}")
+
+
 def microbatch_token_mean(lp, old, adv, mask, ref, plan) -> torch.Tensor:
     """Upstream PeBR-R1's `loss_avg_mode: token` (its EasyR1 0.3.2.dev0 fork, dp_actor.update_policy): each
     micro-batch's token mean of (policy loss + kl_coef * KL), divided by the micro-batches per rank (gradient
     accumulation), averaged over the data-parallel ranks (FSDP's gradient mean)."""
-    from pebr_mega.kernels.reference import kl_penalty, policy_loss_per_token
-
-    pg, _, _ = policy_loss_per_token(lp, old, adv, ALGO["clip_low"], ALGO["clip_high"], ALGO["clip_dual"])
-    per_token = (pg + ALGO["kl_coef"] * kl_penalty(lp, ref, ALGO["kl_type"])) * mask
+    per_token = grpo_token_losses(lp, old, adv, ref, **ALGO) * mask
     total = lp.new_zeros(())
     for rank in plan:
         for group in rank:
@@ -134,10 +172,10 @@ def microbatch_token_mean(lp, old, adv, mask, ref, plan) -> torch.Tensor:
 
 def reference_step(hf_dir, seqs: list[dict], kind: str = "grpo", agg: str = "token-mean", freeze: str = "none",
                    opt: dict | None = None, decay_all: bool = True, plan=None) -> dict:
-    """Loss, total grad norm and (with `opt`) the weights after one clipped AdamW step, all in float64.
+    """Loss, total grad norm and (with `opt`) the weights after one clipped AdamW step, all in float64; the
+    GRPO loss from its formulas (`grpo_token_losses`, `grpo_loss_by_rows`), not from the library.
 
     `plan` (`actor.packing.plan_micro_batches`) is the micro-batch partition `token-mean-microbatch` needs."""
-    from pebr_mega.kernels.reference import grpo_loss_reference
     from pebr_mega.checkpoint.hf_mapping import normalize_hf_name
 
     model = hf_model(hf_dir)
@@ -153,7 +191,7 @@ def reference_step(hf_dir, seqs: list[dict], kind: str = "grpo", agg: str = "tok
         if agg == MICRO:
             loss = microbatch_token_mean(lp, old, adv, mask, ref, plan)
         else:
-            loss, _ = grpo_loss_reference(lp, old, adv, mask, ref, agg=agg, **ALGO)
+            loss = grpo_loss_by_rows(grpo_token_losses(lp, old, adv, ref, **ALGO), mask, agg)
     else:
         loss = -(lp * mask).sum() / mask.sum()
     loss.backward()
