@@ -72,6 +72,19 @@ def tiny_model_dir_alt(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_alt"), cfg, tokenizer_corpus())
 
 
+@pytest.fixture(scope="module")
+def interpreted_kernel(request):
+    """The kernel module a test module names in `INTERPRETED_KERNEL = (module, block constant, value)`, run
+    by Triton's interpreter with that (small) block size, so odd shapes span several blocks; the environment
+    and the constant are restored after the module's tests. Test modules use it with
+    `pytestmark = pytest.mark.usefixtures("interpreted_kernel")`."""
+    from kernel_checks import enable_interpreter
+
+    module, undo = enable_interpreter(*request.module.INTERPRETED_KERNEL)
+    yield module
+    undo()
+
+
 # The trainer, demo and kill jobs (tests/trainer_scenarios.py) run in their own processes beside the suite.
 _JOBS = ("trainers", "demo", "kills")
 _BACKGROUND: dict = {}

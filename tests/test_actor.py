@@ -141,7 +141,9 @@ def _actor_worker(rank, tiny, alt, seqs_plain, alt_plain):
 
 # ------------------------------------------------------------------------------------------------ fixture
 @pytest.fixture(scope="module")
-def run(tiny_model_dir, tiny_model_dir_alt):
+def actor_steps(tiny_model_dir, tiny_model_dir_alt):
+    """The actor's steps on two gloo ranks in every layout (`results`, per rank), their float64 references
+    (`refs`) and the sequences they ran on (`seqs`)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls beside two busy ranks: one thread is far faster than two contending
     try:
@@ -194,29 +196,30 @@ def _assert_weights(got: dict, ref: dict, what: str, tied: bool = False) -> None
                                          ("112", 0), ("112", 1), ("211_triton", 0), ("211_triton", 1),
                                          ("111_hidden", 1), ("211_hidden", 0), ("211_hidden", 1),
                                          ("211_sp", 0), ("211_sp", 1)])
-def test_logprobs_and_entropies_match_transformers(run, layout, rank):
-    got = run["results"][rank][f"lp_{layout}"]
-    assert len(got) == len(run["refs"]["lp"])
-    for i, ((lp, ent), (ref_lp, ref_ent)) in enumerate(zip(got, run["refs"]["lp"])):
-        assert lp.shape == ref_lp.shape == (sum(run["seqs"][i]["target_mask"]),)
+def test_logprobs_and_entropies_match_transformers(actor_steps, layout, rank):
+    got = actor_steps["results"][rank][f"lp_{layout}"]
+    assert len(got) == len(actor_steps["refs"]["lp"])
+    for i, ((lp, ent), (ref_lp, ref_ent)) in enumerate(zip(got, actor_steps["refs"]["lp"])):
+        assert lp.shape == ref_lp.shape == (sum(actor_steps["seqs"][i]["target_mask"]),)
         assert float((torch.as_tensor(lp).double() - ref_lp).abs().max()) < LP_TOL, f"seq {i} log-probs"
         assert float((torch.as_tensor(ent).double() - ref_ent).abs().max()) < LP_TOL, f"seq {i} entropies"
 
 
-def test_logprobs_when_a_data_parallel_rank_has_no_sequence(run):
-    for r in run["results"]:
+def test_logprobs_when_a_data_parallel_rank_has_no_sequence(actor_steps):
+    want = actor_steps["refs"]["lp"][0][0]
+    for r in actor_steps["results"]:
         (lp, ent), = r["lp_112_one_seq"]
-        assert ent is None and float((torch.as_tensor(lp).double() - run["refs"]["lp"][0][0]).abs().max()) < LP_TOL
+        assert ent is None and float((torch.as_tensor(lp).double() - want).abs().max()) < LP_TOL
 
 
 @pytest.mark.parametrize("case,ref,tied", [("grpo_111", "grpo", False), ("grpo_112", "grpo", False),
                                            ("grpo_211", "grpo", False), ("grpo_211_sp", "grpo", False),
                                            ("alt_111", "alt", True),
                                            ("alt_121", "alt", True), ("wd_megatron_111", "wd_megatron", False)])
-def test_grpo_step_loss_grad_norm_and_adamw_update(run, case, ref, tied):
+def test_grpo_step_loss_grad_norm_and_adamw_update(actor_steps, case, ref, tied):
     """One real step: loss and global grad norm (before clipping) as the reference's, weights as AdamW's."""
     rank = 1 if case in ("alt_111", "wd_megatron_111") else 0
-    got, want = run["results"][rank][case], run["refs"][ref]
+    got, want = actor_steps["results"][rank][case], actor_steps["refs"][ref]
     m = got["metrics"]
     assert m["skipped"] == 0.0 and m["lr"] == pytest.approx(OPT["lr"])
     assert abs(m["loss"] - want["loss"]) < 1e-5, (m["loss"], want["loss"])
@@ -225,83 +228,85 @@ def test_grpo_step_loss_grad_norm_and_adamw_update(run, case, ref, tied):
     _assert_weights(got["weights"], want["weights"], case, tied)
 
 
-def test_grpo_step_results_agree_on_every_rank(run):
+def test_grpo_step_results_agree_on_every_rank(actor_steps):
     for case in ("grpo_112", "grpo_211", "grpo_211_sp", "alt_121"):
-        a, b = (r[case]["metrics"] for r in run["results"])
+        a, b = (r[case]["metrics"] for r in actor_steps["results"])
         assert a == b, case
 
 
-def test_decay_rule_matters(run):
+def test_decay_rule_matters(actor_steps):
     """Megatron's default (no decay on biases and norms) and the recipe's (decay everywhere) differ."""
-    a = run["refs"]["grpo"]["weights"]["model.norm.weight"]
-    b = run["refs"]["wd_megatron"]["weights"]["model.norm.weight"]
+    a = actor_steps["refs"]["grpo"]["weights"]["model.norm.weight"]
+    b = actor_steps["refs"]["wd_megatron"]["weights"]["model.norm.weight"]
     assert float((a - b).abs().max()) > 5 * WEIGHT_TOL
 
 
 @pytest.mark.parametrize("agg", AGG_MODES)
-def test_aggregation_modes_normalise_over_micro_batches_and_dp(run, agg):
-    want = run["refs"][f"agg_{agg}"]
-    single = run["results"][1][f"agg_{agg}_111"]
-    for r in run["results"]:
+def test_aggregation_modes_normalise_over_micro_batches_and_dp(actor_steps, agg):
+    want = actor_steps["refs"][f"agg_{agg}"]
+    single = actor_steps["results"][1][f"agg_{agg}_111"]
+    for r in actor_steps["results"]:
         dp2 = r[f"agg_{agg}_112"]
         for m, what in ((single, "DP=1"), (dp2, "DP=2")):
             assert abs(m["loss"] - want["loss"]) < 1e-5, (what, m["loss"], want["loss"])
             assert _rel(m["grad_norm"], want["grad_norm"]) < 1e-5, (what, m["grad_norm"], want["grad_norm"])
         assert _rel(dp2["grad_norm"], single["grad_norm"]) < 1e-6 and abs(dp2["loss"] - single["loss"]) < 1e-6
-    losses = {a: run["refs"][f"agg_{a}"]["loss"] for a in AGG_MODES}
+    losses = {a: actor_steps["refs"][f"agg_{a}"]["loss"] for a in AGG_MODES}
     assert len({round(v, 6) for v in losses.values()}) == 3  # the modes are really different numbers
 
 
 @pytest.mark.parametrize("case,ranks", [("211_triton", (0, 1)), ("211_hidden", (0, 1)), ("111_hidden", (1,))])
-def test_fused_kernels_and_log_prob_paths_in_the_actor_match_the_reference(run, case, ranks):
+def test_fused_kernels_and_log_prob_paths_in_the_actor_match_the_reference(actor_steps, case, ranks):
     """The fused kernels (interpreted on CPU) and the hidden-state log-prob path: loss and gradient norm."""
-    want = run["refs"]["agg_token-mean"]
+    want = actor_steps["refs"]["agg_token-mean"]
     for r in ranks:
-        m = run["results"][r][f"agg_token-mean_{case}"]
+        m = actor_steps["results"][r][f"agg_token-mean_{case}"]
         assert abs(m["loss"] - want["loss"]) < 1e-5 and _rel(m["grad_norm"], want["grad_norm"]) < 1e-5
 
 
-def test_micro_batch_token_mean_matches_easyr1_on_its_own_micro_batches(run):
+def test_micro_batch_token_mean_matches_easyr1_on_its_own_micro_batches(actor_steps):
     """`token-mean-microbatch` at DP=1 and DP=2, each against the float64 reference on the same partition;
     unlike the global modes it depends on the partition, so the two layouts give different numbers."""
-    got = {1: [run["results"][1][f"agg_{MICRO}_111"]], 2: [r[f"agg_{MICRO}_112"] for r in run["results"]]}
+    results = actor_steps["results"]
+    got = {1: [results[1][f"agg_{MICRO}_111"]], 2: [r[f"agg_{MICRO}_112"] for r in results]}
     for dp, metrics in got.items():
-        want = run["refs"][f"agg_{MICRO}_dp{dp}"]
+        want = actor_steps["refs"][f"agg_{MICRO}_dp{dp}"]
         for m in metrics:
             assert abs(m["loss"] - want["loss"]) < 1e-5, (dp, m["loss"], want["loss"])
             assert _rel(m["grad_norm"], want["grad_norm"]) < 1e-5, (dp, m["grad_norm"], want["grad_norm"])
-    assert abs(run["refs"][f"agg_{MICRO}_dp1"]["loss"] - run["refs"][f"agg_{MICRO}_dp2"]["loss"]) > 1e-4
-    assert abs(run["refs"][f"agg_{MICRO}_dp1"]["loss"] - run["refs"]["agg_token-mean"]["loss"]) > 1e-4
+    assert abs(actor_steps["refs"][f"agg_{MICRO}_dp1"]["loss"] - actor_steps["refs"][f"agg_{MICRO}_dp2"]["loss"]) > 1e-4
+    assert abs(actor_steps["refs"][f"agg_{MICRO}_dp1"]["loss"] - actor_steps["refs"]["agg_token-mean"]["loss"]) > 1e-4
 
 
-def test_an_empty_micro_batch_keeps_counts_equal_and_changes_nothing(run):
+def test_an_empty_micro_batch_keeps_counts_equal_and_changes_nothing(actor_steps):
     from pebr_mega.actor.packing import plan_micro_batches
 
-    plan = plan_micro_batches([len(run["seqs"][i]["input_ids"]) for i in UNEVEN], MB_TOKENS, 2)
+    plan = plan_micro_batches([len(actor_steps["seqs"][i]["input_ids"]) for i in UNEVEN], MB_TOKENS, 2)
     assert [len(r) for r in plan] == [2, 2] and any(not g for r in plan for g in r), plan
-    want = run["refs"]["uneven"]
-    for r in run["results"]:
+    want = actor_steps["refs"]["uneven"]
+    for r in actor_steps["results"]:
         m = r["empty_mb_112"]
         assert abs(m["loss"] - want["loss"]) < 1e-5 and _rel(m["grad_norm"], want["grad_norm"]) < 1e-5
 
 
-def test_micro_batches_are_padded_and_reported(run):
+def test_micro_batches_are_padded_and_reported(actor_steps):
     for case, multiple in (("grpo_111", 16), ("grpo_211_sp", 32)):
-        m = run["results"][0][case]["metrics"]
+        m = actor_steps["results"][0][case]["metrics"]
         assert 0 < m["actor/padding_fraction"] < 0.5
         assert m["actor/microbatch_tokens_min"] % multiple == 0 and m["actor/microbatch_tokens_max"] % multiple == 0
         assert m["actor/microbatch_tokens_min"] <= m["actor/microbatch_tokens_max"] <= MB_TOKENS + multiple
 
 
-def test_sft_loss_is_token_mean_nll(run):
-    want = run["refs"]["sft"]
-    for m in (run["results"][1]["sft_111"], run["results"][0]["sft_112"], run["results"][1]["sft_112"]):
+def test_sft_loss_is_token_mean_nll(actor_steps):
+    want = actor_steps["refs"]["sft"]
+    results = actor_steps["results"]
+    for m in (results[1]["sft_111"], results[0]["sft_112"], results[1]["sft_112"]):
         assert abs(m["loss"] - want["loss"]) < 1e-5 and _rel(m["grad_norm"], want["grad_norm"]) < 1e-5
-        assert m["train_tokens"] == sum(sum(s["target_mask"]) for s in run["seqs"])
+        assert m["train_tokens"] == sum(sum(s["target_mask"]) for s in actor_steps["seqs"])
 
 
-def test_non_finite_loss_skips_the_update_and_training_goes_on(run):
-    r = run["results"][0]
+def test_non_finite_loss_skips_the_update_and_training_goes_on(actor_steps):
+    r = actor_steps["results"][0]
     for m in r["skipped"]:
         assert m["skipped"] == 1.0 and not math.isfinite(m["loss"])
     assert r["unchanged_after_skips"] and r["updates_after_skips"] == 0
@@ -310,12 +315,12 @@ def test_non_finite_loss_skips_the_update_and_training_goes_on(run):
 
 
 @pytest.mark.parametrize("freeze", ["all", "vision"])
-def test_frozen_parts_stay_bit_identical(run, freeze):
-    got = run["results"][0][f"freeze_{freeze}"]
+def test_frozen_parts_stay_bit_identical(actor_steps, freeze):
+    got = actor_steps["results"][0][f"freeze_{freeze}"]
     changed = got["changed"]
     for name, c in changed.items():
         frozen = name.startswith("visual.") and (freeze == "all" or ".merger." not in f".{name}")
         assert c != frozen, f"{name}: changed={c} with freeze={freeze}"
-    want = run["refs"][f"freeze_{freeze}"]
+    want = actor_steps["refs"][f"freeze_{freeze}"]
     assert _rel(got["metrics"]["grad_norm"], want["grad_norm"]) < 1e-5  # frozen parts are not in the norm
     assert abs(got["metrics"]["loss"] - want["loss"]) < 1e-5

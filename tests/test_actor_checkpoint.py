@@ -140,7 +140,9 @@ def _ckpt_worker(rank, tiny, seqs_plain, root):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model_dir, tmp_path_factory):
+def checkpoint_round_trip(tiny_model_dir, tmp_path_factory):
+    """Two ranks train, save a distributed checkpoint, export HF weights and resume in other layouts: the
+    per-rank `results` and the `root` folder they wrote."""
     root = tmp_path_factory.mktemp("actor_ckpt")
     seqs = make_sequences(tiny_model_dir, 5)
     rng = torch.Generator().manual_seed(0)
@@ -153,8 +155,8 @@ def _lp_diff(a, b) -> float:
     return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for (x, _), (y, _) in zip(a, b))
 
 
-def test_resume_reproduces_training_bit_for_bit(run):
-    r = run["results"][0]
+def test_resume_reproduces_training_bit_for_bit(checkpoint_round_trip):
+    r = checkpoint_round_trip["results"][0]
     assert r["updates_loaded"] == 2 and r["updates_straight"] == r["updates_resumed"] == 4
     assert r["straight"] == r["resumed"]  # every metric of steps 3 and 4, exactly
     assert all(m["skipped"] == 0.0 for m in r["straight"])
@@ -164,11 +166,11 @@ def test_resume_reproduces_training_bit_for_bit(run):
     assert max_abs_diff(w, r["w_saved"]) > 1e-3  # the two steps did move the weights
 
 
-def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(run):
-    for r in run["results"]:
+def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(checkpoint_round_trip):
+    for r in checkpoint_round_trip["results"]:
         for key in ("lp_tp1", "lp_fresh", "lp_frozen", "lp_pp2"):
             assert _lp_diff(r[key], r["lp_saved"]) < 1e-5, key
-    r = run["results"][0]
+    r = checkpoint_round_trip["results"][0]
     assert r["updates_tp1"] == 2 and r["updates_fresh"] == 0
     # With the restored Adam moments, training at TP=1 or PP=2 follows the TP=2 run; a fresh optimizer does not.
     assert max_abs_diff(r["w_tp1"], r["w_straight"]) < 1e-5
@@ -176,32 +178,32 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(run):
     assert max_abs_diff(r["w_fresh"], r["w_straight"]) > 1e-4
 
 
-def test_actor_checkpoint_layout_and_export(run):
+def test_actor_checkpoint_layout_and_export(checkpoint_round_trip):
     from safetensors.torch import load_file
 
-    ckpt = run["root"] / "ckpt"
+    ckpt = checkpoint_round_trip["root"] / "ckpt"
     record = json.loads((ckpt / "actor.json").read_text())
     assert record["format"] == "pebr-actor/1" and record["updates"] == 2 and record["saved_tp"] == 2
     assert (ckpt / "model" / "pebr_mcore.json").is_file() and (ckpt / "optimizer").is_dir()
-    hf = run["root"] / "hf"
+    hf = checkpoint_round_trip["root"] / "hf"
     exported = load_file(str(hf / "model.safetensors"))
-    saved = run["results"][0]["w_saved"]
+    saved = checkpoint_round_trip["results"][0]["w_saved"]
     assert set(exported) == set(saved) and all(np.array_equal(exported[n].numpy(), saved[n]) for n in saved)
     for name in ("config.json", "tokenizer.json", "preprocessor_config.json", "generation_config.json"):
         assert (hf / name).is_file(), name
 
 
-def test_a_crash_mid_save_keeps_the_last_checkpoint(run):
-    r = run["results"][0]
+def test_a_crash_mid_save_keeps_the_last_checkpoint(checkpoint_round_trip):
+    r = checkpoint_round_trip["results"][0]
     assert "disk full" in r["crash"]
-    ckpt = run["root"] / "ckpt"
+    ckpt = checkpoint_round_trip["root"] / "ckpt"
     assert json.loads((ckpt / "actor.json").read_text())["updates"] == 2  # still the 2-update checkpoint
     assert r["updates_tp1"] == 2  # and it was loaded intact after the crash
     assert sorted(p.name for p in ckpt.iterdir()) == ["actor.json", "model", "optimizer"]
 
 
-def test_distributed_optimizer_on_where_it_cannot_run_is_a_clear_error(run):
-    message = run["results"][0].get("distributed_optimizer_on", "")
+def test_distributed_optimizer_on_where_it_cannot_run_is_a_clear_error(checkpoint_round_trip):
+    message = checkpoint_round_trip["results"][0].get("distributed_optimizer_on", "")
     assert "actor.distributed_optimizer=on needs CUDA and a fused Adam" in message, message
 
 

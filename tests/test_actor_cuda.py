@@ -78,7 +78,8 @@ def _worker(rank, tiny, seqs_plain, root):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model_dir, tmp_path_factory):
+def cuda_step_and_reference(tiny_model_dir, tmp_path_factory):
+    """(the actor's steps on the GPU, the float64 reference step, the reference log-probs)."""
     seqs = make_sequences(tiny_model_dir, 5)
     rng = torch.Generator().manual_seed(0)
     add_grpo_inputs(seqs, [-4 - torch.rand(sum(s["target_mask"]), generator=rng) for s in seqs], seed=6)
@@ -88,8 +89,8 @@ def run(tiny_model_dir, tmp_path_factory):
     return got, reference_step(tiny_model_dir, seqs, opt=OPT), lp_ref
 
 
-def test_grpo_step_on_cuda_matches_the_float64_reference(run):
-    got, want, _ = run
+def test_grpo_step_on_cuda_matches_the_float64_reference(cuda_step_and_reference):
+    got, want, _ = cuda_step_and_reference
     from pebr_mega.actor.megatron_actor import fused_adam_available
 
     assert got["optimizer"].endswith("DistributedOptimizer") == fused_adam_available(), got["optimizer"]
@@ -103,8 +104,8 @@ def test_grpo_step_on_cuda_matches_the_float64_reference(run):
     assert m["actor/padding_fraction"] > 0 and m["actor/microbatch_tokens_max"] % 16 == 0
 
 
-def test_checkpoint_resumes_training_on_cuda(run):
-    got, _, _ = run
+def test_checkpoint_resumes_training_on_cuda(cuda_step_and_reference):
+    got, _, _ = cuda_step_and_reference
     assert got["updates_loaded"] == 1
     for a, b in zip(got["straight"], got["resumed"]):
         for key in ("loss", "grad_norm", "lr"):
@@ -115,8 +116,8 @@ def test_checkpoint_resumes_training_on_cuda(run):
 
 
 @pytest.mark.parametrize("path", ["logits", "hidden"])
-def test_bf16_flash_attention_actor_log_probs_match_the_float64_reference(run, path):
-    got, _, lp_ref = run
+def test_bf16_flash_attention_actor_log_probs_match_the_float64_reference(cuda_step_and_reference, path):
+    got, _, lp_ref = cuda_step_and_reference
     for (lp, ent), (ref_lp, ref_ent) in zip(got[f"bf16_lp_{path}"], lp_ref):
         # bf16 weights and activations: log-probs of a ~1k-token vocabulary agree to a few 1e-2
         assert float((lp.double() - ref_lp).abs().max()) < 0.1
@@ -125,6 +126,6 @@ def test_bf16_flash_attention_actor_log_probs_match_the_float64_reference(run, p
     assert m["skipped"] == 0.0 and torch.isfinite(torch.tensor(m["loss"]))
 
 
-def test_one_attention_kernel_per_layer_per_micro_batch(run):
-    launched, expected = run[0]["attention_kernels"]
+def test_one_attention_kernel_per_layer_per_micro_batch(cuda_step_and_reference):
+    launched, expected = cuda_step_and_reference[0]["attention_kernels"]
     assert launched == expected, f"{launched} flash attention kernels for {expected} (layer, micro-batch) pairs"

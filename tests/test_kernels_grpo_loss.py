@@ -14,14 +14,10 @@ import torch
 from pebr_mega.kernels import ops as kernels
 from pebr_mega.algo.grpo import token_advantages
 from pebr_mega.kernels.reference import grpo_loss_reference
-from kernel_checks import enable_interpreter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def interpreter():
-    module, undo = enable_interpreter("pebr_mega.kernels._grpo_loss_triton", "MAX_BLOCK_T", 16)
-    yield module
-    undo()
+INTERPRETED_KERNEL = ("pebr_mega.kernels._grpo_loss_triton", "MAX_BLOCK_T", 16)
+pytestmark = pytest.mark.usefixtures("interpreted_kernel")
 
 
 def make_batch(b: int, t: int, seed: int, dtype=torch.float32):

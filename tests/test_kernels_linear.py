@@ -14,14 +14,10 @@ import torch.multiprocessing as mp
 
 from pebr_mega.kernels import ops as kernels
 from pebr_mega.kernels.reference import linear_logprobs_reference, logprobs_reference
-from kernel_checks import enable_interpreter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def interpreter():
-    module, undo = enable_interpreter("pebr_mega.kernels._logprobs_triton", "MAX_BLOCK_V", 128)
-    yield module
-    undo()
+INTERPRETED_KERNEL = ("pebr_mega.kernels._logprobs_triton", "MAX_BLOCK_V", 128)
+pytestmark = pytest.mark.usefixtures("interpreted_kernel")
 
 
 def make_inputs(n: int, h: int, v: int, seed: int):

@@ -17,17 +17,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pebr_mega.kernels import ops as kernels
-from kernel_checks import check_logprobs_against_reference, enable_interpreter
+from kernel_checks import check_logprobs_against_reference
 from pebr_mega.kernels.reference import logprobs_reference
 
 BLOCK_V = 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def interpreter():
-    module, undo = enable_interpreter("pebr_mega.kernels._logprobs_triton", "MAX_BLOCK_V", BLOCK_V)
-    yield module
-    undo()
+INTERPRETED_KERNEL = ("pebr_mega.kernels._logprobs_triton", "MAX_BLOCK_V", BLOCK_V)
+pytestmark = pytest.mark.usefixtures("interpreted_kernel")
 
 
 def make_logits(n: int, v: int, seed: int, scale: float = 3.0, pad: int = 0, extreme: bool = False) -> torch.Tensor:

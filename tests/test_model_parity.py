@@ -142,7 +142,8 @@ def _parity_worker(rank, tiny, alt, batch_tiny, batch_alt):
 
 # ------------------------------------------------------------------------------------------------- tests
 @pytest.fixture(scope="module")
-def run(tiny_model_dir, tiny_model_dir_alt):
+def parity_logits(tiny_model_dir, tiny_model_dir_alt):
+    """(the input batches, transformers' logits and gradients on them, Megatron's per rank and layout)."""
     batches = {"tiny": make_parity_batch(tiny_model_dir, 0), "alt": make_parity_batch(tiny_model_dir_alt, 1)}
     refs = {"tiny": hf_parity_reference(tiny_model_dir, batches["tiny"]), "alt": hf_parity_reference(tiny_model_dir_alt, batches["alt"])}
     plain = {k: {n: t.numpy() for n, t in b.items()} for k, b in batches.items()}
@@ -156,22 +157,22 @@ def _max_diff_on_valid(ref, out, mask):
 
 @pytest.mark.parametrize("spec", ["torch", "local"])
 @pytest.mark.parametrize("name,rank", [("tiny", 0), ("alt", 1)])
-def test_tp1_logits_match_transformers(run, name, rank, spec):
-    batches, refs, results = run
+def test_tp1_logits_match_transformers(parity_logits, name, rank, spec):
+    batches, refs, results = parity_logits
     diff = _max_diff_on_valid(refs[name]["logits"], results[rank][f"tp1_{spec}_{name}_logits"], batches[name]["attention_mask"])
     assert diff < LOGIT_TOL, f"{name} {spec}: max |logit diff| {diff:.2e}"
 
 
-def test_tp2_logits_match_transformers(run):
-    batches, refs, results = run
+def test_tp2_logits_match_transformers(parity_logits):
+    batches, refs, results = parity_logits
     r0 = next(r for r in results if r["tp_rank"] == 0)
     diff = _max_diff_on_valid(refs["tiny"]["logits"], r0["tp2_tiny_logits"], batches["tiny"]["attention_mask"])
     assert diff < LOGIT_TOL, f"TP=2 max |logit diff| {diff:.2e}"
 
 
 @pytest.mark.parametrize("name", ["tiny", "alt"])
-def test_pp2_logits_match_transformers(run, name):
-    batches, refs, results = run
+def test_pp2_logits_match_transformers(parity_logits, name):
+    batches, refs, results = parity_logits
     last = next(r for r in results if r["pp_rank"] == 1)
     diff = _max_diff_on_valid(refs[name]["logits"], last[f"pp2_{name}_logits"], batches[name]["attention_mask"])
     assert diff < LOGIT_TOL, f"PP=2 {name}: max |logit diff| {diff:.2e}"
@@ -187,28 +188,28 @@ def _assert_grads_close(ref: dict, got: dict, what: str):
 
 
 @pytest.mark.parametrize("name,rank", [("tiny", 0), ("alt", 1)])
-def test_gradients_reach_the_vision_tower(run, name, rank):
-    _, refs, results = run
+def test_gradients_reach_the_vision_tower(parity_logits, name, rank):
+    _, refs, results = parity_logits
     _assert_grads_close(refs[name]["vision_grads"], results[rank][f"tp1_{name}_vision_grads"], f"TP=1 {name}")
 
 
-def test_tp2_vision_grads_equal_on_both_ranks_after_finalize(run):
-    _, refs, results = run
+def test_tp2_vision_grads_equal_on_both_ranks_after_finalize(parity_logits):
+    _, refs, results = parity_logits
     for r in results:
         _assert_grads_close(refs["tiny"]["vision_grads"], r["tp2_tiny_vision_grads"], f"TP=2 rank {r['tp_rank']}")
 
 
 @pytest.mark.parametrize("name", ["tiny", "alt"])
-def test_pp2_vision_grads_through_the_schedule(run, name):
-    _, refs, results = run
+def test_pp2_vision_grads_through_the_schedule(parity_logits, name):
+    _, refs, results = parity_logits
     first = next(r for r in results if r["pp_rank"] == 0)
     assert next(r for r in results if r["pp_rank"] == 1)[f"pp2_{name}_vision_grads"] is None  # tower on stage 0 only
     _assert_grads_close(refs[name]["vision_grads"], first[f"pp2_{name}_vision_grads"], f"PP=2 {name}")
 
 
 @pytest.mark.parametrize("name,rank", [("tiny", 0), ("alt", 1)])
-def test_packed_equals_padded(run, name, rank):
-    batches, refs, results = run
+def test_packed_equals_padded(parity_logits, name, rank):
+    batches, refs, results = parity_logits
     p = results[rank][f"packing_{name}"]
     n_valid = int(batches[name]["attention_mask"].sum())
     assert p["packed_loss"].shape == (n_valid,) and p["padded_loss"].shape == (n_valid,)

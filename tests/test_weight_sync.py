@@ -108,7 +108,9 @@ def _sync_worker(rank, tiny, alt, seqs_plain, alt_plain, root):
 
 
 @pytest.fixture(scope="module")
-def run(tiny_model_dir, tiny_model_dir_alt, tmp_path_factory):
+def synced_weights(tiny_model_dir, tiny_model_dir_alt, tmp_path_factory):
+    """The HF tensors the weight sync sent before and after a training step, per rank and layout (`results`),
+    with the exported HF folders (`root`) and the source models (`src`)."""
     root = tmp_path_factory.mktemp("weight_sync")
     seqs, seqs_alt = make_sequences(tiny_model_dir, 7)[:4], make_sequences(tiny_model_dir_alt, 8)[:4]
     rng = torch.Generator().manual_seed(1)
@@ -135,32 +137,32 @@ def _assert_identical(got: dict, want: dict, what: str) -> None:
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_hf_tensors_equal_the_original_checkpoint_before_training(run, layout):
-    _assert_identical(run["results"][0][layout]["before"], _load_dir(run["src"][layout]), layout)
+def test_hf_tensors_equal_the_original_checkpoint_before_training(synced_weights, layout):
+    _assert_identical(synced_weights["results"][0][layout]["before"], _load_dir(synced_weights["src"][layout]), layout)
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
-def test_hf_tensors_equal_the_exported_checkpoint_after_training(run, layout):
-    got = run["results"][0][layout]["after"]
-    _assert_identical(got, _load_dir(run["root"] / f"{layout}_hf"), layout)
-    before = run["results"][0][layout]["before"]
+def test_hf_tensors_equal_the_exported_checkpoint_after_training(synced_weights, layout):
+    got = synced_weights["results"][0][layout]["after"]
+    _assert_identical(got, _load_dir(synced_weights["root"] / f"{layout}_hf"), layout)
+    before = synced_weights["results"][0][layout]["before"]
     assert all(not np.array_equal(got[n], before[n]) for n in got)  # the step moved every tensor
     if layout == "pp2":
         assert "lm_head.weight" not in got  # tied: no lm_head, as in the source checkpoint
 
 
-def test_sync_into_the_hf_engine_generates_like_the_exported_model(run):
-    r = run["results"][0]
+def test_sync_into_the_hf_engine_generates_like_the_exported_model(synced_weights):
+    r = synced_weights["results"][0]
     after = r["tp2"]["after"]
     _assert_identical({n: r["engine_weights"][n] for n in after}, {n: torch.as_tensor(t) for n, t in after.items()},
                       "engine")
     assert r["synced_ids"] == r["fresh_ids"] and len(r["synced_ids"]) == 6 and all(r["synced_ids"])
 
 
-def test_sync_stats_count_every_byte_on_every_rank(run):
-    after = run["results"][0]["tp2"]["after"]
+def test_sync_stats_count_every_byte_on_every_rank(synced_weights):
+    after = synced_weights["results"][0]["tp2"]["after"]
     total = sum(t.nbytes for t in after.values())
-    for r in run["results"]:
+    for r in synced_weights["results"]:
         s = r["stats"]
         assert s["bytes"] == total and s["tensors"] == len(after)
         assert 1 < s["buckets"] and s["max_bucket_bytes"] <= BUCKET_MB << 20 and s["seconds"] > 0
