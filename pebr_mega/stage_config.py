@@ -100,8 +100,9 @@ class GRPOTrainerConfig(StageLoopConfig):
 
     def for_stage(self, stage: str) -> "GRPOTrainerConfig":
         """This (loaded) config run as `stage`: the values the old stage filled are the new stage's, the
-        values the user set stay."""
-        unset = {k: None for k in getattr(self, "_stage_filled", ())}
+        values the user set stay (also one assigned after loading: a filled value that changed is the user's)."""
+        old = STAGE_DEFAULTS[self.stage]
+        unset = {k: None for k in getattr(self, "_stage_filled", ()) if getattr(self, k) == old[k]}
         return dataclasses.replace(self, stage=stage, **unset).with_stage_defaults()
 
 

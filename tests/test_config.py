@@ -219,3 +219,10 @@ def test_a_stage_evaluates_on_its_own_eval_file_else_the_shared_one():
     assert eval_source(cfg, cfg.grpo) == EvalSource("data.eval_file", "shared.json")
     default = load_config(None, [])
     assert eval_source(default, default.grpo).path == ""
+
+
+def test_a_stage_size_assigned_after_loading_is_kept_for_another_stage():
+    cfg = load_config(None, [])
+    cfg.grpo.rollout_batch_size = 2  # as a script does between loading and running the pipeline
+    s2 = cfg.grpo.for_stage("stage2")
+    assert (s2.rollout_batch_size, s2.mini_batch_size, s2.epochs) == (2, 128, 2)
