@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from pebr_mega.cli import main
@@ -63,3 +64,21 @@ def test_demo_refuses_to_reuse_data_written_with_other_settings(tmp_path, capsys
     rc = main(["demo", "--out", str(tmp_path), "--description-omission", "0.3", "--seed", "0"])
     assert rc == 2
     assert "sft_description_omission=0.7 (asked 0.3)" in capsys.readouterr().err
+
+
+def test_demo_profile_has_every_stage_and_no_thread_growth(trainer_runs):
+    """tools/profile_demo.py (the toy demo above ran under it) files the run by stage and phase, and no stage
+    holds more threads than the most an earlier stage held: the stages share one set of process groups and
+    shut their pools down (rebuilding Megatron's groups per stage added ~50 gloo threads each time)."""
+    out = trainer_runs["tmp"] / "demo" / "demo"
+    profile = json.loads((out / "profile.json").read_text())
+    stages = profile["stages"]
+    assert {"clip", "sft", "sample", "stage1"} <= set(stages), stages.keys()
+    assert stages["sft"]["phases"].get("update", 0) > 0 and stages["stage1"]["phases"].get("generate", 0) > 0
+    assert sum(profile["code"].values()) == pytest.approx(profile["seconds"], rel=0.05)
+    assert profile["environment"]["torch_threads"] >= 1 and profile["environment"]["torch"]
+    ran = [s for s in ("sft", "sample", "split", "stage1", "stage2", "export") if s in stages]
+    most = stages[ran[0]]["threads_max"]
+    for stage in ran[1:]:
+        assert stages[stage]["threads_max"] <= most, (stage, {k: stages[k]["threads_max"] for k in ran})
+    assert "[profile]" in trainer_runs["demo"]["printed"]

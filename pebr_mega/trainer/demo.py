@@ -11,6 +11,7 @@ the fraction of held-out descriptions that state every group of the scene exactl
 from __future__ import annotations
 
 import json
+import platform
 import random
 import time
 from dataclasses import asdict
@@ -26,11 +27,13 @@ from pebr_mega.data.synthetic import (HARD_NEGATIVE_KINDS, OMIT_KIND, SynthConfi
 from pebr_mega.errors import DataError
 from pebr_mega.logging import read_metrics
 from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model
+from pebr_mega.parallel.threads import machine_record
 from pebr_mega.rewards.clip import ClipAlignmentScorer
 from pebr_mega.rewards.clip_training import ClipPair, ClipTrainingConfig, retrieval_metrics, train_clip
 from pebr_mega.rewards.model import RewardConfig
 from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
 from pebr_mega.trainer.pipeline import run_pipeline
+from pebr_mega.versions import REPORTED, installed_version
 
 # The demo's SFT teacher is sloppy on reasoning questions (see `SynthConfig.sft_teacher_error`): the error
 # stage 2's verifiable reward has to correct. `--description-omission` makes its descriptions leave out the
@@ -182,10 +185,16 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
     results = run_pipeline(cfg)
     summary = summarize(results, time.time() - t0, assets["clip_record"],
                         {"reasoning_error": teacher_error, "description_omission": description_omission})
+    summary["environment"] = environment()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_demo(out, summary)
     print_summary(summary, out)
     return summary
+
+
+def environment() -> dict:
+    """What the demo's figures and wall time depend on besides the seed: versions, CPU, threads."""
+    return {"python": platform.python_version(), **{n: installed_version(n) for n in REPORTED}, **machine_record()}
 
 
 def _stage_summary(res: dict | None) -> dict:
@@ -306,5 +315,8 @@ def print_summary(summary: dict, out: Path) -> None:
               f"exact description {f(s.get('eval_description_exact_before'))} -> {f(s.get('eval_description_exact'))} | "
               f"format {f(s.get('eval_format'))} | mean reward {f(s.get('mean_reward'))} | {s.get('seconds') or 0:.0f}s")
     print(f"  split: {summary.get('split')}")
+    env = summary.get("environment") or {}
+    if env:
+        print("[demo] on " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print(f"[demo] {summary['wall_seconds']:.0f}s in all; summary.json and curves.png in {out}; "
           f"final model {summary.get('final_model')}")
