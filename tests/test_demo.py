@@ -82,3 +82,29 @@ def test_demo_profile_has_every_stage_and_no_thread_growth(trainer_runs):
     for stage in ran[1:]:
         assert stages[stage]["threads_max"] <= most, (stage, {k: stages[k]["threads_max"] for k in ran})
     assert "[profile]" in trainer_runs["demo"]["printed"]
+
+
+def test_demo_summary_has_paired_sign_tests_between_stages(trainer_runs):
+    """Each stage's final evaluation is kept per question (`eval_after.jsonl`), and the summary compares the
+    stages on the same questions: gained and lost questions, whose difference is the change of the mean."""
+    out = trainer_runs["tmp"] / "demo" / "demo"
+    summary = json.loads((out / "summary.json").read_text())
+    test = summary["paired"]["stage1_vs_sft"]
+    assert set(test) == {"accuracy", "description_exact"}
+    for metric, t in test.items():
+        assert t["n"] == 4 and summary["stage1"][f"eval_{metric}"] == pytest.approx(t["after"])
+        assert summary["sft"][f"eval_{metric}"] == pytest.approx(t["before"])
+        assert (t["gained"] - t["lost"]) / t["n"] == pytest.approx(t["after"] - t["before"])
+    rows = [json.loads(x) for x in (out / "pipeline" / "stage1" / "eval_after.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {"qid", "accuracy", "description_exact"} <= set(rows[0])
+
+
+def test_sign_test_counts_and_z():
+    from pebr_mega.trainer.demo import sign_test
+
+    before = [1, 0, 0, 0, 1, 1, 0, 0, 0, 0]
+    after = [1, 1, 1, 1, 0, 1, 1, 1, 0, 0]
+    t = sign_test(before, after)
+    assert (t["gained"], t["lost"], t["n"]) == (5, 1, 10)
+    assert t["z"] == pytest.approx(round(4 / 6 ** 0.5, 2))  # (5 - 1) / sqrt(6) = 1.63
+    assert sign_test([1, 0], [1, 0])["z"] == 0.0

@@ -32,6 +32,7 @@ from pebr_mega.rewards.clip import ClipAlignmentScorer
 from pebr_mega.rewards.clip_training import ClipPair, ClipTrainingConfig, retrieval_metrics, train_clip
 from pebr_mega.rewards.model import RewardConfig
 from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
+from pebr_mega.trainer.context import EVAL_RESULTS_FILE
 from pebr_mega.trainer.pipeline import run_pipeline
 from pebr_mega.versions import REPORTED, installed_version
 
@@ -185,11 +186,45 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
     results = run_pipeline(cfg)
     summary = summarize(results, time.time() - t0, assets["clip_record"],
                         {"reasoning_error": teacher_error, "description_omission": description_omission})
+    summary["paired"] = paired_comparisons(out / "pipeline")
     summary["environment"] = environment()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_demo(out, summary)
     print_summary(summary, out)
     return summary
+
+
+PAIRS = (("stage1", "sft"), ("stage2", "stage1"), ("stage2", "sft"))  # (later, earlier) stage
+PAIRED_METRICS = ("accuracy", "description_exact")
+
+
+def sign_test(before: Sequence[float], after: Sequence[float]) -> dict:
+    """Paired comparison of per-question 0/1 results: questions gained and lost, and the sign test's z,
+    (gained - lost) / sqrt(gained + lost) (0 when nothing changed); |z| > 2 is a change beyond chance at ~5%."""
+    gained = sum(1 for b, a in zip(before, after) if a > b)
+    lost = sum(1 for b, a in zip(before, after) if a < b)
+    z = (gained - lost) / (gained + lost) ** 0.5 if gained + lost else 0.0
+    return {"n": len(before), "before": sum(before) / max(len(before), 1), "after": sum(after) / max(len(after), 1),
+            "gained": gained, "lost": lost, "z": round(z, 2)}
+
+
+def paired_comparisons(pipeline: Path) -> dict:
+    """Sign tests between the stages' final held-out evaluations, on the questions both answered (each stage's
+    `eval_after.jsonl`): `{"stage1_vs_sft": {"accuracy": sign_test(...), "description_exact": ...}, ...}`."""
+    rows = {}
+    for stage in ("sft", "stage1", "stage2"):
+        path = pipeline / stage / EVAL_RESULTS_FILE
+        if path.is_file():
+            rows[stage] = {r["qid"]: r for r in map(json.loads, path.read_text().splitlines())}
+    out = {}
+    for later, earlier in PAIRS:
+        if later not in rows or earlier not in rows:
+            continue
+        qids = [q for q in rows[earlier] if q in rows[later]]
+        out[f"{later}_vs_{earlier}"] = {
+            m: sign_test([float(rows[earlier][q][m]) for q in qids], [float(rows[later][q][m]) for q in qids])
+            for m in PAIRED_METRICS if all(m in rows[s][q] for s in (earlier, later) for q in qids)}
+    return out
 
 
 def environment() -> dict:
@@ -315,6 +350,9 @@ def print_summary(summary: dict, out: Path) -> None:
               f"exact description {f(s.get('eval_description_exact_before'))} -> {f(s.get('eval_description_exact'))} | "
               f"format {f(s.get('eval_format'))} | mean reward {f(s.get('mean_reward'))} | {s.get('seconds') or 0:.0f}s")
     print(f"  split: {summary.get('split')}")
+    for pair, tests in (summary.get("paired") or {}).items():
+        print(f"  {pair.replace('_vs_', ' vs '):16s} " + " | ".join(
+            f"{m.replace('_', ' ')} +{t['gained']} -{t['lost']} (z {t['z']:+.1f})" for m, t in tests.items()))
     env = summary.get("environment") or {}
     if env:
         print("[demo] on " + ", ".join(f"{k} {v}" for k, v in env.items()))

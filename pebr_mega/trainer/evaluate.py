@@ -145,12 +145,13 @@ class Evaluator:
                 self.ctx.log(f"{self.ctx.stage} eval: {report.summary()}")
         return self._requests
 
-    def run(self) -> dict[str, float]:
-        """Accuracy / format / reward of the engine's current policy (synced from the actor by the phase)."""
+    def run(self, results_path: str | Path | None = None) -> dict[str, float]:
+        """Accuracy / format / reward of the engine's current policy (synced from the actor by the phase); one
+        row per question in `results_path` when given (`evaluate`)."""
         cfg = self.ctx.cfg
         requests = self.requests()
         sampling = rollout_sampling(cfg.rollout, self.ctx.tokenizer, seed=cfg.run.seed, validation=True)
         with self.lifecycle.rollout_phase() as engine:
             return evaluate(engine, requests, sampling, reward_model=self.reward_model,
                             batch_size=cfg.rollout.batch_size, progress=self.ctx.is_main and cfg.logging.progress_bar,
-                            grading=cfg.rewards.answer_grading)
+                            grading=cfg.rewards.answer_grading, results_path=results_path)
