@@ -90,13 +90,13 @@ def test_demo_summary_has_paired_sign_tests_between_stages(trainer_runs):
     out = trainer_runs["tmp"] / "demo" / "demo"
     summary = json.loads((out / "summary.json").read_text())
     test = summary["paired"]["stage1_vs_sft"]
-    assert set(test) == {"accuracy", "description_exact"}
+    assert set(test) == {"accuracy", "description_exact", "description_count_color_exact", "description_omission"}
     for metric, t in test.items():
         assert t["n"] == 4 and summary["stage1"][f"eval_{metric}"] == pytest.approx(t["after"])
         assert summary["sft"][f"eval_{metric}"] == pytest.approx(t["before"])
         assert (t["gained"] - t["lost"]) / t["n"] == pytest.approx(t["after"] - t["before"])
     rows = [json.loads(x) for x in (out / "pipeline" / "stage1" / "eval_after.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and {"qid", "accuracy", "description_exact"} <= set(rows[0])
+    assert len(rows) == 4 and {"qid", "accuracy", "description_exact", "description_omission"} <= set(rows[0])
 
 
 def test_sign_test_counts_and_z():

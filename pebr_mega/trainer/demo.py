@@ -195,7 +195,8 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
 
 
 PAIRS = (("stage1", "sft"), ("stage2", "stage1"), ("stage2", "sft"))  # (later, earlier) stage
-PAIRED_METRICS = ("accuracy", "description_exact")
+# z > 0: the later stage has more of it (for omissions, more is worse)
+PAIRED_METRICS = ("accuracy", "description_exact", "description_count_color_exact", "description_omission")
 
 
 def sign_test(before: Sequence[float], after: Sequence[float]) -> dict:
@@ -242,6 +243,9 @@ def _stage_summary(res: dict | None) -> dict:
         "eval_description_exact": after.get("eval/description_exact"),
         "eval_description_exact_before": before.get("eval/description_exact"),
         "eval_description_f1": after.get("eval/description_f1"),
+        "eval_description_count_color_exact": after.get("eval/description_count_color_exact"),
+        "eval_description_omission": after.get("eval/description_omission"),
+        "eval_description_shape_accuracy": after.get("eval/description_shape_accuracy"),
         "eval_format": after.get("eval/format"),
         "eval_reward": after.get("eval/reward"),
         "mean_reward": res.get("mean_reward"),
@@ -347,7 +351,9 @@ def print_summary(summary: dict, out: Path) -> None:
             print(f"  {stage:7s} skipped: {s['skipped']}")
             continue
         print(f"  {stage:7s} accuracy {f(s.get('eval_accuracy_before'))} -> {f(s.get('eval_accuracy'))} | "
-              f"exact description {f(s.get('eval_description_exact_before'))} -> {f(s.get('eval_description_exact'))} | "
+              f"exact description {f(s.get('eval_description_exact_before'))} -> {f(s.get('eval_description_exact'))} "
+              f"(counts+colours {f(s.get('eval_description_count_color_exact'))}, omissions "
+              f"{f(s.get('eval_description_omission'))}) | "
               f"format {f(s.get('eval_format'))} | mean reward {f(s.get('mean_reward'))} | {s.get('seconds') or 0:.0f}s")
     print(f"  split: {summary.get('split')}")
     for pair, tests in (summary.get("paired") or {}).items():

@@ -18,7 +18,7 @@ from pebr_mega.data.records import GRPORecord
 from pebr_mega.rewards import RewardModel, RewardSample, accuracy_reward, format_reward
 from pebr_mega.rewards.guard import RewardPool, score_components
 from pebr_mega.rewards.model import RewardConfig, reward_pool
-from pebr_mega.rewards.perception import description_metrics, description_scores
+from pebr_mega.rewards.perception import description_attributes, description_metrics, description_scores
 from pebr_mega.rollout.engine import RolloutEngine
 from pebr_mega.rollout.factory import rollout_sampling
 from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
@@ -113,6 +113,9 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
                        "ground_truth": getattr(s.request.record, "answer", ""), "accuracy": a, "format": fm}
                 if ref is not None:
                     row["description_exact"] = description_scores(s.response_text, ref)[0]
+                    attributes = description_attributes(s.response_text, ref)
+                    row["description_count_color_exact"] = attributes["count_color_exact"]
+                    row["description_omission"] = attributes["omission"]
                 f.write(json.dumps(row) + "\n")
     return out
 
