@@ -25,6 +25,7 @@ from pebr_mega.data.template import model_prompt_template
 from pebr_mega.errors import DataError, PebrError, describe_os_error
 from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
 from pebr_mega.outputs import claim_output_dir, claim_output_file, lock_beside, plot_path
+from pebr_mega.parallel.threads import apply_cpu_budget
 from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
 
 if TYPE_CHECKING:  # the config tree imports torch: handlers import it lazily
@@ -737,7 +738,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 1
-
+    apply_cpu_budget()  # a CPU quota below the visible CPUs: torch's pool sized to the quota
     try:
         return int(args.handler(args) or 0)
     except (UserError, PebrError, FileNotFoundError) as e:

@@ -53,7 +53,8 @@ CONSOLE_KEYS: tuple[tuple[str, str], ...] = (
 # verl's / EasyR1's name for each of our metrics with the same meaning (verl `dp_actor.update_policy`,
 # `trainer/metric_utils.compute_data_metrics` and `compute_timing_metrics`; EasyR1's `ray_trainer.py`).
 # Unlisted metrics keep their names; `kl` and `kl_loss` are the same value (the KL term before its coefficient,
-# as verl's `actor/kl_loss`); `time/logprobs` covers the old and the reference log-probs together.
+# as verl's `actor/kl_loss`); `time/logprobs` covers the old and the reference log-probs together (on policy, one
+# update per step, the old ones come from the update's own forward: then the reference's only).
 VERL_NAMES: dict[str, str] = {
     "loss": "actor/loss", "pg_loss": "actor/pg_loss", "kl_loss": "actor/kl_loss", "kl": "actor/kl_loss",
     "entropy": "actor/entropy", "clip_frac": "actor/pg_clipfrac", "clip_frac_dual": "actor/pg_clipfrac_lower",

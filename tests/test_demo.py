@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from pebr_mega.cli import main
@@ -63,3 +64,47 @@ def test_demo_refuses_to_reuse_data_written_with_other_settings(tmp_path, capsys
     rc = main(["demo", "--out", str(tmp_path), "--description-omission", "0.3", "--seed", "0"])
     assert rc == 2
     assert "sft_description_omission=0.7 (asked 0.3)" in capsys.readouterr().err
+
+
+def test_demo_profile_has_every_stage_and_no_thread_growth(trainer_runs):
+    """tools/profile_demo.py (the toy demo above ran under it) files the run by stage and phase, and no stage
+    holds more threads than the most an earlier stage held: the stages share one set of process groups and
+    shut their pools down (rebuilding Megatron's groups per stage added ~50 gloo threads each time)."""
+    out = trainer_runs["tmp"] / "demo" / "demo"
+    profile = json.loads((out / "profile.json").read_text())
+    stages = profile["stages"]
+    assert {"clip", "sft", "sample", "stage1"} <= set(stages), stages.keys()
+    assert stages["sft"]["phases"].get("update", 0) > 0 and stages["stage1"]["phases"].get("generate", 0) > 0
+    assert sum(profile["code"].values()) == pytest.approx(profile["seconds"], rel=0.05)
+    assert profile["environment"]["torch_threads"] >= 1 and profile["environment"]["torch"]
+    ran = [s for s in ("sft", "sample", "split", "stage1", "stage2", "export") if s in stages]
+    most = stages[ran[0]]["threads_max"]
+    for stage in ran[1:]:
+        assert stages[stage]["threads_max"] <= most, (stage, {k: stages[k]["threads_max"] for k in ran})
+    assert "[profile]" in trainer_runs["demo"]["printed"]
+
+
+def test_demo_summary_has_paired_sign_tests_between_stages(trainer_runs):
+    """Each stage's final evaluation is kept per question (`eval_after.jsonl`), and the summary compares the
+    stages on the same questions: gained and lost questions, whose difference is the change of the mean."""
+    out = trainer_runs["tmp"] / "demo" / "demo"
+    summary = json.loads((out / "summary.json").read_text())
+    test = summary["paired"]["stage1_vs_sft"]
+    assert set(test) == {"accuracy", "description_exact", "description_count_color_exact", "description_omission"}
+    for metric, t in test.items():
+        assert t["n"] == 4 and summary["stage1"][f"eval_{metric}"] == pytest.approx(t["after"])
+        assert summary["sft"][f"eval_{metric}"] == pytest.approx(t["before"])
+        assert (t["gained"] - t["lost"]) / t["n"] == pytest.approx(t["after"] - t["before"])
+    rows = [json.loads(x) for x in (out / "pipeline" / "stage1" / "eval_after.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {"qid", "accuracy", "description_exact", "description_omission"} <= set(rows[0])
+
+
+def test_sign_test_counts_and_z():
+    from pebr_mega.recipe.demo import sign_test
+
+    before = [1, 0, 0, 0, 1, 1, 0, 0, 0, 0]
+    after = [1, 1, 1, 1, 0, 1, 1, 1, 0, 0]
+    t = sign_test(before, after)
+    assert (t["gained"], t["lost"], t["n"]) == (5, 1, 10)
+    assert t["z"] == pytest.approx(round(4 / 6 ** 0.5, 2))  # (5 - 1) / sqrt(6) = 1.63
+    assert sign_test([1, 0], [1, 0])["z"] == 0.0

@@ -252,19 +252,19 @@ def trainer_scenarios(model: str, data: str, tmp: str) -> dict:
 
 
 def demo(out: str) -> dict:
-    """`pebr demo` at toy sizes, as a user runs it; its exit code and what it printed."""
+    """`pebr demo` at toy sizes, as a user runs it, under tools/profile_demo.py (CI's run of the profiler);
+    its exit code and what it printed."""
     import contextlib
+    import importlib.util
     import io
 
-    from pebr_mega.cli import main
-
+    spec = importlib.util.spec_from_file_location("profile_demo", Path(__file__).parents[1] / "tools" / "profile_demo.py")
+    profile_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile_demo)
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
-            rc = main(["demo", "--out", out, "--num-grpo", "8", "--num-sft", "16", "--num-eval", "4",
-                       "--clip-steps", "4", "sft.epochs=1", "sft.batch_size=8", "sample.n=2", "rollout.n=2", "rollout.max_new_tokens=12",
-                       "grpo.rollout_batch_size=2", "grpo.mini_batch_size=2", "grpo.max_steps=1",
-                       "logging.progress_bar=false"])
+            rc = profile_demo.main(["--out", out, "--toy"])
     except BaseException:
         return {"error": traceback.format_exc()}
     return {"rc": rc, "printed": printed.getvalue()}

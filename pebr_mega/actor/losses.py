@@ -91,7 +91,10 @@ def grpo_microbatch_loss(hidden: Tensor, weight: Tensor, mb: MicroBatch, scale: 
     mask = mb.target_mask.to(dev, non_blocking=True)
     fn = grpo_loss_reference if kernels_impl == "torch" else kernels.grpo_loss
     agg, denominator = ("token-mean", None) if scale.per_microbatch else (algo.agg, max(scale.denominator, 1.0))
-    value, m = fn(lp, mb.old_logprobs.to(dev, non_blocking=True), mb.advantages.to(dev, non_blocking=True), mask,
+    # On policy (the step's one update, before it): the policy that sampled is the one being updated, so its
+    # log-probs are this forward's; verl's `on_policy` rule in dp_actor.update_policy, one forward saved.
+    old = lp.detach() if mb.old_logprobs is None else mb.old_logprobs.to(dev, non_blocking=True)
+    value, m = fn(lp, old, mb.advantages.to(dev, non_blocking=True), mask,
                   ref_logprobs=None if mb.ref_logprobs is None else mb.ref_logprobs.to(dev, non_blocking=True),
                   clip_low=algo.clip_low, clip_high=algo.clip_high, clip_dual=algo.clip_dual,
                   kl_coef=algo.kl_coef if mb.ref_logprobs is not None else 0.0, kl_type=algo.kl_type,
@@ -107,6 +110,11 @@ def grpo_microbatch_loss(hidden: Tensor, weight: Tensor, mb: MicroBatch, scale: 
     for k in ("clip_frac", "clip_frac_dual", "approx_kl", "entropy"):
         if k in m:
             out[f"{k}_tok"] = m[k] * tokens
+    if mb.rollout_logprobs is not None:  # sums of the train-inference mismatch (`rollout.mismatch`)
+        given = mask * mb.rollout_mask.to(dev, non_blocking=True)
+        gap = (lp.detach().double() - mb.rollout_logprobs.to(dev, non_blocking=True).double()).abs()
+        out["mismatch_exp_sum"] = (torch.exp(gap) * given).sum()
+        out["mismatch_tokens"] = given.sum()
     return share * scale.returned, out
 
 

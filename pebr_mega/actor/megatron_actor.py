@@ -76,12 +76,17 @@ class LossSpec:
     kind: str  # "grpo" | "sft"
     algo: object = None
     temperature: float = 1.0
+    # GRPO only: the old policy is the one being updated (the step's single update, PPO epochs 1), so the
+    # sequences carry no old log-probs and the update's own forward gives them (detached).
+    on_policy: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("grpo", "sft"):
             raise ValueError(f"LossSpec.kind must be 'grpo' or 'sft', got {self.kind!r}")
         if self.kind == "grpo" and self.algo is None:
             raise ValueError("LossSpec('grpo') needs the AlgoConfig (algo=...)")
+        if self.on_policy and self.kind != "grpo":
+            raise ValueError("LossSpec.on_policy is a GRPO setting")
 
 
 def fused_adam_available() -> bool:
@@ -321,7 +326,8 @@ class MegatronActor:
         Metrics: `loss` (and `pg_loss`, `kl_loss` for GRPO) normalised over the whole mini-batch, token means
         `clip_frac`, `clip_frac_dual`, `approx_kl`, `entropy`, the pre-clip `grad_norm`, `lr`, `train_tokens`
         and `skipped` (1 when a non-finite loss or gradient left the weights, the optimizer state and the
-        schedule untouched).
+        schedule untouched); `mismatch/token_mult_prob_error` against the sequences' `rollout_logprobs` when
+        they carry some (this update's log-probs: the old policy's only when it is on policy).
         """
         if not self.trainable:
             raise RuntimeError("this actor is frozen (the reference model)")
@@ -357,6 +363,8 @@ class MegatronActor:
             if f"{k}_tok" in sums:
                 metrics[k] = sums[f"{k}_tok"] / tokens
         metrics["train_tokens"] = sums.get("tokens", 0.0)
+        if sums.get("mismatch_tokens", 0.0) > 0:
+            metrics["mismatch/token_mult_prob_error"] = sums["mismatch_exp_sum"] / sums["mismatch_tokens"]
         stats = plan_stats(plan, [len(s.input_ids) for s in seqs], self.token_multiple)
         metrics.update({f"actor/{k}": v for k, v in stats.items()})
         return metrics
@@ -367,7 +375,10 @@ class MegatronActor:
             return
         need_ref = getattr(loss.algo, "kl_coef", 0.0) > 0
         for i, s in enumerate(seqs):
-            if s.old_logprobs is None:
+            if loss.on_policy and s.old_logprobs is not None:
+                raise ValueError(f"sequence {i}: an on-policy update computes its own old log-probs; this one "
+                                 "carries some (drop them, or use LossSpec(on_policy=False))")
+            if not loss.on_policy and s.old_logprobs is None:
                 raise ValueError(f"sequence {i}: GRPO needs old_logprobs (compute_logprobs before the update)")
             if need_ref and s.ref_logprobs is None:
                 raise ValueError(f"sequence {i}: algo.kl_coef > 0 needs ref_logprobs (from the reference actor)")

@@ -47,6 +47,7 @@ class ActorSequence:
     advantage: float = 0.0  # broadcast to every target token (GRPO)
     old_logprobs: Tensor | None = None  # [num_targets]
     ref_logprobs: Tensor | None = None  # [num_targets]
+    rollout_logprobs: Tensor | None = None  # [num_targets], the engine's (train-inference mismatch)
     index: int = 0  # position in the caller's list, so results can be put back in order
 
     def __post_init__(self) -> None:
@@ -79,6 +80,8 @@ class MicroBatch:
     advantages: Tensor  # [n, T] float
     old_logprobs: Tensor | None  # [n, T]
     ref_logprobs: Tensor | None  # [n, T]
+    rollout_logprobs: Tensor | None = None  # [n, T], 0 where the engine gave none
+    rollout_mask: Tensor | None = None  # [n, T] float: targets with the engine's log-prob
     indices: list[int] = field(default_factory=list)  # ActorSequence.index of each row
 
     @property
@@ -162,6 +165,23 @@ def _per_target(seqs: Sequence[ActorSequence], width: int, getter) -> Tensor | N
     return out
 
 
+def _per_target_where_given(seqs: Sequence[ActorSequence], width: int, getter) -> tuple[Tensor | None, Tensor | None]:
+    """Like `_per_target`, for values some sequences may lack: (values, mask of the targets that have one)."""
+    if all(getter(s) is None for s in seqs):
+        return None, None
+    values = torch.zeros(len(seqs), width, dtype=torch.float32)
+    mask = torch.zeros(len(seqs), width, dtype=torch.float32)
+    for i, s in enumerate(seqs):
+        v = getter(s)
+        if v is None or v.numel() == 0:
+            continue
+        if v.numel() != s.num_targets:
+            raise ValueError(f"sequence {s.index}: {v.numel()} per-target values for {s.num_targets} targets")
+        values[i, : s.num_targets] = v.float().flatten()
+        mask[i, : s.num_targets] = 1.0
+    return values, mask
+
+
 def pack(seqs: Sequence[ActorSequence], positions: PositionFn, multiple: int = 1, pad_token_id: int = 0) -> MicroBatch:
     """Pack `seqs` into one micro-batch padded to a multiple of `multiple` tokens (no `seqs`: padding only)."""
     ids: list[int] = []
@@ -191,6 +211,7 @@ def pack(seqs: Sequence[ActorSequence], positions: PositionFn, multiple: int = 1
         ids.extend([pad_token_id] * pad)
         pos_parts.append(torch.arange(pad).expand(3, -1))
         lengths.append(pad)
+    rollout, rollout_mask = _per_target_where_given(seqs, width, lambda s: s.rollout_logprobs)
     return MicroBatch(
         input_ids=torch.tensor([ids], dtype=torch.long),
         position_ids=torch.cat(pos_parts, dim=1)[:, None, :],
@@ -205,6 +226,8 @@ def pack(seqs: Sequence[ActorSequence], positions: PositionFn, multiple: int = 1
         advantages=advantages,
         old_logprobs=_per_target(seqs, width, lambda s: s.old_logprobs),
         ref_logprobs=_per_target(seqs, width, lambda s: s.ref_logprobs),
+        rollout_logprobs=rollout,
+        rollout_mask=rollout_mask,
         indices=[s.index for s in seqs],
     )
 

@@ -2,8 +2,9 @@
 
 `init_parallel(tp, pp)` is the one entry point. It reads the usual launcher environment (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT), picks NCCL with CUDA and gloo without, builds Megatron's groups and
-seeds Megatron's RNG streams, inside the scoped CPU compatibility layer when CUDA is absent. `destroy_parallel()` undoes the Megatron part so a process can re-initialise with
-another TP/PP (the tests reuse two workers for several layouts).
+seeds Megatron's RNG streams, inside the scoped CPU compatibility layer when CUDA is absent; called again
+with the same layout it keeps the groups and only reseeds. `destroy_parallel()` undoes the Megatron part so a
+process can re-initialise with another TP/PP (the tests reuse two workers for several layouts).
 """
 from __future__ import annotations
 
@@ -65,11 +66,26 @@ def init_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | Non
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
-    if mpu.model_parallel_is_initialized():
-        mpu.destroy_model_parallel()
-    mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    if not _layout_is(tp, pp):
+        if mpu.model_parallel_is_initialized():
+            mpu.destroy_model_parallel()
+        mpu.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     seed_model_parallel_rng(seed)
     return current_state()
+
+
+def _layout_is(tp: int, pp: int) -> bool:
+    """Whether Megatron's groups already exist for (tp, pp) in this world.
+
+    The pipeline runs its stages one after another in one process with the same layout: their groups are
+    kept instead of rebuilt. Megatron's `destroy_model_parallel` only drops its references, so every rebuild
+    would leave ~20 more process groups registered with torch.distributed, each with its own gloo threads
+    (a demo reached 171 threads by stage 2), and NCCL communicators on GPU.
+    """
+    from megatron.core import parallel_state as mpu
+
+    return (mpu.model_parallel_is_initialized() and mpu.get_tensor_model_parallel_world_size() == tp
+            and mpu.get_pipeline_model_parallel_world_size() == pp)
 
 
 def current_state() -> ParallelState:

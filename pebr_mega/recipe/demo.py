@@ -11,6 +11,7 @@ the fraction of held-out descriptions that state every group of the scene exactl
 from __future__ import annotations
 
 import json
+import platform
 import random
 import time
 from dataclasses import asdict
@@ -26,11 +27,14 @@ from pebr_mega.data.synthetic import (HARD_NEGATIVE_KINDS, OMIT_KIND, SynthConfi
 from pebr_mega.errors import DataError
 from pebr_mega.logging import read_metrics
 from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model
+from pebr_mega.parallel.threads import machine_record
 from pebr_mega.rewards.clip import ClipAlignmentScorer
 from pebr_mega.rewards.clip_training import ClipPair, ClipTrainingConfig, retrieval_metrics, train_clip
 from pebr_mega.rewards.model import RewardConfig
 from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
 from pebr_mega.recipe.pipeline import run_pipeline
+from pebr_mega.run.run_dir import EVAL_RESULTS_FILE
+from pebr_mega.versions import REPORTED, installed_version
 
 # The demo's SFT teacher is sloppy on reasoning questions (see `SynthConfig.sft_teacher_error`): the error
 # stage 2's verifiable reward has to correct. `--description-omission` makes its descriptions leave out the
@@ -182,10 +186,51 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
     results = run_pipeline(cfg)
     summary = summarize(results, time.time() - t0, assets["clip_record"],
                         {"reasoning_error": teacher_error, "description_omission": description_omission})
+    summary["paired"] = paired_comparisons(out / "pipeline")
+    summary["environment"] = environment()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_demo(out, summary)
     print_summary(summary, out)
     return summary
+
+
+PAIRS = (("stage1", "sft"), ("stage2", "stage1"), ("stage2", "sft"))  # (later, earlier) stage
+# z > 0: the later stage has more of it (for omissions, more is worse)
+PAIRED_METRICS = ("accuracy", "description_exact", "description_count_color_exact", "description_omission")
+
+
+def sign_test(before: Sequence[float], after: Sequence[float]) -> dict:
+    """Paired comparison of per-question 0/1 results: questions gained and lost, and the sign test's z,
+    (gained - lost) / sqrt(gained + lost) (0 when nothing changed); |z| > 2 is a change beyond chance at ~5%."""
+    gained = sum(1 for b, a in zip(before, after) if a > b)
+    lost = sum(1 for b, a in zip(before, after) if a < b)
+    z = (gained - lost) / (gained + lost) ** 0.5 if gained + lost else 0.0
+    return {"n": len(before), "before": sum(before) / max(len(before), 1), "after": sum(after) / max(len(after), 1),
+            "gained": gained, "lost": lost, "z": round(z, 2)}
+
+
+def paired_comparisons(pipeline: Path) -> dict:
+    """Sign tests between the stages' final held-out evaluations, on the questions both answered (each stage's
+    `eval_after.jsonl`): `{"stage1_vs_sft": {"accuracy": sign_test(...), "description_exact": ...}, ...}`."""
+    rows = {}
+    for stage in ("sft", "stage1", "stage2"):
+        path = pipeline / stage / EVAL_RESULTS_FILE
+        if path.is_file():
+            rows[stage] = {r["qid"]: r for r in map(json.loads, path.read_text().splitlines())}
+    out = {}
+    for later, earlier in PAIRS:
+        if later not in rows or earlier not in rows:
+            continue
+        qids = [q for q in rows[earlier] if q in rows[later]]
+        out[f"{later}_vs_{earlier}"] = {
+            m: sign_test([float(rows[earlier][q][m]) for q in qids], [float(rows[later][q][m]) for q in qids])
+            for m in PAIRED_METRICS if all(m in rows[s][q] for s in (earlier, later) for q in qids)}
+    return out
+
+
+def environment() -> dict:
+    """What the demo's figures and wall time depend on besides the seed: versions, CPU, threads."""
+    return {"python": platform.python_version(), **{n: installed_version(n) for n in REPORTED}, **machine_record()}
 
 
 def _stage_summary(res: dict | None) -> dict:
@@ -198,6 +243,9 @@ def _stage_summary(res: dict | None) -> dict:
         "eval_description_exact": after.get("eval/description_exact"),
         "eval_description_exact_before": before.get("eval/description_exact"),
         "eval_description_f1": after.get("eval/description_f1"),
+        "eval_description_count_color_exact": after.get("eval/description_count_color_exact"),
+        "eval_description_omission": after.get("eval/description_omission"),
+        "eval_description_shape_accuracy": after.get("eval/description_shape_accuracy"),
         "eval_format": after.get("eval/format"),
         "eval_reward": after.get("eval/reward"),
         "mean_reward": res.get("mean_reward"),
@@ -303,8 +351,16 @@ def print_summary(summary: dict, out: Path) -> None:
             print(f"  {stage:7s} skipped: {s['skipped']}")
             continue
         print(f"  {stage:7s} accuracy {f(s.get('eval_accuracy_before'))} -> {f(s.get('eval_accuracy'))} | "
-              f"exact description {f(s.get('eval_description_exact_before'))} -> {f(s.get('eval_description_exact'))} | "
+              f"exact description {f(s.get('eval_description_exact_before'))} -> {f(s.get('eval_description_exact'))} "
+              f"(counts+colours {f(s.get('eval_description_count_color_exact'))}, omissions "
+              f"{f(s.get('eval_description_omission'))}) | "
               f"format {f(s.get('eval_format'))} | mean reward {f(s.get('mean_reward'))} | {s.get('seconds') or 0:.0f}s")
     print(f"  split: {summary.get('split')}")
+    for pair, tests in (summary.get("paired") or {}).items():
+        print(f"  {pair.replace('_vs_', ' vs '):16s} " + " | ".join(
+            f"{m.replace('_', ' ')} +{t['gained']} -{t['lost']} (z {t['z']:+.1f})" for m, t in tests.items()))
+    env = summary.get("environment") or {}
+    if env:
+        print("[demo] on " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print(f"[demo] {summary['wall_seconds']:.0f}s in all; summary.json and curves.png in {out}; "
           f"final model {summary.get('final_model')}")

@@ -14,7 +14,14 @@ Per response, against the reference description (the synthetic records' `descrip
 The description is read as the CLIP reward reads it (`rewards.text.extract_description`: the text between
 `### Image Description:` and `### Rationales:`); a response without one scores 0 on both. Two empty lists ("none.") agree: exact = f1 = 1.
 `description_metrics` averages these over the responses that have a reference (`eval/description_exact`,
-`eval/description_f1`).
+`eval/description_f1`), with three per-attribute scores (`description_attributes`), where a group's phrase is
+its attributes then its noun ("red circle": attribute "red", noun "circle"):
+
+    count_color_exact = exact, with every group's noun dropped: the counts and colours are right, whatever the
+                        shapes (what a model that cannot tell shapes apart can still get right)
+    omission          = 1 when the description states fewer items than the reference has groups (a group left out)
+    shape_accuracy    = of the groups right up to the noun, the share whose noun is right too (None when no
+                        group's count and colour are right)
 """
 from __future__ import annotations
 
@@ -84,12 +91,55 @@ def description_scores(response: str, reference: str) -> tuple[float, float]:
     return exact, 2.0 * tp / (n_pred + n_ref)
 
 
+def _drop_nouns(groups: Counter) -> Counter:
+    out: Counter = Counter()
+    for (count, phrase), n in groups.items():
+        out[(count, phrase.rpartition(" ")[0])] += n
+    return out
+
+
+def description_attributes(response: str, reference: str) -> dict[str, float | None]:
+    """`count_color_exact`, `omission` and `shape_accuracy` (module docstring) of the response's description."""
+    ref = description_groups(reference)
+    desc = extract_description(response)
+    pred = description_groups(desc) if desc is not None else Groups(Counter(), 0)
+    pred_cc, ref_cc = _drop_nouns(pred.groups), _drop_nouns(ref.groups)
+    right_up_to_noun = sum((pred_cc & ref_cc).values())
+    return {
+        "count_color_exact": float(desc is not None and pred_cc == ref_cc and pred.unparsed == 0),
+        "omission": float(sum(pred.groups.values()) + pred.unparsed < sum(ref.groups.values())),
+        "shape_accuracy": sum((pred.groups & ref.groups).values()) / right_up_to_noun if right_up_to_noun else None,
+    }
+
+
 def description_metrics(responses: Sequence[str], references: Sequence[str | None]) -> dict[str, float]:
-    """Mean `eval/description_exact` and `eval/description_f1` over the responses with a reference; {} if none."""
+    """Means over the responses with a reference ({} if none): `eval/description_exact`, `eval/description_f1`,
+    `eval/description_count_color_exact`, `eval/description_omission`, and `eval/description_shape_accuracy`
+    (over the groups right up to the noun, pooled: their right nouns / their number)."""
     if len(responses) != len(references):
         raise ValueError(f"{len(responses)} responses but {len(references)} references")
-    scores = [description_scores(r, ref) for r, ref in zip(responses, references) if ref is not None]
-    if not scores:
+    pairs = [(r, ref) for r, ref in zip(responses, references) if ref is not None]
+    if not pairs:
         return {}
-    return {"eval/description_exact": sum(e for e, _ in scores) / len(scores),
-            "eval/description_f1": sum(f for _, f in scores) / len(scores)}
+    scores = [description_scores(r, ref) for r, ref in pairs]
+    attrs = [description_attributes(r, ref) for r, ref in pairs]
+    out = {"eval/description_exact": sum(e for e, _ in scores) / len(scores),
+           "eval/description_f1": sum(f for _, f in scores) / len(scores),
+           "eval/description_count_color_exact": sum(a["count_color_exact"] for a in attrs) / len(attrs),
+           "eval/description_omission": sum(a["omission"] for a in attrs) / len(attrs)}
+    shapes = _pooled_shape_accuracy(pairs)
+    if shapes is not None:
+        out["eval/description_shape_accuracy"] = shapes
+    return out
+
+
+def _pooled_shape_accuracy(pairs: Sequence[tuple[str, str]]) -> float | None:
+    right = total = 0
+    for response, reference in pairs:
+        desc = extract_description(response)
+        if desc is None:
+            continue
+        pred, ref = description_groups(desc).groups, description_groups(reference).groups
+        right += sum((pred & ref).values())
+        total += sum((_drop_nouns(pred) & _drop_nouns(ref)).values())
+    return right / total if total else None

@@ -27,11 +27,13 @@ from pebr_mega.run.fingerprint import (FINGERPRINT, describe_diff, diff_settings
 from pebr_mega.run.stage_checkpoints import CheckpointManager
 
 # What a run writes into run.output_dir (an input there would be overwritten: refused at start-up).
+EVAL_RESULTS_FILE = "eval_after.jsonl"  # the final held-out evaluation, one row per question (paired comparisons)
 RUN_FILES = ("config.yaml", FINGERPRINT, "metrics.jsonl", GENERATIONS_FILE, "checkpoints", "hf", "result.json",
-             WANDB_ID_FILE, "wandb")
+             EVAL_RESULTS_FILE, WANDB_ID_FILE, "wandb")
 RUN_DIR_KEY = "run.output_dir"
 # A restart removes the old run's state (wandb's local files stay: they are the old wandb run's history).
-RESTART_DISCARDS = (FINGERPRINT, "metrics.jsonl", GENERATIONS_FILE, "checkpoints", "hf", "result.json", WANDB_ID_FILE)
+RESTART_DISCARDS = (FINGERPRINT, "metrics.jsonl", GENERATIONS_FILE, "checkpoints", "hf", "result.json", EVAL_RESULTS_FILE,
+                    WANDB_ID_FILE)
 
 
 @dataclass(frozen=True)

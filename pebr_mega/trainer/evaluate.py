@@ -19,7 +19,7 @@ from pebr_mega.parallel.groups import is_main_rank
 from pebr_mega.rewards import RewardModel, RewardSample, accuracy_reward, format_reward
 from pebr_mega.rewards.guard import RewardPool, score_components
 from pebr_mega.rewards.model import RewardConfig, reward_pool
-from pebr_mega.rewards.perception import description_metrics, description_scores
+from pebr_mega.rewards.perception import description_attributes, description_metrics, description_scores
 from pebr_mega.rollout.engine import RolloutEngine
 from pebr_mega.rollout.factory import rollout_sampling
 from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
@@ -114,6 +114,9 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
                        "ground_truth": getattr(s.request.record, "answer", ""), "accuracy": a, "format": fm}
                 if ref is not None:
                     row["description_exact"] = description_scores(s.response_text, ref)[0]
+                    attributes = description_attributes(s.response_text, ref)
+                    row["description_count_color_exact"] = attributes["count_color_exact"]
+                    row["description_omission"] = attributes["omission"]
                 f.write(json.dumps(row) + "\n")
     return out
 
@@ -146,12 +149,13 @@ class Evaluator:
                 self.ctx.log(f"{self.ctx.stage} eval: {report.summary()}")
         return self._requests
 
-    def run(self) -> dict[str, float]:
-        """Accuracy / format / reward of the engine's current policy (synced from the actor by the phase)."""
+    def run(self, results_path: str | Path | None = None) -> dict[str, float]:
+        """Accuracy / format / reward of the engine's current policy (synced from the actor by the phase); one
+        row per question in `results_path` when given (`evaluate`)."""
         cfg = self.ctx.cfg
         requests = self.requests()
         sampling = rollout_sampling(cfg.rollout, self.ctx.tokenizer, seed=cfg.run.seed, validation=True)
         with self.lifecycle.rollout_phase() as engine:
             return evaluate(engine, requests, sampling, reward_model=self.reward_model,
                             batch_size=cfg.rollout.batch_size, progress=is_main_rank() and cfg.logging.progress_bar,
-                            grading=cfg.rewards.answer_grading)
+                            grading=cfg.rewards.answer_grading, results_path=results_path)

@@ -3,7 +3,7 @@
 A step:
   records --(requests: template + images)--> prompts --(rollout engine, n each)--> samples
   samples --(rewards: the stage preset)--> scores --(algo: group advantages)--> sequences
-  sequences --(actor, no grad)--> old log-probs; --(frozen reference)--> reference log-probs
+  sequences --(actor, no grad)--> old log-probs (on policy: the update's own); --(frozen reference)--> reference log-probs
   sequences --(actor: mini-batches x PPO epochs, packed micro-batches, fused GRPO loss)--> new weights
 and one metrics line. The new weights reach the engine at the start of the next rollout phase (weight sync:
 TP/PP shards -> HF tensors -> buckets; `pebr_mega.trainer.lifecycle`). Stage 1 (perception) and stage 2 (reasoning) differ only in data and reward preset.
@@ -46,6 +46,9 @@ class GRPOTrainer(StageTrainer):
         self.sampler = EpochSampler(self.records, self.stage.rollout_batch_size, seed=cfg.run.seed,
                                     shuffle=self.stage.shuffle, drop_last=True)
         self.total_steps = self.schedule.total_steps
+        # One update per step (one mini-batch, one PPO epoch): the policy that sampled is the one updated, and
+        # the update's own forward gives the old log-probs (detached) instead of a separate pass over the batch.
+        self.on_policy = self.schedule.updates_per_step == 1
         self.ctx.log(self.schedule.summary(self.stage.stage, len(self.data.holdout)))
         self.build_engine()  # first: SGLang sizes its KV pool from the free memory (see trainer/stage.py)
         self.actor = self.build_actor(cfg.actor, self.total_steps * self.schedule.updates_per_step)
@@ -77,8 +80,9 @@ class GRPOTrainer(StageTrainer):
         tokens = sum(len(x.request.prompt_ids) + len(x.response_ids) for x in samples)
         metrics["time/step"] = step_time
         metrics["tokens_per_s"] = tokens / step_time
+        forward_passes = (0 if self.on_policy else 1) + (1 if self.ref_actor is not None else 0)
         metrics.update(self.flops_metrics(train_tokens=tokens * self.stage.ppo_epochs, forward_tokens=tokens *
-                                          (2 if self.ref_actor is not None else 1), seconds=step_time))
+                                          forward_passes, seconds=step_time))
         return metrics
 
     def rollout(self, metrics: dict[str, float]) -> list[Sample]:
@@ -110,19 +114,26 @@ class GRPOTrainer(StageTrainer):
                         generation_rows(samples, self.ctx.tokenizer, self.cfg.logging.log_generations))
 
     def logprobs(self, samples: list[Sample], metrics: dict[str, float]) -> list[ActorSequence]:
-        """The actor's (old) and the reference's log-probs of every sample; the train-inference mismatch."""
+        """The actor's (old) and the reference's log-probs of every sample; the train-inference mismatch.
+
+        On policy the old log-probs and the mismatch come from the update's forward instead (`self.on_policy`).
+        """
         seqs = [_to_sequence(x) for x in samples]
         temperature = self.cfg.rollout.temperature
         t0 = time.perf_counter()
-        old = self.actor.compute_logprobs(seqs, temperature)
-        for q, (lp, _) in zip(seqs, old):
-            q.old_logprobs = lp
+        if self.on_policy:
+            for q, x in zip(seqs, samples):
+                q.rollout_logprobs = None if x.rollout_logprobs is None else torch.as_tensor(x.rollout_logprobs)
+        else:
+            old = self.actor.compute_logprobs(seqs, temperature)
+            for q, (lp, _) in zip(seqs, old):
+                q.old_logprobs = lp
+            metrics["mismatch/token_mult_prob_error"] = token_mult_prob_error(
+                [lp for lp, _ in old], [x.rollout_logprobs for x in samples])
         if self.ref_actor is not None:
             for q, (lp, _) in zip(seqs, self.ref_actor.compute_logprobs(seqs, temperature)):
                 q.ref_logprobs = lp
         metrics["time/logprobs"] = time.perf_counter() - t0
-        metrics["mismatch/token_mult_prob_error"] = token_mult_prob_error(
-            [lp for lp, _ in old], [x.rollout_logprobs for x in samples])
         return seqs
 
     def summarize(self, result: StageResult, rows: list[dict]) -> None:
@@ -151,7 +162,7 @@ class GRPOTrainer(StageTrainer):
         cfg = self.cfg
         n = cfg.rollout.n
         per_update = self.stage.mini_batch_size * n
-        loss = LossSpec("grpo", cfg.algo, cfg.rollout.temperature)
+        loss = LossSpec("grpo", cfg.algo, cfg.rollout.temperature, on_policy=self.on_policy)
         collected: list[dict[str, float]] = []
         for _ in range(self.stage.ppo_epochs):
             for start in range(0, len(seqs), per_update):

@@ -46,7 +46,7 @@ from pebr_mega.rewards import RewardModel
 from pebr_mega.rollout.factory import make_rollout_engine
 from pebr_mega.stage_config import StageLoopConfig
 from pebr_mega.run.stage_checkpoints import StageCheckpoints
-from pebr_mega.run.run_dir import RunSpec
+from pebr_mega.run.run_dir import EVAL_RESULTS_FILE, RunSpec
 from pebr_mega.trainer.context import RunContext
 from pebr_mega.trainer.data_order import EpochSampler
 from pebr_mega.trainer.divergence import DivergedError, DivergenceGuard
@@ -187,7 +187,8 @@ class StageTrainer:
             except DivergedError:
                 logger.close()
                 raise
-        result.eval_after = self.evaluate("after", logger)
+        per_question = self.ctx.out_dir / EVAL_RESULTS_FILE if is_main_rank() else None
+        result.eval_after = self.evaluate("after", logger, results_path=per_question)
         logger.close()
         self.export(result.model_dir)
         self.summarize(result, read_metrics(self.ctx.out_dir / "metrics.jsonl"))
@@ -280,18 +281,18 @@ class StageTrainer:
         return self.evaluate("before", logger, stored="eval_before")
 
     def evaluate(self, when: str, logger: MetricsLogger, stored: str | None = None,
-                 log_step: int | None = None) -> dict[str, float]:
+                 log_step: int | None = None, results_path: Path | None = None) -> dict[str, float]:
         """One held-out evaluation ({} without an eval set), printed as one line.
 
         `stored`: the key under which a resumed run finds it (so a resume does not re-measure `before`);
-        `log_step`: also write it to metrics.jsonl at that step.
+        `log_step`: also write it to metrics.jsonl at that step; `results_path`: one row per question there.
         """
         if self.evaluator is None:
             return {}
         if stored is not None and stored in self.resumed:
             out = self.resumed[stored]
         else:
-            out = self.evaluator.run()
+            out = self.evaluator.run(results_path)
             if stored is not None:
                 self.resumed[stored] = out
         if log_step is not None:
