@@ -592,6 +592,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                         "the demo's, see docs/DEMO.md; 0 = complete descriptions)")
     p.add_argument("--clip-steps", type=int, default=None,
                    help="optimizer steps of the tiny CLIP's contrastive training (default: the demo's, ~1 min)")
+    p.add_argument("--ablation", action="store_true",
+                   help="also run stage 2 from the SFT model directly (no stage 1) and compare it with the recipe's "
+                        "stage 2 on the same held-out questions (the paper's comparison; ~4 more minutes)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the demo config")
     p.set_defaults(handler=_cmd_demo)
 
@@ -605,7 +608,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     teacher_error = DEMO_TEACHER_ERROR if args.teacher_error is None else args.teacher_error
     omission = DEMO_DESCRIPTION_OMISSION if args.description_omission is None else args.description_omission
     summary = run_demo(args.out, args.seed, args.num_grpo, args.num_sft, args.num_eval, args.overrides, teacher_error,
-                       clip_steps=args.clip_steps, description_omission=omission)
+                       clip_steps=args.clip_steps, description_omission=omission, ablation=args.ablation)
     final = summary.get("final_model")
     if final:
         first = json.loads((Path(args.out) / "data" / "eval.json").read_text())[0]

@@ -108,3 +108,40 @@ def test_sign_test_counts_and_z():
     assert (t["gained"], t["lost"], t["n"]) == (5, 1, 10)
     assert t["z"] == pytest.approx(round(4 / 6 ** 0.5, 2))  # (5 - 1) / sqrt(6) = 1.63
     assert sign_test([1, 0], [1, 0])["z"] == 0.0
+
+
+def _ablation_worker(rank, out):
+    """`run_ablation` on a copy of the toy demo whose medium split holds the easy questions (the toy model's
+    split has none), against the recipe's stage 1 file standing in for its stage 2."""
+    from pathlib import Path
+
+    from pebr_mega.recipe.demo import run_ablation, demo_config
+
+    out = Path(out)
+    cfg = demo_config(out, 0, ["rollout.n=2", "rollout.max_new_tokens=12", "grpo.rollout_batch_size=2",
+                               "grpo.mini_batch_size=2", "grpo.max_steps=1", "logging.progress_bar=false",
+                               "rewards.num_workers=1"])
+    results = {"sft": {"model_dir": str(out / "pipeline" / "sft" / "hf")}, "stage2": {}}
+    return run_ablation(cfg, out, results)
+
+
+def test_demo_ablation_runs_stage2_from_sft_and_pairs_it_with_the_recipe(trainer_runs, tmp_path):
+    import shutil
+
+    from pebr_mega.parallel.launch import spawn
+    from pebr_mega.recipe.demo import ABLATION_DIR, run_ablation
+
+    src = trainer_runs["tmp"] / "demo" / "demo"
+    skipped = run_ablation(None, src, {"sft": {"model_dir": "m"}, "stage2": {"skipped": "0 questions"}})
+    assert skipped == {"skipped": "the recipe's stage 2 was skipped (0 questions)"}
+    out = tmp_path / "demo"
+    shutil.copytree(src, out, symlinks=True)
+    split = out / "pipeline" / "split"
+    shutil.copy(split / "easycase.json", split / "mediumcase.json")
+    (out / "pipeline" / "stage2").mkdir(exist_ok=True)
+    shutil.copy(out / "pipeline" / "stage1" / "eval_after.jsonl", out / "pipeline" / "stage2" / "eval_after.jsonl")
+    got = spawn(_ablation_worker, 1, str(out), megatron_only=False)[0]
+    assert got["stage2_from_sft"]["steps"] == 1 and "eval_accuracy" in got["stage2_from_sft"]
+    paired = got["paired"]["stage2_vs_stage2_from_sft"]
+    assert paired["accuracy"]["n"] == 4 and set(paired) >= {"accuracy", "description_exact"}
+    assert (out / ABLATION_DIR / "eval_after.jsonl").is_file()

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
-from pebr_mega.config import load_config
+from pebr_mega.config import PebrConfig, load_config
 from pebr_mega.data.corpus import tokenizer_corpus
 from pebr_mega.data.images import load_image
 from pebr_mega.data.synthetic import (HARD_NEGATIVE_KINDS, OMIT_KIND, SynthConfig, describe_scene, hard_negatives,
@@ -32,8 +32,10 @@ from pebr_mega.rewards.clip import ClipAlignmentScorer
 from pebr_mega.rewards.clip_training import ClipPair, ClipTrainingConfig, retrieval_metrics, train_clip
 from pebr_mega.rewards.model import RewardConfig
 from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
-from pebr_mega.recipe.pipeline import run_pipeline
+from pebr_mega.recipe.pipeline import GRPO_INPUTS, grpo_stage_config, known_evaluation, run_pipeline
 from pebr_mega.run.run_dir import EVAL_RESULTS_FILE
+from pebr_mega.trainer.grpo import GRPOTrainer
+from pebr_mega.trainer.stage import eval_set_of
 from pebr_mega.versions import REPORTED, installed_version
 
 # The demo's SFT teacher is sloppy on reasoning questions (see `SynthConfig.sft_teacher_error`): the error
@@ -159,15 +161,10 @@ def check_reused_data(data: Path, wanted: dict) -> None:
                          "choose another --out (or delete that directory)")
 
 
-def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: int = 1024, num_eval: int = 256,
-             overrides: Sequence[str] = (), teacher_error: float = DEMO_TEACHER_ERROR,
-             clip_steps: int | None = None, description_omission: float = DEMO_DESCRIPTION_OMISSION) -> dict:
-    """Run the demo into `out_dir`; returns the summary (also written to `out_dir/summary.json`)."""
-    t0 = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def demo_config(out: Path, seed: int, overrides: Sequence[str] = ()) -> PebrConfig:
+    """The demo's pipeline config for the output directory `out` (`tiny_cpu.yaml` with the paths filled in)."""
     data = out / "data"
-    cfg = load_config(demo_config_path(), [
+    return load_config(demo_config_path(), [
         f"run.seed={seed}",
         f"pipeline.work_dir={out / 'pipeline'}",
         f"pipeline.base_model={out / 'model'}",
@@ -178,6 +175,18 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
         "sft.eval_before=false",  # the base model is random (accuracy 0): nothing to measure before SFT
         *overrides,
     ])
+
+
+def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: int = 1024, num_eval: int = 256,
+             overrides: Sequence[str] = (), teacher_error: float = DEMO_TEACHER_ERROR,
+             clip_steps: int | None = None, description_omission: float = DEMO_DESCRIPTION_OMISSION,
+             ablation: bool = False) -> dict:
+    """Run the demo into `out_dir`; returns the summary (also written to `out_dir/summary.json`). `ablation`
+    also runs stage 2 from the SFT model directly (`run_ablation`) and reports it beside the recipe's."""
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(out, seed, overrides)
     print(f"[demo] building the tiny model, the synthetic data and a tiny CLIP in {out} (the SFT teacher gets "
           f"{teacher_error:.0%} of its reasoning answers wrong by one and leaves the last group out of "
           f"{description_omission:.0%} of its descriptions: docs/DEMO.md)")
@@ -187,11 +196,42 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
     summary = summarize(results, time.time() - t0, assets["clip_record"],
                         {"reasoning_error": teacher_error, "description_omission": description_omission})
     summary["paired"] = paired_comparisons(out / "pipeline")
+    if ablation:
+        summary["ablation"] = run_ablation(cfg, out, results)
     summary["environment"] = environment()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_demo(out, summary)
     print_summary(summary, out)
     return summary
+
+
+ABLATION_DIR = "ablation_stage2_from_sft"  # under the demo's output directory, beside pipeline/
+
+
+def run_ablation(cfg: PebrConfig, out: Path, results: dict) -> dict:
+    """The paper's comparison: stage 2 run from the SFT model directly (no stage 1) on the same medium
+    questions, steps, seed and held-out set as the recipe's stage 2, in `out/ABLATION_DIR`; returns its stage
+    summary and the paired tests of the recipe's stage 2 against it (`stage2_vs_stage2_from_sft`), or the
+    reason it did not run. Reused when it already ran."""
+    work = out / "pipeline"
+    run_dir = out / ABLATION_DIR
+    sft = (results.get("sft") or {}).get("model_dir")
+    if not sft or (results.get("stage2") or {}).get("skipped"):
+        why = "no SFT model" if not sft else f"the recipe's stage 2 was skipped ({results['stage2']['skipped']})"
+        print(f"[demo] ablation: {why}; not run")
+        return {"skipped": why}
+    c = grpo_stage_config(cfg, work, "stage2", work / "split" / GRPO_INPUTS["stage2"], sft)
+    c.run.output_dir = str(run_dir)
+    if (run_dir / "result.json").is_file():
+        res = json.loads((run_dir / "result.json").read_text())
+    else:
+        print(f"[demo] ablation: stage 2 from the SFT model directly, in {run_dir}")
+        res = GRPOTrainer(c, eval_before=known_evaluation(results, sft, eval_set_of(c, c.grpo))).train().to_dict()
+    paired = {}
+    mine, recipe = run_dir / EVAL_RESULTS_FILE, work / "stage2" / EVAL_RESULTS_FILE
+    if mine.is_file() and recipe.is_file():
+        paired["stage2_vs_stage2_from_sft"] = paired_files(mine, recipe)
+    return {"stage2_from_sft": _stage_summary(res), "paired": paired}
 
 
 PAIRS = (("stage1", "sft"), ("stage2", "stage1"), ("stage2", "sft"))  # (later, earlier) stage
@@ -209,23 +249,21 @@ def sign_test(before: Sequence[float], after: Sequence[float]) -> dict:
             "gained": gained, "lost": lost, "z": round(z, 2)}
 
 
+def paired_files(earlier: Path, later: Path) -> dict:
+    """Sign tests of `later`'s per-question results against `earlier`'s (two `eval_after.jsonl`), on the
+    questions both answered: `{"accuracy": sign_test(...), "description_exact": ..., ...}`."""
+    before, after = ({r["qid"]: r for r in map(json.loads, p.read_text().splitlines())} for p in (earlier, later))
+    qids = [q for q in before if q in after]
+    return {m: sign_test([float(before[q][m]) for q in qids], [float(after[q][m]) for q in qids])
+            for m in PAIRED_METRICS if all(m in rows[q] for rows in (before, after) for q in qids)}
+
+
 def paired_comparisons(pipeline: Path) -> dict:
-    """Sign tests between the stages' final held-out evaluations, on the questions both answered (each stage's
-    `eval_after.jsonl`): `{"stage1_vs_sft": {"accuracy": sign_test(...), "description_exact": ...}, ...}`."""
-    rows = {}
-    for stage in ("sft", "stage1", "stage2"):
-        path = pipeline / stage / EVAL_RESULTS_FILE
-        if path.is_file():
-            rows[stage] = {r["qid"]: r for r in map(json.loads, path.read_text().splitlines())}
-    out = {}
-    for later, earlier in PAIRS:
-        if later not in rows or earlier not in rows:
-            continue
-        qids = [q for q in rows[earlier] if q in rows[later]]
-        out[f"{later}_vs_{earlier}"] = {
-            m: sign_test([float(rows[earlier][q][m]) for q in qids], [float(rows[later][q][m]) for q in qids])
-            for m in PAIRED_METRICS if all(m in rows[s][q] for s in (earlier, later) for q in qids)}
-    return out
+    """Sign tests between the stages' final held-out evaluations (each stage's `eval_after.jsonl`):
+    `{"stage1_vs_sft": {"accuracy": sign_test(...), "description_exact": ...}, ...}`."""
+    files = {stage: pipeline / stage / EVAL_RESULTS_FILE for stage in ("sft", "stage1", "stage2")}
+    return {f"{later}_vs_{earlier}": paired_files(files[earlier], files[later]) for later, earlier in PAIRS
+            if files[earlier].is_file() and files[later].is_file()}
 
 
 def environment() -> dict:
@@ -356,7 +394,14 @@ def print_summary(summary: dict, out: Path) -> None:
               f"{f(s.get('eval_description_omission'))}) | "
               f"format {f(s.get('eval_format'))} | mean reward {f(s.get('mean_reward'))} | {s.get('seconds') or 0:.0f}s")
     print(f"  split: {summary.get('split')}")
-    for pair, tests in (summary.get("paired") or {}).items():
+    ablation = summary.get("ablation") or {}
+    if ablation.get("stage2_from_sft"):
+        a = ablation["stage2_from_sft"]
+        print(f"  ablation: stage 2 from SFT directly: accuracy {f(a.get('eval_accuracy_before'))} -> "
+              f"{f(a.get('eval_accuracy'))} | exact description {f(a.get('eval_description_exact'))} | "
+              f"{a.get('seconds') or 0:.0f}s (the recipe's stage 2, after stage 1: "
+              f"{f((summary.get('stage2') or {}).get('eval_accuracy'))})")
+    for pair, tests in {**(summary.get("paired") or {}), **ablation.get("paired", {})}.items():
         print(f"  {pair.replace('_vs_', ' vs '):16s} " + " | ".join(
             f"{m.replace('_', ' ')} +{t['gained']} -{t['lost']} (z {t['z']:+.1f})" for m, t in tests.items()))
     env = summary.get("environment") or {}
