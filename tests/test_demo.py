@@ -142,6 +142,7 @@ def test_demo_ablation_runs_stage2_from_sft_and_pairs_it_with_the_recipe(trainer
     shutil.copy(out / "pipeline" / "stage1" / "eval_after.jsonl", out / "pipeline" / "stage2" / "eval_after.jsonl")
     got = spawn(_ablation_worker, 1, str(out), megatron_only=False)[0]
     assert got["stage2_from_sft"]["steps"] == 1 and "eval_accuracy" in got["stage2_from_sft"]
+    assert got["stage2_from_sft"]["seconds"] > 0
     paired = got["paired"]["stage2_vs_stage2_from_sft"]
     assert paired["accuracy"]["n"] == 4 and set(paired) >= {"accuracy", "description_exact"}
     assert (out / ABLATION_DIR / "eval_after.jsonl").is_file()

@@ -198,6 +198,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
     summary["paired"] = paired_comparisons(out / "pipeline")
     if ablation:
         summary["ablation"] = run_ablation(cfg, out, results)
+        summary["wall_seconds"] = round(time.time() - t0, 1)
     summary["environment"] = environment()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_demo(out, summary)
@@ -226,7 +227,10 @@ def run_ablation(cfg: PebrConfig, out: Path, results: dict) -> dict:
         res = json.loads((run_dir / "result.json").read_text())
     else:
         print(f"[demo] ablation: stage 2 from the SFT model directly, in {run_dir}")
+        t0 = time.time()
         res = GRPOTrainer(c, eval_before=known_evaluation(results, sft, eval_set_of(c, c.grpo))).train().to_dict()
+        res["seconds"] = round(time.time() - t0, 1)  # recorded as the pipeline records a stage's
+        (run_dir / "result.json").write_text(json.dumps(res, indent=2) + "\n")
     paired = {}
     mine, recipe = run_dir / EVAL_RESULTS_FILE, work / "stage2" / EVAL_RESULTS_FILE
     if mine.is_file() and recipe.is_file():
