@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -28,6 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
+
+from pebr_mega.parallel.threads import cpu_model  # noqa: E402
 
 SECTION = "## Reward grading"
 HEADER = ("| date | CPU (cores), load | commit | answers | preset | in-process s | workers | pool s | pool / in-process "
@@ -90,16 +91,6 @@ def _in_process(samples, components, cfg) -> float:
     return time.perf_counter() - t0
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num", type=int, default=4096)
@@ -125,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "?"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    cpu = f"{_cpu()} ({os.cpu_count()}), load {load:.1f}"
+    cpu = f"{cpu_model()} ({os.cpu_count()}), load {load:.1f}"
     date = dt.date.today().isoformat()
     rows = []
     print(f"{args.num} ordinary answers on {cpu}, commit {commit}")
