@@ -99,9 +99,15 @@ def written_by_pebr(path: PathLike) -> bool:
     return bool(marker.get("dir")) or p.name in marker.get("files", [])
 
 
+def _is_bookkeeping(name: str) -> bool:
+    """pebr's own files in an output directory: the marker, the lock, and a marker another rank of the same job
+    is writing right now (`write_bytes_atomic`'s temporary: the ranks of a job claim the directory at once)."""
+    return name in (MARKER, LOCK) or (name.startswith(MARKER + ".") and name.endswith(".tmp"))
+
+
 def _is_empty(p: Path) -> bool:
     if p.is_dir():
-        return all(child.name in (MARKER, LOCK) for child in p.iterdir())
+        return all(_is_bookkeeping(child.name) for child in p.iterdir())
     return p.stat().st_size == 0
 
 

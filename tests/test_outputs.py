@@ -60,6 +60,24 @@ def test_directory_claims(tmp_path):
         claim_output_dir(user / "grpo.json")
 
 
+def test_ranks_claiming_one_directory_at_once_do_not_refuse_each_other(tmp_path):
+    """The ranks of a job claim run.output_dir together: one may look while another's marker is still its
+    temporary (write_bytes_atomic). Seen in CI: `pebr train` under torchrun at 2 ranks refused its own new
+    directory as "not created by pebr". Anything else in the directory is still refused."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / f"{MARKER}.k2j3h4.tmp").write_text("{")  # the other rank's marker, mid-write
+    (out / ".pebr-lock").write_text("")
+    claim_output_dir(out)
+    assert written_by_pebr(out)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / f"{MARKER}.k2j3h4.tmp").write_text("{")
+    (other / "notes.txt.tmp").write_text("mine")
+    with pytest.raises(OutputError, match="not created by pebr"):
+        claim_output_dir(other)
+
+
 def test_directory_is_refused_when_it_is_inside_an_input_or_would_overwrite_one(tmp_path):
     model = tmp_path / "model"
     model.mkdir()

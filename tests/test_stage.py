@@ -16,8 +16,9 @@ class RecordingEvaluator:
     def __init__(self, metrics: dict) -> None:
         self.metrics, self.runs = metrics, 0
 
-    def run(self) -> dict:
+    def run(self, results_path=None) -> dict:
         self.runs += 1
+        self.results_path = results_path
         return dict(self.metrics)
 
 
