@@ -151,29 +151,20 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int, dp_size: int = 1
 PositionFn = Callable[[list[int], Tensor | None], Tensor]  # (ids, image_grid_thw) -> [3, L]
 
 
-def _per_target(seqs: Sequence[ActorSequence], width: int, getter) -> Tensor | None:
-    values = [getter(s) for s in seqs]
-    if all(v is None for v in values):
-        return None
-    out = torch.zeros(len(seqs), width, dtype=torch.float32)
-    for i, (s, v) in enumerate(zip(seqs, values)):
-        if v is None:
-            raise ValueError(f"sequence {s.index} lacks per-target values that others in its micro-batch have")
-        if v.numel() != s.num_targets:
-            raise ValueError(f"sequence {s.index}: {v.numel()} per-target values for {s.num_targets} targets")
-        out[i, : s.num_targets] = v.float().flatten()
-    return out
-
-
-def _per_target_where_given(seqs: Sequence[ActorSequence], width: int, getter) -> tuple[Tensor | None, Tensor | None]:
-    """Like `_per_target`, for values some sequences may lack: (values, mask of the targets that have one)."""
+def _per_target(seqs: Sequence[ActorSequence], width: int, getter, required: bool = True
+                ) -> tuple[Tensor | None, Tensor | None]:
+    """Per-target values [n, width] of `seqs` (0 past each sequence's targets) and the mask of the targets that
+    have one; (None, None) when no sequence has any. `required`: a sequence without values, where others have
+    them, is an error (old / reference log-probs); otherwise it is masked out (the engine's log-probs)."""
     if all(getter(s) is None for s in seqs):
         return None, None
     values = torch.zeros(len(seqs), width, dtype=torch.float32)
     mask = torch.zeros(len(seqs), width, dtype=torch.float32)
     for i, s in enumerate(seqs):
         v = getter(s)
-        if v is None or v.numel() == 0:
+        if v is None and required:
+            raise ValueError(f"sequence {s.index} lacks per-target values that others in its micro-batch have")
+        if v is None or (v.numel() == 0 and not required):
             continue
         if v.numel() != s.num_targets:
             raise ValueError(f"sequence {s.index}: {v.numel()} per-target values for {s.num_targets} targets")
@@ -211,7 +202,7 @@ def pack(seqs: Sequence[ActorSequence], positions: PositionFn, multiple: int = 1
         ids.extend([pad_token_id] * pad)
         pos_parts.append(torch.arange(pad).expand(3, -1))
         lengths.append(pad)
-    rollout, rollout_mask = _per_target_where_given(seqs, width, lambda s: s.rollout_logprobs)
+    rollout, rollout_mask = _per_target(seqs, width, lambda s: s.rollout_logprobs, required=False)
     return MicroBatch(
         input_ids=torch.tensor([ids], dtype=torch.long),
         position_ids=torch.cat(pos_parts, dim=1)[:, None, :],
@@ -224,8 +215,8 @@ def pack(seqs: Sequence[ActorSequence], positions: PositionFn, multiple: int = 1
         target_index=torch.tensor(index, dtype=torch.long),
         target_slot=torch.tensor(slot, dtype=torch.long),
         advantages=advantages,
-        old_logprobs=_per_target(seqs, width, lambda s: s.old_logprobs),
-        ref_logprobs=_per_target(seqs, width, lambda s: s.ref_logprobs),
+        old_logprobs=_per_target(seqs, width, lambda s: s.old_logprobs)[0],
+        ref_logprobs=_per_target(seqs, width, lambda s: s.ref_logprobs)[0],
         rollout_logprobs=rollout,
         rollout_mask=rollout_mask,
         indices=[s.index for s in seqs],
