@@ -99,10 +99,18 @@ def written_by_pebr(path: PathLike) -> bool:
     return bool(marker.get("dir")) or p.name in marker.get("files", [])
 
 
+def _temporary_prefix(name: str) -> str:
+    """The start of the temporary's name `write_bytes_atomic` writes before it renames it to `name`."""
+    return f".{name}."
+
+
+_TEMPORARY_SUFFIX = ".tmp"
+
+
 def _is_bookkeeping(name: str) -> bool:
     """pebr's own files in an output directory: the marker, the lock, and a marker another rank of the same job
     is writing right now (`write_bytes_atomic`'s temporary: the ranks of a job claim the directory at once)."""
-    return name in (MARKER, LOCK) or (name.startswith(MARKER + ".") and name.endswith(".tmp"))
+    return name in (MARKER, LOCK) or (name.startswith(_temporary_prefix(MARKER)) and name.endswith(_TEMPORARY_SUFFIX))
 
 
 def _is_empty(p: Path) -> bool:
@@ -204,7 +212,7 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
     survives a crash. Every small atomic write of the package (markers, manifests, records, metrics cut-backs,
     images taken out of data files) goes through here."""
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(p.name), suffix=_TEMPORARY_SUFFIX, dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

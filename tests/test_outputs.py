@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -60,19 +61,32 @@ def test_directory_claims(tmp_path):
         claim_output_dir(user / "grpo.json")
 
 
-def test_ranks_claiming_one_directory_at_once_do_not_refuse_each_other(tmp_path):
+def test_ranks_claiming_one_directory_at_once_do_not_refuse_each_other(tmp_path, monkeypatch):
     """The ranks of a job claim run.output_dir together: one may look while another's marker is still its
-    temporary (write_bytes_atomic). Seen in CI: `pebr train` under torchrun at 2 ranks refused its own new
-    directory as "not created by pebr". Anything else in the directory is still refused."""
+    temporary (write_bytes_atomic). Seen twice in CI (`pebr train`, then `pebr sft`, under torchrun at 2 ranks):
+    a rank refused its own job's new directory as "not created by pebr". The first fix matched a made-up temporary
+    name; here the other rank claims from inside the real write, between the temporary and its rename."""
+    import pebr_mega.outputs as outputs
+
     out = tmp_path / "run"
-    out.mkdir()
-    (out / f"{MARKER}.k2j3h4.tmp").write_text("{")  # the other rank's marker, mid-write
-    (out / ".pebr-lock").write_text("")
+    real_replace = os.replace
+    seen: list[list[str]] = []
+
+    def replace_while_another_rank_claims(src, dst):
+        if Path(dst).name == MARKER and not seen:
+            seen.append(sorted(p.name for p in out.iterdir()))
+            claim_output_dir(out)  # the other rank, while this rank's marker is only its temporary
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace_while_another_rank_claims)
     claim_output_dir(out)
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    assert seen and any(n != MARKER and MARKER in n for n in seen[0]), seen  # the claim ran mid-write
     assert written_by_pebr(out)
+    assert sorted(p.name for p in out.iterdir()) == [MARKER]  # no temporary left behind
     other = tmp_path / "other"
     other.mkdir()
-    (other / f"{MARKER}.k2j3h4.tmp").write_text("{")
+    (other / seen[0][0]).write_text("{")  # a marker temporary is bookkeeping; anything beside it is not
     (other / "notes.txt.tmp").write_text("mine")
     with pytest.raises(OutputError, match="not created by pebr"):
         claim_output_dir(other)
