@@ -187,8 +187,11 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sft-teacher-error", type=float, default=0.0,
                    help="fraction of the SFT reasoning answers the teacher gets wrong by one (default 0)")
     p.add_argument("--sft-description-omission", type=float, default=0.0,
-                   help="fraction of the SFT descriptions (of scenes with 2+ groups) that leave out the last group "
-                        "(default 0)")
+                   help="fraction of the SFT descriptions (of scenes with 2+ groups) that leave out the last group, "
+                        "the counting answers following them (default 0)")
+    p.add_argument("--describe-shapes", action="store_true",
+                   help="name shapes in descriptions, questions and key words (default: colours and counts only; "
+                        "the shapes are drawn either way)")
     p.set_defaults(handler=_cmd_synth)
 
 
@@ -197,7 +200,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(num=args.num, num_sft=args.num_sft, num_eval=args.num_eval, seed=args.seed,
                       width=args.width, height=args.height, min_objects=args.min_objects,
                       max_objects=args.max_objects, sft_teacher_error=args.sft_teacher_error,
-                      sft_description_omission=args.sft_description_omission)
+                      sft_description_omission=args.sft_description_omission, describe_shapes=args.describe_shapes)
     try:
         print(write_synthetic_dataset(args.out, cfg))
     except ValueError as e:
@@ -588,8 +591,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="fraction of the SFT teacher's reasoning answers that are off by one (default: the demo's, "
                         "see docs/DEMO.md; 0 = a perfect teacher)")
     p.add_argument("--description-omission", type=float, default=None,
-                   help="fraction of the SFT teacher's descriptions that leave out the scene's last group (default: "
-                        "the demo's, see docs/DEMO.md; 0 = complete descriptions)")
+                   help="fraction of the SFT teacher's scenes whose last group it overlooks, in its description and "
+                        "its counting (default: the demo's, see docs/DEMO.md; 0 = complete descriptions)")
+    p.add_argument("--describe-shapes", action="store_true",
+                   help="the world that names shapes too (default: colours and counts, which the tiny model can "
+                        "perceive; docs/DEMO.md)")
     p.add_argument("--clip-steps", type=int, default=None,
                    help="optimizer steps of the tiny CLIP's contrastive training (default: the demo's, ~1 min)")
     p.add_argument("--ablation", action="store_true",
@@ -608,7 +614,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     teacher_error = DEMO_TEACHER_ERROR if args.teacher_error is None else args.teacher_error
     omission = DEMO_DESCRIPTION_OMISSION if args.description_omission is None else args.description_omission
     summary = run_demo(args.out, args.seed, args.num_grpo, args.num_sft, args.num_eval, args.overrides, teacher_error,
-                       clip_steps=args.clip_steps, description_omission=omission, ablation=args.ablation)
+                       clip_steps=args.clip_steps, description_omission=omission, ablation=args.ablation,
+                       describe_shapes=args.describe_shapes)
     final = summary.get("final_model")
     if final:
         first = json.loads((Path(args.out) / "data" / "eval.json").read_text())[0]

@@ -195,3 +195,7 @@ class PipelineConfig:
     eval_file: str = ""
     image_root: str = ""
     stages: list[str] = field(default_factory=lambda: ["sft", "sample", "split", "stage1", "stage2", "export"])
+    # Stage 1's prompts: "easy", the recipe's (the split's easycase.json, questions the SFT model answers right
+    # every time), or "grpo", every question of grpo_file. The demo takes "grpo": its easy split is a few dozen
+    # questions on images the model already describes best (docs/DEMO.md, "Where the demo departs").
+    stage1_data: str = choice("easy", ["easy", "grpo"])

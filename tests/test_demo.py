@@ -33,7 +33,13 @@ def test_demo_writes_summary_and_curves(trainer_runs):
     synth = json.loads((out / "data" / SYNTH_RECORD).read_text())
     assert (synth["sft_teacher_error"], synth["sft_description_omission"]) == (DEMO_TEACHER_ERROR, DEMO_DESCRIPTION_OMISSION)
     assert set(clip["omission"]) == {"images", "pairwise_accuracy", "reward_true", "reward_omitted"}
-    assert clip["negative_kinds"] == ["count", "color", "shape"] + (["omit"] if DEMO_DESCRIPTION_OMISSION else [])
+    # The colour-and-count world (shapes drawn, never named), and a CLIP whose hard negatives are its errors.
+    assert synth["describe_shapes"] is False
+    assert clip["negative_kinds"] == ["count", "color", "omit"]
+    assert "eval_description_shape_accuracy" not in summary["sft"]
+    # Stage 1 trained on every GRPO question (the demo's departure from the easy split).
+    stage1 = yaml.safe_load((out / "pipeline" / "stage1" / "config.yaml").read_text())
+    assert stage1["grpo"]["train_file"].endswith("grpo.json") and stage1["pipeline"]["stage1_data"] == "grpo"
     # Stage 1 runs with the recipe's weights: the demo overrides none of them (the CLIP reward is on).
     assert yaml.safe_load((out / "pipeline" / "sft" / "config.yaml").read_text())["rewards"]["weights"] == {}
     held = [json.loads(x) for x in (out / "heldout.jsonl").read_text().splitlines()]

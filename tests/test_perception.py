@@ -36,8 +36,8 @@ def test_reference_description_scores_one_and_perturbations_score_by_group():
     cfg = SynthConfig(max_objects=6)
     for _ in range(200):
         scene = sample_scene(rng, cfg)
-        ref = describe_scene(scene)
-        response = sft_response(scene, make_question(scene, rng))
+        ref = describe_scene(scene, shapes=True)
+        response = sft_response(scene, make_question(scene, rng, shapes=True), shapes=True)
         assert description_scores(response, ref) == (1.0, 1.0)
         # A perceived scene: each group's count off by one, its colour swapped, or the group dropped, at random.
         truth = _scene_counts(scene)
@@ -130,3 +130,31 @@ def test_attribute_scores_against_scene_counts_on_random_scenes():
 def test_a_response_without_a_description_omits_everything():
     got = description_attributes("The answer is 3.", "1 red circle, 2 blue squares.")
     assert got == {"count_color_exact": 0.0, "omission": 1.0, "shape_accuracy": None}
+
+
+def test_in_the_colour_and_count_world_exact_is_count_colour_exact_and_no_shape_is_scored():
+    """References that name no shape ("2 red objects"): a description is exact when its counts and colours are,
+    shape accuracy is not reported, and a description that names shapes is not exact."""
+    rng = random.Random(5)
+    cfg = SynthConfig(max_objects=6)
+    responses, refs = [], []
+    for _ in range(100):
+        scene = sample_scene(rng, cfg)
+        ref = describe_scene(scene)
+        assert "object" in ref and not any(s in ref for s in ("circle", "square", "triangle"))
+        # Colour counts directly from the objects, one perturbed at random: a count off by one, or a colour dropped.
+        counts = Counter(o.color for o in scene.objects)
+        if rng.random() < 0.5:
+            c = rng.choice(sorted(counts))
+            counts[c] += rng.choice((-1, 1)) if rng.random() < 0.5 else -counts[c]
+        text = ", ".join(_phrase(n, c, "object") for c, n in sorted(counts.items()) if n) + "."
+        got = description_attributes(_response(text), ref)
+        exact, _ = description_scores(_response(text), ref)
+        assert got["count_color_exact"] == exact == float(+counts == Counter(o.color for o in scene.objects))
+        assert got["shape_accuracy"] is None
+        responses.append(_response(text))
+        refs.append(ref)
+    m = description_metrics(responses, refs)
+    assert "eval/description_shape_accuracy" not in m and 0 < m["eval/description_exact"] < 1
+    assert m["eval/description_exact"] == m["eval/description_count_color_exact"]
+    assert description_scores(_response("2 red circles."), "2 red objects.")[0] == 0.0

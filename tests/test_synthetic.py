@@ -1,4 +1,5 @@
-"""The synthetic shapes dataset: deterministic, held-out eval, correct answers, valid records, PeBR format."""
+"""The synthetic shapes dataset: deterministic, held-out eval, correct answers, valid records, PeBR format, in
+both worlds (colour and count, the default; colour, shape and count with `describe_shapes`)."""
 from __future__ import annotations
 
 import hashlib
@@ -21,10 +22,19 @@ HEADERS = [r"###\s*image\s+description\s*:", r"###\s*rationales\s*:", r"###\s*st
            r"###\s*the\s+final\s+answer\s+is\s*:"]
 
 
+WORLDS = {"color_count": False, "color_shape": True}
+
+
+@pytest.fixture(scope="module", params=list(WORLDS))
+def shapes(request) -> bool:
+    """Whether the world names shapes."""
+    return WORLDS[request.param]
+
+
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
+def dataset(tmp_path_factory, shapes) -> Path:
     out = tmp_path_factory.mktemp("synth")
-    write_synthetic_dataset(out, SynthConfig(num=48, seed=7))
+    write_synthetic_dataset(out, SynthConfig(num=48, seed=7, describe_shapes=shapes))
     return out
 
 
@@ -76,11 +86,35 @@ def _expected_answer(problem: str, objects: list[dict]) -> str:
     raise AssertionError(f"unexpected question {q!r}")
 
 
-def _description(objects: list[dict]) -> str:
-    counts = Counter((o["color"], o["shape"]) for o in objects)
+def _nouns(shapes: bool) -> tuple[str, ...]:
+    return SHAPES if shapes else ("object",)
+
+
+def _group_counts(objects: list[dict], shapes: bool) -> Counter:
+    return Counter((o["color"], o["shape"] if shapes else "object") for o in objects)
+
+
+def _description(objects: list[dict], shapes: bool) -> str:
+    counts = _group_counts(objects, shapes)
     parts = [f"{counts[(c, s)]} {c} {s}{'' if counts[(c, s)] == 1 else 's'}"
-             for c in COLORS for s in SHAPES if counts[(c, s)]]
+             for c in COLORS for s in _nouns(shapes) if counts[(c, s)]]
     return ", ".join(parts) + "."
+
+
+def _without_last_group(objects: list[dict], shapes: bool) -> list[dict]:
+    """The objects less the last group the description lists (all of them for a scene of one group)."""
+    counts = _group_counts(objects, shapes)
+    groups = [(c, s) for c in COLORS for s in _nouns(shapes) if counts[(c, s)]]
+    if len(groups) < 2:
+        return objects
+    c, s = groups[-1]
+    return [o for o in objects if not (o["color"] == c and s in ("object", o["shape"]))]
+
+
+def _teacher_answer(problem: str, objects: list[dict], shapes: bool) -> str:
+    """What an omitting teacher answers: counting questions count what it saw, the others stay right."""
+    counting = re.fullmatch(r"How many objects are there\?|Remove all .+|How many \w+ objects are there\?", problem)
+    return _expected_answer(problem, _without_last_group(objects, shapes) if counting else objects)
 
 
 def _objects_in_pixels(path: Path) -> Counter:
@@ -107,11 +141,11 @@ def _objects_in_pixels(path: Path) -> Counter:
 
 
 # ---------------------------------------------------------------------------------------------- tests
-def test_same_seed_same_bytes_other_seed_other_data(tmp_path, dataset):
-    cfg = SynthConfig(num=48, seed=7)
+def test_same_seed_same_bytes_other_seed_other_data(tmp_path, dataset, shapes):
+    cfg = SynthConfig(num=48, seed=7, describe_shapes=shapes)
     write_synthetic_dataset(tmp_path / "again", cfg)
     assert _digest(tmp_path / "again") == _digest(dataset)
-    write_synthetic_dataset(tmp_path / "other", SynthConfig(num=48, seed=8))
+    write_synthetic_dataset(tmp_path / "other", SynthConfig(num=48, seed=8, describe_shapes=shapes))
     assert _load(tmp_path / "other", "grpo.json") != _load(dataset, "grpo.json")
 
 
@@ -127,13 +161,13 @@ def test_split_sizes_and_eval_is_held_out(dataset):
     assert len(set(contents)) == len(contents)
 
 
-def test_every_answer_matches_the_scene_and_the_pixels(dataset):
+def test_every_answer_matches_the_scene_and_the_pixels(dataset, shapes):
     scenes = _load(dataset, "scenes.json")
     for name in ("grpo.json", "eval.json"):
         for rec in _load(dataset, name):
             objects = scenes[rec["images"][0]]["objects"]
             assert rec["answer"] == _expected_answer(rec["problem"], objects), rec
-            assert rec["description"] == _description(objects)
+            assert rec["description"] == _description(objects, shapes)
     kinds = Counter()
     for path, scene in scenes.items():
         objects = scene["objects"]
@@ -143,7 +177,7 @@ def test_every_answer_matches_the_scene_and_the_pixels(dataset):
     assert len(kinds) >= 5  # object counts vary
 
 
-def test_grpo_records_are_valid(dataset):
+def test_grpo_records_are_valid(dataset, shapes):
     for name in ("grpo.json", "eval.json"):
         for rec in _load(dataset, name):
             assert set(rec) >= {"qid", "problem", "answer", "images", "key_words"}
@@ -157,10 +191,13 @@ def test_grpo_records_are_valid(dataset):
             assert all(k.lower() in text for k in rec["key_words"]), rec
     problems = Counter(re.sub(r"\b(red|green|blue|yellow|circle|square|triangle)s?\b", "X", r["problem"])
                        for r in _load(dataset, "grpo.json"))
-    assert len(problems) >= 7  # perception and reasoning templates both occur
+    assert len(problems) >= (7 if shapes else 4)  # perception and reasoning templates both occur
+    named = {s for r in _load(dataset, "grpo.json") for s in SHAPES
+             if s in r["problem"] + r["description"] + " ".join(r["key_words"])}
+    assert bool(named) == shapes  # shapes are named in the world that names them, nowhere else
 
 
-def test_sft_responses_follow_the_pebr_format_and_are_correct(dataset):
+def test_sft_responses_follow_the_pebr_format_and_are_correct(dataset, shapes):
     scenes = _load(dataset, "scenes.json")
     for rec in _load(dataset, "sft.json"):
         user, assistant = rec["messages"]
@@ -175,16 +212,16 @@ def test_sft_responses_follow_the_pebr_format_and_are_correct(dataset):
         problem = user["content"][len(instruction):]
         answer = re.search(r"### The final answer is:(.*)$", response, flags=re.IGNORECASE).group(1).strip()
         assert answer == _expected_answer(problem, objects)
-        assert re.search(r"### Image Description:(.*)", response).group(1).strip() == _description(objects)
+        assert re.search(r"### Image Description:(.*)", response).group(1).strip() == _description(objects, shapes)
         steps = re.findall(r"^### Step (\d+):", response, flags=re.MULTILINE)
         assert 1 <= len(steps) <= 3 and steps == [str(i) for i in range(1, len(steps) + 1)]
         assert len(response) < 400  # compact enough for a tiny model
 
 
-def test_a_sloppy_teacher_errs_only_in_sft_reasoning_answers(dataset, tmp_path):
+def test_a_sloppy_teacher_errs_only_in_sft_reasoning_answers(dataset, shapes, tmp_path):
     """sft_teacher_error: reasoning answers one above the teacher's own last step, at about the asked rate."""
     sloppy = tmp_path / "sloppy"
-    write_synthetic_dataset(sloppy, SynthConfig(num=48, seed=7, sft_teacher_error=0.6))
+    write_synthetic_dataset(sloppy, SynthConfig(num=48, seed=7, sft_teacher_error=0.6, describe_shapes=shapes))
     for name in ("grpo.json", "eval.json", "scenes.json"):  # only the SFT answers differ
         assert _load(sloppy, name) == _load(dataset, name), name
     reasoning = wrong = 0
@@ -208,50 +245,67 @@ def _description_line(response: str) -> str:
     return re.search(r"### Image Description:(.*)", response).group(1).strip()
 
 
-def test_an_omitting_teacher_leaves_out_the_last_group_of_sft_descriptions_only(dataset, tmp_path):
+def _final_answer(response: str) -> str:
+    return response.rsplit("### The final answer is:", 1)[1].strip()
+
+
+def test_an_omitting_teacher_leaves_out_the_last_group_and_counts_without_it(shapes, tmp_path):
     """sft_description_omission: SFT descriptions of scenes with 2+ groups lose their last group at about the
-    asked rate, drawn by seed; the rest of each response and every GRPO / held-out record stay complete."""
+    asked rate, drawn by seed, and the teacher's counting follows what it described ("How many (red) objects",
+    "Remove all ..." answered without that group); other answers, and every GRPO / held-out record, stay right."""
     omitting = tmp_path / "omitting"
-    write_synthetic_dataset(omitting, SynthConfig(num=48, num_sft=160, seed=7, sft_description_omission=0.7))
+    write_synthetic_dataset(omitting, SynthConfig(num=48, num_sft=160, seed=7, sft_description_omission=0.7,
+                                                  describe_shapes=shapes))
     clean = tmp_path / "clean"
-    write_synthetic_dataset(clean, SynthConfig(num=48, num_sft=160, seed=7))
-    for name in ("grpo.json", "eval.json", "scenes.json"):  # only the SFT descriptions differ
+    write_synthetic_dataset(clean, SynthConfig(num=48, num_sft=160, seed=7, describe_shapes=shapes))
+    for name in ("grpo.json", "eval.json", "scenes.json"):  # only the SFT responses differ
         assert _load(omitting, name) == _load(clean, name), name
     for rec in _load(omitting, "grpo.json") + _load(omitting, "eval.json"):
-        assert rec["description"] == _description(_load(omitting, "scenes.json")[rec["images"][0]]["objects"])
+        objects = _load(omitting, "scenes.json")[rec["images"][0]]["objects"]
+        assert rec["description"] == _description(objects, shapes)
+        assert rec["answer"] == _expected_answer(rec["problem"], objects)
     scenes = _load(omitting, "scenes.json")
-    multi = omitted = 0
+    instruction = build_prompt_text("")
+    multi = omitted = answers_changed = 0
     for a, b in zip(_load(clean, "sft.json"), _load(omitting, "sft.json")):
-        full, got = _description_line(a["messages"][1]["content"]), _description_line(b["messages"][1]["content"])
-        assert full == _description(scenes[a["images"][0]]["objects"])
+        objects = scenes[a["images"][0]]["objects"]
+        problem = a["messages"][0]["content"][len(instruction):].replace("<image>", "")
+        ra, rb = a["messages"][1]["content"], b["messages"][1]["content"]
+        full, got = _description_line(ra), _description_line(rb)
+        assert full == _description(objects, shapes) and _final_answer(ra) == _expected_answer(problem, objects)
         groups = full.rstrip(".").split(", ")
-        # everything after the description (rationale, steps, answer) is the teacher's correct one
-        assert a["messages"][1]["content"].split(full, 1)[1] == b["messages"][1]["content"].split(got, 1)[1]
-        if len(groups) < 2:
-            assert got == full
+        multi += len(groups) > 1
+        if got == full:  # not omitted (always so for a scene of one group): the response is the correct one
+            assert ra == rb
             continue
-        multi += 1
-        omitted += got != full
-        assert got in (full, ", ".join(groups[:-1]) + ".")
+        omitted += 1
+        assert len(groups) > 1
+        assert got == ", ".join(groups[:-1]) + "." == _description(_without_last_group(objects, shapes), shapes)
+        assert _final_answer(rb) == _teacher_answer(problem, objects, shapes), (problem, full, rb)
+        answers_changed += _final_answer(rb) != _final_answer(ra)
     assert multi >= 60 and 0.55 <= omitted / multi <= 0.85, (omitted, multi)
+    assert answers_changed >= 10  # the habit reaches the answers
     again = tmp_path / "again"
-    write_synthetic_dataset(again, SynthConfig(num=48, num_sft=160, seed=7, sft_description_omission=0.7))
+    write_synthetic_dataset(again, SynthConfig(num=48, num_sft=160, seed=7, sft_description_omission=0.7,
+                                               describe_shapes=shapes))
     assert (again / "sft.json").read_bytes() == (omitting / "sft.json").read_bytes()
     other = tmp_path / "other"  # another seed draws other omissions (and other scenes)
-    write_synthetic_dataset(other, SynthConfig(num=48, num_sft=160, seed=8, sft_description_omission=0.7))
+    write_synthetic_dataset(other, SynthConfig(num=48, num_sft=160, seed=8, sft_description_omission=0.7,
+                                               describe_shapes=shapes))
     assert (other / "sft.json").read_bytes() != (omitting / "sft.json").read_bytes()
     with pytest.raises(ValueError, match="sft_description_omission"):
         write_synthetic_dataset(tmp_path / "bad", SynthConfig(num=4, sft_description_omission=-0.1))
 
 
-def test_omission_rate_zero_and_one(tmp_path):
+def test_omission_rate_zero_and_one(tmp_path, shapes):
     """At 0 every SFT description is complete; at 1 every one of a scene with 2+ groups omits its last group."""
     for rate in (0.0, 1.0):
         out = tmp_path / str(rate)
-        write_synthetic_dataset(out, SynthConfig(num=8, num_sft=64, seed=3, sft_description_omission=rate))
+        write_synthetic_dataset(out, SynthConfig(num=8, num_sft=64, seed=3, sft_description_omission=rate,
+                                                 describe_shapes=shapes))
         scenes = _load(out, "scenes.json")
         for rec in _load(out, "sft.json"):
-            full = _description(scenes[rec["images"][0]]["objects"])
+            full = _description(scenes[rec["images"][0]]["objects"], shapes)
             groups = full.rstrip(".").split(", ")
             got = _description_line(rec["messages"][1]["content"])
             assert got == (", ".join(groups[:-1]) + "." if rate == 1.0 and len(groups) > 1 else full), (rate, full, got)
@@ -288,12 +342,12 @@ def test_tokenizer_corpus_covers_the_synthetic_vocabulary(dataset):
     assert len(tok(response)["input_ids"]) < len(response) / 2.5
 
 
-def _single_errors(truth: Counter) -> list[Counter]:
-    """Every scene description one perception error away from `truth` ((colour, shape) -> count), enumerated
-    directly: one count +-1 (absent groups included), or one group's colour or shape replaced."""
+def _single_errors(truth: Counter, shapes: bool) -> list[Counter]:
+    """Every scene description one perception error away from `truth` ((colour, noun) -> count), enumerated
+    directly: one count +-1 (absent groups included), or one group's colour or (where named) shape replaced."""
     out = []
     for c in COLORS:
-        for s in SHAPES:
+        for s in _nouns(shapes):
             for step in (-1, 1):
                 n = truth[(c, s)] + step
                 if n >= 0:
@@ -302,13 +356,13 @@ def _single_errors(truth: Counter) -> list[Counter]:
         for c2 in COLORS:
             if c2 != c:
                 out.append(Counter({**truth, (c, s): 0}) + Counter({(c2, s): n}))
-        for s2 in SHAPES:
+        for s2 in SHAPES if shapes else ():
             if s2 != s:
                 out.append(Counter({**truth, (c, s): 0}) + Counter({(c, s2): n}))
     return [+x for x in out if +x != +truth and sum(x.values())]
 
 
-def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dataset):
+def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dataset, shapes):
     import random
 
     from pebr_mega.data.synthetic import OMIT_KIND, describe_scene, hard_negatives, load_scenes
@@ -324,22 +378,37 @@ def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dat
     rng = random.Random(0)
     kinds = Counter()
     for scene in scenes.values():
-        truth = counts(describe_scene(scene))
-        negatives = hard_negatives(scene, rng, 6)
-        assert len(negatives) == len(set(negatives)) >= 4 and describe_scene(scene) not in negatives
-        allowed = _single_errors(truth)
+        true_text = describe_scene(scene, shapes)
+        truth = counts(true_text)
+        negatives = hard_negatives(scene, rng, 6, shapes=shapes)
+        assert len(negatives) == len(set(negatives)) >= 4 and true_text not in negatives
+        allowed = _single_errors(truth, shapes)
         for text in negatives:
             got = counts(text)
-            assert got in allowed, (describe_scene(scene), text)
+            assert got in allowed, (true_text, text)
             kinds["count" if sum(got.values()) != sum(truth.values()) or set(got) == set(truth) else "swap"] += 1
     assert kinds["count"] > 20 and kinds["swap"] > 20
     # "omit" alone: the description without one whole group; none for a scene of one group
     for scene in scenes.values():
-        truth = counts(describe_scene(scene))
-        omitted = hard_negatives(scene, rng, 4, (OMIT_KIND,))
-        assert len(omitted) == (min(4, len(truth)) if len(truth) > 1 else 0), (describe_scene(scene), omitted)
+        truth = counts(describe_scene(scene, shapes))
+        omitted = hard_negatives(scene, rng, 4, (OMIT_KIND,), shapes)
+        assert len(omitted) == (min(4, len(truth)) if len(truth) > 1 else 0), (truth, omitted)
         for text in omitted:
             got = counts(text)
             assert len(got) == len(truth) - 1 and all(truth[k] == v for k, v in got.items())
-    again = hard_negatives(next(iter(scenes.values())), random.Random(3), 5)
-    assert again == hard_negatives(next(iter(scenes.values())), random.Random(3), 5)
+    again = hard_negatives(next(iter(scenes.values())), random.Random(3), 5, shapes=shapes)
+    assert again == hard_negatives(next(iter(scenes.values())), random.Random(3), 5, shapes=shapes)
+    if not shapes:
+        with pytest.raises(ValueError, match="unknown perception error kind 'shape'"):
+            hard_negatives(next(iter(scenes.values())), random.Random(3), 5, ("shape",))
+
+
+def test_the_world_naming_shapes_writes_the_records_it_wrote_before_the_colour_and_count_world(tmp_path):
+    """`describe_shapes=True` is the earlier demo's world unchanged: the records (not the PNGs, whose bytes
+    depend on zlib) hash as they did at 2eef13f, before the colour-and-count world was added."""
+    write_synthetic_dataset(tmp_path, SynthConfig(num=48, num_sft=96, seed=7, sft_teacher_error=0.6,
+                                                  describe_shapes=True))
+    h = hashlib.sha256()
+    for name in ("grpo.json", "sft.json", "eval.json", "scenes.json"):
+        h.update((tmp_path / name).read_bytes())
+    assert h.hexdigest() == "b03a904e721624a6e31a566b6c135329019429c8d71b95b29943e38eff101419"

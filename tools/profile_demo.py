@@ -63,10 +63,9 @@ CODE = (
 )
 TOY_ARGS = ("--num-grpo", "8", "--num-sft", "16", "--num-eval", "4", "--clip-steps", "4", "sft.epochs=1",
             "sft.batch_size=8", "sample.n=2", "rollout.n=2", "rollout.max_new_tokens=12", "grpo.rollout_batch_size=2",
-            "grpo.mini_batch_size=2", "grpo.max_steps=1", "logging.progress_bar=false",
-            # A toy model answers nothing right: with every sample counted correct every question is "easy",
-            # so stage 1 runs (stage 2, on the medium questions, is skipped with its reason).
-            "sample.correct_threshold=0.0")
+            "grpo.mini_batch_size=2", "grpo.max_steps=1", "logging.progress_bar=false")
+# Stage 1 trains on every GRPO question (the demo's `pipeline.stage1_data=grpo`), so it runs at toy sizes too;
+# a toy model answers nothing right, so there are no medium questions and stage 2 is skipped with its reason.
 
 
 def thread_count() -> int:

@@ -2,9 +2,19 @@
 
 Each image holds 1-6 flat-coloured circles, squares and triangles (4 colours) on a light background, one per
 cell of a grid so they never overlap. Each image gets one question, from perception ("How many red objects
-are there?", "What color is the square?") to CLEVR-style reasoning ("Remove all blue objects. How many
-objects are left?", "How many more circles than squares are there?"). Answers are a count 0-6 or a colour
-word, so a ~1 M-parameter model can learn part of it.
+are there?") to CLEVR-style reasoning ("Remove all blue objects. How many objects are left?", "How many more
+red objects than green objects are there?"). Answers are a count 0-6 or a colour word, so a ~1 M-parameter
+model can learn part of it.
+
+Two worlds, chosen by `SynthConfig.describe_shapes`:
+
+- colour and count (the default): descriptions, questions and key words name colours and counts only ("2 red
+  objects, 1 blue object."); the shapes are still drawn, as distractors. It is the world the demo's tiny model
+  can perceive: at seed 0 its language side never learnt to name shapes within the demo's budget (the named
+  shape was independent of the true one, Cramer's V 0.01-0.03, although a linear probe of the frozen vision
+  tower reads shape perfectly), so "exact" descriptions that name shapes were shape luck (docs/DEMO.md).
+- colour, shape and count (`describe_shapes=True`): "2 red circles, 1 blue square.", with shape questions
+  ("What color is the square?", "How many circles are there?") too.
 
 `write_synthetic_dataset(out_dir, cfg)` writes
 
@@ -14,7 +24,8 @@ word, so a ~1 M-parameter model can learn part of it.
     sft.json                  ShareGPT records: user turn = PeBR instruction + problem, assistant turn = a
                               PeBR-format response (description, rationale, 1-3 steps, answer), correct unless
                               the teacher is made sloppy: `cfg.sft_teacher_error` (reasoning answers one off)
-                              or `cfg.sft_description_omission` (a description missing its last group); images
+                              or `cfg.sft_description_omission` (a description missing its last group, with
+                              the counting that follows from it); images
     eval.json                 held-out GRPO records (their own images and qids)
     scenes.json               the generator's scene per image: size and objects (shape, color, x, y, size)
 
@@ -28,7 +39,7 @@ import io
 import json
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -47,9 +58,24 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 BACKGROUND = (245, 245, 245)
 
+OBJECT = "object"  # the noun of every group when shapes are not named
+
 PERCEPTION_KINDS = ("count_color", "count_shape", "count_color_shape", "count_total", "color_of_only")
 REASONING_KINDS = ("remove_color", "remove_shape", "more_than")
 QUESTION_KINDS = PERCEPTION_KINDS + REASONING_KINDS
+SHAPE_KINDS = ("count_shape", "count_color_shape", "color_of_only", "remove_shape")  # need shapes named
+# Questions whose worked answer counts what the description lists: an omitting teacher counts what it described.
+COUNTING_KINDS = ("count_color", "count_total", "remove_color", "remove_shape")
+
+
+def question_kinds(shapes: bool) -> tuple[str, ...]:
+    """The question kinds of a world: all of them when shapes are named, else those about colours and counts."""
+    return QUESTION_KINDS if shapes else tuple(k for k in QUESTION_KINDS if k not in SHAPE_KINDS)
+
+
+def nouns(shapes: bool) -> tuple[str, ...]:
+    """The nouns a description's groups use: the shapes, or "object" alone when shapes are not named."""
+    return SHAPES if shapes else (OBJECT,)
 
 # Every word the questions and responses use besides colours, shapes and numbers (the tokenizer corpus's list).
 WORDS = ("how many are there what color is the remove all objects object left more than need to count "
@@ -82,8 +108,12 @@ class SynthConfig:
     # A teacher whose descriptions are incomplete, as distilled captions often are: this fraction of the SFT
     # responses (of scenes with two groups or more) describe the image without its last group ("2 red circles."
     # for "2 red circles, 1 blue square."); rationale, steps and answer stay right. The GRPO and held-out records
-    # keep the full description, so the perception rewards of stage 1 can undo the habit.
+    # keep the full description, so the perception rewards of stage 1 can undo the habit. The teacher counts what
+    # it described: on "How many objects" and "Remove" questions its steps and answer leave the group out too, so
+    # the habit costs answers and fixing perception helps reasoning.
     sft_description_omission: float = 0.0
+    # Name shapes in descriptions, questions and key words (the module docstring's two worlds).
+    describe_shapes: bool = False
 
     def split_sizes(self) -> dict[str, int]:
         """Examples per split, with the defaults resolved."""
@@ -133,6 +163,7 @@ class Question:
     rationale: str
     steps: list[str]
     key_words: list[str]
+    subject: str = ""  # what a "remove" question removes (a colour or a shape)
 
 
 @dataclass
@@ -144,6 +175,7 @@ class Example:
     scene: Scene
     question: Question
     png: bytes
+    shapes: bool = False  # the world's `describe_shapes`
 
     @property
     def qid(self) -> str:
@@ -205,47 +237,58 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _groups(scene: Scene, color: str | None = None, shape: str | None = None) -> list[tuple[int, str, str]]:
-    """(count, color, shape) of the matching objects, in the fixed colour then shape order."""
-    counts = Counter((o.color, o.shape) for o in scene.objects
+def _groups(scene: Scene, color: str | None = None, shape: str | None = None,
+            shapes: bool = True) -> list[tuple[int, str, str]]:
+    """(count, colour, noun) of the matching objects, in the fixed colour then noun order; the noun is the shape,
+    or "object" for every group when `shapes` is False (one group per colour)."""
+    counts = Counter((o.color, o.shape if shapes else OBJECT) for o in scene.objects
                      if color in (None, o.color) and shape in (None, o.shape))
-    return [(counts[(c, s)], c, s) for c in COLORS for s in SHAPES if counts[(c, s)]]
+    return [(counts[(c, s)], c, s) for c in COLORS for s in nouns(shapes) if counts[(c, s)]]
 
 
 def _list_groups(groups: list[tuple[int, str, str]]) -> str:
     return ", ".join(f"{n} {c} {plural(s, n)}" for n, c, s in groups) or "none"
 
 
-def describe_scene(scene: Scene) -> str:
-    """The reference description, e.g. "2 red circles, 1 blue square."."""
-    return describe_groups(_groups(scene))
+def describe_scene(scene: Scene, shapes: bool = False) -> str:
+    """The reference description: "2 red objects, 1 blue object." (or, naming shapes, "2 red circles, 1 blue
+    square.")."""
+    return describe_groups(_groups(scene, shapes=shapes))
 
 
 def describe_groups(groups: list[tuple[int, str, str]]) -> str:
-    """(count, colour, shape) groups as a description in the fixed colour then shape order."""
+    """(count, colour, noun) groups as a description in the fixed colour then noun order."""
     counts = Counter()
     for n, c, s in groups:
         counts[(c, s)] += n
-    return _list_groups([(counts[(c, s)], c, s) for c in COLORS for s in SHAPES if counts[(c, s)] > 0]) + "."
+    order = (*SHAPES, OBJECT)
+    return _list_groups([(counts[(c, s)], c, s) for c in COLORS for s in order if counts[(c, s)] > 0]) + "."
 
 
-HARD_NEGATIVE_KINDS = ("count", "color", "shape")
 OMIT_KIND = "omit"  # a whole group left out: the omitting teacher's error (`SynthConfig.sft_description_omission`)
 
 
-def perturb_groups(groups: list[tuple[int, str, str]], rng: random.Random,
-                   kind: str) -> list[tuple[int, str, str]]:
+def hard_negative_kinds(shapes: bool) -> tuple[str, ...]:
+    """The perception errors a world's descriptions can have besides omission: a count, a colour, a shape when
+    shapes are named."""
+    return ("count", "color", "shape") if shapes else ("count", "color")
+
+
+def perturb_groups(groups: list[tuple[int, str, str]], rng: random.Random, kind: str,
+                   shapes: bool = False) -> list[tuple[int, str, str]]:
     """The groups with one perception error of `kind`: one count one off ("count": a count +-1, which may drop a
-    group or add an absent one as 1), one group's colour ("color") or shape ("shape") replaced, or one whole
-    group left out ("omit": an incomplete description; a scene of one group is returned unchanged)."""
+    group or add an absent one as 1), one group's colour ("color") or shape ("shape", when `shapes`) replaced, or
+    one whole group left out ("omit": an incomplete description; a scene of one group is returned unchanged)."""
     groups = list(groups)
+    if kind not in (*hard_negative_kinds(shapes), OMIT_KIND):
+        raise ValueError(f"unknown perception error kind {kind!r}; known: {(*hard_negative_kinds(shapes), OMIT_KIND)}")
     if kind == OMIT_KIND:
         if len(groups) > 1:
             del groups[rng.randrange(len(groups))]
         return groups
     if kind == "count":
         present = {(c, s) for _, c, s in groups}
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        absent = [(c, s) for c in COLORS for s in nouns(shapes) if (c, s) not in present]
         if absent and rng.random() < 0.25:
             c, s = rng.choice(absent)
             return groups + [(1, c, s)]
@@ -254,27 +297,27 @@ def perturb_groups(groups: list[tuple[int, str, str]], rng: random.Random,
         step = rng.choice([-1, 1]) if len(groups) > 1 or n > 1 else 1
         groups[i] = (n + step, c, s)
         return [g for g in groups if g[0] > 0]
-    if kind in ("color", "shape"):
-        i = rng.randrange(len(groups))
-        n, c, s = groups[i]
-        if kind == "color":
-            groups[i] = (n, rng.choice([x for x in COLORS if x != c]), s)
-        else:
-            groups[i] = (n, c, rng.choice([x for x in SHAPES if x != s]))
-        return groups
-    raise ValueError(f"unknown perception error kind {kind!r}; known: {(*HARD_NEGATIVE_KINDS, OMIT_KIND)}")
+    i = rng.randrange(len(groups))
+    n, c, s = groups[i]
+    if kind == "color":
+        groups[i] = (n, rng.choice([x for x in COLORS if x != c]), s)
+    else:
+        groups[i] = (n, c, rng.choice([x for x in SHAPES if x != s]))
+    return groups
 
 
-def hard_negatives(scene: Scene, rng: random.Random, k: int,
-                   kinds: tuple[str, ...] = HARD_NEGATIVE_KINDS) -> list[str]:
-    """Up to `k` distinct descriptions that differ from the scene's by one perception error (`perturb_groups`)."""
-    truth = _groups(scene)
+def hard_negatives(scene: Scene, rng: random.Random, k: int, kinds: tuple[str, ...] | None = None,
+                   shapes: bool = False) -> list[str]:
+    """Up to `k` distinct descriptions that differ from the scene's by one perception error (`perturb_groups`) of
+    `kinds` (default: the world's `hard_negative_kinds`)."""
+    kinds = tuple(kinds or hard_negative_kinds(shapes))
+    truth = _groups(scene, shapes=shapes)
     true_text = describe_groups(truth)
     out: list[str] = []
     for _ in range(8 * k):
         if len(out) == k:
             break
-        text = describe_groups(perturb_groups(truth, rng, rng.choice(kinds)))
+        text = describe_groups(perturb_groups(truth, rng, rng.choice(kinds), shapes))
         if text != true_text and text not in out:
             out.append(text)
     return out
@@ -316,31 +359,56 @@ def _attribute(rng: random.Random, present: list[str], every: list[str]) -> str:
     return rng.choice(present) if present and rng.random() < 0.8 else rng.choice(every)
 
 
-def applicable_kinds(scene: Scene) -> list[str]:
-    """The question kinds that make sense for `scene` ("What color is the X?" needs exactly one X)."""
-    return [k for k in QUESTION_KINDS if k != "color_of_only" or any(scene.count(shape=s) == 1 for s in SHAPES)]
+def applicable_kinds(scene: Scene, shapes: bool = False) -> list[str]:
+    """The question kinds of the world that make sense for `scene` ("What color is the X?" needs exactly one X)."""
+    return [k for k in question_kinds(shapes)
+            if k != "color_of_only" or any(scene.count(shape=s) == 1 for s in SHAPES)]
 
 
-def make_question(scene: Scene, rng: random.Random, kind: str | None = None) -> Question:
-    """A random question about `scene` (of `kind`, or a random applicable one) with its worked answer."""
+def _remove_question(scene: Scene, kind: str, subject: str, shapes: bool) -> Question:
+    """ "Remove all <subject>. How many objects are left?" worked out on `scene`."""
+    total = len(scene.objects)
+    if kind == "remove_color":
+        removed, what, ones = scene.count(color=subject), f"{subject} objects", f"the {subject} ones"
+    else:
+        removed, what, ones = scene.count(shape=subject), plural(subject), f"the {plural(subject)}"
+    left = total - removed
+    return Question(kind, f"Remove all {what}. How many objects are left?", str(left),
+                    f"I need all objects minus {ones}.",
+                    [f"Objects: {total}.", f"{what.capitalize()}: {removed}.", f"{total} - {removed} = {left}."],
+                    _key_words(_groups(scene, shapes=shapes)), subject)
+
+
+def _count_color_question(scene: Scene, color: str, shapes: bool) -> Question:
+    groups = _groups(scene, color=color, shapes=shapes)
+    return Question("count_color", f"How many {color} objects are there?", str(scene.count(color=color)),
+                    f"I need to count the {color} objects.", _count_steps(f"{color} objects", groups),
+                    _key_words(groups) or [color], color)
+
+
+def _count_total_question(scene: Scene, shapes: bool) -> Question:
+    everything = _groups(scene, shapes=shapes)
+    return Question("count_total", "How many objects are there?", str(len(scene.objects)),
+                    "I need to count all the objects.", _count_steps("objects", everything), _key_words(everything))
+
+
+def make_question(scene: Scene, rng: random.Random, kind: str | None = None, shapes: bool = False) -> Question:
+    """A random question about `scene` (of `kind`, or a random applicable one of the world) with its worked
+    answer; `shapes` names shapes (the module docstring's worlds)."""
     colors = [c for c in COLORS if scene.count(color=c)]
-    shapes = [s for s in SHAPES if scene.count(shape=s)]
+    present_shapes = [s for s in SHAPES if scene.count(shape=s)]
     only = [s for s in SHAPES if scene.count(shape=s) == 1]
-    applicable = applicable_kinds(scene)
+    applicable = applicable_kinds(scene, shapes)
     kind = kind or rng.choice(applicable)
     if kind not in applicable:
-        raise ValueError(f"question kind {kind!r} does not apply to this scene (known: {QUESTION_KINDS})")
-    total = len(scene.objects)
-    everything = _groups(scene)
+        raise ValueError(f"question kind {kind!r} does not apply to this scene in this world "
+                         f"(known: {question_kinds(shapes)})")
+    everything = _groups(scene, shapes=shapes)
 
     if kind == "count_color":
-        c = _attribute(rng, colors, list(COLORS))
-        groups = _groups(scene, color=c)
-        return Question(kind, f"How many {c} objects are there?", str(scene.count(color=c)),
-                        f"I need to count the {c} objects.", _count_steps(f"{c} objects", groups),
-                        _key_words(groups) or [c])
+        return _count_color_question(scene, _attribute(rng, colors, list(COLORS)), shapes)
     if kind == "count_shape":
-        s = _attribute(rng, shapes, list(SHAPES))
+        s = _attribute(rng, present_shapes, list(SHAPES))
         groups = _groups(scene, shape=s)
         return Question(kind, f"How many {plural(s)} are there?", str(scene.count(shape=s)),
                         f"I need to count the {plural(s)}.", _count_steps(plural(s), groups), _key_words(groups) or [s])
@@ -352,29 +420,21 @@ def make_question(scene: Scene, rng: random.Random, kind: str | None = None) -> 
                         f"I need to count the {c} {plural(s)}.", [f"{c.capitalize()} {plural(s)}: {n}."],
                         _key_words([(n, c, s)] if n else []) or [c, s])
     if kind == "count_total":
-        return Question(kind, "How many objects are there?", str(total), "I need to count all the objects.",
-                        _count_steps("objects", everything), _key_words(everything))
+        return _count_total_question(scene, shapes)
     if kind == "color_of_only":
         s = rng.choice(only)
         (obj,) = [o for o in scene.objects if o.shape == s]
         return Question(kind, f"What color is the {s}?", obj.color, f"I need the color of the only {s}.",
                         [f"The only {s} is {obj.color}."], _key_words([(1, obj.color, s)]))
-    if kind in ("remove_color", "remove_shape"):
-        if kind == "remove_color":
-            c = _attribute(rng, colors, list(COLORS))
-            removed, what, rationale = scene.count(color=c), f"{c} objects", f"all objects minus the {c} ones"
-        else:
-            s = _attribute(rng, shapes, list(SHAPES))
-            removed, what, rationale = scene.count(shape=s), plural(s), f"all objects minus the {plural(s)}"
-        return Question(kind, f"Remove all {what}. How many objects are left?", str(total - removed),
-                        f"I need {rationale}.",
-                        [f"Objects: {total}.", f"{what.capitalize()}: {removed}.",
-                         f"{total} - {removed} = {total - removed}."], _key_words(everything))
+    if kind == "remove_color":
+        return _remove_question(scene, kind, _attribute(rng, colors, list(COLORS)), shapes)
+    if kind == "remove_shape":
+        return _remove_question(scene, kind, _attribute(rng, present_shapes, list(SHAPES)), shapes)
     if kind == "more_than":
-        if rng.random() < 0.5:
+        if rng.random() < 0.5 or not shapes:
             a, b = rng.sample(list(COLORS), 2)
             (na, xa), (nb, xb) = (scene.count(color=a), f"{a} objects"), (scene.count(color=b), f"{b} objects")
-            groups = _groups(scene, color=a) + _groups(scene, color=b)
+            groups = _groups(scene, color=a, shapes=shapes) + _groups(scene, color=b, shapes=shapes)
         else:
             a, b = rng.sample(list(SHAPES), 2)
             (na, xa), (nb, xb) = (scene.count(shape=a), plural(a)), (scene.count(shape=b), plural(b))
@@ -388,18 +448,41 @@ def make_question(scene: Scene, rng: random.Random, kind: str | None = None) -> 
     raise ValueError(f"unknown question kind {kind!r}; known: {QUESTION_KINDS}")
 
 
-def sft_response(scene: Scene, question: Question, answer: str | None = None, description: str | None = None) -> str:
+def sft_response(scene: Scene, question: Question, answer: str | None = None, description: str | None = None,
+                 shapes: bool = False) -> str:
     """The PeBR-format response to `question`: correct, or ending in `answer` instead of the right one, or
     describing the image as `description` instead of the scene's full description."""
-    return format_response(describe_scene(scene) if description is None else description, question.rationale,
-                           question.steps, question.answer if answer is None else answer)
+    return format_response(describe_scene(scene, shapes) if description is None else description,
+                           question.rationale, question.steps, question.answer if answer is None else answer)
 
 
-def omit_last_group(scene: Scene) -> str:
-    """The scene's description without the last group it lists ("2 red circles." for "2 red circles, 1 blue
-    square."); the full description for a scene of one group."""
-    groups = _groups(scene)
-    return describe_groups(groups[:-1] if len(groups) > 1 else groups)
+def without_last_group(scene: Scene, shapes: bool = False) -> Scene:
+    """The scene as a teacher that leaves out the last group its description lists sees it: without that group's
+    objects ("2 red objects." for "2 red objects, 1 blue object."); a scene of one group is seen whole."""
+    groups = _groups(scene, shapes=shapes)
+    if len(groups) < 2:
+        return scene
+    _, color, noun = groups[-1]
+    kept = [o for o in scene.objects if not (o.color == color and noun in (OBJECT, o.shape))]
+    return Scene(scene.width, scene.height, kept)
+
+
+def omit_last_group(scene: Scene, shapes: bool = False) -> str:
+    """The scene's description without the last group it lists; the full description for a scene of one group."""
+    return describe_scene(without_last_group(scene, shapes), shapes)
+
+
+def answered_from(question: Question, seen: Scene, shapes: bool = False) -> Question:
+    """`question` (same words) worked out on the scene as the teacher saw it: a counting question ("How many
+    (red) objects", "Remove all ...": `COUNTING_KINDS`) counts only what `seen` holds; the other kinds are
+    returned as they are (the teacher looked at the groups they compare or name)."""
+    if question.kind == "count_color":
+        return replace(_count_color_question(seen, question.subject, shapes), key_words=question.key_words)
+    if question.kind == "count_total":
+        return replace(_count_total_question(seen, shapes), key_words=question.key_words)
+    if question.kind in ("remove_color", "remove_shape"):
+        return replace(_remove_question(seen, question.kind, question.subject, shapes), key_words=question.key_words)
+    return question
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -407,19 +490,24 @@ def grpo_record(example: Example) -> dict:
     """The example as a GRPO record (plus the reference `description`)."""
     q = example.question
     return {"qid": example.qid, "problem": IMAGE_TOKEN + q.problem, "answer": q.answer,
-            "images": [example.image_path], "key_words": q.key_words, "description": describe_scene(example.scene)}
+            "images": [example.image_path], "key_words": q.key_words,
+            "description": describe_scene(example.scene, example.shapes)}
 
 
 def teacher_response(example: Example, error_rate: float, seed: int, omission: float = 0.0) -> str:
     """The SFT teacher's response: correct, except that on reasoning questions, with probability
     `error_rate` (drawn per example from `seed` and the qid), the final answer is one above its last step, and
-    that with probability `omission` (drawn independently, the same way) the description leaves out the last
-    group it would list (`omit_last_group`; scenes of one group are always described in full)."""
-    q = example.question
-    wrong = q.kind in REASONING_KINDS and random.Random(f"pebr-synth/{seed}/teacher/{example.qid}").random() < error_rate
+    that with probability `omission` (drawn independently, the same way) the teacher overlooks the last group
+    it would list (`without_last_group`; scenes of one group are always seen whole): its description leaves the
+    group out, and so do its steps and answer on counting questions (`answered_from`)."""
+    q, scene = example.question, example.scene
+    wrong = (q.kind in REASONING_KINDS
+             and random.Random(f"pebr-synth/{seed}/teacher/{example.qid}").random() < error_rate)
     omits = random.Random(f"pebr-synth/{seed}/omission/{example.qid}").random() < omission
-    return sft_response(example.scene, q, str(int(q.answer) + 1) if wrong else None,
-                        omit_last_group(example.scene) if omits else None)
+    seen = without_last_group(scene, example.shapes) if omits else scene
+    if seen is not scene:
+        q = answered_from(q, seen, example.shapes)
+    return sft_response(seen, q, str(int(q.answer) + 1) if wrong else None, shapes=example.shapes)
 
 
 def sft_record(example: Example, teacher_error: float = 0.0, seed: int = 0, omission: float = 0.0) -> dict:
@@ -459,11 +547,11 @@ def generate_split(split: str, count: int, cfg: SynthConfig, seen: set[str], ren
         # Small counts dominate random questions ("1" would be right ~40% of the time): of a few candidate
         # questions of one kind, keep the one whose answer is rarest so far, which flattens the answer
         # distribution while keeping the kinds balanced.
-        kind = rng.choice(applicable_kinds(scene))
-        candidates = [make_question(scene, rng, kind) for _ in range(QUESTION_CANDIDATES)]
+        kind = rng.choice(applicable_kinds(scene, cfg.describe_shapes))
+        candidates = [make_question(scene, rng, kind, cfg.describe_shapes) for _ in range(QUESTION_CANDIDATES)]
         question = min(candidates, key=lambda q: answers[q.answer])
         answers[question.answer] += 1
-        examples.append(Example(split, len(examples), scene, question, png))
+        examples.append(Example(split, len(examples), scene, question, png, cfg.describe_shapes))
     return examples
 
 
@@ -505,8 +593,10 @@ def write_synthetic_dataset(out_dir: str | Path, cfg: SynthConfig) -> SynthSumma
 
 
 def corpus_texts(num: int = 200, seed: int = 0) -> Iterator[str]:
-    """Prompts and SFT responses exactly as the dataset phrases them (no images drawn): tokenizer training text."""
-    cfg = SynthConfig(num=num, seed=seed)
+    """Prompts and SFT responses exactly as the dataset phrases them (no images drawn): tokenizer training text.
+    From the world that names shapes, whose words include the other's (the tokenizer, and so the tiny model's
+    vocabulary, stay as they were before the colour-and-count world)."""
+    cfg = SynthConfig(num=num, seed=seed, describe_shapes=True)
     for ex in generate_split("sft", num, cfg, set(), render=False):
         yield IMAGE_TOKEN + ex.question.problem
-        yield sft_response(ex.scene, ex.question)
+        yield sft_response(ex.scene, ex.question, shapes=True)

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from pebr_mega.config import PebrConfig, load_config
 from pebr_mega.data.corpus import tokenizer_corpus
 from pebr_mega.data.images import load_image
-from pebr_mega.data.synthetic import (HARD_NEGATIVE_KINDS, OMIT_KIND, SynthConfig, describe_scene, hard_negatives,
+from pebr_mega.data.synthetic import (OMIT_KIND, SynthConfig, describe_scene, hard_negative_kinds, hard_negatives,
                                       load_scenes, write_synthetic_dataset)
 from pebr_mega.errors import DataError
 from pebr_mega.logging import read_metrics
@@ -32,18 +32,21 @@ from pebr_mega.rewards.clip import ClipAlignmentScorer
 from pebr_mega.rewards.clip_training import ClipPair, ClipTrainingConfig, retrieval_metrics, train_clip
 from pebr_mega.rewards.model import RewardConfig
 from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
-from pebr_mega.recipe.pipeline import GRPO_INPUTS, grpo_stage_config, known_evaluation, run_pipeline
+from pebr_mega.recipe.pipeline import grpo_stage_config, grpo_train_file, known_evaluation, run_pipeline
 from pebr_mega.run.run_dir import EVAL_RESULTS_FILE
 from pebr_mega.trainer.grpo import GRPOTrainer
 from pebr_mega.trainer.stage import eval_set_of
 from pebr_mega.versions import REPORTED, installed_version
 
-# The demo's SFT teacher is sloppy on reasoning questions (see `SynthConfig.sft_teacher_error`): the error
-# stage 2's verifiable reward has to correct. `--description-omission` makes its descriptions leave out the
-# scene's last group too (`SynthConfig.sft_description_omission`), an error for stage 1's perception rewards;
-# it is off by default because stage 1 did not correct it at this scale (docs/DEMO.md reports both).
+# The demo's SFT teacher has two habits, one per GRPO stage to correct. It is sloppy on reasoning questions
+# (`SynthConfig.sft_teacher_error`): stage 2's verifiable reward has to correct that. And it overlooks the last
+# group of half of its scenes (`SynthConfig.sft_description_omission`): its description leaves the group out,
+# and so does its counting ("How many objects", "Remove all ..."), an error for stage 1's perception rewards
+# whose fix reaches the answers. The world names colours and counts, not shapes (`SynthConfig.describe_shapes`:
+# the tiny model never learnt to name shapes, docs/DEMO.md); `--describe-shapes` draws the other world.
 DEMO_TEACHER_ERROR = 0.6
-DEMO_DESCRIPTION_OMISSION = 0.0
+DEMO_DESCRIPTION_OMISSION = 0.5
+DEMO_DESCRIBE_SHAPES = False
 SYNTH_RECORD = "synth_config.json"  # the SynthConfig the demo's data were written with
 CLIP_RECORD = "training.json"  # the trained tiny CLIP's settings and held-out retrieval metrics
 CLIP_TRAIN_SPLITS = ("sft", "grpo")  # the CLIP never sees the held-out images
@@ -64,7 +67,7 @@ def demo_config_path() -> Path:
 
 def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: int,
                    teacher_error: float = 0.0, rewards: Any = None, clip_steps: int | None = None,
-                   description_omission: float = 0.0) -> dict[str, Any]:
+                   description_omission: float = 0.0, describe_shapes: bool = False) -> dict[str, Any]:
     """Tiny model, synthetic data and the trained tiny CLIP under `out` (each reused when already there).
 
     `rewards` (a `RewardConfig`) gives the CLIP scorer's image size, text length and threshold, which the
@@ -72,42 +75,47 @@ def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: 
     """
     model, data, clip = out / "model", out / "data", out / "clip"
     synth = SynthConfig(num=num_grpo, num_sft=num_sft, num_eval=num_eval, seed=seed, max_objects=4,
-                        sft_teacher_error=teacher_error, sft_description_omission=description_omission)
+                        sft_teacher_error=teacher_error, sft_description_omission=description_omission,
+                        describe_shapes=describe_shapes)
     check_reused_data(data, asdict(synth))
     if not (model / "config.json").is_file():
         build_tiny_model(model, TinyModelConfig(seed=seed), tokenizer_corpus())
     if not (data / "eval.json").is_file():
         write_synthetic_dataset(data, synth)
         (data / SYNTH_RECORD).write_text(json.dumps(asdict(synth), indent=1) + "\n")
-    # An omitting teacher's error is one the CLIP reward must see: its training negatives then leave out groups too.
-    kinds = (*HARD_NEGATIVE_KINDS, OMIT_KIND) if description_omission > 0 else HARD_NEGATIVE_KINDS
-    record = prepare_clip(clip, data, seed, rewards or RewardConfig(), clip_steps, kinds)
+    # The CLIP's hard negatives are the errors the model makes: a count, a colour (a shape, where named), and a
+    # whole group left out. Without omissions among them the CLIP scored an undercount above an overcount, and
+    # stage 1 drifted toward leaving groups out (docs/DEMO.md).
+    kinds = (*hard_negative_kinds(synth.describe_shapes), OMIT_KIND)
+    record = prepare_clip(clip, data, seed, rewards or RewardConfig(), clip_steps, kinds, synth.describe_shapes)
     return {"model": model, "data": data, "clip": clip, "clip_record": record}
 
 
 def clip_pairs(data: Path, splits: Sequence[str], negatives: int, seed: int,
-               kinds: Sequence[str] | None = None) -> list:
+               kinds: Sequence[str] | None = None, shapes: bool = False) -> list:
     """(image, true description, hard negatives) for every image of `splits`, negatives drawn from `seed` (of
-    the perception-error `kinds`, default `HARD_NEGATIVE_KINDS`); images without any are left out."""
-    kinds = tuple(kinds or HARD_NEGATIVE_KINDS)
-    tag = "" if kinds == HARD_NEGATIVE_KINDS else "/" + "+".join(kinds)
+    the perception-error `kinds`, default the world's `hard_negative_kinds`; `shapes`: the world names shapes);
+    images without any are left out."""
+    kinds = tuple(kinds or hard_negative_kinds(shapes))
+    tag = "" if kinds == hard_negative_kinds(True) else "/" + "+".join(kinds)
     pairs = []
     for split in splits:
         rng = random.Random(f"pebr-demo/{seed}/clip-negatives/{split}{tag}")
         for path, scene in sorted(load_scenes(data, split).items()):
-            wrong = hard_negatives(scene, rng, negatives, kinds)
+            wrong = hard_negatives(scene, rng, negatives, kinds, shapes)
             if wrong:
-                pairs.append(ClipPair(load_image(data / path), describe_scene(scene), wrong))
+                pairs.append(ClipPair(load_image(data / path), describe_scene(scene, shapes), wrong))
     return pairs
 
 
 def prepare_clip(clip: Path, data: Path, seed: int, rewards: Any, steps: int | None = None,
-                 kinds: Sequence[str] | None = None) -> dict:
+                 kinds: Sequence[str] | None = None, shapes: bool = False) -> dict:
     """Build the tiny CLIP, train it on the training splits (`rewards.clip_training`; hard negatives of the
-    perception-error `kinds`, default `HARD_NEGATIVE_KINDS`) and measure it on the held-out images against
-    `HARD_NEGATIVE_KINDS` negatives and, apart, against descriptions missing a group; returns (and writes to
-    `clip/training.json`) the measurements. Reused when recorded with the same settings."""
-    kinds = tuple(kinds or HARD_NEGATIVE_KINDS)
+    perception-error `kinds`, default the world's `hard_negative_kinds`; `shapes`: the world names shapes) and
+    measure it on the held-out images against the world's hard negatives and, apart, against descriptions
+    missing a group; returns (and writes to `clip/training.json`) the measurements. Reused when recorded with
+    the same settings."""
+    kinds = tuple(kinds or hard_negative_kinds(shapes))
     model_cfg = demo_clip_config(seed)
     train_cfg = ClipTrainingConfig(seed=seed, threshold=rewards.clip_threshold)
     if steps is not None:
@@ -115,22 +123,23 @@ def prepare_clip(clip: Path, data: Path, seed: int, rewards: Any, steps: int | N
     record = clip / CLIP_RECORD
     if record.is_file() and (clip / "config.json").is_file():
         saved = json.loads(record.read_text())
-        if (saved.get("model"), saved.get("training"), saved.get("negative_kinds", list(HARD_NEGATIVE_KINDS))) != (
-                asdict(model_cfg), asdict(train_cfg), list(kinds)):
+        recorded_kinds = saved.get("negative_kinds", list(hard_negative_kinds(True)))
+        if (saved.get("model"), saved.get("training"), recorded_kinds) != (asdict(model_cfg), asdict(train_cfg),
+                                                                           list(kinds)):
             raise DataError(f"{clip} holds a CLIP trained with other settings ({record}); "
                             "choose another --out (or delete that directory)")
         return saved
     t0, c0 = time.perf_counter(), time.process_time()
     build_tiny_clip(clip, tokenizer_corpus(), model_cfg)
-    stats = train_clip(clip, clip_pairs(data, CLIP_TRAIN_SPLITS, CLIP_NEGATIVE_POOL, seed, kinds), train_cfg,
-                       rewards.clip_image_size, rewards.clip_max_text_tokens,
+    pairs = clip_pairs(data, CLIP_TRAIN_SPLITS, CLIP_NEGATIVE_POOL, seed, kinds, shapes)
+    stats = train_clip(clip, pairs, train_cfg, rewards.clip_image_size, rewards.clip_max_text_tokens,
                        log=lambda line: print(line, flush=True))
     scorer = ClipAlignmentScorer(clip, "cpu", rewards.clip_image_size, rewards.clip_max_text_tokens)
-    held_out = clip_pairs(data, ("eval",), CLIP_EVAL_NEGATIVES, seed)
+    held_out = clip_pairs(data, ("eval",), CLIP_EVAL_NEGATIVES, seed, shapes=shapes)
     measured = retrieval_metrics(scorer, held_out, rewards.clip_threshold)
     # Incomplete descriptions alone (one group left out; scenes of two groups or more): what the demo teacher's
     # omissions look like to the CLIP reward.
-    omitted = clip_pairs(data, ("eval",), CLIP_EVAL_NEGATIVES, seed, kinds=(OMIT_KIND,))
+    omitted = clip_pairs(data, ("eval",), CLIP_EVAL_NEGATIVES, seed, kinds=(OMIT_KIND,), shapes=shapes)
     omission = retrieval_metrics(scorer, omitted, rewards.clip_threshold)
     result = {**{k: round(v, 4) for k, v in measured.items()}, "eval_images": len(held_out),
               "eval_negatives_per_image": CLIP_EVAL_NEGATIVES, "negative_kinds": list(kinds),
@@ -173,6 +182,9 @@ def demo_config(out: Path, seed: int, overrides: Sequence[str] = ()) -> PebrConf
         f"pipeline.eval_file={data / 'eval.json'}",
         f"rewards.clip_model_dir={out / 'clip'}",
         "sft.eval_before=false",  # the base model is random (accuracy 0): nothing to measure before SFT
+        # Stage 1 on every GRPO question, not the easy split alone: at this scale the easy split is a few dozen
+        # questions on the images the SFT model already describes best (docs/DEMO.md, "Where the demo departs").
+        "pipeline.stage1_data=grpo",
         *overrides,
     ])
 
@@ -180,7 +192,7 @@ def demo_config(out: Path, seed: int, overrides: Sequence[str] = ()) -> PebrConf
 def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: int = 1024, num_eval: int = 256,
              overrides: Sequence[str] = (), teacher_error: float = DEMO_TEACHER_ERROR,
              clip_steps: int | None = None, description_omission: float = DEMO_DESCRIPTION_OMISSION,
-             ablation: bool = False) -> dict:
+             ablation: bool = False, describe_shapes: bool = DEMO_DESCRIBE_SHAPES) -> dict:
     """Run the demo into `out_dir`; returns the summary (also written to `out_dir/summary.json`). `ablation`
     also runs stage 2 from the SFT model directly (`run_ablation`) and reports it beside the recipe's."""
     t0 = time.time()
@@ -191,7 +203,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
           f"{teacher_error:.0%} of its reasoning answers wrong by one and leaves the last group out of "
           f"{description_omission:.0%} of its descriptions: docs/DEMO.md)")
     assets = prepare_assets(out, seed, num_grpo, num_sft, num_eval, teacher_error, cfg.rewards, clip_steps,
-                            description_omission)
+                            description_omission, describe_shapes)
     results = run_pipeline(cfg)
     summary = summarize(results, time.time() - t0, assets["clip_record"],
                         {"reasoning_error": teacher_error, "description_omission": description_omission})
@@ -221,7 +233,7 @@ def run_ablation(cfg: PebrConfig, out: Path, results: dict) -> dict:
         why = "no SFT model" if not sft else f"the recipe's stage 2 was skipped ({results['stage2']['skipped']})"
         print(f"[demo] ablation: {why}; not run")
         return {"skipped": why}
-    c = grpo_stage_config(cfg, work, "stage2", work / "split" / GRPO_INPUTS["stage2"], sft)
+    c = grpo_stage_config(cfg, work, "stage2", grpo_train_file(cfg, work, "stage2"), sft)
     c.run.output_dir = str(run_dir)
     if (run_dir / "result.json").is_file():
         res = json.loads((run_dir / "result.json").read_text())

@@ -325,7 +325,7 @@ def _pipeline_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, log: 
                    found: _WorkDir) -> dict:
     from pebr_mega.recipe import pipeline as pl
 
-    path = work / "split" / pl.GRPO_INPUTS[stage]
+    path = pl.grpo_train_file(cfg, work, stage)
     init = pl.grpo_init_model(cfg, work, results, stage)
     c = pl.grpo_stage_config(cfg, work, stage, path, init)
     g = c.grpo

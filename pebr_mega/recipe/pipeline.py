@@ -81,6 +81,7 @@ def stage_fingerprints(cfg: PebrConfig, work: Path) -> dict[str, dict]:
         "stage2": stage_settings(grpo_stage_config(cfg, work, "stage2", Path(), ""), "grpo", exclude=_DERIVED_GRPO),
         "export": {},
     }
+    own["stage1"]["pipeline.stage1_data"] = cfg.pipeline.stage1_data  # which prompts, not a grpo.* key
     chained: dict[str, dict] = {}
     for i, stage in enumerate(STAGES):
         chained[stage] = dict(own[stage])
@@ -261,6 +262,14 @@ def grpo_stage_config(cfg: PebrConfig, work: Path, stage: str, train_file: Path,
 GRPO_INPUTS = {"stage1": "easycase.json", "stage2": "mediumcase.json"}
 
 
+def grpo_train_file(cfg: PebrConfig, work: Path, stage: str) -> Path:
+    """The prompts a GRPO stage trains on: its split file (`GRPO_INPUTS`), or for stage 1 with
+    `pipeline.stage1_data=grpo` every question of `pipeline.grpo_file`."""
+    if stage == "stage1" and cfg.pipeline.stage1_data == "grpo":
+        return Path(cfg.pipeline.grpo_file)
+    return work / "split" / GRPO_INPUTS[stage]
+
+
 def grpo_init_model(cfg: PebrConfig, work: Path, results: dict, stage: str) -> str:
     """Where a GRPO stage starts: stage 1 from the SFT model, stage 2 from stage 1's (each falling back)."""
     sft = _model_of(work, "sft", results, cfg.pipeline.base_model)
@@ -285,7 +294,7 @@ def _run_split(cfg: PebrConfig, work: Path, results: dict) -> dict:
 
 
 def _run_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str) -> dict:
-    path = work / "split" / GRPO_INPUTS[stage]
+    path = grpo_train_file(cfg, work, stage)
     init = grpo_init_model(cfg, work, results, stage)
     c = grpo_stage_config(cfg, work, stage, path, init)
     why = grpo_skip_reason(c, path)

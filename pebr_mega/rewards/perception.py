@@ -21,7 +21,8 @@ its attributes then its noun ("red circle": attribute "red", noun "circle"):
                         shapes (what a model that cannot tell shapes apart can still get right)
     omission          = 1 when the description states fewer items than the reference has groups (a group left out)
     shape_accuracy    = of the groups right up to the noun, the share whose noun is right too (None when no
-                        group's count and colour are right)
+                        group's count and colour are right, or when the reference names no shape: its nouns
+                        are all generic, "2 red objects", and a description naming shapes is then not exact)
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ NUMBER_WORDS = {w: i for i, w in enumerate(("zero", "one", "two", "three", "four
 _ITEM_SEPARATOR = re.compile(r",|;|\band\b|\n")
 _ITEM = re.compile(r"^(\d+|[a-z]+)\s+([a-z][a-z ]*?)$")
 EMPTY_WORDS = {"none", "nothing", "no objects"}
+GENERIC_NOUNS = {"object", "thing", "item", "shape"}  # a group named by these names no shape
 
 
 @dataclass
@@ -98,17 +100,29 @@ def _drop_nouns(groups: Counter) -> Counter:
     return out
 
 
+def _names_shapes(groups: Counter) -> bool:
+    return any(phrase.rpartition(" ")[2] not in GENERIC_NOUNS for _, phrase in groups)
+
+
+def _shape_counts(pred: Counter, ref: Counter) -> tuple[int, int]:
+    """(groups right with their noun, groups right up to the noun) of `pred` against `ref`; (0, 0) when the
+    reference names no shape."""
+    if not _names_shapes(ref):
+        return 0, 0
+    return sum((pred & ref).values()), sum((_drop_nouns(pred) & _drop_nouns(ref)).values())
+
+
 def description_attributes(response: str, reference: str) -> dict[str, float | None]:
     """`count_color_exact`, `omission` and `shape_accuracy` (module docstring) of the response's description."""
     ref = description_groups(reference)
     desc = extract_description(response)
     pred = description_groups(desc) if desc is not None else Groups(Counter(), 0)
     pred_cc, ref_cc = _drop_nouns(pred.groups), _drop_nouns(ref.groups)
-    right_up_to_noun = sum((pred_cc & ref_cc).values())
+    right, right_up_to_noun = _shape_counts(pred.groups, ref.groups)
     return {
         "count_color_exact": float(desc is not None and pred_cc == ref_cc and pred.unparsed == 0),
         "omission": float(sum(pred.groups.values()) + pred.unparsed < sum(ref.groups.values())),
-        "shape_accuracy": sum((pred.groups & ref.groups).values()) / right_up_to_noun if right_up_to_noun else None,
+        "shape_accuracy": right / right_up_to_noun if right_up_to_noun else None,
     }
 
 
@@ -139,7 +153,6 @@ def _pooled_shape_accuracy(pairs: Sequence[tuple[str, str]]) -> float | None:
         desc = extract_description(response)
         if desc is None:
             continue
-        pred, ref = description_groups(desc).groups, description_groups(reference).groups
-        right += sum((pred & ref).values())
-        total += sum((_drop_nouns(pred) & _drop_nouns(ref)).values())
+        r, t = _shape_counts(description_groups(desc).groups, description_groups(reference).groups)
+        right, total = right + r, total + t
     return right / total if total else None
