@@ -396,6 +396,51 @@ def test_dry_run_runs_the_start_up_checks_of_the_run(tiny_model_dir, tmp_path, c
     assert rc == 2 and "grpo.train_file=" in err and "run `pebr sample` and `pebr split` first" in err
 
 
+def test_dry_run_on_one_gpu_refuses_tp_3_as_the_run_does(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Issue 25: `pebr train --dry-run model.tp=3` on a machine with one GPU exits non-zero naming the tensor-parallel
+    check, and the real run refuses with the same message: both list the failures of one function
+    (`plan.startup_checks`) on the world each would have."""
+    import torch
+
+    from pebr_mega.config import load_config
+    from pebr_mega.plan.startup import World, startup_checks
+
+    data = _grpo_file(tmp_path, [(56, 56)] * 8)
+    common = ["grpo.stage=stage2", f"grpo.train_file={data}", f"grpo.init_model={tiny_model_dir}",
+              "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4", "model.tp=3", "rollout.engine=hf"]
+    cfg = load_config(None, common)
+    with monkeypatch.context() as one_gpu:  # one GPU visible and no launcher: both worlds are one process
+        one_gpu.setattr(torch.cuda, "is_available", lambda: True)
+        one_gpu.setattr(torch.cuda, "device_count", lambda: 1)
+        dry, real = World.for_dry_run(cfg), World.of_launcher()
+    assert (dry.size, dry.devices, real.size, real.devices) == (1, 1, 1, 1)
+    failures = startup_checks(cfg, "train", dry).errors
+    assert failures == startup_checks(cfg, "train", real).errors
+    assert "model.tp=3 x model.pp=1 = 3 GPUs per model replica does not divide the world size 1" in failures[0]
+    # Through the CLI on the launcher's one-process world: the dry run and the run end with the same lines.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    rc, plan, err = _dry(capsys, "train", "--dry-run", *common)
+    real_rc = main(["train", *common, f"run.output_dir={tmp_path / 'run'}"])
+    real_err = capsys.readouterr().err
+    assert rc == real_rc == 2 and plan is None and not (tmp_path / "run").exists()
+    assert "does not divide the world size 1" in err and "(WORLD_SIZE from the launcher)" in err
+    assert err.replace("pebr train: error: ", "") == real_err.replace("pebr train: error: ", "")
+
+
+def test_start_up_refuses_more_processes_per_node_than_gpus():
+    """One GPU per process (`parallel.groups.init_distributed` binds LOCAL_RANK's GPU): a node starting 3 processes
+    on 1 visible GPU is refused at start-up, by the run and the dry run alike; a CPU run has no such rule."""
+    from pebr_mega.config import load_config
+    from pebr_mega.plan.startup import World, startup_checks
+
+    cfg = load_config(None, ["model.tp=1", "grpo.init_model=/nowhere", "rollout.engine=hf"])
+    over = startup_checks(cfg, "train", World(3, gpus_per_node=3, devices=1), inputs=False)
+    assert over.errors == ["3 processes per node (LOCAL_WORLD_SIZE) but 1 GPU(s) visible here: each process drives "
+                           "its own GPU; start at most 1 per node"]
+    assert startup_checks(cfg, "train", World(3, gpus_per_node=3, devices=0), inputs=False).ok
+    assert startup_checks(cfg, "train", World(3, gpus_per_node=3, devices=4), inputs=False).ok
+
+
 def test_plan_exits_non_zero_naming_the_failing_check_of_the_configured_layout(capsys):
     assert main(["plan", "--config", CONFIG_7B, "model.tp=3"]) == 2
     out = capsys.readouterr()
