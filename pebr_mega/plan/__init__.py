@@ -16,6 +16,6 @@ from pebr_mega.plan.report import format_plan, plan_to_json
 from pebr_mega.plan.shapes import BUILTIN_SHAPES, resolve_arch
 from pebr_mega.plan.startup import World, check_startup, startup_checks
 
-__all__ = ["BUILTIN_SHAPES", "GPUS", "CheckResult", "Cluster", "LayoutPlan", "Plan", "StartupCheckError",
-           "World", "check_startup", "format_plan", "gpu_spec", "make_plan", "plan_to_json", "resolve_arch", "run_checks",
+__all__ = ["BUILTIN_SHAPES", "GPUS", "CheckResult", "Cluster", "LayoutPlan", "Plan", "StartupCheckError", "World",
+           "check_startup", "format_plan", "gpu_spec", "make_plan", "plan_to_json", "resolve_arch", "run_checks",
            "startup_checks"]

@@ -1,8 +1,8 @@
 """The divisibility and size rules a run must satisfy, checked before anything is loaded.
 
 One set of rules serves both `pebr plan` (which layouts are valid) and the start-up of `pebr train`, `sft`,
-`sample` and `pipeline` (`plan/startup.py`, for the run and its dry run), so the two cannot disagree. Each failure is one line that names
-the keys and a value that would work. What the code tolerates but the user should know (an uneven pipeline
+`sample` and `pipeline` (`plan/startup.py`, for the run and its dry run), so the two cannot disagree. Each
+failure is one line that names the keys and a value that would work. What the code tolerates but the user should know (an uneven pipeline
 split, uneven data-parallel shares) is a note, not a failure.
 
 The rules and where they come from:

@@ -51,8 +51,8 @@ class World:
             return cls(gpus, _local_world_size(), gpus,
                        f"the {gpus} GPU(s) visible here; under torchrun it is --nproc-per-node x nodes: --world-size N")
         layout = max(cfg.model.tp, 1) * max(cfg.model.pp, 1)
-        return cls(layout, _local_world_size(), gpus,
-                   "no GPU here: model.tp x model.pp, the smallest world the layout runs on; --world-size N for another")
+        return cls(layout, _local_world_size(), gpus, "no GPU here: model.tp x model.pp, the smallest world the "
+                                                      "layout runs on; --world-size N for another")
 
     def rollout_engine(self, cfg: Any) -> str | None:
         """The rollout engine the run builds (`rollout.engine=auto`: SGLang where there is a GPU); None when
