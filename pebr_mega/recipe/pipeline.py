@@ -115,31 +115,58 @@ def run_pipeline(cfg: PebrConfig, log: Callable[[str], None] = print, restart: b
 
 def _run_stage(cfg: PebrConfig, work: Path, plan: StagePlan, results: dict[str, dict]) -> dict:
     """Run one stage as `plan` says (a skipped GRPO stage only records that it passes its model on)."""
-    if plan.status == "skipped":
-        print(f"[pipeline] {plan.stage}: {plan.note}; the stage is skipped and passes {plan.init_model} on")
-        return dict(plan.result)
-    if plan.status != "to run":
+    if plan.status not in ("to run", "skipped"):
         raise RuntimeError(f"pipeline stage {plan.stage} is {plan.status!r} when its turn comes")  # pending: a bug
-    if plan.stage == "sft":
-        return SFTTrainer(plan.config).train().to_dict()
-    if plan.stage == "sample":
-        return run_sampling(plan.config, progress=cfg.logging.progress_bar)
-    if plan.stage == "split":
-        return _run_split(cfg, work, plan.source)
-    if plan.stage in GRPO_INPUTS:
-        c = plan.config
-        known = known_evaluation(results, plan.init_model, eval_set_of(c, c.grpo))
-        return GRPOTrainer(c, eval_before=known).train().to_dict()
-    return _run_export(work, Path(plan.init_model))
+    return _RUNNERS[plan.stage](cfg, work, plan, results)
 
 
-def _run_split(cfg: PebrConfig, work: Path, rollouts: Path) -> dict:
+# One function per stage: tools/profile_demo.py files the demo's time by these names on the stack.
+def _run_sft(cfg: PebrConfig, work: Path, plan: StagePlan, results: dict[str, dict]) -> dict:
+    return SFTTrainer(plan.config).train().to_dict()
+
+
+def _run_sample(cfg: PebrConfig, work: Path, plan: StagePlan, results: dict[str, dict]) -> dict:
+    return run_sampling(plan.config, progress=cfg.logging.progress_bar)
+
+
+def _run_split(cfg: PebrConfig, work: Path, plan: StagePlan, results: dict[str, dict]) -> dict:
     out = work / "split"
-    res = split_files(rollouts, cfg.pipeline.grpo_file, out, n=cfg.sample.n,
+    res = split_files(plan.source, cfg.pipeline.grpo_file, out, n=cfg.sample.n,
                       threshold=cfg.sample.correct_threshold, columns=cfg.data.columns)
     for line in format_summary(res, out):
         print(line)
     return {"counts": res.counts(), "dir": str(out)}
+
+
+def _run_grpo(plan: StagePlan, results: dict[str, dict]) -> dict:
+    if plan.status == "skipped":
+        print(f"[pipeline] {plan.stage}: {plan.note}; the stage is skipped and passes {plan.init_model} on")
+        return dict(plan.result)
+    c = plan.config
+    known = known_evaluation(results, plan.init_model, eval_set_of(c, c.grpo))
+    return GRPOTrainer(c, eval_before=known).train().to_dict()
+
+
+def _run_stage1(cfg: PebrConfig, work: Path, plan: StagePlan, results: dict[str, dict]) -> dict:
+    return _run_grpo(plan, results)
+
+
+def _run_stage2(cfg: PebrConfig, work: Path, plan: StagePlan, results: dict[str, dict]) -> dict:
+    return _run_grpo(plan, results)
+
+
+def _run_export(cfg: PebrConfig, work: Path, plan: StagePlan, results: dict[str, dict]) -> dict:
+    src = Path(plan.init_model)
+    verify_hf_weights(src, "the final model's source")  # a damaged stage model is not published as final
+    with atomic_dir(work / "final") as tmp:
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    return {"model_dir": str(work / "final"), "source": str(src)}
+
+
+_RUNNERS = {"sft": _run_sft, "sample": _run_sample, "split": _run_split, "stage1": _run_stage1,
+            "stage2": _run_stage2, "export": _run_export}
 
 
 # Evaluation metrics that depend on the stage's reward function (each stage has its own preset).
@@ -159,12 +186,3 @@ def known_evaluation(results: dict, model_dir: str, eval_set: dict | None) -> di
                 and res.get("eval_set") == eval_set):
             return {k: v for k, v in res["eval_after"].items() if not k.startswith(REWARD_METRICS)}
     return None
-
-
-def _run_export(work: Path, src: Path) -> dict:
-    verify_hf_weights(src, "the final model's source")  # a damaged stage model is not published as final
-    with atomic_dir(work / "final") as tmp:
-        for f in src.iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / f.name)
-    return {"model_dir": str(work / "final"), "source": str(src)}
