@@ -457,18 +457,16 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- training
 # The config-driven commands share one shape: `--config C [k=v ...] [--dry-run]`, then one library call.
 def _check_startup(cfg: PebrConfig, command: str, dry_run: bool = False, world_size: int | None = None) -> None:
-    """Every start-up rule before anything loads: the divisibility and size rules (pebr_mega.plan) on the world
-    the launcher gives and every input path the command opens (plan/paths.py); the real run and `--dry-run`
-    both call this (a dry run on `plan.checks.dry_run_world`: --world-size, WORLD_SIZE, the GPUs here, else
-    the layout's own tp x pp). Notes go to stderr on rank 0."""
+    """Every start-up rule before anything loads (`plan.startup_checks`: the divisibility and size rules, one GPU
+    per process, every input path the command opens), on the launcher's world for the run and on the world the
+    run will have for `--dry-run` (`World.for_dry_run`: --world-size, WORLD_SIZE, the GPUs here, else the
+    layout's own tp x pp); both stop naming every failure. Notes go to stderr on rank 0."""
     from pebr_mega.parallel.groups import is_main_rank
-    from pebr_mega.plan import check_startup
-    from pebr_mega.plan.checks import dry_run_world
-    from pebr_mega.plan.paths import check_inputs
+    from pebr_mega.plan.startup import World, raise_failed, startup_checks
 
-    world, source = dry_run_world(cfg, world_size) if dry_run else (None, None)
-    result = check_startup(cfg, world_size=world, command=command, also=check_inputs(cfg, command),
-                           world_source=source)
+    world = World.for_dry_run(cfg, world_size) if dry_run else World.of_launcher()
+    result = startup_checks(cfg, command, world)
+    raise_failed(result, command, world)
     if is_main_rank():
         for note in result.notes:
             print(f"pebr {command}: note: {note}", file=sys.stderr)

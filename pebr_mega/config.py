@@ -44,8 +44,8 @@ from pebr_mega.rewards.model import RewardConfig
 from pebr_mega.rollout.engine import RolloutConfig
 from pebr_mega.stage_config import GRPOTrainerConfig, PipelineConfig, SampleConfig, SFTConfig, StageLoopConfig
 
-__all__ = ["ConfigError", "EvalSource", "PebrConfig", "RunConfig", "choice", "eval_source", "load_config", "to_dict",
-           "to_yaml"]
+__all__ = ["ConfigError", "EvalSource", "PebrConfig", "RunConfig", "choice", "eval_source", "load_config",
+           "pipeline_eval_files", "to_dict", "to_yaml"]
 
 
 @dataclass
@@ -91,6 +91,15 @@ def eval_source(cfg: PebrConfig, loop: StageLoopConfig) -> EvalSource:
     if loop.eval_file:
         return EvalSource(f"{loop.section}.eval_file", loop.eval_file)
     return EvalSource("data.eval_file", cfg.data.eval_file or "")
+
+
+def pipeline_eval_files(cfg: PebrConfig) -> dict[str, str | None]:
+    """The eval-file keys `pebr pipeline` sets in its stages' configs, by key: `pipeline.eval_file`, the recipe's
+    held-out set, where set, else the key's own value. The SFT stage takes it as `data.eval_file` (its own
+    `sft.eval_file` still wins, `eval_source`), the GRPO stages as `grpo.eval_file`. Decided here, beside
+    `eval_source`, so no stage re-derives it; the stages' recorded fingerprints hold these keys as they are."""
+    own = cfg.pipeline.eval_file
+    return {"data.eval_file": own or cfg.data.eval_file, "grpo.eval_file": own or cfg.grpo.eval_file}
 
 
 def _valid_keys(schema: Any, dotted: str) -> list[str]:

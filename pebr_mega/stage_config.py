@@ -199,3 +199,11 @@ class PipelineConfig:
     # every time), or "grpo", every question of grpo_file. The demo takes "grpo": its easy split is a few dozen
     # questions on images the model already describes best (docs/DEMO.md, "Where the demo departs").
     stage1_data: str = choice("easy", ["easy", "grpo"])
+    # Stage 1's step limit, where it differs from stage 2's (grpo.max_steps, shared by both stages); 0 = the same.
+    stage1_max_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check_fields("pipeline", {
+            "stage1_max_steps": (self.stage1_max_steps >= 0, self.stage1_max_steps,
+                                 "must be >= 0 (0 = grpo.max_steps, as stage 2)"),
+        })

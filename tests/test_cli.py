@@ -277,13 +277,15 @@ def test_pipeline_dry_run_plans_each_stage_and_names_pending_inputs(tiny_model_d
     assert by["stage1"]["prompts"] is None and "easycase.json" in by["stage1"]["note"]
     assert by["stage1"]["reward_weights"] == STAGE1 and by["stage2"]["reward_weights"] == STAGE2
     assert by["stage2"]["rollout_batch"] == 4 and by["stage2"]["epochs"] == 2
-    # Once the earlier stages have run: sft done, the split written (3 easy questions: fewer than a batch).
+    # Once the earlier stages have run: sft done, the split done and written (3 easy questions: fewer than a batch).
+    # (A split still to run rewrites its files after sampling: the GRPO stages' inputs are then pending.)
     (work / "sft").mkdir(parents=True)
     (work / "sft" / "DONE").write_text(json.dumps({"model_dir": str(tiny_model_dir)}))
     (work / "split").mkdir()
     rows = json.loads(grpo.read_text())
     (work / "split" / "easycase.json").write_text(json.dumps(rows[:3]))
     (work / "split" / "mediumcase.json").write_text(json.dumps(rows[3:]))
+    (work / "split" / "DONE").write_text(json.dumps({"dir": str(work / "split")}))
     rc, plans, _ = _dry(capsys, *argv)
     by = {p["stage"]: p for p in plans}
     assert rc == 0 and by["sft"]["status"] == "done"
@@ -295,6 +297,18 @@ def test_pipeline_dry_run_plans_each_stage_and_names_pending_inputs(tiny_model_d
     assert not (work / "stage2").exists()
 
 
+def test_pipeline_split_without_rollouts_stops_the_dry_run_and_the_run_alike(tiny_model_dir, tmp_path, capsys):
+    """The split stage run alone, with no sampling done: both stop at the split, with the same line."""
+    argv = [*_pipeline_overrides(tmp_path, tiny_model_dir), "pipeline.stages=[split]"]
+    rc, plans, err = _dry(capsys, "pipeline", "--dry-run", *argv)
+    rollouts = tmp_path / "work" / "sample" / "rollouts.jsonl"
+    assert rc == 2 and plans[0]["status"] == "to run" and plans[0]["error"] == \
+        f"{rollouts} does not exist: the sample stage writes it"
+    real_rc, real = _last_error(capsys, ["pipeline", *argv])
+    assert real_rc == 2 and real == err.strip().splitlines()[-1]
+    assert not (tmp_path / "work" / "split").exists()
+
+
 def test_pipeline_dry_run_checks_the_recorded_fingerprints_as_the_run_does(tiny_model_dir, tmp_path, capsys):
     """A work directory whose sft, sample and split are done and whose stage 1 was interrupted, each recorded
     with its fingerprint (`pipeline._mark_done` / `_mark_started`, as the run writes them). The dry run reports
@@ -304,6 +318,7 @@ def test_pipeline_dry_run_checks_the_recorded_fingerprints_as_the_run_does(tiny_
     from pebr_mega.config import load_config
     from pebr_mega.outputs import claim_output_dir
     from pebr_mega.recipe import pipeline as pl
+    from pebr_mega.recipe.work_dir import stage_result
 
     overrides = _pipeline_overrides(tmp_path, tiny_model_dir)
     work = tmp_path / "work"
@@ -327,6 +342,8 @@ def test_pipeline_dry_run_checks_the_recorded_fingerprints_as_the_run_does(tiny_
     assert rc == 0 and status == {"sft": "done", "sample": "done", "split": "done", "stage1": "to run",
                                   "stage2": "to run", "export": "to run"}
     assert plans[3]["prompts"] == 4 and plans[3]["init_model"] == str(tiny_model_dir)
+    # what stage 1's trainer finds in its folder, as `pebr train --dry-run` reports it (no checkpoint yet: new)
+    assert plans[3]["run_dir"] == {"path": str(work / "stage1"), "status": "new"}
 
     # Another sample.n: the real run stops at start-up with one line naming the key ...
     assert main(["pipeline", *overrides, "sample.n=3"]) == 2
@@ -354,13 +371,21 @@ def test_pipeline_dry_run_checks_the_recorded_fingerprints_as_the_run_does(tiny_
     assert by["sample"]["restart"] == "sample was run with other settings (sample.n 8 -> 3): discarding sample, " \
                                       "split, stage1, stage2, export"
     assert by["sample"]["n"] == 3 and by["stage1"]["prompts"] is None and "restart" not in by["split"]
-    # Outside pipeline.stages, the discarded stage is named and the stages after it start from what is left.
-    rc, plans, _ = _dry(capsys, "pipeline", "--dry-run", "--force-restart", *overrides, "sample.n=3",
-                        "pipeline.stages=[sft,stage1]")
+    # Outside pipeline.stages, the discarded stage is named and the stages after it start from what is left: no
+    # split runs, so stage 1 finds no easy set and is skipped, passing the SFT model on.
+    restart_sft_stage1 = ["--force-restart", *overrides, "sample.n=3", "pipeline.stages=[sft,stage1]"]
+    rc, plans, _ = _dry(capsys, "pipeline", "--dry-run", *restart_sft_stage1)
     assert rc == 0 and [(p["stage"], p["status"]) for p in plans] == \
-        [("sft", "done"), ("sample", "discarded"), ("stage1", "pending input")]
+        [("sft", "done"), ("sample", "discarded"), ("stage1", "skipped")]
     assert plans[2]["init_model"] == str(tiny_model_dir)
+    assert plans[2]["note"].startswith(f"0 questions in {work / 'split' / 'easycase.json'}")
     assert _tree(work) == before  # the dry runs wrote nothing
+    # The run does what its dry run said (no model is loaded: sft is done, stage 1 skipped).
+    assert main(["pipeline", *restart_sft_stage1]) == 0
+    capsys.readouterr()
+    recorded = stage_result(work, "stage1")
+    assert recorded == {"model_dir": str(tiny_model_dir), "skipped": plans[2]["note"].split(": the stage passes")[0],
+                        "seconds": recorded["seconds"]}
 
 
 def test_training_commands_fail_at_start_up_with_one_line(tmp_path, capsys):
@@ -394,6 +419,51 @@ def test_dry_run_runs_the_start_up_checks_of_the_run(tiny_model_dir, tmp_path, c
     assert rc == 2 and "grpo.init_model='' is not set" in err and "grpo.train_file='' is not set" in err
     rc, _, err = _dry(capsys, "train", "--dry-run", *common, f"grpo.train_file={tmp_path / 'split/mediumcase.json'}")
     assert rc == 2 and "grpo.train_file=" in err and "run `pebr sample` and `pebr split` first" in err
+
+
+def test_dry_run_on_one_gpu_refuses_tp_3_as_the_run_does(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Issue 25: `pebr train --dry-run model.tp=3` on a machine with one GPU exits non-zero naming the tensor-parallel
+    check, and the real run refuses with the same message: both list the failures of one function
+    (`plan.startup_checks`) on the world each would have."""
+    import torch
+
+    from pebr_mega.config import load_config
+    from pebr_mega.plan.startup import World, startup_checks
+
+    data = _grpo_file(tmp_path, [(56, 56)] * 8)
+    common = ["grpo.stage=stage2", f"grpo.train_file={data}", f"grpo.init_model={tiny_model_dir}",
+              "grpo.rollout_batch_size=4", "grpo.mini_batch_size=4", "model.tp=3", "rollout.engine=hf"]
+    cfg = load_config(None, common)
+    with monkeypatch.context() as one_gpu:  # one GPU visible and no launcher: both worlds are one process
+        one_gpu.setattr(torch.cuda, "is_available", lambda: True)
+        one_gpu.setattr(torch.cuda, "device_count", lambda: 1)
+        dry, real = World.for_dry_run(cfg), World.of_launcher()
+    assert (dry.size, dry.devices, real.size, real.devices) == (1, 1, 1, 1)
+    failures = startup_checks(cfg, "train", dry).errors
+    assert failures == startup_checks(cfg, "train", real).errors
+    assert "model.tp=3 x model.pp=1 = 3 GPUs per model replica does not divide the world size 1" in failures[0]
+    # Through the CLI on the launcher's one-process world: the dry run and the run end with the same lines.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    rc, plan, err = _dry(capsys, "train", "--dry-run", *common)
+    real_rc = main(["train", *common, f"run.output_dir={tmp_path / 'run'}"])
+    real_err = capsys.readouterr().err
+    assert rc == real_rc == 2 and plan is None and not (tmp_path / "run").exists()
+    assert "does not divide the world size 1" in err and "(WORLD_SIZE from the launcher)" in err
+    assert err.replace("pebr train: error: ", "") == real_err.replace("pebr train: error: ", "")
+
+
+def test_start_up_refuses_more_processes_per_node_than_gpus():
+    """One GPU per process (`parallel.groups.init_distributed` binds LOCAL_RANK's GPU): a node starting 3 processes
+    on 1 visible GPU is refused at start-up, by the run and the dry run alike; a CPU run has no such rule."""
+    from pebr_mega.config import load_config
+    from pebr_mega.plan.startup import World, startup_checks
+
+    cfg = load_config(None, ["model.tp=1", "grpo.init_model=/nowhere", "rollout.engine=hf"])
+    over = startup_checks(cfg, "train", World(3, gpus_per_node=3, devices=1), inputs=False)
+    assert over.errors == ["3 processes per node (LOCAL_WORLD_SIZE) but 1 GPU(s) visible here: each process drives "
+                           "its own GPU; start at most 1 per node"]
+    assert startup_checks(cfg, "train", World(3, gpus_per_node=3, devices=0), inputs=False).ok
+    assert startup_checks(cfg, "train", World(3, gpus_per_node=3, devices=4), inputs=False).ok
 
 
 def test_plan_exits_non_zero_naming_the_failing_check_of_the_configured_layout(capsys):

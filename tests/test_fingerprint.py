@@ -12,8 +12,8 @@ from pebr_mega.config import load_config
 from pebr_mega.errors import SettingsMismatchError
 from pebr_mega.run.run_dir import prepare_run_dir
 from pebr_mega.run.fingerprint import FINGERPRINT, diff_settings, read_fingerprint, stage_settings
-from pebr_mega.recipe.pipeline import (STAGES, _mark_done, check_recorded_stages, find_mismatch,
-                                        stage_fingerprints, stage_result)
+from pebr_mega.recipe.pipeline import _mark_done, check_recorded_stages
+from pebr_mega.recipe.work_dir import STAGES, find_mismatch, stage_fingerprints, stage_result
 
 
 def _cfg(tmp: Path, *extra: str):

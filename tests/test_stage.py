@@ -101,10 +101,28 @@ def test_a_held_out_slice_and_an_eval_file_set_after_loading_are_refused(tmp_pat
         check_eval_source(cfg, cfg.grpo)
 
 
+def test_the_pipeline_stages_take_their_eval_file_from_the_config_layer(tmp_path):
+    """`pipeline.eval_file`, where set, is every pipeline stage's held-out set (SFT: as `data.eval_file`, under its
+    own `sft.eval_file`; GRPO: as `grpo.eval_file`); unset, each stage keeps its own keys."""
+    from pebr_mega.config import eval_source, pipeline_eval_files
+    from pebr_mega.recipe.work_dir import grpo_stage_config, sft_stage_config
+
+    own = ["data.eval_file=/d.json", "grpo.eval_file=/g.json"]
+    cfg = load_config(None, ["pipeline.eval_file=/p.json", *own])
+    assert pipeline_eval_files(cfg) == {"data.eval_file": "/p.json", "grpo.eval_file": "/p.json"}
+    sft, grpo = sft_stage_config(cfg, tmp_path), grpo_stage_config(cfg, tmp_path, "stage2", tmp_path / "m.json", "")
+    assert eval_source(sft, sft.sft).path == "/p.json" and eval_source(grpo, grpo.grpo).path == "/p.json"
+    sft = sft_stage_config(load_config(None, ["pipeline.eval_file=/p.json", "sft.eval_file=/s.json"]), tmp_path)
+    assert eval_source(sft, sft.sft).path == "/s.json"  # the stage's own key wins over the shared one
+    cfg = load_config(None, own)
+    assert pipeline_eval_files(cfg) == {"data.eval_file": "/d.json", "grpo.eval_file": "/g.json"}
+    assert grpo_stage_config(cfg, tmp_path, "stage1", tmp_path / "e.json", "").grpo.eval_file == "/g.json"
+
+
 def test_the_pipeline_skips_a_grpo_stage_without_one_full_batch_after_the_held_out_slice(tmp_path):
     import json
 
-    from pebr_mega.recipe.pipeline import grpo_skip_reason
+    from pebr_mega.recipe.work_dir import grpo_skip_reason
 
     split = tmp_path / "easycase.json"
     split.write_text(json.dumps([{"qid": str(i)} for i in range(6)]))

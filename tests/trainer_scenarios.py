@@ -209,7 +209,8 @@ def _count_engines() -> dict:
 
 
 def _pipeline(model, data, tmp):
-    from pebr_mega.recipe.pipeline import run_pipeline, stage_result
+    from pebr_mega.recipe.pipeline import run_pipeline
+    from pebr_mega.recipe.work_dir import stage_result
 
     engines = _count_engines()
 

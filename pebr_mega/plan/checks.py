@@ -1,8 +1,8 @@
 """The divisibility and size rules a run must satisfy, checked before anything is loaded.
 
 One set of rules serves both `pebr plan` (which layouts are valid) and the start-up of `pebr train`, `sft`,
-`sample` and `pipeline` (`check_startup`), so the two cannot disagree. Each failure is one line that names
-the keys and a value that would work. What the code tolerates but the user should know (an uneven pipeline
+`sample` and `pipeline` (`plan/startup.py`, for the run and its dry run), so the two cannot disagree. Each
+failure is one line that names the keys and a value that would work. What the code tolerates but the user should know (an uneven pipeline
 split, uneven data-parallel shares) is a note, not a failure.
 
 The rules and where they come from:
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -283,58 +282,3 @@ def run_checks(cfg: Any, world: int, command: str, gpus_per_node: int | None = N
         key, path = model_path(cfg, command)
         r.notes.append(f"{key}={path!r}: architecture unknown before loading; head, layer and length checks skipped")
     return r
-
-
-def check_startup(cfg: Any, world_size: int | None = None, command: str = "train",
-                  gpus_per_node: int | None = None, also: CheckResult | None = None,
-                  world_source: str | None = None) -> CheckResult:
-    """Check every rule for `command` before anything is loaded; raise StartupCheckError listing each failure.
-
-    `world_size` and `gpus_per_node` default to the launcher's WORLD_SIZE and LOCAL_WORLD_SIZE (1 and
-    unknown without a launcher). `also`: the results of other start-up checks (the input paths), reported
-    in the same error; `world_source`: where `world_size` came from (a dry run's `dry_run_world`), named when
-    a rule about the world fails. Returns the result (its notes) when the run can start.
-    """
-    if world_size is None and world_source is None and not os.environ.get("WORLD_SIZE"):
-        world_source = "no launcher: WORLD_SIZE unset; under torchrun it is --nproc-per-node x nodes"
-    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    if gpus_per_node is None and os.environ.get("LOCAL_WORLD_SIZE"):
-        gpus_per_node = int(os.environ["LOCAL_WORLD_SIZE"])
-    r = run_checks(cfg, world, command, gpus_per_node)
-    if also is not None:
-        r.extend(also)
-    raise_failed(r, command, world, world_source)
-    return r
-
-
-def raise_failed(r: CheckResult, command: str, world: int, world_source: str | None = None) -> None:
-    """StartupCheckError for every failed rule of `r` (one failure: one line; several: one line each under a
-    heading); nothing when all passed. `world_source` says where the world size came from, shown when a rule
-    about it failed."""
-    if not r.errors:
-        return
-    layout = any("world size" in e for e in r.errors)
-    source = f" ({world_source})" if layout and world_source else ""
-    if len(r.errors) == 1:  # one failure: one line, as every other error of the CLI
-        raise StartupCheckError(f"start-up check failed for `pebr {command}` on {world} GPU(s){source}: {r.errors[0]}")
-    lines = "\n".join(f"  - {e}" for e in r.errors)
-    raise StartupCheckError(f"{len(r.errors)} start-up check(s) failed for `pebr {command}` on {world} GPU(s)"
-                            f"{source}:\n{lines}")
-
-
-def dry_run_world(cfg: Any, world_size: int | None = None) -> tuple[int, str]:
-    """The world a dry run checks the layout on, and where it came from: `--world-size`, else the launcher's
-    WORLD_SIZE, else the GPUs visible here (a one-GPU machine cannot hold model.tp=3), else, on a machine with
-    no GPU (a laptop, a login node), the smallest world the layout runs on (model.tp x model.pp), so a plan made
-    there fails only where the run would."""
-    if world_size is not None:
-        return world_size, "--world-size"
-    if os.environ.get("WORLD_SIZE"):
-        return int(os.environ["WORLD_SIZE"]), "WORLD_SIZE from the launcher"
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
-        n = torch.cuda.device_count()
-        return n, f"the {n} GPU(s) visible here; under torchrun it is --nproc-per-node x nodes: --world-size N"
-    layout = max(cfg.model.tp, 1) * max(cfg.model.pp, 1)
-    return layout, "no GPU here: model.tp x model.pp, the smallest world the layout runs on; --world-size N for another"

@@ -18,13 +18,15 @@ the prompt-length filter when the stage's tokenizer (the `init_model` / `sample.
 model's weights are never read. SFT counts the conversations LLaMA-Factory's ShareGPT rules accept;
 tokenising and decoding images (truncation, unreadable pixels) happen when the stage starts.
 
-`pebr pipeline --dry-run` gives one object per stage with a `status`: `to run`, `done` (a `DONE` file),
-`skipped` (as the pipeline would skip it) or `pending input` (the file it reads is written by an earlier stage:
-the object then says which, and leaves the counts that depend on it `null`). The stages' recorded fingerprints
-are checked first, by the pipeline's own functions: a stage recorded with other settings is `settings differ`,
-with the error the run stops with (every stage not done is then `stopped`); with `--force-restart` that stage
-carries a `restart` note and it and the later stages are planned as the run plans them once their folders are
-discarded (a discarded stage outside `pipeline.stages` is `discarded`).
+`pebr pipeline --dry-run` gives one object per stage with a `status`, the run's own answer for that stage
+(`recipe/work_dir.plan_stage`, which `run_pipeline` asks as each stage's turn comes): `to run`, `done` (a `DONE`
+file), `skipped` (as the pipeline skips it) or `pending input` (the file it reads is written by an earlier stage
+of this run: the object then says which, and leaves the counts that depend on it `null`); a stage that cannot
+run (the split without its rollouts) carries the run's `error`, and a training stage to run its `run_dir`. The stages' recorded fingerprints are checked
+first, by the pipeline's own functions: a stage recorded with other settings is `settings differ`, with the
+error the run stops with (every stage not done is then `stopped`); with `--force-restart` that stage carries a
+`restart` note and it and the later stages are planned on the work directory without their folders, as the
+run finds it once it has discarded them (a discarded stage outside `pipeline.stages` is `discarded`).
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import math
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from pebr_mega.config import PebrConfig, eval_source
 from pebr_mega.data.images import ImageConfig, open_image
@@ -43,13 +45,13 @@ from pebr_mega.data.sft_records import SkipRecord, resolve_sft_source, to_conver
 from pebr_mega.data.template import load_prompt_template
 from pebr_mega.errors import ImageError, PebrError
 from pebr_mega.rewards import preset_weights
+from pebr_mega.recipe.work_dir import (GRPO_INPUTS, STAGES, StageMismatch, StagePlan, WorkDir, check_pipeline_config,
+                                       done_file, find_mismatch, plan_stage, stage_fingerprints, stage_result)
 from pebr_mega.rollout.requests import RequestBuilder
+from pebr_mega.run.run_dir import NEW, RunDirCheck, RunSpec, check_run_dir
 from pebr_mega.stage_config import GRPOTrainerConfig, StageLoopConfig
-from pebr_mega.run.run_dir import RunSpec, check_run_dir
 from pebr_mega.trainer.stage_data import FILTER_LENGTH, RLSchedule, load_stage_records
 
-if TYPE_CHECKING:
-    from pebr_mega.recipe.pipeline import StageMismatch
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
@@ -232,114 +234,92 @@ def sample_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr) -> dict:
 
 # ------------------------------------------------------------------------------------------------ pipeline
 def pipeline_plan(cfg: PebrConfig, log: Callable[[str], None] = _stderr, restart: bool = False) -> list[dict]:
-    """One object per stage of `pipeline.stages`, each configured as `run_pipeline` configures it, after the
-    recorded fingerprints are compared as `run_pipeline` compares them (`pipeline.find_mismatch`): a stage
-    recorded with other settings stops the run (`settings differ`, with the real run's error; every stage not
-    done is then `stopped`), or with `restart` (`--force-restart`) it and every later stage are planned as
-    if their folders were already discarded."""
-    from pebr_mega.recipe import pipeline as pl  # heavy (the trainers import Megatron): only for this command
-
+    """One object per stage of `pipeline.stages`: what `run_pipeline` does with it, asked of the same function
+    (`work_dir.plan_stage`), after the recorded fingerprints are compared as `run_pipeline` compares them
+    (`work_dir.find_mismatch`): a stage recorded with other settings stops the run (`settings differ`, with the
+    real run's error; every stage not done is then `stopped`), or with `restart` (`--force-restart`) it and every
+    later stage are planned on the work directory without their folders, as the run finds it after discarding
+    them. A stage's input that an earlier stage of this run writes is `pending input`."""
     p = cfg.pipeline
-    pl.check_pipeline_config(p)
+    check_pipeline_config(p)
     work = Path(p.work_dir)
-    mismatch = pl.find_mismatch(work, pl.stage_fingerprints(cfg, work))
+    mismatch = find_mismatch(work, stage_fingerprints(cfg, work))
     if mismatch is not None and not restart:
         return _stopped_pipeline(work, p.stages, mismatch)
-    found = _WorkDir(mismatch)
-    # finished stages' results, and where a stage to run will write its model; a discarded stage that is not
-    # run again has no result, so the stages after it fall back as they do on a missing DONE file
-    results: dict[str, dict] = {s: {"model_dir": None} for s in found.discarded if s not in p.stages}
+    found = WorkDir(work, mismatch.redo if mismatch is not None else ())
+    results: dict[str, dict] = {}
     out = []
-    for stage in pl.STAGES:
+    for stage in STAGES:
         if mismatch is not None and stage == mismatch.stage and stage not in p.stages:
             out.append({"stage": stage, "status": "discarded", "restart": mismatch.restart_note()})
         if stage not in p.stages:
             continue
-        done = None if stage in found.discarded else pl.stage_result(work, stage)
-        if done is not None:
-            results[stage] = done
-            out.append({"stage": stage, "status": "done", "done_file": str(work / stage / "DONE")})
-            continue
-        plan = _pipeline_stage(cfg, work, results, stage, log, found)
+        plan = plan_stage(cfg, found, stage, results)
+        # what the stage hands on, as the run's result would: its model, where it will write it
+        results[stage] = plan.result if plan.result is not None else {"model_dir": plan.model_dir}
+        if plan.status in ("to run", "pending input"):
+            found = found.will_write(plan.writes)
+        report = _stage_report(cfg, plan, work, log)
+        if plan.status == "to run" and stage in RUN_SPECS_OF_STAGE:
+            report["run_dir"] = _stage_run_dir(plan.config, RUN_SPECS_OF_STAGE[stage], stage in found.discarded)
         if mismatch is not None and stage == mismatch.stage:
-            plan["restart"] = mismatch.restart_note()
-        out.append(plan)
+            report["restart"] = mismatch.restart_note()
+        out.append(report)
     return out
+
+
+# The pipeline's training stages, and the spec their trainer checks its folder (`run.output_dir`) against.
+RUN_SPECS_OF_STAGE: dict[str, Callable[[PebrConfig], RunSpec]] = {
+    "sft": RunSpec.sft, "stage1": RunSpec.grpo, "stage2": RunSpec.grpo}
+
+
+def _stage_run_dir(c: PebrConfig, spec: Callable[[PebrConfig], RunSpec], discarded: bool) -> dict:
+    """What the stage's trainer finds in its folder when it starts (`check_run_dir`, as `pebr train --dry-run`
+    reports it): a folder a `--force-restart` discards is found new."""
+    if discarded:
+        return RunDirCheck(Path(c.run.output_dir), NEW).report()
+    return check_run_dir(c, spec(c)).report()
 
 
 def _stopped_pipeline(work: Path, stages: list[str], mismatch: StageMismatch) -> list[dict]:
     """The plan of a run that stops at start-up on `mismatch`: finished stages stay done, nothing runs."""
-    from pebr_mega.recipe import pipeline as pl
-
     out = []
-    for stage in pl.STAGES:
+    for stage in STAGES:
         if stage == mismatch.stage:
             out.append({"stage": stage, "status": "settings differ", "differences": mismatch.why,
                         "error": str(mismatch.error())})
-        elif stage in stages and stage not in mismatch.redo and pl.stage_result(work, stage) is not None:
-            out.append({"stage": stage, "status": "done", "done_file": str(work / stage / "DONE")})
+        elif stage in stages and stage not in mismatch.redo and stage_result(work, stage) is not None:
+            out.append({"stage": stage, "status": "done", "done_file": str(done_file(work, stage))})
         elif stage in stages:
             out.append({"stage": stage, "status": "stopped",
                         "note": f"the run stops at stage {mismatch.stage} before any stage runs"})
     return out
 
 
-@dataclasses.dataclass(frozen=True)
-class _WorkDir:
-    """The work directory as a `--force-restart` rerun finds it after its start-up check: the folders of the
-    mismatched stage and of every later stage discarded (nothing discarded without a mismatch)."""
-
-    mismatch: StageMismatch | None = None
-
-    @property
-    def discarded(self) -> tuple[str, ...]:
-        return self.mismatch.redo if self.mismatch is not None else ()
-
-    def has_file(self, path: Path) -> bool:
-        """Whether the run finds the file `path`."""
-        folders = self.mismatch.folders() if self.mismatch is not None else []
-        return path.is_file() and not any(f == path or f in path.parents for f in folders)
-
-
-def _pipeline_stage(cfg: PebrConfig, work: Path, results: dict, stage: str, log: Callable[[str], None],
-                    found: _WorkDir) -> dict:
-    from pebr_mega.recipe import pipeline as pl
-
+def _stage_report(cfg: PebrConfig, plan: StagePlan, work: Path, log: Callable[[str], None]) -> dict:
+    """The dry run's object for one stage of the pipeline, from the run's own `plan` of it."""
+    stage = plan.stage
+    if plan.status == "done":
+        return {"stage": stage, "status": "done", "done_file": str(done_file(work, stage))}
     if stage == "sft":
-        results["sft"] = {"model_dir": str(work / "sft" / "hf")}
-        return {**sft_plan(pl.sft_stage_config(cfg, work), log), "status": "to run"}
+        return {**sft_plan(plan.config, log), "status": plan.status}
     if stage == "sample":
-        return {**sample_plan(pl.sample_stage_config(cfg, work, results), log), "status": "to run"}
+        return {**sample_plan(plan.config, log), "status": plan.status}
     if stage == "split":
-        rollouts = work / "sample" / "rollouts.jsonl"
-        status = "to run" if found.has_file(rollouts) else "pending input"
-        return {"stage": "split", "status": status, "input": str(rollouts), "n": cfg.sample.n,
-                "correct_threshold": cfg.sample.correct_threshold,
-                "writes": [str(work / "split" / f) for f in ("easycase.json", "mediumcase.json", "hardcase.json")]}
-    if stage in ("stage1", "stage2"):
-        return _pipeline_grpo(cfg, work, results, stage, log, found)
-    return {"stage": "export", "status": "to run", "writes": str(work / "final")}
+        report = {"stage": "split", "status": plan.status, "input": str(plan.source), "n": cfg.sample.n,
+                  "correct_threshold": cfg.sample.correct_threshold, "writes": [str(f) for f in plan.writes]}
+        return report | ({"error": plan.error} if plan.error else {})
+    if stage in GRPO_INPUTS:
+        return _grpo_stage_report(plan, log)
+    return {"stage": "export", "status": plan.status, "writes": plan.model_dir}
 
 
-def _pipeline_grpo(cfg: PebrConfig, work: Path, results: dict, stage: str, log: Callable[[str], None],
-                   found: _WorkDir) -> dict:
-    from pebr_mega.recipe import pipeline as pl
-
-    path = pl.grpo_train_file(cfg, work, stage)
-    init = pl.grpo_init_model(cfg, work, results, stage)
-    c = pl.grpo_stage_config(cfg, work, stage, path, init)
-    g = c.grpo
-    results[stage] = {"model_dir": str(work / stage / "hf")}
-    if not found.has_file(path):
-        plan = _grpo_head(c, g, None)
-        plan.update({"status": "pending input", "train_file": str(path), "init_model": init,
-                     "note": f"{path} is written by the split stage: prompts and steps follow from it"})
-        return plan
-    why = pl.grpo_skip_reason(c, path)
-    if why is not None:  # as run_pipeline: the stage is skipped and passes its model on
-        results[stage] = {"model_dir": init}
-        plan = _grpo_head(c, g, None)
-        plan.update({"status": "skipped", "train_file": str(path), "init_model": init,
-                     "note": f"{why}: the stage passes {init} on"})
-        return plan
-    return {**grpo_plan(c, log), "status": "to run", "init_model": init}
+def _grpo_stage_report(plan: StagePlan, log: Callable[[str], None]) -> dict:
+    c = plan.config
+    if plan.status == "to run":
+        return {**grpo_plan(c, log), "status": "to run", "init_model": plan.init_model}
+    report = _grpo_head(c, c.grpo, None)  # the counts follow from a file not read: pending, or too small
+    note = plan.note if plan.status == "pending input" else f"{plan.note}: the stage passes {plan.init_model} on"
+    report.update({"status": plan.status, "train_file": str(plan.source), "init_model": plan.init_model,
+                   "note": note})
+    return report
