@@ -36,7 +36,7 @@ def test_demo_writes_summary_and_curves(trainer_runs):
     # The colour-and-count world (shapes drawn, never named), and a CLIP whose hard negatives are its errors.
     assert synth["describe_shapes"] is False
     assert clip["negative_kinds"] == ["count", "color", "omit"]
-    assert "eval_description_shape_accuracy" not in summary["sft"]
+    assert summary["sft"]["eval_description_shape_accuracy"] is None  # no shape named, none scored
     # Stage 1 trained on every GRPO question (the demo's departure from the easy split).
     stage1 = yaml.safe_load((out / "pipeline" / "stage1" / "config.yaml").read_text())
     assert stage1["grpo"]["train_file"].endswith("grpo.json") and stage1["pipeline"]["stage1_data"] == "grpo"

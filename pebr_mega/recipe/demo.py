@@ -400,9 +400,13 @@ def print_summary(summary: dict, out: Path) -> None:
     clip = summary.get("clip") or {}
     if clip:
         print(f"\n[demo] tiny CLIP: held-out retrieval {f(clip.get('clip_retrieval_accuracy'))} | CLIP reward of "
-              f"true descriptions {f(clip.get('clip_reward_true'))}, of hard negatives {f(clip.get('clip_reward_negative'))}")
+              f"true descriptions {f(clip.get('clip_reward_true'))}, "
+              f"of hard negatives {f(clip.get('clip_reward_negative'))}")
     print("\n[demo] what each stage changed (held-out accuracy and exact descriptions before -> after; "
           "mean training reward)")
+    # Where descriptions name no shape, counts-and-colours exactness is exactness itself: printed once.
+    shapes_named = any((summary.get(s) or {}).get("eval_description_shape_accuracy") is not None
+                       for s in ("sft", "stage1", "stage2"))
     for stage in ("sft", "stage1", "stage2"):
         s = summary.get(stage) or {}
         if s.get("skipped"):
@@ -410,9 +414,10 @@ def print_summary(summary: dict, out: Path) -> None:
             continue
         print(f"  {stage:7s} accuracy {f(s.get('eval_accuracy_before'))} -> {f(s.get('eval_accuracy'))} | "
               f"exact description {f(s.get('eval_description_exact_before'))} -> {f(s.get('eval_description_exact'))} "
-              f"(counts+colours {f(s.get('eval_description_count_color_exact'))}, omissions "
-              f"{f(s.get('eval_description_omission'))}) | "
-              f"format {f(s.get('eval_format'))} | mean reward {f(s.get('mean_reward'))} | {s.get('seconds') or 0:.0f}s")
+              + (f"(counts+colours {f(s.get('eval_description_count_color_exact'))}, " if shapes_named else "(")
+              + f"omissions {f(s.get('eval_description_omission'))}) | "
+              f"format {f(s.get('eval_format'))} | mean reward {f(s.get('mean_reward'))} | "
+              f"{s.get('seconds') or 0:.0f}s")
     print(f"  split: {summary.get('split')}")
     ablation = summary.get("ablation") or {}
     if ablation.get("stage2_from_sft"):
@@ -423,7 +428,8 @@ def print_summary(summary: dict, out: Path) -> None:
               f"{f((summary.get('stage2') or {}).get('eval_accuracy'))})")
     for pair, tests in {**(summary.get("paired") or {}), **ablation.get("paired", {})}.items():
         print(f"  {pair.replace('_vs_', ' vs '):16s} " + " | ".join(
-            f"{m.replace('_', ' ')} +{t['gained']} -{t['lost']} (z {t['z']:+.1f})" for m, t in tests.items()))
+            f"{m.replace('_', ' ')} +{t['gained']} -{t['lost']} (z {t['z']:+.1f})" for m, t in tests.items()
+            if shapes_named or m != "description_count_color_exact"))
     env = summary.get("environment") or {}
     if env:
         print("[demo] on " + ", ".join(f"{k} {v}" for k, v in env.items()))
