@@ -14,6 +14,9 @@ stage starts from the previous one's HF directory:
     sft/hf  --sample-->  sample/rollouts.jsonl  --split-->  split/{easy,medium,hard}case.json
     stage1 (easy, from sft/hf) -> stage1/hf;  stage2 (medium, from stage1/hf) -> stage2/hf -> final/
 
+(`pipeline.stage1_data=grpo` gives stage 1 every question of `pipeline.grpo_file` instead of the easy split,
+and `pipeline.stage1_max_steps` its own step limit: the demo's departures, docs/DEMO.md.)
+
 Upstream's code trains on the easy and the medium questions and leaves the hard ones unused; here they are
 written out too (`split/hardcase.json`), for a user who wants them in the SFT set of a next round.
 """
