@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -224,6 +225,16 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
         raise
     _fsync_dir(p.parent)
     return p
+
+
+def file_sha256(path: PathLike, chunk: int = 8 << 20) -> str:
+    """The SHA-256 of a file's bytes, read in `chunk`-byte blocks (the one file hash of the package: checkpoint
+    manifests and run fingerprints both use it)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:
