@@ -237,6 +237,25 @@ def file_sha256(path: PathLike, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def atomic_text_file(path: PathLike) -> Iterator:
+    """A text file written in the block and put in place at its end as `write_bytes_atomic` puts one (a unique
+    temporary beside `path`, flushed to the disk, renamed, the folder flushed): for files written as they are
+    produced (sampled rollouts), too large to hold in memory first. An exception leaves `path` as it was."""
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(p.name), suffix=_TEMPORARY_SUFFIX, dir=p.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(p.parent)
+
+
 def _fsync_dir(folder: Path) -> None:
     """Flush a folder's entries (a rename into it) to the disk; file systems that cannot are left as they are."""
     try:

@@ -182,3 +182,21 @@ def test_the_one_file_hash_reads_in_blocks_and_matches_hashlib(tmp_path):
     want = hashlib.sha256(data).hexdigest()
     assert {file_sha256(path, chunk) for chunk in (1, 4096, 65536, 1 << 20)} == {want}
     assert _sha256(path) == fingerprint_sha256(path) == want
+
+
+def test_a_streamed_file_appears_whole_or_not_at_all(tmp_path):
+    """outputs.atomic_text_file (sampled rollouts are streamed through it): the old content stays until the block
+    ends without an error, and no temporary is left either way."""
+    from pebr_mega.outputs import atomic_text_file
+
+    out = tmp_path / "rollouts.jsonl"
+    out.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_text_file(out) as f:
+            f.write("half a line")
+            raise RuntimeError("killed mid-write")
+    assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["rollouts.jsonl"]
+    with atomic_text_file(out) as f:
+        f.write('{"qid": "q0"}\n')
+        assert out.read_text() == "old\n"  # not in place before the block ends
+    assert out.read_text() == '{"qid": "q0"}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["rollouts.jsonl"]
