@@ -21,7 +21,7 @@ from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
 from pebr_mega.data.split import SPLIT_FILES, format_summary, split_files
 from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
 from pebr_mega.errors import DataError, PebrError, describe_os_error
-from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
+from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_saved_parameters
 from pebr_mega.outputs import claim_output_dir, claim_output_file, lock_beside, plot_path
 from pebr_mega.parallel.threads import apply_cpu_budget
 from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
@@ -66,7 +66,7 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
         out = build_tiny_model(args.out, cfg, tokenizer_corpus())
     except ValueError as e:
         raise UserError(str(e)) from None
-    print(f"wrote tiny Qwen2.5-VL to {out} ({count_parameters(out) / 1e6:.2f} M parameters)")
+    print(f"wrote tiny Qwen2.5-VL to {out} ({count_saved_parameters(out) / 1e6:.2f} M parameters)")
     return 0
 
 
