@@ -23,7 +23,7 @@ from pebr_mega.logging import log_generations
 from pebr_mega.rewards import build_reward, summarize
 from pebr_mega.rollout.engine import group_samples
 from pebr_mega.rollout.factory import rollout_sampling
-from pebr_mega.rollout.mismatch import token_mult_prob_error
+from pebr_mega.algo.mismatch import token_mult_prob_error
 from pebr_mega.rollout.types import Sample
 from pebr_mega.run.run_dir import RunSpec
 from pebr_mega.trainer.data_order import EpochSampler
