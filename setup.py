@@ -59,7 +59,7 @@ EXTRAS = {
         # the whole suite passed on. Below 0.5.13 it would also be wrong: 0.5.1-0.5.12 pass
         # `getattr(ret, "image_grid_thw", None)` = None to M-RoPE when no raw image came (text positions,
         # silently; multimodal/processors/qwen_vl.py `process_mm_data_async`). 0.5.23 is the newest release read
-        # (its `Engine.begin_weight_update`/`end_weight_update` session is used). tests/test_sglang_contract.py
+        # (its `Engine.begin_weight_update`/`end_weight_update` session is used). tests/rollout/test_sglang_contract.py
         # checks both ends against the wheels' source and their pins against the core windows.
         "sglang>=0.5.22,<0.5.24",
     ],

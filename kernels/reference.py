@@ -116,7 +116,7 @@ def check_loss_inputs(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor
 # ------------------------------------------------------------------------------------ the GRPO objective
 # The one torch implementation of the GRPO loss (kernels sit below algo in the dependency order, so it lives
 # here); the fused kernel is tested against `grpo_loss_reference` in
-# float64, and this module against loops over rows and a case analysis in tests/test_grpo.py.
+# float64, and this module against loops over rows and a case analysis in tests/algo/test_algo_grpo.py.
 
 
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, kl_type: str = "low_var_kl") -> Tensor:

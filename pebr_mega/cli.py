@@ -17,13 +17,11 @@ from pebr_mega import __version__
 from pebr_mega.versions import version_line
 from pebr_mega.data.corpus import tokenizer_corpus
 from pebr_mega.data.llamafactory import register_dataset
-from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_records
 from pebr_mega.data.sft_filter import filter_sft_file, sidecar_path
 from pebr_mega.data.split import SPLIT_FILES, format_summary, split_files
 from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
-from pebr_mega.data.template import model_prompt_template
 from pebr_mega.errors import DataError, PebrError, describe_os_error
-from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_parameters
+from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model, count_saved_parameters
 from pebr_mega.outputs import claim_output_dir, claim_output_file, lock_beside, plot_path
 from pebr_mega.parallel.threads import apply_cpu_budget
 from pebr_mega.rewards.tiny_clip import TinyClipConfig, build_tiny_clip
@@ -68,7 +66,7 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
         out = build_tiny_model(args.out, cfg, tokenizer_corpus())
     except ValueError as e:
         raise UserError(str(e)) from None
-    print(f"wrote tiny Qwen2.5-VL to {out} ({count_parameters(out) / 1e6:.2f} M parameters)")
+    print(f"wrote tiny Qwen2.5-VL to {out} ({count_saved_parameters(out) / 1e6:.2f} M parameters)")
     return 0
 
 
@@ -374,54 +372,20 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
     from pebr_mega.config import load_config
-    from pebr_mega.rollout.factory import sampling_params
-    from pebr_mega.rollout.hf_engine import HFRolloutEngine
-    from pebr_mega.trainer.evaluate import evaluate
+    from pebr_mega.trainer.evaluate import evaluate_model
 
     cfg = load_config(args.config, [])  # the generation length and the grading the run trained with
     max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else cfg.rollout.max_new_tokens
-    grading = args.grading or cfg.rewards.answer_grading
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    check_hf_model_dir(args.model, "--model", verify=not args.skip_verify)
-    if args.results:
-        claim_output_file(args.results, [args.dataset, args.model], what="--results")
-    loaded = load_grpo_records(args.dataset, args.image_root, allow_outside_root=cfg.data.allow_images_outside_root)
-    if loaded.skipped:
-        print(loaded.report())
-    records = loaded.records[: args.max_samples or None]
-    if not records:
-        raise DataError(f"{args.dataset}: no usable records to evaluate ({loaded.total} read, "
-                        f"{len(loaded.skipped)} skipped)")
-    engine = HFRolloutEngine.from_pretrained(args.model, batch_size=args.batch_size)
-    builder = _model_request_builder(args.model, engine.tokenizer, args.format_prompt)
-    requests, report = builder.build(records, image_root_for(args.dataset, args.image_root))
-    if report.skipped:
-        print(report.summary())
-    if not requests:
-        raise DataError(f"{args.dataset}: none of its {len(records)} records could be turned into a prompt")
-    sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, max_new_tokens, args.seed)
-    m = evaluate(engine, requests, sampling, batch_size=args.batch_size, results_path=args.results, grading=grading)
-    print(f"eval {args.model} on {args.dataset}: {int(m['eval/count'])} questions | accuracy {m['eval/accuracy']:.3f}"
-          f" | format {m['eval/format']:.3f} | mean length {m['eval/response_length']:.0f} tokens (at most "
-          f"{max_new_tokens}, graded {grading})"
-          + (f" | exact description {m['eval/description_exact']:.3f}" if "eval/description_exact" in m else "")
-          + (f" | {int(m['eval/timeouts'])} timed out in grading (scored 0)" if m.get("eval/timeouts") else ""))
+    done = evaluate_model(args.model, args.dataset, max_new_tokens, args.grading or cfg.rewards.answer_grading,
+                          image_root=args.image_root, max_samples=args.max_samples, temperature=args.temperature,
+                          batch_size=args.batch_size, results_path=args.results, seed=args.seed,
+                          format_prompt=args.format_prompt, verify=not args.skip_verify,
+                          allow_images_outside_root=cfg.data.allow_images_outside_root)
+    print(done.line())
     return 0
-
-
-def _model_request_builder(model_dir: str, tokenizer, format_prompt: str | None):
-    """The request builder of `pebr eval` and `pebr infer`: the model's own image bounds and prompt template
-    (`--format-prompt` over it), no prompt-length rule."""
-    from pebr_mega.data.decoders import make_image_decoder
-    from pebr_mega.data.images import ImageConfig
-    from pebr_mega.rollout.requests import RequestBuilder
-
-    images = ImageConfig.of_model(model_dir)
-    return RequestBuilder.from_config(None, images, tokenizer, make_image_decoder(images),
-                                      model_prompt_template(model_dir, format_prompt))
 
 
 def _add_infer(sub: argparse._SubParsersAction) -> None:
@@ -440,17 +404,10 @@ def _add_infer(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_infer(args: argparse.Namespace) -> int:
-    from pebr_mega.checkpoint.hf_io import check_hf_model_dir
-    from pebr_mega.rollout.factory import sampling_params
-    from pebr_mega.rollout.hf_engine import HFRolloutEngine
+    from pebr_mega.rollout.inference import answer_question
 
-    check_hf_model_dir(args.model, "--model")
-    engine = HFRolloutEngine.from_pretrained(args.model, batch_size=1)
-    question = args.question if "<image>" in args.question else "<image>" + args.question
-    record = GRPORecord(qid="infer", problem=question, answer="", images=[args.image])
-    req = _model_request_builder(args.model, engine.tokenizer, args.format_prompt).build_one(record, ".")
-    sampling = sampling_params(engine.tokenizer, 1, args.temperature, 1.0, args.max_new_tokens, args.seed)
-    print(engine.generate([req], sampling)[0].response_text)
+    print(answer_question(args.model, args.image, args.question, args.temperature, args.max_new_tokens, args.seed,
+                          args.format_prompt))
     return 0
 
 

@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import socket
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -211,11 +212,37 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
     never share one), is flushed to the disk before the rename, and the folder after it, so the rename itself
     survives a crash. Every small atomic write of the package (markers, manifests, records, metrics cut-backs,
     images taken out of data files) goes through here."""
+    with _atomic_file(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def file_sha256(path: PathLike, chunk: int = 8 << 20) -> str:
+    """The SHA-256 of a file's bytes, read in `chunk`-byte blocks (the one file hash of the package: checkpoint
+    manifests and run fingerprints both use it)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_text_file(path: PathLike) -> AbstractContextManager:
+    """A text file (UTF-8) written in the `with` block and put in place at its end as `write_bytes_atomic` puts
+    one: for files written as they are produced (sampled rollouts), too large to hold in memory first. An
+    exception leaves `path` as it was."""
+    return _atomic_file(path, "w")
+
+
+@contextmanager
+def _atomic_file(path: PathLike, mode: str) -> Iterator:
+    """The file opened in `mode` ("w" or "wb") on a unique temporary beside `path`; at the block's end flushed to
+    the disk, renamed to `path`, the folder flushed; on an exception the temporary is removed."""
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(p.name), suffix=_TEMPORARY_SUFFIX, dir=p.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
@@ -223,7 +250,6 @@ def write_bytes_atomic(path: PathLike, data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(p.parent)
-    return p
 
 
 def _fsync_dir(folder: Path) -> None:

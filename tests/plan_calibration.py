@@ -1,4 +1,4 @@
-"""Measured memory of the Megatron actor on CPU, for tests/test_plan.py (and anyone re-checking the plan).
+"""Measured memory of the Megatron actor on CPU, for tests/plan/test_plan.py (and anyone re-checking the plan).
 
 Run in spawned gloo ranks: builds the actor for real (Megatron DDP with its fp32 gradient buffer, Megatron's
 optimizer), counts the bytes of every parameter, gradient buffer and optimizer tensor (unique storages), and

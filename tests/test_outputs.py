@@ -164,3 +164,39 @@ def test_atomic_writes_leave_no_temporary_and_keep_the_old_file_on_failure(tmp_p
     with pytest.raises(OSError, match="No space left"):
         write_text_atomic(target, "half")
     assert target.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["state.json"]
+
+
+def test_the_one_file_hash_reads_in_blocks_and_matches_hashlib(tmp_path):
+    """outputs.file_sha256 is the package's one file hash (checkpoint manifests, run fingerprints): the same
+    digest as hashing the whole bytes, whatever the block size."""
+    import hashlib
+    import random
+
+    from pebr_mega.checkpoint.manifest import _sha256
+    from pebr_mega.outputs import file_sha256
+    from pebr_mega.run.fingerprint import file_sha256 as fingerprint_sha256
+
+    data = random.Random(0).randbytes(70_001)
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    want = hashlib.sha256(data).hexdigest()
+    assert {file_sha256(path, chunk) for chunk in (1, 4096, 65536, 1 << 20)} == {want}
+    assert _sha256(path) == fingerprint_sha256(path) == want
+
+
+def test_a_streamed_file_appears_whole_or_not_at_all(tmp_path):
+    """outputs.atomic_text_file (sampled rollouts are streamed through it): the old content stays until the block
+    ends without an error, and no temporary is left either way."""
+    from pebr_mega.outputs import atomic_text_file
+
+    out = tmp_path / "rollouts.jsonl"
+    out.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_text_file(out) as f:
+            f.write("half a line")
+            raise RuntimeError("killed mid-write")
+    assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["rollouts.jsonl"]
+    with atomic_text_file(out) as f:
+        f.write('{"qid": "q0"}\n')
+        assert out.read_text() == "old\n"  # not in place before the block ends
+    assert out.read_text() == '{"qid": "q0"}\n' and sorted(p.name for p in tmp_path.iterdir()) == ["rollouts.jsonl"]

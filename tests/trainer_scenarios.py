@@ -5,8 +5,8 @@ non-finite reward and an unbuildable batch, the pipeline) on the tiny model; `pe
 the kills (`pebr train` and `pebr pipeline` SIGKILLed at chosen points and rerun, with
 tests/kill_resume.py). Megatron enters the CPU compatibility layer only inside its own calls there, and the
 pytest process never initialises process groups or touches Megatron's globals. conftest starts the jobs as
-soon as the tests are collected, so they run beside the rest of the suite; tests/test_trainer.py,
-tests/test_demo.py and tests/test_reliability.py check what they report (`trainer_runs`).
+soon as the tests are collected, so they run beside the rest of the suite; tests/trainer/test_trainer.py,
+tests/recipe/test_demo.py and tests/test_reliability.py check what they report (`trainer_runs`).
 """
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ else
                 "$DALI_WHEEL" || note "gpu_checks: installing $DALI_WHEEL failed"
         fi
         if python3 -c "import nvidia.dali" 2> /dev/null; then
-            step dali_mixed 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_images.py -k dali
+            step dali_mixed 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/data/test_images.py -k dali
         elif [[ " $ONLY " == *" dali_mixed "* ]]; then
             note "=== dali_mixed: NOT RUN (nvidia.dali does not import on this machine; see the comment above)"
         fi

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from pebr_mega.kernels import ops as kernels
 from pebr_mega.actor.packing import MicroBatch
+from pebr_mega.algo.mismatch import exp_gap_sums
 from pebr_mega.kernels import reference
 from pebr_mega.kernels.reference import grpo_loss_reference
 
@@ -110,11 +111,10 @@ def grpo_microbatch_loss(hidden: Tensor, weight: Tensor, mb: MicroBatch, scale: 
     for k in ("clip_frac", "clip_frac_dual", "approx_kl", "entropy"):
         if k in m:
             out[f"{k}_tok"] = m[k] * tokens
-    if mb.rollout_logprobs is not None:  # sums of the train-inference mismatch (`rollout.mismatch`)
+    if mb.rollout_logprobs is not None:  # sums of the train-inference mismatch (`algo.mismatch`)
         given = mask * mb.rollout_mask.to(dev, non_blocking=True)
-        gap = (lp.detach().double() - mb.rollout_logprobs.to(dev, non_blocking=True).double()).abs()
-        out["mismatch_exp_sum"] = (torch.exp(gap) * given).sum()
-        out["mismatch_tokens"] = given.sum()
+        out["mismatch_exp_sum"], out["mismatch_tokens"] = exp_gap_sums(
+            lp, mb.rollout_logprobs.to(dev, non_blocking=True), given)
     return share * scale.returned, out
 
 

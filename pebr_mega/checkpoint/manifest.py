@@ -16,7 +16,6 @@ directory is hashed at most once per process while none of its files changes (si
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from pebr_mega.errors import CheckpointError
-from pebr_mega.outputs import write_text_atomic
+from pebr_mega.outputs import file_sha256, write_text_atomic
 
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = "pebr-checkpoint-manifest/1"
@@ -36,11 +35,7 @@ _verified: set[tuple] = set()  # `files_key`s (and the part checked) of what thi
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(_CHUNK):
-            h.update(block)
-    return h.hexdigest()
+    return file_sha256(path, _CHUNK)
 
 
 def _threads() -> int:

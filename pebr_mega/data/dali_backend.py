@@ -7,7 +7,7 @@ antialiasing. Normalising and patchifying then reuse `images.normalize_and_patch
 
 Differences from the PIL backend (and so from transformers), all documented and tested:
 - DALI's cubic resampling is not PIL's: the uint8 resized pixels differ by a few levels at sharp edges. The grid
-  (`image_grid_thw`) is identical; `tests/test_images.py` bounds the mean absolute difference of the normalised
+  (`image_grid_thw`) is identical; `tests/data/test_images.py` bounds the mean absolute difference of the normalised
   pixel values (0.004 measured on uniform noise, the worst case; 0.0001 on a flat-coloured shapes image).
 - Images DALI would read differently from the PIL backend are decoded by PIL (`images.load_image`) and handed
   to DALI as a lossless PNG, so both backends see the same RGB pixels: transparency (composited onto white;

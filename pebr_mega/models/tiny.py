@@ -217,7 +217,7 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig, corpus: Iterable
     return out
 
 
-def count_parameters(model_dir: str | Path) -> int:
+def count_saved_parameters(model_dir: str | Path) -> int:
     """Number of parameters stored in a model directory's safetensors files."""
     from safetensors import safe_open
 

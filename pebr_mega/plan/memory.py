@@ -14,7 +14,7 @@ plain-torch vision tower, per token or per patch. Two kernel profiles differ in 
 keeps: on CUDA `torch.rms_norm` runs the fused kernel (saves its input and rstd) and Megatron fuses SwiGLU
 (`bias_activation_fusion`: `SwiGLUFunction` saves its input only); on CPU both are decomposed (the norm keeps
 an fp32 copy of its input and the fp32 normalised value; the GLU keeps the `x_linear + offset` sum, the silu
-output and the product). The CPU profile is checked against measured saved bytes in tests/test_plan.py; the
+output and the product). The CPU profile is checked against measured saved bytes in tests/plan/test_plan.py; the
 CUDA profile differs from it only in those two places. The `te` spec is counted as the `torch` spec.
 
 The last stage computes log-probs at the target positions only (actor/losses.py): their hidden states are
@@ -325,7 +325,7 @@ def backward_workspace_bytes(t: TextArch, sp: StageParams, tokens: int, tp: int,
     (each whole for a moment before DDP adds it into the fp32 buffer: this actor has no gradient-accumulation
     fusion), the targets' hidden-state gradient, and the hidden-state gradient of every token (the gather's
     backward scatters the targets' into it). Other stages: the hidden-state gradient received from the next
-    stage and the largest weight gradient. Calibrated on CPU (tests/test_plan.py).
+    stage and the largest weight gradient. Calibrated on CPU (tests/plan/test_plan.py).
     """
     hidden = tokens * t.hidden_size * b
     if not last:

@@ -14,6 +14,9 @@ stage starts from the previous one's HF directory:
     sft/hf  --sample-->  sample/rollouts.jsonl  --split-->  split/{easy,medium,hard}case.json
     stage1 (easy, from sft/hf) -> stage1/hf;  stage2 (medium, from stage1/hf) -> stage2/hf -> final/
 
+(`pipeline.stage1_data=grpo` gives stage 1 every question of `pipeline.grpo_file` instead of the easy split,
+and `pipeline.stage1_max_steps` its own step limit: the demo's departures, docs/DEMO.md.)
+
 Upstream's code trains on the easy and the medium questions and leaves the hard ones unused; here they are
 written out too (`split/hardcase.json`), for a user who wants them in the SFT set of a next round.
 """
@@ -32,21 +35,14 @@ from pebr_mega.data.split import format_summary, split_files
 from pebr_mega.errors import DataError
 from pebr_mega.outputs import claim_output_dir, lock_output_dir, write_text_atomic
 from pebr_mega.parallel.groups import is_main_rank
-from pebr_mega.recipe.work_dir import (GRPO_INPUTS, STAGES, StagePlan, WorkDir, check_pipeline_config, done_file,
-                                       find_mismatch, grpo_stage_config, plan_stage, stage_fingerprints,
-                                       started_file)
+from pebr_mega.recipe.work_dir import (STAGES, StagePlan, WorkDir, check_pipeline_config, done_file, find_mismatch,
+                                       plan_stage, stage_fingerprints, started_file)
 from pebr_mega.run.fingerprint import fingerprint_record
 from pebr_mega.trainer.grpo import GRPOTrainer
 from pebr_mega.trainer.lifecycle import free_allocator_cache
 from pebr_mega.trainer.sample import run_sampling
 from pebr_mega.trainer.sft import SFTTrainer
 from pebr_mega.trainer.stage import eval_set_of
-
-# GRPO_INPUTS and grpo_stage_config stay importable from here: recipe/demo.py builds its ablation's stage 2 with
-# them, as the pipeline builds its stage 2.
-__all__ = ["GRPO_INPUTS", "REWARD_METRICS", "check_recorded_stages", "grpo_stage_config", "known_evaluation",
-           "run_pipeline"]
-
 
 def check_recorded_stages(work: Path, plan: dict[str, dict], restart: bool, log: Callable[[str], None]) -> None:
     """Compare each stage's recorded fingerprint with `plan` (`work_dir.find_mismatch`, as `--dry-run` does); at

@@ -34,7 +34,7 @@ OWNED_SERVER_ARGS = ("model_path", "tp_size", "base_gpu_id", "random_seed", "por
 ENV_UNSET_FOR_SGLANG = ("TORCHELASTIC_USE_AGENT_STORE", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 # What SGLang's constructor sets in the trainer's own environment for good (`_set_envs_and_config` in
 # srt/entrypoints/engine.py, 0.5.13 and 0.5.23): restored after it returns (see sglang_env_cleared).
-# tests/test_sglang_contract.py checks that every NCCL_*/CUDA_* variable it writes is listed here.
+# tests/rollout/test_sglang_contract.py checks that every NCCL_*/CUDA_* variable it writes is listed here.
 ENV_SET_BY_SGLANG = ("CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_MODULE_LOADING", "NCCL_CUMEM_ENABLE", "NCCL_NVLS_ENABLE",
                      "NCCL_MNNVL_ENABLE", "NCCL_GRAPH_MIXING_SUPPORT")
 SGLANG_PORT_BASE = 30000  # SGLang's default `port`; each engine on a node gets its own (see engine_port)
@@ -332,7 +332,7 @@ def sglang_ipc_helpers() -> tuple:
     on its own GPU (`MultiprocessingSerializer.serialize`, after `monkey_patch_torch_reductions`, which
     names the device by UUID; process-wide, and nothing else in the trainer shares CUDA tensors between
     processes), and TP rank r's scheduler opens only `LocalSerializedTensor.values[r]`.
-    The class moved between the window's ends; tests/test_sglang_contract.py checks both paths' versions.
+    The class moved between the window's ends; tests/rollout/test_sglang_contract.py checks both paths' versions.
     """
     from sglang.srt.utils import MultiprocessingSerializer
     from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions

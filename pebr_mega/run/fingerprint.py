@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from pebr_mega import outputs
 from pebr_mega.actor.config import ActorConfig
 from pebr_mega.config import PebrConfig, eval_source, to_dict
 from pebr_mega.stage_config import SFTConfig
@@ -106,11 +107,7 @@ def file_sha256(path: str | Path) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _sha256_of(path: Path, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    return outputs.file_sha256(path)
 
 
 def stage_settings(cfg: PebrConfig, kind: str, exclude: Iterable[str] = ()) -> dict[str, Any]:

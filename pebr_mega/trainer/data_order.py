@@ -8,7 +8,7 @@ pass over that sampler draws two permutations from the generator: the pass's ord
 (`RandomSampler.__iter__` takes `randperm(n)[:num_samples % n]` once the whole permutations are yielded,
 and a finished epoch runs the sampler to its end). So epoch e's order is the generator's (2e + 1)-th
 permutation: every epoch sees a fresh one, and it is recomputed from the position alone: resuming needs only
-(epoch, offset), saved in the trainer state. `tests/test_trainer_state.py` compares it with torch's own
+(epoch, offset), saved in the trainer state. `tests/trainer/test_trainer_state.py` compares it with torch's own
 `DataLoader(RandomSampler(generator=...), drop_last=...)`.
 
 `drop_last`: the RL stages drop an epoch's last partial batch (upstream's `drop_last=True`), so an epoch is

@@ -1,6 +1,7 @@
 """Held-out evaluation: generate one answer per question and grade it (accuracy, format, reward).
 
-`evaluate` is used by `pebr eval` and the demo's summary; `Evaluator` by the trainers before, during and
+`evaluate_model` is `pebr eval` (an exported model on a dataset file, with its console line); `evaluate`, the
+measurement itself, serves it and the demo's summary; `Evaluator` serves the trainers before, during and
 after a stage, through the engine's rollout phase (`pebr_mega.trainer.lifecycle`). Grading goes through the
 reward guard's worker pool (`pebr_mega.rewards.guard`): an answer whose grading overruns the time limit
 scores 0 and is counted (`eval/timeouts`).
@@ -8,20 +9,25 @@ scores 0 and is counted (`eval/timeouts`).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from pebr_mega.data.records import GRPORecord
+from pebr_mega.checkpoint.hf_io import check_hf_model_dir
+from pebr_mega.data.records import GRPORecord, image_root_for, load_grpo_records
+from pebr_mega.errors import DataError
+from pebr_mega.outputs import claim_output_file
 from pebr_mega.parallel.groups import is_main_rank
 from pebr_mega.rewards import RewardModel, RewardSample, accuracy_reward, format_reward
 from pebr_mega.rewards.guard import RewardPool, score_components
 from pebr_mega.rewards.model import RewardConfig, reward_pool
 from pebr_mega.rewards.perception import description_attributes, description_metrics, description_scores
 from pebr_mega.rollout.engine import RolloutEngine
-from pebr_mega.rollout.factory import rollout_sampling
+from pebr_mega.rollout.factory import rollout_sampling, sampling_params
+from pebr_mega.rollout.hf_engine import HFRolloutEngine
+from pebr_mega.rollout.inference import model_request_builder
 from pebr_mega.rollout.types import RolloutRequest, Sample, SamplingParams
 from pebr_mega.trainer.context import RunContext
 from pebr_mega.trainer.lifecycle import EngineLifecycle
@@ -119,6 +125,59 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
                     row["description_omission"] = attributes["omission"]
                 f.write(json.dumps(row) + "\n")
     return out
+
+
+@dataclass(frozen=True)
+class ModelEvaluation:
+    """What `pebr eval` measured (`evaluate`'s metrics) and how: the model, the dataset, the generation length
+    cap and the grading."""
+
+    model: str
+    dataset: str
+    metrics: dict[str, float]
+    max_new_tokens: int
+    grading: str
+
+    def line(self) -> str:
+        """The one console line of `pebr eval`."""
+        m = self.metrics
+        return (f"eval {self.model} on {self.dataset}: {int(m['eval/count'])} questions | accuracy "
+                f"{m['eval/accuracy']:.3f} | format {m['eval/format']:.3f} | mean length "
+                f"{m['eval/response_length']:.0f} tokens (at most {self.max_new_tokens}, graded {self.grading})"
+                + (f" | exact description {m['eval/description_exact']:.3f}" if "eval/description_exact" in m else "")
+                + (f" | {int(m['eval/timeouts'])} timed out in grading (scored 0)" if m.get("eval/timeouts") else ""))
+
+
+def evaluate_model(model: str, dataset: str, max_new_tokens: int, grading: str = "upstream", *,
+                   image_root: str | None = None, max_samples: int = 0, temperature: float = 0.0,
+                   batch_size: int = 16, results_path: str | None = None, seed: int = 0,
+                   format_prompt: str | None = None, verify: bool = True, allow_images_outside_root: bool = False,
+                   log: Callable[[str], None] = print) -> ModelEvaluation:
+    """`pebr eval`: one answer per question of the GRPO-format `dataset` (its first `max_samples`, 0 = all) from
+    the HF model directory `model` (`--model`), prompted as the model was trained (`rollout.inference`), graded
+    as `grading`; one JSON line per question to `results_path` (`--results`) when given. Every check comes before
+    the model loads: the directory (its weights against its manifest with `verify`), the results file (never an
+    input), the records; what is skipped is logged. DataError when nothing is left to evaluate."""
+    check_hf_model_dir(model, "--model", verify=verify)
+    if results_path:
+        claim_output_file(results_path, [dataset, model], what="--results")
+    loaded = load_grpo_records(dataset, image_root, allow_outside_root=allow_images_outside_root)
+    if loaded.skipped:
+        log(loaded.report())
+    records = loaded.records[: max_samples or None]
+    if not records:
+        raise DataError(f"{dataset}: no usable records to evaluate ({loaded.total} read, "
+                        f"{len(loaded.skipped)} skipped)")
+    engine = HFRolloutEngine.from_pretrained(model, batch_size=batch_size)
+    builder = model_request_builder(model, engine.tokenizer, format_prompt)
+    requests, report = builder.build(records, image_root_for(dataset, image_root))
+    if report.skipped:
+        log(report.summary())
+    if not requests:
+        raise DataError(f"{dataset}: none of its {len(records)} records could be turned into a prompt")
+    sampling = sampling_params(engine.tokenizer, 1, temperature, 1.0, max_new_tokens, seed)
+    metrics = evaluate(engine, requests, sampling, batch_size=batch_size, results_path=results_path, grading=grading)
+    return ModelEvaluation(model, dataset, metrics, max_new_tokens, grading)
 
 
 class Evaluator:

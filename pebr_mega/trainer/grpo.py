@@ -23,7 +23,7 @@ from pebr_mega.logging import log_generations
 from pebr_mega.rewards import build_reward, summarize
 from pebr_mega.rollout.engine import group_samples
 from pebr_mega.rollout.factory import rollout_sampling
-from pebr_mega.rollout.mismatch import token_mult_prob_error
+from pebr_mega.algo.mismatch import token_mult_prob_error
 from pebr_mega.rollout.types import Sample
 from pebr_mega.run.run_dir import RunSpec
 from pebr_mega.trainer.data_order import EpochSampler
@@ -36,26 +36,26 @@ class GRPOTrainer(StageTrainer):
     """Runs `cfg.grpo` (one stage) from `cfg.grpo.init_model` into `cfg.run.output_dir`."""
 
     def __init__(self, cfg: PebrConfig, restart: bool = False, eval_before: dict | None = None) -> None:
-        self.stage = cfg.grpo
-        super().__init__(cfg, self.stage, RunSpec.grpo(cfg), restart=restart, eval_before=eval_before)
+        self.grpo = cfg.grpo  # the stage's own section (grpo.*)
+        super().__init__(cfg, self.grpo, RunSpec.grpo(cfg), restart=restart, eval_before=eval_before)
         # Filtered before batching, then batched with the last partial batch dropped (trainer/stage_data.py).
-        self.data = load_stage_records(cfg, self.stage, self.ctx.requests, log=self.ctx.log)
+        self.data = load_stage_records(cfg, self.grpo, self.ctx.requests, log=self.ctx.log)
         self.records = self.data.train
-        self.schedule = RLSchedule.of(cfg, self.stage, len(self.records))
-        self.schedule.require_steps(self.stage, len(self.data.holdout))
-        self.sampler = EpochSampler(self.records, self.stage.rollout_batch_size, seed=cfg.run.seed,
-                                    shuffle=self.stage.shuffle, drop_last=True)
+        self.schedule = RLSchedule.of(cfg, self.grpo, len(self.records))
+        self.schedule.require_steps(self.grpo, len(self.data.holdout))
+        self.sampler = EpochSampler(self.records, self.grpo.rollout_batch_size, seed=cfg.run.seed,
+                                    shuffle=self.grpo.shuffle, drop_last=True)
         self.total_steps = self.schedule.total_steps
         # One update per step (one mini-batch, one PPO epoch): the policy that sampled is the one updated, and
         # the update's own forward gives the old log-probs (detached) instead of a separate pass over the batch.
         self.on_policy = self.schedule.updates_per_step == 1
-        self.ctx.log(self.schedule.summary(self.stage.stage, len(self.data.holdout)))
+        self.ctx.log(self.schedule.summary(self.grpo.stage, len(self.data.holdout)))
         self.build_engine()  # first: SGLang sizes its KV pool from the free memory (see trainer/stage.py)
         self.actor = self.build_actor(cfg.actor, self.total_steps * self.schedule.updates_per_step)
         self.ref_actor = self.build_actor(cfg.actor, 1, trainable=False) if cfg.algo.kl_coef > 0 else None
-        self.reward_model = build_reward(cfg.rewards, self.stage.stage)  # grpo.stage picks the preset
+        self.reward_model = build_reward(cfg.rewards, self.grpo.stage)  # grpo.stage picks the preset
         self.evaluator = (self.build_evaluator(self.reward_model) if not self.data.holdout else
-                          Evaluator.of_records(self.ctx, self.lifecycle, self.data.holdout, self.stage.train_file,
+                          Evaluator.of_records(self.ctx, self.lifecycle, self.data.holdout, self.grpo.train_file,
                                                self.loop.eval_max_samples, self.reward_model))
 
     # ------------------------------------------------------------------------------------------ one step
@@ -81,14 +81,14 @@ class GRPOTrainer(StageTrainer):
         metrics["time/step"] = step_time
         metrics["tokens_per_s"] = tokens / step_time
         forward_passes = (0 if self.on_policy else 1) + (1 if self.ref_actor is not None else 0)
-        metrics.update(self.flops_metrics(train_tokens=tokens * self.stage.ppo_epochs, forward_tokens=tokens *
+        metrics.update(self.flops_metrics(train_tokens=tokens * self.grpo.ppo_epochs, forward_tokens=tokens *
                                           forward_passes, seconds=step_time))
         return metrics
 
     def rollout(self, metrics: dict[str, float]) -> list[Sample]:
         """The next batch's requests, answered n times each by the engine (synced from the actor first)."""
         epoch, records = self.sampler.next_batch()
-        requests, report = self.ctx.requests.build(records, self.ctx.image_root(self.stage.train_file))
+        requests, report = self.ctx.requests.build(records, self.ctx.image_root(self.grpo.train_file))
         metrics.update(report.metrics())
         metrics["epoch"] = epoch
         if not requests:  # every record failed to build (the screen reads headers only: pixels can still fail)
@@ -161,10 +161,10 @@ class GRPOTrainer(StageTrainer):
         """PPO epochs over mini-batches of whole prompt groups; returns the mean of the update metrics."""
         cfg = self.cfg
         n = cfg.rollout.n
-        per_update = self.stage.mini_batch_size * n
+        per_update = self.grpo.mini_batch_size * n
         loss = LossSpec("grpo", cfg.algo, cfg.rollout.temperature, on_policy=self.on_policy)
         collected: list[dict[str, float]] = []
-        for _ in range(self.stage.ppo_epochs):
+        for _ in range(self.grpo.ppo_epochs):
             for start in range(0, len(seqs), per_update):
                 collected.append(self.actor.train_step(seqs[start:start + per_update], loss))
         out = {}

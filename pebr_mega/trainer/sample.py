@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections import Counter
 from contextlib import nullcontext
 from itertools import islice
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from pebr_mega.checkpoint.hf_io import check_hf_model_dir
 from pebr_mega.config import PebrConfig
 from pebr_mega.errors import DataError
-from pebr_mega.outputs import claim_output_file
+from pebr_mega.outputs import atomic_text_file, claim_output_file
 from pebr_mega.parallel.groups import barrier, broadcast_from_main, is_main_rank
 from pebr_mega.rewards.model import reward_pool
 from pebr_mega.rollout.factory import make_rollout_engine, sampling_params
@@ -76,13 +75,12 @@ def _sample_all(cfg: PebrConfig, ctx: RunContext, lifecycle: EngineLifecycle, re
     sc = cfg.sample
     report = RequestReport()
     pool = reward_pool(cfg.rewards) if out is not None else None
-    tmp = None if out is None else out.with_name(out.name + ".tmp")
     correct: Counter = Counter()
     sampled: list[str] = []  # the qids of the questions sampled, in order
     timeouts = failures = 0
     bar = tqdm(total=len(records), desc="sample", disable=not progress)
     requests = ctx.requests.iter_build(records, ctx.image_root(sc.dataset), report)
-    with (tmp.open("w", encoding="utf-8") if tmp is not None else nullcontext()) as f, \
+    with (atomic_text_file(out) if out is not None else nullcontext()) as f, \
             lifecycle.rollout_phase() as engine:
         for chunk in _batches(requests, sc.batch_size):
             start = len(sampled)  # the chunk's offset in the list of every request: its seed, as before
@@ -95,7 +93,6 @@ def _sample_all(cfg: PebrConfig, ctx: RunContext, lifecycle: EngineLifecycle, re
     bar.close()
     if out is None:
         return None
-    os.replace(tmp, out)
     if report.skipped:
         print(report.summary())
     hist = Counter(correct[q] for q in sampled)

@@ -5,7 +5,7 @@ Before, the command never joined the launcher's job: every rank started its own 
 the job's process group (gloo on CPU, the rank's own GPU and NCCL on a GPU machine: `init_distributed`),
 rank 0 alone writes, and the file holds exactly n lines per question, the same lines a single process writes
 with the same seed. (The per-GPU engine ports are `sglang_engine.engine_port` of the rank's device, tested in
-tests/test_sglang_engine.py; a CPU run has no GPU index to show.)
+tests/rollout/test_sglang_engine.py; a CPU run has no GPU index to show.)
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _dataset(tmp_path: Path) -> Path:

@@ -1,7 +1,7 @@
 """Fused GRPO loss kernels (Triton interpreter) against the torch reference in float64.
 
 The reference is the one torch implementation of the objective (`kernels.reference.grpo_loss_reference`,
-tests/test_algo_grpo.py checks it against loops over rows).
+tests/algo/test_algo_grpo.py checks it against loops over rows).
 Rows are tiled in 16-token blocks here, so a row spans several programs and the per-tile partial sums
 are exercised; batches of more than 64 rows make the finishing kernel loop over row blocks. Inputs cover every regime: clipped above and below, dual-clipped, the log-ratio clamp,
 the k3 clamp, fully masked rows and garbage (even inf/NaN) at masked positions.

@@ -25,7 +25,7 @@ from pebr_mega.checkpoint.hf_mapping import (
 from pebr_mega.errors import CheckpointError
 from pebr_mega.models.arch import arch_from_hf_dir
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tool(name: str, *args) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ import torch
 from pebr_mega.run.stage_checkpoints import (MANIFEST, CheckpointManager, CheckpointWarning, verify_checkpoint,
                                              write_manifest)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SAVE = """
 import sys, torch
 from pebr_mega.checkpoint.convert import single_rank_world

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BUDGET_S, KILL_AFTER_S, RESERVE_S = 30, 1, 6
 
 

@@ -1,7 +1,7 @@
 """The actor's packer: balanced micro-batch plans (equal counts on every data-parallel rank), the one
 padding of every packed row to 16 x TP, and the target layout (fast, no model).
 
-That the padding changes no log-prob, loss or gradient is checked end to end in tests/test_actor.py (the
+That the padding changes no log-prob, loss or gradient is checked end to end in tests/actor/test_actor.py (the
 padded actor against transformers on unpadded samples, at TP=1, TP=2 and TP=2 with sequence parallelism).
 """
 from __future__ import annotations

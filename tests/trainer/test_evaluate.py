@@ -58,3 +58,27 @@ def test_infer_cli_prints_an_answer_and_rejects_missing_image(tiny_model_dir, tm
     assert main(["infer", "--model", str(tiny_model_dir), "--image", str(tmp_path / "nope.png"),
                  "--question", "How many?"]) == 2
     assert "nope.png" in capsys.readouterr().err
+
+
+def test_eval_and_infer_are_library_calls_the_cli_prints(tiny_model_dir, tmp_path, capsys):
+    """`pebr eval` and `pebr infer` parse, call `trainer.evaluate.evaluate_model` / `rollout.inference.answer_question`
+    and print what they return."""
+    import numpy as np
+    from PIL import Image
+
+    from pebr_mega.data.synthetic import SynthConfig, write_synthetic_dataset
+    from pebr_mega.rollout.inference import answer_question
+    from pebr_mega.trainer.evaluate import evaluate_model
+
+    data = write_synthetic_dataset(tmp_path / "synth", SynthConfig(num=4, num_sft=1, num_eval=2, seed=1)).out_dir
+    done = evaluate_model(str(tiny_model_dir), str(data / "eval.json"), 5, "lenient", max_samples=2, log=print)
+    assert done.metrics["eval/count"] == 2 and "(at most 5, graded lenient)" in done.line()
+    assert main(["eval", "--model", str(tiny_model_dir), "--dataset", str(data / "eval.json"), "--max-samples", "2",
+                 "--max-new-tokens", "5", "--grading", "lenient"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == done.line()  # greedy: the same answers
+    img = tmp_path / "x.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(img)
+    text = answer_question(str(tiny_model_dir), str(img), "How many?", max_new_tokens=4)
+    assert main(["infer", "--model", str(tiny_model_dir), "--image", str(img), "--question", "How many?",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == text.strip()

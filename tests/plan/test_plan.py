@@ -22,7 +22,7 @@ from pebr_mega.plan import Cluster, StartupCheckError, check_startup, gpu_spec, 
 from pebr_mega.plan import memory as mem
 from pebr_mega.plan.shapes import BUILTIN_SHAPES, resolve_arch, shape_from_path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {"3b": ROOT / "launch/configs/qwen2_5_vl_3b.yaml", "7b": ROOT / "launch/configs/qwen2_5_vl_7b.yaml"}
 ALT = dict(hidden=96, ffn=160, layers=3, heads=6, kv=3, tied=True, vdepth=3, vhidden=48, vffn=96, vheads=4, window=112,
            fullatt=(0, 2))

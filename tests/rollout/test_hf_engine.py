@@ -9,7 +9,7 @@ from PIL import Image
 from pebr_mega.data.prompts import render_prompt_ids
 from pebr_mega.rollout.engine import group_samples
 from pebr_mega.rollout.hf_engine import HFRolloutEngine, checkpoint_to_module_name, mm_token_type_ids
-from pebr_mega.rollout.mismatch import token_mult_prob_error
+from pebr_mega.algo.mismatch import token_mult_prob_error
 from pebr_mega.rollout.types import RolloutRequest, SamplingParams
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pebr_mega.models.tiny import SPECIAL_TOKENS, TinyModelConfig, build_tiny_model, count_parameters
+from pebr_mega.models.tiny import SPECIAL_TOKENS, TinyModelConfig, build_tiny_model, count_saved_parameters
 
 
 def _digest(d):
@@ -24,7 +24,7 @@ def test_loads_offline_and_generates_on_image(tiny_model_dir):
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()
     proc = Qwen2VLImageProcessor.from_pretrained(tiny_model_dir)
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
-    assert count_parameters(tiny_model_dir) <= 20_000_000
+    assert count_saved_parameters(tiny_model_dir) <= 20_000_000
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (84, 140, 3), dtype=np.uint8))
     vis = proc(images=[img], return_tensors="pt")

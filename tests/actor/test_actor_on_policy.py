@@ -1,7 +1,7 @@
 """The on-policy GRPO update (`LossSpec(on_policy=True)`, one update per rollout step): the update's own
 forward stands for the old policy's log-probs, so the step saves a forward pass over the batch and must give
 what a separate `compute_logprobs` pass followed by the update gives: the same loss, gradient norm, weights
-and train-inference mismatch (against `rollout.mismatch.token_mult_prob_error` on the separate pass).
+and train-inference mismatch (against `algo.mismatch.token_mult_prob_error` on the separate pass).
 Checked on one gloo rank, for the torch path and the fused Triton (interpreter) kernels, on image+text
 sequences packed several to a micro-batch, with advantages of both signs and engine log-probs scattered
 around the actor's, a KL term against reference log-probs; one sequence has no engine log-probs (its
@@ -22,7 +22,7 @@ def _worker(rank, tiny, plain, kernels):
     from dataclasses import replace
 
     from pebr_mega.parallel.groups import init_parallel
-    from pebr_mega.rollout.mismatch import token_mult_prob_error
+    from pebr_mega.algo.mismatch import token_mult_prob_error
 
     torch.set_num_threads(1)
     solo_world()

@@ -1,7 +1,7 @@
 """Ctrl-C / SIGTERM handling of the training loop (issue 12, item 3): the first signal asks to stop at the next
 step boundary, the second aborts; the process's own handlers come back afterwards. The trainer's use of it
 (the finished step saved, nothing more after an abort, the resumed metrics equal) is checked on real runs in
-tests/test_trainer.py."""
+tests/trainer/test_trainer.py."""
 from __future__ import annotations
 
 import os

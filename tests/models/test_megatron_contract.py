@@ -27,7 +27,7 @@ import pytest
 
 import upstream
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOP_OF_WINDOW = "0.19.0"
 
 
