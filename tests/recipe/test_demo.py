@@ -143,7 +143,8 @@ def test_demo_ablation_runs_stage2_from_sft_and_pairs_it_with_the_recipe(trainer
     out = tmp_path / "demo"
     shutil.copytree(src, out, symlinks=True)
     split = out / "pipeline" / "split"
-    shutil.copy(split / "easycase.json", split / "mediumcase.json")
+    # The toy model answers nothing right (every question hard, stage 2 skipped): give stage 2 the GRPO questions.
+    shutil.copy(out / "data" / "grpo.json", split / "mediumcase.json")
     (out / "pipeline" / "stage2").mkdir(exist_ok=True)
     shutil.copy(out / "pipeline" / "stage1" / "eval_after.jsonl", out / "pipeline" / "stage2" / "eval_after.jsonl")
     got = spawn(_ablation_worker, 1, str(out), megatron_only=False)[0]
