@@ -64,8 +64,6 @@ PERCEPTION_KINDS = ("count_color", "count_shape", "count_color_shape", "count_to
 REASONING_KINDS = ("remove_color", "remove_shape", "more_than")
 QUESTION_KINDS = PERCEPTION_KINDS + REASONING_KINDS
 SHAPE_KINDS = ("count_shape", "count_color_shape", "color_of_only", "remove_shape")  # need shapes named
-# Questions whose worked answer counts what the description lists: an omitting teacher counts what it described.
-COUNTING_KINDS = ("count_color", "count_total", "remove_color", "remove_shape")
 
 
 def question_kinds(shapes: bool) -> tuple[str, ...]:
@@ -467,14 +465,9 @@ def without_last_group(scene: Scene, shapes: bool = False) -> Scene:
     return Scene(scene.width, scene.height, kept)
 
 
-def omit_last_group(scene: Scene, shapes: bool = False) -> str:
-    """The scene's description without the last group it lists; the full description for a scene of one group."""
-    return describe_scene(without_last_group(scene, shapes), shapes)
-
-
 def answered_from(question: Question, seen: Scene, shapes: bool = False) -> Question:
     """`question` (same words) worked out on the scene as the teacher saw it: a counting question ("How many
-    (red) objects", "Remove all ...": `COUNTING_KINDS`) counts only what `seen` holds; the other kinds are
+    (red) objects", "Remove all ...") counts only what `seen` holds; the other kinds are
     returned as they are (the teacher looked at the groups they compare or name)."""
     if question.kind == "count_color":
         return replace(_count_color_question(seen, question.subject, shapes), key_words=question.key_words)

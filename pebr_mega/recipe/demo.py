@@ -1,8 +1,9 @@
 """`pebr demo`: the whole PeBR recipe on the embedded default, offline, on CPU.
 
-Builds a tiny Qwen2.5-VL (tokenizer trained locally), renders the synthetic shapes set, and builds a tiny
-CLIP that it trains contrastively on the training splits' images and descriptions, with hard negatives
-that differ by one count, colour or shape (`rewards.clip_training`), so that stage 1's CLIP reward tells a
+Builds a tiny Qwen2.5-VL (tokenizer trained locally), renders the synthetic set (colours and counts named,
+shapes drawn), and builds a tiny CLIP that it trains contrastively on the training splits' images and
+descriptions, with hard negatives that differ by one count, one colour or a group left out
+(`rewards.clip_training`), so that stage 1's CLIP reward tells a
 right description from a wrong one. Then it runs the recipe (SFT -> sampling -> split -> stage 1 -> stage 2
 -> export) with the recipe's reward weights and an inference with the final model. Writes `summary.json`
 and `curves.png` in the output directory and prints what each stage changed: held-out answer accuracy and
