@@ -264,6 +264,7 @@ def describe_groups(groups: list[tuple[int, str, str]]) -> str:
 
 
 OMIT_KIND = "omit"  # a whole group left out: the omitting teacher's error (`SynthConfig.sft_description_omission`)
+EXTRA_KIND = "extra"  # a group that is not there added: the overcorrection of a model taught not to omit
 
 
 def hard_negative_kinds(shapes: bool) -> tuple[str, ...]:
@@ -275,18 +276,26 @@ def hard_negative_kinds(shapes: bool) -> tuple[str, ...]:
 def perturb_groups(groups: list[tuple[int, str, str]], rng: random.Random, kind: str,
                    shapes: bool = False) -> list[tuple[int, str, str]]:
     """The groups with one perception error of `kind`: one count one off ("count": a count +-1, which may drop a
-    group or add an absent one as 1), one group's colour ("color") or shape ("shape", when `shapes`) replaced, or
-    one whole group left out ("omit": an incomplete description; a scene of one group is returned unchanged)."""
+    group or add an absent one as 1), one group's colour ("color") or shape ("shape", when `shapes`) replaced,
+    one whole group left out ("omit": an incomplete description; a scene of one group is returned unchanged), or
+    a group of 1 or 2 that is not in the scene added ("extra"; a scene holding every group is returned
+    unchanged)."""
     groups = list(groups)
-    if kind not in (*hard_negative_kinds(shapes), OMIT_KIND):
-        raise ValueError(f"unknown perception error kind {kind!r}; known: {(*hard_negative_kinds(shapes), OMIT_KIND)}")
+    known = (*hard_negative_kinds(shapes), OMIT_KIND, EXTRA_KIND)
+    if kind not in known:
+        raise ValueError(f"unknown perception error kind {kind!r}; known: {known}")
     if kind == OMIT_KIND:
         if len(groups) > 1:
             del groups[rng.randrange(len(groups))]
         return groups
+    present = {(c, s) for _, c, s in groups}
+    absent = [(c, s) for c in COLORS for s in nouns(shapes) if (c, s) not in present]
+    if kind == EXTRA_KIND:
+        if absent:
+            c, s = rng.choice(absent)
+            groups.append((rng.choice([1, 2]), c, s))
+        return groups
     if kind == "count":
-        present = {(c, s) for _, c, s in groups}
-        absent = [(c, s) for c in COLORS for s in nouns(shapes) if (c, s) not in present]
         if absent and rng.random() < 0.25:
             c, s = rng.choice(absent)
             return groups + [(1, c, s)]

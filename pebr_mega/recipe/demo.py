@@ -2,8 +2,8 @@
 
 Builds a tiny Qwen2.5-VL (tokenizer trained locally), renders the synthetic set (colours and counts named,
 shapes drawn), and builds a tiny CLIP that it trains contrastively on the training splits' images and
-descriptions, with hard negatives that differ by one count, one colour or a group left out
-(`rewards.clip_training`), so that stage 1's CLIP reward tells a
+descriptions, with hard negatives that differ by one count, one colour, a group left out or a group that is
+not there (`rewards.clip_training`), so that stage 1's CLIP reward tells a
 right description from a wrong one. Then it runs the recipe (SFT -> sampling -> split -> stage 1 -> stage 2
 -> export) with the recipe's reward weights and an inference with the final model. Writes `summary.json`
 and `curves.png` in the output directory and prints what each stage changed: held-out answer accuracy and
@@ -23,8 +23,8 @@ from typing import Any, Sequence
 from pebr_mega.config import PebrConfig, load_config
 from pebr_mega.data.corpus import tokenizer_corpus
 from pebr_mega.data.images import load_image
-from pebr_mega.data.synthetic import (OMIT_KIND, SynthConfig, describe_scene, hard_negative_kinds, hard_negatives,
-                                      load_scenes, write_synthetic_dataset)
+from pebr_mega.data.synthetic import (EXTRA_KIND, OMIT_KIND, SynthConfig, describe_scene, hard_negative_kinds,
+                                      hard_negatives, load_scenes, write_synthetic_dataset)
 from pebr_mega.errors import DataError
 from pebr_mega.logging import read_metrics
 from pebr_mega.models.tiny import TinyModelConfig, build_tiny_model
@@ -85,10 +85,11 @@ def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: 
     if not (data / "eval.json").is_file():
         write_synthetic_dataset(data, synth)
         (data / SYNTH_RECORD).write_text(json.dumps(asdict(synth), indent=1) + "\n")
-    # The CLIP's hard negatives are the errors the model makes: a count, a colour (a shape, where named), and a
-    # whole group left out. Without omissions among them the CLIP scored an undercount above an overcount, and
-    # stage 1 drifted toward leaving groups out (docs/DEMO.md).
-    kinds = (*hard_negative_kinds(synth.describe_shapes), OMIT_KIND)
+    # The CLIP's hard negatives are the errors the model makes: a count, a colour (a shape, where named), a whole
+    # group left out, and a group that is not there. Without omissions among them the CLIP scored an undercount
+    # above an overcount and stage 1 drifted toward leaving groups out; without extra groups stage 1, taught not
+    # to omit, overcorrected by naming groups that are not there (docs/DEMO.md).
+    kinds = (*hard_negative_kinds(synth.describe_shapes), OMIT_KIND, EXTRA_KIND)
     record = prepare_clip(clip, data, seed, rewards or RewardConfig(), clip_steps, kinds, synth.describe_shapes)
     return {"model": model, "data": data, "clip": clip, "clip_record": record}
 
@@ -140,14 +141,19 @@ def prepare_clip(clip: Path, data: Path, seed: int, rewards: Any, steps: int | N
     held_out = clip_pairs(data, ("eval",), CLIP_EVAL_NEGATIVES, seed, shapes=shapes)
     measured = retrieval_metrics(scorer, held_out, rewards.clip_threshold)
     # Incomplete descriptions alone (one group left out; scenes of two groups or more): what the demo teacher's
-    # omissions look like to the CLIP reward.
+    # omissions look like to the CLIP reward; and, apart again, descriptions with a group that is not there.
     omitted = clip_pairs(data, ("eval",), CLIP_EVAL_NEGATIVES, seed, kinds=(OMIT_KIND,), shapes=shapes)
     omission = retrieval_metrics(scorer, omitted, rewards.clip_threshold)
+    added = clip_pairs(data, ("eval",), CLIP_EVAL_NEGATIVES, seed, kinds=(EXTRA_KIND,), shapes=shapes)
+    extra = retrieval_metrics(scorer, added, rewards.clip_threshold)
     result = {**{k: round(v, 4) for k, v in measured.items()}, "eval_images": len(held_out),
               "eval_negatives_per_image": CLIP_EVAL_NEGATIVES, "negative_kinds": list(kinds),
               "omission": {"images": len(omitted), "pairwise_accuracy": round(omission["clip_pairwise_accuracy"], 4),
                            "reward_true": round(omission["clip_reward_true"], 4),
                            "reward_omitted": round(omission["clip_reward_negative"], 4)},
+              "extra": {"images": len(added), "pairwise_accuracy": round(extra["clip_pairwise_accuracy"], 4),
+                        "reward_true": round(extra["clip_reward_true"], 4),
+                        "reward_extra": round(extra["clip_reward_negative"], 4)},
               "train_final": {k: round(v, 4) for k, v in stats.items()},
               "seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1),
               "model": asdict(model_cfg), "training": asdict(train_cfg)}
@@ -155,7 +161,8 @@ def prepare_clip(clip: Path, data: Path, seed: int, rewards: Any, steps: int | N
     print(f"[demo] tiny CLIP trained in {result['seconds']:.0f}s: held-out retrieval "
           f"{result['clip_retrieval_accuracy']:.3f} (true description above all {CLIP_EVAL_NEGATIVES} hard negatives), "
           f"reward of true {result['clip_reward_true']:.2f} vs hard negatives {result['clip_reward_negative']:.2f}, "
-          f"vs descriptions missing a group {result['omission']['reward_omitted']:.2f}")
+          f"vs descriptions missing a group {result['omission']['reward_omitted']:.2f}, "
+          f"vs descriptions with a group that is not there {result['extra']['reward_extra']:.2f}")
     return result
 
 
@@ -256,8 +263,9 @@ def run_ablation(cfg: PebrConfig, out: Path, results: dict) -> dict:
 
 
 PAIRS = (("stage1", "sft"), ("stage2", "stage1"), ("stage2", "sft"))  # (later, earlier) stage
-# z > 0: the later stage has more of it (for omissions, more is worse)
-PAIRED_METRICS = ("accuracy", "description_exact", "description_count_color_exact", "description_omission")
+# z > 0: the later stage has more of it (for omissions and extra groups, more is worse)
+PAIRED_METRICS = ("accuracy", "description_exact", "description_count_color_exact", "description_omission",
+                  "description_extra")
 
 
 def sign_test(before: Sequence[float], after: Sequence[float]) -> dict:
@@ -304,6 +312,7 @@ def _stage_summary(res: dict | None) -> dict:
         "eval_description_f1": after.get("eval/description_f1"),
         "eval_description_count_color_exact": after.get("eval/description_count_color_exact"),
         "eval_description_omission": after.get("eval/description_omission"),
+        "eval_description_extra": after.get("eval/description_extra"),
         "eval_description_shape_accuracy": after.get("eval/description_shape_accuracy"),
         "eval_format": after.get("eval/format"),
         "eval_reward": after.get("eval/reward"),
@@ -416,7 +425,8 @@ def print_summary(summary: dict, out: Path) -> None:
         print(f"  {stage:7s} accuracy {f(s.get('eval_accuracy_before'))} -> {f(s.get('eval_accuracy'))} | "
               f"exact description {f(s.get('eval_description_exact_before'))} -> {f(s.get('eval_description_exact'))} "
               + (f"(counts+colours {f(s.get('eval_description_count_color_exact'))}, " if shapes_named else "(")
-              + f"omissions {f(s.get('eval_description_omission'))}) | "
+              + f"omissions {f(s.get('eval_description_omission'))}, "
+              f"extra groups {f(s.get('eval_description_extra'))}) | "
               f"format {f(s.get('eval_format'))} | mean reward {f(s.get('mean_reward'))} | "
               f"{s.get('seconds') or 0:.0f}s")
     print(f"  split: {summary.get('split')}")

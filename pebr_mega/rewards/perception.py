@@ -20,6 +20,7 @@ its attributes then its noun ("red circle": attribute "red", noun "circle"):
     count_color_exact = exact, with every group's noun dropped: the counts and colours are right, whatever the
                         shapes (what a model that cannot tell shapes apart can still get right)
     omission          = 1 when the description states fewer items than the reference has groups (a group left out)
+    extra             = 1 when it states more items than the reference has groups (a group that is not there)
     shape_accuracy    = of the groups right up to the noun, the share whose noun is right too (None when no
                         group's count and colour are right, or when the reference names no shape: its nouns
                         are all generic, "2 red objects", and a description naming shapes is then not exact)
@@ -113,22 +114,26 @@ def _shape_counts(pred: Counter, ref: Counter) -> tuple[int, int]:
 
 
 def description_attributes(response: str, reference: str) -> dict[str, float | None]:
-    """`count_color_exact`, `omission` and `shape_accuracy` (module docstring) of the response's description."""
+    """`count_color_exact`, `omission`, `extra` and `shape_accuracy` (module docstring) of the response's
+    description."""
     ref = description_groups(reference)
     desc = extract_description(response)
     pred = description_groups(desc) if desc is not None else Groups(Counter(), 0)
     pred_cc, ref_cc = _drop_nouns(pred.groups), _drop_nouns(ref.groups)
     right, right_up_to_noun = _shape_counts(pred.groups, ref.groups)
+    stated, expected = sum(pred.groups.values()) + pred.unparsed, sum(ref.groups.values())
     return {
         "count_color_exact": float(desc is not None and pred_cc == ref_cc and pred.unparsed == 0),
-        "omission": float(sum(pred.groups.values()) + pred.unparsed < sum(ref.groups.values())),
+        "omission": float(stated < expected),
+        "extra": float(stated > expected),
         "shape_accuracy": right / right_up_to_noun if right_up_to_noun else None,
     }
 
 
 def description_metrics(responses: Sequence[str], references: Sequence[str | None]) -> dict[str, float]:
     """Means over the responses with a reference ({} if none): `eval/description_exact`, `eval/description_f1`,
-    `eval/description_count_color_exact`, `eval/description_omission`, and `eval/description_shape_accuracy`
+    `eval/description_count_color_exact`, `eval/description_omission`, `eval/description_extra`, and
+    `eval/description_shape_accuracy`
     (over the groups right up to the noun, pooled: their right nouns / their number)."""
     if len(responses) != len(references):
         raise ValueError(f"{len(responses)} responses but {len(references)} references")
@@ -140,7 +145,8 @@ def description_metrics(responses: Sequence[str], references: Sequence[str | Non
     out = {"eval/description_exact": sum(e for e, _ in scores) / len(scores),
            "eval/description_f1": sum(f for _, f in scores) / len(scores),
            "eval/description_count_color_exact": sum(a["count_color_exact"] for a in attrs) / len(attrs),
-           "eval/description_omission": sum(a["omission"] for a in attrs) / len(attrs)}
+           "eval/description_omission": sum(a["omission"] for a in attrs) / len(attrs),
+           "eval/description_extra": sum(a["extra"] for a in attrs) / len(attrs)}
     shapes = _pooled_shape_accuracy(pairs)
     if shapes is not None:
         out["eval/description_shape_accuracy"] = shapes

@@ -123,6 +123,7 @@ def evaluate(engine: RolloutEngine, requests: Sequence[RolloutRequest], sampling
                     attributes = description_attributes(s.response_text, ref)
                     row["description_count_color_exact"] = attributes["count_color_exact"]
                     row["description_omission"] = attributes["omission"]
+                    row["description_extra"] = attributes["extra"]
                 f.write(json.dumps(row) + "\n")
     return out
 

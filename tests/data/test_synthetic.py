@@ -365,7 +365,7 @@ def _single_errors(truth: Counter, shapes: bool) -> list[Counter]:
 def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dataset, shapes):
     import random
 
-    from pebr_mega.data.synthetic import OMIT_KIND, describe_scene, hard_negatives, load_scenes
+    from pebr_mega.data.synthetic import COLORS, EXTRA_KIND, OMIT_KIND, describe_scene, hard_negatives, load_scenes
     from pebr_mega.rewards.perception import description_groups
 
     def counts(text: str) -> Counter:
@@ -396,6 +396,17 @@ def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dat
         for text in omitted:
             got = counts(text)
             assert len(got) == len(truth) - 1 and all(truth[k] == v for k, v in got.items())
+    # "extra" alone: the description with one group of 1 or 2 that the scene does not have; none when the scene
+    # holds every group of its world
+    every = len(COLORS) * (3 if shapes else 1)
+    for scene in scenes.values():
+        truth = counts(describe_scene(scene, shapes))
+        added = hard_negatives(scene, rng, 2, (EXTRA_KIND,), shapes)
+        assert (len(added) == 0) == (len(truth) == every), (truth, added)
+        for text in added:
+            got = counts(text)
+            (new,) = set(got) - set(truth)
+            assert len(got) == len(truth) + 1 and got[new] in (1, 2) and all(got[k] == v for k, v in truth.items())
     again = hard_negatives(next(iter(scenes.values())), random.Random(3), 5, shapes=shapes)
     assert again == hard_negatives(next(iter(scenes.values())), random.Random(3), 5, shapes=shapes)
     if not shapes:

@@ -33,9 +33,10 @@ def test_demo_writes_summary_and_curves(trainer_runs):
     synth = json.loads((out / "data" / SYNTH_RECORD).read_text())
     assert (synth["sft_teacher_error"], synth["sft_description_omission"]) == (DEMO_TEACHER_ERROR, DEMO_DESCRIPTION_OMISSION)
     assert set(clip["omission"]) == {"images", "pairwise_accuracy", "reward_true", "reward_omitted"}
+    assert set(clip["extra"]) == {"images", "pairwise_accuracy", "reward_true", "reward_extra"}
     # The colour-and-count world (shapes drawn, never named), and a CLIP whose hard negatives are its errors.
     assert synth["describe_shapes"] is False
-    assert clip["negative_kinds"] == ["count", "color", "omit"]
+    assert clip["negative_kinds"] == ["count", "color", "omit", "extra"]
     assert summary["sft"]["eval_description_shape_accuracy"] is None  # no shape named, none scored
     # Stage 1 trained on every GRPO question (the demo's departure from the easy split).
     stage1 = yaml.safe_load((out / "pipeline" / "stage1" / "config.yaml").read_text())
@@ -96,13 +97,15 @@ def test_demo_summary_has_paired_sign_tests_between_stages(trainer_runs):
     out = trainer_runs["tmp"] / "demo" / "demo"
     summary = json.loads((out / "summary.json").read_text())
     test = summary["paired"]["stage1_vs_sft"]
-    assert set(test) == {"accuracy", "description_exact", "description_count_color_exact", "description_omission"}
+    assert set(test) == {"accuracy", "description_exact", "description_count_color_exact", "description_omission",
+                         "description_extra"}
     for metric, t in test.items():
         assert t["n"] == 4 and summary["stage1"][f"eval_{metric}"] == pytest.approx(t["after"])
         assert summary["sft"][f"eval_{metric}"] == pytest.approx(t["before"])
         assert (t["gained"] - t["lost"]) / t["n"] == pytest.approx(t["after"] - t["before"])
     rows = [json.loads(x) for x in (out / "pipeline" / "stage1" / "eval_after.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and {"qid", "accuracy", "description_exact", "description_omission"} <= set(rows[0])
+    assert len(rows) == 4 and {"qid", "accuracy", "description_exact", "description_omission",
+                               "description_extra"} <= set(rows[0])
 
 
 def test_sign_test_counts_and_z():

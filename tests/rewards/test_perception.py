@@ -75,25 +75,28 @@ def test_metrics_average_over_the_responses_with_a_reference():
     bad = _response("2 red circles.")
     m = description_metrics([ok, bad, ok], ["1 red circle.", "1 red circle.", None])
     assert m == {"eval/description_exact": 0.5, "eval/description_f1": 0.5, "eval/description_count_color_exact": 0.5,
-                 "eval/description_omission": 0.0, "eval/description_shape_accuracy": 1.0}
+                 "eval/description_omission": 0.0, "eval/description_extra": 0.0,
+                 "eval/description_shape_accuracy": 1.0}
     assert description_metrics([ok], [None]) == {}
     with pytest.raises(ValueError):
         description_metrics([ok], [])
 
 
-def _expected_attributes(pred: Counter, ref: Counter) -> tuple[float, float, int, int]:
-    """(count+colour exact, omission, groups right, groups right up to the shape) from (colour, shape) -> count maps."""
+def _expected_attributes(pred: Counter, ref: Counter) -> tuple[float, float, float, int, int]:
+    """(count+colour exact, omission, extra, groups right, groups right up to the shape) from (colour, shape) ->
+    count maps."""
     def by_color(m: Counter) -> Counter:
         return Counter((n, c) for (c, _), n in m.items() if n)
     p = {(n, c, s) for (c, s), n in pred.items() if n}
     r = {(n, c, s) for (c, s), n in ref.items() if n}
-    return (float(by_color(pred) == by_color(ref)), float(len(p) < len(r)), len(p & r),
+    return (float(by_color(pred) == by_color(ref)), float(len(p) < len(r)), float(len(p) > len(r)), len(p & r),
             sum((by_color(pred) & by_color(ref)).values()))
 
 
 def test_attribute_scores_against_scene_counts_on_random_scenes():
-    """count+colour exactness, omissions and shape accuracy of random perturbations of random scenes (shapes
-    swapped, groups dropped, counts and colours changed), against the scene's (colour, shape) counts directly."""
+    """count+colour exactness, omissions, extra groups and shape accuracy of random perturbations of random scenes
+    (shapes swapped, groups dropped or added, counts and colours changed), against the scene's (colour, shape)
+    counts directly."""
     rng = random.Random(4)
     cfg = SynthConfig(max_objects=6)
     colors, shapes = ("red", "blue", "green", "yellow"), ("circle", "square", "triangle")
@@ -106,7 +109,10 @@ def test_attribute_scores_against_scene_counts_on_random_scenes():
             if not pred:
                 break
             key = rng.choice(sorted(pred))
-            op = rng.choice(("shape", "drop", "count", "color"))
+            op = rng.choice(("shape", "drop", "count", "color", "add"))
+            if op == "add":
+                pred[(rng.choice(colors), rng.choice(shapes))] += rng.randint(1, 2)
+                continue
             n = pred.pop(key)
             c, s = key
             new = {"shape": (c, rng.choice(shapes)), "color": (rng.choice(colors), s)}.get(op, key)
@@ -117,19 +123,20 @@ def test_attribute_scores_against_scene_counts_on_random_scenes():
         text = ", ".join(_phrase(n, c, s) for (c, s), n in sorted(pred.items())) + "."
         ref_text = ", ".join(_phrase(n, c, s) for (c, s), n in sorted(ref.items())) + "."
         got = description_attributes(_response(text), ref_text)
-        cc, om, r, t = _expected_attributes(pred, ref)
-        assert (got["count_color_exact"], got["omission"]) == (cc, om), (text, ref_text)
+        cc, om, ex, r, t = _expected_attributes(pred, ref)
+        assert (got["count_color_exact"], got["omission"], got["extra"]) == (cc, om, ex), (text, ref_text)
         assert got["shape_accuracy"] == (r / t if t else None), (text, ref_text)
         right, total = right + r, total + t
         pairs.append((_response(text), ref_text))
     m = description_metrics([p for p, _ in pairs], [r for _, r in pairs])
     assert m["eval/description_shape_accuracy"] == pytest.approx(right / total)
     assert 0 < m["eval/description_omission"] < 1 and 0 < m["eval/description_count_color_exact"] < 1
+    assert 0 < m["eval/description_extra"] < 1
 
 
 def test_a_response_without_a_description_omits_everything():
     got = description_attributes("The answer is 3.", "1 red circle, 2 blue squares.")
-    assert got == {"count_color_exact": 0.0, "omission": 1.0, "shape_accuracy": None}
+    assert got == {"count_color_exact": 0.0, "omission": 1.0, "extra": 0.0, "shape_accuracy": None}
 
 
 def test_in_the_colour_and_count_world_exact_is_count_colour_exact_and_no_shape_is_scored():
