@@ -190,6 +190,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--describe-shapes", action="store_true",
                    help="name shapes in descriptions, questions and key words (default: colours and counts only; "
                         "the shapes are drawn either way)")
+    p.add_argument("--distinct-colors", action="store_true",
+                   help="give every object of a scene its own colour (at most 4 objects; the demo's world)")
     p.set_defaults(handler=_cmd_synth)
 
 
@@ -198,7 +200,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(num=args.num, num_sft=args.num_sft, num_eval=args.num_eval, seed=args.seed,
                       width=args.width, height=args.height, min_objects=args.min_objects,
                       max_objects=args.max_objects, sft_teacher_error=args.sft_teacher_error,
-                      sft_description_omission=args.sft_description_omission, describe_shapes=args.describe_shapes)
+                      sft_description_omission=args.sft_description_omission, describe_shapes=args.describe_shapes,
+                      distinct_colors=args.distinct_colors)
     try:
         print(write_synthetic_dataset(args.out, cfg))
     except ValueError as e:
@@ -551,6 +554,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--describe-shapes", action="store_true",
                    help="the world that names shapes too (default: colours and counts, which the tiny model can "
                         "perceive; docs/DEMO.md)")
+    p.add_argument("--repeated-colors", action="store_true",
+                   help="let objects of a scene share a colour (default: each has its own, since the tiny model "
+                        "does not learn to count objects of one colour; docs/DEMO.md)")
     p.add_argument("--clip-steps", type=int, default=None,
                    help="optimizer steps of the tiny CLIP's contrastive training (default: the demo's, ~1 min)")
     p.add_argument("--ablation", action="store_true",
@@ -570,7 +576,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     omission = DEMO_DESCRIPTION_OMISSION if args.description_omission is None else args.description_omission
     summary = run_demo(args.out, args.seed, args.num_grpo, args.num_sft, args.num_eval, args.overrides, teacher_error,
                        clip_steps=args.clip_steps, description_omission=omission, ablation=args.ablation,
-                       describe_shapes=args.describe_shapes)
+                       describe_shapes=args.describe_shapes, distinct_colors=not args.repeated_colors)
     final = summary.get("final_model")
     if final:
         first = json.loads((Path(args.out) / "data" / "eval.json").read_text())[0]

@@ -112,12 +112,19 @@ class SynthConfig:
     sft_description_omission: float = 0.0
     # Name shapes in descriptions, questions and key words (the module docstring's two worlds).
     describe_shapes: bool = False
+    # Every object of a scene has its own colour (so at most len(COLORS) objects): the colour groups are single
+    # objects, "1 red object, 1 blue object.". The demo's world: the tiny model does not learn to count objects
+    # of one colour within its budget (docs/DEMO.md), so groups of 2+ would only be errors it cannot fix.
+    distinct_colors: bool = False
 
     def split_sizes(self) -> dict[str, int]:
         """Examples per split, with the defaults resolved."""
         for key in ("sft_teacher_error", "sft_description_omission"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.distinct_colors and self.max_objects > len(COLORS):
+            raise ValueError(f"distinct_colors gives every object its own colour: max_objects must be at most "
+                             f"{len(COLORS)} (the colours), got {self.max_objects}")
         sizes = {"grpo": self.num,
                  "sft": self.num if self.num_sft is None else self.num_sft,
                  "eval": max(32, self.num // 4) if self.num_eval is None else self.num_eval}
@@ -201,14 +208,19 @@ def _geometry(cfg: SynthConfig) -> tuple[int, int, int, int, int, int]:
 
 
 def sample_scene(rng: random.Random, cfg: SynthConfig) -> Scene:
-    """A random scene: min..max objects, each alone in a grid cell (so none overlap), jittered in it."""
+    """A random scene: min..max objects, each alone in a grid cell (so none overlap), jittered in it; with
+    `cfg.distinct_colors`, each of its own colour."""
     half, cell, cols, rows, x0, y0 = _geometry(cfg)
     jitter = (cell - 2 * half) // 2 - 1
     scene = Scene(cfg.width, cfg.height)
-    for c in sorted(rng.sample(range(cols * rows), rng.randint(cfg.min_objects, cfg.max_objects))):
+    cells = sorted(rng.sample(range(cols * rows), rng.randint(cfg.min_objects, cfg.max_objects)))
+    colors = rng.sample(list(COLORS), len(cells)) if cfg.distinct_colors else None
+    for i, c in enumerate(cells):
         cx = x0 + (c % cols) * cell + cell // 2 + rng.randint(-jitter, jitter)
         cy = y0 + (c // cols) * cell + cell // 2 + rng.randint(-jitter, jitter)
-        scene.objects.append(SceneObject(rng.choice(SHAPES), rng.choice(list(COLORS)), cx, cy, half))
+        shape = rng.choice(SHAPES)  # drawn before the colour: the other worlds' scenes stay as they were
+        color = colors[i] if colors else rng.choice(list(COLORS))
+        scene.objects.append(SceneObject(shape, color, cx, cy, half))
     return scene
 
 

@@ -45,10 +45,13 @@ from pebr_mega.versions import REPORTED, installed_version
 # group of half of its scenes (`SynthConfig.sft_description_omission`): its description leaves the group out,
 # and so does its counting ("How many objects", "Remove all ..."), an error for stage 1's perception rewards
 # whose fix reaches the answers. The world names colours and counts, not shapes (`SynthConfig.describe_shapes`:
-# the tiny model never learnt to name shapes, docs/DEMO.md); `--describe-shapes` draws the other world.
+# the tiny model never learnt to name shapes, docs/DEMO.md); `--describe-shapes` draws the other world. Each
+# object has its own colour (`SynthConfig.distinct_colors`: the tiny model never learnt to count two objects of
+# one colour, docs/DEMO.md); `--repeated-colors` lets colours repeat.
 DEMO_TEACHER_ERROR = 0.6
 DEMO_DESCRIPTION_OMISSION = 0.5
 DEMO_DESCRIBE_SHAPES = False
+DEMO_DISTINCT_COLORS = True
 SYNTH_RECORD = "synth_config.json"  # the SynthConfig the demo's data were written with
 CLIP_RECORD = "training.json"  # the trained tiny CLIP's settings and held-out retrieval metrics
 CLIP_TRAIN_SPLITS = ("sft", "grpo")  # the CLIP never sees the held-out images
@@ -69,7 +72,8 @@ def demo_config_path() -> Path:
 
 def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: int,
                    teacher_error: float = 0.0, rewards: Any = None, clip_steps: int | None = None,
-                   description_omission: float = 0.0, describe_shapes: bool = False) -> dict[str, Any]:
+                   description_omission: float = 0.0, describe_shapes: bool = False,
+                   distinct_colors: bool = False) -> dict[str, Any]:
     """Tiny model, synthetic data and the trained tiny CLIP under `out` (each reused when already there).
 
     `rewards` (a `RewardConfig`) gives the CLIP scorer's image size, text length and threshold, which the
@@ -78,7 +82,7 @@ def prepare_assets(out: Path, seed: int, num_grpo: int, num_sft: int, num_eval: 
     model, data, clip = out / "model", out / "data", out / "clip"
     synth = SynthConfig(num=num_grpo, num_sft=num_sft, num_eval=num_eval, seed=seed, max_objects=4,
                         sft_teacher_error=teacher_error, sft_description_omission=description_omission,
-                        describe_shapes=describe_shapes)
+                        describe_shapes=describe_shapes, distinct_colors=distinct_colors)
     check_reused_data(data, asdict(synth))
     if not (model / "config.json").is_file():
         build_tiny_model(model, TinyModelConfig(seed=seed), tokenizer_corpus())
@@ -204,7 +208,8 @@ def demo_config(out: Path, seed: int, overrides: Sequence[str] = ()) -> PebrConf
 def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: int = 1024, num_eval: int = 256,
              overrides: Sequence[str] = (), teacher_error: float = DEMO_TEACHER_ERROR,
              clip_steps: int | None = None, description_omission: float = DEMO_DESCRIPTION_OMISSION,
-             ablation: bool = False, describe_shapes: bool = DEMO_DESCRIBE_SHAPES) -> dict:
+             ablation: bool = False, describe_shapes: bool = DEMO_DESCRIBE_SHAPES,
+             distinct_colors: bool = DEMO_DISTINCT_COLORS) -> dict:
     """Run the demo into `out_dir`; returns the summary (also written to `out_dir/summary.json`). `ablation`
     also runs stage 2 from the SFT model directly (`run_ablation`) and reports it beside the recipe's."""
     t0 = time.time()
@@ -215,7 +220,7 @@ def run_demo(out_dir: str | Path, seed: int = 0, num_grpo: int = 512, num_sft: i
           f"{teacher_error:.0%} of its reasoning answers wrong by one and leaves the last group out of "
           f"{description_omission:.0%} of its descriptions: docs/DEMO.md)")
     assets = prepare_assets(out, seed, num_grpo, num_sft, num_eval, teacher_error, cfg.rewards, clip_steps,
-                            description_omission, describe_shapes)
+                            description_omission, describe_shapes, distinct_colors)
     results = run_pipeline(cfg)
     summary = summarize(results, time.time() - t0, assets["clip_record"],
                         {"reasoning_error": teacher_error, "description_omission": description_omission})

@@ -423,3 +423,40 @@ def test_the_world_naming_shapes_writes_the_records_it_wrote_before_the_colour_a
     for name in ("grpo.json", "sft.json", "eval.json", "scenes.json"):
         h.update((tmp_path / name).read_bytes())
     assert h.hexdigest() == "b03a904e721624a6e31a566b6c135329019429c8d71b95b29943e38eff101419"
+
+
+def test_the_world_with_repeated_colours_writes_the_records_it_wrote_before_distinct_colours(tmp_path):
+    """`distinct_colors=False` keeps the colour-and-count world's scenes (the random draws keep their order): the
+    records hash as they did at 23e68d0, before `distinct_colors` was added."""
+    write_synthetic_dataset(tmp_path, SynthConfig(num=48, num_sft=96, seed=7, sft_teacher_error=0.6,
+                                                  sft_description_omission=0.5))
+    h = hashlib.sha256()
+    for name in ("grpo.json", "sft.json", "eval.json", "scenes.json"):
+        h.update((tmp_path / name).read_bytes())
+    assert h.hexdigest() == "abff50da508bb8ee26bd2deff8408566e158557f036b5b31842d99caffb69609"
+
+
+def test_distinct_colours_give_every_object_its_own_colour(tmp_path, capsys):
+    """`distinct_colors`: every scene's objects have different colours, so every described group is one object
+    and the counts in the answers are those of the scene; more objects than colours is refused by name."""
+    from pebr_mega.data.synthetic import load_scenes
+    from pebr_mega.rewards.perception import description_groups
+
+    cfg = SynthConfig(num=64, num_sft=64, seed=3, max_objects=4, distinct_colors=True, sft_description_omission=0.5)
+    write_synthetic_dataset(tmp_path / "d", cfg)
+    scenes = load_scenes(tmp_path / "d")
+    sizes = Counter(len(s.objects) for s in scenes.values())
+    assert set(sizes) == {1, 2, 3, 4}, sizes
+    for scene in scenes.values():
+        colors = [o.color for o in scene.objects]
+        assert len(colors) == len(set(colors)), colors
+    for name in ("grpo.json", "eval.json"):
+        for rec in json.loads((tmp_path / "d" / name).read_text()):
+            groups = description_groups(rec["description"]).groups
+            assert groups and all(n == 1 for n, _ in groups), rec["description"]
+            assert sum(groups.values()) == len(scenes[rec["images"][0]].objects)
+    with pytest.raises(ValueError, match="distinct_colors .* max_objects must be at most 4"):
+        write_synthetic_dataset(tmp_path / "bad", SynthConfig(num=4, max_objects=5, distinct_colors=True))
+    assert cli_main(["synth", "--out", str(tmp_path / "c"), "--num", "8", "--max-objects", "4",
+                     "--distinct-colors"]) == 0
+    assert all(len({o.color for o in s.objects}) == len(s.objects) for s in load_scenes(tmp_path / "c").values())

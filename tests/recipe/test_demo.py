@@ -35,7 +35,7 @@ def test_demo_writes_summary_and_curves(trainer_runs):
     assert set(clip["omission"]) == {"images", "pairwise_accuracy", "reward_true", "reward_omitted"}
     assert set(clip["extra"]) == {"images", "pairwise_accuracy", "reward_true", "reward_extra"}
     # The colour-and-count world (shapes drawn, never named), and a CLIP whose hard negatives are its errors.
-    assert synth["describe_shapes"] is False
+    assert synth["describe_shapes"] is False and synth["distinct_colors"] is True
     assert clip["negative_kinds"] == ["count", "color", "omit", "extra"]
     assert summary["sft"]["eval_description_shape_accuracy"] is None  # no shape named, none scored
     # Stage 1 trained on every GRPO question (the demo's departure from the easy split).
