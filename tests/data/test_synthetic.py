@@ -365,7 +365,8 @@ def _single_errors(truth: Counter, shapes: bool) -> list[Counter]:
 def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dataset, shapes):
     import random
 
-    from pebr_mega.data.synthetic import COLORS, EXTRA_KIND, OMIT_KIND, describe_scene, hard_negatives, load_scenes
+    from pebr_mega.data.synthetic import (COLORS, EXTRA_KIND, OMIT_KIND, describe_scene, hard_negatives, load_scenes,
+                                          nouns)
     from pebr_mega.rewards.perception import description_groups
 
     def counts(text: str) -> Counter:
@@ -398,7 +399,7 @@ def test_hard_negatives_differ_by_one_perception_error_and_are_deterministic(dat
             assert len(got) == len(truth) - 1 and all(truth[k] == v for k, v in got.items())
     # "extra" alone: the description with one group of 1 or 2 that the scene does not have; none when the scene
     # holds every group of its world
-    every = len(COLORS) * (3 if shapes else 1)
+    every = len(COLORS) * len(nouns(shapes))
     for scene in scenes.values():
         truth = counts(describe_scene(scene, shapes))
         added = hard_negatives(scene, rng, 2, (EXTRA_KIND,), shapes)
@@ -436,7 +437,7 @@ def test_the_world_with_repeated_colours_writes_the_records_it_wrote_before_dist
     assert h.hexdigest() == "abff50da508bb8ee26bd2deff8408566e158557f036b5b31842d99caffb69609"
 
 
-def test_distinct_colours_give_every_object_its_own_colour(tmp_path, capsys):
+def test_distinct_colours_give_every_object_its_own_colour(tmp_path):
     """`distinct_colors`: every scene's objects have different colours, so every described group is one object
     and the counts in the answers are those of the scene; more objects than colours is refused by name."""
     from pebr_mega.data.synthetic import load_scenes
